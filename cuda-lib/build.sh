@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the data-plane library into cuda-lib/build/.
+#   build.sh host       libckpt-host.so (gcc only)
+#   build.sh cuda       libckpt-cuda.so and the GPU test program ckpt-gpu-test (needs nvcc)
+#   build.sh test       host C tests under AddressSanitizer, run
+set -euo pipefail
+cd "$(dirname "$0")"
+mkdir -p build
+CC=${CC:-gcc}
+NVCC=${NVCC:-nvcc}
+WARN=(-Wall -Wextra -Werror)
+CFLAGS=("${WARN[@]}" -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Iinclude -Isrc)
+LINK=(-shared -Wl,--version-script=libckpt.map -Wl,--no-undefined)
+
+host() {
+  "$CC" "${CFLAGS[@]}" src/common.c src/host.c "${LINK[@]}" -lpthread -o build/libckpt-host.so
+}
+
+cuda() {
+  local arch=(-gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90)
+  "$CC" "${CFLAGS[@]}" -c src/common.c -o build/common.o
+  "$NVCC" "${arch[@]}" -O2 -std=c++17 -Xcompiler "-fPIC,-fvisibility=hidden,$(IFS=,; echo "${WARN[*]}")" \
+    -Iinclude -Isrc -c src/cuda.cu -o build/cuda.o
+  "$NVCC" "${arch[@]}" -shared -cudart static build/common.o build/cuda.o \
+    -Xlinker --version-script=libckpt.map -Xlinker --no-undefined -ldl -lpthread -o build/libckpt-cuda.so
+  "$CC" "${WARN[@]}" -std=gnu11 -O2 -g -Iinclude test/gpu_test.c -Lbuild -lckpt-cuda \
+    -Wl,-rpath,'$ORIGIN' -lpthread -o build/ckpt-gpu-test
+}
+
+test_host() {
+  local asan=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
+  "$CC" "${CFLAGS[@]}" "${asan[@]}" src/common.c src/host.c -shared -Wl,--version-script=libckpt.map \
+    -lpthread -o build/libckpt-host-asan.so
+  "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_host.c -Lbuild -lckpt-host-asan \
+    -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-host
+  ./build/test-host
+}
+
+case "${1:-host}" in
+  host) host ;;
+  cuda) cuda ;;
+  test) test_host ;;
+  *) echo "usage: build.sh host|cuda|test" >&2; exit 2 ;;
+esac

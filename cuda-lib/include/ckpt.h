@@ -1,0 +1,208 @@
+/* ckpt.h: the ckptd data plane. The only public header of libckpt-cuda.so and
+ * libckpt-host.so, which export the same API.
+ *
+ * Conventions
+ * - Every function returns an int: CKPT_OK (0) on success, a negative ckpt_status on failure.
+ *   ckpt_last_error() copies out the detail of the context's last failure (which call,
+ *   which CUDA error or errno, file:line).
+ * - Handles are opaque. Every handle belongs to the context it was made from; a context is
+ *   destroyed only after all of its handles are.
+ * - Calls on different handles may run on different threads at once; a handle must not be
+ *   freed while another thread uses it.
+ * - Structs that cross the FFI start with a `size` field that the caller sets to
+ *   sizeof(struct); a mismatch fails with CKPT_EABI before anything is touched.
+ * - Ownership: the library never frees memory it did not allocate. Arrays passed in
+ *   (ranges, handles, options) are copied or read during the call and not used after it
+ *   returns; the bytes a range points at must stay valid until the copy's event completes.
+ */
+#ifndef CKPT_H
+#define CKPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CKPT_ABI_VERSION 1
+
+/* X(name, value, message): the one table of errors; names and messages derive from it. */
+#define CKPT_STATUS_MAP(X)                                                        \
+  X(OK, 0, "success")                                                             \
+  X(EINVAL, -1, "invalid argument")                                               \
+  X(EABI, -2, "struct size or ABI version mismatch between caller and library")   \
+  X(ENOMEM, -3, "out of host memory")                                             \
+  X(EDEVMEM, -4, "out of device memory")                                          \
+  X(ENODEV, -5, "no such device")                                                 \
+  X(ECUDA, -6, "CUDA call failed")                                                \
+  X(ESYS, -7, "system call failed")                                               \
+  X(ERANGE, -8, "range outside its buffer or outside pinned memory")              \
+  X(EAGAIN, -9, "not complete yet")                                               \
+  X(ETIMEDOUT, -10, "timed out")                                                  \
+  X(EBUSY, -11, "resource still in use")                                          \
+  X(EHANDLE, -12, "invalid, foreign or stale handle")                             \
+  X(ENCCL, -13, "NCCL unavailable or failed")                                     \
+  X(EUNSUPPORTED, -14, "not supported by this backend")
+
+typedef enum ckpt_status {
+#define CKPT_X_ENUM(name, value, msg) CKPT_##name = value,
+  CKPT_STATUS_MAP(CKPT_X_ENUM)
+#undef CKPT_X_ENUM
+} ckpt_status;
+
+typedef struct ckpt_ctx ckpt_ctx;         /* a backend instance: devices, errors, regions */
+typedef struct ckpt_buf ckpt_buf;         /* device memory, allocated here or imported */
+typedef struct ckpt_stream ckpt_stream;   /* an ordered queue of asynchronous work on a device */
+typedef struct ckpt_event ckpt_event;     /* a point in a stream that can be polled or waited on */
+
+/* ---- library and errors ------------------------------------------------------------- */
+
+/* The backend this library implements: "cuda" or "host". Static string. */
+const char *ckpt_backend(void);
+/* CKPT_ABI_VERSION as compiled into the library. */
+uint32_t ckpt_abi_version(void);
+/* "CKPT_EINVAL" etc. for a status; "CKPT_UNKNOWN" for other values. Static string. */
+const char *ckpt_err_name(int status);
+/* One-sentence message for a status. Static string. */
+const char *ckpt_strerror(int status);
+/* Copies the detail of the context's most recent failure into buf (NUL-terminated,
+ * truncated to len). Returns the status of that failure, CKPT_OK if none. */
+int ckpt_last_error(ckpt_ctx *ctx, char *buf, size_t len);
+
+/* ---- context ------------------------------------------------------------------------- */
+
+typedef struct ckpt_ctx_options {
+  uint32_t size;          /* sizeof(ckpt_ctx_options) */
+  uint32_t abi_version;   /* CKPT_ABI_VERSION of the caller */
+  int32_t host_devices;   /* host backend: number of simulated devices, 0 means 1 */
+  int32_t reserved;
+  const char *nccl_path;  /* NCCL library to dlopen on first use; NULL: "libnccl.so.2" */
+} ckpt_ctx_options;
+
+/* Creates a context. Cheap on the host backend; initializes the CUDA runtime on the CUDA
+ * backend (about a second). On failure *out is NULL and no detail is available beyond
+ * the status, so a failure is also printed to stderr. */
+int ckpt_ctx_create(const ckpt_ctx_options *opts, ckpt_ctx **out);
+/* Destroys a context. CKPT_EBUSY, and nothing is freed, while any of its handles or
+ * pinned regions is alive. */
+int ckpt_ctx_destroy(ckpt_ctx *ctx);
+
+/* ---- devices ------------------------------------------------------------------------- */
+
+typedef struct ckpt_device_info {
+  uint32_t size;          /* sizeof(ckpt_device_info), set by the caller */
+  int32_t index;          /* device ordinal in this context */
+  char uuid[48];          /* "GPU-xxxxxxxx-xxxx-..." (CUDA) or "HOST-<machine>-<index>" */
+  char name[96];          /* marketing name, or "host memory" */
+  uint64_t free_bytes;    /* free device memory now (host: MemAvailable) */
+  uint64_t total_bytes;   /* total device memory (host: MemTotal) */
+  int32_t pci_bus;        /* PCI bus id, -1 on the host backend */
+  int32_t numa_node;      /* NUMA node closest to the device, -1 if unknown */
+} ckpt_device_info;
+
+/* Number of devices; 0 (and CKPT_OK) on a machine with no usable GPU. */
+int ckpt_device_count(ckpt_ctx *ctx, int32_t *count);
+/* Fills *info for device `index`. Queries the driver; a few microseconds. */
+int ckpt_device_info_get(ckpt_ctx *ctx, int32_t index, ckpt_device_info *info);
+
+/* ---- pinned host memory -------------------------------------------------------------- */
+
+#define CKPT_REGISTER_READONLY 1u  /* the device only reads the region (mapped read-only files) */
+
+/* Allocates len bytes of page-locked host memory, zeroed. Blocking; costly (page pinning):
+ * allocate once and reuse. Free with ckpt_host_free. */
+int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out);
+int ckpt_host_free(ckpt_ctx *ctx, void *ptr);
+/* Pins an existing mapping [ptr, ptr+len) in place (cudaHostRegister), so copies from it
+ * run at full speed. The caller keeps owning the mapping and must keep it mapped until
+ * ckpt_host_unregister. Blocking; about 0.2 s per GiB on CUDA. */
+int ckpt_host_register(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags);
+int ckpt_host_unregister(ckpt_ctx *ctx, void *ptr);
+
+/* ---- device buffers ------------------------------------------------------------------ */
+
+/* Allocates len bytes on a device. The bytes are undefined until written. Blocking. */
+int ckpt_buf_alloc(ckpt_ctx *ctx, int32_t device, size_t len, ckpt_buf **out);
+/* Frees an allocated buffer, or unmaps an imported one. Waits for nothing: the caller
+ * ensures no stream still uses it. */
+int ckpt_buf_free(ckpt_buf *buf);
+/* Device address of the buffer (host backend: a host address) and its length. */
+int ckpt_buf_info(ckpt_buf *buf, uint64_t *address, uint64_t *len, int32_t *device);
+/* Copies len bytes at `offset` of the buffer into host memory dst. Blocking; for checks
+ * and small reads, not the data path. */
+int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t len);
+
+/* ---- sharing a device buffer with another process ------------------------------------ */
+
+typedef struct ckpt_ipc_handle {
+  uint32_t size;          /* sizeof(ckpt_ipc_handle) */
+  uint32_t kind;          /* 1: CUDA IPC handle in data[0..63]; 2: host, a path in data */
+  uint64_t len;           /* buffer length in bytes */
+  int32_t device;         /* device ordinal in the exporting process */
+  int32_t pid;            /* exporting process */
+  uint8_t data[128];      /* cudaIpcMemHandle_t, or a NUL-terminated "/proc/<pid>/fd/<n>" */
+} ckpt_ipc_handle;
+
+#define CKPT_IPC_CUDA 1u
+#define CKPT_IPC_HOST 2u
+
+/* Describes an allocated buffer so another process can map it. The handle stays valid
+ * while the buffer is alive in this process. Cheap; the handle is plain bytes that can be
+ * sent over any channel. Imported buffers cannot be exported again. */
+int ckpt_buf_export(ckpt_buf *buf, ckpt_ipc_handle *out);
+/* Maps another process's buffer into this one (cudaIpcOpenMemHandle; host: mmap of the
+ * exporter's memfd). The mapping lives until ckpt_buf_free. A CUDA buffer cannot be
+ * imported by the process that exported it (CKPT_ECUDA). */
+int ckpt_buf_import(ckpt_ctx *ctx, const ckpt_ipc_handle *handle, ckpt_buf **out);
+
+/* ---- streams, events, copies --------------------------------------------------------- */
+
+/* One copy: len bytes from host address src (inside memory pinned by ckpt_host_alloc or
+ * ckpt_host_register) to byte dst_offset of the destination buffer. 24 bytes, fixed
+ * layout, so callers can build arrays of them as packed little-endian uint64 triples. */
+typedef struct ckpt_range {
+  uint64_t src;
+  uint64_t dst_offset;
+  uint64_t len;
+} ckpt_range;
+
+int ckpt_stream_create(ckpt_ctx *ctx, int32_t device, ckpt_stream **out);
+/* Waits for the stream's queued work, then destroys it. */
+int ckpt_stream_destroy(ckpt_stream *stream);
+
+/* Queues host-to-device copies of n ranges into dst on the stream, and returns without
+ * waiting. Every range is checked first (inside pinned memory, inside dst): one bad range
+ * fails the call with CKPT_ERANGE and queues nothing. Record an event after it to learn
+ * when the bytes have arrived. */
+int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges, size_t n);
+
+int ckpt_event_create(ckpt_ctx *ctx, int32_t device, ckpt_event **out);
+int ckpt_event_destroy(ckpt_event *event);
+/* Marks the current end of the stream's queue; the event completes when the work queued
+ * before it has. Re-recording an event moves it. Non-blocking. */
+int ckpt_event_record(ckpt_event *event, ckpt_stream *stream);
+/* CKPT_OK if complete (or never recorded), CKPT_EAGAIN if not yet. Non-blocking. */
+int ckpt_event_query(ckpt_event *event);
+/* Blocks until the event completes or timeout_ms passes (negative: no limit).
+ * CKPT_ETIMEDOUT on timeout; the event stays usable. */
+int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms);
+
+/* ---- NCCL ---------------------------------------------------------------------------- */
+
+/* Loads NCCL (dlopen, once per context) and reports its version as NCCL encodes it
+ * (2.28.3 = 22803). CKPT_ENCCL with the loader's message when it is absent;
+ * CKPT_EUNSUPPORTED on the host backend, whose collectives run over TCP. */
+int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version);
+
+/* ---- service manager ----------------------------------------------------------------- */
+
+/* Sends `state` (e.g. "READY=1") to the datagram socket named by $NOTIFY_SOCKET, as
+ * sd_notify(3) does; an abstract socket when the name starts with '@'. CKPT_OK without
+ * sending when the variable is unset. Non-blocking. Needs no context. */
+int ckpt_sd_notify(const char *state);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CKPT_H */

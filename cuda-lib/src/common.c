@@ -1,0 +1,195 @@
+/* Errors, the context's shared part, the pinned-region table and sd_notify. */
+#include "common.h"
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+CKPT_API uint32_t ckpt_abi_version(void) { return CKPT_ABI_VERSION; }
+
+CKPT_API const char *ckpt_err_name(int status) {
+  switch (status) {
+#define CKPT_X_NAME(name, value, msg) \
+  case value:                         \
+    return "CKPT_" #name;
+    CKPT_STATUS_MAP(CKPT_X_NAME)
+#undef CKPT_X_NAME
+  }
+  return "CKPT_UNKNOWN";
+}
+
+CKPT_API const char *ckpt_strerror(int status) {
+  switch (status) {
+#define CKPT_X_MSG(name, value, msg) \
+  case value:                        \
+    return msg;
+    CKPT_STATUS_MAP(CKPT_X_MSG)
+#undef CKPT_X_MSG
+  }
+  return "unknown status";
+}
+
+int ckpt__fail(ckpt_ctx *ctx, int status, const char *file, int line, const char *fmt, ...) {
+  char detail[400];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(detail, sizeof detail, fmt, ap);
+  va_end(ap);
+  const char *base = strrchr(file, '/');
+  if (ctx == NULL) {
+    fprintf(stderr, "ckpt: %s: %s (%s:%d)\n", ckpt_err_name(status), detail, base ? base + 1 : file,
+            line);
+    return status;
+  }
+  pthread_mutex_lock(&ctx->mu);
+  ctx->last_status = status;
+  snprintf(ctx->last_error, sizeof ctx->last_error, "%s (%s:%d)", detail, base ? base + 1 : file,
+           line);
+  pthread_mutex_unlock(&ctx->mu);
+  return status;
+}
+
+CKPT_API int ckpt_last_error(ckpt_ctx *ctx, char *buf, size_t len) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  pthread_mutex_lock(&ctx->mu);
+  int status = ctx->last_status;
+  if (buf != NULL && len > 0) snprintf(buf, len, "%s", ctx->last_error);
+  pthread_mutex_unlock(&ctx->mu);
+  return status;
+}
+
+int ckpt__ctx_init(ckpt_ctx *ctx, const ckpt_ctx_options *opts) {
+  if (opts == NULL) return FAIL(NULL, CKPT_EINVAL, "ckpt_ctx_create: options are NULL");
+  if (opts->size != sizeof(ckpt_ctx_options) || opts->abi_version != CKPT_ABI_VERSION)
+    return FAIL(NULL, CKPT_EABI,
+                "ckpt_ctx_create: caller has options size %u ABI %u, library %zu ABI %u",
+                opts->size, opts->abi_version, sizeof(ckpt_ctx_options), CKPT_ABI_VERSION);
+  if (opts->host_devices < 0 || opts->host_devices > 64)
+    return FAIL(NULL, CKPT_EINVAL, "host_devices %d outside 0..64", opts->host_devices);
+  const char *nccl = opts->nccl_path ? opts->nccl_path : "libnccl.so.2";
+  if (strlen(nccl) >= sizeof ctx->nccl_path)
+    return FAIL(NULL, CKPT_EINVAL, "nccl_path longer than %zu bytes", sizeof ctx->nccl_path - 1);
+  pthread_mutex_init(&ctx->mu, NULL);
+  ctx->host_devices = opts->host_devices ? opts->host_devices : 1;
+  strcpy(ctx->nccl_path, nccl);
+  return CKPT_OK;
+}
+
+int ckpt__ctx_fini(ckpt_ctx *ctx) {
+  pthread_mutex_lock(&ctx->mu);
+  int64_t live = ctx->live_handles;
+  size_t regions = ctx->nregions;
+  pthread_mutex_unlock(&ctx->mu);
+  if (live > 0 || regions > 0)
+    return FAIL(ctx, CKPT_EBUSY, "context still has %lld handles and %zu pinned regions",
+                (long long)live, regions);
+  free(ctx->regions);
+  pthread_mutex_destroy(&ctx->mu);
+  return CKPT_OK;
+}
+
+void ckpt__live(ckpt_ctx *ctx, int delta) {
+  pthread_mutex_lock(&ctx->mu);
+  ctx->live_handles += delta;
+  pthread_mutex_unlock(&ctx->mu);
+}
+
+/* First region whose base is > p, by binary search. Caller holds ctx->mu. */
+static size_t region_upper(const ckpt_ctx *ctx, uintptr_t p) {
+  size_t lo = 0, hi = ctx->nregions;
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (ctx->regions[mid].base <= p) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+int ckpt__region_add(ckpt_ctx *ctx, void *p, size_t len, int allocated) {
+  uintptr_t base = (uintptr_t)p;
+  pthread_mutex_lock(&ctx->mu);
+  size_t i = region_upper(ctx, base);
+  int overlaps = (i > 0 && ctx->regions[i - 1].base + ctx->regions[i - 1].len > base) ||
+                 (i < ctx->nregions && ctx->regions[i].base < base + len);
+  if (overlaps) {
+    pthread_mutex_unlock(&ctx->mu);
+    return FAIL(ctx, CKPT_EINVAL, "region %p+%zu overlaps memory already pinned", p, len);
+  }
+  if (ctx->nregions == ctx->cap_regions) {
+    size_t cap = ctx->cap_regions ? ctx->cap_regions * 2 : 16;
+    ckpt_region *grown = realloc(ctx->regions, cap * sizeof *grown);
+    if (grown == NULL) {
+      pthread_mutex_unlock(&ctx->mu);
+      return FAIL(ctx, CKPT_ENOMEM, "region table of %zu entries", cap);
+    }
+    ctx->regions = grown;
+    ctx->cap_regions = cap;
+  }
+  memmove(&ctx->regions[i + 1], &ctx->regions[i], (ctx->nregions - i) * sizeof *ctx->regions);
+  ctx->regions[i] = (ckpt_region){base, len, allocated};
+  ctx->nregions++;
+  pthread_mutex_unlock(&ctx->mu);
+  return CKPT_OK;
+}
+
+int ckpt__region_remove(ckpt_ctx *ctx, void *p, int allocated, size_t *len) {
+  uintptr_t base = (uintptr_t)p;
+  pthread_mutex_lock(&ctx->mu);
+  size_t i = region_upper(ctx, base);
+  if (i == 0 || ctx->regions[i - 1].base != base || ctx->regions[i - 1].allocated != allocated) {
+    pthread_mutex_unlock(&ctx->mu);
+    return FAIL(ctx, CKPT_EINVAL, "%p is not the start of memory %s by this context", p,
+                allocated ? "allocated by ckpt_host_alloc" : "registered by ckpt_host_register");
+  }
+  *len = ctx->regions[i - 1].len;
+  memmove(&ctx->regions[i - 1], &ctx->regions[i], (ctx->nregions - i) * sizeof *ctx->regions);
+  ctx->nregions--;
+  pthread_mutex_unlock(&ctx->mu);
+  return CKPT_OK;
+}
+
+int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t dst_len) {
+  if (n > 0 && r == NULL) return FAIL(ctx, CKPT_EINVAL, "ranges is NULL with n=%zu", n);
+  pthread_mutex_lock(&ctx->mu);
+  for (size_t k = 0; k < n; k++) {
+    uint64_t src = r[k].src, off = r[k].dst_offset, len = r[k].len;
+    int dst_ok = off <= dst_len && len <= dst_len - off;
+    size_t i = region_upper(ctx, (uintptr_t)src);
+    int src_ok = src + len >= src && i > 0 && src + len <= ctx->regions[i - 1].base + ctx->regions[i - 1].len;
+    if (!dst_ok || !src_ok) {
+      pthread_mutex_unlock(&ctx->mu);
+      return FAIL(ctx, CKPT_ERANGE,
+                  "range %zu (src 0x%llx, dst_offset %llu, len %llu): %s", k,
+                  (unsigned long long)src, (unsigned long long)off, (unsigned long long)len,
+                  !dst_ok ? "destination past the end of the buffer"
+                          : "source not inside pinned or registered host memory");
+    }
+  }
+  pthread_mutex_unlock(&ctx->mu);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_sd_notify(const char *state) {
+  const char *path = getenv("NOTIFY_SOCKET");
+  if (path == NULL || path[0] == '\0') return CKPT_OK;
+  if (state == NULL) return FAIL(NULL, CKPT_EINVAL, "sd_notify: state is NULL");
+  struct sockaddr_un addr = {.sun_family = AF_UNIX};
+  size_t plen = strlen(path);
+  if ((path[0] != '/' && path[0] != '@') || plen >= sizeof addr.sun_path)
+    return FAIL(NULL, CKPT_EINVAL, "NOTIFY_SOCKET '%s' is not a socket path", path);
+  memcpy(addr.sun_path, path, plen);
+  if (path[0] == '@') addr.sun_path[0] = '\0';
+  socklen_t alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return FAIL(NULL, CKPT_ESYS, "sd_notify socket: %s", strerror(errno));
+  ssize_t sent = sendto(fd, state, strlen(state), MSG_NOSIGNAL, (struct sockaddr *)&addr, alen);
+  int err = errno;
+  close(fd);
+  if (sent < 0) return FAIL(NULL, CKPT_ESYS, "sd_notify to %s: %s", path, strerror(err));
+  return CKPT_OK;
+}

@@ -1,0 +1,78 @@
+/* Internals shared by both backends: the context, error recording, pinned-region table. */
+#ifndef CKPT_COMMON_H
+#define CKPT_COMMON_H
+
+#include <pthread.h>
+#include <stdarg.h>
+
+#include "ckpt.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CKPT_API __attribute__((visibility("default")))
+
+typedef struct ckpt_region {
+  uintptr_t base;
+  size_t len;
+  int allocated; /* 1: ckpt_host_alloc, 0: ckpt_host_register */
+} ckpt_region;
+
+struct ckpt_ctx {
+  pthread_mutex_t mu;           /* guards everything below */
+  int last_status;
+  char last_error[512];
+  int64_t live_handles;         /* buffers, streams, events not yet freed */
+  ckpt_region *regions;         /* sorted by base, never overlapping */
+  size_t nregions, cap_regions;
+  int32_t host_devices;
+  char nccl_path[256];
+  void *nccl_lib;               /* dlopen handle, loaded on first use */
+};
+
+/* Records a failure on ctx (if any) with file:line and a formatted detail; returns status. */
+int ckpt__fail(ckpt_ctx *ctx, int status, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+#define FAIL(ctx, status, ...) ckpt__fail((ctx), (status), __FILE__, __LINE__, __VA_ARGS__)
+/* Propagates a failed ckpt_status; the callee has recorded the detail. */
+#define CHECK(call)                      \
+  do {                                   \
+    int ckpt_s_ = (call);                \
+    if (ckpt_s_ != CKPT_OK) return ckpt_s_; \
+  } while (0)
+/* Stores a failed status in `st` and jumps to the cleanup label. */
+#define CHECK_GOTO(call, st, label) \
+  do {                              \
+    (st) = (call);                  \
+    if ((st) != CKPT_OK) goto label; \
+  } while (0)
+/* errno-setting system calls: fails with CKPT_ESYS naming the call and the errno. */
+#define CHECK_SYS(ctx, cond, what)                                                    \
+  do {                                                                                \
+    if (!(cond)) return FAIL((ctx), CKPT_ESYS, "%s: %s", (what), strerror(errno));    \
+  } while (0)
+#define CHECK_ARG(ctx, cond)                                                          \
+  do {                                                                                \
+    if (!(cond)) return FAIL((ctx), CKPT_EINVAL, "invalid argument: %s", #cond);      \
+  } while (0)
+
+/* Validates options and fills the shared part of a zeroed context. */
+int ckpt__ctx_init(ckpt_ctx *ctx, const ckpt_ctx_options *opts);
+/* Frees the shared part; CKPT_EBUSY while handles or regions are alive. */
+int ckpt__ctx_fini(ckpt_ctx *ctx);
+void ckpt__live(ckpt_ctx *ctx, int delta);
+
+/* Adds [p, p+len) to the pinned-region table; CKPT_EINVAL if it overlaps another. */
+int ckpt__region_add(ckpt_ctx *ctx, void *p, size_t len, int allocated);
+/* Removes the region starting at p that was added with the same `allocated`; its length
+ * goes to *len. CKPT_EINVAL naming the pointer if there is none. */
+int ckpt__region_remove(ckpt_ctx *ctx, void *p, int allocated, size_t *len);
+/* Checks every range: source inside one pinned region, destination inside dst_len. */
+int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t dst_len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
