@@ -1,0 +1,73 @@
+import { homedir } from "node:os";
+import { join } from "node:path";
+import * as v from "valibot";
+
+const port = v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535));
+const text = v.pipe(v.string(), v.minLength(1));
+
+/** The daemon's configuration. Every key can come from the file, CKPTD_<KEY> or a flag. */
+export const ConfigSchema = v.strictObject({
+  host: text,
+  port,
+  stateDir: text,
+  backend: v.picklist(["auto", "cuda", "host"]),
+  libDir: v.string(),
+  hostDevices: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(64)),
+  ncclPath: text,
+  logLevel: v.picklist(["fatal", "error", "warn", "info", "debug", "trace"]),
+  shutdownTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(0)),
+});
+
+export type Config = v.InferOutput<typeof ConfigSchema>;
+export type ConfigKey = keyof Config;
+
+interface KeyDoc {
+  flag: string;
+  env: string;
+  kind: "string" | "integer";
+  help: string;
+}
+
+/** One row per key: how to set it and what it means (also the --help text). */
+export const KEYS: Record<ConfigKey, KeyDoc> = {
+  host: { flag: "--host", env: "CKPTD_HOST", kind: "string", help: "address to listen on" },
+  port: { flag: "--port", env: "CKPTD_PORT", kind: "integer", help: "TCP port of the HTTP API (0: any free port)" },
+  stateDir: { flag: "--state-dir", env: "CKPTD_STATE_DIR", kind: "string", help: "directory for the daemon's state" },
+  backend: { flag: "--backend", env: "CKPTD_BACKEND", kind: "string", help: "auto | cuda | host" },
+  libDir: {
+    flag: "--lib-dir",
+    env: "CKPTD_LIB_DIR",
+    kind: "string",
+    help: "directory holding libckpt-*.so (empty: the bundled or built ones)",
+  },
+  hostDevices: {
+    flag: "--host-devices",
+    env: "CKPTD_HOST_DEVICES",
+    kind: "integer",
+    help: "devices the host backend simulates",
+  },
+  ncclPath: { flag: "--nccl-path", env: "CKPTD_NCCL_PATH", kind: "string", help: "NCCL library to load" },
+  logLevel: { flag: "--log-level", env: "CKPTD_LOG_LEVEL", kind: "string", help: "fatal | error | warn | info | debug | trace" },
+  shutdownTimeoutMs: {
+    flag: "--shutdown-timeout-ms",
+    env: "CKPTD_SHUTDOWN_TIMEOUT_MS",
+    kind: "integer",
+    help: "how long shutdown waits for work in flight",
+  },
+};
+
+/** Defaults that work on any machine, with or without a GPU. */
+export function defaults(env: Record<string, string | undefined>): Config {
+  const stateHome = env.XDG_STATE_HOME || join(env.HOME || homedir(), ".local", "state");
+  return {
+    host: "127.0.0.1",
+    port: 8470,
+    stateDir: join(stateHome, "ckptd"),
+    backend: "auto",
+    libDir: "",
+    hostDevices: 1,
+    ncclPath: "libnccl.so.2",
+    logLevel: "info",
+    shutdownTimeoutMs: 10000,
+  };
+}

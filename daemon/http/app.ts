@@ -1,0 +1,48 @@
+import { Hono } from "hono";
+import type { Logger } from "pino";
+import { CkptError } from "../../ffi/index.ts";
+import { readBody, reply } from "./codec.ts";
+import { ApiError } from "./errors.ts";
+
+export type Variables = { body: unknown };
+
+/** What the HTTP layer needs from the daemon. */
+export interface AppDeps {
+  log: Logger;
+  /** The body of GET /v1/status. */
+  status(): unknown;
+}
+
+/** Builds the HTTP API. Routes read the decoded body from c.get("body"). */
+export function createApp(deps: AppDeps): Hono<{ Variables: Variables }> {
+  const app = new Hono<{ Variables: Variables }>();
+
+  // Bodies are decoded once, before routing, so every route gets the same 400 for bad input.
+  app.use("*", async (c, next) => {
+    if (c.req.method === "POST" || c.req.method === "PUT" || c.req.method === "PATCH") {
+      c.set("body", await readBody(c));
+    }
+    await next();
+  });
+
+  app.get("/v1/healthz", (c) => reply(c, { ok: true }));
+  app.get("/v1/status", (c) => reply(c, deps.status()));
+
+  app.notFound((c) => {
+    const err = new ApiError(404, "not_found", `no route for ${c.req.method} ${new URL(c.req.url).pathname}`);
+    return reply(c, err.toBody(), 404);
+  });
+
+  app.onError((err, c) => {
+    if (err instanceof ApiError) return reply(c, err.toBody(), err.status);
+    if (err instanceof CkptError) {
+      deps.log.error({ err }, "data plane call failed");
+      const api = new ApiError(500, "data_plane", err.message, { status: err.status, detail: err.detail });
+      return reply(c, api.toBody(), 500);
+    }
+    deps.log.error({ err }, "request failed");
+    return reply(c, new ApiError(500, "internal", "internal error; see the daemon log").toBody(), 500);
+  });
+
+  return app;
+}

@@ -1,0 +1,292 @@
+/**
+ * The typed surface of libckpt: a Library (one loaded .so) makes Contexts; a Context owns
+ * pinned memory, device buffers, streams and events. Every status passes through check().
+ * Calls that may block (allocation, pinning, waits, reads) are async and run on koffi's
+ * worker threads, so the event loop keeps serving.
+ */
+import { CkptError } from "./errors.ts";
+import { ABI_VERSION, CtxOptions, DeviceInfo, IpcHandle, loadNative, type Native, sizeOf } from "./library.ts";
+
+export type Backend = "cuda" | "host";
+
+export interface DeviceInfoRecord {
+  index: number;
+  uuid: string;
+  name: string;
+  freeBytes: number;
+  totalBytes: number;
+  pciBus: number;
+  numaNode: number;
+}
+
+/** Plain bytes describing a device buffer that another process can map. */
+export interface IpcHandleRecord {
+  kind: number;
+  len: number;
+  device: number;
+  pid: number;
+  data: Uint8Array;
+}
+
+export interface ContextOptions {
+  /** Host backend: number of simulated devices (default 1). */
+  hostDevices?: number;
+  /** NCCL library to dlopen (default libnccl.so.2). */
+  ncclPath?: string;
+}
+
+type Ptr = bigint;
+
+function promisify<T>(fn: Native[keyof Native], args: unknown[]): Promise<T> {
+  return new Promise((resolve, reject) => {
+    fn.async(...args, (err: unknown, res: T) => (err ? reject(err) : resolve(res)));
+  });
+}
+
+/** One loaded libckpt shared object. */
+export class Library {
+  readonly native: Native;
+  readonly backend: Backend;
+  readonly path: string;
+
+  constructor(path: string) {
+    this.path = path;
+    this.native = loadNative(path);
+    const abi = this.native.abiVersion();
+    if (abi !== ABI_VERSION) {
+      throw new CkptError("load", -2, "CKPT_EABI", `${path} has ABI ${abi}, ffi/ declares ${ABI_VERSION}`, "");
+    }
+    this.backend = this.native.backend() as Backend;
+  }
+
+  /** Throws a CkptError for a negative status; ctx supplies the detail when given. */
+  check(call: string, status: number, ctx?: Ptr): void {
+    if (status >= 0) return;
+    let detail = "";
+    if (ctx !== undefined) {
+      const buf = Buffer.alloc(512);
+      this.native.lastError(ctx, buf, buf.length);
+      detail = buf.toString("utf8", 0, buf.indexOf(0));
+    }
+    throw new CkptError(call, status, this.native.errName(status), this.native.strerror(status), detail);
+  }
+
+  /** Creates a context; on the CUDA backend this initializes the runtime (about a second). */
+  async createContext(options: ContextOptions = {}): Promise<Context> {
+    const opts = {
+      size: sizeOf(CtxOptions),
+      abi_version: ABI_VERSION,
+      host_devices: options.hostDevices ?? 0,
+      reserved: 0,
+      nccl_path: options.ncclPath ?? null,
+    };
+    const out: Ptr[] = [0n];
+    this.check("ckpt_ctx_create", await promisify<number>(this.native.ctxCreate, [opts, out]));
+    return new Context(this, out[0] as Ptr);
+  }
+
+  /** Sends a state line to systemd's NOTIFY_SOCKET, if set (sd_notify). */
+  sdNotify(state: string): void {
+    this.check("ckpt_sd_notify", this.native.sdNotify(state));
+  }
+}
+
+export class HostMemory {
+  constructor(
+    readonly address: Ptr,
+    readonly len: number,
+  ) {}
+}
+
+export class DeviceBuffer {
+  constructor(
+    readonly handle: Ptr,
+    readonly device: number,
+    readonly len: number,
+    readonly address: Ptr,
+  ) {}
+}
+
+export class Stream {
+  constructor(
+    readonly handle: Ptr,
+    readonly device: number,
+  ) {}
+}
+
+export class Event {
+  constructor(
+    readonly handle: Ptr,
+    readonly device: number,
+  ) {}
+}
+
+/** Status of ckpt_event_query / ckpt_event_wait that is not a failure. */
+const CKPT_EAGAIN = -9;
+const CKPT_ETIMEDOUT = -10;
+
+export class Context {
+  constructor(
+    readonly lib: Library,
+    readonly ptr: Ptr,
+  ) {}
+
+  private check(call: string, status: number): void {
+    this.lib.check(call, status, this.ptr);
+  }
+
+  get backend(): Backend {
+    return this.lib.backend;
+  }
+
+  deviceCount(): number {
+    const out = [0];
+    this.check("ckpt_device_count", this.lib.native.deviceCount(this.ptr, out));
+    return out[0] as number;
+  }
+
+  deviceInfo(index: number): DeviceInfoRecord {
+    const info = { size: sizeOf(DeviceInfo) } as Record<string, unknown>;
+    this.check("ckpt_device_info_get", this.lib.native.deviceInfo(this.ptr, index, info));
+    return {
+      index: info.index as number,
+      uuid: info.uuid as string,
+      name: info.name as string,
+      freeBytes: Number(info.free_bytes),
+      totalBytes: Number(info.total_bytes),
+      pciBus: info.pci_bus as number,
+      numaNode: info.numa_node as number,
+    };
+  }
+
+  devices(): DeviceInfoRecord[] {
+    return Array.from({ length: this.deviceCount() }, (_, i) => this.deviceInfo(i));
+  }
+
+  /** Allocates zeroed pinned host memory. */
+  async hostAlloc(len: number): Promise<HostMemory> {
+    const out: Ptr[] = [0n];
+    this.check("ckpt_host_alloc", await promisify(this.lib.native.hostAlloc, [this.ptr, len, out]));
+    return new HostMemory(out[0] as Ptr, len);
+  }
+
+  async hostFree(mem: HostMemory): Promise<void> {
+    this.check("ckpt_host_free", await promisify(this.lib.native.hostFree, [this.ptr, mem.address]));
+  }
+
+  /** Pins an existing mapping in place; the caller keeps it mapped until hostUnregister. */
+  async hostRegister(address: Ptr, len: number, readonly = false): Promise<HostMemory> {
+    const status = await promisify<number>(this.lib.native.hostRegister, [this.ptr, address, len, readonly ? 1 : 0]);
+    this.check("ckpt_host_register", status);
+    return new HostMemory(address, len);
+  }
+
+  async hostUnregister(mem: HostMemory): Promise<void> {
+    this.check("ckpt_host_unregister", await promisify(this.lib.native.hostUnregister, [this.ptr, mem.address]));
+  }
+
+  async bufAlloc(device: number, len: number): Promise<DeviceBuffer> {
+    const out: Ptr[] = [0n];
+    this.check("ckpt_buf_alloc", await promisify(this.lib.native.bufAlloc, [this.ptr, device, len, out]));
+    return this.describe(out[0] as Ptr);
+  }
+
+  private describe(handle: Ptr): DeviceBuffer {
+    const address: Ptr[] = [0n];
+    const len = [0];
+    const device = [0];
+    this.check("ckpt_buf_info", this.lib.native.bufInfo(handle, address, len, device));
+    return new DeviceBuffer(handle, device[0] as number, Number(len[0]), BigInt(address[0] as Ptr));
+  }
+
+  async bufFree(buf: DeviceBuffer): Promise<void> {
+    this.check("ckpt_buf_free", await promisify(this.lib.native.bufFree, [buf.handle]));
+  }
+
+  /** Reads bytes of a device buffer into dst (blocking copy, on a worker thread). */
+  async bufRead(buf: DeviceBuffer, offset: number, dst: Uint8Array): Promise<void> {
+    const status = await promisify<number>(this.lib.native.bufRead, [buf.handle, offset, dst, dst.byteLength]);
+    this.check("ckpt_buf_read", status);
+  }
+
+  bufExport(buf: DeviceBuffer): IpcHandleRecord {
+    const h = { size: sizeOf(IpcHandle) } as Record<string, unknown>;
+    this.check("ckpt_buf_export", this.lib.native.bufExport(buf.handle, h));
+    return {
+      kind: h.kind as number,
+      len: Number(h.len),
+      device: h.device as number,
+      pid: h.pid as number,
+      data: new Uint8Array(h.data as Uint8Array),
+    };
+  }
+
+  async bufImport(handle: IpcHandleRecord): Promise<DeviceBuffer> {
+    const h = { size: sizeOf(IpcHandle), ...handle };
+    const out: Ptr[] = [0n];
+    this.check("ckpt_buf_import", await promisify(this.lib.native.bufImport, [this.ptr, h, out]));
+    return this.describe(out[0] as Ptr);
+  }
+
+  streamCreate(device: number): Stream {
+    const out: Ptr[] = [0n];
+    this.check("ckpt_stream_create", this.lib.native.streamCreate(this.ptr, device, out));
+    return new Stream(out[0] as Ptr, device);
+  }
+
+  /** Waits for the stream's work, then destroys it. */
+  async streamDestroy(stream: Stream): Promise<void> {
+    this.check("ckpt_stream_destroy", await promisify(this.lib.native.streamDestroy, [stream.handle]));
+  }
+
+  /**
+   * Queues host-to-device copies; `ranges` holds (src address, dst offset, len) triples.
+   * Returns at once; record an event to learn when the bytes arrived.
+   */
+  h2dAsync(stream: Stream, dst: DeviceBuffer, ranges: BigUint64Array): void {
+    if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (src, dst_offset, len) triples");
+    this.check("ckpt_h2d_async", this.lib.native.h2dAsync(stream.handle, dst.handle, ranges, ranges.length / 3));
+  }
+
+  eventCreate(device: number): Event {
+    const out: Ptr[] = [0n];
+    this.check("ckpt_event_create", this.lib.native.eventCreate(this.ptr, device, out));
+    return new Event(out[0] as Ptr, device);
+  }
+
+  eventDestroy(event: Event): void {
+    this.check("ckpt_event_destroy", this.lib.native.eventDestroy(event.handle));
+  }
+
+  eventRecord(event: Event, stream: Stream): void {
+    this.check("ckpt_event_record", this.lib.native.eventRecord(event.handle, stream.handle));
+  }
+
+  /** True when the event has completed. */
+  eventQuery(event: Event): boolean {
+    const status = this.lib.native.eventQuery(event.handle);
+    if (status === CKPT_EAGAIN) return false;
+    this.check("ckpt_event_query", status);
+    return true;
+  }
+
+  /** Waits on a worker thread; false on timeout (timeoutMs < 0: no limit). */
+  async eventWait(event: Event, timeoutMs: number): Promise<boolean> {
+    const status = await promisify<number>(this.lib.native.eventWait, [event.handle, timeoutMs]);
+    if (status === CKPT_ETIMEDOUT) return false;
+    this.check("ckpt_event_wait", status);
+    return true;
+  }
+
+  /** NCCL's version (2.28.3 = 22803); throws CkptError when NCCL is absent or unsupported. */
+  ncclVersion(): number {
+    const out = [0];
+    this.check("ckpt_nccl_version", this.lib.native.ncclVersion(this.ptr, out));
+    return out[0] as number;
+  }
+
+  /** Destroys the context; throws CKPT_EBUSY while anything made from it is alive. */
+  async destroy(): Promise<void> {
+    this.check("ckpt_ctx_destroy", await promisify(this.lib.native.ctxDestroy, [this.ptr]));
+  }
+}

@@ -1,0 +1,99 @@
+/**
+ * Every koffi declaration of libckpt (cuda-lib/include/ckpt.h). Nothing else in the
+ * codebase imports koffi. Parameters carry their C types; pointers are BigInts (koffi 3).
+ */
+import koffi from "koffi";
+
+/** CKPT_ABI_VERSION of ckpt.h as this file declares it. */
+export const ABI_VERSION = 1;
+
+export const CtxOptions = koffi.struct("ckpt_ctx_options", {
+  size: "uint32_t",
+  abi_version: "uint32_t",
+  host_devices: "int32_t",
+  reserved: "int32_t",
+  nccl_path: "const char *",
+});
+
+export const DeviceInfo = koffi.struct("ckpt_device_info", {
+  size: "uint32_t",
+  index: "int32_t",
+  uuid: koffi.array("char", 48, "String"),
+  name: koffi.array("char", 96, "String"),
+  free_bytes: "uint64_t",
+  total_bytes: "uint64_t",
+  pci_bus: "int32_t",
+  numa_node: "int32_t",
+});
+
+export const IpcHandle = koffi.struct("ckpt_ipc_handle", {
+  size: "uint32_t",
+  kind: "uint32_t",
+  len: "uint64_t",
+  device: "int32_t",
+  pid: "int32_t",
+  data: koffi.array("uint8_t", 128, "Typed"),
+});
+
+for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event"]) {
+  koffi.pointer(name, koffi.opaque());
+}
+
+const SIGNATURES = {
+  backend: "const char *ckpt_backend(void)",
+  abiVersion: "uint32_t ckpt_abi_version(void)",
+  errName: "const char *ckpt_err_name(int status)",
+  strerror: "const char *ckpt_strerror(int status)",
+  lastError: "int ckpt_last_error(ckpt_ctx ctx, char *buf, size_t len)",
+  ctxCreate: "int ckpt_ctx_create(const ckpt_ctx_options *opts, _Out_ ckpt_ctx *out)",
+  ctxDestroy: "int ckpt_ctx_destroy(ckpt_ctx ctx)",
+  deviceCount: "int ckpt_device_count(ckpt_ctx ctx, _Out_ int32_t *count)",
+  deviceInfo: "int ckpt_device_info_get(ckpt_ctx ctx, int32_t index, _Inout_ ckpt_device_info *info)",
+  hostAlloc: "int ckpt_host_alloc(ckpt_ctx ctx, size_t len, _Out_ void **out)",
+  hostFree: "int ckpt_host_free(ckpt_ctx ctx, void *ptr)",
+  hostRegister: "int ckpt_host_register(ckpt_ctx ctx, void *ptr, size_t len, uint32_t flags)",
+  hostUnregister: "int ckpt_host_unregister(ckpt_ctx ctx, void *ptr)",
+  bufAlloc: "int ckpt_buf_alloc(ckpt_ctx ctx, int32_t device, size_t len, _Out_ ckpt_buf *out)",
+  bufFree: "int ckpt_buf_free(ckpt_buf buf)",
+  bufInfo:
+    "int ckpt_buf_info(ckpt_buf buf, _Out_ uint64_t *address, _Out_ uint64_t *len, _Out_ int32_t *device)",
+  bufRead: "int ckpt_buf_read(ckpt_buf buf, uint64_t offset, void *dst, uint64_t len)",
+  bufExport: "int ckpt_buf_export(ckpt_buf buf, _Inout_ ckpt_ipc_handle *out)",
+  bufImport: "int ckpt_buf_import(ckpt_ctx ctx, const ckpt_ipc_handle *handle, _Out_ ckpt_buf *out)",
+  streamCreate: "int ckpt_stream_create(ckpt_ctx ctx, int32_t device, _Out_ ckpt_stream *out)",
+  streamDestroy: "int ckpt_stream_destroy(ckpt_stream stream)",
+  h2dAsync: "int ckpt_h2d_async(ckpt_stream stream, ckpt_buf dst, const void *ranges, size_t n)",
+  eventCreate: "int ckpt_event_create(ckpt_ctx ctx, int32_t device, _Out_ ckpt_event *out)",
+  eventDestroy: "int ckpt_event_destroy(ckpt_event event)",
+  eventRecord: "int ckpt_event_record(ckpt_event event, ckpt_stream stream)",
+  eventQuery: "int ckpt_event_query(ckpt_event event)",
+  eventWait: "int ckpt_event_wait(ckpt_event event, int64_t timeout_ms)",
+  ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",
+  sdNotify: "int ckpt_sd_notify(const char *state)",
+} as const;
+
+// biome-ignore lint/suspicious/noExplicitAny: koffi functions are typed by their C signature
+type NativeFn = ((...args: any[]) => any) & { async: (...args: any[]) => void };
+
+/** The bound functions of one loaded libckpt, keyed as in SIGNATURES. */
+export type Native = { [K in keyof typeof SIGNATURES]: NativeFn };
+
+/** Loads a libckpt shared object and binds every function; throws if a symbol is missing. */
+export function loadNative(path: string): Native {
+  const lib = koffi.load(path);
+  const fns = {} as Record<string, NativeFn>;
+  for (const [key, signature] of Object.entries(SIGNATURES)) {
+    fns[key] = lib.func(signature) as NativeFn;
+  }
+  return fns as Native;
+}
+
+/** A view of native memory as bytes (for tests and checks, never the data path). */
+export function viewMemory(address: bigint, len: number): Uint8Array {
+  return new Uint8Array(koffi.view(address, len));
+}
+
+/** Size in bytes of a declared struct, to check against the library at load. */
+export function sizeOf(type: typeof CtxOptions): number {
+  return koffi.sizeof(type);
+}
