@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import { type Context, CkptError, openBackend } from "../ffi/index.ts";
+import { CkptError, type Context, openBackend } from "../ffi/index.ts";
 import type { Config } from "./config/index.ts";
 import { createApp } from "./http/app.ts";
 import type { Runtime } from "./runtime/index.ts";

@@ -1,5 +1,3 @@
-export { CkptError } from "./errors.ts";
-export { viewMemory } from "./library.ts";
 export {
   type Backend,
   Context,
@@ -12,4 +10,6 @@ export {
   Library,
   Stream,
 } from "./ckpt.ts";
-export { libraryPath, openBackend, type BackendChoice, type OpenedBackend } from "./select.ts";
+export { CkptError } from "./errors.ts";
+export { viewMemory } from "./library.ts";
+export { type BackendChoice, libraryPath, type OpenedBackend, openBackend } from "./select.ts";

@@ -55,8 +55,7 @@ const SIGNATURES = {
   hostUnregister: "int ckpt_host_unregister(ckpt_ctx ctx, void *ptr)",
   bufAlloc: "int ckpt_buf_alloc(ckpt_ctx ctx, int32_t device, size_t len, _Out_ ckpt_buf *out)",
   bufFree: "int ckpt_buf_free(ckpt_buf buf)",
-  bufInfo:
-    "int ckpt_buf_info(ckpt_buf buf, _Out_ uint64_t *address, _Out_ uint64_t *len, _Out_ int32_t *device)",
+  bufInfo: "int ckpt_buf_info(ckpt_buf buf, _Out_ uint64_t *address, _Out_ uint64_t *len, _Out_ int32_t *device)",
   bufRead: "int ckpt_buf_read(ckpt_buf buf, uint64_t offset, void *dst, uint64_t len)",
   bufExport: "int ckpt_buf_export(ckpt_buf buf, _Inout_ ckpt_ipc_handle *out)",
   bufImport: "int ckpt_buf_import(ckpt_ctx ctx, const ckpt_ipc_handle *handle, _Out_ ckpt_buf *out)",

@@ -120,7 +120,10 @@ export function resolveConfig(
 }
 
 /** The whole pipeline for the daemon's start: flags, CKPTD_CONFIG or --config, env. */
-export function loadConfig(argv: readonly string[], env: Record<string, string | undefined>): Args & { config: Config } {
+export function loadConfig(
+  argv: readonly string[],
+  env: Record<string, string | undefined>,
+): Args & { config: Config } {
   const args = parseArgs(argv);
   const filePath = args.configFile ?? env[ENV_CONFIG];
   const file = filePath ? readConfigFile(filePath) : undefined;
@@ -131,7 +134,8 @@ export function loadConfig(argv: readonly string[], env: Record<string, string |
 /** The --help text, generated from the key table. */
 export function helpText(): string {
   const rows = Object.entries(KEYS).map(
-    ([key, doc]) => `  ${`${doc.flag} ${doc.kind === "integer" ? "N" : "VALUE"}`.padEnd(28)}${doc.help} [${doc.env}, "${key}"]`,
+    ([key, doc]) =>
+      `  ${`${doc.flag} ${doc.kind === "integer" ? "N" : "VALUE"}`.padEnd(28)}${doc.help} [${doc.env}, "${key}"]`,
   );
   return [
     "Usage: ckptd [--config FILE] [options]",

@@ -47,7 +47,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     help: "devices the host backend simulates",
   },
   ncclPath: { flag: "--nccl-path", env: "CKPTD_NCCL_PATH", kind: "string", help: "NCCL library to load" },
-  logLevel: { flag: "--log-level", env: "CKPTD_LOG_LEVEL", kind: "string", help: "fatal | error | warn | info | debug | trace" },
+  logLevel: {
+    flag: "--log-level",
+    env: "CKPTD_LOG_LEVEL",
+    kind: "string",
+    help: "fatal | error | warn | info | debug | trace",
+  },
   shutdownTimeoutMs: {
     flag: "--shutdown-timeout-ms",
     env: "CKPTD_SHUTDOWN_TIMEOUT_MS",

@@ -1,5 +1,5 @@
-import { serve } from "@hono/node-server";
 import type { AddressInfo } from "node:net";
+import { serve } from "@hono/node-server";
 import type { Runtime, Server } from "./types.ts";
 
 export const nodeRuntime: Runtime = {

@@ -1,0 +1,95 @@
+import { spawn } from "node:child_process";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { daemonCommand, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
+
+describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime) => {
+  const command = daemonCommand(runtime);
+
+  it("starts on defaults, answers healthz and status, and stops on SIGTERM", async () => {
+    const daemon = await startProcess(command);
+    const health = await fetch(`${daemon.url}/v1/healthz`);
+    expect(await health.json()).toEqual({ ok: true });
+    const status = (await (await fetch(`${daemon.url}/v1/status`)).json()) as Record<string, unknown>;
+    expect(status).toMatchObject({ runtime, backend: "host", version: "0.1.0" });
+    expect(status.gpus).toEqual([expect.objectContaining({ index: 0, uuid: expect.stringMatching(/^HOST-/) })]);
+    daemon.proc.kill("SIGTERM");
+    expect(await daemon.exited).toBe(0);
+    expect(daemon.logs.some((line) => line.includes('"stopped"'))).toBe(true);
+  });
+
+  it.each([
+    { name: "a wrong type", args: ["--port", "eighty"], message: /port \(from --port\)/ },
+    { name: "an unknown flag", args: ["--prot", "1"], message: /unknown argument "--prot"/ },
+    { name: "an unreadable file", args: ["--config", "/nonexistent.json"], message: /cannot read config file/ },
+  ])("exits 2 with one line on $name, starting nothing", async ({ args, message }) => {
+    const result = await run(command, args);
+    expect(result.code).toBe(2);
+    expect(result.stdout).toBe("");
+    expect(result.stderr.trim().split("\n")).toHaveLength(1);
+    expect(result.stderr).toMatch(message);
+  });
+});
+
+describe("configuration sources reach the daemon", () => {
+  it("takes the file, then CKPTD_*, then flags", async () => {
+    const dir = tempDir();
+    const file = join(dir, "ckptd.json");
+    writeFileSync(file, JSON.stringify({ hostDevices: 2, logLevel: "warn" }));
+    const daemon = await startProcess(daemonCommand("node"), ["--config", file, "--log-level", "info"], {
+      CKPTD_HOST_DEVICES: "3",
+    });
+    const status = (await (await fetch(`${daemon.url}/v1/status`)).json()) as { gpus: unknown[] };
+    expect(status.gpus).toHaveLength(3);
+    daemon.proc.kill("SIGTERM");
+    expect(await daemon.exited).toBe(0);
+  });
+
+  it("rejects an unknown key in the file, naming it", async () => {
+    const file = join(tempDir(), "ckptd.json");
+    writeFileSync(file, JSON.stringify({ prot: 1 }));
+    const result = await run(daemonCommand("node"), ["--config", file]);
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain(`${file}: unknown key "prot"`);
+  });
+});
+
+/** Plays systemd: a datagram socket at NOTIFY_SOCKET that records what it receives. */
+function fakeSystemd(path: string) {
+  const script = [
+    "import socket, sys",
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)",
+    "s.bind(sys.argv[1]); print('bound', flush=True)",
+    "while True:",
+    "    msg = s.recv(4096).decode(); print(msg, flush=True)",
+    "    if 'STOPPING=1' in msg: break",
+  ].join("\n");
+  const proc = spawn("python3", ["-c", script, path], { stdio: ["ignore", "pipe", "inherit"] });
+  const messages: string[] = [];
+  const bound = new Promise<void>((resolve) =>
+    proc.stdout.on("data", (chunk: Buffer) => {
+      for (const line of chunk.toString().split("\n")) {
+        if (line === "bound") resolve();
+        else if (line) messages.push(line);
+      }
+    }),
+  );
+  const done = new Promise<void>((resolve) => proc.on("exit", () => resolve()));
+  return { bound, done, messages };
+}
+
+describe("systemd notification", () => {
+  it("sends READY=1 once listening and STOPPING=1 on SIGTERM", async () => {
+    const socketPath = join(tempDir(), "notify.sock");
+    const systemd = fakeSystemd(socketPath);
+    await systemd.bound;
+    const daemon = await startProcess(daemonCommand("node"), [], { NOTIFY_SOCKET: socketPath });
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(systemd.messages).toEqual(["READY=1"]);
+    daemon.proc.kill("SIGTERM");
+    await systemd.done;
+    expect(await daemon.exited).toBe(0);
+    expect(systemd.messages).toEqual(["READY=1", "STOPPING=1"]);
+  });
+});

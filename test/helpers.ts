@@ -1,0 +1,93 @@
+/** Starts real daemon processes for tests: under Node (tsx), Deno, or the built binary. */
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+export const ROOT = fileURLToPath(new URL("..", import.meta.url));
+export const DENO = existsSync(join(ROOT, "node_modules/deno/deno"))
+  ? join(ROOT, "node_modules/deno/deno")
+  : join(ROOT, "node_modules/.bin/deno");
+export const DENO_FLAGS = [
+  "run",
+  "--allow-ffi",
+  "--allow-net",
+  "--allow-env",
+  "--allow-sys=hostname",
+  "--allow-read",
+  "--allow-write",
+];
+
+export type RuntimeName = "node" | "deno";
+
+export function daemonCommand(runtime: RuntimeName): [string, string[]] {
+  const main = join(ROOT, "daemon/main.ts");
+  if (runtime === "deno") return [DENO, [...DENO_FLAGS, main]];
+  return [process.execPath, ["--import", "tsx", main]];
+}
+
+export interface Running {
+  proc: ChildProcess;
+  port: number;
+  url: string;
+  logs: string[];
+  /** Resolves with the exit code. */
+  exited: Promise<number | null>;
+}
+
+export function tempDir(prefix = "ckptd-test-"): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+/** Spawns a daemon on a free port and resolves once it logs "listening". */
+export function startProcess(
+  command: [string, string[]],
+  args: string[] = [],
+  env: Record<string, string> = {},
+): Promise<Running> {
+  const [cmd, baseArgs] = command;
+  const proc = spawn(cmd, [...baseArgs, "--port", "0", "--state-dir", tempDir(), ...args], {
+    cwd: ROOT,
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const logs: string[] = [];
+  const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+  return new Promise((resolve, reject) => {
+    let buffered = "";
+    const onData = (chunk: Buffer) => {
+      buffered += chunk.toString();
+      const lines = buffered.split("\n");
+      buffered = lines.pop() ?? "";
+      for (const line of lines) {
+        logs.push(line);
+        const port = line.includes('"listening"') ? JSON.parse(line).port : undefined;
+        if (port) resolve({ proc, port, url: `http://127.0.0.1:${port}`, logs, exited });
+      }
+    };
+    proc.stdout?.on("data", onData);
+    proc.stderr?.on("data", (chunk: Buffer) => logs.push(chunk.toString()));
+    exited.then((code) => reject(new Error(`daemon exited with ${code} before listening:\n${logs.join("\n")}`)));
+    setTimeout(() => reject(new Error(`daemon did not listen in 20 s:\n${logs.join("\n")}`)), 20_000).unref();
+  });
+}
+
+/** Runs a command to completion, collecting its output. */
+export function run(
+  command: [string, string[]],
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const [cmd, baseArgs] = command;
+  const proc = spawn(cmd, [...baseArgs, ...args], { cwd: ROOT, env: { ...process.env, ...env } });
+  let stdout = "";
+  let stderr = "";
+  proc.stdout.on("data", (c) => {
+    stdout += c;
+  });
+  proc.stderr.on("data", (c) => {
+    stderr += c;
+  });
+  return new Promise((resolve) => proc.on("exit", (code) => resolve({ code, stdout, stderr })));
+}
