@@ -2,8 +2,10 @@
 #ifndef CKPT_COMMON_H
 #define CKPT_COMMON_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <string.h>
 
 #include "ckpt.h"
 

@@ -1,0 +1,550 @@
+/* The CUDA backend of ckpt.h: pinned host memory, device buffers, IPC, streams, events. */
+#include "common.h"
+
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static_assert(sizeof(cudaIpcMemHandle_t) <= sizeof(((ckpt_ipc_handle *)0)->data),
+              "cudaIpcMemHandle_t must fit in ckpt_ipc_handle.data");
+
+struct ckpt_buf {
+  ckpt_ctx *ctx;
+  int32_t device;
+  void *ptr;
+  size_t len;
+  int imported; /* 1: cudaIpcOpenMemHandle, 0: cudaMalloc */
+};
+
+struct ckpt_stream {
+  ckpt_ctx *ctx;
+  int32_t device;
+  cudaStream_t stream;
+};
+
+struct ckpt_event {
+  ckpt_ctx *ctx;
+  int32_t device;
+  cudaEvent_t event;
+};
+
+/* The ckpt_status for a CUDA error; oom_status is EDEVMEM or ENOMEM by what was allocated. */
+static int cuda_status(cudaError_t err, int oom_status) {
+  if (err == cudaErrorMemoryAllocation) return oom_status;
+  if (err == cudaErrorInvalidDevice || err == cudaErrorNoDevice) return CKPT_ENODEV;
+  return CKPT_ECUDA;
+}
+
+/* Records a failed CUDA call. cudaGetLastError() clears the (non-sticky) per-thread error
+ * so that it does not resurface in a later, unrelated call. */
+static int cuda_fail(ckpt_ctx *ctx, cudaError_t err, int status, const char *file, int line,
+                     const char *what) {
+  (void)cudaGetLastError();
+  return ckpt__fail(ctx, status, file, line, "%s: %s: %s", what, cudaGetErrorName(err),
+                    cudaGetErrorString(err));
+}
+
+/* `what` is the call's text, stringized here so that flag macros stay unexpanded. */
+#define CUDA_CHECK_AS(ctx, call, what, oom_status)                                         \
+  do {                                                                                     \
+    cudaError_t ckpt_e_ = (call);                                                          \
+    if (ckpt_e_ != cudaSuccess)                                                            \
+      return cuda_fail((ctx), ckpt_e_, cuda_status(ckpt_e_, (oom_status)), __FILE__,       \
+                       __LINE__, (what));                                                  \
+  } while (0)
+#define CUDA_CHECK(ctx, call) CUDA_CHECK_AS(ctx, call, #call, CKPT_EDEVMEM)
+#define CUDA_CHECK_HOST(ctx, call) CUDA_CHECK_AS(ctx, call, #call, CKPT_ENOMEM)
+#define CUDA_CHECK_GOTO(ctx, call, st, label)                                              \
+  do {                                                                                     \
+    cudaError_t ckpt_e_ = (call);                                                          \
+    if (ckpt_e_ != cudaSuccess) {                                                          \
+      (st) = cuda_fail((ctx), ckpt_e_, cuda_status(ckpt_e_, CKPT_EDEVMEM), __FILE__,       \
+                       __LINE__, #call);                                                   \
+      goto label;                                                                          \
+    }                                                                                      \
+  } while (0)
+
+/* Errors that mean "no usable GPU here" rather than "the GPU failed". */
+static int no_gpu_error(cudaError_t err) {
+  return err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver ||
+         err == cudaErrorStubLibrary;
+}
+
+CKPT_API const char *ckpt_backend(void) { return "cuda"; }
+
+/* ---- context ------------------------------------------------------------------------- */
+
+CKPT_API int ckpt_ctx_create(const ckpt_ctx_options *opts, ckpt_ctx **out) {
+  if (out == NULL) return FAIL(NULL, CKPT_EINVAL, "ckpt_ctx_create: out is NULL");
+  *out = NULL;
+  ckpt_ctx *ctx = (ckpt_ctx *)calloc(1, sizeof *ctx);
+  if (ctx == NULL) return FAIL(NULL, CKPT_ENOMEM, "ckpt_ctx_create: calloc");
+  int st = ckpt__ctx_init(ctx, opts);
+  if (st != CKPT_OK) {
+    free(ctx);
+    return st;
+  }
+  /* Initializes the driver now rather than in the first timed call; a machine without a
+   * GPU or driver still gets a context (device_count then reports 0). */
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) (void)cudaGetLastError();
+  *out = ctx;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_ctx_destroy(ckpt_ctx *ctx) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK(ckpt__ctx_fini(ctx));
+  if (ctx->nccl_lib != NULL) dlclose(ctx->nccl_lib);
+  free(ctx);
+  return CKPT_OK;
+}
+
+/* ---- devices ------------------------------------------------------------------------- */
+
+CKPT_API int ckpt_device_count(ckpt_ctx *ctx, int32_t *count) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, count != NULL);
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess && no_gpu_error(err)) {
+    (void)cudaGetLastError();
+    n = 0;
+  } else {
+    CUDA_CHECK(ctx, err);
+  }
+  *count = n;
+  return CKPT_OK;
+}
+
+/* Fails with CKPT_ENODEV unless `device` is an ordinal of this machine. */
+static int device_check(ckpt_ctx *ctx, int32_t device) {
+  int32_t n = 0;
+  CHECK(ckpt_device_count(ctx, &n));
+  if (device < 0 || device >= n)
+    return FAIL(ctx, CKPT_ENODEV, "device %d does not exist (%d devices)", device, n);
+  return CKPT_OK;
+}
+
+/* The current device is per thread, so every call that touches a device sets it. */
+static int set_device(ckpt_ctx *ctx, int32_t device) {
+  CUDA_CHECK(ctx, cudaSetDevice(device));
+  return CKPT_OK;
+}
+
+static void copy_str(char *dst, size_t cap, const char *src) {
+  size_t n = strnlen(src, cap - 1);
+  memcpy(dst, src, n);
+  dst[n] = '\0';
+}
+
+CKPT_API int ckpt_device_info_get(ckpt_ctx *ctx, int32_t index, ckpt_device_info *info) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, info != NULL);
+  if (info->size != sizeof(ckpt_device_info))
+    return FAIL(ctx, CKPT_EABI, "ckpt_device_info: caller has size %u, library %zu", info->size,
+                sizeof(ckpt_device_info));
+  CHECK(device_check(ctx, index));
+  CHECK(set_device(ctx, index));
+  cudaDeviceProp prop;
+  CUDA_CHECK(ctx, cudaGetDeviceProperties(&prop, index));
+  size_t free_b = 0, total_b = 0;
+  CUDA_CHECK(ctx, cudaMemGetInfo(&free_b, &total_b));
+  int numa = -1;
+  if (cudaDeviceGetAttribute(&numa, cudaDevAttrHostNumaId, index) != cudaSuccess) {
+    (void)cudaGetLastError(); /* older drivers do not know the attribute */
+    numa = -1;
+  }
+  const unsigned char *u = (const unsigned char *)prop.uuid.bytes;
+  info->index = index;
+  snprintf(info->uuid, sizeof info->uuid,
+           "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0], u[1],
+           u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+  copy_str(info->name, sizeof info->name, prop.name);
+  info->free_bytes = free_b;
+  info->total_bytes = total_b;
+  info->pci_bus = prop.pciBusID;
+  info->numa_node = numa;
+  return CKPT_OK;
+}
+
+/* ---- pinned host memory -------------------------------------------------------------- */
+
+CKPT_API int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, out != NULL);
+  CHECK_ARG(ctx, len > 0);
+  *out = NULL;
+  void *p = NULL;
+  CUDA_CHECK_HOST(ctx, cudaHostAlloc(&p, len, cudaHostAllocPortable));
+  memset(p, 0, len);
+  int st = ckpt__region_add(ctx, p, len, 1);
+  if (st != CKPT_OK) {
+    cudaFreeHost(p);
+    return st;
+  }
+  *out = p;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_host_free(ckpt_ctx *ctx, void *ptr) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  size_t len = 0;
+  /* Removed first, so that no new copy can name it once it is being freed. */
+  CHECK(ckpt__region_remove(ctx, ptr, 1, &len));
+  CUDA_CHECK(ctx, cudaFreeHost(ptr));
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_host_register(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, ptr != NULL);
+  CHECK_ARG(ctx, len > 0);
+  CHECK_ARG(ctx, (flags & ~CKPT_REGISTER_READONLY) == 0);
+  /* The table first: an overlap then fails with CKPT_EINVAL as on the host backend. */
+  CHECK(ckpt__region_add(ctx, ptr, len, 0));
+  unsigned int cflags =
+      cudaHostRegisterPortable | ((flags & CKPT_REGISTER_READONLY) ? cudaHostRegisterReadOnly : 0);
+  cudaError_t err = cudaHostRegister(ptr, len, cflags);
+  if (err != cudaSuccess) {
+    size_t ignored;
+    ckpt__region_remove(ctx, ptr, 0, &ignored);
+    /* Pinned by someone else (another context) is a caller error, not a CUDA failure. */
+    int st = err == cudaErrorHostMemoryAlreadyRegistered ? CKPT_EINVAL
+                                                          : cuda_status(err, CKPT_ENOMEM);
+    return cuda_fail(ctx, err, st, __FILE__, __LINE__, "cudaHostRegister");
+  }
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_host_unregister(ckpt_ctx *ctx, void *ptr) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  size_t len = 0;
+  CHECK(ckpt__region_remove(ctx, ptr, 0, &len));
+  CUDA_CHECK(ctx, cudaHostUnregister(ptr));
+  return CKPT_OK;
+}
+
+/* ---- device buffers ------------------------------------------------------------------ */
+
+CKPT_API int ckpt_buf_alloc(ckpt_ctx *ctx, int32_t device, size_t len, ckpt_buf **out) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, out != NULL);
+  CHECK_ARG(ctx, len > 0);
+  *out = NULL;
+  CHECK(device_check(ctx, device));
+  CHECK(set_device(ctx, device));
+  ckpt_buf *b = (ckpt_buf *)calloc(1, sizeof *b);
+  if (b == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_buf_alloc: calloc");
+  int st = CKPT_OK;
+  CUDA_CHECK_GOTO(ctx, cudaMalloc(&b->ptr, len), st, fail);
+  b->ctx = ctx;
+  b->device = device;
+  b->len = len;
+  ckpt__live(ctx, 1);
+  *out = b;
+  return CKPT_OK;
+fail:
+  free(b);
+  return st;
+}
+
+/* The handle is released even when CUDA reports an error, so that a failure here cannot
+ * keep the context from being destroyed; the error is still returned. */
+CKPT_API int ckpt_buf_free(ckpt_buf *buf) {
+  if (buf == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = buf->ctx;
+  int st = set_device(ctx, buf->device);
+  if (st == CKPT_OK) {
+    if (buf->imported) {
+      CUDA_CHECK_GOTO(ctx, cudaIpcCloseMemHandle(buf->ptr), st, done);
+    } else {
+      CUDA_CHECK_GOTO(ctx, cudaFree(buf->ptr), st, done);
+    }
+  }
+done:
+  ckpt__live(ctx, -1);
+  free(buf);
+  return st;
+}
+
+CKPT_API int ckpt_buf_info(ckpt_buf *buf, uint64_t *address, uint64_t *len, int32_t *device) {
+  if (buf == NULL) return CKPT_EINVAL;
+  if (address != NULL) *address = (uint64_t)(uintptr_t)buf->ptr;
+  if (len != NULL) *len = buf->len;
+  if (device != NULL) *device = buf->device;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t len) {
+  if (buf == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = buf->ctx;
+  if (offset > buf->len || len > buf->len - offset)
+    return FAIL(ctx, CKPT_ERANGE, "read of %llu bytes at offset %llu from a buffer of %zu bytes",
+                (unsigned long long)len, (unsigned long long)offset, buf->len);
+  if (len == 0) return CKPT_OK;
+  CHECK_ARG(ctx, dst != NULL);
+  CHECK(set_device(ctx, buf->device));
+  CUDA_CHECK(ctx, cudaMemcpy(dst, (const char *)buf->ptr + offset, len, cudaMemcpyDeviceToHost));
+  return CKPT_OK;
+}
+
+/* ---- IPC ----------------------------------------------------------------------------- */
+
+CKPT_API int ckpt_buf_export(ckpt_buf *buf, ckpt_ipc_handle *out) {
+  if (buf == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = buf->ctx;
+  CHECK_ARG(ctx, out != NULL);
+  if (out->size != sizeof(ckpt_ipc_handle))
+    return FAIL(ctx, CKPT_EABI, "ckpt_ipc_handle: caller has size %u, library %zu", out->size,
+                sizeof(ckpt_ipc_handle));
+  if (buf->imported)
+    return FAIL(ctx, CKPT_EINVAL, "an imported buffer cannot be exported again");
+  CHECK(set_device(ctx, buf->device));
+  cudaIpcMemHandle_t h;
+  CUDA_CHECK(ctx, cudaIpcGetMemHandle(&h, buf->ptr));
+  out->kind = CKPT_IPC_CUDA;
+  out->len = buf->len;
+  out->device = buf->device;
+  out->pid = (int32_t)getpid();
+  memset(out->data, 0, sizeof out->data);
+  memcpy(out->data, &h, sizeof h);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_buf_import(ckpt_ctx *ctx, const ckpt_ipc_handle *handle, ckpt_buf **out) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, handle != NULL);
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  if (handle->size != sizeof(ckpt_ipc_handle))
+    return FAIL(ctx, CKPT_EABI, "ckpt_ipc_handle: caller has size %u, library %zu",
+                handle->size, sizeof(ckpt_ipc_handle));
+  if (handle->kind != CKPT_IPC_CUDA)
+    return FAIL(ctx, CKPT_EHANDLE,
+                handle->kind == CKPT_IPC_HOST
+                    ? "a host handle cannot be imported by the CUDA backend"
+                    : "unknown IPC handle kind");
+  if (handle->len == 0)
+    return FAIL(ctx, CKPT_EHANDLE, "IPC handle has length %llu", (unsigned long long)handle->len);
+  CHECK(device_check(ctx, handle->device));
+  CHECK(set_device(ctx, handle->device));
+  ckpt_buf *b = (ckpt_buf *)calloc(1, sizeof *b);
+  if (b == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_buf_import: calloc");
+  int st = CKPT_OK;
+  cudaIpcMemHandle_t h;
+  memcpy(&h, handle->data, sizeof h);
+  CUDA_CHECK_GOTO(ctx, cudaIpcOpenMemHandle(&b->ptr, h, cudaIpcMemLazyEnablePeerAccess), st,
+                  fail);
+  b->ctx = ctx;
+  b->device = handle->device;
+  b->len = (size_t)handle->len;
+  b->imported = 1;
+  ckpt__live(ctx, 1);
+  *out = b;
+  return CKPT_OK;
+fail:
+  free(b);
+  return st;
+}
+
+/* ---- streams and copies -------------------------------------------------------------- */
+
+CKPT_API int ckpt_stream_create(ckpt_ctx *ctx, int32_t device, ckpt_stream **out) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK(device_check(ctx, device));
+  CHECK(set_device(ctx, device));
+  ckpt_stream *s = (ckpt_stream *)calloc(1, sizeof *s);
+  if (s == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_stream_create: calloc");
+  int st = CKPT_OK;
+  /* Non-blocking: no implicit synchronization with the legacy default stream. */
+  CUDA_CHECK_GOTO(ctx, cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking), st, fail);
+  s->ctx = ctx;
+  s->device = device;
+  ckpt__live(ctx, 1);
+  *out = s;
+  return CKPT_OK;
+fail:
+  free(s);
+  return st;
+}
+
+CKPT_API int ckpt_stream_destroy(ckpt_stream *stream) {
+  if (stream == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = stream->ctx;
+  int st = set_device(ctx, stream->device);
+  if (st == CKPT_OK) {
+    /* A failed synchronize (an earlier asynchronous error) still destroys the stream. */
+    cudaError_t err = cudaStreamSynchronize(stream->stream);
+    if (err != cudaSuccess)
+      st = cuda_fail(ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__,
+                     "cudaStreamSynchronize");
+    err = cudaStreamDestroy(stream->stream);
+    if (err != cudaSuccess && st == CKPT_OK)
+      st = cuda_fail(ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__,
+                     "cudaStreamDestroy");
+  }
+  ckpt__live(ctx, -1);
+  free(stream);
+  return st;
+}
+
+CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges,
+                            size_t n) {
+  if (stream == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = stream->ctx;
+  CHECK_ARG(ctx, dst != NULL);
+  if (dst->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "buffer belongs to another context");
+  /* Every range before any copy, so that one bad range queues nothing. */
+  CHECK(ckpt__ranges_check(ctx, ranges, n, dst->len));
+  if (dst->device != stream->device)
+    return FAIL(ctx, CKPT_EINVAL, "buffer on device %d, stream on device %d", dst->device,
+                stream->device);
+  if (n == 0) return CKPT_OK;
+  CHECK(set_device(ctx, stream->device));
+  char *base = (char *)dst->ptr;
+  for (size_t k = 0; k < n; k++) {
+    if (ranges[k].len == 0) continue;
+    cudaError_t err = cudaMemcpyAsync(base + ranges[k].dst_offset, (const void *)(uintptr_t)ranges[k].src,
+                                      (size_t)ranges[k].len, cudaMemcpyHostToDevice, stream->stream);
+    if (err != cudaSuccess) {
+      char what[96];
+      snprintf(what, sizeof what, "cudaMemcpyAsync of range %zu of %zu", k, n);
+      return cuda_fail(ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__, what);
+    }
+  }
+  return CKPT_OK;
+}
+
+/* ---- events -------------------------------------------------------------------------- */
+
+CKPT_API int ckpt_event_create(ckpt_ctx *ctx, int32_t device, ckpt_event **out) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK(device_check(ctx, device));
+  CHECK(set_device(ctx, device));
+  ckpt_event *e = (ckpt_event *)calloc(1, sizeof *e);
+  if (e == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_event_create: calloc");
+  int st = CKPT_OK;
+  CUDA_CHECK_GOTO(ctx, cudaEventCreateWithFlags(&e->event, cudaEventDisableTiming), st, fail);
+  e->ctx = ctx;
+  e->device = device;
+  ckpt__live(ctx, 1);
+  *out = e;
+  return CKPT_OK;
+fail:
+  free(e);
+  return st;
+}
+
+CKPT_API int ckpt_event_destroy(ckpt_event *event) {
+  if (event == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = event->ctx;
+  int st = set_device(ctx, event->device);
+  if (st == CKPT_OK) CUDA_CHECK_GOTO(ctx, cudaEventDestroy(event->event), st, done);
+done:
+  ckpt__live(ctx, -1);
+  free(event);
+  return st;
+}
+
+CKPT_API int ckpt_event_record(ckpt_event *event, ckpt_stream *stream) {
+  if (event == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = event->ctx;
+  CHECK_ARG(ctx, stream != NULL);
+  if (stream->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "stream belongs to another context");
+  if (stream->device != event->device)
+    return FAIL(ctx, CKPT_EINVAL, "event on device %d, stream on device %d", event->device,
+                stream->device);
+  CHECK(set_device(ctx, event->device));
+  CUDA_CHECK(ctx, cudaEventRecord(event->event, stream->stream));
+  return CKPT_OK;
+}
+
+/* One cudaEventQuery: CKPT_OK, CKPT_EAGAIN (not recorded as a failure) or a failure. */
+static int event_poll(ckpt_event *event) {
+  cudaError_t err = cudaEventQuery(event->event);
+  if (err == cudaSuccess) return CKPT_OK;
+  if (err == cudaErrorNotReady) {
+    (void)cudaGetLastError(); /* "not ready" is no error; leave none behind */
+    return CKPT_EAGAIN;
+  }
+  return cuda_fail(event->ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__,
+                   "cudaEventQuery");
+}
+
+CKPT_API int ckpt_event_query(ckpt_event *event) {
+  if (event == NULL) return CKPT_EINVAL;
+  CHECK(set_device(event->ctx, event->device));
+  return event_poll(event);
+}
+
+static int64_t mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
+  if (event == NULL) return CKPT_EINVAL;
+  CHECK(set_device(event->ctx, event->device));
+  /* Spin briefly (copies often finish within microseconds of the first poll), then sleep
+   * in steps growing from 20 us to 200 us, which bounds the added latency. */
+  const int64_t spin_ns = 50 * 1000, max_nap_ns = 200 * 1000;
+  int64_t nap_ns = 20 * 1000;
+  int64_t start = mono_ns();
+  for (;;) {
+    int st = event_poll(event);
+    if (st != CKPT_EAGAIN) return st;
+    int64_t elapsed = mono_ns() - start;
+    if (timeout_ms >= 0 && elapsed / 1000000 >= timeout_ms)
+      return FAIL(event->ctx, CKPT_ETIMEDOUT, "event not complete after %lld ms",
+                  (long long)timeout_ms);
+    if (elapsed < spin_ns) continue;
+    struct timespec ts = {0, (long)nap_ns};
+    nanosleep(&ts, NULL); /* an early wake-up (EINTR) only polls sooner */
+    nap_ns = nap_ns * 2 < max_nap_ns ? nap_ns * 2 : max_nap_ns;
+  }
+}
+
+/* ---- NCCL ---------------------------------------------------------------------------- */
+
+/* ncclResult_t is an int enum, 0 = ncclSuccess; nccl.h is not needed at build time. */
+typedef int (*ckpt_nccl_get_version_fn)(int *);
+
+CKPT_API int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, version != NULL);
+  char why[256] = "";
+  pthread_mutex_lock(&ctx->mu);
+  if (ctx->nccl_lib == NULL) {
+    ctx->nccl_lib = dlopen(ctx->nccl_path, RTLD_NOW | RTLD_LOCAL);
+    if (ctx->nccl_lib == NULL) {
+      const char *e = dlerror();
+      copy_str(why, sizeof why, e ? e : "unknown dlopen error");
+    }
+  }
+  void *lib = ctx->nccl_lib;
+  pthread_mutex_unlock(&ctx->mu); /* FAIL takes the same mutex */
+  if (lib == NULL) return FAIL(ctx, CKPT_ENCCL, "dlopen %s: %s", ctx->nccl_path, why);
+  dlerror();
+  ckpt_nccl_get_version_fn get = (ckpt_nccl_get_version_fn)dlsym(lib, "ncclGetVersion");
+  if (get == NULL) {
+    const char *e = dlerror();
+    return FAIL(ctx, CKPT_ENCCL, "dlsym ncclGetVersion in %s: %s", ctx->nccl_path,
+                e ? e : "symbol not found");
+  }
+  int v = 0;
+  int r = get(&v);
+  if (r != 0) return FAIL(ctx, CKPT_ENCCL, "ncclGetVersion returned ncclResult_t %d", r);
+  *version = v;
+  return CKPT_OK;
+}

@@ -1,0 +1,482 @@
+/* The host backend: "devices" are host memory, buffers are memfds, streams are threads. */
+#define _GNU_SOURCE
+#include "common.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysinfo.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Like CHECK_SYS, for functions that must unwind: ESYS naming the call and errno. */
+#define SYS_GOTO(ctx, cond, st, label, what) \
+  CHECK_GOTO((cond) ? CKPT_OK : sys_fail((ctx), __FILE__, __LINE__, (what)), st, label)
+
+static int sys_fail(ckpt_ctx *ctx, const char *file, int line, const char *what) {
+  return ckpt__fail(ctx, CKPT_ESYS, file, line, "%s: %s", what, strerror(errno));
+}
+
+struct ckpt_buf {
+  ckpt_ctx *ctx;
+  uint8_t *address;  /* a MAP_SHARED mapping of fd */
+  size_t len;
+  int32_t device;
+  int fd;            /* memfd, allocated here or opened through /proc/<pid>/fd */
+  int imported;
+};
+
+/* One queued operation: a copy batch (event == NULL) or an event marker. */
+typedef struct stream_op {
+  struct stream_op *next;
+  ckpt_event *event;
+  uint64_t seq;
+  uint8_t *dst;
+  size_t n;
+  ckpt_range ranges[];
+} stream_op;
+
+struct ckpt_stream {
+  ckpt_ctx *ctx;
+  int32_t device;
+  pthread_t thread;
+  pthread_mutex_t mu;  /* guards the queue and stop */
+  pthread_cond_t cv;   /* signalled when work is queued or stop is set */
+  stream_op *head, *tail;
+  int stop;
+};
+
+/* Lifetime: ckpt_event_destroy waits until no queued marker references the event
+ * (pending == 0), so a stream worker never touches a freed event and no refcount is
+ * needed. The wait is bounded by the work queued ahead of the markers. */
+struct ckpt_event {
+  ckpt_ctx *ctx;
+  int32_t device;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;   /* CLOCK_MONOTONIC; broadcast when a marker completes */
+  uint64_t recorded;   /* sequence number of the latest record */
+  uint64_t completed;  /* highest sequence number whose marker the worker reached */
+  uint64_t pending;    /* markers queued but not reached yet */
+};
+
+CKPT_API const char *ckpt_backend(void) { return "host"; }
+
+/* ---- context ------------------------------------------------------------------------ */
+CKPT_API int ckpt_ctx_create(const ckpt_ctx_options *opts, ckpt_ctx **out) {
+  CHECK_ARG(NULL, out != NULL);
+  *out = NULL;
+  ckpt_ctx *ctx = calloc(1, sizeof *ctx);
+  if (ctx == NULL) return FAIL(NULL, CKPT_ENOMEM, "ckpt_ctx_create: context");
+  int st = ckpt__ctx_init(ctx, opts);
+  if (st == CKPT_OK) *out = ctx;
+  else free(ctx);
+  return st;
+}
+
+CKPT_API int ckpt_ctx_destroy(ckpt_ctx *ctx) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK(ckpt__ctx_fini(ctx));
+  free(ctx);
+  return CKPT_OK;
+}
+
+/* ---- devices ------------------------------------------------------------------------ */
+static int check_device(ckpt_ctx *ctx, int32_t index) {
+  if (index < 0 || index >= ctx->host_devices)
+    return FAIL(ctx, CKPT_ENODEV, "device %d does not exist: this context has %d host devices",
+                index, ctx->host_devices);
+  return CKPT_OK;
+}
+
+/* 8 hex chars naming this machine: /etc/machine-id, else an FNV-1a hash of the hostname. */
+static void machine_tag(char out[9]) {
+  FILE *f = fopen("/etc/machine-id", "re");
+  int ok = f != NULL && fscanf(f, "%8[0-9a-f]", out) == 1 && strlen(out) == 8;
+  if (f != NULL) fclose(f);
+  if (ok) return;
+  char host[256] = "";
+  if (gethostname(host, sizeof host - 1) != 0) host[0] = '\0';
+  uint32_t h = 2166136261u;
+  for (const char *p = host; *p; p++) h = (h ^ (uint8_t)*p) * 16777619u;
+  snprintf(out, 9, "%08x", (unsigned)h);
+}
+
+static void meminfo(uint64_t *avail, uint64_t *total) {
+  unsigned long long kb, t = 0, a = 0;
+  char line[128];
+  FILE *f = fopen("/proc/meminfo", "re");
+  while (f != NULL && fgets(line, sizeof line, f) != NULL) {
+    if (sscanf(line, "MemTotal: %llu kB", &kb) == 1) t = kb * 1024;
+    else if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) a = kb * 1024;
+  }
+  if (f != NULL) fclose(f);
+  struct sysinfo si;
+  if ((t == 0 || a == 0) && sysinfo(&si) == 0) {  /* no procfs, or a kernel before 3.14 */
+    t = (unsigned long long)si.totalram * si.mem_unit;
+    a = ((unsigned long long)si.freeram + si.bufferram) * si.mem_unit;
+  }
+  *total = t;
+  *avail = a;
+}
+
+CKPT_API int ckpt_device_count(ckpt_ctx *ctx, int32_t *count) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, count != NULL);
+  *count = ctx->host_devices;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_device_info_get(ckpt_ctx *ctx, int32_t index, ckpt_device_info *info) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, info != NULL);
+  if (info->size != sizeof(ckpt_device_info))
+    return FAIL(ctx, CKPT_EABI, "ckpt_device_info size %u, library expects %zu", info->size,
+                sizeof(ckpt_device_info));
+  CHECK(check_device(ctx, index));
+  char tag[9];
+  machine_tag(tag);
+  *info = (ckpt_device_info){.size = sizeof *info, .index = index, .pci_bus = -1, .numa_node = -1};
+  snprintf(info->uuid, sizeof info->uuid, "HOST-%s-%d", tag, (int)index);
+  snprintf(info->name, sizeof info->name, "host memory");
+  meminfo(&info->free_bytes, &info->total_bytes);
+  return CKPT_OK;
+}
+
+/* ---- pinned host memory ------------------------------------------------------------- */
+CKPT_API int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK_ARG(ctx, len > 0);
+  void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED)
+    return FAIL(ctx, CKPT_ENOMEM, "ckpt_host_alloc of %zu bytes: mmap: %s", len, strerror(errno));
+  int st = ckpt__region_add(ctx, p, len, 1);
+  if (st == CKPT_OK) *out = p;
+  else munmap(p, len);
+  return st;
+}
+
+CKPT_API int ckpt_host_free(ckpt_ctx *ctx, void *ptr) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, ptr != NULL);
+  size_t len;
+  CHECK(ckpt__region_remove(ctx, ptr, 1, &len));
+  munmap(ptr, len);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_host_register(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, ptr != NULL);
+  CHECK_ARG(ctx, len > 0);
+  CHECK_ARG(ctx, (flags & ~CKPT_REGISTER_READONLY) == 0);
+  /* The mapping stays the caller's; nothing to pin on the host, only bookkeeping. */
+  return ckpt__region_add(ctx, ptr, len, 0);
+}
+
+CKPT_API int ckpt_host_unregister(ckpt_ctx *ctx, void *ptr) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, ptr != NULL);
+  size_t len;
+  return ckpt__region_remove(ctx, ptr, 0, &len);
+}
+
+/* ---- buffers ------------------------------------------------------------------------ */
+/* Maps fd (proto.len bytes, shared) into a new handle that owns fd; closes fd on failure. */
+static int buf_wrap(ckpt_ctx *ctx, int fd, ckpt_buf proto, ckpt_buf **out) {
+  int st = CKPT_OK;
+  ckpt_buf *b = malloc(sizeof *b);
+  CHECK_GOTO(b != NULL ? CKPT_OK : FAIL(ctx, CKPT_ENOMEM, "buffer handle"), st, fail);
+  void *p = mmap(NULL, proto.len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  SYS_GOTO(ctx, p != MAP_FAILED, st, fail, "mmap of the buffer memfd");
+  *b = proto;
+  b->ctx = ctx;
+  b->fd = fd;
+  b->address = p;
+  ckpt__live(ctx, +1);
+  *out = b;
+  return CKPT_OK;
+fail:
+  free(b);
+  close(fd);
+  return st;
+}
+
+CKPT_API int ckpt_buf_alloc(ckpt_ctx *ctx, int32_t device, size_t len, ckpt_buf **out) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK(check_device(ctx, device));
+  CHECK_ARG(ctx, len > 0);
+  int st = CKPT_OK;
+  int fd = memfd_create("ckpt-buf", MFD_CLOEXEC);
+  CHECK_SYS(ctx, fd >= 0, "memfd_create");
+  SYS_GOTO(ctx, ftruncate(fd, (off_t)len) == 0, st, fail, "ftruncate of the buffer memfd");
+  return buf_wrap(ctx, fd, (ckpt_buf){.device = device, .len = len}, out);
+fail:
+  close(fd);
+  return st;
+}
+
+CKPT_API int ckpt_buf_free(ckpt_buf *buf) {
+  CHECK_ARG(NULL, buf != NULL);
+  munmap(buf->address, buf->len);
+  close(buf->fd);
+  ckpt__live(buf->ctx, -1);
+  free(buf);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_buf_info(ckpt_buf *buf, uint64_t *address, uint64_t *len, int32_t *device) {
+  CHECK_ARG(NULL, buf != NULL);
+  if (address != NULL) *address = (uint64_t)(uintptr_t)buf->address;
+  if (len != NULL) *len = buf->len;
+  if (device != NULL) *device = buf->device;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t len) {
+  CHECK_ARG(NULL, buf != NULL);
+  CHECK_ARG(buf->ctx, dst != NULL || len == 0);
+  if (offset > buf->len || len > buf->len - offset)
+    return FAIL(buf->ctx, CKPT_ERANGE, "read of %llu bytes at offset %llu of a %zu-byte buffer",
+                (unsigned long long)len, (unsigned long long)offset, buf->len);
+  if (len > 0) memcpy(dst, buf->address + offset, len);
+  return CKPT_OK;
+}
+
+/* ---- IPC ---------------------------------------------------------------------------- */
+CKPT_API int ckpt_buf_export(ckpt_buf *buf, ckpt_ipc_handle *out) {
+  CHECK_ARG(NULL, buf != NULL);
+  CHECK_ARG(buf->ctx, out != NULL);
+  if (out->size != sizeof(ckpt_ipc_handle))
+    return FAIL(buf->ctx, CKPT_EABI, "ckpt_ipc_handle size %u, library expects %zu", out->size,
+                sizeof(ckpt_ipc_handle));
+  if (buf->imported)
+    return FAIL(buf->ctx, CKPT_EINVAL, "an imported buffer cannot be exported again");
+  *out = (ckpt_ipc_handle){.size = sizeof *out, .kind = CKPT_IPC_HOST, .len = buf->len,
+                           .device = buf->device, .pid = (int32_t)getpid()};
+  snprintf((char *)out->data, sizeof out->data, "/proc/%d/fd/%d", (int)out->pid, buf->fd);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_buf_import(ckpt_ctx *ctx, const ckpt_ipc_handle *handle, ckpt_buf **out) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, handle != NULL && out != NULL);
+  *out = NULL;
+  if (handle->size != sizeof(ckpt_ipc_handle))
+    return FAIL(ctx, CKPT_EABI, "ckpt_ipc_handle size %u, library expects %zu", handle->size,
+                sizeof(ckpt_ipc_handle));
+  if (handle->kind == CKPT_IPC_CUDA)
+    return FAIL(ctx, CKPT_EHANDLE, "a CUDA IPC handle cannot be imported by the host backend");
+  if (handle->kind != CKPT_IPC_HOST)
+    return FAIL(ctx, CKPT_EHANDLE, "unknown IPC handle kind %u", handle->kind);
+  if (memchr(handle->data, '\0', sizeof handle->data) == NULL)
+    return FAIL(ctx, CKPT_EHANDLE, "IPC handle path is not NUL-terminated");
+  if (handle->len == 0)
+    return FAIL(ctx, CKPT_EHANDLE, "IPC handle length %llu", (unsigned long long)handle->len);
+  CHECK(check_device(ctx, handle->device));
+  const char *path = (const char *)handle->data;
+  int fd = open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0)
+    return FAIL(ctx, CKPT_ESYS, "open %s (exporter pid %d): %s", path, (int)handle->pid,
+                strerror(errno));
+  int st = CKPT_OK;
+  struct stat sb;
+  SYS_GOTO(ctx, fstat(fd, &sb) == 0, st, fail, "fstat of the imported buffer");
+  if ((uint64_t)sb.st_size != handle->len) {
+    st = FAIL(ctx, CKPT_EHANDLE, "%s is %lld bytes but the handle says %llu", path,
+              (long long)sb.st_size, (unsigned long long)handle->len);
+    goto fail;
+  }
+  return buf_wrap(ctx, fd, (ckpt_buf){.device = handle->device, .len = handle->len, .imported = 1},
+                  out);
+fail:
+  close(fd);
+  return st;
+}
+
+/* ---- streams ------------------------------------------------------------------------ */
+static void event_reached(ckpt_event *ev, uint64_t seq) {
+  pthread_mutex_lock(&ev->mu);
+  if (seq > ev->completed) ev->completed = seq;
+  ev->pending--;
+  pthread_cond_broadcast(&ev->cv);
+  pthread_mutex_unlock(&ev->mu);  /* after this the event may be destroyed */
+}
+
+static void *stream_worker(void *arg) {
+  ckpt_stream *s = arg;
+  for (;;) {
+    pthread_mutex_lock(&s->mu);
+    while (s->head == NULL && !s->stop) pthread_cond_wait(&s->cv, &s->mu);
+    stream_op *op = s->head;
+    if (op != NULL && (s->head = op->next) == NULL) s->tail = NULL;
+    pthread_mutex_unlock(&s->mu);
+    if (op == NULL) return NULL;  /* stop requested and the queue is drained */
+    if (op->event != NULL) event_reached(op->event, op->seq);
+    else
+      for (size_t i = 0; i < op->n; i++)
+        memcpy(op->dst + op->ranges[i].dst_offset, (const void *)(uintptr_t)op->ranges[i].src,
+               op->ranges[i].len);
+    free(op);
+  }
+}
+
+static void stream_push(ckpt_stream *s, stream_op *op) {
+  op->next = NULL;
+  pthread_mutex_lock(&s->mu);
+  if (s->tail != NULL) s->tail->next = op;
+  else s->head = op;
+  s->tail = op;
+  pthread_cond_signal(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+}
+
+CKPT_API int ckpt_stream_create(ckpt_ctx *ctx, int32_t device, ckpt_stream **out) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK(check_device(ctx, device));
+  ckpt_stream *s = calloc(1, sizeof *s);
+  if (s == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_stream_create: handle");
+  *s = (ckpt_stream){.ctx = ctx, .device = device};
+  pthread_mutex_init(&s->mu, NULL);
+  pthread_cond_init(&s->cv, NULL);
+  int rc = pthread_create(&s->thread, NULL, stream_worker, s);
+  if (rc != 0) {
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+    return FAIL(ctx, CKPT_ESYS, "pthread_create of a stream worker: %s", strerror(rc));
+  }
+  pthread_setname_np(s->thread, "ckpt-stream");
+  ckpt__live(ctx, +1);
+  *out = s;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_stream_destroy(ckpt_stream *stream) {
+  CHECK_ARG(NULL, stream != NULL);
+  pthread_mutex_lock(&stream->mu);
+  stream->stop = 1;
+  pthread_cond_signal(&stream->cv);
+  pthread_mutex_unlock(&stream->mu);
+  pthread_join(stream->thread, NULL);  /* the worker drains the queue before it exits */
+  pthread_cond_destroy(&stream->cv);
+  pthread_mutex_destroy(&stream->mu);
+  ckpt__live(stream->ctx, -1);
+  free(stream);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges,
+                            size_t n) {
+  CHECK_ARG(NULL, stream != NULL);
+  ckpt_ctx *ctx = stream->ctx;
+  CHECK_ARG(ctx, dst != NULL);
+  CHECK(ckpt__ranges_check(ctx, ranges, n, dst->len));
+  if (dst->device != stream->device)
+    return FAIL(ctx, CKPT_EINVAL, "buffer on device %d, stream on device %d", dst->device,
+                stream->device);
+  if (n == 0) return CKPT_OK;
+  stream_op *op = malloc(sizeof *op + n * sizeof *ranges);
+  if (op == NULL) return FAIL(ctx, CKPT_ENOMEM, "copy batch of %zu ranges", n);
+  *op = (stream_op){.dst = dst->address, .n = n};
+  memcpy(op->ranges, ranges, n * sizeof *ranges);
+  stream_push(stream, op);
+  return CKPT_OK;
+}
+
+/* ---- events ------------------------------------------------------------------------- */
+CKPT_API int ckpt_event_create(ckpt_ctx *ctx, int32_t device, ckpt_event **out) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK(check_device(ctx, device));
+  ckpt_event *ev = calloc(1, sizeof *ev);
+  if (ev == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_event_create: handle");
+  *ev = (ckpt_event){.ctx = ctx, .device = device};
+  pthread_condattr_t attr;
+  pthread_condattr_init(&attr);
+  pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+  pthread_cond_init(&ev->cv, &attr);
+  pthread_condattr_destroy(&attr);
+  pthread_mutex_init(&ev->mu, NULL);
+  ckpt__live(ctx, +1);
+  *out = ev;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_event_destroy(ckpt_event *event) {
+  CHECK_ARG(NULL, event != NULL);
+  pthread_mutex_lock(&event->mu);
+  while (event->pending > 0) pthread_cond_wait(&event->cv, &event->mu);
+  pthread_mutex_unlock(&event->mu);
+  pthread_cond_destroy(&event->cv);
+  pthread_mutex_destroy(&event->mu);
+  ckpt__live(event->ctx, -1);
+  free(event);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_event_record(ckpt_event *event, ckpt_stream *stream) {
+  CHECK_ARG(NULL, event != NULL);
+  CHECK_ARG(event->ctx, stream != NULL);
+  if (event->device != stream->device)
+    return FAIL(event->ctx, CKPT_EINVAL, "event on device %d, stream on device %d",
+                event->device, stream->device);
+  stream_op *op = malloc(sizeof *op);
+  if (op == NULL) return FAIL(event->ctx, CKPT_ENOMEM, "event marker");
+  *op = (stream_op){.event = event};
+  pthread_mutex_lock(&event->mu);
+  op->seq = ++event->recorded;
+  event->pending++;
+  pthread_mutex_unlock(&event->mu);
+  stream_push(stream, op);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_event_query(ckpt_event *event) {
+  CHECK_ARG(NULL, event != NULL);
+  pthread_mutex_lock(&event->mu);
+  int done = event->completed >= event->recorded;
+  pthread_mutex_unlock(&event->mu);
+  return done ? CKPT_OK : CKPT_EAGAIN;
+}
+
+CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
+  CHECK_ARG(NULL, event != NULL);
+  int forever = timeout_ms < 0;
+  struct timespec deadline;
+  clock_gettime(CLOCK_MONOTONIC, &deadline);
+  if (!forever) {  /* INT64_MAX ms is ~2.9e8 years: no time_t overflow */
+    long ns = deadline.tv_nsec + (long)(timeout_ms % 1000) * 1000000L;
+    deadline.tv_sec += (time_t)(timeout_ms / 1000) + ns / 1000000000L;
+    deadline.tv_nsec = ns % 1000000000L;
+  }
+  pthread_mutex_lock(&event->mu);
+  uint64_t target = event->recorded;  /* a record made while waiting does not extend the wait */
+  int timed_out = 0;
+  while (event->completed < target && !timed_out) {
+    if (forever) pthread_cond_wait(&event->cv, &event->mu);
+    else timed_out = pthread_cond_timedwait(&event->cv, &event->mu, &deadline) == ETIMEDOUT;
+  }
+  int done = event->completed >= target;
+  pthread_mutex_unlock(&event->mu);
+  return done ? CKPT_OK
+              : FAIL(event->ctx, CKPT_ETIMEDOUT, "event %p not complete after %lld ms",
+                     (void *)event, (long long)timeout_ms);
+}
+
+/* ---- NCCL --------------------------------------------------------------------------- */
+CKPT_API int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version) {
+  CHECK_ARG(NULL, ctx != NULL);
+  if (version != NULL) *version = 0;
+  return FAIL(ctx, CKPT_EUNSUPPORTED, "host backend: collectives run over TCP, not NCCL");
+}

@@ -1,0 +1,648 @@
+/* C tests of libckpt-host, run under AddressSanitizer and UBSan by `build.sh test`. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ckpt.h"
+
+/* ---- harness ------------------------------------------------------------------------ */
+
+static char g_msg[1024];
+
+#define EXPECT(cond)                                                                  \
+  do {                                                                                \
+    if (!(cond)) {                                                                    \
+      snprintf(g_msg, sizeof g_msg, "%s:%d: expected %s", __FILE__, __LINE__, #cond); \
+      return 0;                                                                       \
+    }                                                                                 \
+  } while (0)
+
+/* A call's status; on mismatch names both statuses and the context's last error. */
+#define EXPECT_ST(ctx, call, want)                                                         \
+  do {                                                                                     \
+    int got_ = (call);                                                                     \
+    if (got_ != (want)) {                                                                  \
+      char detail_[512] = "";                                                              \
+      if ((ctx) != NULL) ckpt_last_error((ctx), detail_, sizeof detail_);                  \
+      snprintf(g_msg, sizeof g_msg, "%s:%d: %s gave %s, expected %s (last error: %s)",     \
+               __FILE__, __LINE__, #call, ckpt_err_name(got_), ckpt_err_name(want), detail_); \
+      return 0;                                                                            \
+    }                                                                                      \
+  } while (0)
+#define EXPECT_OK(ctx, call) EXPECT_ST(ctx, call, CKPT_OK)
+
+/* The context's last error contains `needle`. */
+#define EXPECT_DETAIL(ctx, needle)                                                        \
+  do {                                                                                    \
+    char d_[512];                                                                         \
+    ckpt_last_error((ctx), d_, sizeof d_);                                                \
+    if (strstr(d_, (needle)) == NULL) {                                                   \
+      snprintf(g_msg, sizeof g_msg, "%s:%d: last error '%s' lacks '%s'", __FILE__,        \
+               __LINE__, d_, (needle));                                                   \
+      return 0;                                                                           \
+    }                                                                                     \
+  } while (0)
+
+static ckpt_ctx *new_ctx(int32_t devices) {
+  ckpt_ctx_options o = {.size = sizeof o, .abi_version = CKPT_ABI_VERSION, .host_devices = devices};
+  ckpt_ctx *ctx = NULL;
+  return ckpt_ctx_create(&o, &ctx) == CKPT_OK ? ctx : NULL;
+}
+
+static void fill(uint8_t *p, size_t len, uint32_t seed) {
+  uint32_t x = seed * 2654435761u + 1;
+  for (size_t i = 0; i < len; i++) {
+    x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+    p[i] = (uint8_t)x;
+  }
+}
+
+/* Records an event on the stream and waits for it with no limit. */
+static int sync_stream(ckpt_ctx *ctx, ckpt_stream *s) {
+  ckpt_event *ev;
+  int st = ckpt_event_create(ctx, 0, &ev);
+  if (st != CKPT_OK) return st;
+  st = ckpt_event_record(ev, s);
+  if (st == CKPT_OK) st = ckpt_event_wait(ev, -1);
+  int st2 = ckpt_event_destroy(ev);
+  return st != CKPT_OK ? st : st2;
+}
+
+/* ---- tests -------------------------------------------------------------------------- */
+
+static int test_errors(void) {
+  static const struct { int st; const char *name; } all[] = {
+#define X(name, value, msg) {value, "CKPT_" #name},
+      CKPT_STATUS_MAP(X)
+#undef X
+  };
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+    EXPECT(strcmp(ckpt_err_name(all[i].st), all[i].name) == 0);
+    EXPECT(strlen(ckpt_strerror(all[i].st)) > 0);
+    EXPECT(strcmp(ckpt_strerror(all[i].st), "unknown status") != 0);
+  }
+  EXPECT(strcmp(ckpt_err_name(CKPT_ETIMEDOUT), "CKPT_ETIMEDOUT") == 0);
+  EXPECT(strcmp(ckpt_strerror(CKPT_OK), "success") == 0);
+  EXPECT(strcmp(ckpt_err_name(-999), "CKPT_UNKNOWN") == 0);
+  EXPECT(strcmp(ckpt_err_name(7), "CKPT_UNKNOWN") == 0);
+  EXPECT(strcmp(ckpt_strerror(-999), "unknown status") == 0);
+  EXPECT(strcmp(ckpt_backend(), "host") == 0);
+  EXPECT(ckpt_abi_version() == CKPT_ABI_VERSION);
+  return 1;
+}
+
+static int test_ctx_create(void) {
+  ckpt_ctx_options o = {.size = sizeof o + 8, .abi_version = CKPT_ABI_VERSION};
+  ckpt_ctx *ctx = (ckpt_ctx *)&o;  /* must be overwritten with NULL */
+  EXPECT_ST(NULL, ckpt_ctx_create(&o, &ctx), CKPT_EABI);
+  EXPECT(ctx == NULL);
+  o.size = sizeof o;
+  o.abi_version = CKPT_ABI_VERSION + 1;
+  EXPECT_ST(NULL, ckpt_ctx_create(&o, &ctx), CKPT_EABI);
+  EXPECT(ctx == NULL);
+  EXPECT_ST(NULL, ckpt_ctx_create(NULL, &ctx), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_ctx_destroy(NULL), CKPT_EINVAL);
+  ctx = new_ctx(0);
+  EXPECT(ctx != NULL);
+  char buf[64] = "x";
+  EXPECT(ckpt_last_error(ctx, buf, sizeof buf) == CKPT_OK && buf[0] == '\0');
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_devices(void) {
+  ckpt_ctx *ctx = new_ctx(2);
+  EXPECT(ctx != NULL);
+  int32_t n = 0;
+  EXPECT_OK(ctx, ckpt_device_count(ctx, &n));
+  EXPECT(n == 2);
+  ckpt_device_info info = {.size = sizeof info};
+  EXPECT_OK(ctx, ckpt_device_info_get(ctx, 1, &info));
+  EXPECT(info.index == 1);
+  EXPECT(strncmp(info.uuid, "HOST-", 5) == 0);
+  EXPECT(strlen(info.uuid) == 15 && strcmp(info.uuid + 13, "-1") == 0);
+  EXPECT(strcmp(info.name, "host memory") == 0);
+  EXPECT(info.total_bytes > 0 && info.free_bytes > 0 && info.free_bytes <= info.total_bytes);
+  EXPECT(info.pci_bus == -1 && info.numa_node == -1);
+  ckpt_device_info info0 = {.size = sizeof info0};
+  EXPECT_OK(ctx, ckpt_device_info_get(ctx, 0, &info0));
+  EXPECT(strncmp(info0.uuid, info.uuid, 13) == 0 && strcmp(info0.uuid + 13, "-0") == 0);
+
+  info.size = sizeof info - 4;
+  EXPECT_ST(ctx, ckpt_device_info_get(ctx, 0, &info), CKPT_EABI);
+  info.size = sizeof info;
+  EXPECT_ST(ctx, ckpt_device_info_get(ctx, 7, &info), CKPT_ENODEV);
+  EXPECT(ckpt_last_error(ctx, NULL, 0) == CKPT_ENODEV);
+  EXPECT_DETAIL(ctx, "device 7");
+  EXPECT_ST(ctx, ckpt_device_info_get(ctx, -1, &info), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_device_count(ctx, NULL), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_device_count(NULL, &n), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_host_alloc(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  uint8_t *p = NULL;
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, 1 << 20, (void **)&p));
+  for (size_t i = 0; i < (1 << 20); i++) EXPECT(p[i] == 0);
+  memset(p, 0xab, 1 << 20);
+  void *q = (void *)1;
+  EXPECT_ST(ctx, ckpt_host_alloc(ctx, 0, &q), CKPT_EINVAL);
+  EXPECT(q == NULL);
+  EXPECT_ST(ctx, ckpt_host_free(ctx, p + 64), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY);  /* a pinned region is alive */
+  EXPECT_OK(ctx, ckpt_host_free(ctx, p));
+  EXPECT_ST(ctx, ckpt_host_free(ctx, p), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "ckpt_host_alloc");
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* A temporary file of len bytes holding fill(seed), mapped shared; the file is unlinked. */
+static uint8_t *map_temp_file(size_t len, uint32_t seed) {
+  char path[] = "/tmp/ckpt-test-XXXXXX";
+  int fd = mkstemp(path);
+  if (fd < 0) return NULL;
+  unlink(path);
+  uint8_t *p = MAP_FAILED;
+  if (ftruncate(fd, (off_t)len) == 0)
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) return NULL;
+  fill(p, len, seed);
+  return p;
+}
+
+static int test_register(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t len = 1 << 20;
+  uint8_t *m = map_temp_file(len, 3);
+  EXPECT(m != NULL);
+  EXPECT_OK(ctx, ckpt_host_register(ctx, m, len, CKPT_REGISTER_READONLY));
+  EXPECT_ST(ctx, ckpt_host_register(ctx, m + 4096, 4096, 0), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "overlaps");
+  EXPECT_ST(ctx, ckpt_host_register(ctx, m - 4096, 8192, 0), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_host_register(ctx, m, 0, 0), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_host_free(ctx, m), CKPT_EINVAL);  /* registered, not allocated */
+  EXPECT_OK(ctx, ckpt_host_unregister(ctx, m));
+  EXPECT_ST(ctx, ckpt_host_unregister(ctx, m), CKPT_EINVAL);
+  uint8_t check[64];
+  fill(check, sizeof check, 3);
+  EXPECT(memcmp(m, check, sizeof check) == 0);  /* still mapped and untouched */
+  EXPECT(munmap(m, len) == 0);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_copies(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t alen = 3 << 20, rlen = 2 << 20, blen = 8 << 20;
+  uint8_t *a, *r = map_temp_file(rlen, 11);
+  EXPECT(r != NULL);
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, alen, (void **)&a));
+  fill(a, alen, 10);
+  EXPECT_OK(ctx, ckpt_host_register(ctx, r, rlen, CKPT_REGISTER_READONLY));
+  ckpt_buf *b;
+  ckpt_stream *s;
+  ckpt_event *ev;
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, blen, &b));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &ev));
+  EXPECT_OK(ctx, ckpt_event_query(ev));   /* never recorded */
+  EXPECT_OK(ctx, ckpt_event_wait(ev, 0));
+  uint64_t addr = 0, len = 0;
+  int32_t dev = -1;
+  EXPECT_OK(ctx, ckpt_buf_info(b, &addr, &len, &dev));
+  EXPECT(addr != 0 && len == blen && dev == 0);
+  EXPECT_OK(ctx, ckpt_buf_info(b, NULL, NULL, NULL));
+
+  uint8_t *zero = calloc(1, blen), *want = malloc(blen), *got = malloc(blen);
+  EXPECT(zero && want && got);
+  EXPECT_OK(ctx, ckpt_buf_read(b, 0, zero, blen));  /* whatever it holds now */
+  memcpy(want, zero, blen);
+  const ckpt_range rg[] = {
+      {(uintptr_t)a, 0, alen},                         /* all of the allocation */
+      {(uintptr_t)r + 4096, 4 << 20, rlen - 4096},     /* most of the registered file */
+      {(uintptr_t)a + 1000, (7 << 20) + 13, 12345},    /* unaligned pieces */
+      {(uintptr_t)r + 1, blen - 777, 777},             /* the buffer's last byte */
+  };
+  size_t n = sizeof rg / sizeof rg[0];
+  for (size_t i = 0; i < n; i++)
+    memcpy(want + rg[i].dst_offset, (const void *)(uintptr_t)rg[i].src, rg[i].len);
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, rg, n));
+  EXPECT_OK(ctx, ckpt_event_record(ev, s));
+  EXPECT_OK(ctx, ckpt_event_wait(ev, -1));
+  EXPECT_OK(ctx, ckpt_event_query(ev));
+  EXPECT_OK(ctx, ckpt_buf_read(b, 0, got, blen));
+  EXPECT(memcmp(got, want, blen) == 0);
+
+  /* One bad range anywhere in the batch queues nothing. */
+  uint8_t outside[64];
+  ckpt_range bad[] = {
+      {(uintptr_t)a, 0, 4096},
+      {(uintptr_t)outside, 4096, sizeof outside},  /* source not pinned */
+  };
+  EXPECT_ST(ctx, ckpt_h2d_async(s, b, bad, 2), CKPT_ERANGE);
+  EXPECT_DETAIL(ctx, "range 1");
+  bad[1] = (ckpt_range){(uintptr_t)a, blen - 10, 11};  /* one byte past the buffer */
+  EXPECT_ST(ctx, ckpt_h2d_async(s, b, bad, 2), CKPT_ERANGE);
+  bad[1] = (ckpt_range){(uintptr_t)a + alen - 10, 0, 11};  /* one byte past the allocation */
+  EXPECT_ST(ctx, ckpt_h2d_async(s, b, bad, 2), CKPT_ERANGE);
+  bad[1] = (ckpt_range){(uintptr_t)a, UINT64_MAX - 5, 10};  /* offset overflow */
+  EXPECT_ST(ctx, ckpt_h2d_async(s, b, bad, 2), CKPT_ERANGE);
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, NULL, 0));
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, bad, 0));
+  EXPECT_ST(ctx, ckpt_h2d_async(s, b, NULL, 1), CKPT_EINVAL);
+  EXPECT_OK(ctx, sync_stream(ctx, s));
+  EXPECT_OK(ctx, ckpt_buf_read(b, 0, got, blen));
+  EXPECT(memcmp(got, want, blen) == 0);  /* nothing from the failed calls landed */
+
+  EXPECT_ST(ctx, ckpt_buf_read(b, blen - 1, got, 2), CKPT_ERANGE);
+  EXPECT_ST(ctx, ckpt_buf_read(b, UINT64_MAX, got, 2), CKPT_ERANGE);
+  EXPECT_OK(ctx, ckpt_buf_read(b, blen, got, 0));
+
+  free(zero), free(want), free(got);
+  EXPECT_OK(ctx, ckpt_event_destroy(ev));
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));
+  EXPECT_OK(ctx, ckpt_buf_free(b));
+  EXPECT_OK(ctx, ckpt_host_unregister(ctx, r));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, a));
+  EXPECT(munmap(r, rlen) == 0);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_devices_mismatch(void) {
+  ckpt_ctx *ctx = new_ctx(2);
+  EXPECT(ctx != NULL);
+  ckpt_buf *b1;
+  ckpt_stream *s0;
+  ckpt_event *e1;
+  void *a;
+  EXPECT_ST(ctx, ckpt_buf_alloc(ctx, 2, 4096, &b1), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_stream_create(ctx, -1, &s0), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_event_create(ctx, 5, &e1), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_buf_alloc(ctx, 0, 0, &b1), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, 4096, &a));
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 1, 4096, &b1));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s0));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 1, &e1));
+  ckpt_range rg = {(uintptr_t)a, 0, 4096};
+  EXPECT_ST(ctx, ckpt_h2d_async(s0, b1, &rg, 1), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_event_record(e1, s0), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_event_destroy(e1));
+  EXPECT_OK(ctx, ckpt_stream_destroy(s0));
+  EXPECT_OK(ctx, ckpt_buf_free(b1));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, a));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+#define BIG (256u << 20)
+
+static int test_query_in_flight(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  uint8_t *a;
+  ckpt_buf *b;
+  ckpt_stream *s;
+  ckpt_event *ev;
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, BIG, (void **)&a));
+  memset(a, 0x5a, BIG);
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, BIG, &b));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &ev));
+  ckpt_range rg = {(uintptr_t)a, 0, BIG};
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, &rg, 1));
+  EXPECT_OK(ctx, ckpt_event_record(ev, s));
+  /* The buffer's pages are first touched by this copy: it takes far longer than a query. */
+  EXPECT_ST(ctx, ckpt_event_query(ev), CKPT_EAGAIN);
+  EXPECT_OK(ctx, ckpt_event_wait(ev, -1));
+  EXPECT_OK(ctx, ckpt_event_query(ev));
+  uint8_t tail[4096];
+  EXPECT_OK(ctx, ckpt_buf_read(b, BIG - sizeof tail, tail, sizeof tail));
+  for (size_t i = 0; i < sizeof tail; i++) EXPECT(tail[i] == 0x5a);
+  EXPECT_OK(ctx, ckpt_event_destroy(ev));
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));
+  EXPECT_OK(ctx, ckpt_buf_free(b));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, a));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_wait_timeout(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t big = 2 * BIG;
+  uint8_t *a;
+  ckpt_buf *b;
+  ckpt_stream *s;
+  ckpt_event *ev, *late;
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, big, (void **)&a));
+  memset(a, 0x77, big);
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, big, &b));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &ev));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &late));
+  ckpt_range rg = {(uintptr_t)a, 0, big};
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, &rg, 1));
+  EXPECT_OK(ctx, ckpt_event_record(ev, s));
+  int st = ckpt_event_wait(ev, 0);
+  EXPECT(st == CKPT_ETIMEDOUT || st == CKPT_OK);
+  if (st == CKPT_ETIMEDOUT) {
+    EXPECT(ckpt_last_error(ctx, NULL, 0) == CKPT_ETIMEDOUT);
+    EXPECT_DETAIL(ctx, "after 0 ms");
+  }
+  st = ckpt_event_wait(ev, 1);
+  EXPECT(st == CKPT_ETIMEDOUT || st == CKPT_OK);
+  /* Destroying an event whose marker is still queued waits for the marker. */
+  EXPECT_OK(ctx, ckpt_event_record(late, s));
+  EXPECT_OK(ctx, ckpt_event_destroy(late));
+  EXPECT_OK(ctx, ckpt_event_query(ev));
+  EXPECT_OK(ctx, ckpt_event_wait(ev, -1));
+  EXPECT_OK(ctx, ckpt_event_wait(ev, 0));
+  /* Re-recording moves the event; the stream destroy then drains the queued copy. */
+  rg.len = 4096;
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, &rg, 1));
+  EXPECT_OK(ctx, ckpt_event_record(ev, s));
+  EXPECT_OK(ctx, ckpt_event_wait(ev, 10000));
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));
+  uint8_t last;
+  EXPECT_OK(ctx, ckpt_buf_read(b, big - 1, &last, 1));
+  EXPECT(last == 0x77);
+  EXPECT_OK(ctx, ckpt_event_destroy(ev));
+  EXPECT_OK(ctx, ckpt_buf_free(b));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, a));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* The child of test_ipc: imports, checks the parent's bytes, writes its own. 0 on success. */
+static int ipc_child(const ckpt_ipc_handle *h) {
+  ckpt_ctx *ctx = new_ctx(1);
+  if (ctx == NULL) return 10;
+  size_t len = h->len;
+  ckpt_buf *b = NULL;
+  ckpt_stream *s = NULL;
+  uint8_t *src = NULL, *want = malloc(len), *got = malloc(len);
+  int rc = 0;
+  if (want == NULL || got == NULL) rc = 11;
+  else if (ckpt_buf_import(ctx, h, &b) != CKPT_OK) rc = 12;
+  if (rc != 0) goto out;
+  fill(want, len, 42);
+  if (ckpt_buf_read(b, 0, got, len) != CKPT_OK || memcmp(got, want, len) != 0) rc = 13;
+  else if (ckpt_host_alloc(ctx, len, (void **)&src) != CKPT_OK) rc = 14;
+  if (rc == 0) {
+    fill(src, len, 43);
+    ckpt_range rg = {(uintptr_t)src, 0, len};
+    if (ckpt_stream_create(ctx, 0, &s) != CKPT_OK) rc = 15;
+    else {
+      if (ckpt_h2d_async(s, b, &rg, 1) != CKPT_OK || sync_stream(ctx, s) != CKPT_OK) rc = 16;
+      if (ckpt_stream_destroy(s) != CKPT_OK) rc = 17;
+    }
+    if (ckpt_host_free(ctx, src) != CKPT_OK) rc = 18;
+  }
+  if (ckpt_buf_free(b) != CKPT_OK) rc = 19;
+out:
+  free(want), free(got);
+  if (ckpt_ctx_destroy(ctx) != CKPT_OK && rc == 0) rc = 20;
+  return rc;
+}
+
+static int test_ipc(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t len = (4 << 20) + 123;
+  uint8_t *src, *got = malloc(len), *want = malloc(len);
+  EXPECT(got && want);
+  ckpt_buf *b, *self;
+  ckpt_stream *s;
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, len, (void **)&src));
+  fill(src, len, 42);
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, len, &b));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  ckpt_range rg = {(uintptr_t)src, 0, len};
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, &rg, 1));
+  EXPECT_OK(ctx, sync_stream(ctx, s));
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));  /* fork with no other thread alive */
+
+  ckpt_ipc_handle h = {.size = sizeof h - 1};
+  EXPECT_ST(ctx, ckpt_buf_export(b, &h), CKPT_EABI);
+  h.size = sizeof h;
+  EXPECT_OK(ctx, ckpt_buf_export(b, &h));
+  EXPECT(h.kind == CKPT_IPC_HOST && h.len == len && h.device == 0 && h.pid == getpid());
+  EXPECT(strncmp((char *)h.data, "/proc/", 6) == 0);
+
+  fflush(NULL);
+  pid_t pid = fork();
+  EXPECT(pid >= 0);
+  if (pid == 0) _exit(ipc_child(&h));  /* _exit: the child owns none of the parent's handles */
+  int status;
+  EXPECT(waitpid(pid, &status, 0) == pid);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    snprintf(g_msg, sizeof g_msg, "%s:%d: importing child ended with wait status 0x%x",
+             __FILE__, __LINE__, status);
+    return 0;
+  }
+  fill(want, len, 43);
+  EXPECT_OK(ctx, ckpt_buf_read(b, 0, got, len));
+  EXPECT(memcmp(got, want, len) == 0);
+
+  /* The host backend can import its own export; an import cannot be exported again. */
+  EXPECT_OK(ctx, ckpt_buf_import(ctx, &h, &self));
+  EXPECT_OK(ctx, ckpt_buf_read(self, len - 100, got, 100));
+  EXPECT(memcmp(got, want + len - 100, 100) == 0);
+  ckpt_ipc_handle h2 = {.size = sizeof h2};
+  EXPECT_ST(ctx, ckpt_buf_export(self, &h2), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY);
+  EXPECT_OK(ctx, ckpt_buf_free(self));
+
+  ckpt_ipc_handle bad = h;
+  bad.len = len + 1;
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
+  EXPECT(self == NULL);
+  bad = h;
+  snprintf((char *)bad.data, sizeof bad.data, "/nonexistent/ckpt-test/%d", (int)getpid());
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_ESYS);
+  EXPECT_DETAIL(ctx, "/nonexistent/ckpt-test/");
+  EXPECT_DETAIL(ctx, strerror(ENOENT));
+  bad = h;
+  bad.kind = CKPT_IPC_CUDA;
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
+  EXPECT_DETAIL(ctx, "CUDA");
+  bad.kind = 9;
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
+  bad = h;
+  memset(bad.data, 'x', sizeof bad.data);
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
+  bad = h;
+  bad.size = 8;
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EABI);
+
+  free(got), free(want);
+  EXPECT_OK(ctx, ckpt_buf_free(b));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, src));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* An exporter that has exited leaves a handle whose path is gone: ESYS with ENOENT. */
+static int test_ipc_dead_exporter(void) {
+  int fds[2];
+  EXPECT(pipe(fds) == 0);
+  fflush(NULL);
+  pid_t pid = fork();
+  EXPECT(pid >= 0);
+  if (pid == 0) {
+    close(fds[0]);
+    ckpt_ctx *c = new_ctx(1);
+    ckpt_buf *b;
+    ckpt_ipc_handle h = {.size = sizeof h};
+    int ok = c && ckpt_buf_alloc(c, 0, 4096, &b) == CKPT_OK && ckpt_buf_export(b, &h) == CKPT_OK &&
+             write(fds[1], &h, sizeof h) == (ssize_t)sizeof h;
+    _exit(ok ? 0 : 1);
+  }
+  close(fds[1]);
+  ckpt_ipc_handle h;
+  ssize_t got = read(fds[0], &h, sizeof h);
+  close(fds[0]);
+  int status;
+  EXPECT(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT(got == (ssize_t)sizeof h);
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  ckpt_buf *b;
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &h, &b), CKPT_ESYS);
+  EXPECT_DETAIL(ctx, strerror(ENOENT));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_busy_ctx(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  ckpt_buf *b;
+  ckpt_stream *s;
+  ckpt_event *ev;
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, 4096, &b));
+  EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY);
+  EXPECT_DETAIL(ctx, "1 handles");
+  EXPECT_OK(ctx, ckpt_buf_free(b));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY);
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &ev));
+  EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY);
+  EXPECT_OK(ctx, ckpt_event_destroy(ev));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_nccl(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  int32_t v = -1;
+  EXPECT_ST(ctx, ckpt_nccl_version(ctx, &v), CKPT_EUNSUPPORTED);
+  EXPECT(ckpt_last_error(ctx, NULL, 0) == CKPT_EUNSUPPORTED);
+  EXPECT_DETAIL(ctx, "TCP");
+  EXPECT_ST(NULL, ckpt_nccl_version(NULL, &v), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* Binds a datagram socket at addr (name_len bytes of sun_path); -1 on failure. */
+static int bind_dgram(const struct sockaddr_un *addr, size_t name_len) {
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  socklen_t alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + name_len);
+  if (bind(fd, (const struct sockaddr *)addr, alen) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+static int test_sd_notify(void) {
+  char dir[] = "/tmp/ckpt-notify-XXXXXX";
+  EXPECT(mkdtemp(dir) != NULL);
+  struct sockaddr_un addr = {.sun_family = AF_UNIX};
+  snprintf(addr.sun_path, sizeof addr.sun_path, "%s/notify", dir);
+  int fd = bind_dgram(&addr, strlen(addr.sun_path));
+  EXPECT(fd >= 0);
+  char msg[64];
+  EXPECT(setenv("NOTIFY_SOCKET", addr.sun_path, 1) == 0);
+  EXPECT_OK(NULL, ckpt_sd_notify("READY=1"));
+  ssize_t n = recv(fd, msg, sizeof msg - 1, MSG_DONTWAIT);
+  EXPECT(n == 7 && memcmp(msg, "READY=1", 7) == 0);
+  EXPECT_ST(NULL, ckpt_sd_notify(NULL), CKPT_EINVAL);
+  EXPECT(unsetenv("NOTIFY_SOCKET") == 0);
+  EXPECT_OK(NULL, ckpt_sd_notify("STATUS=unset"));
+  EXPECT(recv(fd, msg, sizeof msg, MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+  EXPECT(setenv("NOTIFY_SOCKET", "relative/path", 1) == 0);
+  EXPECT_ST(NULL, ckpt_sd_notify("READY=1"), CKPT_EINVAL);
+  close(fd);
+  unlink(addr.sun_path);
+  rmdir(dir);
+  EXPECT(setenv("NOTIFY_SOCKET", addr.sun_path, 1) == 0);  /* nobody listens any more */
+  EXPECT_ST(NULL, ckpt_sd_notify("READY=1"), CKPT_ESYS);
+
+  /* Abstract namespace: '@' in the variable, a leading NUL in the address. */
+  char name[64];
+  snprintf(name, sizeof name, "@ckpt-test-%d", (int)getpid());
+  memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  memcpy(addr.sun_path, name, strlen(name));
+  addr.sun_path[0] = '\0';
+  fd = bind_dgram(&addr, strlen(name));
+  EXPECT(fd >= 0);
+  EXPECT(setenv("NOTIFY_SOCKET", name, 1) == 0);
+  EXPECT_OK(NULL, ckpt_sd_notify("STOPPING=1"));
+  n = recv(fd, msg, sizeof msg - 1, MSG_DONTWAIT);
+  EXPECT(n == 10 && memcmp(msg, "STOPPING=1", 10) == 0);
+  close(fd);
+  EXPECT(unsetenv("NOTIFY_SOCKET") == 0);
+  return 1;
+}
+
+/* ---- runner ------------------------------------------------------------------------- */
+
+#define TEST(fn) {#fn, fn}
+static const struct {
+  const char *name;
+  int (*fn)(void);
+} tests[] = {
+    TEST(test_errors),        TEST(test_ctx_create),       TEST(test_devices),
+    TEST(test_host_alloc),    TEST(test_register),         TEST(test_copies),
+    TEST(test_devices_mismatch), TEST(test_query_in_flight), TEST(test_wait_timeout),
+    TEST(test_ipc),           TEST(test_ipc_dead_exporter), TEST(test_busy_ctx),
+    TEST(test_nccl),          TEST(test_sd_notify),
+};
+
+int main(void) {
+  int passed = 0, failed = 0;
+  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+    g_msg[0] = '\0';
+    if (tests[i].fn()) {
+      passed++;
+      printf("ok   %s\n", tests[i].name);
+    } else {
+      failed++;
+      printf("FAIL %s: %s\n", tests[i].name, g_msg);
+    }
+    fflush(stdout);
+  }
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
