@@ -115,8 +115,9 @@ CKPT_API int ckpt_device_count(ckpt_ctx *ctx, int32_t *count) {
   if (err != cudaSuccess && no_gpu_error(err)) {
     (void)cudaGetLastError();
     n = 0;
-  } else {
-    CUDA_CHECK(ctx, err);
+  } else if (err != cudaSuccess) {
+    return cuda_fail(ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__,
+                     "cudaGetDeviceCount");
   }
   *count = n;
   return CKPT_OK;
@@ -284,11 +285,11 @@ CKPT_API int ckpt_buf_info(ckpt_buf *buf, uint64_t *address, uint64_t *len, int3
 CKPT_API int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t len) {
   if (buf == NULL) return CKPT_EINVAL;
   ckpt_ctx *ctx = buf->ctx;
+  CHECK_ARG(ctx, dst != NULL || len == 0);
   if (offset > buf->len || len > buf->len - offset)
     return FAIL(ctx, CKPT_ERANGE, "read of %llu bytes at offset %llu from a buffer of %zu bytes",
                 (unsigned long long)len, (unsigned long long)offset, buf->len);
   if (len == 0) return CKPT_OK;
-  CHECK_ARG(ctx, dst != NULL);
   CHECK(set_device(ctx, buf->device));
   CUDA_CHECK(ctx, cudaMemcpy(dst, (const char *)buf->ptr + offset, len, cudaMemcpyDeviceToHost));
   return CKPT_OK;
@@ -412,8 +413,9 @@ CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range
   char *base = (char *)dst->ptr;
   for (size_t k = 0; k < n; k++) {
     if (ranges[k].len == 0) continue;
-    cudaError_t err = cudaMemcpyAsync(base + ranges[k].dst_offset, (const void *)(uintptr_t)ranges[k].src,
-                                      (size_t)ranges[k].len, cudaMemcpyHostToDevice, stream->stream);
+    const void *src = (const void *)(uintptr_t)ranges[k].src;
+    cudaError_t err = cudaMemcpyAsync(base + ranges[k].dst_offset, src, (size_t)ranges[k].len,
+                                      cudaMemcpyHostToDevice, stream->stream);
     if (err != cudaSuccess) {
       char what[96];
       snprintf(what, sizeof what, "cudaMemcpyAsync of range %zu of %zu", k, n);
@@ -449,7 +451,9 @@ CKPT_API int ckpt_event_destroy(ckpt_event *event) {
   if (event == NULL) return CKPT_EINVAL;
   ckpt_ctx *ctx = event->ctx;
   int st = set_device(ctx, event->device);
-  if (st == CKPT_OK) CUDA_CHECK_GOTO(ctx, cudaEventDestroy(event->event), st, done);
+  if (st == CKPT_OK) {
+    CUDA_CHECK_GOTO(ctx, cudaEventDestroy(event->event), st, done);
+  }
 done:
   ckpt__live(ctx, -1);
   free(event);
@@ -523,18 +527,23 @@ typedef int (*ckpt_nccl_get_version_fn)(int *);
 CKPT_API int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version) {
   if (ctx == NULL) return CKPT_EINVAL;
   CHECK_ARG(ctx, version != NULL);
-  char why[256] = "";
   pthread_mutex_lock(&ctx->mu);
-  if (ctx->nccl_lib == NULL) {
-    ctx->nccl_lib = dlopen(ctx->nccl_path, RTLD_NOW | RTLD_LOCAL);
-    if (ctx->nccl_lib == NULL) {
-      const char *e = dlerror();
-      copy_str(why, sizeof why, e ? e : "unknown dlopen error");
-    }
-  }
   void *lib = ctx->nccl_lib;
-  pthread_mutex_unlock(&ctx->mu); /* FAIL takes the same mutex */
-  if (lib == NULL) return FAIL(ctx, CKPT_ENCCL, "dlopen %s: %s", ctx->nccl_path, why);
+  pthread_mutex_unlock(&ctx->mu);
+  if (lib == NULL) {
+    /* Loaded outside the mutex (it guards the copy path's region table); a thread that
+     * loses the race drops its extra reference to the same library. */
+    void *opened = dlopen(ctx->nccl_path, RTLD_NOW | RTLD_LOCAL);
+    if (opened == NULL) {
+      const char *e = dlerror();
+      return FAIL(ctx, CKPT_ENCCL, "dlopen %s: %s", ctx->nccl_path, e ? e : "unknown error");
+    }
+    pthread_mutex_lock(&ctx->mu);
+    if (ctx->nccl_lib == NULL) ctx->nccl_lib = opened;
+    lib = ctx->nccl_lib;
+    pthread_mutex_unlock(&ctx->mu);
+    if (lib != opened) dlclose(opened);
+  }
   dlerror();
   ckpt_nccl_get_version_fn get = (ckpt_nccl_get_version_fn)dlsym(lib, "ncclGetVersion");
   if (get == NULL) {
