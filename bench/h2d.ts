@@ -4,8 +4,9 @@
  * Copies one pinned region of that size to device 0, 10 times after a warm-up, checks
  * sampled bytes after the last copy, and prints bytes, seconds (median), GB/s and #wrong.
  */
-import { parseArgs } from "node:util";
+
 import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
 import { openBackend, viewMemory } from "../ffi/index.ts";
 
 const { values } = parseArgs({
