@@ -17,10 +17,10 @@ fi
 
 mkdir -p dist
 if [ -n "${DENORT_BIN:-}" ]; then
-  includes=(--include cuda-lib/build/libckpt-host.so)
-  [ -f cuda-lib/build/libckpt-cuda.so ] && includes+=(--include cuda-lib/build/libckpt-cuda.so)
-  DENORT_BIN="$DENORT_BIN" node_modules/deno/deno compile --allow-ffi --allow-net --allow-env --allow-sys=hostname \
-    --allow-read --allow-write "${includes[@]}" --output dist/ckptd daemon/main.ts
+  # dlopen needs real files, so this binary loads libckpt from --lib-dir / CKPTD_LIB_DIR:
+  # ship cuda-lib/build/libckpt-*.so beside it (copied to dist/ here).
+  cp cuda-lib/build/libckpt-*.so dist/
+  DENORT_BIN="$DENORT_BIN" node_modules/deno/deno compile --allow-all --output dist/ckptd daemon/main.ts
   exit 0
 fi
 

@@ -13,15 +13,18 @@ CFLAGS=("${WARN[@]}" -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Iinclude -Isrc
 LINK=(-shared -Wl,--version-script=libckpt.map -Wl,--no-undefined)
 
 host() {
-  "$CC" "${CFLAGS[@]}" src/common.c src/host.c "${LINK[@]}" -lpthread -o build/libckpt-host.so
+  "$CC" "${CFLAGS[@]}" src/common.c src/files.c src/hash.c src/host.c "${LINK[@]}" -lpthread \
+    -o build/libckpt-host.so
 }
 
 cuda() {
   local arch=(-gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90)
   "$CC" "${CFLAGS[@]}" -c src/common.c -o build/common.o
+  "$CC" "${CFLAGS[@]}" -c src/files.c -o build/files.o
+  "$CC" "${CFLAGS[@]}" -c src/hash.c -o build/hash.o
   "$NVCC" "${arch[@]}" -O2 -std=c++17 -Xcompiler "-fPIC,-fvisibility=hidden,$(IFS=,; echo "${WARN[*]}")" \
     -Iinclude -Isrc -c src/cuda.cu -o build/cuda.o
-  "$NVCC" "${arch[@]}" -shared -cudart static build/common.o build/cuda.o \
+  "$NVCC" "${arch[@]}" -shared -cudart static build/common.o build/files.o build/hash.o build/cuda.o \
     -Xlinker --version-script=libckpt.map -Xlinker --no-undefined -ldl -lpthread -o build/libckpt-cuda.so
   "$CC" "${WARN[@]}" -std=gnu11 -O2 -g -Iinclude test/gpu_test.c -Lbuild -lckpt-cuda \
     -Wl,-rpath,'$ORIGIN' -lpthread -o build/ckpt-gpu-test
@@ -29,11 +32,16 @@ cuda() {
 
 test_host() {
   local asan=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
-  "$CC" "${CFLAGS[@]}" "${asan[@]}" src/common.c src/host.c -shared -Wl,--version-script=libckpt.map \
-    -lpthread -o build/libckpt-host-asan.so
+  "$CC" "${CFLAGS[@]}" "${asan[@]}" src/common.c src/files.c src/hash.c src/host.c -shared \
+    -Wl,--version-script=libckpt.map -lpthread -o build/libckpt-host-asan.so
   "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_host.c -Lbuild -lckpt-host-asan \
     -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-host
-  ./build/test-host
+  "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_files.c -Lbuild -lckpt-host-asan \
+    -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-files
+  local rc=0
+  ./build/test-host || rc=1
+  ./build/test-files || rc=1
+  return "$rc"
 }
 
 case "${1:-host}" in

@@ -1,5 +1,9 @@
 import type { Logger } from "pino";
 import { CkptError, type Context, openBackend } from "../ffi/index.ts";
+import { Registry } from "./checkpoints/registry.ts";
+import { checkpointRoutes } from "./checkpoints/routes.ts";
+import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints/store.ts";
+import { uploadRoutes } from "./checkpoints/uploads.ts";
 import type { Config } from "./config/index.ts";
 import { createApp } from "./http/app.ts";
 import type { Runtime } from "./runtime/index.ts";
@@ -8,6 +12,7 @@ import { VERSION } from "./version.ts";
 export interface Daemon {
   port: number;
   context: Context;
+  registry: Registry;
   /** Stops serving, releases the data plane; idempotent. */
   stop(): Promise<void>;
 }
@@ -40,6 +45,16 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   const nccl = ncclStatus(context);
   log.info({ backend: context.backend, reason, library: context.lib.path, nccl }, "data plane ready");
 
+  const registry = new Registry({
+    ctx: context,
+    log,
+    budgetBytes: config.pinnedBudgetBytes,
+    maxVersions: config.maxVersions,
+    threads: config.ioThreads,
+    onChange: (r) => saveRegistry(config.stateDir, r),
+  });
+  const restore: RestoreReport = await restoreRegistry(config.stateDir, registry, log);
+
   const app = createApp({
     log,
     status: () => ({
@@ -57,13 +72,22 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
         numaNode: d.numaNode,
       })),
       uptimeSeconds: (Date.now() - startedAt) / 1000,
+      checkpoints: {
+        versions: registry.list().length,
+        pinnedBytes: registry.pinnedBytes(),
+        budgetBytes: config.pinnedBudgetBytes,
+        restore,
+      },
     }),
   });
+  checkpointRoutes(app, registry, config.pinnedBudgetBytes);
+  uploadRoutes(app, registry, config.uploadDir);
 
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   try {
     server = await runtime.serve(app.fetch, config.host, config.port);
   } catch (err) {
+    await registry.close();
     await context.destroy();
     throw new Error(`cannot listen on ${config.host}:${config.port}: ${(err as Error).message}`);
   }
@@ -73,9 +97,11 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   return {
     port: server.port,
     context,
+    registry,
     stop() {
       stopping ??= (async () => {
         await server.close();
+        await registry.close();
         await context.destroy();
       })();
       return stopping;

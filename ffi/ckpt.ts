@@ -5,7 +5,16 @@
  * worker threads, so the event loop keeps serving.
  */
 import { CkptError } from "./errors.ts";
-import { ABI_VERSION, CtxOptions, DeviceInfo, IpcHandle, loadNative, type Native, sizeOf } from "./library.ts";
+import {
+  ABI_VERSION,
+  CtxOptions,
+  DeviceInfo,
+  IpcHandle,
+  loadNative,
+  type Native,
+  sizeOf,
+  viewMemory,
+} from "./library.ts";
 
 export type Backend = "cuda" | "host";
 
@@ -96,6 +105,11 @@ export class HostMemory {
     readonly address: Ptr,
     readonly len: number,
   ) {}
+
+  /** The bytes as a Uint8Array without a copy (for checks and small writes, not the data path). */
+  view(len = this.len, offset = 0): Uint8Array {
+    return viewMemory(this.address + BigInt(offset), len);
+  }
 }
 
 export class DeviceBuffer {
@@ -276,6 +290,34 @@ export class Context {
     if (status === CKPT_ETIMEDOUT) return false;
     this.check("ckpt_event_wait", status);
     return true;
+  }
+
+  /** Maps a whole file read-only (on tmpfs: the file's own pages, no copy). */
+  async fileMap(path: string): Promise<HostMemory> {
+    const out: Ptr[] = [0n];
+    const len = [0];
+    this.check("ckpt_file_map", await promisify(this.lib.native.fileMap, [this.ptr, path, out, len]));
+    return new HostMemory(out[0] as Ptr, Number(len[0]));
+  }
+
+  async fileUnmap(mem: HostMemory): Promise<void> {
+    this.check("ckpt_file_unmap", await promisify(this.lib.native.fileUnmap, [this.ptr, mem.address, mem.len]));
+  }
+
+  /** Reads len bytes at offset of a file to a host address, with parallel preads. */
+  async fileRead(path: string, offset: number, len: number, dst: Ptr, threads: number): Promise<void> {
+    const status = await promisify<number>(this.lib.native.fileRead, [this.ptr, path, offset, len, dst, threads]);
+    this.check("ckpt_file_read", status);
+  }
+
+  /** XXH64 of each (address, len) pair in `ranges`, on up to `threads` threads. */
+  async hash64(ranges: BigUint64Array, threads: number): Promise<BigUint64Array> {
+    if (ranges.length % 2 !== 0) throw new RangeError("ranges must hold (address, len) pairs");
+    const hashes = new BigUint64Array(ranges.length / 2);
+    if (hashes.length === 0) return hashes;
+    const status = await promisify<number>(this.lib.native.hash64, [this.ptr, ranges, hashes.length, hashes, threads]);
+    this.check("ckpt_hash64", status);
+    return hashes;
   }
 
   /** NCCL's version (2.28.3 = 22803); throws CkptError when NCCL is absent or unsupported. */

@@ -67,6 +67,11 @@ const SIGNATURES = {
   eventRecord: "int ckpt_event_record(ckpt_event event, ckpt_stream stream)",
   eventQuery: "int ckpt_event_query(ckpt_event event)",
   eventWait: "int ckpt_event_wait(ckpt_event event, int64_t timeout_ms)",
+  fileMap: "int ckpt_file_map(ckpt_ctx ctx, const char *path, _Out_ void **out, _Out_ uint64_t *len)",
+  fileUnmap: "int ckpt_file_unmap(ckpt_ctx ctx, void *ptr, uint64_t len)",
+  fileRead:
+    "int ckpt_file_read(ckpt_ctx ctx, const char *path, uint64_t offset, uint64_t len, void *dst, int32_t threads)",
+  hash64: "int ckpt_hash64(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads)",
   ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",
   sdNotify: "int ckpt_sd_notify(const char *state)",
 } as const;

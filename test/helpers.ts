@@ -9,15 +9,8 @@ export const ROOT = fileURLToPath(new URL("..", import.meta.url));
 export const DENO = existsSync(join(ROOT, "node_modules/deno/deno"))
   ? join(ROOT, "node_modules/deno/deno")
   : join(ROOT, "node_modules/.bin/deno");
-export const DENO_FLAGS = [
-  "run",
-  "--allow-ffi",
-  "--allow-net",
-  "--allow-env",
-  "--allow-sys=hostname",
-  "--allow-read",
-  "--allow-write",
-];
+/** FFI already grants everything, and Deno guards /dev/shm (where checkpoints live) behind --allow-all. */
+export const DENO_FLAGS = ["run", "--allow-all"];
 
 export type RuntimeName = "node" | "deno";
 

@@ -188,6 +188,25 @@ int ckpt_event_query(ckpt_event *event);
  * CKPT_ETIMEDOUT on timeout; the event stays usable. */
 int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms);
 
+/* ---- files and hashing (both backends, CPU only) ------------------------------------- */
+
+/* Maps a whole file read-only and shared (the pages are the file's own: on tmpfs, no copy),
+ * prefaulting them. *len gets the file size; an empty file is CKPT_EINVAL. The file may be
+ * closed, renamed or unlinked afterwards; the mapping lives until ckpt_file_unmap. To copy
+ * from it at full speed, pin it with ckpt_host_register(..., CKPT_REGISTER_READONLY).
+ * Blocking; about 0.1 s per GiB on tmpfs (page-table setup). */
+int ckpt_file_map(ckpt_ctx *ctx, const char *path, void **out, uint64_t *len);
+int ckpt_file_unmap(ckpt_ctx *ctx, void *ptr, uint64_t len);
+/* Reads len bytes at `offset` of the file at `path` into dst with up to `threads` threads
+ * issuing pread in parallel chunks. Fails with CKPT_ESYS naming the path if the file is
+ * shorter than offset + len. Blocking. */
+int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t len, void *dst,
+                   int32_t threads);
+/* XXH64 (seed 0) of each of n host ranges; ranges holds n (address, len) pairs of uint64,
+ * hashes receives n values. Ranges are spread over up to `threads` threads (largest first);
+ * the memory need not be pinned. Blocking. */
+int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads);
+
 /* ---- NCCL ---------------------------------------------------------------------------- */
 
 /* Loads NCCL (dlopen, once per context) and reports its version as NCCL encodes it

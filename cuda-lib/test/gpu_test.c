@@ -633,6 +633,127 @@ static void check_threads(ckpt_ctx *ctx, int32_t ndev) {
   expect(ckpt_host_free(ctx, src), CKPT_OK, "threads: host_free");
 }
 
+/* ---- files and hashing ------------------------------------------------------------------ */
+
+#define FILE_LEN (256 * MIB)
+#define FILE_SEED 0x3333u
+
+/* Maps a 256 MiB file (in /dev/shm if present), pins it read-only, copies it to the GPU and
+ * reads it back; ckpt_file_read of the same file. */
+static void check_file_map(ckpt_ctx *ctx, ckpt_stream *s, ckpt_event *ev) {
+  char path[64];
+  snprintf(path, sizeof path, "%s/ckpt-gpu-file-XXXXXX",
+           access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
+  uint8_t *host = malloc(FILE_LEN), *mapped = NULL;
+  ckpt_buf *buf = NULL;
+  int registered = 0, named = 0;
+  uint64_t len = 0;
+  if (host == NULL) {
+    report(0, "files: malloc", "out of memory");
+    return;
+  }
+  int fd = mkstemp(path);
+  if (fd < 0) {
+    report(0, "files: mkstemp", "%s: %s", path, strerror(errno));
+    goto out;
+  }
+  named = 1;
+  void *rw = ftruncate(fd, (off_t)FILE_LEN) == 0
+                 ? mmap(NULL, FILE_LEN, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                 : MAP_FAILED;
+  close(fd);
+  if (rw == MAP_FAILED) {
+    report(0, "files: write the 256 MiB file", "%s", strerror(errno));
+    goto out;
+  }
+  fill_pattern(rw, FILE_LEN, FILE_SEED);
+  munmap(rw, FILE_LEN);
+
+  double t0 = now_s();
+  if (!expect(ckpt_file_map(ctx, path, (void **)&mapped, &len), CKPT_OK, "file_map 256 MiB"))
+    goto out;
+  double t_map = now_s() - t0;
+  report(len == FILE_LEN, "file_map length", "len %llu", (unsigned long long)len);
+  t0 = now_s();
+  registered = expect(ckpt_host_register(ctx, mapped, len, CKPT_REGISTER_READONLY), CKPT_OK,
+                      "host_register of the mapped file, READONLY");
+  double t_reg = now_s() - t0;
+  if (!registered) goto out;
+  expect(ckpt_file_unmap(ctx, mapped, len), CKPT_EBUSY, "file_unmap while registered -> EBUSY");
+  if (!expect(ckpt_buf_alloc(ctx, 0, FILE_LEN, &buf), CKPT_OK, "files: buf_alloc 256 MiB")) goto out;
+  expect(copy_wait(s, ev, buf, mapped, FILE_LEN), CKPT_OK, "files: warm-up copy of the mapping");
+  t0 = now_s();
+  expect(copy_wait(s, ev, buf, mapped, FILE_LEN), CKPT_OK, "h2d of the mapped file + wait");
+  double t_copy = now_s() - t0;
+  memset(host, 0, FILE_LEN);
+  if (expect(ckpt_buf_read(buf, 0, host, FILE_LEN), CKPT_OK, "files: buf_read 256 MiB")) {
+    long long at = check_pattern(host, FILE_LEN, FILE_SEED);
+    report(at < 0, "mapped file arrived on the GPU bit-exact", "first difference at %lld", at);
+  }
+  printf("# %s: file_map 256 MiB %.1f ms, host_register %.1f ms, copy %.2f GB/s\n", path,
+         t_map * 1e3, t_reg * 1e3, FILE_LEN / 1e9 / t_copy);
+
+  memset(host, 0, FILE_LEN);
+  t0 = now_s();
+  if (expect(ckpt_file_read(ctx, path, 0, FILE_LEN, host, 8), CKPT_OK, "file_read 256 MiB, 8 threads")) {
+    double t_read = now_s() - t0;
+    long long at = check_pattern(host, FILE_LEN, FILE_SEED);
+    report(at < 0, "file_read bytes are the file's", "first difference at %lld", at);
+    printf("# file_read 256 MiB, 8 threads: %.2f GB/s\n", FILE_LEN / 1e9 / t_read);
+  }
+  expect(ckpt_file_read(ctx, path, 1, FILE_LEN, host, 8), CKPT_ESYS, "file_read past the end -> ESYS");
+  report(strstr(last_error(ctx), path) != NULL, "file_read past the end names the path", "'%s'",
+         last_error(ctx));
+  void *none = NULL;
+  uint64_t none_len = 0;
+  expect(ckpt_file_map(ctx, "/nonexistent/ckpt-gpu-file", &none, &none_len), CKPT_ESYS,
+         "file_map of a missing path -> ESYS");
+out:
+  if (buf) expect(ckpt_buf_free(buf), CKPT_OK, "files: buf_free");
+  if (registered) expect(ckpt_host_unregister(ctx, mapped), CKPT_OK, "files: host_unregister");
+  if (mapped && len) expect(ckpt_file_unmap(ctx, mapped, len), CKPT_OK, "file_unmap");
+  if (named) unlink(path);
+  free(host);
+}
+
+/* XXH64 vectors, and a 1 GiB pinned buffer hashed in 4 MiB ranges with 1 and 16 threads. */
+static void check_hash(ckpt_ctx *ctx) {
+  static const struct {
+    const char *s;
+    uint64_t h;
+  } v[] = {{"", 0xEF46DB3751D8E999ull}, {"a", 0xD24EC4F1A98C6E5Bull}, {"abc", 0x44BC2CF5AD770999ull}};
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+    uint64_t r[2] = {(uint64_t)(uintptr_t)v[i].s, strlen(v[i].s)}, h = 0;
+    char name[64];
+    snprintf(name, sizeof name, "hash64 of \"%s\"", v[i].s);
+    report(ckpt_hash64(ctx, r, 1, &h, 1) == CKPT_OK && h == v[i].h, name, "got %016llx want %016llx",
+           (unsigned long long)h, (unsigned long long)v[i].h);
+  }
+  expect(ckpt_hash64(ctx, NULL, 0, NULL, 16), CKPT_OK, "hash64 of 0 ranges");
+  expect(ckpt_hash64(ctx, NULL, 1, NULL, 16), CKPT_EINVAL, "hash64 with NULL arrays -> EINVAL");
+
+  enum { NR = 256 };
+  const size_t PIECE = GIB / NR;
+  void *src = NULL;
+  uint64_t r[2 * NR], h1[NR], h16[NR];
+  if (!expect(ckpt_host_alloc(ctx, GIB, &src), CKPT_OK, "hash: host_alloc 1 GiB")) return;
+  fill_pattern(src, GIB, 0x4444u);
+  for (size_t i = 0; i < NR; i++) {
+    r[2 * i] = (uint64_t)(uintptr_t)src + i * PIECE;
+    r[2 * i + 1] = PIECE;
+  }
+  double t0 = now_s();
+  expect(ckpt_hash64(ctx, r, NR, h1, 1), CKPT_OK, "hash64 of 1 GiB, 1 thread");
+  double t1 = now_s() - t0;
+  t0 = now_s();
+  expect(ckpt_hash64(ctx, r, NR, h16, 16), CKPT_OK, "hash64 of 1 GiB, 16 threads");
+  double t16 = now_s() - t0;
+  report(memcmp(h1, h16, sizeof h1) == 0, "hash64 with 1 and 16 threads agree", "they differ");
+  printf("# hash64 of 1 GiB pinned (%d ranges of %zu MiB): 1 thread %.2f GB/s, 16 threads %.2f GB/s\n",
+         NR, PIECE / (size_t)MIB, GIB / 1e9 / t1, GIB / 1e9 / t16);
+  expect(ckpt_host_free(ctx, src), CKPT_OK, "hash: host_free 1 GiB");
+}
+
 static void run_checks(void) {
   check_errors();
   ckpt_ctx_options o = options();
@@ -669,6 +790,8 @@ static void run_checks(void) {
   check_ipc(ctx, ndev, s, ev);
   if (ndev >= 2) check_multi_gpu(ctx, ndev, s);
   check_threads(ctx, ndev);
+  check_file_map(ctx, s, ev);
+  check_hash(ctx);
 
   expect(ckpt_event_destroy(ev), CKPT_OK, "event_destroy on device 0");
   expect(ckpt_stream_destroy(s), CKPT_OK, "stream_destroy on device 0");

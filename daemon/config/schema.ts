@@ -1,4 +1,5 @@
-import { homedir } from "node:os";
+import { existsSync } from "node:fs";
+import { availableParallelism, homedir, totalmem } from "node:os";
 import { join } from "node:path";
 import * as v from "valibot";
 
@@ -16,6 +17,10 @@ export const ConfigSchema = v.strictObject({
   ncclPath: text,
   logLevel: v.picklist(["fatal", "error", "warn", "info", "debug", "trace"]),
   shutdownTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(0)),
+  pinnedBudgetBytes: v.pipe(v.number(), v.integer(), v.minValue(0)),
+  maxVersions: v.pipe(v.number(), v.integer(), v.minValue(1)),
+  ioThreads: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(64)),
+  uploadDir: text,
 });
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
@@ -59,6 +64,30 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "integer",
     help: "how long shutdown waits for work in flight",
   },
+  pinnedBudgetBytes: {
+    flag: "--pinned-budget-bytes",
+    env: "CKPTD_PINNED_BUDGET_BYTES",
+    kind: "integer",
+    help: "pinned host memory all checkpoints may hold (0: no limit)",
+  },
+  maxVersions: {
+    flag: "--max-versions",
+    env: "CKPTD_MAX_VERSIONS",
+    kind: "integer",
+    help: "versions kept per checkpoint name (older unused ones are dropped)",
+  },
+  ioThreads: {
+    flag: "--io-threads",
+    env: "CKPTD_IO_THREADS",
+    kind: "integer",
+    help: "threads for reading and hashing checkpoints",
+  },
+  uploadDir: {
+    flag: "--upload-dir",
+    env: "CKPTD_UPLOAD_DIR",
+    kind: "string",
+    help: "where pushed checkpoints are written (tmpfs, to pin them in place)",
+  },
 };
 
 /** Defaults that work on any machine, with or without a GPU. */
@@ -74,5 +103,9 @@ export function defaults(env: Record<string, string | undefined>): Config {
     ncclPath: "libnccl.so.2",
     logLevel: "info",
     shutdownTimeoutMs: 10000,
+    pinnedBudgetBytes: Math.floor(totalmem() * 0.75),
+    maxVersions: 3,
+    ioThreads: Math.min(16, availableParallelism()),
+    uploadDir: existsSync("/dev/shm") ? "/dev/shm/ckptd" : join(stateHome, "ckptd", "uploads"),
   };
 }

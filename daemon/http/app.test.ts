@@ -46,7 +46,6 @@ describe("HTTP API", () => {
       body: new Uint8Array(encode({ name: "abc" }).subarray(0, 4)),
       message: /malformed CBOR/,
     },
-    { name: "empty body", type: "application/json", body: "", message: /needs a body/ },
   ])("rejects $name with a 400, never a 500", async ({ type, body, message }) => {
     const res = await app.request("/v1/checkpoints", { method: "POST", headers: { "content-type": type }, body });
     expect(res.status).toBe(400);

@@ -18,8 +18,10 @@ export function createApp(deps: AppDeps): Hono<{ Variables: Variables }> {
   const app = new Hono<{ Variables: Variables }>();
 
   // Bodies are decoded once, before routing, so every route gets the same 400 for bad input.
+  // Raw bytes (application/octet-stream) are left for the route to stream.
   app.use("*", async (c, next) => {
-    if (c.req.method === "POST" || c.req.method === "PUT" || c.req.method === "PATCH") {
+    const raw = c.req.header("content-type")?.startsWith("application/octet-stream");
+    if ((c.req.method === "POST" || c.req.method === "PUT" || c.req.method === "PATCH") && !raw) {
       c.set("body", await readBody(c));
     }
     await next();

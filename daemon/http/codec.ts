@@ -19,11 +19,14 @@ export function reply(c: Context, data: unknown, status: ContentfulStatusCode = 
   return c.json(data, status);
 }
 
-/** Decodes a request body by its Content-Type; malformed or unsupported bodies are 400/415. */
+/**
+ * Decodes a request body by its Content-Type; malformed or unsupported bodies are 400/415.
+ * An empty body is undefined: the route's schema says whether it needs one.
+ */
 export async function readBody(c: Context): Promise<unknown> {
   const type = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";
   const bytes = new Uint8Array(await c.req.arrayBuffer());
-  if (bytes.byteLength === 0) throw new ApiError(400, "bad_request", "the request needs a body");
+  if (bytes.byteLength === 0) return undefined;
   if (type === CBOR) {
     try {
       return decode(bytes);

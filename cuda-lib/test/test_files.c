@@ -1,0 +1,354 @@
+/* C tests of the file and hashing functions of libckpt-host, run under AddressSanitizer and
+ * UBSan by `build.sh test`. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ckpt.h"
+
+/* ---- harness ------------------------------------------------------------------------ */
+
+static char g_msg[1024];
+
+#define EXPECT(cond)                                                                  \
+  do {                                                                                \
+    if (!(cond)) {                                                                    \
+      snprintf(g_msg, sizeof g_msg, "%s:%d: expected %s", __FILE__, __LINE__, #cond); \
+      return 0;                                                                       \
+    }                                                                                 \
+  } while (0)
+
+/* A call's status; on mismatch names both statuses and the context's last error. */
+#define EXPECT_ST(ctx, call, want)                                                         \
+  do {                                                                                     \
+    int got_ = (call);                                                                     \
+    if (got_ != (want)) {                                                                  \
+      char detail_[512] = "";                                                              \
+      if ((ctx) != NULL) ckpt_last_error((ctx), detail_, sizeof detail_);                  \
+      snprintf(g_msg, sizeof g_msg, "%s:%d: %s gave %s, expected %s (last error: %s)",     \
+               __FILE__, __LINE__, #call, ckpt_err_name(got_), ckpt_err_name(want), detail_); \
+      return 0;                                                                            \
+    }                                                                                      \
+  } while (0)
+#define EXPECT_OK(ctx, call) EXPECT_ST(ctx, call, CKPT_OK)
+
+/* The context's last error contains `needle`. */
+#define EXPECT_DETAIL(ctx, needle)                                                        \
+  do {                                                                                    \
+    char d_[512];                                                                         \
+    ckpt_last_error((ctx), d_, sizeof d_);                                                \
+    if (strstr(d_, (needle)) == NULL) {                                                   \
+      snprintf(g_msg, sizeof g_msg, "%s:%d: last error '%s' lacks '%s'", __FILE__,        \
+               __LINE__, d_, (needle));                                                   \
+      return 0;                                                                           \
+    }                                                                                     \
+  } while (0)
+
+static ckpt_ctx *new_ctx(int32_t devices) {
+  ckpt_ctx_options o = {.size = sizeof o, .abi_version = CKPT_ABI_VERSION, .host_devices = devices};
+  ckpt_ctx *ctx = NULL;
+  return ckpt_ctx_create(&o, &ctx) == CKPT_OK ? ctx : NULL;
+}
+
+/* Pseudo-random bytes, 8 at a time (fast enough for hundreds of MiB under ASan). */
+static void fill(uint8_t *p, size_t len, uint64_t seed) {
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    memcpy(p + i, &x, 8);
+  }
+  for (; i < len; i++) p[i] = (uint8_t)(x >> (8 * (i & 7)));
+}
+
+/* Records an event on the stream and waits for it with no limit. */
+static int sync_stream(ckpt_ctx *ctx, ckpt_stream *s) {
+  ckpt_event *ev;
+  int st = ckpt_event_create(ctx, 0, &ev);
+  if (st != CKPT_OK) return st;
+  st = ckpt_event_record(ev, s);
+  if (st == CKPT_OK) st = ckpt_event_wait(ev, -1);
+  int st2 = ckpt_event_destroy(ev);
+  return st != CKPT_OK ? st : st2;
+}
+
+/* Writes len bytes of `data` to a new temporary file; its path goes to path (64 bytes). */
+static int write_temp_file(char path[64], const uint8_t *data, size_t len) {
+  snprintf(path, 64, "/tmp/ckpt-files-XXXXXX");
+  int fd = mkstemp(path);
+  if (fd < 0) return 0;
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = write(fd, data + done, len - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += (size_t)n;
+  }
+  close(fd);
+  if (done != len) unlink(path);
+  return done == len;
+}
+
+static uint64_t hash1(ckpt_ctx *ctx, const void *p, size_t len) {
+  uint64_t r[2] = {(uint64_t)(uintptr_t)p, len}, h = 0;
+  return ckpt_hash64(ctx, r, 1, &h, 1) == CKPT_OK ? h : 0;
+}
+
+/* ---- tests -------------------------------------------------------------------------- */
+
+static int test_file_map(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t len = (3 << 20) + 4097;
+  uint8_t *data = malloc(len);
+  EXPECT(data != NULL);
+  fill(data, len, 1);
+  char path[64];
+  EXPECT(write_temp_file(path, data, len));
+  void *p = NULL;
+  uint64_t got_len = 0;
+  EXPECT_OK(ctx, ckpt_file_map(ctx, path, &p, &got_len));
+  EXPECT(p != NULL && got_len == len);
+  EXPECT(unlink(path) == 0);  /* the mapping outlives the name */
+  EXPECT(memcmp(p, data, len) == 0);
+  EXPECT_OK(ctx, ckpt_file_unmap(ctx, p, got_len));
+
+  /* Empty file, directory, missing path. */
+  EXPECT(write_temp_file(path, data, 0));
+  p = (void *)1;
+  got_len = 7;
+  EXPECT_ST(ctx, ckpt_file_map(ctx, path, &p, &got_len), CKPT_EINVAL);
+  EXPECT(p == NULL && got_len == 0);
+  EXPECT_DETAIL(ctx, path);
+  EXPECT_DETAIL(ctx, "empty");
+  unlink(path);
+  EXPECT_ST(ctx, ckpt_file_map(ctx, "/tmp", &p, &got_len), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "/tmp is not a regular file");
+  EXPECT(p == NULL);
+  const char *missing = "/nonexistent/ckpt-files/model.safetensors";
+  EXPECT_ST(ctx, ckpt_file_map(ctx, missing, &p, &got_len), CKPT_ESYS);
+  EXPECT_DETAIL(ctx, missing);
+  EXPECT_DETAIL(ctx, strerror(ENOENT));
+  EXPECT(ckpt_last_error(ctx, NULL, 0) == CKPT_ESYS);
+
+  /* Arguments. */
+  EXPECT_ST(NULL, ckpt_file_map(NULL, "/tmp", &p, &got_len), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_file_map(ctx, NULL, &p, &got_len), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_file_map(ctx, "/tmp", NULL, &got_len), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_file_map(ctx, "/tmp", &p, NULL), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_file_unmap(ctx, NULL, 4096), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_file_unmap(ctx, data, 0), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_file_unmap(NULL, data, 4096), CKPT_EINVAL);
+  free(data);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* A mapped file, registered read-only, copied to a buffer and read back. */
+static int test_file_map_copy(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t len = (8 << 20) + 333;
+  uint8_t *data = malloc(len), *got = malloc(len);
+  EXPECT(data && got);
+  fill(data, len, 2);
+  char path[64];
+  EXPECT(write_temp_file(path, data, len));
+  uint8_t *p;
+  uint64_t flen;
+  EXPECT_OK(ctx, ckpt_file_map(ctx, path, (void **)&p, &flen));
+  unlink(path);
+  EXPECT(flen == len);
+  EXPECT_OK(ctx, ckpt_host_register(ctx, p, flen, CKPT_REGISTER_READONLY));
+  /* Unmapping memory that is still registered would leave it pinned: refused. */
+  EXPECT_ST(ctx, ckpt_file_unmap(ctx, p, flen), CKPT_EBUSY);
+  EXPECT_DETAIL(ctx, "ckpt_host_unregister");
+  ckpt_buf *b;
+  ckpt_stream *s;
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, len, &b));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  const ckpt_range rg[] = {
+      {(uintptr_t)p + 1000, 0, len - 1000},  /* the file from byte 1000 ... */
+      {(uintptr_t)p, len - 1000, 1000},      /* ... then its first 1000 bytes */
+  };
+  EXPECT_OK(ctx, ckpt_h2d_async(s, b, rg, 2));
+  EXPECT_OK(ctx, sync_stream(ctx, s));
+  EXPECT_OK(ctx, ckpt_buf_read(b, 0, got, len));
+  EXPECT(memcmp(got, data + 1000, len - 1000) == 0);
+  EXPECT(memcmp(got + len - 1000, data, 1000) == 0);
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));
+  EXPECT_OK(ctx, ckpt_buf_free(b));
+  EXPECT_OK(ctx, ckpt_host_unregister(ctx, p));
+  EXPECT_OK(ctx, ckpt_file_unmap(ctx, p, flen));
+  free(data), free(got);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_file_read(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t len = 200u << 20;
+  uint8_t *data = malloc(len), *got = malloc(len);
+  EXPECT(data && got);
+  fill(data, len, 3);
+  char path[64];
+  EXPECT(write_temp_file(path, data, len));
+  memset(got, 0, len);
+  EXPECT_OK(ctx, ckpt_file_read(ctx, path, 0, len, got, 4));
+  EXPECT(memcmp(got, data, len) == 0);
+
+  /* Unaligned offset and length; thread counts that are clamped. */
+  const int32_t threads[] = {0, -3, 1, 3, 1000};
+  for (size_t i = 0; i < sizeof threads / sizeof threads[0]; i++) {
+    uint64_t off = 12345 + i, n = (130u << 20) + 7 * i;
+    memset(got, 0, n + 1);
+    EXPECT_OK(ctx, ckpt_file_read(ctx, path, off, n, got, threads[i]));
+    EXPECT(memcmp(got, data + off, n) == 0);
+    EXPECT(got[n] == 0);  /* nothing past len */
+  }
+  EXPECT_OK(ctx, ckpt_file_read(ctx, path, len - 10, 10, got, 8));  /* ends at the end */
+  EXPECT(memcmp(got, data + len - 10, 10) == 0);
+  EXPECT_OK(ctx, ckpt_file_read(ctx, path, len, 0, NULL, 4));       /* empty, at the end */
+
+  /* Past the end: fails naming the path and sizes, reads nothing. */
+  EXPECT_ST(ctx, ckpt_file_read(ctx, path, len - 10, 11, got, 4), CKPT_ESYS);
+  EXPECT_DETAIL(ctx, path);
+  EXPECT_DETAIL(ctx, "209715200 bytes");
+  EXPECT_ST(ctx, ckpt_file_read(ctx, path, len + 1, 0, got, 4), CKPT_ESYS);
+  EXPECT_ST(ctx, ckpt_file_read(ctx, path, UINT64_MAX, 2, got, 4), CKPT_ESYS);
+  const char *missing = "/nonexistent/ckpt-files/shard-00001.safetensors";
+  EXPECT_ST(ctx, ckpt_file_read(ctx, missing, 0, 1, got, 1), CKPT_ESYS);
+  EXPECT_DETAIL(ctx, missing);
+  EXPECT_DETAIL(ctx, strerror(ENOENT));
+  EXPECT_ST(ctx, ckpt_file_read(ctx, "/tmp", 0, 1, got, 1), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "/tmp");
+  EXPECT_ST(ctx, ckpt_file_read(ctx, path, 0, 1, NULL, 1), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_file_read(ctx, NULL, 0, 1, got, 1), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_file_read(NULL, path, 0, 1, got, 1), CKPT_EINVAL);
+  unlink(path);
+  free(data), free(got);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* Byte i of the vector pattern. */
+static uint8_t pattern(size_t i) { return (uint8_t)(i * 131u + 7u); }
+
+static int test_hash_vectors(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  EXPECT(hash1(ctx, "", 0) == 0xEF46DB3751D8E999ull);
+  EXPECT(hash1(ctx, "a", 1) == 0xD24EC4F1A98C6E5Bull);
+  EXPECT(hash1(ctx, "abc", 3) == 0x44BC2CF5AD770999ull);
+  /* Checked against xxhash-wasm (an independent XXH64) for every length 0..200 of this
+   * pattern; these cover each tail path and the 32-byte stripe boundaries. */
+  static const struct {
+    size_t len;
+    uint64_t h;
+  } v[] = {
+      {0, 0xef46db3751d8e999ull},   {1, 0xa96c7f0ce858bbb7ull},   {7, 0x2744460dd675d2c0ull},
+      {8, 0x994b676b71ce94ddull},   {31, 0x6711d55e306b5d8full},  {32, 0x07f7b8e3bc5d6e25ull},
+      {33, 0x09f85eeb4e1cbe9full},  {63, 0xb7c9968c066cb6a5ull},  {64, 0x50d4159a0411632eull},
+      {100, 0x9ddada11d3dc2d8full}, {199, 0x7f3aea62b83742f6ull},
+  };
+  uint8_t buf[256 + 8];
+  for (size_t off = 0; off < 8; off += 3) {  /* also at unaligned addresses */
+    for (size_t i = 0; i < 256; i++) buf[off + i] = pattern(i);
+    for (size_t k = 0; k < sizeof v / sizeof v[0]; k++) {
+      uint64_t h = hash1(ctx, buf + off, v[k].len);
+      if (h != v[k].h) {
+        snprintf(g_msg, sizeof g_msg, "%s:%d: XXH64 of %zu pattern bytes at offset %zu: %016llx, expected %016llx",
+                 __FILE__, __LINE__, v[k].len, off, (unsigned long long)h,
+                 (unsigned long long)v[k].h);
+        return 0;
+      }
+    }
+  }
+  /* An empty range may sit at address 0. */
+  uint64_t r[2] = {0, 0}, h = 0;
+  EXPECT_OK(ctx, ckpt_hash64(ctx, r, 1, &h, 4));
+  EXPECT(h == 0xEF46DB3751D8E999ull);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_hash_many(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t blen = 48u << 20, n = 1500;
+  uint8_t *base = malloc(blen);
+  uint64_t *r = malloc(2 * n * sizeof *r), *h1 = malloc(n * sizeof *h1), *h8 = malloc(n * sizeof *h8);
+  EXPECT(base && r && h1 && h8);
+  fill(base, blen, 4);
+  uint64_t x = 99;
+  for (size_t i = 0; i < n; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    uint64_t len = i % 100 == 0 ? (x % (16u << 20)) : i % 3 == 0 ? x % 64 : x % 100000;
+    uint64_t off = (x >> 20) % (blen - len + 1);
+    r[2 * i] = (uint64_t)(uintptr_t)(base + off);
+    r[2 * i + 1] = len;
+  }
+  EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h1, 1));
+  const int32_t threads[] = {8, 0, -1, 2, 64, 1000};
+  for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
+    memset(h8, 0, n * sizeof *h8);
+    EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h8, threads[t]));
+    EXPECT(memcmp(h1, h8, n * sizeof *h1) == 0);
+  }
+  for (size_t i = 0; i < n; i += 97)
+    EXPECT(h1[i] == hash1(ctx, (const void *)(uintptr_t)r[2 * i], r[2 * i + 1]));
+  /* Same bytes at different addresses hash the same; a one-bit change does not. */
+  memcpy(base + 1, base + (1 << 20), 4096);
+  EXPECT(hash1(ctx, base + 1, 4096) == hash1(ctx, base + (1 << 20), 4096));
+  base[1 + 2000] ^= 0x10;
+  EXPECT(hash1(ctx, base + 1, 4096) != hash1(ctx, base + (1 << 20), 4096));
+
+  /* n = 0 needs no arrays; n > 0 does. Bad ranges are refused before anything is hashed. */
+  EXPECT_OK(ctx, ckpt_hash64(ctx, NULL, 0, NULL, 8));
+  EXPECT_ST(ctx, ckpt_hash64(ctx, NULL, 1, h8, 1), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_hash64(ctx, r, 1, NULL, 1), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_hash64(NULL, r, 1, h8, 1), CKPT_EINVAL);
+  uint64_t bad[4] = {(uint64_t)(uintptr_t)base, 16, 0, 16};  /* range 1: NULL with a length */
+  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 1), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "range 1");
+  bad[2] = UINT64_MAX - 8;  /* wraps around the address space */
+  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 2), CKPT_EINVAL);
+  free(base), free(r), free(h1), free(h8);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* ---- runner ------------------------------------------------------------------------- */
+
+#define TEST(fn) {#fn, fn}
+static const struct {
+  const char *name;
+  int (*fn)(void);
+} tests[] = {
+    TEST(test_file_map),     TEST(test_file_map_copy), TEST(test_file_read),
+    TEST(test_hash_vectors), TEST(test_hash_many),
+};
+
+int main(void) {
+  int passed = 0, failed = 0;
+  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+    g_msg[0] = '\0';
+    if (tests[i].fn()) {
+      passed++;
+      printf("ok   %s\n", tests[i].name);
+    } else {
+      failed++;
+      printf("FAIL %s: %s\n", tests[i].name, g_msg);
+    }
+    fflush(stdout);
+  }
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}

@@ -1,0 +1,162 @@
+/**
+ * The data-plane side of registration: read and check headers, pin the files (in place on
+ * tmpfs, else read into pinned memory), hash every tensor. Bytes move only in libckpt;
+ * this file decides what and in which order, reports progress and unwinds on failure.
+ */
+import { open, stat, statfs } from "node:fs/promises";
+import type { Context, HostMemory } from "../../ffi/index.ts";
+import { ApiError } from "../http/errors.ts";
+import { type Header, headerLength, parseHeader, SafetensorsError } from "./safetensors.ts";
+
+const TMPFS_MAGIC = 0x01021994;
+/** Bytes read per call when copying a file into pinned memory: the unit of progress and cancel. */
+const READ_CHUNK = 1 << 30;
+
+export interface InspectedFile {
+  path: string;
+  size: number;
+  mtimeMs: number;
+  tmpfs: boolean;
+  /** The first dataStart bytes, to check the pinned copy against. */
+  prefix: Uint8Array;
+  header: Header;
+}
+
+export interface PinnedFile {
+  path: string;
+  size: number;
+  mtimeMs: number;
+  inPlace: boolean;
+  mem: HostMemory;
+}
+
+export interface Progress {
+  bytesTotal: number;
+  bytesPinned: number;
+  bytesHashed: number;
+}
+
+export interface PinOptions {
+  /** Copy into pinned memory even when the file is on tmpfs. */
+  copy: boolean;
+  threads: number;
+  signal: AbortSignal;
+  progress: Progress;
+}
+
+async function onTmpfs(path: string): Promise<boolean> {
+  try {
+    return (await statfs(path)).type === TMPFS_MAGIC;
+  } catch {
+    return path.startsWith("/dev/shm/");
+  }
+}
+
+function invalid(err: SafetensorsError): ApiError {
+  return new ApiError(400, "invalid_safetensors", err.message, { file: err.file, tensor: err.tensor, rule: err.rule });
+}
+
+/** Reads and checks one file's header; a broken rule is a 400 naming file, tensor and rule. */
+export async function inspectFile(path: string): Promise<InspectedFile> {
+  const handle = await open(path, "r");
+  try {
+    const st = await stat(path);
+    const head = new Uint8Array(8);
+    await handle.read(head, 0, 8, 0);
+    const len = headerLength(head, st.size, path);
+    const prefix = new Uint8Array(8 + len);
+    const { bytesRead } = await handle.read(prefix, 0, prefix.byteLength, 0);
+    if (bytesRead !== prefix.byteLength) throw new SafetensorsError(path, undefined, "header is truncated");
+    const header = parseHeader(prefix, st.size, path);
+    return { path, size: st.size, mtimeMs: st.mtimeMs, tmpfs: await onTmpfs(path), prefix, header };
+  } catch (err) {
+    if (err instanceof SafetensorsError) throw invalid(err);
+    throw err;
+  } finally {
+    await handle.close();
+  }
+}
+
+function checkAborted(signal: AbortSignal): void {
+  if (signal.aborted) throw new ApiError(409, "cancelled", "registration was cancelled");
+}
+
+async function release(ctx: Context, file: PinnedFile): Promise<void> {
+  await ctx.hostUnregister(file.mem).catch(() => undefined);
+  if (file.inPlace) await ctx.fileUnmap(file.mem);
+  else await ctx.hostFree(file.mem);
+}
+
+/** Releases what pinFiles pinned. */
+export async function unpinFiles(ctx: Context, files: PinnedFile[]): Promise<void> {
+  for (const file of files) await release(ctx, file);
+}
+
+async function pinOne(ctx: Context, file: InspectedFile, opts: PinOptions): Promise<PinnedFile> {
+  const inPlace = file.tmpfs && !opts.copy;
+  if (inPlace) {
+    const mem = await ctx.fileMap(file.path);
+    try {
+      if (mem.len !== file.size) throw new Error(`${file.path} changed size while registering`);
+      await ctx.hostRegister(mem.address, mem.len, true);
+    } catch (err) {
+      await ctx.fileUnmap(mem);
+      throw err;
+    }
+    opts.progress.bytesPinned += file.size;
+    return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem };
+  }
+  const mem = await ctx.hostAlloc(file.size);
+  try {
+    for (let offset = 0; offset < file.size; offset += READ_CHUNK) {
+      checkAborted(opts.signal);
+      const len = Math.min(READ_CHUNK, file.size - offset);
+      await ctx.fileRead(file.path, offset, len, mem.address + BigInt(offset), opts.threads);
+      opts.progress.bytesPinned += len;
+    }
+  } catch (err) {
+    await ctx.hostFree(mem);
+    throw err;
+  }
+  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem };
+}
+
+/** Pins every file, in order; on failure or cancel releases what it pinned and rethrows. */
+export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOptions): Promise<PinnedFile[]> {
+  const pinned: PinnedFile[] = [];
+  try {
+    for (const file of files) {
+      checkAborted(opts.signal);
+      const p = await pinOne(ctx, file, opts);
+      pinned.push(p);
+      // The header was checked before pinning; the pinned bytes must still be that header.
+      if (Buffer.compare(p.mem.view(file.prefix.byteLength), file.prefix) !== 0)
+        throw new Error(`${file.path} changed while registering`);
+    }
+    return pinned;
+  } catch (err) {
+    await unpinFiles(ctx, pinned);
+    throw err;
+  }
+}
+
+/** XXH64 of every tensor, file by file (progress and cancel between files), as 16 hex digits. */
+export async function hashTensors(
+  ctx: Context,
+  files: { pinned: PinnedFile; tensors: { begin: number; end: number }[] }[],
+  opts: { threads: number; signal: AbortSignal; progress: Progress },
+): Promise<string[][]> {
+  const out: string[][] = [];
+  for (const { pinned, tensors } of files) {
+    checkAborted(opts.signal);
+    const ranges = new BigUint64Array(tensors.length * 2);
+    tensors.forEach((t, i) => {
+      ranges[2 * i] = pinned.mem.address + BigInt(t.begin);
+      ranges[2 * i + 1] = BigInt(t.end - t.begin);
+    });
+    const hashes = await ctx.hash64(ranges, opts.threads);
+    out.push([...hashes].map((h) => h.toString(16).padStart(16, "0")));
+    opts.progress.bytesHashed += pinned.size;
+  }
+  return out;
+}

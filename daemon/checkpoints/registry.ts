@@ -1,0 +1,385 @@
+/**
+ * The checkpoint registry: versions per name, their pinned memory, leases held by updates,
+ * the pinned-memory budget and the versions-kept limit. A registration is checked whole
+ * before anything is pinned, and a failed or cancelled one leaves nothing pinned behind.
+ */
+import { unlink } from "node:fs/promises";
+import type { Logger } from "pino";
+import type { Context } from "../../ffi/index.ts";
+import { ApiError } from "../http/errors.ts";
+import {
+  hashTensors,
+  type InspectedFile,
+  inspectFile,
+  type PinnedFile,
+  type Progress,
+  pinFiles,
+  unpinFiles,
+} from "./pin.ts";
+import { checkUniqueNames, SafetensorsError } from "./safetensors.ts";
+import { checkWeightMap, type ResolvedSource } from "./sources.ts";
+
+export type VersionState = "registering" | "ready" | "failed";
+
+export interface TensorRecord {
+  name: string;
+  dtype: string;
+  shape: number[];
+  bytes: number;
+  /** Index into the version's files. */
+  file: number;
+  /** Byte offset of the tensor in its file. */
+  offset: number;
+  /** XXH64 of the tensor's bytes, 16 hex digits. */
+  hash: string;
+}
+
+export interface FileRecord {
+  path: string;
+  size: number;
+  mtimeMs: number;
+  /** Pinned where it lies (tmpfs), not copied. */
+  inPlace: boolean;
+  /** Owned by the daemon: deleted when the version is dropped. */
+  adopted: boolean;
+}
+
+export interface RegisterRequest {
+  name: string;
+  source: ResolvedSource;
+  copy: boolean;
+  adopt: boolean;
+  /** Restoring a saved version: its number, and the hashes its tensors must still have. */
+  restore?: { version: number; createdAt: string; files: FileRecord[]; tensors: TensorRecord[] };
+}
+
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+/** Checks a checkpoint name: letters, digits, '.', '_' and '-', at most 128, no '@' or '/'. */
+export function checkName(name: string): void {
+  if (!NAME.test(name)) {
+    throw new ApiError(400, "invalid_name", `checkpoint name "${name}" must match ${NAME.source}`);
+  }
+}
+
+/** Splits "name" or "name@N" (N a positive integer). */
+export function parseRef(ref: string): { name: string; version?: number } {
+  const at = ref.lastIndexOf("@");
+  if (at < 0) return { name: ref };
+  const v = ref.slice(at + 1);
+  if (!/^[1-9]\d{0,9}$/.test(v)) throw new ApiError(400, "invalid_ref", `"${ref}": version must be a positive integer`);
+  return { name: ref.slice(0, at), version: Number(v) };
+}
+
+/** Restoring: each file must have the size and modification time it had when saved. */
+function checkUnchanged(inspected: InspectedFile[], saved: FileRecord[]): void {
+  if (inspected.length !== saved.length) throw new Error("the set of files changed");
+  inspected.forEach((f, i) => {
+    const s = saved[i] as FileRecord;
+    if (f.path !== s.path || f.size !== s.size || f.mtimeMs !== s.mtimeMs) {
+      throw new Error(`${f.path} changed since it was registered (size or modification time)`);
+    }
+  });
+}
+
+/** Restoring: every tensor must hash as it did when saved. */
+function checkHashes(now: TensorRecord[], saved: TensorRecord[]): void {
+  const before = new Map(saved.map((t) => [t.name, t.hash]));
+  for (const t of now) {
+    if (before.get(t.name) !== t.hash)
+      throw new Error(`tensor "${t.name}" no longer has the hash it was registered with`);
+  }
+  if (now.length !== saved.length) throw new Error("the set of tensors changed");
+}
+
+export class CheckpointVersion {
+  state: VersionState = "registering";
+  files: FileRecord[] = [];
+  tensors: TensorRecord[] = [];
+  error?: { code: string; message: string; details?: unknown };
+  /** Seconds spent pinning and hashing, once ready. */
+  timings?: { pinSeconds: number; hashSeconds: number };
+  leases = 0;
+  pinned: PinnedFile[] = [];
+  readonly abort = new AbortController();
+  readonly progress: Progress;
+  /** Settles when registration has finished, failed or been cancelled. */
+  done: Promise<void> = Promise.resolve();
+
+  constructor(
+    readonly name: string,
+    readonly version: number,
+    readonly bytes: number,
+    readonly createdAt: string,
+  ) {
+    this.progress = { bytesTotal: bytes, bytesPinned: 0, bytesHashed: 0 };
+  }
+
+  get id(): string {
+    return `${this.name}@${this.version}`;
+  }
+
+  summary() {
+    return {
+      id: this.id,
+      name: this.name,
+      version: this.version,
+      state: this.state,
+      bytes: this.bytes,
+      tensors: this.tensors.length,
+      createdAt: this.createdAt,
+      inUse: this.leases > 0,
+      progress: { ...this.progress },
+      ...(this.timings ? { timings: this.timings } : {}),
+      ...(this.error ? { error: this.error } : {}),
+    };
+  }
+
+  manifest() {
+    return {
+      ...this.summary(),
+      tensors: this.tensors.length,
+      files: this.files,
+      manifest: this.tensors,
+    };
+  }
+}
+
+export interface RegistryOptions {
+  ctx: Context;
+  log: Logger;
+  /** Pinned bytes allowed over all versions; 0: no limit. */
+  budgetBytes: number;
+  /** Ready versions kept per name; older unused ones are dropped. */
+  maxVersions: number;
+  threads: number;
+  /** Called after every change of the set of ready versions (persistence). */
+  onChange?: (registry: Registry) => Promise<void>;
+}
+
+export class Registry {
+  private readonly versions = new Map<string, CheckpointVersion[]>();
+  private readonly next = new Map<string, number>();
+
+  constructor(private readonly opts: RegistryOptions) {}
+
+  /** Pinned bytes held or reserved by registering and ready versions. */
+  pinnedBytes(): number {
+    let sum = 0;
+    for (const list of this.versions.values()) {
+      for (const v of list) if (v.state !== "failed") sum += v.bytes;
+    }
+    return sum;
+  }
+
+  list(): CheckpointVersion[] {
+    return [...this.versions.values()].flat().sort((a, b) => a.name.localeCompare(b.name) || a.version - b.version);
+  }
+
+  /** The next version number per name, kept across restarts so numbers are never reused. */
+  nextVersions(): Record<string, number> {
+    return Object.fromEntries(this.next);
+  }
+
+  setNextVersions(next: Record<string, number>): void {
+    for (const [name, n] of Object.entries(next)) this.next.set(name, Math.max(n, this.next.get(name) ?? 1));
+  }
+
+  /** A version by "name" (the newest ready one) or "name@N"; 404 naming what is missing. */
+  get(ref: string): CheckpointVersion {
+    const { name, version } = parseRef(ref);
+    const list = this.versions.get(name) ?? [];
+    const found =
+      version === undefined ? list.filter((v) => v.state === "ready").at(-1) : list.find((v) => v.version === version);
+    if (!found) {
+      const what =
+        version === undefined ? `no ready version of checkpoint "${name}"` : `no checkpoint ${name}@${version}`;
+      throw new ApiError(404, "not_found", what);
+    }
+    return found;
+  }
+
+  /** Marks a ready version as used by an update; returns the release function. */
+  acquire(ref: string): { version: CheckpointVersion; release: () => void } {
+    const version = this.get(ref);
+    if (version.state !== "ready") throw new ApiError(409, "not_ready", `${version.id} is ${version.state}`);
+    version.leases++;
+    let released = false;
+    return {
+      version,
+      release: () => {
+        if (!released) version.leases--;
+        released = true;
+      },
+    };
+  }
+
+  /**
+   * Checks every file, then reserves the bytes and starts pinning and hashing in the
+   * background. Returns the new version in state "registering"; await its `done`.
+   */
+  async register(req: RegisterRequest): Promise<CheckpointVersion> {
+    checkName(req.name);
+    const inspected: InspectedFile[] = [];
+    for (const path of req.source.files) inspected.push(await inspectFile(path));
+    try {
+      checkUniqueNames(inspected.map((f) => ({ file: f.path, tensors: f.header.tensors })));
+    } catch (err) {
+      if (err instanceof SafetensorsError) {
+        throw new ApiError(400, "invalid_safetensors", err.message, {
+          file: err.file,
+          tensor: err.tensor,
+          rule: err.rule,
+        });
+      }
+      throw err;
+    }
+    if (req.source.weightMap) {
+      const found = new Map(inspected.flatMap((f) => f.header.tensors.map((t) => [t.name, f.path] as const)));
+      checkWeightMap(req.source.weightMap, found);
+    }
+    const bytes = inspected.reduce((sum, f) => sum + f.size, 0);
+    this.checkBudget(bytes);
+
+    if (req.restore) checkUnchanged(inspected, req.restore.files);
+    const number = req.restore?.version ?? this.next.get(req.name) ?? 1;
+    this.next.set(req.name, Math.max(number + 1, this.next.get(req.name) ?? 1));
+    const version = new CheckpointVersion(req.name, number, bytes, req.restore?.createdAt ?? new Date().toISOString());
+    version.files = inspected.map((f) => ({
+      path: f.path,
+      size: f.size,
+      mtimeMs: f.mtimeMs,
+      inPlace: f.tmpfs && !req.copy,
+      adopted: req.adopt,
+    }));
+    const list = this.versions.get(req.name) ?? [];
+    list.push(version);
+    this.versions.set(req.name, list);
+    version.done = this.load(version, inspected, req.copy, req.restore?.tensors);
+    return version;
+  }
+
+  private checkBudget(bytes: number): void {
+    const budget = this.opts.budgetBytes;
+    const used = this.pinnedBytes();
+    if (budget > 0 && used + bytes > budget) {
+      throw new ApiError(
+        507,
+        "over_budget",
+        `registering ${bytes} bytes would exceed the pinned-memory budget of ${budget} bytes by ${used + bytes - budget} bytes (${used} in use)`,
+        { bytes, budgetBytes: budget, usedBytes: used, overBytes: used + bytes - budget },
+      );
+    }
+  }
+
+  /** Pins and hashes; on any failure unwinds to nothing pinned and records why. */
+  private async load(
+    version: CheckpointVersion,
+    inspected: InspectedFile[],
+    copy: boolean,
+    expected?: TensorRecord[],
+  ): Promise<void> {
+    const { ctx, log, threads } = this.opts;
+    const signal = version.abort.signal;
+    const started = performance.now();
+    try {
+      version.pinned = await pinFiles(ctx, inspected, { copy, threads, signal, progress: version.progress });
+      const pinnedAt = performance.now();
+      const hashes = await hashTensors(
+        ctx,
+        inspected.map((f, i) => ({ pinned: version.pinned[i] as PinnedFile, tensors: f.header.tensors })),
+        { threads, signal, progress: version.progress },
+      );
+      version.tensors = inspected.flatMap((f, file) =>
+        f.header.tensors.map((t, i) => ({
+          name: t.name,
+          dtype: t.dtype,
+          shape: t.shape,
+          bytes: t.end - t.begin,
+          file,
+          offset: t.begin,
+          hash: hashes[file]?.[i] as string,
+        })),
+      );
+      if (signal.aborted) throw new ApiError(409, "cancelled", "registration was cancelled");
+      if (expected) checkHashes(version.tensors, expected);
+      version.state = "ready";
+      version.timings = { pinSeconds: (pinnedAt - started) / 1000, hashSeconds: (performance.now() - pinnedAt) / 1000 };
+      log.info({ checkpoint: version.id, bytes: version.bytes, ...version.timings }, "checkpoint registered");
+      await this.evictOld(version.name);
+      await this.opts.onChange?.(this);
+    } catch (err) {
+      await unpinFiles(ctx, version.pinned).catch((e) => log.error({ err: e }, "unpinning a failed registration"));
+      version.pinned = [];
+      version.state = "failed";
+      version.error =
+        err instanceof ApiError
+          ? { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) }
+          : { code: "registration_failed", message: (err as Error).message };
+      log.warn({ checkpoint: version.id, error: version.error }, "registration failed");
+    }
+  }
+
+  private async evictOld(name: string): Promise<void> {
+    const ready = (this.versions.get(name) ?? []).filter((v) => v.state === "ready");
+    let excess = ready.length - this.opts.maxVersions;
+    for (const v of ready) {
+      if (excess <= 0) break;
+      if (v.leases > 0) continue;
+      await this.drop(v);
+      this.opts.log.info({ checkpoint: v.id, maxVersions: this.opts.maxVersions }, "dropped an old version");
+      excess--;
+    }
+  }
+
+  /** Releases a version's memory, deletes adopted files and forgets it. */
+  private async drop(version: CheckpointVersion): Promise<void> {
+    const list = this.versions.get(version.name) ?? [];
+    this.versions.set(
+      version.name,
+      list.filter((v) => v !== version),
+    );
+    await unpinFiles(this.opts.ctx, version.pinned);
+    version.pinned = [];
+    for (const file of version.files) {
+      if (file.adopted) await unlink(file.path).catch(() => undefined);
+    }
+  }
+
+  /**
+   * Deletes "name@N" (cancelling it if still registering) or every version of "name".
+   * 409, and nothing deleted, while an update uses any of them.
+   */
+  async delete(ref: string): Promise<CheckpointVersion[]> {
+    const { name, version } = parseRef(ref);
+    const targets = version === undefined ? [...(this.versions.get(name) ?? [])] : [this.get(ref)];
+    if (targets.length === 0) throw new ApiError(404, "not_found", `no checkpoint "${name}"`);
+    const busy = targets.filter((v) => v.leases > 0);
+    if (busy.length > 0) {
+      throw new ApiError(409, "in_use", `${busy.map((v) => v.id).join(", ")} is in use by an update`);
+    }
+    for (const v of targets) {
+      if (v.state === "registering") {
+        v.abort.abort();
+        await v.done;
+      }
+      await this.drop(v);
+    }
+    await this.opts.onChange?.(this);
+    return targets;
+  }
+
+  /** Drops everything (shutdown). */
+  async close(): Promise<void> {
+    for (const v of this.list()) {
+      v.abort.abort();
+      await v.done;
+      const list = this.versions.get(v.name) ?? [];
+      this.versions.set(
+        v.name,
+        list.filter((x) => x !== v),
+      );
+      await unpinFiles(this.opts.ctx, v.pinned);
+    }
+  }
+}

@@ -1,0 +1,60 @@
+import type { Hono } from "hono";
+import * as v from "valibot";
+import { reply } from "../http/codec.ts";
+import { ApiError } from "../http/errors.ts";
+import { parseBody } from "../http/validate.ts";
+import { type CheckpointVersion, checkName, type Registry } from "./registry.ts";
+import { resolveDirectory, resolveFiles } from "./sources.ts";
+
+const RegisterBody = v.pipe(
+  v.strictObject({
+    name: v.string(),
+    dir: v.optional(v.string()),
+    files: v.optional(v.array(v.string())),
+    /** Read into pinned memory even from tmpfs. */
+    copy: v.optional(v.boolean(), false),
+    /** The daemon owns the files from now on and deletes them when the version is dropped. */
+    adopt: v.optional(v.boolean(), false),
+    /** Answer once registered (201) rather than at once (202). */
+    wait: v.optional(v.boolean(), true),
+  }),
+  v.check((b) => (b.dir === undefined) !== (b.files === undefined), "give exactly one of dir and files"),
+);
+
+/** What a finished registration answers: 201 and the summary, or its error. */
+export function finished(version: CheckpointVersion): { status: 201; body: unknown } {
+  if (version.state === "ready") return { status: 201, body: version.summary() };
+  const err = version.error ?? { code: "registration_failed", message: version.state };
+  const status = err.code === "cancelled" ? 409 : err.code === "registration_failed" ? 500 : 400;
+  throw new ApiError(status, err.code, `${version.id}: ${err.message}`, err.details);
+}
+
+/** GET|POST /v1/checkpoints, GET|DELETE /v1/checkpoints/{name}[@N]. */
+export function checkpointRoutes(app: Hono<{ Variables: { body: unknown } }>, registry: Registry, budgetBytes: number) {
+  app.get("/v1/checkpoints", (c) =>
+    reply(c, {
+      checkpoints: registry.list().map((x) => x.summary()),
+      pinnedBytes: registry.pinnedBytes(),
+      budgetBytes,
+    }),
+  );
+
+  app.post("/v1/checkpoints", async (c) => {
+    const body = parseBody(RegisterBody, c.get("body"));
+    checkName(body.name);
+    const source = body.dir !== undefined ? resolveDirectory(body.dir) : resolveFiles(body.files ?? []);
+    const version = await registry.register({ name: body.name, source, copy: body.copy, adopt: body.adopt });
+    c.header("location", `/v1/checkpoints/${version.id}`);
+    if (!body.wait) return reply(c, version.summary(), 202);
+    await version.done;
+    const { status, body: out } = finished(version);
+    return reply(c, out, status);
+  });
+
+  app.get("/v1/checkpoints/:ref", (c) => reply(c, registry.get(c.req.param("ref")).manifest()));
+
+  app.delete("/v1/checkpoints/:ref", async (c) => {
+    const deleted = await registry.delete(c.req.param("ref"));
+    return reply(c, { deleted: deleted.map((x) => x.id) });
+  });
+}

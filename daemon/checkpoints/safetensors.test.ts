@@ -1,0 +1,206 @@
+import { describe, expect, it } from "vitest";
+import { checkUniqueNames, encodeHeader, parseHeader, SafetensorsError } from "./safetensors.ts";
+
+/** A whole file: header for the given entries (raw JSON object), then `data` bytes. */
+function file(header: unknown, dataBytes: number): Uint8Array {
+  const json = new TextEncoder().encode(JSON.stringify(header));
+  const out = new Uint8Array(8 + json.byteLength + dataBytes);
+  new DataView(out.buffer).setBigUint64(0, BigInt(json.byteLength), true);
+  out.set(json, 8);
+  return out;
+}
+
+const ok = {
+  a: { dtype: "F32", shape: [2, 3], data_offsets: [0, 24] },
+  b: { dtype: "BF16", shape: [4], data_offsets: [24, 32] },
+};
+
+describe("parseHeader accepts valid files", () => {
+  it("reads tensors with absolute offsets and the metadata", () => {
+    const bytes = file({ __metadata__: { format: "pt" }, ...ok }, 32);
+    const h = parseHeader(bytes, bytes.byteLength, "m.safetensors");
+    expect(h.metadata).toEqual({ format: "pt" });
+    expect(h.tensors.map((t) => [t.name, t.begin - h.dataStart, t.end - h.dataStart])).toEqual([
+      ["a", 0, 24],
+      ["b", 24, 32],
+    ]);
+  });
+
+  it.each([
+    ["F4 with an even element count", { x: { dtype: "F4", shape: [4], data_offsets: [0, 2] } }, 2],
+    ["a scalar", { x: { dtype: "F64", shape: [], data_offsets: [0, 8] } }, 8],
+    ["an empty tensor", { x: { dtype: "F32", shape: [0, 5], data_offsets: [0, 0] } }, 0],
+    ["F8_E4M3", { x: { dtype: "F8_E4M3", shape: [3], data_offsets: [0, 3] } }, 3],
+  ])("accepts %s", (_name, header, data) => {
+    const bytes = file(header, data);
+    expect(parseHeader(bytes, bytes.byteLength, "f").tensors).toHaveLength(1);
+  });
+
+  it("round-trips what encodeHeader writes", () => {
+    const header = encodeHeader([
+      { name: "w", dtype: "BF16", shape: [3, 5], bytes: 30 },
+      { name: "名前", dtype: "U8", shape: [2], bytes: 2 },
+    ]);
+    expect(header.byteLength % 8).toBe(0);
+    const bytes = new Uint8Array(header.byteLength + 32);
+    bytes.set(header);
+    const h = parseHeader(bytes, bytes.byteLength, "f");
+    expect(h.tensors.map((t) => t.name)).toEqual(["w", "名前"]);
+  });
+});
+
+describe("parseHeader names the file, the tensor and the rule", () => {
+  const cases: [string, Uint8Array, RegExp][] = [
+    ["a file shorter than 8 bytes", new Uint8Array(5), /too short for a header length/],
+    [
+      "a header length past the file",
+      (() => {
+        const b = file(ok, 32);
+        new DataView(b.buffer).setBigUint64(0, 1n << 40n, true);
+        return b;
+      })(),
+      /header length 1099511627776 outside/,
+    ],
+    [
+      "a header length past the end",
+      (() => {
+        const b = file(ok, 0);
+        new DataView(b.buffer).setBigUint64(0, BigInt(b.byteLength), true);
+        return b;
+      })(),
+      /exceeds the file/,
+    ],
+    [
+      "JSON that does not parse",
+      (() => {
+        const b = file(ok, 32);
+        b[9] = 0x7b;
+        b[10] = 0x7b;
+        return b;
+      })(),
+      /header is not valid UTF-8 JSON/,
+    ],
+    ["a JSON array", file([1, 2], 0), /not a JSON object/],
+    [
+      "an unknown dtype",
+      file({ x: { dtype: "F12", shape: [1], data_offsets: [0, 2] } }, 2),
+      /tensor "x": dtype "F12" is not one of/,
+    ],
+    [
+      "a negative dimension",
+      file({ x: { dtype: "U8", shape: [-1], data_offsets: [0, 1] } }, 1),
+      /tensor "x": shape \[-1\]/,
+    ],
+    ["a fractional dimension", file({ x: { dtype: "U8", shape: [1.5], data_offsets: [0, 1] } }, 1), /shape/],
+    [
+      "a size mismatch",
+      file({ x: { dtype: "F32", shape: [2], data_offsets: [0, 4] } }, 4),
+      /needs 8 bytes but data_offsets span 4/,
+    ],
+    ["reversed offsets", file({ x: { dtype: "U8", shape: [0], data_offsets: [4, 0] } }, 4), /0 <= begin <= end/],
+    [
+      "offsets past the file",
+      file({ x: { dtype: "U8", shape: [8], data_offsets: [0, 8] } }, 4),
+      /run past the end of the file/,
+    ],
+    [
+      "overlapping tensors",
+      file(
+        { x: { dtype: "U8", shape: [8], data_offsets: [0, 8] }, y: { dtype: "U8", shape: [4], data_offsets: [6, 10] } },
+        10,
+      ),
+      /tensor "y": bytes overlap those of tensor "x"/,
+    ],
+    [
+      "an odd F4 count",
+      file({ x: { dtype: "F4", shape: [3], data_offsets: [0, 2] } }, 2),
+      /not a whole number of bytes/,
+    ],
+    [
+      "an unknown field",
+      file({ x: { dtype: "U8", shape: [1], data_offsets: [0, 1], extra: 1 } }, 1),
+      /unknown field "extra"/,
+    ],
+    ["metadata with a number", file({ __metadata__: { a: 1 } }, 0), /__metadata__ is not an object of strings/],
+    ["an entry that is not an object", file({ x: 3 }, 0), /tensor "x": entry is not an object/],
+  ];
+  it.each(cases)("rejects %s", (_name, bytes, message) => {
+    const run = () => parseHeader(bytes, bytes.byteLength, "dir/m.safetensors");
+    expect(run).toThrow(SafetensorsError);
+    expect(run).toThrow(message);
+    expect(run).toThrow(/^dir\/m.safetensors: /);
+  });
+
+  it("rejects a tensor name used by two files", () => {
+    expect(() =>
+      checkUniqueNames([
+        { file: "a.safetensors", tensors: [{ name: "w" }] },
+        { file: "b.safetensors", tensors: [{ name: "w" }] },
+      ]),
+    ).toThrow('b.safetensors: tensor "w": also defined in a.safetensors');
+  });
+});
+
+/** Deterministic PRNG so a failing fuzz case can be replayed. */
+function rng(seed: number) {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+describe("fuzzing parseHeader", () => {
+  const base = file(
+    {
+      __metadata__: { format: "pt" },
+      "model.embed.weight": { dtype: "BF16", shape: [4, 8], data_offsets: [0, 64] },
+      "model.norm.weight": { dtype: "F32", shape: [8], data_offsets: [64, 96] },
+      "lm_head.weight": { dtype: "F16", shape: [2, 8], data_offsets: [96, 128] },
+    },
+    128,
+  );
+
+  it("never crashes or accepts an invalid layout under random mutations and truncations", () => {
+    const random = rng(12345);
+    let accepted = 0;
+    let rejected = 0;
+    for (let iter = 0; iter < 20000; iter++) {
+      let bytes = base.slice();
+      const kind = random();
+      if (kind < 0.4) {
+        const flips = 1 + Math.floor(random() * 4);
+        for (let i = 0; i < flips; i++) bytes[Math.floor(random() * bytes.byteLength)] = Math.floor(random() * 256);
+      } else if (kind < 0.7) {
+        bytes = bytes.subarray(0, Math.floor(random() * bytes.byteLength));
+      } else {
+        // Mutate inside the JSON: swap a digit or a structural character for another one.
+        const pool = '0123456789[]{},:"-.eE ';
+        const pos = 8 + Math.floor(random() * (bytes.byteLength - 8 - 128));
+        bytes[pos] = pool.charCodeAt(Math.floor(random() * pool.length));
+      }
+      try {
+        const h = parseHeader(bytes, bytes.byteLength, "f");
+        accepted++;
+        // Whatever is accepted must be a sound layout.
+        let end = 0;
+        for (const t of h.tensors) {
+          expect(t.begin).toBeGreaterThanOrEqual(h.dataStart);
+          expect(t.end).toBeLessThanOrEqual(bytes.byteLength);
+          if (t.end > t.begin) {
+            expect(t.begin).toBeGreaterThanOrEqual(end);
+            end = t.end;
+          }
+        }
+      } catch (err) {
+        if (!(err instanceof SafetensorsError)) throw err;
+        rejected++;
+      }
+    }
+    expect(accepted).toBeGreaterThan(0);
+    expect(rejected).toBeGreaterThan(0);
+  });
+});

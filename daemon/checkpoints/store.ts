@@ -1,0 +1,82 @@
+/** The registry's metadata on disk, and its restoration at start. */
+import { readFile, rename, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { Logger } from "pino";
+import type { FileRecord, Registry, TensorRecord } from "./registry.ts";
+
+interface SavedVersion {
+  name: string;
+  version: number;
+  createdAt: string;
+  files: FileRecord[];
+  tensors: TensorRecord[];
+}
+
+interface Saved {
+  format: 1;
+  next: Record<string, number>;
+  versions: SavedVersion[];
+}
+
+export interface RestoreReport {
+  restored: string[];
+  notRestored: { id: string; reason: string }[];
+}
+
+export function registryFile(stateDir: string): string {
+  return join(stateDir, "registry.json");
+}
+
+/** Writes the ready versions atomically (temp file, then rename). */
+export async function saveRegistry(stateDir: string, registry: Registry): Promise<void> {
+  const saved: Saved = {
+    format: 1,
+    next: registry.nextVersions(),
+    versions: registry
+      .list()
+      .filter((v) => v.state === "ready")
+      .map((v) => ({ name: v.name, version: v.version, createdAt: v.createdAt, files: v.files, tensors: v.tensors })),
+  };
+  const path = registryFile(stateDir);
+  await writeFile(`${path}.tmp`, JSON.stringify(saved), { mode: 0o600 });
+  await rename(`${path}.tmp`, path);
+}
+
+/**
+ * Re-registers what the state directory lists, when each file is still there with the same
+ * size and modification time and every tensor still has its hash; reports the rest and why.
+ */
+export async function restoreRegistry(stateDir: string, registry: Registry, log: Logger): Promise<RestoreReport> {
+  const report: RestoreReport = { restored: [], notRestored: [] };
+  let saved: Saved;
+  try {
+    saved = JSON.parse(await readFile(registryFile(stateDir), "utf8"));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") {
+      log.error({ err }, "registry.json unreadable; starting with an empty registry");
+      report.notRestored.push({ id: "*", reason: `registry.json unreadable: ${(err as Error).message}` });
+    }
+    return report;
+  }
+  registry.setNextVersions(saved.next ?? {});
+  for (const v of saved.versions ?? []) {
+    const id = `${v.name}@${v.version}`;
+    try {
+      const version = await registry.register({
+        name: v.name,
+        source: { files: v.files.map((f) => f.path) },
+        copy: v.files.some((f) => !f.inPlace),
+        adopt: v.files.some((f) => f.adopted),
+        restore: v,
+      });
+      await version.done;
+      if (version.state !== "ready") throw new Error(version.error?.message ?? version.state);
+      report.restored.push(id);
+    } catch (err) {
+      report.notRestored.push({ id, reason: (err as Error).message });
+    }
+  }
+  for (const entry of report.notRestored) log.warn(entry, "checkpoint not restored");
+  if (report.restored.length > 0) log.info({ restored: report.restored }, "checkpoints restored");
+  return report;
+}

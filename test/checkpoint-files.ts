@@ -1,0 +1,53 @@
+/** Small generated safetensors checkpoints for tests, with the bytes to check against. */
+import { randomBytes } from "node:crypto";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import xxhash from "xxhash-wasm";
+import { DTYPE_BITS, encodeHeader } from "../daemon/checkpoints/safetensors.ts";
+
+export interface TensorSpec {
+  name: string;
+  dtype: string;
+  shape: number[];
+}
+
+export interface WrittenTensor extends TensorSpec {
+  bytes: Uint8Array;
+  file: string;
+}
+
+export function tensorBytes(t: TensorSpec): number {
+  return (t.shape.reduce((a, d) => a * d, 1) * (DTYPE_BITS[t.dtype] as number)) / 8;
+}
+
+/** Writes one safetensors file of random contents; returns its tensors with their bytes. */
+export function writeSafetensors(path: string, tensors: TensorSpec[]): WrittenTensor[] {
+  const withBytes = tensors.map((t) => ({ ...t, bytes: randomBytes(tensorBytes(t)) }));
+  const header = encodeHeader(withBytes.map((t) => ({ ...t, bytes: t.bytes.byteLength })));
+  writeFileSync(path, Buffer.concat([header, ...withBytes.map((t) => t.bytes)]));
+  return withBytes.map((t) => ({ ...t, file: path }));
+}
+
+/** A small model-like checkpoint split over `files` files in `dir`. */
+export function writeModel(dir: string, files = 2, layers = 3, hidden = 64): WrittenTensor[] {
+  const specs: TensorSpec[] = [{ name: "model.embed_tokens.weight", dtype: "BF16", shape: [100, hidden] }];
+  for (let l = 0; l < layers; l++) {
+    specs.push({ name: `model.layers.${l}.mlp.up_proj.weight`, dtype: "BF16", shape: [hidden * 2, hidden] });
+    specs.push({ name: `model.layers.${l}.input_layernorm.weight`, dtype: "F32", shape: [hidden] });
+  }
+  specs.push({ name: "lm_head.weight", dtype: "BF16", shape: [100, hidden] });
+  const out: WrittenTensor[] = [];
+  for (let f = 0; f < files; f++) {
+    const mine = specs.filter((_, i) => i % files === f);
+    out.push(...writeSafetensors(join(dir, `model-${f + 1}-of-${files}.safetensors`), mine));
+  }
+  return out;
+}
+
+let hasher: Awaited<ReturnType<typeof xxhash>> | undefined;
+
+/** XXH64 as 16 hex digits, from an implementation independent of libckpt. */
+export async function xxh64(bytes: Uint8Array): Promise<string> {
+  hasher ??= await xxhash();
+  return hasher.h64Raw(bytes).toString(16).padStart(16, "0");
+}

@@ -1,0 +1,348 @@
+import { mkdtempSync, readFileSync, rmSync, utimesSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import pino from "pino";
+import { afterEach, describe, expect, it } from "vitest";
+import { resolveDirectory } from "../daemon/checkpoints/sources.ts";
+import { type Config, defaults } from "../daemon/config/index.ts";
+import { type Daemon, startDaemon } from "../daemon/daemon.ts";
+import { nodeRuntime } from "../daemon/runtime/node.ts";
+import { type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { tempDir } from "./helpers.ts";
+
+const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
+const running: Daemon[] = [];
+
+async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: typeof api }> {
+  const config: Config = {
+    ...defaults({}),
+    port: 0,
+    backend: "host",
+    stateDir: tempDir(),
+    uploadDir: mkdtempSync("/dev/shm/ckptd-test-"),
+    ioThreads: 2,
+    ...overrides,
+  };
+  const daemon = await startDaemon({
+    config,
+    runtime: nodeRuntime,
+    log: pino({ level: "silent" }),
+    nodeId: "t",
+    libDir: LIB_DIR,
+  });
+  running.push(daemon);
+  const base = `http://127.0.0.1:${daemon.port}`;
+  async function api(method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {
+    const init: RequestInit = { method, headers: { ...headers } };
+    if (body instanceof Uint8Array) {
+      init.body = body.slice();
+      (init.headers as Record<string, string>)["content-type"] = "application/octet-stream";
+    } else if (body !== undefined) {
+      init.body = JSON.stringify(body);
+      (init.headers as Record<string, string>)["content-type"] = "application/json";
+    }
+    const res = await fetch(base + path, init);
+    // biome-ignore lint/suspicious/noExplicitAny: test responses are checked field by field
+    return { status: res.status, body: (await res.json()) as any, headers: res.headers };
+  }
+  return Object.assign(daemon, { api });
+}
+
+afterEach(async () => {
+  for (const d of running.splice(0)) await d.stop();
+});
+
+/** Every tensor of the manifest has the registered bytes' hash, as computed independently. */
+async function expectManifestMatches(
+  manifest: { manifest: { name: string; hash: string; bytes: number }[] },
+  tensors: WrittenTensor[],
+) {
+  expect(manifest.manifest.map((t) => t.name).sort()).toEqual(tensors.map((t) => t.name).sort());
+  for (const t of tensors) {
+    const entry = manifest.manifest.find((m) => m.name === t.name);
+    expect(entry?.bytes).toBe(t.bytes.byteLength);
+    expect(entry?.hash).toBe(await xxh64(t.bytes));
+  }
+}
+
+describe("registering checkpoints", () => {
+  it("registers a directory from tmpfs in place, with the manifest and hashes", async () => {
+    const d = await start();
+    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const tensors = writeModel(dir);
+    const res = await d.api("POST", "/v1/checkpoints", { name: "qwen", dir });
+    expect(res.status).toBe(201);
+    expect(res.body).toMatchObject({ id: "qwen@1", state: "ready", tensors: tensors.length });
+    expect(res.headers.get("location")).toBe("/v1/checkpoints/qwen@1");
+    const manifest = (await d.api("GET", "/v1/checkpoints/qwen@1")).body;
+    expect(manifest.files.every((f: { inPlace: boolean }) => f.inPlace)).toBe(true);
+    await expectManifestMatches(manifest, tensors);
+    // The pinned copy is the file's own pages: the registered bytes are the file's bytes.
+    const v = d.registry.get("qwen@1");
+    const file0 = readFileSync(v.files[0]?.path as string);
+    expect(Buffer.compare(v.pinned[0]?.mem.view() as Uint8Array, file0)).toBe(0);
+    rmSync(dir, { recursive: true });
+  });
+
+  it("reads other files into pinned memory, and versions each registration", async () => {
+    const d = await start();
+    const dir = tempDir();
+    const tensors = writeModel(dir, 3);
+    const files = [...new Set(tensors.map((t) => t.file))];
+    expect((await d.api("POST", "/v1/checkpoints", { name: "m", files })).status).toBe(201);
+    expect((await d.api("POST", "/v1/checkpoints", { name: "m", dir })).body.id).toBe("m@2");
+    const latest = (await d.api("GET", "/v1/checkpoints/m")).body;
+    expect(latest.id).toBe("m@2");
+    expect(latest.files.every((f: { inPlace: boolean }) => !f.inPlace)).toBe(true);
+    await expectManifestMatches(latest, tensors);
+    const list = (await d.api("GET", "/v1/checkpoints")).body;
+    expect(list.checkpoints.map((c: { id: string }) => c.id)).toEqual(["m@1", "m@2"]);
+    expect(list.pinnedBytes).toBe(2 * files.reduce((s, f) => s + readFileSync(f).byteLength, 0));
+  });
+
+  it("follows model.safetensors.index.json and checks it against the files", async () => {
+    const d = await start();
+    const dir = tempDir();
+    const tensors = writeModel(dir, 2);
+    const weightMap = Object.fromEntries(tensors.map((t) => [t.name, t.file.split("/").pop()]));
+    writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map: weightMap }));
+    writeSafetensors(join(dir, "stray.safetensors"), [{ name: "stray", dtype: "U8", shape: [4] }]);
+    const ok = await d.api("POST", "/v1/checkpoints", { name: "idx", dir });
+    expect(ok.body.tensors).toBe(tensors.length); // the stray file is not in the index
+    weightMap["lm_head.weight"] = "model-1-of-2.safetensors";
+    writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map: weightMap }));
+    const bad = await d.api("POST", "/v1/checkpoints", { name: "idx", dir });
+    expect(bad.status).toBe(400);
+    expect(bad.body.error.message).toMatch(
+      /puts "lm_head.weight" in .*model-1-of-2.safetensors but it is in .*model-2-of-2/,
+    );
+  });
+
+  it("cancels through the API: DELETE of a registering version", async () => {
+    const d = await start();
+    const dir = tempDir();
+    for (let i = 0; i < 4; i++)
+      writeSafetensors(join(dir, `f${i}.safetensors`), [{ name: `w${i}`, dtype: "U8", shape: [16 << 20] }]);
+    const res = await d.api("POST", "/v1/checkpoints", { name: "c", dir, wait: false });
+    expect(res.status).toBe(202);
+    expect((await d.api("DELETE", "/v1/checkpoints/c@1")).body).toEqual({ deleted: ["c@1"] });
+    expect((await d.api("GET", "/v1/checkpoints")).body).toMatchObject({ checkpoints: [], pinnedBytes: 0 });
+  });
+
+  it("reports progress while registering in the background", async () => {
+    const d = await start();
+    const dir = tempDir();
+    writeSafetensors(join(dir, "big.safetensors"), [{ name: "w", dtype: "U8", shape: [64 << 20] }]);
+    const res = await d.api("POST", "/v1/checkpoints", { name: "big", dir, wait: false });
+    expect(res.status).toBe(202);
+    expect(res.body.state).toBe("registering");
+    let last = 0;
+    for (;;) {
+      const now = (await d.api("GET", "/v1/checkpoints/big@1")).body;
+      expect(now.progress.bytesPinned).toBeGreaterThanOrEqual(last);
+      last = now.progress.bytesPinned;
+      if (now.state !== "registering") {
+        expect(now.state).toBe("ready");
+        expect(now.progress).toEqual({ bytesTotal: now.bytes, bytesPinned: now.bytes, bytesHashed: now.bytes });
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  });
+});
+
+describe("bad registrations register nothing", () => {
+  it.each([
+    {
+      name: "a header rule",
+      make: (dir: string) =>
+        writeFileSync(join(dir, "x.safetensors"), Buffer.from([4, 0, 0, 0, 0, 0, 0, 0, 123, 125, 125, 125])),
+      status: 400,
+      message: /x.safetensors: header is not valid UTF-8 JSON/,
+    },
+    {
+      name: "a duplicated tensor",
+      make: (dir: string) => {
+        writeSafetensors(join(dir, "a.safetensors"), [{ name: "w", dtype: "U8", shape: [8] }]);
+        writeSafetensors(join(dir, "b.safetensors"), [{ name: "w", dtype: "U8", shape: [8] }]);
+      },
+      status: 400,
+      message: /b.safetensors: tensor "w": also defined in .*a.safetensors/,
+    },
+    {
+      name: "an empty directory",
+      make: () => undefined,
+      status: 400,
+      message: /no model.safetensors.index.json and no \*.safetensors files/,
+    },
+  ])("$name", async ({ make, status, message }) => {
+    const d = await start();
+    const dir = tempDir();
+    make(dir);
+    const res = await d.api("POST", "/v1/checkpoints", { name: "bad", dir });
+    expect(res.status).toBe(status);
+    expect(res.body.error.message).toMatch(message);
+    expect((await d.api("GET", "/v1/checkpoints")).body).toMatchObject({ checkpoints: [], pinnedBytes: 0 });
+  });
+
+  it.each([
+    [{ name: "x" }, /give exactly one of dir and files/],
+    [{ name: "x", dir: "/a", files: ["/b"] }, /give exactly one of dir and files/],
+    [{ name: "bad name", dir: "/tmp" }, /checkpoint name "bad name" must match/],
+    [{ name: "x", dir: "relative" }, /dir must be an absolute path/],
+    [{ name: "x", files: ["/nonexistent.safetensors"] }, /\/nonexistent.safetensors: no such file/],
+    [{ name: "x", dir: "/tmp", extra: 1 }, /extra/],
+  ])("rejects the request %j", async (body, message) => {
+    const d = await start();
+    const res = await d.api("POST", "/v1/checkpoints", body);
+    expect(res.status).toBe(400);
+    expect(res.body.error.message).toMatch(message);
+  });
+
+  it("refuses to exceed the pinned-memory budget with a 507 saying by how much", async () => {
+    const dir = tempDir();
+    writeSafetensors(join(dir, "a.safetensors"), [{ name: "w", dtype: "U8", shape: [4096] }]);
+    const size = readFileSync(join(dir, "a.safetensors")).byteLength;
+    const d = await start({ pinnedBudgetBytes: size + 100 });
+    expect((await d.api("POST", "/v1/checkpoints", { name: "a", dir })).status).toBe(201);
+    const res = await d.api("POST", "/v1/checkpoints", { name: "a", dir });
+    expect(res.status).toBe(507);
+    expect(res.body.error.message).toContain(`by ${size - 100} bytes`);
+    expect(res.body.error.details).toMatchObject({ overBytes: size - 100 });
+    expect((await d.api("GET", "/v1/checkpoints")).body.checkpoints).toHaveLength(1);
+  });
+});
+
+describe("deleting and limits", () => {
+  it("deletes a version, refusing with 409 while an update uses it", async () => {
+    const d = await start();
+    const dir = tempDir();
+    writeModel(dir);
+    await d.api("POST", "/v1/checkpoints", { name: "m", dir });
+    const lease = d.registry.acquire("m@1");
+    const busy = await d.api("DELETE", "/v1/checkpoints/m@1");
+    expect(busy.status).toBe(409);
+    expect(busy.body.error.message).toBe("m@1 is in use by an update");
+    lease.release();
+    expect((await d.api("DELETE", "/v1/checkpoints/m@1")).body).toEqual({ deleted: ["m@1"] });
+    expect((await d.api("GET", "/v1/checkpoints/m@1")).status).toBe(404);
+    expect((await d.api("GET", "/v1/checkpoints")).body.pinnedBytes).toBe(0);
+  });
+
+  it("keeps maxVersions per name, dropping the oldest unused", async () => {
+    const d = await start({ maxVersions: 2 });
+    const dir = tempDir();
+    writeModel(dir);
+    await d.api("POST", "/v1/checkpoints", { name: "m", dir });
+    const lease = d.registry.acquire("m@1");
+    await d.api("POST", "/v1/checkpoints", { name: "m", dir });
+    await d.api("POST", "/v1/checkpoints", { name: "m", dir });
+    // m@1 is in use, so m@2 went instead.
+    expect(d.registry.list().map((v) => v.id)).toEqual(["m@1", "m@3"]);
+    lease.release();
+    await d.api("POST", "/v1/checkpoints", { name: "m", dir });
+    expect(d.registry.list().map((v) => v.id)).toEqual(["m@3", "m@4"]);
+  });
+
+  it("cancels a registration in flight, leaving nothing pinned", async () => {
+    const d = await start();
+    const dir = tempDir();
+    for (let i = 0; i < 4; i++)
+      writeSafetensors(join(dir, `f${i}.safetensors`), [{ name: `w${i}`, dtype: "U8", shape: [32 << 20] }]);
+    // Through the registry, so the cancel lands before the first file is pinned.
+    const version = await d.registry.register({ name: "c", source: resolveDirectory(dir), copy: false, adopt: false });
+    expect((await d.registry.delete("c@1")).map((v) => v.id)).toEqual(["c@1"]);
+    expect(version.error?.code).toBe("cancelled");
+    expect(version.pinned).toEqual([]);
+    expect((await d.api("GET", "/v1/checkpoints")).body).toMatchObject({ checkpoints: [], pinnedBytes: 0 });
+    // The next registration takes the next number; numbers are never reused.
+    expect((await d.api("POST", "/v1/checkpoints", { name: "c", dir })).body.id).toBe("c@2");
+  });
+});
+
+describe("restart", () => {
+  it("restores unchanged checkpoints and reports the others", async () => {
+    const stateDir = tempDir();
+    const keep = tempDir();
+    const change = tempDir();
+    const tensors = writeModel(keep);
+    writeModel(change);
+    const first = await start({ stateDir });
+    await first.api("POST", "/v1/checkpoints", { name: "keep", dir: keep });
+    await first.api("POST", "/v1/checkpoints", { name: "change", dir: change });
+    await first.stop();
+    running.splice(running.indexOf(first), 1);
+    const touched = join(change, "model-1-of-2.safetensors");
+    utimesSync(touched, new Date(), new Date(Date.now() + 5000));
+
+    const second = await start({ stateDir });
+    const status = (await second.api("GET", "/v1/status")).body;
+    expect(status.checkpoints.restore).toEqual({
+      restored: ["keep@1"],
+      notRestored: [
+        { id: "change@1", reason: `${touched} changed since it was registered (size or modification time)` },
+      ],
+    });
+    await expectManifestMatches((await second.api("GET", "/v1/checkpoints/keep@1")).body, tensors);
+    // Numbers continue after a restart.
+    expect((await second.api("POST", "/v1/checkpoints", { name: "keep", dir: keep })).body.id).toBe("keep@2");
+  });
+});
+
+describe("trainer pushes", () => {
+  it("takes raw tensors over HTTP and commits them as a version", async () => {
+    const d = await start();
+    const specs = [
+      { name: "a.weight", dtype: "BF16", shape: [16, 8] },
+      { name: "b.bias", dtype: "F32", shape: [8] },
+    ];
+    const created = await d.api("POST", "/v1/uploads", { name: "pushed", tensors: specs });
+    expect(created.status).toBe(201);
+    const id = created.body.id;
+    const a = new Uint8Array(256).map((_, i) => i);
+    const b = new Uint8Array(32).map((_, i) => 255 - i);
+    expect((await d.api("PUT", `/v1/uploads/${id}/tensors/a.weight`, a.subarray(0, 100))).status).toBe(400);
+    const early = await d.api("POST", `/v1/uploads/${id}/commit`);
+    expect(early.status).toBe(400);
+    expect(early.body.error.message).toMatch(/tensors not uploaded yet: a.weight, b.bias/);
+    expect((await d.api("PUT", `/v1/uploads/${id}/tensors/a.weight`, a)).status).toBe(200);
+    expect((await d.api("PUT", `/v1/uploads/${id}/tensors/b.bias`, b)).status).toBe(200);
+    const committed = await d.api("POST", `/v1/uploads/${id}/commit`);
+    expect(committed.status).toBe(201);
+    expect(committed.body.id).toBe("pushed@1");
+    const manifest = (await d.api("GET", "/v1/checkpoints/pushed@1")).body;
+    expect(manifest.manifest.find((t: { name: string }) => t.name === "a.weight").hash).toBe(await xxh64(a));
+    expect(manifest.manifest.find((t: { name: string }) => t.name === "b.bias").hash).toBe(await xxh64(b));
+    expect(manifest.files[0]).toMatchObject({ inPlace: true, adopted: true });
+    // Dropping the version deletes the daemon's file.
+    await d.api("DELETE", "/v1/checkpoints/pushed@1");
+    expect(() => readFileSync(manifest.files[0].path)).toThrow(/ENOENT/);
+  });
+
+  it("takes a safetensors file stream", async () => {
+    const d = await start();
+    const dir = tempDir();
+    const tensors = writeSafetensors(join(dir, "x.safetensors"), [{ name: "w", dtype: "F16", shape: [33, 7] }]);
+    const { id } = (await d.api("POST", "/v1/uploads", { name: "streamed" })).body;
+    const put = await d.api(
+      "PUT",
+      `/v1/uploads/${id}/files/model.safetensors`,
+      new Uint8Array(readFileSync(join(dir, "x.safetensors"))),
+    );
+    expect(put.status).toBe(200);
+    const committed = await d.api("POST", `/v1/uploads/${id}/commit`, { wait: true });
+    expect(committed.status).toBe(201);
+    await expectManifestMatches((await d.api("GET", "/v1/checkpoints/streamed")).body, tensors);
+  });
+
+  it("adopts files a trainer wrote to shared memory", async () => {
+    const d = await start();
+    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const tensors = writeModel(dir, 1);
+    const res = await d.api("POST", "/v1/checkpoints", { name: "shm", dir, adopt: true });
+    expect(res.status).toBe(201);
+    await expectManifestMatches((await d.api("GET", "/v1/checkpoints/shm@1")).body, tensors);
+    await d.api("DELETE", "/v1/checkpoints/shm");
+    expect(() => readFileSync(tensors[0]?.file as string)).toThrow(/ENOENT/);
+    rmSync(dir, { recursive: true });
+  });
+});
