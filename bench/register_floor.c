@@ -2,7 +2,7 @@
  * nothing but mmap and cudaHostRegister. The daemon's in-place pinning (ckpt_file_map +
  * ckpt_host_register) is compared against this floor.
  *
- *   nvcc -O2 -o build/register_floor bench/register_floor.c
+ *   nvcc -O2 -o cuda-lib/build/register_floor bench/register_floor.c
  *   (or: gcc -O2 -std=gnu11 -I$CUDA_HOME/include bench/register_floor.c -L$CUDA_HOME/lib64 -lcudart
  *        -o build/register_floor)
  *   ./build/register_floor model-00001-of-00004.safetensors model-00002-of-00004.safetensors ...

@@ -212,6 +212,45 @@ describe("bad registrations register nothing", () => {
   });
 });
 
+describe("fuzzing registration", () => {
+  it("answers mutated and truncated files with a 400 or a correct registration, never a 500", async () => {
+    const d = await start();
+    const dir = tempDir();
+    const tensors = writeSafetensors(join(dir, "base.safetensors"), [
+      { name: "a", dtype: "BF16", shape: [8, 4] },
+      { name: "b", dtype: "F32", shape: [5] },
+    ]);
+    const base = readFileSync(join(dir, "base.safetensors"));
+    let seed = 7;
+    const random = () => {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return seed / 2 ** 31;
+    };
+    const seen = new Set<number>();
+    for (let i = 0; i < 60; i++) {
+      let bytes = Buffer.from(base);
+      if (i % 3 === 0) bytes = bytes.subarray(0, Math.floor(random() * bytes.byteLength));
+      else for (let k = 0; k < 3; k++) bytes[Math.floor(random() * Math.min(bytes.byteLength, 120))] = Math.floor(random() * 256);
+      const path = join(dir, `fuzz-${i}.safetensors`);
+      writeFileSync(path, bytes);
+      const res = await d.api("POST", "/v1/checkpoints", { name: "fuzz", files: [path] });
+      seen.add(res.status);
+      expect([201, 400]).toContain(res.status);
+      if (res.status === 201) {
+        // Accepted: the manifest must describe exactly the bytes in the file.
+        const manifest = (await d.api("GET", `/v1/checkpoints/${res.body.id}`)).body;
+        for (const t of manifest.manifest) {
+          expect(t.hash).toBe(await xxh64(bytes.subarray(t.offset, t.offset + t.bytes)));
+        }
+        await d.api("DELETE", `/v1/checkpoints/${res.body.id}`);
+      }
+    }
+    expect(seen.has(400)).toBe(true);
+    expect(tensors).toHaveLength(2);
+    expect((await d.api("GET", "/v1/checkpoints")).body.pinnedBytes).toBe(0);
+  });
+});
+
 describe("deleting and limits", () => {
   it("deletes a version, refusing with 409 while an update uses it", async () => {
     const d = await start();
