@@ -12,6 +12,7 @@ import {
   IpcHandle,
   loadNative,
   type Native,
+  NativeCounter,
   sizeOf,
   viewMemory,
 } from "./library.ts";
@@ -310,13 +311,29 @@ export class Context {
     this.check("ckpt_file_read", status);
   }
 
-  /** XXH64 of each (address, len) pair in `ranges`, on up to `threads` threads. */
-  async hash64(ranges: BigUint64Array, threads: number): Promise<BigUint64Array> {
+  /**
+   * XXH64 of each (address, len) pair in `ranges`, on up to `threads` threads.
+   * onProgress, if given, sees the bytes hashed so far every `everyMs` while it runs.
+   */
+  async hash64(
+    ranges: BigUint64Array,
+    threads: number,
+    onProgress?: (bytes: number) => void,
+    everyMs = 50,
+  ): Promise<BigUint64Array> {
     if (ranges.length % 2 !== 0) throw new RangeError("ranges must hold (address, len) pairs");
     const hashes = new BigUint64Array(ranges.length / 2);
     if (hashes.length === 0) return hashes;
-    const status = await promisify<number>(this.lib.native.hash64, [this.ptr, ranges, hashes.length, hashes, threads]);
-    this.check("ckpt_hash64", status);
+    const counter = new NativeCounter();
+    const timer = onProgress ? setInterval(() => onProgress(counter.read()), everyMs) : undefined;
+    try {
+      const args = [this.ptr, ranges, hashes.length, hashes, threads, counter.address];
+      this.check("ckpt_hash64", await promisify<number>(this.lib.native.hash64, args));
+      onProgress?.(counter.read());
+    } finally {
+      clearInterval(timer);
+      counter.free();
+    }
     return hashes;
   }
 

@@ -71,7 +71,8 @@ const SIGNATURES = {
   fileUnmap: "int ckpt_file_unmap(ckpt_ctx ctx, void *ptr, uint64_t len)",
   fileRead:
     "int ckpt_file_read(ckpt_ctx ctx, const char *path, uint64_t offset, uint64_t len, void *dst, int32_t threads)",
-  hash64: "int ckpt_hash64(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads)",
+  hash64:
+    "int ckpt_hash64(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads, void *done_bytes)",
   ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",
   sdNotify: "int ckpt_sd_notify(const char *state)",
 } as const;
@@ -95,6 +96,23 @@ export function loadNative(path: string): Native {
 /** A view of native memory as bytes (for tests and checks, never the data path). */
 export function viewMemory(address: bigint, len: number): Uint8Array {
   return new Uint8Array(koffi.view(address, len));
+}
+
+/** A uint64 counter in native memory that C threads update while a call runs. */
+export class NativeCounter {
+  readonly address: bigint = koffi.alloc("uint64_t", 1) as bigint;
+
+  constructor() {
+    koffi.encode(this.address, "uint64_t", 0);
+  }
+
+  read(): number {
+    return Number(koffi.decode(this.address, "uint64_t"));
+  }
+
+  free(): void {
+    koffi.free(this.address);
+  }
 }
 
 /** Size in bytes of a declared struct, to check against the library at load. */

@@ -230,7 +230,9 @@ describe("fuzzing registration", () => {
     for (let i = 0; i < 60; i++) {
       let bytes = Buffer.from(base);
       if (i % 3 === 0) bytes = bytes.subarray(0, Math.floor(random() * bytes.byteLength));
-      else for (let k = 0; k < 3; k++) bytes[Math.floor(random() * Math.min(bytes.byteLength, 120))] = Math.floor(random() * 256);
+      else
+        for (let k = 0; k < 3; k++)
+          bytes[Math.floor(random() * Math.min(bytes.byteLength, 120))] = Math.floor(random() * 256);
       const path = join(dir, `fuzz-${i}.safetensors`);
       writeFileSync(path, bytes);
       const res = await d.api("POST", "/v1/checkpoints", { name: "fuzz", files: [path] });

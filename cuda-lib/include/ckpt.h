@@ -110,7 +110,8 @@ int ckpt_device_info_get(ckpt_ctx *ctx, int32_t index, ckpt_device_info *info);
 
 #define CKPT_REGISTER_READONLY 1u  /* the device only reads the region (mapped read-only files) */
 
-/* Allocates len bytes of page-locked host memory, zeroed. Blocking; costly (page pinning):
+/* Allocates len bytes of page-locked host memory; its contents are undefined until written.
+ * Blocking; costly (page pinning):
  * allocate once and reuse. Free with ckpt_host_free. */
 int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out);
 int ckpt_host_free(ckpt_ctx *ctx, void *ptr);
@@ -205,8 +206,11 @@ int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t le
                    int32_t threads);
 /* XXH64 (seed 0) of each of n host ranges; ranges holds n (address, len) pairs of uint64,
  * hashes receives n values. Ranges are spread over up to `threads` threads (largest first);
- * the memory need not be pinned. Blocking. */
-int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads);
+ * the memory need not be pinned. If done_bytes is not NULL, the length of each range is
+ * added to it atomically as that range finishes, so another thread can read the progress
+ * while the call runs. Blocking. */
+int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads,
+                uint64_t *done_bytes);
 
 /* ---- NCCL ---------------------------------------------------------------------------- */
 

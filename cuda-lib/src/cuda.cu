@@ -183,7 +183,6 @@ CKPT_API int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out) {
   *out = NULL;
   void *p = NULL;
   CUDA_CHECK_HOST(ctx, cudaHostAlloc(&p, len, cudaHostAllocPortable));
-  memset(p, 0, len);
   int st = ckpt__region_add(ctx, p, len, 1);
   if (st != CKPT_OK) {
     cudaFreeHost(p);

@@ -111,6 +111,7 @@ typedef struct {
   const by_len *order;
   size_t n;
   atomic_size_t next;
+  _Atomic uint64_t *done_bytes; /* may be NULL */
 } hash_job;
 
 static void *hash_worker(void *arg) {
@@ -121,11 +122,13 @@ static void *hash_worker(void *arg) {
     size_t i = job->order[k].index;
     job->hashes[i] =
         xxh64((const uint8_t *)(uintptr_t)job->ranges[2 * i], (size_t)job->ranges[2 * i + 1]);
+    if (job->done_bytes)
+      atomic_fetch_add_explicit(job->done_bytes, job->ranges[2 * i + 1], memory_order_relaxed);
   }
 }
 
 CKPT_API int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes,
-                         int32_t threads) {
+                         int32_t threads, uint64_t *done_bytes) {
   CHECK_ARG(NULL, ctx != NULL);
   if (n == 0) return CKPT_OK;
   if (ranges == NULL || hashes == NULL)
@@ -139,16 +142,20 @@ CKPT_API int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64
   }
   size_t workers = threads <= 0 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads;
   if (workers > n) workers = n;
+  /* The counter is read by other threads while this runs, hence atomic (same layout). */
+  _Atomic uint64_t *done = (_Atomic uint64_t *)done_bytes;
   if (workers == 1) {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
       hashes[i] = xxh64((const uint8_t *)(uintptr_t)ranges[2 * i], (size_t)ranges[2 * i + 1]);
+      if (done) atomic_fetch_add_explicit(done, ranges[2 * i + 1], memory_order_relaxed);
+    }
     return CKPT_OK;
   }
   by_len *order = malloc(n * sizeof *order);
   if (order == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_hash64: order of %zu ranges", n);
   for (size_t i = 0; i < n; i++) order[i] = (by_len){ranges[2 * i + 1], i};
   qsort(order, n, sizeof *order, longer_first);
-  hash_job job = {.ranges = ranges, .hashes = hashes, .order = order, .n = n};
+  hash_job job = {.ranges = ranges, .hashes = hashes, .order = order, .n = n, .done_bytes = done};
   atomic_init(&job.next, 0);
   pthread_t tid[MAX_THREADS];
   size_t started = 0;

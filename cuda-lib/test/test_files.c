@@ -97,7 +97,7 @@ static int write_temp_file(char path[64], const uint8_t *data, size_t len) {
 
 static uint64_t hash1(ckpt_ctx *ctx, const void *p, size_t len) {
   uint64_t r[2] = {(uint64_t)(uintptr_t)p, len}, h = 0;
-  return ckpt_hash64(ctx, r, 1, &h, 1) == CKPT_OK ? h : 0;
+  return ckpt_hash64(ctx, r, 1, &h, 1, NULL) == CKPT_OK ? h : 0;
 }
 
 /* ---- tests -------------------------------------------------------------------------- */
@@ -273,7 +273,7 @@ static int test_hash_vectors(void) {
   }
   /* An empty range may sit at address 0. */
   uint64_t r[2] = {0, 0}, h = 0;
-  EXPECT_OK(ctx, ckpt_hash64(ctx, r, 1, &h, 4));
+  EXPECT_OK(ctx, ckpt_hash64(ctx, r, 1, &h, 4, NULL));
   EXPECT(h == 0xEF46DB3751D8E999ull);
   EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
   return 1;
@@ -295,11 +295,17 @@ static int test_hash_many(void) {
     r[2 * i] = (uint64_t)(uintptr_t)(base + off);
     r[2 * i + 1] = len;
   }
-  EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h1, 1));
+  uint64_t done = 0, total = 0;
+  for (size_t i = 0; i < n; i++) total += r[2 * i + 1];
+  EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h1, 1, &done));
+  EXPECT(done == total); /* the progress counter ends at the sum of the lengths */
+  done = 0;
+  EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h8, 8, &done));
+  EXPECT(done == total);
   const int32_t threads[] = {8, 0, -1, 2, 64, 1000};
   for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
     memset(h8, 0, n * sizeof *h8);
-    EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h8, threads[t]));
+    EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h8, threads[t], NULL));
     EXPECT(memcmp(h1, h8, n * sizeof *h1) == 0);
   }
   for (size_t i = 0; i < n; i += 97)
@@ -311,15 +317,15 @@ static int test_hash_many(void) {
   EXPECT(hash1(ctx, base + 1, 4096) != hash1(ctx, base + (1 << 20), 4096));
 
   /* n = 0 needs no arrays; n > 0 does. Bad ranges are refused before anything is hashed. */
-  EXPECT_OK(ctx, ckpt_hash64(ctx, NULL, 0, NULL, 8));
-  EXPECT_ST(ctx, ckpt_hash64(ctx, NULL, 1, h8, 1), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_hash64(ctx, r, 1, NULL, 1), CKPT_EINVAL);
-  EXPECT_ST(NULL, ckpt_hash64(NULL, r, 1, h8, 1), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_hash64(ctx, NULL, 0, NULL, 8, NULL));
+  EXPECT_ST(ctx, ckpt_hash64(ctx, NULL, 1, h8, 1, NULL), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_hash64(ctx, r, 1, NULL, 1, NULL), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_hash64(NULL, r, 1, h8, 1, NULL), CKPT_EINVAL);
   uint64_t bad[4] = {(uint64_t)(uintptr_t)base, 16, 0, 16};  /* range 1: NULL with a length */
-  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 1), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 1, NULL), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "range 1");
   bad[2] = UINT64_MAX - 8;  /* wraps around the address space */
-  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 2), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 2, NULL), CKPT_EINVAL);
   free(base), free(r), free(h1), free(h8);
   EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
   return 1;

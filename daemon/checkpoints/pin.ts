@@ -140,23 +140,37 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
   }
 }
 
-/** XXH64 of every tensor, file by file (progress and cancel between files), as 16 hex digits. */
+/**
+ * XXH64 of every tensor of every file in one call (the threads balance best over all
+ * tensors at once), with the bytes hashed so far in progress; as 16 hex digits, per file.
+ */
 export async function hashTensors(
   ctx: Context,
   files: { pinned: PinnedFile; tensors: { begin: number; end: number }[] }[],
   opts: { threads: number; signal: AbortSignal; progress: Progress },
 ): Promise<string[][]> {
-  const out: string[][] = [];
+  checkAborted(opts.signal);
+  const count = files.reduce((n, f) => n + f.tensors.length, 0);
+  const ranges = new BigUint64Array(count * 2);
+  let k = 0;
   for (const { pinned, tensors } of files) {
-    checkAborted(opts.signal);
-    const ranges = new BigUint64Array(tensors.length * 2);
-    tensors.forEach((t, i) => {
-      ranges[2 * i] = pinned.mem.address + BigInt(t.begin);
-      ranges[2 * i + 1] = BigInt(t.end - t.begin);
-    });
-    const hashes = await ctx.hash64(ranges, opts.threads);
-    out.push([...hashes].map((h) => h.toString(16).padStart(16, "0")));
-    opts.progress.bytesHashed += pinned.size;
+    for (const t of tensors) {
+      ranges[k++] = pinned.mem.address + BigInt(t.begin);
+      ranges[k++] = BigInt(t.end - t.begin);
+    }
   }
-  return out;
+  // Header bytes are not hashed; progress counts them as done so it ends at bytesTotal.
+  const headers =
+    files.reduce((n, f) => n + f.pinned.size, 0) -
+    files.reduce((n, f) => n + f.tensors.reduce((m, t) => m + t.end - t.begin, 0), 0);
+  const hashes = await ctx.hash64(ranges, opts.threads, (bytes) => {
+    opts.progress.bytesHashed = headers + bytes;
+  });
+  const hex = [...hashes].map((h) => h.toString(16).padStart(16, "0"));
+  let at = 0;
+  return files.map((f) => {
+    const mine = hex.slice(at, at + f.tensors.length);
+    at += f.tensors.length;
+    return mine;
+  });
 }

@@ -1,0 +1,91 @@
+"""Push a trainer's tensors into ckptd as a new checkpoint version.
+
+Needs only the standard library and torch. Two ways, same result (name@N, pinned, hashed):
+
+  push_http(url, name, tensors)      streams each tensor's raw bytes over HTTP
+  push_shm(url, name, tensors)       writes one safetensors file to /dev/shm, and the daemon
+                                     adopts it (pins it in place, deletes it when the version
+                                     is dropped): no copy through HTTP, the fast path
+
+    python3 integrations/trainer_push.py http://127.0.0.1:8470 demo [http|shm]
+"""
+import ctypes
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+
+import torch
+
+DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float32: "F32", torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _raw(t):
+    """The tensor's bytes, without numpy (bf16 has no numpy type)."""
+    t = t.detach().contiguous().cpu()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+def _call(method, url, body=None, content_type="application/json"):
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": content_type})
+    try:
+        with urllib.request.urlopen(req) as res:
+            return json.load(res)
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"{method} {url}: {err.code} {err.read().decode()}") from None
+
+
+def push_http(url, name, tensors):
+    """Declares the tensors, PUTs each one's bytes, commits; returns the version summary."""
+    decl = [{"name": k, "dtype": DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()]
+    upload = _call("POST", f"{url}/v1/uploads", {"name": name, "tensors": decl})
+    for k, t in tensors.items():
+        _call("PUT", f"{url}/v1/uploads/{upload['id']}/tensors/{urllib.parse.quote(k, safe='')}",
+              _raw(t), "application/octet-stream")
+    return _call("POST", f"{url}/v1/uploads/{upload['id']}/commit", {"wait": True})
+
+
+def write_safetensors(path, tensors):
+    """A safetensors file: 8-byte header length, JSON header, tensor bytes back to back."""
+    header, offset = {}, 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(_raw(t))
+
+
+def push_shm(url, name, tensors, shm_dir="/dev/shm"):
+    """Writes the tensors to a file in shared memory and has the daemon adopt it."""
+    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".safetensors", dir=shm_dir)
+    os.close(fd)
+    try:
+        write_safetensors(path, tensors)
+        return _call("POST", f"{url}/v1/checkpoints", {"name": name, "files": [path], "adopt": True})
+    except Exception:
+        os.unlink(path)  # not adopted: ours to clean up
+        raise
+
+
+if __name__ == "__main__":
+    url, name = sys.argv[1], sys.argv[2]
+    how = sys.argv[3] if len(sys.argv) > 3 else "shm"
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(1000, 64, generator=g).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(64),
+    }
+    print(json.dumps((push_http if how == "http" else push_shm)(url, name, tensors)))
