@@ -37,10 +37,10 @@ for mode in inplace copy; do
 import json, sys, pathlib
 out, mode, i = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 r = json.loads(out.joinpath("reg.json").read_text())
-print(json.dumps({"mode": mode, "run": i, "state": r.get("state"), "bytes": r.get("bytes"), "tensors": r.get("tensors"),
+print(json.dumps({"mode": mode, "run": i, "state": r.get("state"), "bytes": r.get("bytes"), "tensors": r.get("tensorCount"),
                   "wall": float(out.joinpath("wall.txt").read_text()), **r.get("timings", {}), "error": r.get("error")}))
 PY
-    curl -s "$api/checkpoints/q8b-$mode@$((i + 1))" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(json.dumps({t["name"]: t["hash"] for t in m["manifest"]}))' >"$out/hashes-$mode-$i.json"
+    curl -s "$api/checkpoints/q8b-$mode@$((i + 1))" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(json.dumps({t["name"]: t["hash"] for t in m["tensors"]}))' >"$out/hashes-$mode-$i.json"
     curl -s -o /dev/null -X DELETE "$api/checkpoints/q8b-$mode@$((i + 1))"
   done
 done

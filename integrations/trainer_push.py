@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 
 import torch

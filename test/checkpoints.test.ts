@@ -53,12 +53,12 @@ afterEach(async () => {
 
 /** Every tensor of the manifest has the registered bytes' hash, as computed independently. */
 async function expectManifestMatches(
-  manifest: { manifest: { name: string; hash: string; bytes: number }[] },
+  manifest: { tensors: { name: string; hash: string; bytes: number }[] },
   tensors: WrittenTensor[],
 ) {
-  expect(manifest.manifest.map((t) => t.name).sort()).toEqual(tensors.map((t) => t.name).sort());
+  expect(manifest.tensors.map((t) => t.name).sort()).toEqual(tensors.map((t) => t.name).sort());
   for (const t of tensors) {
-    const entry = manifest.manifest.find((m) => m.name === t.name);
+    const entry = manifest.tensors.find((m) => m.name === t.name);
     expect(entry?.bytes).toBe(t.bytes.byteLength);
     expect(entry?.hash).toBe(await xxh64(t.bytes));
   }
@@ -71,7 +71,7 @@ describe("registering checkpoints", () => {
     const tensors = writeModel(dir);
     const res = await d.api("POST", "/v1/checkpoints", { name: "qwen", dir });
     expect(res.status).toBe(201);
-    expect(res.body).toMatchObject({ id: "qwen@1", state: "ready", tensors: tensors.length });
+    expect(res.body).toMatchObject({ id: "qwen@1", state: "ready", tensorCount: tensors.length });
     expect(res.headers.get("location")).toBe("/v1/checkpoints/qwen@1");
     const manifest = (await d.api("GET", "/v1/checkpoints/qwen@1")).body;
     expect(manifest.files.every((f: { inPlace: boolean }) => f.inPlace)).toBe(true);
@@ -107,7 +107,7 @@ describe("registering checkpoints", () => {
     writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map: weightMap }));
     writeSafetensors(join(dir, "stray.safetensors"), [{ name: "stray", dtype: "U8", shape: [4] }]);
     const ok = await d.api("POST", "/v1/checkpoints", { name: "idx", dir });
-    expect(ok.body.tensors).toBe(tensors.length); // the stray file is not in the index
+    expect(ok.body.tensorCount).toBe(tensors.length); // the stray file is not in the index
     weightMap["lm_head.weight"] = "model-1-of-2.safetensors";
     writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map: weightMap }));
     const bad = await d.api("POST", "/v1/checkpoints", { name: "idx", dir });
@@ -241,7 +241,7 @@ describe("fuzzing registration", () => {
       if (res.status === 201) {
         // Accepted: the manifest must describe exactly the bytes in the file.
         const manifest = (await d.api("GET", `/v1/checkpoints/${res.body.id}`)).body;
-        for (const t of manifest.manifest) {
+        for (const t of manifest.tensors) {
           expect(t.hash).toBe(await xxh64(bytes.subarray(t.offset, t.offset + t.bytes)));
         }
         await d.api("DELETE", `/v1/checkpoints/${res.body.id}`);
@@ -351,8 +351,8 @@ describe("trainer pushes", () => {
     expect(committed.status).toBe(201);
     expect(committed.body.id).toBe("pushed@1");
     const manifest = (await d.api("GET", "/v1/checkpoints/pushed@1")).body;
-    expect(manifest.manifest.find((t: { name: string }) => t.name === "a.weight").hash).toBe(await xxh64(a));
-    expect(manifest.manifest.find((t: { name: string }) => t.name === "b.bias").hash).toBe(await xxh64(b));
+    expect(manifest.tensors.find((t: { name: string }) => t.name === "a.weight").hash).toBe(await xxh64(a));
+    expect(manifest.tensors.find((t: { name: string }) => t.name === "b.bias").hash).toBe(await xxh64(b));
     expect(manifest.files[0]).toMatchObject({ inPlace: true, adopted: true });
     // Dropping the version deletes the daemon's file.
     await d.api("DELETE", "/v1/checkpoints/pushed@1");

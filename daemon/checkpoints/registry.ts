@@ -126,7 +126,7 @@ export class CheckpointVersion {
       version: this.version,
       state: this.state,
       bytes: this.bytes,
-      tensors: this.tensors.length,
+      tensorCount: this.tensors.length,
       createdAt: this.createdAt,
       inUse: this.leases > 0,
       progress: { ...this.progress },
@@ -136,12 +136,7 @@ export class CheckpointVersion {
   }
 
   manifest() {
-    return {
-      ...this.summary(),
-      tensors: this.tensors.length,
-      files: this.files,
-      manifest: this.tensors,
-    };
+    return { ...this.summary(), files: this.files, tensors: this.tensors };
   }
 }
 
