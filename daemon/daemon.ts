@@ -1,3 +1,4 @@
+import { join } from "node:path";
 import type { Logger } from "pino";
 import { CkptError, type Context, openBackend } from "../ffi/index.ts";
 import { Registry } from "./checkpoints/registry.ts";
@@ -6,7 +7,12 @@ import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints
 import { uploadRoutes } from "./checkpoints/uploads.ts";
 import type { Config } from "./config/index.ts";
 import { createApp } from "./http/app.ts";
+import { renderMetrics } from "./http/metrics.ts";
 import type { Runtime } from "./runtime/index.ts";
+import { ReceiverHub } from "./update/receivers.ts";
+import { updateRoutes } from "./update/routes.ts";
+import { Transfer } from "./update/transfer.ts";
+import { Updates } from "./update/updates.ts";
 import { VERSION } from "./version.ts";
 
 export interface Daemon {
@@ -34,6 +40,68 @@ function ncclStatus(context: Context): { version: number } | { error: string } {
   }
 }
 
+/** The daemon's numbers for GET /metrics. */
+function metricsOf(registry: Registry, updates: Updates, hub: ReceiverHub, gpus: number): string {
+  const all = updates.list();
+  const last = all.at(-1);
+  const count = (state: string) => all.filter((u) => u.state === state).length;
+  return renderMetrics([
+    { name: "ckptd_up", help: "1 while the daemon serves", type: "gauge", samples: [{ value: 1 }] },
+    {
+      name: "ckptd_checkpoint_versions",
+      help: "Registered versions",
+      type: "gauge",
+      samples: [{ value: registry.list().length }],
+    },
+    {
+      name: "ckptd_pinned_bytes",
+      help: "Pinned host memory held by checkpoints",
+      type: "gauge",
+      samples: [{ value: registry.pinnedBytes() }],
+    },
+    {
+      name: "ckptd_updates",
+      help: "Updates kept in history, by state",
+      type: "gauge",
+      samples: ["running", "succeeded", "failed"].map((state) => ({ labels: { state }, value: count(state) })),
+    },
+    {
+      name: "ckptd_last_update_seconds",
+      help: "Duration of the last update",
+      type: "gauge",
+      samples: [{ value: last?.timings.seconds ?? 0 }],
+    },
+    {
+      name: "ckptd_last_update_bytes",
+      help: "Bytes moved by the last update",
+      type: "gauge",
+      samples: [{ value: last?.progress.bytesDone ?? 0 }],
+    },
+    {
+      name: "ckptd_last_update_stall_seconds",
+      help: "Time the last update waited for engines to free a bucket slot",
+      type: "gauge",
+      samples: [{ value: last?.timings.stallSeconds ?? 0 }],
+    },
+    {
+      name: "ckptd_receivers",
+      help: "Connected engine receivers per GPU",
+      type: "gauge",
+      samples: Array.from({ length: gpus }, (_, gpu) => ({
+        labels: { gpu },
+        value: hub.connected().filter((r) => r.gpu === gpu).length,
+      })),
+    },
+  ]);
+}
+
+/** Bucket size: the configured cap, lowered so all slots fit in a tenth of the freest GPU's free memory. */
+function bucketSize(context: Context, cap: number, slots: number): number {
+  const free = Math.min(...context.devices().map((d) => d.freeBytes));
+  const fit = Math.floor(free / 10 / slots / (1 << 20)) * (1 << 20);
+  return Math.max(1 << 20, Math.min(cap, fit));
+}
+
 /** Opens the data plane and serves the API; resolves once the port is bound. */
 export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   const { config, runtime, log } = opts;
@@ -55,6 +123,39 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   });
   const restore: RestoreReport = await restoreRegistry(config.stateDir, registry, log);
 
+  // The update data path is made at start, before engines take the GPU memory, and kept.
+  const gpus = context.deviceCount();
+  const slotBytes = bucketSize(context, config.bucketBytes, config.bucketSlots);
+  let transfer: Transfer | undefined = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);
+  const hub = new ReceiverHub(join(config.socketDir || join(config.stateDir, "sockets")), gpus, log, (r) => {
+    const info = context.deviceInfo(r.gpu);
+    r.send({ op: "welcome", protocol: 1, gpu: r.gpu, uuid: info.uuid, backend: context.backend });
+    if (transfer) r.send({ op: "buffers", generation: transfer.generation, slots: transfer.handles(r.gpu) });
+  });
+  await hub.listen();
+  const updates = new Updates({
+    ctx: context,
+    log,
+    registry,
+    hub,
+    receiverTimeoutMs: config.receiverTimeoutMs,
+    transfer: async () => {
+      if (!transfer) {
+        transfer = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);
+        const t = transfer;
+        for (const r of hub.connected()) r.send({ op: "buffers", generation: t.generation, slots: t.handles(r.gpu) });
+      }
+      return transfer;
+    },
+    discard: async () => {
+      // A device that did not finish in time: leak nothing we can free, make anew next time.
+      const t = transfer;
+      transfer = undefined;
+      await t?.close().catch((err) => log.error({ err }, "closing a broken data path"));
+    },
+  });
+  log.info({ gpus, slots: config.bucketSlots, slotBytes, sockets: hub.socketDir }, "update path ready");
+
   const app = createApp({
     log,
     status: () => ({
@@ -64,6 +165,11 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
       backend: context.backend,
       nccl,
       gpus: context.devices().map((d) => ({
+        socket: hub.socketPath(d.index),
+        receivers: hub
+          .connected()
+          .filter((r) => r.gpu === d.index)
+          .map((r) => r.label),
         index: d.index,
         uuid: d.uuid,
         name: d.name,
@@ -82,11 +188,17 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   });
   checkpointRoutes(app, registry, config.pinnedBudgetBytes);
   uploadRoutes(app, registry, config.uploadDir);
+  updateRoutes(app, updates);
+  app.get("/metrics", (c) =>
+    c.text(metricsOf(registry, updates, hub, gpus), 200, { "content-type": "text/plain; version=0.0.4" }),
+  );
 
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   try {
     server = await runtime.serve(app.fetch, config.host, config.port);
   } catch (err) {
+    await hub.close();
+    await transfer?.close();
     await registry.close();
     await context.destroy();
     throw new Error(`cannot listen on ${config.host}:${config.port}: ${(err as Error).message}`);
@@ -101,6 +213,8 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     stop() {
       stopping ??= (async () => {
         await server.close();
+        await hub.close();
+        await transfer?.close();
         await registry.close();
         await context.destroy();
       })();

@@ -136,6 +136,16 @@ export class Event {
   ) {}
 }
 
+/** Ranks of one communicator owned by this process, one per local device. */
+export class Comm {
+  constructor(
+    readonly handle: Ptr,
+    readonly nranks: number,
+    readonly firstRank: number,
+    readonly devices: number[],
+  ) {}
+}
+
 /** Status of ckpt_event_query / ckpt_event_wait that is not a failure. */
 const CKPT_EAGAIN = -9;
 const CKPT_ETIMEDOUT = -10;
@@ -275,6 +285,41 @@ export class Context {
 
   eventRecord(event: Event, stream: Stream): void {
     this.check("ckpt_event_record", this.lib.native.eventRecord(event.handle, stream.handle));
+  }
+
+  /** Work queued on `stream` after this waits for `event`, without blocking the host. */
+  streamWaitEvent(stream: Stream, event: Event): void {
+    this.check("ckpt_stream_wait_event", this.lib.native.streamWaitEvent(stream.handle, event.handle));
+  }
+
+  /** A new communicator id to give every participant of commInit. */
+  commIdNew(): Uint8Array {
+    const id = new Uint8Array(128);
+    this.check("ckpt_comm_id_new", this.lib.native.commIdNew(this.ptr, id));
+    return id;
+  }
+
+  /** Joins communicator `id` with `devices` as ranks firstRank..; blocks until all ranks joined. */
+  async commInit(id: Uint8Array, nranks: number, firstRank: number, devices: number[]): Promise<Comm> {
+    const out: Ptr[] = [0n];
+    const args = [this.ptr, id, nranks, firstRank, devices.length, new Int32Array(devices), out];
+    this.check("ckpt_comm_init", await promisify(this.lib.native.commInit, args));
+    return new Comm(out[0] as Ptr, nranks, firstRank, [...devices]);
+  }
+
+  async commDestroy(comm: Comm): Promise<void> {
+    this.check("ckpt_comm_destroy", await promisify(this.lib.native.commDestroy, [comm.handle]));
+  }
+
+  async commAbort(comm: Comm): Promise<void> {
+    this.check("ckpt_comm_abort", await promisify(this.lib.native.commAbort, [comm.handle]));
+  }
+
+  /** Queues a broadcast from global rank `root` of [offset, offset+len) of each local rank's buffer. */
+  broadcast(comm: Comm, root: number, bufs: DeviceBuffer[], streams: Stream[], offset: number, len: number): void {
+    const b = new BigUint64Array(bufs.map((x) => x.handle));
+    const s = new BigUint64Array(streams.map((x) => x.handle));
+    this.check("ckpt_broadcast", this.lib.native.broadcast(comm.handle, root, b, s, offset, len));
   }
 
   /** True when the event has completed. */

@@ -1,5 +1,6 @@
 export {
   type Backend,
+  Comm,
   Context,
   type ContextOptions,
   DeviceBuffer,

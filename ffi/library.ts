@@ -35,7 +35,7 @@ export const IpcHandle = koffi.struct("ckpt_ipc_handle", {
   data: koffi.array("uint8_t", 128, "Typed"),
 });
 
-for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event"]) {
+for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event", "ckpt_comm"]) {
   koffi.pointer(name, koffi.opaque());
 }
 
@@ -66,6 +66,14 @@ const SIGNATURES = {
   eventDestroy: "int ckpt_event_destroy(ckpt_event event)",
   eventRecord: "int ckpt_event_record(ckpt_event event, ckpt_stream stream)",
   eventQuery: "int ckpt_event_query(ckpt_event event)",
+  streamWaitEvent: "int ckpt_stream_wait_event(ckpt_stream stream, ckpt_event event)",
+  commIdNew: "int ckpt_comm_id_new(ckpt_ctx ctx, _Out_ uint8_t *id)",
+  commInit:
+    "int ckpt_comm_init(ckpt_ctx ctx, const uint8_t *id, int32_t nranks, int32_t first_rank, int32_t ndev, const int32_t *devices, _Out_ ckpt_comm *out)",
+  commDestroy: "int ckpt_comm_destroy(ckpt_comm comm)",
+  commAbort: "int ckpt_comm_abort(ckpt_comm comm)",
+  broadcast:
+    "int ckpt_broadcast(ckpt_comm comm, int32_t root, const void *bufs, const void *streams, uint64_t offset, uint64_t len)",
   eventWait: "int ckpt_event_wait(ckpt_event event, int64_t timeout_ms)",
   fileMap: "int ckpt_file_map(ckpt_ctx ctx, const char *path, _Out_ void **out, _Out_ uint64_t *len)",
   fileUnmap: "int ckpt_file_unmap(ckpt_ctx ctx, void *ptr, uint64_t len)",

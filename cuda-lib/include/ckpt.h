@@ -183,6 +183,11 @@ int ckpt_event_destroy(ckpt_event *event);
 /* Marks the current end of the stream's queue; the event completes when the work queued
  * before it has. Re-recording an event moves it. Non-blocking. */
 int ckpt_event_record(ckpt_event *event, ckpt_stream *stream);
+/* Makes all work queued on `stream` after this call wait until `event` completes (its
+ * latest record), without blocking the host; the event may belong to another device.
+ * Non-blocking. */
+int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event);
+
 /* CKPT_OK if complete (or never recorded), CKPT_EAGAIN if not yet. Non-blocking. */
 int ckpt_event_query(ckpt_event *event);
 /* Blocks until the event completes or timeout_ms passes (negative: no limit).
@@ -211,6 +216,33 @@ int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t le
  * while the call runs. Blocking. */
 int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads,
                 uint64_t *done_bytes);
+
+/* ---- collectives ----------------------------------------------------------------------- */
+
+typedef struct ckpt_comm ckpt_comm;   /* the ranks of one communicator that this process owns */
+
+#define CKPT_COMM_ID_BYTES 128
+
+/* Makes a new communicator id (ncclGetUniqueId; host: random bytes), to be passed to every
+ * participant of ckpt_comm_init. Blocking (CUDA: may open a socket); cheap. */
+int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]);
+/* Joins communicator `id` of nranks ranks, with this process's ndev devices as ranks
+ * first_rank .. first_rank + ndev - 1 (devices[i] is rank first_rank + i). Blocks until
+ * every rank has joined. The host backend supports only communicators whose ranks all
+ * live in this process (nranks == ndev, CKPT_EUNSUPPORTED otherwise). */
+int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks, int32_t first_rank,
+                   int32_t ndev, const int32_t *devices, ckpt_comm **out);
+/* Frees the communicator after its queued work completes. */
+int ckpt_comm_destroy(ckpt_comm *comm);
+/* Aborts the communicator's work in flight (ncclCommAbort), so that a dead peer cannot hang
+ * the process, and frees it. */
+int ckpt_comm_abort(ckpt_comm *comm);
+/* Queues a broadcast of len bytes at byte `offset` of every rank's buffer, from global rank
+ * `root` to all ranks (in place at the root). bufs[i] and streams[i] belong to this process's
+ * local rank i (device devices[i] of ckpt_comm_init); each buffer must hold offset + len bytes
+ * (CKPT_ERANGE). Returns without waiting: record events on the streams to learn completion. */
+int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs, ckpt_stream *const *streams,
+                   uint64_t offset, uint64_t len);
 
 /* ---- NCCL ---------------------------------------------------------------------------- */
 

@@ -1,4 +1,5 @@
-/* The CUDA backend of ckpt.h: pinned host memory, device buffers, IPC, streams, events. */
+/* The CUDA backend of ckpt.h: pinned host memory, device buffers, IPC, streams, events, and
+ * collectives through NCCL (loaded at run time). */
 #include "common.h"
 
 #include <cuda_runtime.h>
@@ -77,6 +78,10 @@ static int no_gpu_error(cudaError_t err) {
 
 CKPT_API const char *ckpt_backend(void) { return "cuda"; }
 
+/* NCCL's entry points (see the NCCL section); ctx->nccl_lib holds one once loaded. */
+typedef struct nccl_api nccl_api;
+static void nccl_api_free(nccl_api *api);
+
 /* ---- context ------------------------------------------------------------------------- */
 
 CKPT_API int ckpt_ctx_create(const ckpt_ctx_options *opts, ckpt_ctx **out) {
@@ -100,7 +105,7 @@ CKPT_API int ckpt_ctx_create(const ckpt_ctx_options *opts, ckpt_ctx **out) {
 CKPT_API int ckpt_ctx_destroy(ckpt_ctx *ctx) {
   if (ctx == NULL) return CKPT_EINVAL;
   CHECK(ckpt__ctx_fini(ctx));
-  if (ctx->nccl_lib != NULL) dlclose(ctx->nccl_lib);
+  nccl_api_free((nccl_api *)ctx->nccl_lib);
   free(ctx);
   return CKPT_OK;
 }
@@ -472,6 +477,18 @@ CKPT_API int ckpt_event_record(ckpt_event *event, ckpt_stream *stream) {
   return CKPT_OK;
 }
 
+CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
+  if (stream == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = stream->ctx;
+  CHECK_ARG(ctx, event != NULL);
+  if (event->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "event belongs to another context");
+  /* The event may be on another device: CUDA waits across devices. A never recorded event
+   * makes no wait. */
+  CHECK(set_device(ctx, stream->device));
+  CUDA_CHECK(ctx, cudaStreamWaitEvent(stream->stream, event->event, 0));
+  return CKPT_OK;
+}
+
 /* One cudaEventQuery: CKPT_OK, CKPT_EAGAIN (not recorded as a failure) or a failure. */
 static int event_poll(ckpt_event *event) {
   cudaError_t err = cudaEventQuery(event->event);
@@ -520,39 +537,328 @@ CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
 
 /* ---- NCCL ---------------------------------------------------------------------------- */
 
-/* ncclResult_t is an int enum, 0 = ncclSuccess; nccl.h is not needed at build time. */
-typedef int (*ckpt_nccl_get_version_fn)(int *);
+/* nccl.h is not needed at build time: the few types used here, as NCCL 2.x defines them.
+ * ncclResult_t and ncclDataType_t are int enums (0 = ncclSuccess; ncclUint8 = 1). */
+typedef int nccl_result;
+typedef struct nccl_comm_s *nccl_comm;                     /* ncclComm_t */
+typedef struct nccl_unique_id { char internal[CKPT_COMM_ID_BYTES]; } nccl_unique_id;
+enum { NCCL_UINT8 = 1 };
+
+/* The library and its entry points, resolved once per context. ctx->nccl_lib points at one
+ * of these (it is NULL until NCCL is first used). */
+struct nccl_api {
+  void *lib;
+  nccl_result (*get_version)(int *);
+  nccl_result (*get_unique_id)(nccl_unique_id *);
+  nccl_result (*comm_init_rank)(nccl_comm *, int, nccl_unique_id, int);
+  nccl_result (*group_start)(void);
+  nccl_result (*group_end)(void);
+  nccl_result (*broadcast)(const void *, void *, size_t, int, int, nccl_comm, cudaStream_t);
+  nccl_result (*comm_destroy)(nccl_comm);
+  nccl_result (*comm_abort)(nccl_comm);
+  const char *(*get_error_string)(nccl_result);
+  const char *(*get_last_error)(nccl_comm); /* NCCL >= 2.13; NULL before */
+};
+
+static void nccl_api_free(nccl_api *api) {
+  if (api == NULL) return;
+  dlclose(api->lib);
+  free(api);
+}
+
+/* Loads NCCL and resolves its entry points on first use. The load runs outside ctx->mu (it
+ * guards the copy path's region table); a thread that loses the race drops its copy. */
+static int nccl_load(ckpt_ctx *ctx, const nccl_api **out) {
+  pthread_mutex_lock(&ctx->mu);
+  nccl_api *api = (nccl_api *)ctx->nccl_lib;
+  pthread_mutex_unlock(&ctx->mu);
+  if (api != NULL) {
+    *out = api;
+    return CKPT_OK;
+  }
+  /* RTLD_NODELETE: NCCL leaves threads behind (ncclGetUniqueId's bootstrap root waits for
+   * ranks that may never come), so its code must stay mapped after dlclose. */
+  void *lib = dlopen(ctx->nccl_path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+  if (lib == NULL) {
+    const char *e = dlerror();
+    return FAIL(ctx, CKPT_ENCCL, "dlopen %s: %s", ctx->nccl_path, e ? e : "unknown error");
+  }
+  api = (nccl_api *)calloc(1, sizeof *api);
+  if (api == NULL) {
+    dlclose(lib);
+    return FAIL(ctx, CKPT_ENOMEM, "NCCL entry point table");
+  }
+  api->lib = lib;
+  const struct {
+    const char *name;
+    void *slot;
+    int required;
+  } syms[] = {
+      {"ncclGetVersion", &api->get_version, 1},
+      {"ncclGetUniqueId", &api->get_unique_id, 1},
+      {"ncclCommInitRank", &api->comm_init_rank, 1},
+      {"ncclGroupStart", &api->group_start, 1},
+      {"ncclGroupEnd", &api->group_end, 1},
+      {"ncclBroadcast", &api->broadcast, 1},
+      {"ncclCommDestroy", &api->comm_destroy, 1},
+      {"ncclCommAbort", &api->comm_abort, 1},
+      {"ncclGetErrorString", &api->get_error_string, 1},
+      {"ncclGetLastError", &api->get_last_error, 0},
+  };
+  for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++) {
+    dlerror();
+    void *p = dlsym(lib, syms[i].name);
+    if (p == NULL && syms[i].required) {
+      const char *e = dlerror();
+      int st = FAIL(ctx, CKPT_ENCCL, "dlsym %s in %s: %s", syms[i].name, ctx->nccl_path,
+                    e ? e : "symbol not found");
+      nccl_api_free(api);
+      return st;
+    }
+    memcpy(syms[i].slot, &p, sizeof p); /* a function pointer's bytes, as dlsym gives them */
+  }
+  pthread_mutex_lock(&ctx->mu);
+  if (ctx->nccl_lib == NULL) ctx->nccl_lib = api;
+  nccl_api *won = (nccl_api *)ctx->nccl_lib;
+  pthread_mutex_unlock(&ctx->mu);
+  if (won != api) nccl_api_free(api);
+  *out = won;
+  return CKPT_OK;
+}
+
+/* Records a failed NCCL call: CKPT_ENCCL with the call (printf-style), NCCL's message for the
+ * code and, where this NCCL has it, its last error detail. */
+static int nccl_fail(ckpt_ctx *ctx, const nccl_api *api, nccl_result r, const char *file, int line,
+                     const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+static int nccl_fail(ckpt_ctx *ctx, const nccl_api *api, nccl_result r, const char *file, int line,
+                     const char *fmt, ...) {
+  char what[160];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  const char *msg = api->get_error_string ? api->get_error_string(r) : NULL;
+  const char *last = api->get_last_error ? api->get_last_error(NULL) : NULL;
+  return ckpt__fail(ctx, CKPT_ENCCL, file, line, "%s: ncclResult_t %d: %s%s%s%s", what, r,
+                    msg ? msg : "unknown", last && last[0] ? " (" : "", last && last[0] ? last : "",
+                    last && last[0] ? ")" : "");
+}
+
+#define NCCL_FAIL(ctx, api, r, ...) nccl_fail((ctx), (api), (r), __FILE__, __LINE__, __VA_ARGS__)
 
 CKPT_API int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version) {
   if (ctx == NULL) return CKPT_EINVAL;
   CHECK_ARG(ctx, version != NULL);
-  pthread_mutex_lock(&ctx->mu);
-  void *lib = ctx->nccl_lib;
-  pthread_mutex_unlock(&ctx->mu);
-  if (lib == NULL) {
-    /* Loaded outside the mutex (it guards the copy path's region table); a thread that
-     * loses the race drops its extra reference to the same library. */
-    void *opened = dlopen(ctx->nccl_path, RTLD_NOW | RTLD_LOCAL);
-    if (opened == NULL) {
-      const char *e = dlerror();
-      return FAIL(ctx, CKPT_ENCCL, "dlopen %s: %s", ctx->nccl_path, e ? e : "unknown error");
-    }
-    pthread_mutex_lock(&ctx->mu);
-    if (ctx->nccl_lib == NULL) ctx->nccl_lib = opened;
-    lib = ctx->nccl_lib;
-    pthread_mutex_unlock(&ctx->mu);
-    if (lib != opened) dlclose(opened);
-  }
-  dlerror();
-  ckpt_nccl_get_version_fn get = (ckpt_nccl_get_version_fn)dlsym(lib, "ncclGetVersion");
-  if (get == NULL) {
-    const char *e = dlerror();
-    return FAIL(ctx, CKPT_ENCCL, "dlsym ncclGetVersion in %s: %s", ctx->nccl_path,
-                e ? e : "symbol not found");
-  }
+  const nccl_api *api = NULL;
+  CHECK(nccl_load(ctx, &api));
   int v = 0;
-  int r = get(&v);
-  if (r != 0) return FAIL(ctx, CKPT_ENCCL, "ncclGetVersion returned ncclResult_t %d", r);
+  nccl_result r = api->get_version(&v);
+  if (r != 0) return NCCL_FAIL(ctx, api, r, "ncclGetVersion");
   *version = v;
   return CKPT_OK;
+}
+
+/* ---- collectives --------------------------------------------------------------------- */
+
+struct ckpt_comm {
+  ckpt_ctx *ctx;
+  const nccl_api *api;
+  int32_t nranks;
+  int32_t first_rank;
+  int32_t ndev;
+  int32_t *devices; /* devices[i] holds global rank first_rank + i */
+  nccl_comm *comms; /* one per local device */
+};
+
+CKPT_API int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, id != NULL);
+  const nccl_api *api = NULL;
+  CHECK(nccl_load(ctx, &api));
+  nccl_unique_id uid;
+  memset(&uid, 0, sizeof uid);
+  nccl_result r = api->get_unique_id(&uid);
+  if (r != 0) return NCCL_FAIL(ctx, api, r, "ncclGetUniqueId");
+  memcpy(id, uid.internal, CKPT_COMM_ID_BYTES);
+  return CKPT_OK;
+}
+
+/* Aborts and frees whatever communicators were made (the path of failures and of abort). */
+static void comm_free(ckpt_comm *c, int abort_comms) {
+  for (int32_t i = 0; abort_comms && i < c->ndev; i++) {
+    if (c->comms[i] == NULL) continue;
+    if (cudaSetDevice(c->devices[i]) != cudaSuccess) (void)cudaGetLastError();
+    (void)c->api->comm_abort(c->comms[i]);
+  }
+  free(c->comms);
+  free(c->devices);
+  free(c);
+}
+
+CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks,
+                            int32_t first_rank, int32_t ndev, const int32_t *devices,
+                            ckpt_comm **out) {
+  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK_ARG(ctx, id != NULL);
+  if (ndev < 1) return FAIL(ctx, CKPT_EINVAL, "ndev %d: a communicator needs a local device", ndev);
+  CHECK_ARG(ctx, devices != NULL);
+  if (first_rank < 0 || nranks < 1 || (int64_t)first_rank + ndev > nranks)
+    return FAIL(ctx, CKPT_EINVAL, "local ranks %d..%lld do not fit in a communicator of %d ranks",
+                first_rank, (long long)first_rank + ndev - 1, nranks);
+  for (int32_t i = 0; i < ndev; i++) {
+    CHECK(device_check(ctx, devices[i]));
+    for (int32_t j = 0; j < i; j++)
+      if (devices[j] == devices[i])
+        return FAIL(ctx, CKPT_EINVAL, "device %d is listed twice (local ranks %d and %d)",
+                    devices[i], j, i);
+  }
+  const nccl_api *api = NULL;
+  CHECK(nccl_load(ctx, &api));
+  /* Each device once before the group, so that a failure there needs no NCCL cleanup. */
+  for (int32_t i = 0; i < ndev; i++) CHECK(set_device(ctx, devices[i]));
+
+  ckpt_comm *c = (ckpt_comm *)calloc(1, sizeof *c);
+  if (c != NULL) {
+    c->devices = (int32_t *)calloc((size_t)ndev, sizeof *c->devices);
+    c->comms = (nccl_comm *)calloc((size_t)ndev, sizeof *c->comms);
+  }
+  if (c == NULL || c->devices == NULL || c->comms == NULL) {
+    if (c != NULL) free(c->devices), free(c->comms), free(c);
+    return FAIL(ctx, CKPT_ENOMEM, "ckpt_comm_init: communicator of %d devices", ndev);
+  }
+  c->ctx = ctx;
+  c->api = api;
+  c->nranks = nranks;
+  c->first_rank = first_rank;
+  c->ndev = ndev;
+  memcpy(c->devices, devices, (size_t)ndev * sizeof *devices);
+  nccl_unique_id uid;
+  memcpy(uid.internal, id, CKPT_COMM_ID_BYTES);
+
+  /* One thread initializing several ranks must do so inside a group: each ncclCommInitRank
+   * waits for all ranks otherwise. Errors inside the group are collected by NCCL, which then
+   * launches nothing at ncclGroupEnd. */
+  int st = CKPT_OK;
+  nccl_result r = api->group_start();
+  if (r != 0) {
+    st = NCCL_FAIL(ctx, api, r, "ncclGroupStart");
+    comm_free(c, 0);
+    return st;
+  }
+  for (int32_t i = 0; i < ndev; i++) {
+    cudaError_t err = cudaSetDevice(devices[i]);
+    if (err != cudaSuccess) {
+      st = cuda_fail(ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__, "cudaSetDevice");
+      /* An invalid rank makes NCCL fail the whole group, so that ncclGroupEnd does not start
+       * the ranks queued so far (they would wait for this one for ever). */
+      nccl_comm dummy = NULL;
+      (void)api->comm_init_rank(&dummy, nranks, uid, -1);
+      break;
+    }
+    r = api->comm_init_rank(&c->comms[i], nranks, uid, first_rank + i);
+    if (r != 0) {
+      st = NCCL_FAIL(ctx, api, r, "ncclCommInitRank (rank %d of %d, device %d)", first_rank + i,
+                     nranks, devices[i]);
+      break;
+    }
+  }
+  r = api->group_end();
+  if (r != 0 && st == CKPT_OK)
+    st = NCCL_FAIL(ctx, api, r, "ncclGroupEnd after ncclCommInitRank of ranks %d..%d of %d",
+                   first_rank, first_rank + ndev - 1, nranks);
+  if (st != CKPT_OK) {
+    comm_free(c, 1);
+    return st;
+  }
+  ckpt__live(ctx, 1);
+  *out = c;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_comm_destroy(ckpt_comm *comm) {
+  if (comm == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = comm->ctx;
+  int st = CKPT_OK;
+  /* ncclCommDestroy waits for the communicator's queued work. The handle is released even
+   * when a call fails, so that a failure cannot keep the context from being destroyed. */
+  for (int32_t i = 0; i < comm->ndev; i++) {
+    cudaError_t err = cudaSetDevice(comm->devices[i]);
+    if (err != cudaSuccess && st == CKPT_OK)
+      st = cuda_fail(ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__, "cudaSetDevice");
+    nccl_result r = comm->api->comm_destroy(comm->comms[i]);
+    if (r != 0 && st == CKPT_OK)
+      st = NCCL_FAIL(ctx, comm->api, r, "ncclCommDestroy (rank %d, device %d)",
+                     comm->first_rank + i, comm->devices[i]);
+    comm->comms[i] = NULL;
+  }
+  ckpt__live(ctx, -1);
+  comm_free(comm, 0);
+  return st;
+}
+
+CKPT_API int ckpt_comm_abort(ckpt_comm *comm) {
+  if (comm == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = comm->ctx;
+  int st = CKPT_OK;
+  for (int32_t i = 0; i < comm->ndev; i++) {
+    if (cudaSetDevice(comm->devices[i]) != cudaSuccess) (void)cudaGetLastError();
+    nccl_result r = comm->api->comm_abort(comm->comms[i]);
+    if (r != 0 && st == CKPT_OK)
+      st = NCCL_FAIL(ctx, comm->api, r, "ncclCommAbort (rank %d, device %d)",
+                     comm->first_rank + i, comm->devices[i]);
+    comm->comms[i] = NULL;
+  }
+  ckpt__live(ctx, -1);
+  comm_free(comm, 0);
+  return st;
+}
+
+CKPT_API int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs,
+                            ckpt_stream *const *streams, uint64_t offset, uint64_t len) {
+  if (comm == NULL) return CKPT_EINVAL;
+  ckpt_ctx *ctx = comm->ctx;
+  CHECK_ARG(ctx, bufs != NULL && streams != NULL);
+  /* Every argument before anything is queued. */
+  for (int32_t i = 0; i < comm->ndev; i++) {
+    const ckpt_buf *b = bufs[i];
+    const ckpt_stream *s = streams[i];
+    if (b == NULL || s == NULL)
+      return FAIL(ctx, CKPT_EINVAL, "local rank %d: %s is NULL", i, b == NULL ? "buffer" : "stream");
+    if (b->ctx != ctx || s->ctx != ctx)
+      return FAIL(ctx, CKPT_EHANDLE, "local rank %d: %s belongs to another context", i,
+                  b->ctx != ctx ? "buffer" : "stream");
+    if (b->device != comm->devices[i] || s->device != comm->devices[i])
+      return FAIL(ctx, CKPT_EINVAL, "local rank %d is device %d, but its %s is on device %d", i,
+                  comm->devices[i], b->device != comm->devices[i] ? "buffer" : "stream",
+                  b->device != comm->devices[i] ? b->device : s->device);
+    if (offset > b->len || len > b->len - offset)
+      return FAIL(ctx, CKPT_ERANGE,
+                  "broadcast of %llu bytes at offset %llu: local rank %d's buffer has %zu bytes",
+                  (unsigned long long)len, (unsigned long long)offset, i, b->len);
+  }
+  if (root < 0 || root >= comm->nranks)
+    return FAIL(ctx, CKPT_EINVAL, "root %d outside the communicator's ranks 0..%d", root,
+                comm->nranks - 1);
+  if (len == 0) return CKPT_OK;
+  const nccl_api *api = comm->api;
+  nccl_result r = api->group_start();
+  if (r != 0) return NCCL_FAIL(ctx, api, r, "ncclGroupStart");
+  int st = CKPT_OK;
+  for (int32_t i = 0; i < comm->ndev; i++) {
+    char *p = (char *)bufs[i]->ptr + offset;
+    r = api->broadcast(p, p, (size_t)len, NCCL_UINT8, root, comm->comms[i], streams[i]->stream);
+    if (r != 0) {
+      /* NCCL records the error in the group, whose end then launches nothing. */
+      st = NCCL_FAIL(ctx, api, r, "ncclBroadcast of %llu bytes from rank %d (local rank %d)",
+                     (unsigned long long)len, root, i);
+      break;
+    }
+  }
+  r = api->group_end();
+  if (r != 0 && st == CKPT_OK)
+    st = NCCL_FAIL(ctx, api, r, "ncclGroupEnd after ncclBroadcast of %llu bytes from rank %d",
+                   (unsigned long long)len, root);
+  return st;
 }

@@ -1,4 +1,5 @@
-/* The host backend: "devices" are host memory, buffers are memfds, streams are threads. */
+/* The host backend: "devices" are host memory, buffers are memfds, streams are threads, and
+ * collectives are copies between the streams of one process. */
 #define _GNU_SOURCE
 #include "common.h"
 
@@ -8,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/sysinfo.h>
 #include <time.h>
@@ -30,12 +32,24 @@ struct ckpt_buf {
   int imported;
 };
 
-/* One queued operation: a copy batch (event == NULL) or an event marker. */
+typedef struct bcast bcast;
+
+typedef enum op_kind {
+  OP_COPY,        /* copies the ranges into dst */
+  OP_MARK,        /* completes record `seq` of event */
+  OP_WAIT,        /* waits until event has completed record `seq` */
+  OP_BCAST_ROOT,  /* a broadcast's root: releases the copies, waits until they are done */
+  OP_BCAST_COPY,  /* a broadcast's destination: waits for the root, then copies the ranges */
+} op_kind;
+
+/* One queued operation. */
 typedef struct stream_op {
   struct stream_op *next;
-  ckpt_event *event;
-  uint64_t seq;
-  uint8_t *dst;
+  op_kind kind;
+  ckpt_event *event;  /* OP_MARK, OP_WAIT */
+  uint64_t seq;       /* OP_MARK, OP_WAIT */
+  bcast *bc;          /* OP_BCAST_ROOT, OP_BCAST_COPY */
+  uint8_t *dst;       /* OP_COPY, OP_BCAST_COPY */
   size_t n;
   ckpt_range ranges[];
 } stream_op;
@@ -50,17 +64,40 @@ struct ckpt_stream {
   int stop;
 };
 
-/* Lifetime: ckpt_event_destroy waits until no queued marker references the event
+/* Lifetime: ckpt_event_destroy waits until no queued marker or wait references the event
  * (pending == 0), so a stream worker never touches a freed event and no refcount is
- * needed. The wait is bounded by the work queued ahead of the markers. */
+ * needed. The wait is bounded by the work queued ahead of those operations (a wait only
+ * ever waits for a marker queued before it). */
 struct ckpt_event {
   ckpt_ctx *ctx;
   int32_t device;
   pthread_mutex_t mu;
-  pthread_cond_t cv;   /* CLOCK_MONOTONIC; broadcast when a marker completes */
+  pthread_cond_t cv;   /* CLOCK_MONOTONIC; broadcast when a marker or a wait completes */
   uint64_t recorded;   /* sequence number of the latest record */
   uint64_t completed;  /* highest sequence number whose marker the worker reached */
-  uint64_t pending;    /* markers queued but not reached yet */
+  uint64_t pending;    /* markers and waits queued but not reached or passed yet */
+};
+
+/* A communicator whose ranks are all local: broadcasts copy between the ranks' streams.
+ * ckpt_comm_destroy waits until no broadcast it queued is in flight (inflight == 0). */
+struct ckpt_comm {
+  ckpt_ctx *ctx;
+  int32_t nranks;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;   /* broadcast when inflight drops */
+  int64_t inflight;    /* broadcasts queued whose root operation has not finished */
+  int32_t ndev;
+  int32_t devices[];
+};
+
+/* One broadcast in flight, shared by the root stream's operation and each destination's.
+ * The root operation frees it: it is the last to use it, as it waits for every copy. */
+struct bcast {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int root_reached;     /* the root stream got to the broadcast: its earlier work is done */
+  int32_t copies_left;  /* destination copies not finished yet */
+  ckpt_comm *comm;
 };
 
 CKPT_API const char *ckpt_backend(void) { return "host"; }
@@ -310,6 +347,56 @@ static void event_reached(ckpt_event *ev, uint64_t seq) {
   pthread_mutex_unlock(&ev->mu);  /* after this the event may be destroyed */
 }
 
+/* Blocks the worker until the event's record `seq` has completed. */
+static void event_await(ckpt_event *ev, uint64_t seq) {
+  pthread_mutex_lock(&ev->mu);
+  while (ev->completed < seq) pthread_cond_wait(&ev->cv, &ev->mu);
+  ev->pending--;
+  pthread_cond_broadcast(&ev->cv);  /* ckpt_event_destroy may wait for pending == 0 */
+  pthread_mutex_unlock(&ev->mu);    /* after this the event may be destroyed */
+}
+
+static void comm_op_done(ckpt_comm *c) {
+  pthread_mutex_lock(&c->mu);
+  c->inflight--;
+  pthread_cond_broadcast(&c->cv);
+  pthread_mutex_unlock(&c->mu);  /* after this the communicator may be destroyed */
+}
+
+/* The root's side: earlier work on the root stream is done, so the destinations may copy;
+ * later work on it waits until they have (as NCCL's root does until its sends are done), so
+ * that it may overwrite the root buffer and an event recorded after it means completion. */
+static void bcast_root(bcast *b) {
+  pthread_mutex_lock(&b->mu);
+  b->root_reached = 1;
+  pthread_cond_broadcast(&b->cv);
+  while (b->copies_left > 0) pthread_cond_wait(&b->cv, &b->mu);
+  pthread_mutex_unlock(&b->mu);
+  ckpt_comm *c = b->comm;
+  pthread_cond_destroy(&b->cv);
+  pthread_mutex_destroy(&b->mu);
+  free(b);
+  comm_op_done(c);
+}
+
+static void bcast_await_root(bcast *b) {
+  pthread_mutex_lock(&b->mu);
+  while (!b->root_reached) pthread_cond_wait(&b->cv, &b->mu);
+  pthread_mutex_unlock(&b->mu);
+}
+
+static void bcast_copied(bcast *b) {
+  pthread_mutex_lock(&b->mu);
+  if (--b->copies_left == 0) pthread_cond_broadcast(&b->cv);
+  pthread_mutex_unlock(&b->mu);  /* after this the root may free b */
+}
+
+static void run_copies(const stream_op *op) {
+  for (size_t i = 0; i < op->n; i++)
+    memcpy(op->dst + op->ranges[i].dst_offset, (const void *)(uintptr_t)op->ranges[i].src,
+           op->ranges[i].len);
+}
+
 static void *stream_worker(void *arg) {
   ckpt_stream *s = arg;
   for (;;) {
@@ -319,11 +406,17 @@ static void *stream_worker(void *arg) {
     if (op != NULL && (s->head = op->next) == NULL) s->tail = NULL;
     pthread_mutex_unlock(&s->mu);
     if (op == NULL) return NULL;  /* stop requested and the queue is drained */
-    if (op->event != NULL) event_reached(op->event, op->seq);
-    else
-      for (size_t i = 0; i < op->n; i++)
-        memcpy(op->dst + op->ranges[i].dst_offset, (const void *)(uintptr_t)op->ranges[i].src,
-               op->ranges[i].len);
+    switch (op->kind) {
+      case OP_COPY: run_copies(op); break;
+      case OP_MARK: event_reached(op->event, op->seq); break;
+      case OP_WAIT: event_await(op->event, op->seq); break;
+      case OP_BCAST_ROOT: bcast_root(op->bc); break;
+      case OP_BCAST_COPY:
+        bcast_await_root(op->bc);
+        run_copies(op);
+        bcast_copied(op->bc);
+        break;
+    }
     free(op);
   }
 }
@@ -387,7 +480,7 @@ CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range
   if (n == 0) return CKPT_OK;
   stream_op *op = malloc(sizeof *op + n * sizeof *ranges);
   if (op == NULL) return FAIL(ctx, CKPT_ENOMEM, "copy batch of %zu ranges", n);
-  *op = (stream_op){.dst = dst->address, .n = n};
+  *op = (stream_op){.kind = OP_COPY, .dst = dst->address, .n = n};
   memcpy(op->ranges, ranges, n * sizeof *ranges);
   stream_push(stream, op);
   return CKPT_OK;
@@ -433,11 +526,33 @@ CKPT_API int ckpt_event_record(ckpt_event *event, ckpt_stream *stream) {
                 event->device, stream->device);
   stream_op *op = malloc(sizeof *op);
   if (op == NULL) return FAIL(event->ctx, CKPT_ENOMEM, "event marker");
-  *op = (stream_op){.event = event};
+  *op = (stream_op){.kind = OP_MARK, .event = event};
   pthread_mutex_lock(&event->mu);
   op->seq = ++event->recorded;
   event->pending++;
   pthread_mutex_unlock(&event->mu);
+  stream_push(stream, op);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
+  CHECK_ARG(NULL, stream != NULL);
+  ckpt_ctx *ctx = stream->ctx;
+  CHECK_ARG(ctx, event != NULL);
+  if (event->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "event belongs to another context");
+  /* The event may be on another device. Allocated first: a failure then changes nothing. */
+  stream_op *op = malloc(sizeof *op);
+  if (op == NULL) return FAIL(ctx, CKPT_ENOMEM, "event wait");
+  pthread_mutex_lock(&event->mu);
+  uint64_t target = event->recorded;  /* a later record does not move this wait */
+  int needed = event->completed < target;  /* never recorded, or complete: nothing to wait for */
+  if (needed) event->pending++;  /* keeps the event alive until the worker has passed the wait */
+  pthread_mutex_unlock(&event->mu);
+  if (!needed) {
+    free(op);
+    return CKPT_OK;
+  }
+  *op = (stream_op){.kind = OP_WAIT, .event = event, .seq = target};
   stream_push(stream, op);
   return CKPT_OK;
 }
@@ -472,6 +587,163 @@ CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
   return done ? CKPT_OK
               : FAIL(event->ctx, CKPT_ETIMEDOUT, "event %p not complete after %lld ms",
                      (void *)event, (long long)timeout_ms);
+}
+
+/* ---- collectives -------------------------------------------------------------------- */
+/* A broadcast queues operations on several streams. Pushing all of one broadcast's under this
+ * lock gives every stream the same order of broadcasts, so that two broadcasts queued at once
+ * from different threads cannot wait for each other in a cycle. */
+static pthread_mutex_t bcast_enqueue_mu = PTHREAD_MUTEX_INITIALIZER;
+
+#define MAX_LOCAL_RANKS 64  /* distinct devices of one context: at most host_devices (<= 64) */
+
+CKPT_API int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, id != NULL);
+  size_t got = 0;
+  while (got < CKPT_COMM_ID_BYTES) {
+    ssize_t n = getrandom(id + got, CKPT_COMM_ID_BYTES - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == ENOSYS) break;  /* a kernel before 3.17: /dev/urandom below */
+    CHECK_SYS(ctx, n > 0, "getrandom for a communicator id");
+    got += (size_t)n;
+  }
+  if (got == CKPT_COMM_ID_BYTES) return CKPT_OK;
+  int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+  CHECK_SYS(ctx, fd >= 0, "open /dev/urandom");
+  while (got < CKPT_COMM_ID_BYTES) {
+    ssize_t n = read(fd, id + got, CKPT_COMM_ID_BYTES - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      int err = n < 0 ? errno : EIO;
+      close(fd);
+      return FAIL(ctx, CKPT_ESYS, "read /dev/urandom: %s", strerror(err));
+    }
+    got += (size_t)n;
+  }
+  close(fd);
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks,
+                            int32_t first_rank, int32_t ndev, const int32_t *devices,
+                            ckpt_comm **out) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK_ARG(ctx, id != NULL);
+  if (ndev < 1) return FAIL(ctx, CKPT_EINVAL, "ndev %d: a communicator needs a local device", ndev);
+  CHECK_ARG(ctx, devices != NULL);
+  if (first_rank < 0 || nranks < 1 || (int64_t)first_rank + ndev > nranks)
+    return FAIL(ctx, CKPT_EINVAL, "local ranks %d..%lld do not fit in a communicator of %d ranks",
+                first_rank, (long long)first_rank + ndev - 1, nranks);
+  for (int32_t i = 0; i < ndev; i++) {
+    CHECK(check_device(ctx, devices[i]));
+    for (int32_t j = 0; j < i; j++)
+      if (devices[j] == devices[i])
+        return FAIL(ctx, CKPT_EINVAL, "device %d is listed twice (local ranks %d and %d)",
+                    devices[i], j, i);
+  }
+  if (nranks != ndev || first_rank != 0)
+    return FAIL(ctx, CKPT_EUNSUPPORTED,
+                "communicator of %d ranks with ranks %d..%d in this process: the host backend's "
+                "TCP transport between processes is not implemented yet",
+                nranks, first_rank, first_rank + ndev - 1);
+  /* All ranks are local: the id names nothing to join, and nothing waits for other ranks. */
+  ckpt_comm *c = calloc(1, sizeof *c + (size_t)ndev * sizeof *devices);
+  if (c == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_comm_init: communicator of %d devices", ndev);
+  c->ctx = ctx;
+  c->nranks = nranks;
+  c->ndev = ndev;
+  memcpy(c->devices, devices, (size_t)ndev * sizeof *devices);
+  pthread_mutex_init(&c->mu, NULL);
+  pthread_cond_init(&c->cv, NULL);
+  ckpt__live(ctx, +1);
+  *out = c;
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_comm_destroy(ckpt_comm *comm) {
+  CHECK_ARG(NULL, comm != NULL);
+  /* The queued broadcasts reference the communicator until their root operations finish;
+   * those never wait for anything outside this process, so this wait is bounded. */
+  pthread_mutex_lock(&comm->mu);
+  while (comm->inflight > 0) pthread_cond_wait(&comm->cv, &comm->mu);
+  pthread_mutex_unlock(&comm->mu);
+  pthread_cond_destroy(&comm->cv);
+  pthread_mutex_destroy(&comm->mu);
+  ckpt__live(comm->ctx, -1);
+  free(comm);
+  return CKPT_OK;
+}
+
+/* No peer can hang a host communicator (all ranks are local): abort is destroy. */
+CKPT_API int ckpt_comm_abort(ckpt_comm *comm) { return ckpt_comm_destroy(comm); }
+
+/* The root's stream gets one operation: once the root stream's earlier work is done it lets
+ * every destination copy, then holds the root stream until they have. Each other stream gets
+ * one operation that waits for the root to get there, after the stream's own earlier work,
+ * and copies len bytes at offset from the root buffer into its own. */
+CKPT_API int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs,
+                            ckpt_stream *const *streams, uint64_t offset, uint64_t len) {
+  CHECK_ARG(NULL, comm != NULL);
+  ckpt_ctx *ctx = comm->ctx;
+  CHECK_ARG(ctx, bufs != NULL && streams != NULL);
+  /* Every argument before anything is queued. */
+  for (int32_t i = 0; i < comm->ndev; i++) {
+    const ckpt_buf *b = bufs[i];
+    const ckpt_stream *s = streams[i];
+    if (b == NULL || s == NULL)
+      return FAIL(ctx, CKPT_EINVAL, "local rank %d: %s is NULL", i, b == NULL ? "buffer" : "stream");
+    if (b->ctx != ctx || s->ctx != ctx)
+      return FAIL(ctx, CKPT_EHANDLE, "local rank %d: %s belongs to another context", i,
+                  b->ctx != ctx ? "buffer" : "stream");
+    if (b->device != comm->devices[i] || s->device != comm->devices[i])
+      return FAIL(ctx, CKPT_EINVAL, "local rank %d is device %d, but its %s is on device %d", i,
+                  comm->devices[i], b->device != comm->devices[i] ? "buffer" : "stream",
+                  b->device != comm->devices[i] ? b->device : s->device);
+    if (offset > b->len || len > b->len - offset)
+      return FAIL(ctx, CKPT_ERANGE,
+                  "broadcast of %llu bytes at offset %llu: local rank %d's buffer has %zu bytes",
+                  (unsigned long long)len, (unsigned long long)offset, i, b->len);
+  }
+  if (root < 0 || root >= comm->nranks)
+    return FAIL(ctx, CKPT_EINVAL, "root %d outside the communicator's ranks 0..%d", root,
+                comm->nranks - 1);
+  if (len == 0 || comm->ndev == 1) return CKPT_OK;  /* nothing to copy */
+
+  /* Everything allocated first: a failure queues nothing. Global rank r is local rank r. */
+  stream_op *ops[MAX_LOCAL_RANKS] = {0};
+  bcast *b = malloc(sizeof *b);
+  int ok = b != NULL;
+  for (int32_t i = 0; ok && i < comm->ndev; i++) {
+    ops[i] = malloc(sizeof *ops[i] + (i == root ? 0 : sizeof(ckpt_range)));
+    ok = ops[i] != NULL;
+  }
+  if (!ok) {
+    for (int32_t i = 0; i < comm->ndev; i++) free(ops[i]);
+    free(b);
+    return FAIL(ctx, CKPT_ENOMEM, "broadcast over %d devices", comm->ndev);
+  }
+  *b = (bcast){.copies_left = comm->ndev - 1, .comm = comm};
+  pthread_mutex_init(&b->mu, NULL);
+  pthread_cond_init(&b->cv, NULL);
+  uint64_t src = (uint64_t)(uintptr_t)bufs[root]->address + offset;
+  for (int32_t i = 0; i < comm->ndev; i++) {
+    if (i == root) {
+      *ops[i] = (stream_op){.kind = OP_BCAST_ROOT, .bc = b};
+    } else {
+      *ops[i] = (stream_op){.kind = OP_BCAST_COPY, .bc = b, .dst = bufs[i]->address, .n = 1};
+      ops[i]->ranges[0] = (ckpt_range){.src = src, .dst_offset = offset, .len = len};
+    }
+  }
+  pthread_mutex_lock(&comm->mu);
+  comm->inflight++;
+  pthread_mutex_unlock(&comm->mu);
+  pthread_mutex_lock(&bcast_enqueue_mu);
+  for (int32_t i = 0; i < comm->ndev; i++) stream_push(streams[i], ops[i]);
+  pthread_mutex_unlock(&bcast_enqueue_mu);
+  return CKPT_OK;
 }
 
 /* ---- NCCL --------------------------------------------------------------------------- */

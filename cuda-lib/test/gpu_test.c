@@ -189,6 +189,8 @@ static int child_main(const char *hex) {
 
 /* ---- checks ---------------------------------------------------------------------------- */
 
+static int cmp_double(const void *a, const void *b);
+
 static void check_errors(void) {
   report(strcmp(ckpt_err_name(CKPT_OK), "CKPT_OK") == 0 &&
              strcmp(ckpt_err_name(CKPT_ERANGE), "CKPT_ERANGE") == 0 &&
@@ -631,6 +633,287 @@ static void check_threads(ckpt_ctx *ctx, int32_t ndev) {
   expect(ckpt_host_free(ctx, src), CKPT_OK, "threads: host_free");
 }
 
+/* ---- stream waits and collectives -------------------------------------------------------- */
+
+/* A second stream on device 0 waits for an event recorded after a 256 MiB copy on the first,
+ * then overwrites the head of the same buffer: the head must end up with the second copy's
+ * bytes (without the wait the small copy lands first). Across devices when there are two. */
+static void check_stream_wait_event(ckpt_ctx *ctx, int32_t ndev, ckpt_stream *sa) {
+  const size_t LEN = 256 * MIB, HEAD = 4096;
+  void *big = NULL, *small = NULL;
+  ckpt_buf *x = NULL, *y = NULL;
+  ckpt_stream *sb = NULL, *s1 = NULL;
+  ckpt_event *e = NULL, *f = NULL, *never = NULL, *e1 = NULL;
+  uint8_t *got = malloc(LEN);
+  if (got == NULL) {
+    report(0, "wait_event: malloc", "out of memory");
+    return;
+  }
+  if (!expect(ckpt_host_alloc(ctx, LEN, &big), CKPT_OK, "wait_event: host_alloc 256 MiB") ||
+      !expect(ckpt_host_alloc(ctx, HEAD, &small), CKPT_OK, "wait_event: host_alloc 4 KiB") ||
+      !expect(ckpt_buf_alloc(ctx, 0, LEN, &x), CKPT_OK, "wait_event: buf_alloc 256 MiB") ||
+      !expect(ckpt_stream_create(ctx, 0, &sb), CKPT_OK, "wait_event: second stream on device 0") ||
+      !expect(ckpt_event_create(ctx, 0, &e), CKPT_OK, "wait_event: event_create") ||
+      !expect(ckpt_event_create(ctx, 0, &f), CKPT_OK, "wait_event: event_create") ||
+      !expect(ckpt_event_create(ctx, 0, &never), CKPT_OK, "wait_event: event_create"))
+    goto out;
+  fill_pattern(big, LEN, 0x5151u);
+  fill_pattern(small, HEAD, 0x5252u);
+  expect(copy_wait(sa, e, x, big, LEN), CKPT_OK, "wait_event: warm-up copy");
+  ckpt_range rbig = {(uint64_t)(uintptr_t)big, 0, LEN}, rsmall = {(uint64_t)(uintptr_t)small, 0, HEAD};
+  expect(ckpt_h2d_async(sa, x, &rbig, 1), CKPT_OK, "wait_event: 256 MiB copy on stream A");
+  expect(ckpt_event_record(e, sa), CKPT_OK, "wait_event: record E on A");
+  expect(ckpt_stream_wait_event(sb, e), CKPT_OK, "stream_wait_event: B waits for E");
+  expect(ckpt_h2d_async(sb, x, &rsmall, 1), CKPT_OK, "wait_event: 4 KiB copy on B over the head");
+  expect(ckpt_event_record(f, sb), CKPT_OK, "wait_event: record F on B");
+  expect(ckpt_event_wait(f, WAIT_MS), CKPT_OK, "wait_event: wait for F");
+  expect(ckpt_event_query(e), CKPT_OK, "stream_wait_event: E is complete once F is");
+  if (expect(ckpt_buf_read(x, 0, got, LEN), CKPT_OK, "wait_event: buf_read")) {
+    long long at = first_diff(got, small, HEAD);
+    if (at < 0) {
+      at = first_diff(got + HEAD, (uint8_t *)big + HEAD, LEN - HEAD);
+      if (at >= 0) at += HEAD;
+    }
+    report(at < 0, "stream_wait_event orders B's copy after A's", "first difference at %lld", at);
+  }
+  expect(ckpt_stream_wait_event(sb, never), CKPT_OK, "stream_wait_event on a never recorded event");
+  expect(sync_stream(f, sb), CKPT_OK, "a never recorded event makes no wait");
+  expect(ckpt_stream_wait_event(NULL, e), CKPT_EINVAL, "stream_wait_event with no stream -> EINVAL");
+  expect(ckpt_stream_wait_event(sb, NULL), CKPT_EINVAL, "stream_wait_event with no event -> EINVAL");
+
+  if (ndev >= 2) {
+    if (expect(ckpt_buf_alloc(ctx, 1, LEN, &y), CKPT_OK, "wait_event: buf_alloc on device 1") &&
+        expect(ckpt_stream_create(ctx, 1, &s1), CKPT_OK, "wait_event: stream on device 1") &&
+        expect(ckpt_event_create(ctx, 1, &e1), CKPT_OK, "wait_event: event on device 1")) {
+      expect(copy_wait(s1, e1, y, big, LEN), CKPT_OK, "wait_event: warm-up copy on device 1");
+      expect(ckpt_h2d_async(s1, y, &rbig, 1), CKPT_OK, "wait_event: 256 MiB copy on device 1");
+      expect(ckpt_event_record(e1, s1), CKPT_OK, "wait_event: record on device 1");
+      expect(ckpt_stream_wait_event(sb, e1), CKPT_OK,
+             "stream_wait_event: a device 0 stream waits for a device 1 event");
+      expect(sync_stream(f, sb), CKPT_OK, "wait_event: wait for the device 0 stream");
+      expect(ckpt_event_query(e1), CKPT_OK, "stream_wait_event: the device 1 event completed first");
+    }
+  }
+out:
+  if (e1) ckpt_event_destroy(e1);
+  if (s1) ckpt_stream_destroy(s1);
+  if (y) ckpt_buf_free(y);
+  if (never) ckpt_event_destroy(never);
+  if (f) ckpt_event_destroy(f);
+  if (e) ckpt_event_destroy(e);
+  if (sb) ckpt_stream_destroy(sb);
+  if (x) ckpt_buf_free(x);
+  if (small) ckpt_host_free(ctx, small);
+  if (big) ckpt_host_free(ctx, big);
+  free(got);
+}
+
+#define MAX_RANKS 8
+
+/* Records ev[d] on s[d] for every device and waits for all. */
+static int sync_all(ckpt_stream **s, ckpt_event **ev, int32_t n) {
+  for (int32_t d = 0; d < n; d++) {
+    int st = ckpt_event_record(ev[d], s[d]);
+    if (st != CKPT_OK) return st;
+  }
+  for (int32_t d = 0; d < n; d++) {
+    int st = ckpt_event_wait(ev[d], WAIT_MS);
+    if (st != CKPT_OK) return st;
+  }
+  return CKPT_OK;
+}
+
+/* Broadcasts of 256 MiB from roots 0 and 1 (bit-exact everywhere), a subrange, the 1 GiB
+ * broadcast bandwidth, and the argument errors. */
+static void check_broadcasts(ckpt_ctx *ctx, ckpt_comm *comm, int32_t n, ckpt_stream **s,
+                             ckpt_event **ev) {
+  const size_t LEN = 256 * MIB;
+  const uint64_t OFF = MIB + 3, SUB = 5 * MIB + 1;
+  ckpt_buf *b[MAX_RANKS] = {0};
+  void *src_root = NULL, *src_other = NULL;
+  uint8_t *got = malloc(LEN), *want = malloc(LEN);
+  char name[160];
+  if (got == NULL || want == NULL) {
+    report(0, "broadcast: malloc", "out of memory");
+    goto out;
+  }
+  if (!expect(ckpt_host_alloc(ctx, LEN, &src_root), CKPT_OK, "broadcast: host_alloc 256 MiB") ||
+      !expect(ckpt_host_alloc(ctx, LEN, &src_other), CKPT_OK, "broadcast: host_alloc 256 MiB"))
+    goto out;
+  for (int32_t d = 0; d < n; d++) {
+    snprintf(name, sizeof name, "broadcast: buf_alloc 256 MiB on device %d", d);
+    if (!expect(ckpt_buf_alloc(ctx, d, LEN, &b[d]), CKPT_OK, name)) goto out;
+  }
+  for (int32_t root = 0; root < 2; root++) {
+    uint64_t seed = 0x6000u + (uint64_t)root;
+    fill_pattern(src_root, LEN, seed);
+    fill_pattern(src_other, LEN, 0x7000u + (uint64_t)root);
+    int ok = 1;
+    for (int32_t d = 0; d < n; d++) {  /* the root's copy is on its stream, right before */
+      ckpt_range r = {(uint64_t)(uintptr_t)(d == root ? src_root : src_other), 0, LEN};
+      ok = ok && ckpt_h2d_async(s[d], b[d], &r, 1) == CKPT_OK;
+    }
+    report(ok, "broadcast: fill the buffers", "h2d_async failed");
+    snprintf(name, sizeof name, "broadcast 256 MiB from root %d", root);
+    expect(ckpt_broadcast(comm, root, b, s, 0, LEN), CKPT_OK, name);
+    snprintf(name, sizeof name, "broadcast from root %d: events on every stream complete", root);
+    expect(sync_all(s, ev, n), CKPT_OK, name);
+    for (int32_t d = 0; d < n; d++) {
+      memset(got, 0, LEN);
+      long long at = ckpt_buf_read(b[d], 0, got, LEN) == CKPT_OK ? check_pattern(got, LEN, seed) : 0;
+      snprintf(name, sizeof name, "broadcast from root %d: device %d bit-exact", root, d);
+      report(at < 0, name, "first difference at %lld", at);
+    }
+  }
+  /* Every buffer now holds pattern 0x6001; root 0 gets 0x6100 and sends a subrange. */
+  fill_pattern(src_root, LEN, 0x6100u);
+  fill_pattern(want, LEN, 0x6001u);
+  memcpy(want + OFF, (uint8_t *)src_root + OFF, SUB);
+  {
+    ckpt_range r = {(uint64_t)(uintptr_t)src_root, 0, LEN};
+    expect(ckpt_h2d_async(s[0], b[0], &r, 1), CKPT_OK, "broadcast: refill the root");
+    expect(ckpt_broadcast(comm, 0, b, s, OFF, SUB), CKPT_OK, "broadcast of a subrange");
+    expect(sync_all(s, ev, n), CKPT_OK, "broadcast of a subrange: wait");
+    for (int32_t d = 1; d < n; d++) {
+      long long at = ckpt_buf_read(b[d], 0, got, LEN) == CKPT_OK ? first_diff(got, want, LEN) : 0;
+      snprintf(name, sizeof name, "subrange broadcast: device %d has it, and nothing outside it", d);
+      report(at < 0, name, "first difference at %lld", at);
+    }
+  }
+
+  /* Argument errors; none of them queues anything. */
+  {
+    ckpt_buf *swapped_b[MAX_RANKS];
+    ckpt_stream *swapped_s[MAX_RANKS];
+    for (int32_t d = 0; d < n; d++) swapped_b[d] = b[(d + 1) % n], swapped_s[d] = s[(d + 1) % n];
+    expect(ckpt_broadcast(comm, 0, swapped_b, s, 0, 16), CKPT_EINVAL,
+           "broadcast with a buffer on the wrong device -> EINVAL");
+    expect(ckpt_broadcast(comm, 0, b, swapped_s, 0, 16), CKPT_EINVAL,
+           "broadcast with a stream on the wrong device -> EINVAL");
+    expect(ckpt_broadcast(comm, 0, b, s, LEN - 8, 9), CKPT_ERANGE, "broadcast past the end -> ERANGE");
+    expect(ckpt_broadcast(comm, 0, b, s, UINT64_MAX - 3, 8), CKPT_ERANGE,
+           "broadcast with a wrapping offset -> ERANGE");
+    expect(ckpt_broadcast(comm, n, b, s, 0, 16), CKPT_EINVAL, "broadcast from root nranks -> EINVAL");
+    expect(ckpt_broadcast(comm, -1, b, s, 0, 16), CKPT_EINVAL, "broadcast from root -1 -> EINVAL");
+    expect(ckpt_broadcast(comm, 0, NULL, s, 0, 16), CKPT_EINVAL, "broadcast with no buffers -> EINVAL");
+    expect(ckpt_broadcast(comm, 1, b, s, LEN, 0), CKPT_OK, "broadcast of 0 bytes at the end");
+  }
+
+  /* Bandwidth: 1 GiB from device 0 to all, median of 5 after a warm-up. */
+  for (int32_t d = 0; d < n; d++) {
+    ckpt_buf_free(b[d]);
+    b[d] = NULL;
+  }
+  {
+    int ok = 1;
+    for (int32_t d = 0; d < n && ok; d++) ok = ckpt_buf_alloc(ctx, d, GIB, &b[d]) == CKPT_OK;
+    report(ok, "broadcast: buf_alloc 1 GiB on every device", "%s", last_error(ctx));
+    if (!ok) goto out;
+    double t[5];
+    ok = ckpt_broadcast(comm, 0, b, s, 0, GIB) == CKPT_OK && sync_all(s, ev, n) == CKPT_OK;
+    for (int i = 0; i < 5 && ok; i++) {
+      double t0 = now_s();
+      ok = ckpt_broadcast(comm, 0, b, s, 0, GIB) == CKPT_OK && sync_all(s, ev, n) == CKPT_OK;
+      t[i] = now_s() - t0;
+    }
+    report(ok, "broadcast 1 GiB from device 0, 6 times", "%s", last_error(ctx));
+    if (ok) {
+      qsort(t, 5, sizeof *t, cmp_double);
+      printf("# broadcast of 1 GiB from device 0 to %d devices: %.1f GB/s (median of 5: %.2f ms; "
+             "best %.1f GB/s)\n",
+             n, GIB / 1e9 / t[2], t[2] * 1e3, GIB / 1e9 / t[0]);
+    }
+  }
+out:
+  for (int32_t d = 0; d < n; d++)
+    if (b[d]) ckpt_buf_free(b[d]);
+  if (src_root) ckpt_host_free(ctx, src_root);
+  if (src_other) ckpt_host_free(ctx, src_other);
+  free(got);
+  free(want);
+}
+
+/* A communicator over every local device (one is enough: nranks = ndev = 1). */
+static void check_collectives(ckpt_ctx *ctx, int32_t ndev) {
+  uint8_t id[CKPT_COMM_ID_BYTES], id2[CKPT_COMM_ID_BYTES], zero[CKPT_COMM_ID_BYTES];
+  memset(zero, 0, sizeof zero);
+  int32_t v = 0;
+  if (ckpt_nccl_version(ctx, &v) != CKPT_OK) {
+    printf("# NCCL unavailable, collectives not checked: %s\n", last_error(ctx));
+    expect(ckpt_comm_id_new(ctx, id), CKPT_ENCCL, "comm_id_new without NCCL -> ENCCL");
+    return;
+  }
+  int32_t n = ndev < MAX_RANKS ? ndev : MAX_RANKS;
+  int32_t devs[MAX_RANKS];
+  ckpt_stream *s[MAX_RANKS] = {0};
+  ckpt_event *ev[MAX_RANKS] = {0};
+  ckpt_comm *comm = NULL, *other = NULL;
+  char name[160];
+  memset(id, 0, sizeof id);
+  if (!expect(ckpt_comm_id_new(ctx, id), CKPT_OK, "comm_id_new")) return;
+  report(memcmp(id, zero, sizeof id) != 0, "comm_id_new fills the id", "all zero");
+  expect(ckpt_comm_id_new(ctx, NULL), CKPT_EINVAL, "comm_id_new with no id -> EINVAL");
+  for (int32_t d = 0; d < n; d++) {
+    devs[d] = d;
+    snprintf(name, sizeof name, "collectives: stream and event on device %d", d);
+    int ok = ckpt_stream_create(ctx, d, &s[d]) == CKPT_OK && ckpt_event_create(ctx, d, &ev[d]) == CKPT_OK;
+    report(ok, name, "%s", last_error(ctx));
+    if (!ok) goto out;
+  }
+
+  /* Argument errors, before anything would block waiting for ranks. */
+  const int32_t dup[2] = {0, 0}, missing[1] = {ndev};
+  ckpt_comm *none = NULL;
+  expect(ckpt_comm_init(ctx, id, 1, 0, 0, devs, &none), CKPT_EINVAL, "comm_init with ndev 0 -> EINVAL");
+  expect(ckpt_comm_init(ctx, id, 2, 0, 2, dup, &none), CKPT_EINVAL, "comm_init with a device twice -> EINVAL");
+  expect(ckpt_comm_init(ctx, id, n, 1, n, devs, &none), CKPT_EINVAL,
+         "comm_init with first_rank + ndev > nranks -> EINVAL");
+  expect(ckpt_comm_init(ctx, id, 1, 0, 1, missing, &none), CKPT_ENODEV,
+         "comm_init on a missing device -> ENODEV");
+  expect(ckpt_comm_init(ctx, NULL, n, 0, n, devs, &none), CKPT_EINVAL, "comm_init with no id -> EINVAL");
+  report(none == NULL, "failed comm_init leaves *out NULL", "%p", (void *)none);
+
+  double t0 = now_s();
+  snprintf(name, sizeof name, "comm_init over all %d local devices", n);
+  if (!expect(ckpt_comm_init(ctx, id, n, 0, n, devs, &comm), CKPT_OK, name)) goto out;
+  printf("# comm_init of %d ranks: %.0f ms\n", n, (now_s() - t0) * 1e3);
+
+  if (n == 1) {
+    void *src = NULL;
+    ckpt_buf *b = NULL;
+    if (expect(ckpt_host_alloc(ctx, 4096, &src), CKPT_OK, "collectives: host_alloc") &&
+        expect(ckpt_buf_alloc(ctx, 0, 4096, &b), CKPT_OK, "collectives: buf_alloc")) {
+      fill_pattern(src, 4096, 0x6666u);
+      ckpt_range r = {(uint64_t)(uintptr_t)src, 0, 4096};
+      expect(ckpt_h2d_async(s[0], b, &r, 1), CKPT_OK, "collectives: fill the buffer");
+      expect(ckpt_broadcast(comm, 0, &b, s, 0, 4096), CKPT_OK, "broadcast over one rank (a no-op)");
+      expect(sync_all(s, ev, 1), CKPT_OK, "broadcast over one rank: wait");
+      uint8_t got[4096];
+      report(ckpt_buf_read(b, 0, got, sizeof got) == CKPT_OK && check_pattern(got, sizeof got, 0x6666u) < 0,
+             "broadcast over one rank leaves the bytes", "they changed");
+      expect(ckpt_broadcast(comm, 1, &b, s, 0, 4096), CKPT_EINVAL, "broadcast from root 1 of 1 -> EINVAL");
+      expect(ckpt_broadcast(comm, 0, &b, s, 1, 4096), CKPT_ERANGE, "broadcast past the end -> ERANGE");
+    }
+    if (b) ckpt_buf_free(b);
+    if (src) ckpt_host_free(ctx, src);
+  } else {
+    check_broadcasts(ctx, comm, n, s, ev);
+  }
+  expect(ckpt_comm_destroy(comm), CKPT_OK, "comm_destroy");
+
+  /* A second communicator, aborted. */
+  if (expect(ckpt_comm_id_new(ctx, id2), CKPT_OK, "comm_id_new again")) {
+    report(memcmp(id, id2, sizeof id) != 0, "a new id differs", "the same id twice");
+    if (expect(ckpt_comm_init(ctx, id2, n, 0, n, devs, &other), CKPT_OK, "comm_init of a second communicator"))
+      expect(ckpt_comm_abort(other), CKPT_OK, "comm_abort");
+  }
+out:
+  for (int32_t d = 0; d < n; d++) {
+    if (ev[d]) ckpt_event_destroy(ev[d]);
+    if (s[d]) ckpt_stream_destroy(s[d]);
+  }
+}
+
 /* ---- files and hashing ------------------------------------------------------------------ */
 
 #define FILE_LEN (256 * MIB)
@@ -778,6 +1061,7 @@ static void run_checks(void) {
 
   check_copies(ctx, s, ev);
   check_events(ctx, s, ev);
+  check_stream_wait_event(ctx, ndev, s);
   check_nccl(ctx);
 
   ckpt_buf *live = NULL;
@@ -787,6 +1071,7 @@ static void run_checks(void) {
   }
   check_ipc(ctx, ndev, s, ev);
   if (ndev >= 2) check_multi_gpu(ctx, ndev, s);
+  check_collectives(ctx, ndev);
   check_threads(ctx, ndev);
   check_file_map(ctx, s, ev);
   check_hash(ctx);

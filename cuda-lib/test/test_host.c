@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -562,6 +563,477 @@ static int test_nccl(void) {
   return 1;
 }
 
+/* ---- stream waits and broadcasts ------------------------------------------------------ */
+
+/* Queues an h2d of len bytes from pinned src into buf at offset 0. */
+static int h2d(ckpt_stream *s, ckpt_buf *buf, const void *src, uint64_t off, size_t len) {
+  ckpt_range rg = {(uintptr_t)src, off, len};
+  return ckpt_h2d_async(s, buf, &rg, 1);
+}
+
+/* The buffer holds want[0..len) at offset off. */
+static int buf_equals(ckpt_buf *b, uint64_t off, const uint8_t *want, size_t len) {
+  uint8_t *got = malloc(len);
+  int ok = got != NULL && ckpt_buf_read(b, off, got, len) == CKPT_OK && memcmp(got, want, len) == 0;
+  free(got);
+  return ok;
+}
+
+static int test_stream_wait_event(void) {
+  ckpt_ctx *ctx = new_ctx(2);
+  EXPECT(ctx != NULL);
+  uint8_t *a, *small;
+  ckpt_buf *x, *y;
+  ckpt_stream *sa, *sb, *sc;
+  ckpt_event *e, *f, *never, *e1;
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, BIG, (void **)&a));
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, 4096, (void **)&small));
+  fill(a, BIG, 21);
+  fill(small, 4096, 22);
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, BIG, &x));
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 1, 4096, &y));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &sa));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &sb));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 1, &sc));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &e));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &f));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &never));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 1, &e1));
+
+  /* A: 256 MiB into x, then E. B: wait for E, then 4 KiB over the head of x. Without the
+   * wait B's small copy would land first and be overwritten by A's. */
+  EXPECT_OK(ctx, h2d(sa, x, a, 0, BIG));
+  EXPECT_OK(ctx, ckpt_event_record(e, sa));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sb, e));
+  EXPECT_OK(ctx, h2d(sb, x, small, 0, 4096));
+  EXPECT_OK(ctx, ckpt_event_record(f, sb));
+  EXPECT_ST(ctx, ckpt_event_query(f), CKPT_EAGAIN);  /* held behind A's first-touch copy */
+  EXPECT_OK(ctx, ckpt_event_wait(f, -1));
+  EXPECT_OK(ctx, ckpt_event_query(e));
+  EXPECT(buf_equals(x, 0, small, 4096));
+  EXPECT(buf_equals(x, 4096, a + 4096, 4096));
+  EXPECT(buf_equals(x, BIG - 4096, a + BIG - 4096, 4096));
+
+  /* A never recorded event, and a completed one, make no wait. */
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sb, never));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sb, e));
+  EXPECT_OK(ctx, sync_stream(ctx, sb));
+
+  /* Across devices: a device-1 stream waits for a device-0 event. */
+  EXPECT_OK(ctx, h2d(sa, x, a, 0, BIG));
+  EXPECT_OK(ctx, ckpt_event_record(e, sa));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sc, e));
+  EXPECT_OK(ctx, h2d(sc, y, small, 0, 4096));
+  EXPECT_OK(ctx, ckpt_event_record(e1, sc));
+  EXPECT_OK(ctx, ckpt_event_wait(e1, -1));
+  EXPECT_OK(ctx, ckpt_event_query(e));
+  EXPECT(buf_equals(y, 0, small, 4096));
+
+  /* The wait is for E's record made before it: re-recording E behind another copy on A does
+   * not hold B any longer, so F completes while A's second copy still runs. */
+  EXPECT_OK(ctx, h2d(sa, x, a, 0, 4096));
+  EXPECT_OK(ctx, ckpt_event_record(e, sa));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sb, e));
+  EXPECT_OK(ctx, h2d(sa, x, a, 0, BIG));
+  EXPECT_OK(ctx, ckpt_event_record(e, sa));
+  EXPECT_OK(ctx, ckpt_event_record(f, sb));
+  EXPECT_OK(ctx, ckpt_event_wait(f, -1));
+  EXPECT_ST(ctx, ckpt_event_query(e), CKPT_EAGAIN);
+  EXPECT_OK(ctx, ckpt_event_wait(e, -1));
+
+  /* Destroying an event that a queued wait references waits until the wait has passed;
+   * destroying a stream drains a queued wait. */
+  EXPECT_OK(ctx, h2d(sa, x, a, 0, BIG));
+  EXPECT_OK(ctx, ckpt_event_record(e, sa));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sb, e));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sc, e));
+  EXPECT_OK(ctx, ckpt_event_destroy(e));
+  EXPECT_OK(ctx, h2d(sa, x, a, 0, BIG));
+  EXPECT_OK(ctx, ckpt_event_record(f, sa));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(sb, f));
+  EXPECT_OK(ctx, ckpt_stream_destroy(sb));
+  EXPECT_OK(ctx, ckpt_event_query(f));
+
+  /* Argument errors. */
+  EXPECT_ST(NULL, ckpt_stream_wait_event(NULL, f), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_stream_wait_event(sa, NULL), CKPT_EINVAL);
+  ckpt_ctx *other = new_ctx(1);
+  EXPECT(other != NULL);
+  ckpt_event *foreign;
+  EXPECT_OK(other, ckpt_event_create(other, 0, &foreign));
+  EXPECT_ST(ctx, ckpt_stream_wait_event(sa, foreign), CKPT_EHANDLE);
+  EXPECT_DETAIL(ctx, "another context");
+  EXPECT_OK(other, ckpt_event_destroy(foreign));
+  EXPECT_OK(other, ckpt_ctx_destroy(other));
+
+  EXPECT_OK(ctx, ckpt_event_destroy(f));
+  EXPECT_OK(ctx, ckpt_event_destroy(never));
+  EXPECT_OK(ctx, ckpt_event_destroy(e1));
+  EXPECT_OK(ctx, ckpt_stream_destroy(sa));
+  EXPECT_OK(ctx, ckpt_stream_destroy(sc));
+  EXPECT_OK(ctx, ckpt_buf_free(x));
+  EXPECT_OK(ctx, ckpt_buf_free(y));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, a));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, small));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* One buffer, stream and event per device of a `ndev`-device context, and a communicator. */
+typedef struct {
+  ckpt_ctx *ctx;
+  int32_t ndev;
+  size_t len;
+  ckpt_comm *comm;
+  ckpt_buf *buf[4];
+  ckpt_stream *s[4];
+  ckpt_event *ev[4];
+  uint8_t *pat[4];  /* pinned, len bytes each: fill(seed 100 + i) */
+} ranks;
+
+static int ranks_open(ranks *r, int32_t ndev, size_t len) {
+  memset(r, 0, sizeof *r);
+  r->ndev = ndev;
+  r->len = len;
+  r->ctx = new_ctx(ndev);
+  if (r->ctx == NULL) return CKPT_ENOMEM;
+  int32_t devs[4] = {0, 1, 2, 3};
+  uint8_t id[CKPT_COMM_ID_BYTES];
+  int st = ckpt_comm_id_new(r->ctx, id);
+  if (st == CKPT_OK) st = ckpt_comm_init(r->ctx, id, ndev, 0, ndev, devs, &r->comm);
+  for (int32_t i = 0; i < ndev && st == CKPT_OK; i++) {
+    st = ckpt_host_alloc(r->ctx, len, (void **)&r->pat[i]);
+    if (st == CKPT_OK) fill(r->pat[i], len, 100 + (uint32_t)i);
+    if (st == CKPT_OK) st = ckpt_buf_alloc(r->ctx, i, len, &r->buf[i]);
+    if (st == CKPT_OK) st = ckpt_stream_create(r->ctx, i, &r->s[i]);
+    if (st == CKPT_OK) st = ckpt_event_create(r->ctx, i, &r->ev[i]);
+  }
+  return st;
+}
+
+/* Waits for every stream: an event recorded on each, then waited for. */
+static int ranks_sync(ranks *r) {
+  for (int32_t i = 0; i < r->ndev; i++) {
+    int st = ckpt_event_record(r->ev[i], r->s[i]);
+    if (st != CKPT_OK) return st;
+  }
+  for (int32_t i = 0; i < r->ndev; i++) {
+    int st = ckpt_event_wait(r->ev[i], -1);
+    if (st != CKPT_OK) return st;
+  }
+  return CKPT_OK;
+}
+
+/* Every buffer i filled with pattern i (on its own stream), then waited for. */
+static int ranks_fill(ranks *r) {
+  for (int32_t i = 0; i < r->ndev; i++) {
+    int st = h2d(r->s[i], r->buf[i], r->pat[i], 0, r->len);
+    if (st != CKPT_OK) return st;
+  }
+  return ranks_sync(r);
+}
+
+static int ranks_close(ranks *r) {
+  int st = CKPT_OK;
+  if (r->ctx == NULL) return st;
+  if (r->comm && ckpt_comm_destroy(r->comm) != CKPT_OK) st = CKPT_EINVAL;
+  for (int32_t i = 0; i < r->ndev; i++) {
+    if (r->ev[i] && ckpt_event_destroy(r->ev[i]) != CKPT_OK) st = CKPT_EINVAL;
+    if (r->s[i] && ckpt_stream_destroy(r->s[i]) != CKPT_OK) st = CKPT_EINVAL;
+    if (r->buf[i] && ckpt_buf_free(r->buf[i]) != CKPT_OK) st = CKPT_EINVAL;
+    if (r->pat[i] && ckpt_host_free(r->ctx, r->pat[i]) != CKPT_OK) st = CKPT_EINVAL;
+  }
+  if (ckpt_ctx_destroy(r->ctx) != CKPT_OK) st = CKPT_EBUSY;
+  return st;
+}
+
+static int test_broadcast_two(void) {
+  ranks r;
+  const size_t len = 64u << 20;
+  int st = ranks_open(&r, 2, len);
+  ckpt_ctx *ctx = r.ctx;
+  EXPECT_OK(ctx, st);
+  /* The copy comes after the root stream's earlier work: the root is kept busy writing
+   * pattern 1 for a while, then gets pattern 0, which is what must arrive. */
+  EXPECT_OK(ctx, ranks_fill(&r));
+  for (int k = 0; k < 6; k++) EXPECT_OK(ctx, h2d(r.s[0], r.buf[0], r.pat[1], 0, len));
+  EXPECT_OK(ctx, h2d(r.s[0], r.buf[0], r.pat[0], 0, len));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, 0, len));
+  EXPECT_OK(ctx, ckpt_event_record(r.ev[1], r.s[1]));
+  EXPECT_OK(ctx, ckpt_event_wait(r.ev[1], -1));
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[0], len));
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[0], 0, r.pat[0], len));  /* the root's bytes are untouched */
+
+  /* From root 1, right behind the copy into the root on the same stream. */
+  EXPECT_OK(ctx, h2d(r.s[1], r.buf[1], r.pat[1], 0, len));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 1, r.buf, r.s, 0, len));
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[0], 0, r.pat[1], len));
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[1], len));
+
+  /* Work queued on the root after the broadcast may overwrite the root buffer: the
+   * destination, kept busy for a while, still gets the bytes from before. Work queued on
+   * the destination after the broadcast lands over the broadcast's bytes. */
+  EXPECT_OK(ctx, ranks_fill(&r));
+  for (int k = 0; k < 6; k++) EXPECT_OK(ctx, h2d(r.s[1], r.buf[1], r.pat[1], 0, len));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, 0, len));
+  EXPECT_OK(ctx, h2d(r.s[0], r.buf[0], r.pat[1], 0, len));
+  EXPECT_OK(ctx, h2d(r.s[1], r.buf[1], r.pat[1], 0, 4096));
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[0], 0, r.pat[1], len));
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[1], 4096));
+  EXPECT(buf_equals(r.buf[1], 4096, r.pat[0] + 4096, len - 4096));
+
+  /* A subrange: the bytes outside it stay as they were, on every rank. */
+  EXPECT_OK(ctx, ranks_fill(&r));
+  const uint64_t off = 4096 + 13, n = (1u << 20) + 7;
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, off, n));
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[0], 0, r.pat[0], len));
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[1], off));
+  EXPECT(buf_equals(r.buf[1], off, r.pat[0] + off, n));
+  EXPECT(buf_equals(r.buf[1], off + n, r.pat[1] + off + n, len - off - n));
+  /* The last byte, and nothing at the very end. */
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, len - 1, 1));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 1, r.buf, r.s, len, 0));
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[1], len - 1, r.pat[0] + len - 1, 1));
+  EXPECT(buf_equals(r.buf[1], off + n, r.pat[1] + off + n, len - off - n - 1));
+
+  /* The daemon's pattern: the root's broadcast stream waits for the copy stream's event. */
+  ckpt_stream *copy;
+  ckpt_event *copied;
+  EXPECT_OK(ctx, ranks_fill(&r));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &copy));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &copied));
+  EXPECT_OK(ctx, h2d(copy, r.buf[0], r.pat[1], 0, len));
+  EXPECT_OK(ctx, ckpt_event_record(copied, copy));
+  EXPECT_OK(ctx, ckpt_stream_wait_event(r.s[0], copied));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, 0, len));
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[1], len));
+  EXPECT_OK(ctx, ckpt_event_destroy(copied));
+  EXPECT_OK(ctx, ckpt_stream_destroy(copy));
+
+  EXPECT_OK(ctx, ranks_close(&r));
+  return 1;
+}
+
+static int test_broadcast_three(void) {
+  ranks r;
+  const size_t len = (3u << 20) + 5;
+  int st = ranks_open(&r, 3, len);
+  ckpt_ctx *ctx = r.ctx;
+  EXPECT_OK(ctx, st);
+  for (int32_t root = 2; root >= 0; root--) {
+    EXPECT_OK(ctx, ranks_fill(&r));
+    EXPECT_OK(ctx, ckpt_broadcast(r.comm, root, r.buf, r.s, 0, len));
+    EXPECT_OK(ctx, ranks_sync(&r));
+    for (int32_t i = 0; i < 3; i++) EXPECT(buf_equals(r.buf[i], 0, r.pat[root], len));
+  }
+  /* Many in a row, alternating roots, each over a piece that the next one's root rewrites. */
+  EXPECT_OK(ctx, ranks_fill(&r));
+  for (int k = 0; k < 300; k++) {
+    int32_t root = k % 3;
+    uint64_t off = (uint64_t)(k % 17) * 4099;
+    EXPECT_OK(ctx, h2d(r.s[root], r.buf[root], r.pat[root] + off, off, 4099));
+    EXPECT_OK(ctx, ckpt_broadcast(r.comm, root, r.buf, r.s, off, 4099));
+  }
+  EXPECT_OK(ctx, ranks_sync(&r));
+  for (int k = 283; k < 300; k++) {  /* the last broadcast over each of the 17 pieces */
+    uint64_t off = (uint64_t)(k % 17) * 4099;
+    for (int32_t i = 0; i < 3; i++) EXPECT(buf_equals(r.buf[i], off, r.pat[k % 3] + off, 4099));
+  }
+  EXPECT_OK(ctx, ranks_close(&r));
+  return 1;
+}
+
+static int test_broadcast_errors(void) {
+  ranks r;
+  const size_t len = 1u << 20;
+  int st = ranks_open(&r, 2, len);
+  ckpt_ctx *ctx = r.ctx;
+  EXPECT_OK(ctx, st);
+  EXPECT_OK(ctx, ranks_fill(&r));
+  ckpt_buf *swapped_b[2] = {r.buf[1], r.buf[0]};
+  ckpt_stream *swapped_s[2] = {r.s[1], r.s[0]};
+  ckpt_buf *null_b[2] = {r.buf[0], NULL};
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, swapped_b, r.s, 0, 16), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "its buffer is on device 1");
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, r.buf, swapped_s, 0, 16), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "its stream is on device 1");
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, null_b, r.s, 0, 16), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, NULL, r.s, 0, 16), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, r.buf, NULL, 0, 16), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_broadcast(NULL, 0, r.buf, r.s, 0, 16), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, 1, len), CKPT_ERANGE);
+  EXPECT_DETAIL(ctx, "buffer has");
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, len + 1, 0), CKPT_ERANGE);
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, UINT64_MAX - 5, 10), CKPT_ERANGE);
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, 8, UINT64_MAX - 5), CKPT_ERANGE);
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 2, r.buf, r.s, 0, 16), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "root 2");
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, -1, r.buf, r.s, 0, 16), CKPT_EINVAL);
+  /* A buffer of another context. */
+  ckpt_ctx *other = new_ctx(2);
+  EXPECT(other != NULL);
+  ckpt_buf *ob;
+  EXPECT_OK(other, ckpt_buf_alloc(other, 1, len, &ob));
+  ckpt_buf *foreign_b[2] = {r.buf[0], ob};
+  EXPECT_ST(ctx, ckpt_broadcast(r.comm, 0, foreign_b, r.s, 0, 16), CKPT_EHANDLE);
+  EXPECT_OK(other, ckpt_buf_free(ob));
+  EXPECT_OK(other, ckpt_ctx_destroy(other));
+  /* The failed calls queued nothing. */
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[0], 0, r.pat[0], len));
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[1], len));
+
+  /* Communicator arguments. */
+  uint8_t id[CKPT_COMM_ID_BYTES], id2[CKPT_COMM_ID_BYTES], zero[CKPT_COMM_ID_BYTES] = {0};
+  EXPECT_OK(ctx, ckpt_comm_id_new(ctx, id));
+  EXPECT_OK(ctx, ckpt_comm_id_new(ctx, id2));
+  EXPECT(memcmp(id, id2, sizeof id) != 0 && memcmp(id, zero, sizeof id) != 0);
+  EXPECT_ST(ctx, ckpt_comm_id_new(ctx, NULL), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_comm_id_new(NULL, id), CKPT_EINVAL);
+  const int32_t d01[2] = {0, 1}, d00[2] = {0, 0}, d05[2] = {0, 5}, dneg[1] = {-1};
+  ckpt_comm *c = (ckpt_comm *)&r;  /* must be overwritten with NULL */
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 4, 0, 2, d01, &c), CKPT_EUNSUPPORTED);
+  EXPECT(c == NULL);
+  EXPECT_DETAIL(ctx, "TCP transport between processes is not implemented yet");
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 3, 1, 2, d01, &c), CKPT_EUNSUPPORTED);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 1, 2, d01, &c), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "do not fit");
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, -1, 1, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 0, 0, 0, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 0, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d00, &c), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "device 0 is listed twice");
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d05, &c), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 1, 0, 1, dneg, &c), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, NULL, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, NULL, 2, 0, 2, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, NULL), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_comm_init(NULL, id, 2, 0, 2, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_comm_destroy(NULL), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_comm_abort(NULL), CKPT_EINVAL);
+
+  /* A second communicator over one device (device 1 alone): broadcasts are no-ops. */
+  const int32_t d1[1] = {1};
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 1, 0, 1, d1, &c));
+  EXPECT_OK(ctx, ckpt_broadcast(c, 0, &r.buf[1], &r.s[1], 0, len));
+  EXPECT_ST(ctx, ckpt_broadcast(c, 1, &r.buf[1], &r.s[1], 0, len), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_broadcast(c, 0, &r.buf[0], &r.s[0], 0, len), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_comm_abort(c));
+  EXPECT_OK(ctx, ranks_sync(&r));
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[1], len));
+  EXPECT_OK(ctx, ranks_close(&r));
+
+  /* The context outlives no communicator. */
+  ctx = new_ctx(2);
+  EXPECT(ctx != NULL);
+  EXPECT_OK(ctx, ckpt_comm_id_new(ctx, id));
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, &c));
+  EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY);
+  EXPECT_DETAIL(ctx, "1 handles");
+  EXPECT_OK(ctx, ckpt_comm_destroy(c));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* Destroying the communicator or the streams right after a broadcast is queued: each waits
+ * for (or drains) the work, and the bytes still arrive. */
+static int test_broadcast_lifetimes(void) {
+  ranks r;
+  const size_t len = 32u << 20;
+  int st = ranks_open(&r, 2, len);
+  ckpt_ctx *ctx = r.ctx;
+  EXPECT_OK(ctx, st);
+  EXPECT_OK(ctx, h2d(r.s[0], r.buf[0], r.pat[0], 0, len));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, 0, len));
+  EXPECT_OK(ctx, ckpt_comm_destroy(r.comm));  /* waits for the broadcast */
+  r.comm = NULL;
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[0], len));
+
+  uint8_t id[CKPT_COMM_ID_BYTES];
+  const int32_t d01[2] = {0, 1};
+  EXPECT_OK(ctx, ckpt_comm_id_new(ctx, id));
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, &r.comm));
+  EXPECT_OK(ctx, h2d(r.s[1], r.buf[1], r.pat[1], 0, len));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 1, r.buf, r.s, 0, len));
+  EXPECT_OK(ctx, ckpt_stream_destroy(r.s[0]));  /* drains the destination's copy */
+  EXPECT(buf_equals(r.buf[0], 0, r.pat[1], len));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &r.s[0]));
+  EXPECT_OK(ctx, h2d(r.s[0], r.buf[0], r.pat[0], 0, len));
+  EXPECT_OK(ctx, ckpt_broadcast(r.comm, 0, r.buf, r.s, 0, len));
+  EXPECT_OK(ctx, ckpt_stream_destroy(r.s[0]));  /* the root's operation waits for the copy */
+  r.s[0] = NULL;
+  EXPECT(buf_equals(r.buf[1], 0, r.pat[0], len));
+  EXPECT_OK(ctx, ckpt_comm_abort(r.comm));
+  r.comm = NULL;
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &r.s[0]));
+  EXPECT_OK(ctx, ranks_close(&r));
+  return 1;
+}
+
+/* Two threads broadcasting at once through one communicator and the same two streams, from
+ * opposite roots, each into its own buffers: no deadlock, and each gets its bytes. */
+typedef struct {
+  ranks *r;
+  int32_t root;
+  ckpt_buf *buf[2];
+  ckpt_event *ev[2];
+  int ok;
+} bthread;
+
+static void *bthread_main(void *arg) {
+  bthread *t = arg;
+  ranks *r = t->r;
+  const size_t piece = 64 << 10;
+  int ok = 1;
+  for (int k = 0; ok && k < 100; k++) {
+    uint64_t off = (uint64_t)(k % 8) * piece;
+    ok = h2d(r->s[t->root], t->buf[t->root], r->pat[t->root] + off + (size_t)k, off, piece) == CKPT_OK &&
+         ckpt_broadcast(r->comm, t->root, t->buf, r->s, off, piece) == CKPT_OK;
+  }
+  for (int i = 0; ok && i < 2; i++) ok = ckpt_event_record(t->ev[i], r->s[i]) == CKPT_OK;
+  for (int i = 0; ok && i < 2; i++) ok = ckpt_event_wait(t->ev[i], -1) == CKPT_OK;
+  for (int k = 92; ok && k < 100; k++) {
+    uint64_t off = (uint64_t)(k % 8) * piece;
+    for (int i = 0; ok && i < 2; i++) ok = buf_equals(t->buf[i], off, r->pat[t->root] + off + (size_t)k, piece);
+  }
+  t->ok = ok;
+  return NULL;
+}
+
+static int test_broadcast_threads(void) {
+  ranks r;
+  const size_t len = 1u << 20;
+  int st = ranks_open(&r, 2, len);
+  ckpt_ctx *ctx = r.ctx;
+  EXPECT_OK(ctx, st);
+  bthread t[2];
+  pthread_t th[2];
+  for (int j = 0; j < 2; j++) {
+    t[j] = (bthread){.r = &r, .root = j};
+    for (int i = 0; i < 2; i++) {
+      EXPECT_OK(ctx, ckpt_buf_alloc(ctx, i, len, &t[j].buf[i]));
+      EXPECT_OK(ctx, ckpt_event_create(ctx, i, &t[j].ev[i]));
+    }
+  }
+  for (int j = 0; j < 2; j++) EXPECT(pthread_create(&th[j], NULL, bthread_main, &t[j]) == 0);
+  for (int j = 0; j < 2; j++) pthread_join(th[j], NULL);
+  for (int j = 0; j < 2; j++) {
+    EXPECT(t[j].ok);
+    for (int i = 0; i < 2; i++) {
+      EXPECT_OK(ctx, ckpt_event_destroy(t[j].ev[i]));
+      EXPECT_OK(ctx, ckpt_buf_free(t[j].buf[i]));
+    }
+  }
+  EXPECT_OK(ctx, ranks_close(&r));
+  return 1;
+}
+
 /* Binds a datagram socket at addr (name_len bytes of sun_path); -1 on failure. */
 static int bind_dgram(const struct sockaddr_un *addr, size_t name_len) {
   int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -627,7 +1099,9 @@ static const struct {
     TEST(test_host_alloc),    TEST(test_register),         TEST(test_copies),
     TEST(test_devices_mismatch), TEST(test_query_in_flight), TEST(test_wait_timeout),
     TEST(test_ipc),           TEST(test_ipc_dead_exporter), TEST(test_busy_ctx),
-    TEST(test_nccl),          TEST(test_sd_notify),
+    TEST(test_nccl),          TEST(test_sd_notify),            TEST(test_stream_wait_event),
+    TEST(test_broadcast_two), TEST(test_broadcast_three),      TEST(test_broadcast_errors),
+    TEST(test_broadcast_lifetimes), TEST(test_broadcast_threads),
 };
 
 int main(void) {

@@ -21,6 +21,10 @@ export const ConfigSchema = v.strictObject({
   maxVersions: v.pipe(v.number(), v.integer(), v.minValue(1)),
   ioThreads: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(64)),
   uploadDir: text,
+  bucketBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 20)),
+  bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
+  receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
+  socketDir: v.string(),
 });
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
@@ -88,6 +92,30 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "string",
     help: "where pushed checkpoints are written (tmpfs, to pin them in place)",
   },
+  bucketBytes: {
+    flag: "--bucket-bytes",
+    env: "CKPTD_BUCKET_BYTES",
+    kind: "integer",
+    help: "largest bucket an update moves at once (capped by free GPU memory)",
+  },
+  bucketSlots: {
+    flag: "--bucket-slots",
+    env: "CKPTD_BUCKET_SLOTS",
+    kind: "integer",
+    help: "bucket buffers per GPU (stages in flight)",
+  },
+  receiverTimeoutMs: {
+    flag: "--receiver-timeout-ms",
+    env: "CKPTD_RECEIVER_TIMEOUT_MS",
+    kind: "integer",
+    help: "how long an engine may take to answer before the update aborts",
+  },
+  socketDir: {
+    flag: "--socket-dir",
+    env: "CKPTD_SOCKET_DIR",
+    kind: "string",
+    help: "directory of the engines' Unix sockets (empty: stateDir/sockets)",
+  },
 };
 
 /** Defaults that work on any machine, with or without a GPU. */
@@ -107,5 +135,9 @@ export function defaults(env: Record<string, string | undefined>): Config {
     maxVersions: 3,
     ioThreads: Math.min(16, availableParallelism()),
     uploadDir: existsSync("/dev/shm") ? "/dev/shm/ckptd" : join(stateHome, "ckptd", "uploads"),
+    bucketBytes: 256 << 20,
+    bucketSlots: 4,
+    receiverTimeoutMs: 30000,
+    socketDir: "",
   };
 }

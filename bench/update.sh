@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Broadcast updates of the standard checkpoint (../shared/bench/SPEC.md) on the GPU machine:
+#   source .device/boot.sh; bash bench/update.sh [layers] [updates]
+# with cuda-lib/build carried. One daemon owning every GPU of the machine, the SPEC consumer
+# (integrations/torch_engine.py) on each GPU. Measures in one run: the floor (pinned
+# host-to-device GB/s per GPU with all GPUs copying at once), the update time from the API
+# (median of N after a warm-up), extra GPU memory, the consumers' bit-exact checks, and the
+# end-to-end time of a 1 MiB update.
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+layers=${1:-36}
+n=${2:-5}
+# GPUS=1 on a machine with more: the daemon and the engine see GPU 0 only.
+gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
+export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1)))
+dir=/dev/shm/q8b
+mem() { nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd, -; }
+
+if [ -f "$dir/q8b.json" ]; then cp "$dir/q8b.json" "$out/q8b.json"; else
+  python3 bench/make_q8b.py --layers "$layers" --dir "$dir" | tee "$out/q8b.json"
+  cp "$out/q8b.json" "$dir/q8b.json"
+fi
+./cuda-lib/build/ckpt-gpu-test --bandwidth 4 | tee "$out/floor.txt"
+mem_before=$(mem)
+
+state=$(mktemp -d)
+node --import tsx daemon/main.ts --backend cuda --port 8470 --state-dir "$state" --log-level info >"$out/daemon.log" 2>&1 &
+daemon=$!
+for _ in $(seq 300); do curl -sf localhost:8470/v1/healthz >/dev/null && break; sleep 0.1; done
+mem_daemon=$(mem)
+curl -sf -X POST localhost:8470/v1/checkpoints -H 'content-type: application/json' \
+  -d "{\"name\":\"q8b\",\"dir\":\"$dir\"}" >"$out/register.json" || { cat "$out/daemon.log"; exit 1; }
+
+engines=()
+for g in $(seq 0 $((gpus - 1))); do
+  PYTHONUNBUFFERED=1 python3 integrations/torch_engine.py --socket "$state/sockets/gpu-$g.sock" --device "cuda:$g" \
+    --layers "$layers" --updates $((n + 1)) >"$out/engine-$g.jsonl" 2>"$out/engine-$g.err" &
+  engines+=($!)
+done
+for _ in $(seq 600); do
+  connected=$(curl -s localhost:8470/v1/status | python3 -c 'import json,sys; print(sum(len(g["receivers"]) for g in json.load(sys.stdin)["gpus"]))')
+  [ "$connected" = "$gpus" ] && break
+  sleep 0.2
+done
+mem_engines=$(mem)
+
+# Sample GPU memory while the updates run.
+(while true; do mem; sleep 0.05; done) >"$out/mem-samples.txt" &
+sampler=$!
+: >"$out/updates.jsonl"
+for i in $(seq 0 "$n"); do
+  curl -s -w '\n%{time_total}\n' -X POST localhost:8470/v1/updates -H 'content-type: application/json' \
+    -d '{"checkpoint":"q8b"}' >"$out/u.txt"
+  python3 -c '
+import json, sys
+body, wall = open(sys.argv[1]).read().strip().rsplit("\n", 1)
+r = json.loads(body)
+r = r.get("error", {}).get("details", r) if "error" in r else r
+print(json.dumps({"run": int(sys.argv[2]), "wall": float(wall), "state": r.get("state"), "timings": r.get("timings"),
+                  "bytes": r.get("progress", {}).get("bytes"), "error": r.get("error")}))' "$out/u.txt" "$i" >>"$out/updates.jsonl"
+done
+kill "$sampler"
+for pid in "${engines[@]}"; do wait "$pid"; done
+
+# A 1 MiB checkpoint, end to end from the API, to a plain receiver per GPU.
+python3 bench/tiny_update.py --state "$state" --gpus "$gpus" >"$out/tiny.json" 2>"$out/tiny.err"
+kill -TERM "$daemon"; wait "$daemon"
+
+python3 - "$out" "$gpus" "$mem_before" "$mem_daemon" "$mem_engines" <<'PY'
+import json, re, sys, pathlib, statistics as st
+out, gpus = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+before, daemon, engines = ([int(x) for x in a.split(",")] for a in sys.argv[3:6])
+floor_txt = out.joinpath("floor.txt").read_text()
+per = [float(x) for x in re.findall(r"device \d+ .*?: ([\d.]+) GB/s", floor_txt)]
+together = re.findall(r"all \d+ devices at once.*?([\d.]+) GB/s per device", floor_txt)
+bw = min(float(x) for x in together) if together else min(per)
+q = json.loads(out.joinpath("q8b.json").read_text().strip().splitlines()[-1])
+floor = q["bytes"] / gpus / (bw * 1e9)
+runs = [json.loads(l) for l in out.joinpath("updates.jsonl").read_text().splitlines()]
+timed = [r for r in runs[1:] if r["state"] == "succeeded"]
+walls = sorted(r["wall"] for r in timed)
+samples = [[int(x) for x in l.split(",")] for l in out.joinpath("mem-samples.txt").read_text().split() if l]
+peak = [max(s[g] for s in samples) for g in range(gpus)] if samples else engines
+checks = []
+for g in range(gpus):
+    lines = [json.loads(l) for l in out.joinpath(f"engine-{g}.jsonl").read_text().splitlines() if l.startswith("{")]
+    checks.append(f"GPU{g}: {sum(l['ok'] for l in lines)}/{len(lines)} ok")
+tiny = json.loads(out.joinpath("tiny.json").read_text() or "{}")
+print(f"device: {gpus} GPU(s); checkpoint {q['tensors']} tensors, {q['bytes']} bytes")
+print(f"floor: {bw:.2f} GB/s per GPU (all copying at once) -> {floor:.3f} s")
+if walls:
+    med = st.median(walls)
+    print(f"update (API wall, {len(walls)} after warm-up): median {med:.3f} s, min {walls[0]:.3f}, max {walls[-1]:.3f}; ratio {med / floor:.3f}")
+print(f"failed updates: {sum(r['state'] != 'succeeded' for r in runs)} of {len(runs)}  " + "  ".join(checks))
+print("GPU MiB  before: %s  daemon: %s  engines: %s  peak during updates: %s" % (before, daemon, engines, peak))
+print("daemon's extra per GPU (MiB): %s; increase during updates: %s" % ([d - b for d, b in zip(daemon, before)], [p - e for p, e in zip(peak, engines)]))
+print(f"1 MiB update end to end: {tiny}")
+PY

@@ -1,0 +1,83 @@
+import { describe, expect, it } from "vitest";
+import { type PlanTensor, planBuckets } from "./plan.ts";
+
+const t = (name: string, bytes: number, file = 0, offset = 0): PlanTensor => ({
+  name,
+  dtype: "U8",
+  shape: [bytes],
+  bytes,
+  file,
+  offset,
+});
+
+/** Compact view: per bucket, owner and pieces as name[begin,end)@slotOffset. */
+function view(tensors: PlanTensor[], bucketBytes: number, gpus = 1) {
+  return planBuckets(tensors, { bucketBytes, gpus, align: 16 }).map(
+    (b) => `${b.owner}:${b.pieces.map((p) => `${p.name}[${p.range[0]},${p.range[1]})@${p.slotOffset}`).join(" ")}`,
+  );
+}
+
+describe("planBuckets", () => {
+  it.each([
+    {
+      name: "packs small tensors, aligning offsets",
+      tensors: [t("a", 10, 0, 0), t("b", 20, 0, 10), t("c", 5, 0, 30)],
+      bucketBytes: 64,
+      want: ["0:a[0,10)@0 b[0,20)@16 c[0,5)@48"],
+    },
+    {
+      name: "starts a new bucket for a tensor that does not fit",
+      tensors: [t("a", 40, 0, 0), t("b", 40, 0, 40)],
+      bucketBytes: 64,
+      want: ["0:a[0,40)@0", "0:b[0,40)@0"],
+    },
+    {
+      name: "splits a tensor larger than a bucket",
+      tensors: [t("a", 8, 0, 0), t("big", 150, 0, 8), t("c", 8, 0, 158)],
+      bucketBytes: 64,
+      want: ["0:a[0,8)@0 big[0,48)@16", "0:big[48,112)@0", "0:big[112,150)@0 c[0,8)@48"],
+    },
+    {
+      name: "never mixes owners: file f belongs to GPU f mod gpus",
+      tensors: [t("a", 8, 0, 0), t("b", 8, 1, 0), t("c", 8, 2, 0), t("d", 8, 3, 0)],
+      bucketBytes: 64,
+      gpus: 2,
+      want: ["0:a[0,8)@0", "1:b[0,8)@0", "0:c[0,8)@0", "1:d[0,8)@0"],
+    },
+    {
+      name: "orders by file and offset, whatever the input order",
+      tensors: [t("second", 8, 0, 8), t("first", 8, 0, 0)],
+      bucketBytes: 64,
+      want: ["0:first[0,8)@0 second[0,8)@16"],
+    },
+    { name: "plans nothing for no tensors", tensors: [], bucketBytes: 64, want: [] },
+    {
+      name: "keeps empty tensors",
+      tensors: [t("empty", 0, 0, 0), t("a", 8, 0, 0)],
+      bucketBytes: 64,
+      want: ["0:empty[0,0)@0 a[0,8)@0"],
+    },
+  ])("$name", ({ tensors, bucketBytes, gpus, want }) => {
+    expect(view(tensors, bucketBytes, gpus)).toEqual(want);
+  });
+
+  it("covers every byte of every tensor exactly once, within bucket bounds", () => {
+    const tensors = Array.from({ length: 50 }, (_, i) => t(`t${i}`, ((i * 7919) % 300) + 1, i % 3, i * 1000));
+    const buckets = planBuckets(tensors, { bucketBytes: 128, gpus: 2, align: 16 });
+    const covered = new Map<string, number>();
+    for (const b of buckets) {
+      expect(b.bytes).toBeLessThanOrEqual(128);
+      for (const p of b.pieces) {
+        expect(p.slotOffset % 16).toBe(0);
+        expect(p.slotOffset + p.range[1] - p.range[0]).toBeLessThanOrEqual(b.bytes);
+        expect(b.owner).toBe(p.file % 2);
+        covered.set(p.name, (covered.get(p.name) ?? 0) + p.range[1] - p.range[0]);
+      }
+    }
+    for (const x of tensors) expect(covered.get(x.name)).toBe(x.bytes);
+  });
+
+  it("rejects a bucket size that is not a multiple of the alignment", () => {
+    expect(() => planBuckets([], { bucketBytes: 100, gpus: 1, align: 64 })).toThrow(/multiple of 64/);
+  });
+});

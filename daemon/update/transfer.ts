@@ -1,0 +1,114 @@
+/**
+ * The data path of updates, made once and kept between updates: per GPU a copy stream, a
+ * broadcast stream, `slots` bucket buffers shared with the engines, and events; one
+ * communicator over the local GPUs. Re-made only when it breaks.
+ */
+import type { Comm, Context, DeviceBuffer, Event, Stream } from "../../ffi/index.ts";
+
+export interface SlotHandle {
+  slot: number;
+  bytes: number;
+  kind: "cuda" | "host";
+  /** CUDA: the cudaIpcMemHandle_t as hex. */
+  handle?: string;
+  /** Host backend: a file to mmap. */
+  path?: string;
+}
+
+export interface GpuPath {
+  copy: Stream;
+  bcast: Stream;
+  slots: DeviceBuffer[];
+  /** Completion of the host-to-device copy into each slot (on the owner). */
+  copied: Event[];
+  /** Completion of each slot's bytes on this GPU (after the broadcast). */
+  landed: Event[];
+}
+
+/** items[i], which the caller knows exists (slot and GPU indices are always in range). */
+export function at<T>(items: readonly T[], i: number): T {
+  const x = items[i];
+  if (x === undefined) throw new RangeError(`index ${i} outside 0..${items.length - 1}`);
+  return x;
+}
+
+let generations = 0;
+
+export class Transfer {
+  readonly generation = ++generations;
+  readonly gpus: GpuPath[] = [];
+  comm?: Comm;
+
+  private constructor(
+    readonly ctx: Context,
+    readonly slots: number,
+    readonly slotBytes: number,
+  ) {}
+
+  /** Allocates everything for `gpus` local GPUs; on failure frees what it made. */
+  static async open(ctx: Context, gpus: number, slots: number, slotBytes: number): Promise<Transfer> {
+    const t = new Transfer(ctx, slots, slotBytes);
+    try {
+      for (let g = 0; g < gpus; g++) {
+        const path: GpuPath = {
+          copy: ctx.streamCreate(g),
+          bcast: ctx.streamCreate(g),
+          slots: [],
+          copied: [],
+          landed: [],
+        };
+        t.gpus.push(path);
+        for (let s = 0; s < slots; s++) {
+          path.slots.push(await ctx.bufAlloc(g, slotBytes));
+          path.copied.push(ctx.eventCreate(g));
+          path.landed.push(ctx.eventCreate(g));
+        }
+      }
+      if (gpus > 1) {
+        const devices = Array.from({ length: gpus }, (_, g) => g);
+        t.comm = await ctx.commInit(ctx.commIdNew(), gpus, 0, devices);
+      }
+    } catch (err) {
+      await t.close();
+      throw err;
+    }
+    return t;
+  }
+
+  /** What a receiver on `gpu` needs to map the slots. */
+  handles(gpu: number): SlotHandle[] {
+    return (this.gpus[gpu]?.slots ?? []).map((buf, slot) => {
+      const h = this.ctx.bufExport(buf);
+      const kind = this.ctx.backend;
+      if (kind === "cuda") {
+        return { slot, bytes: buf.len, kind, handle: Buffer.from(h.data.subarray(0, 64)).toString("hex") };
+      }
+      const end = h.data.indexOf(0);
+      return {
+        slot,
+        bytes: buf.len,
+        kind,
+        path: Buffer.from(h.data.subarray(0, end < 0 ? undefined : end)).toString(),
+      };
+    });
+  }
+
+  /** Waits for every slot's last work (bounded); false if the device did not finish in time. */
+  async drain(timeoutMs: number): Promise<boolean> {
+    const waits = this.gpus.flatMap((p) => [...p.copied, ...p.landed].map((e) => this.ctx.eventWait(e, timeoutMs)));
+    return (await Promise.all(waits)).every(Boolean);
+  }
+
+  async close(): Promise<void> {
+    const { ctx } = this;
+    if (this.comm) await ctx.commDestroy(this.comm);
+    this.comm = undefined;
+    for (const p of this.gpus) {
+      await ctx.streamDestroy(p.copy);
+      await ctx.streamDestroy(p.bcast);
+      for (const e of [...p.copied, ...p.landed]) ctx.eventDestroy(e);
+      for (const b of p.slots) await ctx.bufFree(b);
+    }
+    this.gpus.length = 0;
+  }
+}

@@ -1,0 +1,265 @@
+/**
+ * Broadcast updates: push a registered version into every engine of this host. Buckets move
+ * through three overlapping stages (host-to-device copy by the owning GPU, broadcast to every
+ * GPU, engines copying out of the slot and acking), ordered by events on streams; a slot is
+ * reused only after every engine on every GPU acked the bucket it held.
+ */
+import type { Logger } from "pino";
+import type { Context } from "../../ffi/index.ts";
+import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
+import { ApiError } from "../http/errors.ts";
+import { type Bucket, planBuckets } from "./plan.ts";
+import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
+import { at, type Transfer } from "./transfer.ts";
+
+export type UpdateState = "running" | "succeeded" | "failed";
+
+export interface ReceiverResult {
+  name: string;
+  pid: number;
+  gpu: number;
+  bucketsAcked: number;
+  /** applied: has the whole new version; partial: some of it; untouched: none of it. */
+  state: "applied" | "partial" | "untouched";
+}
+
+export class UpdateRecord {
+  state: UpdateState = "running";
+  readonly createdAt = new Date().toISOString();
+  finishedAt?: string;
+  error?: { code: string; message: string; receiver?: string };
+  progress = { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 };
+  timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 };
+  receivers: ReceiverResult[] = [];
+
+  constructor(
+    readonly id: string,
+    readonly checkpoint: string,
+  ) {}
+
+  toJSON() {
+    return {
+      id: this.id,
+      checkpoint: this.checkpoint,
+      state: this.state,
+      createdAt: this.createdAt,
+      ...(this.finishedAt ? { finishedAt: this.finishedAt } : {}),
+      progress: this.progress,
+      timings: this.timings,
+      receivers: this.receivers,
+      ...(this.error ? { error: this.error } : {}),
+    };
+  }
+}
+
+export interface UpdateOptions {
+  ctx: Context;
+  log: Logger;
+  registry: Registry;
+  hub: ReceiverHub;
+  /** The current data path (made at start, re-made after a failure that broke it). */
+  transfer: () => Promise<Transfer>;
+  /** Mark the data path broken: the next update re-makes it. */
+  discard: () => Promise<void>;
+  receiverTimeoutMs: number;
+  /** Updates kept for GET /v1/updates/{id}. */
+  history?: number;
+}
+
+/** Serializes updates: a second request while one runs gets a 409 naming it. */
+export class Updates {
+  private readonly records = new Map<string, UpdateRecord>();
+  private running?: UpdateRecord;
+  private seq = 0;
+
+  constructor(private readonly opts: UpdateOptions) {}
+
+  get(id: string): UpdateRecord {
+    const r = this.records.get(id);
+    if (!r) throw new ApiError(404, "not_found", `no update ${id}`);
+    return r;
+  }
+
+  list(): UpdateRecord[] {
+    return [...this.records.values()];
+  }
+
+  /** Checks and starts an update; returns its record and a promise of its end. */
+  start(ref: string): { record: UpdateRecord; done: Promise<void> } {
+    if (this.running) {
+      throw new ApiError(409, "update_running", `update ${this.running.id} of ${this.running.checkpoint} is running`, {
+        running: this.running.id,
+      });
+    }
+    const lease = this.opts.registry.acquire(ref);
+    const receivers = this.opts.hub.connected();
+    if (receivers.length === 0) {
+      lease.release();
+      throw new ApiError(409, "no_receivers", "no engine receiver is connected to this daemon");
+    }
+    const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
+    this.records.set(record.id, record);
+    this.trim();
+    this.running = record;
+    const done = this.run(record, lease.version, receivers).finally(() => {
+      lease.release();
+      this.running = undefined;
+    });
+    return { record, done };
+  }
+
+  private trim(): void {
+    const keep = this.opts.history ?? 100;
+    for (const id of [...this.records.keys()].slice(0, Math.max(0, this.records.size - keep))) this.records.delete(id);
+  }
+
+  private async run(record: UpdateRecord, version: CheckpointVersion, receivers: Receiver[]): Promise<void> {
+    const { log, receiverTimeoutMs: timeout } = this.opts;
+    const t0 = performance.now();
+    const acked = new Map<Receiver, number>(receivers.map((r) => [r, 0]));
+    let failure: Error | undefined;
+    let transfer: Transfer | undefined;
+    try {
+      transfer = await this.opts.transfer();
+      const buckets = planBuckets(version.tensors, { bucketBytes: transfer.slotBytes, gpus: transfer.gpus.length });
+      record.progress.buckets = buckets.length;
+      record.progress.bytes = buckets.reduce((s, b) => s + b.bytes, 0);
+      record.timings.planSeconds = (performance.now() - t0) / 1000;
+      for (const r of receivers) {
+        r.send({
+          op: "begin",
+          update: record.id,
+          checkpoint: version.id,
+          tensors: version.tensors.length,
+          buckets: buckets.length,
+        });
+      }
+      const slots: Promise<void>[] = Array.from({ length: transfer.slots }, () => Promise.resolve());
+      for (const b of buckets) {
+        const s = b.index % transfer.slots;
+        const waited = performance.now();
+        await slots[s];
+        record.timings.stallSeconds += (performance.now() - waited) / 1000;
+        if (failure) throw failure;
+        this.issue(transfer, version, b, s);
+        slots[s] = this.deliver(transfer, record, b, s, receivers, acked).catch((err) => {
+          failure ??= err;
+        });
+      }
+      await Promise.all(slots);
+      if (failure) throw failure;
+      const finishing = performance.now();
+      for (const r of receivers) r.send({ op: "end", update: record.id });
+      await Promise.all(
+        receivers.map((r) => r.expect((m) => m.op === "done" && m.update === record.id, record.id, timeout, "done")),
+      );
+      record.timings.finishSeconds = (performance.now() - finishing) / 1000;
+      record.state = "succeeded";
+    } catch (err) {
+      record.state = "failed";
+      const e = err as Error;
+      record.error = {
+        code: err instanceof ReceiverError ? "receiver_failed" : "update_failed",
+        message: e.message,
+        ...(err instanceof ReceiverError ? { receiver: err.receiver.label } : {}),
+      };
+      for (const r of receivers) r.send({ op: "abort", update: record.id, reason: e.message });
+      // Queued copies may still read or write the slots: wait for them before the next update.
+      if (transfer && !(await transfer.drain(timeout).catch(() => false))) await this.opts.discard();
+      log.warn({ update: record.id, error: record.error }, "update failed");
+    }
+    const seconds = (performance.now() - t0) / 1000;
+    record.timings.seconds = seconds;
+    record.timings.gbps = record.progress.bytesDone / seconds / 1e9;
+    record.finishedAt = new Date().toISOString();
+    const total = record.progress.buckets;
+    record.receivers = receivers.map((r) => {
+      const n = acked.get(r) ?? 0;
+      const state =
+        record.state === "succeeded" ? "applied" : n === 0 ? "untouched" : n === total ? "applied" : "partial";
+      return { name: r.name, pid: r.pid, gpu: r.gpu, bucketsAcked: n, state };
+    });
+    if (record.state === "succeeded") {
+      log.info({ update: record.id, checkpoint: version.id, ...record.timings }, "update succeeded");
+    }
+  }
+
+  /** Queues bucket b: host-to-device on its owner, then the broadcast to every GPU. */
+  private issue(t: Transfer, version: CheckpointVersion, b: Bucket, s: number): void {
+    const { ctx } = this.opts;
+    const owner = t.gpus[b.owner];
+    if (!owner) throw new Error(`bucket ${b.index} belongs to GPU ${b.owner}, which this daemon does not have`);
+    const ranges = new BigUint64Array(b.pieces.length * 3);
+    b.pieces.forEach((p, i) => {
+      const file = version.pinned[p.file];
+      if (!file) throw new Error(`${version.id} is not pinned`);
+      ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
+      ranges[3 * i + 1] = BigInt(p.slotOffset);
+      ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
+    });
+    ctx.h2dAsync(owner.copy, at(owner.slots, s), ranges);
+    ctx.eventRecord(at(owner.copied, s), owner.copy);
+    if (t.comm) {
+      ctx.streamWaitEvent(owner.bcast, at(owner.copied, s));
+      ctx.broadcast(
+        t.comm,
+        b.owner,
+        t.gpus.map((g) => at(g.slots, s)),
+        t.gpus.map((g) => g.bcast),
+        0,
+        b.bytes,
+      );
+      for (const g of t.gpus) ctx.eventRecord(at(g.landed, s), g.bcast);
+    } else {
+      ctx.eventRecord(at(owner.landed, s), owner.copy);
+    }
+  }
+
+  /** Waits for bucket b's bytes on each GPU, hands it to that GPU's receivers, awaits their acks. */
+  private async deliver(
+    t: Transfer,
+    record: UpdateRecord,
+    b: Bucket,
+    s: number,
+    receivers: Receiver[],
+    acked: Map<Receiver, number>,
+  ): Promise<void> {
+    const { ctx, receiverTimeoutMs: timeout } = this.opts;
+    const msg = {
+      op: "bucket",
+      update: record.id,
+      bucket: b.index,
+      slot: s,
+      tensors: b.pieces.map((p) => ({
+        name: p.name,
+        dtype: p.dtype,
+        shape: p.shape,
+        bytes: p.bytes,
+        offset: p.slotOffset,
+        range: p.range,
+      })),
+    };
+    await Promise.all(
+      t.gpus.map(async (g, gpu) => {
+        if (!(await ctx.eventWait(at(g.landed, s), timeout))) {
+          throw new Error(`bucket ${b.index} did not reach GPU ${gpu} within ${timeout} ms`);
+        }
+        const mine = receivers.filter((r) => r.gpu === gpu);
+        for (const r of mine) r.send(msg);
+        await Promise.all(
+          mine.map(async (r) => {
+            await r.expect(
+              (m) => m.op === "ack" && m.update === record.id && m.bucket === b.index,
+              record.id,
+              timeout,
+              `the ack of bucket ${b.index}`,
+            );
+            acked.set(r, (acked.get(r) ?? 0) + 1);
+          }),
+        );
+      }),
+    );
+    record.progress.bucketsDone++;
+    record.progress.bytesDone += b.bytes;
+  }
+}

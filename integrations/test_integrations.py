@@ -1,0 +1,712 @@
+"""Tests of the engine side against a fake daemon; no torch, vLLM or SGLang needed.
+
+    python3 -m unittest integrations/test_integrations.py -v
+
+The fake daemon speaks PROTOCOL.md over a real Unix socket from a thread, with "host" slots
+backed by temp files that the receiver maps, and writes each bucket's bytes into its slot
+before announcing it, reusing a slot only after its ack, as the daemon does.
+"""
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import types
+import unittest
+from unittest import mock
+
+from integrations import ckptd_receiver as cr
+from integrations import sglang_adapter, vllm_extension
+
+TIMEOUT = 10
+logging.getLogger("ckptd").addHandler(logging.NullHandler())  # failures are expected here
+
+
+def host_mapper():
+    """The real mapper, with memoryview views whether or not torch is installed."""
+    return cr.Mapper(use_torch=False)
+
+
+class FakeDaemon:
+    """The daemon side of one connection; `script(daemon)` runs in a thread after the
+    handshake. Exceptions in the thread are raised again by join()."""
+
+    def __init__(self, slots=2, slot_bytes=4096):
+        self.dir = tempfile.mkdtemp(prefix="ckptd-test-")
+        self.path = os.path.join(self.dir, "gpu-0.sock")
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(4)
+        self.server.settimeout(TIMEOUT)
+        self.generation = 0
+        self.buffers = self.new_buffers(slots, slot_bytes)
+        self.hello = None
+        self.received = []  # every message from the receiver, in order
+        self.sent = []
+        self.error = None
+        self.conn = None
+        self._rbuf = b""
+
+    def new_buffers(self, slots, slot_bytes):
+        """A new generation of slots: fresh zeroed files. Returns the `buffers` message."""
+        self.generation += 1
+        self.slot_files = []
+        for i in range(slots):
+            f = os.path.join(self.dir, f"gen{self.generation}-slot{i}")
+            with open(f, "wb") as fh:
+                fh.truncate(slot_bytes)
+            self.slot_files.append(f)
+        self.slot_bytes = slot_bytes
+        return {"op": "buffers", "generation": self.generation, "slots": [
+            {"slot": i, "bytes": slot_bytes, "kind": "host", "path": f}
+            for i, f in enumerate(self.slot_files)]}
+
+    def start(self, script, welcome=None):
+        def run():
+            try:
+                self.conn, _ = self.server.accept()
+                self.conn.settimeout(TIMEOUT)
+                self.hello = self.recv()
+                self.send(welcome or {"op": "welcome", "protocol": 1, "gpu": 0,
+                                      "uuid": "HOST-test-0", "backend": "host"})
+                self.send(self.buffers)
+                script(self)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+                self.error = e
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        return self
+
+    def join(self):
+        self.thread.join(TIMEOUT)
+        if self.thread.is_alive():
+            raise AssertionError("fake daemon did not finish")
+        if self.error:
+            raise self.error
+
+    def close(self):
+        for s in (self.conn, self.server):
+            if s is not None:
+                s.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def send(self, msg):
+        self.sent.append(msg)
+        self.conn.sendall(json.dumps(msg).encode() + b"\n")
+
+    def recv(self):
+        while b"\n" not in self._rbuf:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                raise ConnectionError("receiver closed the socket")
+            self._rbuf += chunk
+        line, self._rbuf = self._rbuf.split(b"\n", 1)
+        msg = json.loads(line)
+        self.received.append(msg)
+        return msg
+
+    def recv_for(self, update):
+        """The next message about `update` (late acks of an aborted update are skipped)."""
+        while True:
+            msg = self.recv()
+            if msg.get("update") == update:
+                return msg
+
+    def write_bucket(self, update, bucket, slot, tensors):
+        """Writes the tensors' bytes into the slot file, returns the `bucket` message."""
+        entries, offset = [], 0
+        with open(self.slot_files[slot], "r+b") as f:
+            for name, dtype, shape, data in tensors:
+                f.seek(offset)
+                f.write(data)
+                entries.append({"name": name, "dtype": dtype, "shape": shape,
+                                "offset": offset, "bytes": len(data)})
+                offset += -(-len(data) // 64) * 64  # 64-byte aligned, as a daemon might
+        assert offset <= self.slot_bytes
+        return {"op": "bucket", "update": update, "bucket": bucket, "slot": slot,
+                "tensors": entries}
+
+    def push(self, update, buckets, checkpoint="test@1", stop_after=None):
+        """Runs one update: begin, the buckets through the slots (a slot is rewritten only
+        after its ack), end; returns the acks. stop_after=k: send buckets 0..k only and
+        return (the script goes on by hand)."""
+        n = len(self.slot_files)
+        self.send({"op": "begin", "update": update, "checkpoint": checkpoint,
+                   "tensors": sum(len(b) for b in buckets), "buckets": len(buckets)})
+        acks = []
+        for b, tensors in enumerate(buckets):
+            if b >= n:
+                acks.append(self.recv_for(update))
+                assert acks[-1] == {"op": "ack", "update": update, "bucket": b - n}, acks[-1]
+            self.send(self.write_bucket(update, b, b % n, tensors))
+            if stop_after == b:
+                return acks
+        while len(acks) < len(buckets):
+            acks.append(self.recv_for(update))
+        self.send({"op": "end", "update": update})
+        acks.append(self.recv_for(update))
+        return acks
+
+
+def make_buckets(seed, sizes=(3, 1, 4, 2, 3)):
+    """Buckets of random tensors of several dtypes: [(name, dtype, shape, bytes), ...]."""
+    rnd = random.Random(seed)
+    dtypes = [("BF16", 2), ("F32", 4), ("I64", 8), ("U8", 1), ("F8_E4M3", 1), ("BOOL", 1)]
+    buckets, i = [], 0
+    for n in sizes:
+        bucket = []
+        for _ in range(n):
+            dtype, size = rnd.choice(dtypes)
+            shape = [rnd.randint(1, 8), rnd.randint(1, 12)]
+            data = rnd.randbytes(shape[0] * shape[1] * size)
+            bucket.append((f"layers.{i}.weight", dtype, shape, data))
+            i += 1
+        buckets.append(bucket)
+    return buckets
+
+
+class Recorder:
+    """An apply that copies every view's bytes at once (views die at the ack)."""
+
+    def __init__(self, fail_on=None):
+        self.got, self.batches, self.fail_on = {}, 0, fail_on
+
+    def __call__(self, batch):
+        self.batches += 1
+        for name, view in batch:
+            if name == self.fail_on:
+                raise ValueError(f"cannot load {name}")
+            self.got[name] = bytes(view)
+
+
+def expected_bytes(buckets):
+    return {name: data for b in buckets for name, _, _, data in b}
+
+
+class ReceiverTest(unittest.TestCase):
+    def setUp(self):
+        self.daemon = FakeDaemon()
+        self.receivers = []
+
+    def tearDown(self):
+        for r in self.receivers:
+            r.close()
+        self.daemon.close()
+
+    def connect(self, script, **kw):
+        self.daemon.start(script, **kw)
+        kw = {"timeout": TIMEOUT, "mapper": host_mapper(), "name": "engine-test"}
+        r = cr.Receiver(self.daemon.path, **kw)
+        self.receivers.append(r)
+        return r
+
+    def test_update_delivers_exact_bytes_and_acks_in_order(self):
+        buckets = make_buckets(1)
+        out = {}
+        r = self.connect(lambda d: out.setdefault("acks", d.push("u-1", buckets, "q@4")))
+        rec = Recorder()
+        summary = r.receive(rec)
+        self.daemon.join()
+        self.assertEqual(rec.got, expected_bytes(buckets))
+        self.assertEqual(rec.batches, len(buckets))
+        self.assertEqual(out["acks"][:-1], [{"op": "ack", "update": "u-1", "bucket": b}
+                                            for b in range(len(buckets))])
+        self.assertEqual(out["acks"][-1], {"op": "done", "update": "u-1"})
+        self.assertEqual(self.daemon.hello, {"op": "hello", "protocol": 1, "pid": os.getpid(),
+                                             "name": "engine-test"})
+        self.assertEqual(summary["update"], "u-1")
+        self.assertEqual(summary["checkpoint"], "q@4")
+        self.assertEqual(summary["buckets"], len(buckets))
+        self.assertEqual(summary["tensors"], sum(len(b) for b in buckets))
+        self.assertEqual(summary["bytes"], sum(len(v) for v in expected_bytes(buckets).values()))
+        self.assertEqual(summary["unknown"], [])
+        self.assertGreaterEqual(summary["seconds"], 0)
+
+    def test_a_tensor_split_over_buckets_is_assembled_whole(self):
+        # A tensor larger than a bucket arrives as pieces (PROTOCOL.md: "range"); an apply
+        # without a `piece` method gets it whole, with the last piece.
+        rnd = random.Random(5)
+        big, small = rnd.randbytes(300), rnd.randbytes(8)
+        pieces = [(0, 128), (128, 256), (256, 300)]
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "s@1", "tensors": 2, "buckets": 3})
+            for b, (lo, hi) in enumerate(pieces):
+                slot = b % len(d.slot_files)
+                with open(d.slot_files[slot], "r+b") as f:
+                    f.write(big[lo:hi])
+                    if b == 2:
+                        f.seek(64)
+                        f.write(small)
+                entries = [{"name": "big", "dtype": "U8", "shape": [300], "bytes": 300, "offset": 0,
+                            "range": [lo, hi]}]
+                if b == 2:
+                    entries.append({"name": "small", "dtype": "U8", "shape": [8], "bytes": 8,
+                                    "offset": 64, "range": [0, 8]})
+                d.send({"op": "bucket", "update": "u-1", "bucket": b, "slot": slot, "tensors": entries})
+                assert d.recv_for("u-1") == {"op": "ack", "update": "u-1", "bucket": b}
+            d.send({"op": "end", "update": "u-1"})
+            assert d.recv_for("u-1") == {"op": "done", "update": "u-1"}
+
+        r = self.connect(script)
+        rec = Recorder()
+        summary = r.receive(rec)
+        self.daemon.join()
+        self.assertEqual(rec.got, {"big": big, "small": small})
+        self.assertEqual(summary["tensors"], 2)
+        self.assertEqual(summary["bytes"], 308)
+
+    def test_views_are_the_slot_files_bytes(self):
+        # The receiver maps the slot: what apply sees is the file's content at the offsets.
+        buckets = make_buckets(2, sizes=(3,))
+        seen = []
+
+        def apply(batch):
+            with open(self.daemon.slot_files[0], "rb") as f:
+                content = f.read()
+            seen.extend((bytes(view), content) for _, view in batch)
+
+        r = self.connect(lambda d: d.push("u-1", buckets))
+        r.receive(apply)
+        self.daemon.join()
+        entries = next(m for m in self.daemon.sent if m["op"] == "bucket")["tensors"]
+        self.assertEqual(len(seen), 3)
+        for (data, content), t in zip(seen, entries):
+            self.assertEqual(data, content[t["offset"]:t["offset"] + t["bytes"]])
+
+    def test_sync_runs_before_each_ack(self):
+        events = []
+
+        class SpyMapper(cr.Mapper):
+            def sync(self):
+                events.append("sync")
+
+        buckets = make_buckets(3, sizes=(1, 1, 1))
+        self.daemon.start(lambda d: d.push("u-1", buckets))
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=SpyMapper(use_torch=False))
+        self.receivers.append(r)
+        send = r._send
+        r._send = lambda **m: (events.append(m["op"]), send(**m))
+        r.receive(lambda batch: events.append("apply"))
+        self.daemon.join()
+        self.assertEqual(events, ["apply", "sync", "ack"] * 3 + ["done"])
+
+    def test_apply_error_is_reported_and_the_next_update_works(self):
+        buckets = make_buckets(4)
+        bad = buckets[2][0][0]
+        out = {}
+
+        def script(d):
+            msgs = d.push("u-1", buckets, stop_after=2)  # ack of 0 before bucket 2 reuses slot 0
+            msgs += [d.recv(), d.recv()]  # ack of 1, then the error for bucket 2
+            out["msgs"] = msgs
+            d.send({"op": "abort", "update": "u-1", "reason": "engine-test: failed"})
+            out["acks"] = d.push("u-2", buckets)
+
+        r = self.connect(script)
+        with self.assertRaises(cr.ReceiveError) as ctx:
+            r.receive(Recorder(fail_on=bad))
+        self.assertIn(f"ValueError: cannot load {bad}", str(ctx.exception))
+        self.assertEqual((ctx.exception.update, ctx.exception.bucket), ("u-1", 2))
+        rec = Recorder()
+        summary = r.receive(rec)
+        self.daemon.join()
+        self.assertEqual(out["msgs"][:2], [{"op": "ack", "update": "u-1", "bucket": 0},
+                                           {"op": "ack", "update": "u-1", "bucket": 1}])
+        err = out["msgs"][2]
+        self.assertEqual((err["op"], err["update"], err["bucket"]), ("error", "u-1", 2))
+        self.assertEqual(err["message"], f"ValueError: cannot load {bad}")
+        self.assertEqual(summary["update"], "u-2")
+        self.assertEqual(rec.got, expected_bytes(buckets))
+        # The exception's traceback does not keep the failed bucket's views (and the slot)
+        with self.assertNoLogs("ckptd.receiver", logging.WARNING):
+            r.close()
+
+    def test_error_drain_ends_at_a_new_begin_without_abort(self):
+        # A daemon that does not send abort to the receiver that failed: the next begin ends
+        # the drain and is not lost.
+        buckets = make_buckets(5, sizes=(1, 1))
+
+        def script(d):
+            d.push("u-1", buckets, stop_after=1)
+            assert d.recv()["op"] == "error"
+            d.push("u-2", buckets)
+
+        r = self.connect(script)
+        with self.assertRaises(cr.ReceiveError):
+            r.receive(Recorder(fail_on=buckets[0][0][0]))
+        self.assertEqual(r.receive(Recorder())["update"], "u-2")
+        self.daemon.join()
+
+    def test_begin_before_end_fails_the_open_update_and_keeps_the_new_one(self):
+        buckets = make_buckets(12, sizes=(1, 1))
+
+        def script(d):
+            d.push("u-1", buckets, stop_after=0)
+            d.push("u-2", buckets)
+
+        r = self.connect(script)
+        with self.assertRaisesRegex(cr.ReceiveError, "update u-2 began before update u-1 ended"):
+            r.receive(Recorder())
+        rec = Recorder()
+        self.assertEqual(r.receive(rec)["update"], "u-2")
+        self.daemon.join()
+        self.assertEqual(rec.got, expected_bytes(buckets))
+
+    def test_finish_error_is_reported(self):
+        buckets = make_buckets(6, sizes=(2,))
+        out = {}
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "c", "tensors": 2, "buckets": 1})
+            d.send(d.write_bucket("u-1", 0, 0, buckets[0]))
+            out["ack"] = d.recv()
+            d.send({"op": "end", "update": "u-1"})
+            out["error"] = d.recv()
+            d.send({"op": "abort", "update": "u-1", "reason": "finish failed"})  # late: ignored
+            out["acks"] = d.push("u-2", buckets)
+
+        def finish():
+            raise RuntimeError("post-processing broke")
+
+        r = self.connect(script)
+        with self.assertRaises(cr.ReceiveError) as ctx:
+            r.receive(Recorder(), finish)
+        self.assertIn("RuntimeError: post-processing broke", str(ctx.exception))
+        self.assertEqual(r.receive(Recorder())["update"], "u-2")
+        self.daemon.join()
+        self.assertEqual(out["error"], {"op": "error", "update": "u-1",
+                                        "message": "RuntimeError: post-processing broke"})
+
+    def test_abort_raises_and_the_next_update_works_on_the_same_connection(self):
+        buckets = make_buckets(7)
+
+        def script(d):
+            d.push("u-1", buckets, stop_after=1)
+            d.send({"op": "abort", "update": "u-1", "reason": "peer 10.0.0.2 died"})
+            d.push("u-2", buckets)
+
+        r = self.connect(script)
+        with self.assertRaises(cr.UpdateAborted) as ctx:
+            r.receive(Recorder())
+        self.assertEqual((ctx.exception.update, ctx.exception.reason), ("u-1", "peer 10.0.0.2 died"))
+        rec = Recorder()
+        self.assertEqual(r.receive(rec)["update"], "u-2")
+        self.daemon.join()
+        self.assertEqual(rec.got, expected_bytes(buckets))
+        self.assertEqual(sum(1 for m in self.daemon.received if m.get("op") == "hello"), 1)
+
+    def test_new_buffers_generation_remaps(self):
+        buckets1, buckets2 = make_buckets(8), make_buckets(9, sizes=(5, 5))
+        slots = []
+
+        class SpyMapper(cr.Mapper):
+            def map(self, desc, welcome):
+                slots.append(super().map(desc, welcome))
+                return slots[-1]
+
+        def script(d):
+            d.push("u-1", buckets1)
+            d.send(d.new_buffers(3, 8192))
+            d.push("u-2", buckets2)
+
+        self.daemon.start(script)
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=SpyMapper(use_torch=False))
+        self.receivers.append(r)
+        r.receive(Recorder())
+        self.assertEqual((r.generation, len(slots)), (1, 2))
+        rec = Recorder()
+        r.receive(rec)
+        self.daemon.join()
+        self.assertEqual((r.generation, len(slots)), (2, 5))
+        self.assertTrue(all(s._mm.closed for s in slots[:2]), "generation 1 still mapped")
+        self.assertFalse(any(s._mm.closed for s in slots[2:]))
+        self.assertEqual(rec.got, expected_bytes(buckets2))
+        r.close()
+        self.assertTrue(all(s._mm.closed for s in slots))
+
+    def test_bad_tensor_entry_is_an_error_naming_it(self):
+        out = {}
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "c", "tensors": 1, "buckets": 1})
+            d.send({"op": "bucket", "update": "u-1", "bucket": 0, "slot": 0, "tensors": [
+                {"name": "w", "dtype": "F4", "shape": [2], "offset": 0, "bytes": 1}]})
+            out["error"] = d.recv()
+            d.send({"op": "abort", "update": "u-1", "reason": "x"})
+
+        r = self.connect(script)
+        with self.assertRaises(cr.ReceiveError) as ctx:
+            r.receive(Recorder())
+        self.daemon.join()
+        self.assertIn("dtype 'F4' is not supported", str(ctx.exception))
+        self.assertEqual(out["error"]["bucket"], 0)
+
+    def test_out_of_slot_range_is_an_error(self):
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "c", "tensors": 1, "buckets": 1})
+            d.send({"op": "bucket", "update": "u-1", "bucket": 0, "slot": 0, "tensors": [
+                {"name": "w", "dtype": "F32", "shape": [2000], "offset": 0, "bytes": 8000}]})
+            d.recv()
+            d.send({"op": "abort", "update": "u-1", "reason": "x"})
+
+        r = self.connect(script)
+        with self.assertRaisesRegex(cr.ReceiveError, "outside the slot's 4096 bytes"):
+            r.receive(Recorder())
+        self.daemon.join()
+
+    def test_count_mismatch_at_end_is_an_error(self):
+        buckets = make_buckets(10, sizes=(2,))
+        out = {}
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "c", "tensors": 3, "buckets": 2})
+            d.send(d.write_bucket("u-1", 0, 0, buckets[0]))
+            d.recv()
+            d.send({"op": "end", "update": "u-1"})
+            out["error"] = d.recv()
+
+        r = self.connect(script)
+        with self.assertRaisesRegex(cr.ReceiveError, "announced 2 buckets and 3 tensors"):
+            r.receive(Recorder())
+        self.daemon.join()
+        self.assertEqual(out["error"]["op"], "error")
+
+    def test_unknown_names_are_reported(self):
+        buckets = make_buckets(11, sizes=(3,))
+        r = self.connect(lambda d: d.push("u-1", buckets))
+        summary = r.receive(lambda batch: [n for n, _ in batch][1:])
+        self.daemon.join()
+        self.assertEqual(summary["unknown"], [n for n, *_ in buckets[0]][1:])
+
+    def test_protocol_version_mismatch(self):
+        self.daemon.start(lambda d: None, welcome={"op": "welcome", "protocol": 2})
+        with self.assertRaisesRegex(cr.ProtocolError, "protocol 1"):
+            cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper())
+        try:
+            self.daemon.join()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the receiver hung up on the bad welcome before the buffers were sent
+
+
+    def test_daemon_gone(self):
+        def script(d):
+            d.conn.close()
+            d.conn = None
+
+        r = self.connect(script)
+        self.daemon.join()
+        with self.assertRaises(ConnectionError):
+            r.receive(Recorder())
+
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TorchHostViewsTest(unittest.TestCase):
+    """Where torch is installed: host slots give typed CPU tensors over the mapping."""
+
+    def test_typed_views(self):
+        daemon = FakeDaemon(slot_bytes=1 << 16)
+        try:
+            buckets = make_buckets(40, sizes=(6, 6))
+            daemon.start(lambda d: d.push("u-1", buckets))
+            got = {}
+
+            def apply(batch):
+                for name, t in batch:
+                    got[name] = (t.dtype, list(t.shape), bytes(t.view(torch.uint8).flatten().tolist()))
+
+            with cr.Receiver(daemon.path, timeout=TIMEOUT, mapper=cr.Mapper("cpu", use_torch=True)) as r:
+                r.receive(apply)
+            daemon.join()
+            want = {n: (cr.torch_dtype(d), s, b) for bk in buckets for n, d, s, b in bk}
+            self.assertEqual(got, want)
+        finally:
+            daemon.close()
+
+
+class HelpersTest(unittest.TestCase):
+    def test_dtypes(self):
+        self.assertEqual([cr.dtype_size(d) for d in ("BF16", "F32", "I64", "F8_E5M2", "BOOL")],
+                         [2, 4, 8, 1, 1])
+        with self.assertRaisesRegex(ValueError, "dtype 'F8_E8M0' is not supported"):
+            cr.dtype_size("F8_E8M0")
+
+    def test_physical_gpu_index(self):
+        self.assertEqual(cr.physical_gpu_index(1, ""), 1)
+        self.assertEqual(cr.physical_gpu_index(1, "4,6"), 6)
+        with self.assertRaisesRegex(ValueError, "not an index"):
+            cr.physical_gpu_index(0, "GPU-1234")
+        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "3,2"}):
+            self.assertEqual(cr.gpu_socket_path("/run/ckptd", 0), "/run/ckptd/gpu-3.sock")
+
+    def test_apply_to_params_with_fake_tensors(self):
+        class T:
+            def __init__(self, shape):
+                self.shape, self.copied = shape, None
+
+            def copy_(self, src, non_blocking=False):
+                self.copied = (src, non_blocking)
+
+        import collections
+        params, counts = {"a": T((2, 3))}, collections.Counter()
+        apply = cr.apply_to_params(params, counts)
+        self.assertEqual(apply([("a", T((2, 3))), ("zz", T((1,)))]), ["zz"])
+        self.assertTrue(params["a"].copied[1])
+        self.assertEqual(counts, {"a": 1})
+        with self.assertRaisesRegex(ValueError, r"a: received shape \[3\], parameter has \[2, 3\]"):
+            apply([("a", T((3,)))])
+
+
+class FakeModel:
+    def __init__(self, fail_on=None):
+        self.loaded, self.calls, self.fail_on = {}, 0, fail_on
+
+    def load_weights(self, weights):
+        assert not isinstance(weights, (list, tuple)), "load_weights gets an iterator"
+        self.calls += 1
+        for name, view in weights:
+            if name == self.fail_on:
+                raise KeyError(name)
+            self.loaded[name] = bytes(view)
+        return set(self.loaded)
+
+
+class VllmExtensionTest(unittest.TestCase):
+    def setUp(self):
+        self.daemon = FakeDaemon()
+        daemon = self.daemon
+
+        class Worker(vllm_extension.CkptdWorkerExtension):
+            def __init__(self, model):
+                self.model_runner = types.SimpleNamespace(model=model, model_config="cfg",
+                                                          device="cuda:0")
+                self.paths = []
+
+            def _ckptd_local_device(self):
+                return 0
+
+            def _ckptd_connect(self, socket_path):
+                self.paths.append(socket_path)
+                return cr.Receiver(socket_path, timeout=TIMEOUT, mapper=host_mapper())
+
+        self.Worker = Worker
+        self.socket_dir = daemon.dir
+
+    def tearDown(self):
+        self.daemon.close()
+
+    def test_updates_through_load_weights(self):
+        buckets1, buckets2 = make_buckets(20), make_buckets(21)
+        self.daemon.start(lambda d: (d.push("u-1", buckets1), d.push("u-2", buckets2)))
+        model = FakeModel()
+        w = self.Worker(model)
+        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
+            s1 = w.ckptd_update(self.socket_dir)
+            self.assertEqual(model.loaded, expected_bytes(buckets1))
+            s2 = w.ckptd_update(self.socket_dir)
+        w.ckptd_close()
+        self.daemon.join()
+        self.assertEqual(model.loaded, {**expected_bytes(buckets1), **expected_bytes(buckets2)})
+        self.assertEqual(w.paths, [self.daemon.path])  # one connection for both updates
+        self.assertEqual(model.calls, len(buckets1) + len(buckets2))  # one call per bucket
+        self.assertEqual((s1["ok"], s1["update"], s1["tensors"]), (True, "u-1", 13))
+        self.assertEqual((s2["ok"], s2["update"]), (True, "u-2"))
+        self.assertFalse(s1["post_processed"])  # no vLLM here
+        json.dumps(s1)  # travels back through collective_rpc / HTTP
+
+    def test_post_processing_when_vllm_is_there(self):
+        calls = []
+        mods = {n: types.ModuleType(n) for n in (
+            "vllm", "vllm.model_executor", "vllm.model_executor.model_loader",
+            "vllm.model_executor.model_loader.utils")}
+        mods["vllm.model_executor.model_loader.utils"].process_weights_after_loading = \
+            lambda model, cfg, dev: calls.append((model, cfg, dev))
+        buckets = make_buckets(22, sizes=(1,))
+        self.daemon.start(lambda d: d.push("u-1", buckets))
+        model = FakeModel()
+        w = self.Worker(model)
+        with mock.patch.dict(sys.modules, mods), \
+                mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
+            s = w.ckptd_update(self.socket_dir)
+        w.ckptd_close()
+        self.daemon.join()
+        self.assertTrue(s["post_processed"])
+        self.assertEqual(calls, [(model, "cfg", "cuda:0")])
+
+    def test_failure_is_returned_not_raised(self):
+        buckets = make_buckets(23, sizes=(2, 2))
+        bad = buckets[1][1][0]
+
+        def script(d):
+            d.push("u-1", buckets, stop_after=1)
+            d.recv()
+            assert d.recv()["op"] == "error"
+            d.send({"op": "abort", "update": "u-1", "reason": "x"})
+            d.push("u-2", buckets)
+
+        self.daemon.start(script)
+        w = self.Worker(FakeModel(fail_on=bad))
+        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
+            s = w.ckptd_update(self.socket_dir)
+            self.assertEqual(s, {"ok": False, "update": "u-1", "error": f"KeyError: '{bad}'"})
+            w.model_runner.model = FakeModel()
+            self.assertTrue(w.ckptd_update(self.socket_dir)["ok"])
+        w.ckptd_close()
+        self.daemon.join()
+
+    def test_socket_path_follows_cuda_visible_devices(self):
+        os.rename(self.daemon.path, os.path.join(self.daemon.dir, "gpu-5.sock"))
+        self.daemon.path = os.path.join(self.daemon.dir, "gpu-5.sock")
+        self.daemon.start(lambda d: None)
+        w = self.Worker(FakeModel())
+        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "5,7"}):
+            welcome = w.ckptd_connect(self.socket_dir)
+        w.ckptd_close()
+        self.daemon.join()
+        self.assertEqual(welcome["socket"], self.daemon.path)
+        self.assertEqual(welcome["op"], "welcome")
+
+
+class SglangAdapterTest(unittest.TestCase):
+    def test_updates_through_load_weights(self):
+        daemon = FakeDaemon()
+        try:
+            buckets1, buckets2 = make_buckets(30), make_buckets(31, sizes=(6,))
+            daemon.start(lambda d: (d.push("u-1", buckets1), d.push("u-2", buckets2)))
+            model = FakeModel()
+            s1 = sglang_adapter.ckptd_update(model, daemon.path, timeout=TIMEOUT,
+                                             mapper=host_mapper())
+            s2 = sglang_adapter.ckptd_update(model, daemon.path)  # same connection
+            daemon.join()
+            self.assertEqual(model.loaded, {**expected_bytes(buckets1), **expected_bytes(buckets2)})
+            self.assertEqual((s1["update"], s2["update"], s2["tensors"]), ("u-1", "u-2", 6))
+        finally:
+            sglang_adapter.close()
+            daemon.close()
+
+    def test_connection_loss_drops_the_receiver(self):
+        daemon = FakeDaemon()
+        try:
+            daemon.start(lambda d: d.conn.close())
+            with self.assertRaises(ConnectionError):
+                sglang_adapter.ckptd_update(FakeModel(), daemon.path, timeout=TIMEOUT,
+                                            mapper=host_mapper())
+            daemon.join()
+            self.assertNotIn(daemon.path, sglang_adapter._receivers)
+        finally:
+            sglang_adapter.close()
+            daemon.close()
+
+
+if __name__ == "__main__":
+    unittest.main()

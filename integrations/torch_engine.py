@@ -1,0 +1,130 @@
+"""The plain torch engine: the benchmark consumer of ../shared/bench/SPEC.md.
+
+    python3 integrations/torch_engine.py --socket /run/ckptd/gpu-0.sock --device cuda:0 \\
+        --layers 36 [--updates N] [--check-every 7]
+
+Holds every tensor of the "q8b" layout as a preallocated bf16 tensor on the device, fills them
+with NaN before each update, receives the update through ckptd_receiver (params[name].copy_),
+then checks: every tensor was applied exactly once, and every 7th tensor (index i % 7 == 0 in
+the layout's order) equals its regenerated value bit for bit. Prints one JSON line per update;
+after --updates updates, exits 1 if any failed. The NaN fill and the check are outside
+"seconds", which is the receiver's time from `begin` to `done`.
+"""
+import argparse
+import collections
+import json
+import logging
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ckptd_receiver import (Receiver, ReceiveError, UpdateAborted,  # noqa: E402
+                            apply_to_params)
+
+
+def layout(layers):
+    """(name, shape) of every tensor of q8b with `layers` layers, in SPEC order."""
+    h, inter, kv, vocab = 4096, 12288, 1024, 151936
+    yield "model.embed_tokens.weight", [vocab, h]
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        yield p + "self_attn.q_proj.weight", [h, h]
+        yield p + "self_attn.k_proj.weight", [kv, h]
+        yield p + "self_attn.v_proj.weight", [kv, h]
+        yield p + "self_attn.o_proj.weight", [h, h]
+        yield p + "mlp.gate_proj.weight", [inter, h]
+        yield p + "mlp.up_proj.weight", [inter, h]
+        yield p + "mlp.down_proj.weight", [h, inter]
+        yield p + "input_layernorm.weight", [h]
+        yield p + "post_attention_layernorm.weight", [h]
+    yield "model.norm.weight", [h]
+    yield "lm_head.weight", [vocab, h]
+
+
+def expected(i, shape, device):
+    """Tensor i of the checkpoint: float32 standard normal from a CUDA generator seeded
+    1000+i, as bf16."""
+    g = torch.Generator(device=device).manual_seed(1000 + i)
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16)
+
+
+def check(params, names, counts, unknown, check_every, device):
+    """The SPEC's correctness rule for one update; returns the report's fields."""
+    missing = [n for n in names if counts[n] == 0]
+    repeated = [n for n in names if counts[n] > 1]
+    mismatched, checked = [], 0
+    for i, name in enumerate(names):
+        if i % check_every:
+            continue
+        want = expected(i, list(params[name].shape), device)
+        # Compare bits (int16 views): NaN != NaN, and -0.0 == 0.0, would fool torch.equal.
+        if not torch.equal(params[name].view(torch.int16), want.view(torch.int16)):
+            mismatched.append(name)
+        checked += 1
+        del want
+    ok = not (missing or repeated or mismatched or unknown)
+    return ok, checked, mismatched, missing, repeated
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--socket", required=True, help="the daemon's gpu-<index>.sock")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--updates", type=int, default=0, help="stop after N updates (0: never)")
+    ap.add_argument("--check-every", type=int, default=7)
+    ap.add_argument("--name", default=None, help="receiver name in the daemon's logs")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds to wait for each daemon message (default: forever)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    device = torch.device(args.device)
+    torch.cuda.set_device(device)
+    names, params = [], {}
+    for name, shape in layout(args.layers):
+        names.append(name)
+        params[name] = torch.empty(shape, dtype=torch.bfloat16, device=device)
+
+    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout)
+    failed = done = 0
+    try:
+        while args.updates == 0 or done < args.updates:
+            for p in params.values():
+                p.fill_(float("nan"))
+            torch.cuda.synchronize(device)  # the fill must not run inside the timed update
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            counts = collections.Counter()
+            line = {"update": None, "checkpoint": None, "ok": False, "applied": 0, "checked": 0,
+                    "mismatched": [], "seconds": None, "peak_extra_bytes": 0}
+            try:
+                s = receiver.receive(apply_to_params(params, counts))
+                # This process's extra allocations while it applied (the torch allocator's peak):
+                # the daemon's buffers are its own; device-wide figures are the benchmark's.
+                peak = torch.cuda.max_memory_allocated(device) - base
+                ok, checked, mismatched, missing, repeated = check(
+                    params, names, counts, s["unknown"], args.check_every, device)
+                line.update(update=s["update"], checkpoint=s["checkpoint"], ok=ok,
+                            applied=sum(counts.values()), checked=checked, mismatched=mismatched,
+                            seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"])
+                for key, val in (("missing", missing), ("repeated", repeated),
+                                 ("unknown", s["unknown"])):
+                    if val:
+                        line[key] = val[:20] + ([f"... {len(val) - 20} more"] if len(val) > 20 else [])
+            except UpdateAborted as e:
+                line.update(update=e.update, applied=sum(counts.values()), aborted=e.reason)
+            except ReceiveError as e:
+                line.update(update=e.update, applied=sum(counts.values()), error=str(e))
+            done += 1
+            failed += not line["ok"]
+            print(json.dumps(line), flush=True)
+    finally:
+        receiver.close()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+/**
+ * A receiver written against integrations/PROTOCOL.md in TypeScript, for tests on the host
+ * backend: it maps the slots through libckpt, assembles every tensor it is sent, and can be
+ * told to fail, die or stall at a bucket.
+ */
+import { createConnection, type Socket } from "node:net";
+import { type Context, type DeviceBuffer, Library, libraryPath } from "../ffi/index.ts";
+import { xxh64 } from "./checkpoint-files.ts";
+
+const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
+
+export interface Behaviour {
+  /** Answer `error` at this bucket. */
+  failAt?: number;
+  /** Close the socket at this bucket. */
+  dieAt?: number;
+  /** Never answer this bucket. */
+  stallAt?: number;
+}
+
+type Msg = { op: string; [k: string]: unknown };
+
+export class ReferenceReceiver {
+  readonly seen: Msg[] = [];
+  /** Per finished update: tensor name -> XXH64 of the assembled bytes. */
+  readonly hashes = new Map<string, Map<string, string>>();
+  private socket?: Socket;
+  private ctx?: Context;
+  private slots: DeviceBuffer[] = [];
+  private tensors = new Map<string, Uint8Array>();
+  private buffered = "";
+  private queue: Promise<void> = Promise.resolve();
+  private readonly waiters: ((m: Msg) => void)[] = [];
+
+  constructor(
+    readonly socketPath: string,
+    readonly name: string,
+    public behaviour: Behaviour = {},
+  ) {}
+
+  async connect(): Promise<void> {
+    this.ctx = await new Library(libraryPath(LIB_DIR, "host")).createContext({ hostDevices: 8 });
+    const socket = createConnection(this.socketPath);
+    this.socket = socket;
+    await new Promise<void>((resolve, reject) => {
+      socket.once("connect", resolve);
+      socket.once("error", reject);
+    });
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => {
+      this.buffered += chunk;
+      const lines = this.buffered.split("\n");
+      this.buffered = lines.pop() ?? "";
+      for (const line of lines) if (line) this.queue = this.queue.then(() => this.handle(JSON.parse(line)));
+    });
+    this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name });
+    await this.next("buffers");
+  }
+
+  /** Resolves with the next message of this op. */
+  next(op: string): Promise<Msg> {
+    return new Promise((resolve) => {
+      const w = (m: Msg) => {
+        if (m.op !== op) return;
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        resolve(m);
+      };
+      this.waiters.push(w);
+    });
+  }
+
+  private send(m: Msg): void {
+    this.socket?.write(`${JSON.stringify(m)}\n`);
+  }
+
+  private async handle(m: Msg): Promise<void> {
+    this.seen.push(m);
+    const ctx = this.ctx as Context;
+    if (m.op === "buffers") {
+      for (const b of this.slots) await ctx.bufFree(b);
+      this.slots = [];
+      for (const s of m.slots as { bytes: number; path: string }[]) {
+        const data = new Uint8Array(128);
+        data.set(Buffer.from(s.path));
+        const pid = Number(s.path.split("/")[2]);
+        this.slots.push(await ctx.bufImport({ kind: 2, len: s.bytes, device: 0, pid, data }));
+      }
+    } else if (m.op === "begin") {
+      this.tensors = new Map();
+    } else if (m.op === "bucket") {
+      const bucket = m.bucket as number;
+      if (this.behaviour.dieAt === bucket) {
+        this.socket?.destroy();
+        return;
+      }
+      if (this.behaviour.stallAt === bucket) return;
+      if (this.behaviour.failAt === bucket) {
+        this.send({ op: "error", update: m.update, bucket, message: `injected failure at bucket ${bucket}` });
+        return;
+      }
+      const slot = this.slots[m.slot as number] as DeviceBuffer;
+      for (const t of m.tensors as { name: string; bytes: number; offset: number; range: [number, number] }[]) {
+        let whole = this.tensors.get(t.name);
+        if (!whole) {
+          whole = new Uint8Array(t.bytes);
+          this.tensors.set(t.name, whole);
+        }
+        await ctx.bufRead(slot, t.offset, whole.subarray(t.range[0], t.range[1]));
+      }
+      this.send({ op: "ack", update: m.update, bucket });
+    } else if (m.op === "end") {
+      const hashes = new Map<string, string>();
+      for (const [name, bytes] of this.tensors) hashes.set(name, await xxh64(bytes));
+      this.hashes.set(m.update as string, hashes);
+      this.send({ op: "done", update: m.update });
+    }
+    for (const w of [...this.waiters]) w(m);
+  }
+
+  /** Disconnects and frees the mappings; safe to call twice. */
+  async close(): Promise<void> {
+    this.socket?.destroy();
+    await this.queue.catch(() => undefined);
+    const ctx = this.ctx;
+    this.ctx = undefined;
+    for (const b of this.slots) await ctx?.bufFree(b);
+    this.slots = [];
+    await ctx?.destroy();
+  }
+
+  /** Resolves once a message matching `pred` has been seen (already, or later). */
+  async saw(pred: (m: Msg) => boolean, timeoutMs = 2000): Promise<boolean> {
+    const until = Date.now() + timeoutMs;
+    while (Date.now() < until) {
+      if (this.seen.some(pred)) return true;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    return false;
+  }
+}

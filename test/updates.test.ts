@@ -1,0 +1,153 @@
+import { mkdtempSync } from "node:fs";
+import pino from "pino";
+import { afterEach, describe, expect, it } from "vitest";
+import { type Config, defaults } from "../daemon/config/index.ts";
+import { type Daemon, startDaemon } from "../daemon/daemon.ts";
+import { nodeRuntime } from "../daemon/runtime/node.ts";
+import { type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { tempDir } from "./helpers.ts";
+import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
+
+const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
+const cleanup: (() => Promise<void>)[] = [];
+
+afterEach(async () => {
+  for (const f of cleanup.splice(0).reverse()) await f();
+});
+
+async function start(overrides: Partial<Config> = {}) {
+  const stateDir = tempDir();
+  const config: Config = {
+    ...defaults({}),
+    port: 0,
+    backend: "host",
+    hostDevices: 2,
+    stateDir,
+    uploadDir: mkdtempSync("/dev/shm/ckptd-test-"),
+    ioThreads: 2,
+    bucketBytes: 1 << 20,
+    bucketSlots: 3,
+    receiverTimeoutMs: 2000,
+    ...overrides,
+  };
+  const daemon: Daemon = await startDaemon({
+    config,
+    runtime: nodeRuntime,
+    log: pino({ level: "silent" }),
+    nodeId: "t",
+    libDir: LIB_DIR,
+  });
+  cleanup.push(() => daemon.stop());
+  const base = `http://127.0.0.1:${daemon.port}`;
+  const api = async (method: string, path: string, body?: unknown) => {
+    const res = await fetch(base + path, {
+      method,
+      headers: body ? { "content-type": "application/json" } : {},
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    // biome-ignore lint/suspicious/noExplicitAny: checked field by field
+    return { status: res.status, body: (await res.json()) as any };
+  };
+  const receiver = async (gpu: number, name: string, behaviour: Behaviour = {}) => {
+    const r = new ReferenceReceiver(`${stateDir}/sockets/gpu-${gpu}.sock`, name, behaviour);
+    await r.connect();
+    cleanup.push(() => r.close());
+    return r;
+  };
+  return { daemon, api, receiver };
+}
+
+/** Registers a model whose biggest tensors span several 1 MiB buckets. */
+async function register(api: Awaited<ReturnType<typeof start>>["api"], name = "m"): Promise<WrittenTensor[]> {
+  const dir = tempDir();
+  const tensors = writeModel(dir, 2, 3, 512); // 100 x 512 bf16 = 100 KiB ... up to 1 MiB tensors
+  tensors.push(...writeSafetensors(`${dir}/big.safetensors`, [{ name: "big", dtype: "F32", shape: [700, 1024] }]));
+  const res = await api("POST", "/v1/checkpoints", { name, dir });
+  expect(res.status).toBe(201);
+  return tensors;
+}
+
+async function expectDelivered(r: ReferenceReceiver, update: string, tensors: WrittenTensor[]) {
+  const got = r.hashes.get(update);
+  expect(got?.size).toBe(tensors.length);
+  for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+}
+
+describe("broadcast updates on the host backend", () => {
+  it("delivers every byte of the checkpoint to an engine on each GPU, and again on the next update", async () => {
+    const { api, receiver } = await start();
+    const tensors = await register(api);
+    const r0 = await receiver(0, "engine-0");
+    const r1 = await receiver(1, "engine-1");
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({ id: "u-1", checkpoint: "m@1", state: "succeeded" });
+    expect(res.body.progress.buckets).toBeGreaterThan(3);
+    expect(res.body.progress.bucketsDone).toBe(res.body.progress.buckets);
+    expect(res.body.receivers).toEqual([
+      { name: "engine-0", pid: process.pid, gpu: 0, bucketsAcked: res.body.progress.buckets, state: "applied" },
+      { name: "engine-1", pid: process.pid, gpu: 1, bucketsAcked: res.body.progress.buckets, state: "applied" },
+    ]);
+    await expectDelivered(r0, "u-1", tensors);
+    await expectDelivered(r1, "u-1", tensors);
+    // Buffers persist: the second update sends no new buffers.
+    const buffers = r0.seen.filter((m) => m.op === "buffers").length;
+    expect((await api("POST", "/v1/updates", { checkpoint: "m@1" })).body.state).toBe("succeeded");
+    await expectDelivered(r0, "u-2", tensors);
+    expect(r0.seen.filter((m) => m.op === "buffers").length).toBe(buffers);
+    expect((await api("GET", "/v1/updates/u-2")).body.state).toBe("succeeded");
+  });
+
+  it("refuses a second update while one runs, and an update without engines", async () => {
+    const { api, receiver } = await start();
+    await register(api);
+    expect((await api("POST", "/v1/updates", { checkpoint: "m" })).body.error.code).toBe("no_receivers");
+    await receiver(0, "slow", { stallAt: 2 });
+    const first = await api("POST", "/v1/updates", { checkpoint: "m", wait: false });
+    expect(first.status).toBe(202);
+    const second = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(second.status).toBe(409);
+    expect(second.body.error.message).toBe("update u-1 of m@1 is running");
+    // The version in use cannot be deleted meanwhile.
+    expect((await api("DELETE", "/v1/checkpoints/m@1")).status).toBe(409);
+  });
+
+  it.each([
+    {
+      name: "an engine that raises",
+      behaviour: { failAt: 2 },
+      message: /receiver bad \(pid \d+, GPU 1\) failed: injected failure at bucket 2/,
+    },
+    { name: "a receiver that dies", behaviour: { dieAt: 1 }, message: /receiver bad \(pid \d+, GPU 1\) disconnected/ },
+    {
+      name: "a receiver that stops answering",
+      behaviour: { stallAt: 3 },
+      message: /receiver bad \(pid \d+, GPU 1\) did not answer within 2000 ms \(waiting for the ack of bucket 3\)/,
+    },
+  ])("aborts on $name, names it, and the next update works", async ({ behaviour, message }) => {
+    const { api, receiver } = await start();
+    const tensors = await register(api);
+    const good = await receiver(0, "good");
+    const bad = await receiver(1, "bad", behaviour);
+    const started = Date.now();
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(Date.now() - started).toBeLessThan(5000);
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(message);
+    const record = res.body.error.details;
+    expect(record.state).toBe("failed");
+    expect(record.error.receiver).toMatch(/^bad/);
+    // The result says who holds what.
+    const states = Object.fromEntries(record.receivers.map((r: { name: string; state: string }) => [r.name, r.state]));
+    expect(["partial", "untouched"]).toContain(states.bad);
+    expect(await good.saw((m) => m.op === "abort" && m.update === "u-1")).toBe(true);
+    expect((await api("GET", "/v1/healthz")).body).toEqual({ ok: true });
+    // Once the bad engine is gone, the next update goes through on the same buffers.
+    await bad.close();
+    while ((await api("GET", "/v1/status")).body.gpus[1].receivers.length > 0)
+      await new Promise((r) => setTimeout(r, 10));
+    const again = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(again.body.state).toBe("succeeded");
+    await expectDelivered(good, "u-2", tensors);
+  });
+});
