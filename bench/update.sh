@@ -46,13 +46,17 @@ for _ in $(seq 600); do
 done
 mem_engines=$(mem)
 
-# Sample GPU memory while the updates run.
-(while true; do mem; sleep 0.05; done) >"$out/mem-samples.txt" &
-sampler=$!
+# GPU memory is sampled only while an update is in flight (the consumers' checks between
+# updates regenerate tensors and are not part of an update).
 : >"$out/updates.jsonl"
+: >"$out/mem-samples.txt"
 for i in $(seq 0 "$n"); do
+  sleep 1
+  (while true; do mem; sleep 0.02; done) >>"$out/mem-samples.txt" &
+  sampler=$!
   curl -s -w '\n%{time_total}\n' -X POST localhost:8470/v1/updates -H 'content-type: application/json' \
     -d '{"checkpoint":"q8b"}' >"$out/u.txt"
+  kill "$sampler"
   python3 -c '
 import json, sys
 body, wall = open(sys.argv[1]).read().strip().rsplit("\n", 1)
@@ -61,7 +65,6 @@ r = r.get("error", {}).get("details", r) if "error" in r else r
 print(json.dumps({"run": int(sys.argv[2]), "wall": float(wall), "state": r.get("state"), "timings": r.get("timings"),
                   "bytes": r.get("progress", {}).get("bytes"), "error": r.get("error")}))' "$out/u.txt" "$i" >>"$out/updates.jsonl"
 done
-kill "$sampler"
 for pid in "${engines[@]}"; do wait "$pid"; done
 
 # A 1 MiB checkpoint, end to end from the API, to a plain receiver per GPU.

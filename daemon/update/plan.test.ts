@@ -42,7 +42,14 @@ describe("planBuckets", () => {
       tensors: [t("a", 8, 0, 0), t("b", 8, 1, 0), t("c", 8, 2, 0), t("d", 8, 3, 0)],
       bucketBytes: 64,
       gpus: 2,
-      want: ["0:a[0,8)@0", "1:b[0,8)@0", "0:c[0,8)@0", "1:d[0,8)@0"],
+      want: ["0:a[0,8)@0 c[0,8)@16", "1:b[0,8)@0 d[0,8)@16"],
+    },
+    {
+      name: "interleaves the owners' buckets so every GPU copies at once",
+      tensors: [t("a", 40, 0, 0), t("b", 40, 0, 40), t("c", 40, 2, 0), t("d", 40, 1, 0)],
+      bucketBytes: 64,
+      gpus: 2,
+      want: ["0:a[0,40)@0", "1:d[0,40)@0", "0:b[0,40)@0", "0:c[0,40)@0"],
     },
     {
       name: "orders by file and offset, whatever the input order",

@@ -47,8 +47,29 @@ export interface PlanOptions {
   align?: number;
 }
 
-/** Splits the tensors into buckets, in file order, never mixing owners within a bucket. */
+/**
+ * Splits the tensors into buckets, in file order per owner, never mixing owners within a
+ * bucket, then interleaves the owners' buckets (GPU 0, GPU 1, ..., GPU 0, ...) so that every
+ * GPU's host-to-device engine has work in flight at once.
+ */
 export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] {
+  const perOwner = Array.from({ length: opts.gpus }, (_, owner) =>
+    packBuckets(
+      tensors.filter((t) => t.file % opts.gpus === owner),
+      opts,
+    ),
+  );
+  const out: Bucket[] = [];
+  for (let i = 0; perOwner.some((list) => i < list.length); i++) {
+    for (const list of perOwner) {
+      const b = list[i];
+      if (b) out.push({ ...b, index: out.length });
+    }
+  }
+  return out;
+}
+
+function packBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] {
   const align = opts.align ?? 256;
   if (!(opts.bucketBytes >= align) || opts.bucketBytes % align !== 0) {
     throw new RangeError(`bucketBytes ${opts.bucketBytes} must be a positive multiple of ${align}`);
