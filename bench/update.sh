@@ -52,6 +52,7 @@ mem_engines=$(mem)
 : >"$out/mem-samples.txt"
 for i in $(seq 0 "$n"); do
   sleep 1
+  echo "--" >>"$out/mem-samples.txt"
   (while true; do mem; sleep 0.02; done) >>"$out/mem-samples.txt" &
   sampler=$!
   curl -s -w '\n%{time_total}\n' -X POST localhost:8470/v1/updates -H 'content-type: application/json' \
@@ -84,8 +85,12 @@ floor = q["bytes"] / gpus / (bw * 1e9)
 runs = [json.loads(l) for l in out.joinpath("updates.jsonl").read_text().splitlines()]
 timed = [r for r in runs[1:] if r["state"] == "succeeded"]
 walls = sorted(r["wall"] for r in timed)
-samples = [[int(x) for x in l.split(",")] for l in out.joinpath("mem-samples.txt").read_text().split() if l]
-peak = [max(s[g] for s in samples) for g in range(gpus)] if samples else engines
+# Per update window: the rise of used memory over its first sample (taken just before the
+# request), the largest over all windows.
+windows = [[[int(x) for x in l.split(",")] for l in w.split() if l]
+           for w in out.joinpath("mem-samples.txt").read_text().split("--")]
+windows = [w for w in windows if w]
+rise = [max(max(s[g] for s in w) - w[0][g] for w in windows) for g in range(gpus)] if windows else None
 checks = []
 for g in range(gpus):
     lines = [json.loads(l) for l in out.joinpath(f"engine-{g}.jsonl").read_text().splitlines() if l.startswith("{")]
@@ -97,7 +102,8 @@ if walls:
     med = st.median(walls)
     print(f"update (API wall, {len(walls)} after warm-up): median {med:.3f} s, min {walls[0]:.3f}, max {walls[-1]:.3f}; ratio {med / floor:.3f}")
 print(f"failed updates: {sum(r['state'] != 'succeeded' for r in runs)} of {len(runs)}  " + "  ".join(checks))
-print("GPU MiB  before: %s  daemon: %s  engines: %s  peak during updates: %s" % (before, daemon, engines, peak))
-print("daemon's extra per GPU (MiB): %s; increase during updates: %s" % ([d - b for d, b in zip(daemon, before)], [p - e for p, e in zip(peak, engines)]))
+print("GPU MiB  before: %s  with the daemon: %s  with the engines: %s" % (before, daemon, engines))
+print("daemon's memory per GPU (MiB, all of it allocated at start): %s; rise during an update: %s" % (
+    [d - b for d, b in zip(daemon, before)], rise))
 print(f"1 MiB update end to end: {tiny}")
 PY
