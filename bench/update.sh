@@ -85,11 +85,12 @@ floor = q["bytes"] / gpus / (bw * 1e9)
 runs = [json.loads(l) for l in out.joinpath("updates.jsonl").read_text().splitlines()]
 timed = [r for r in runs[1:] if r["state"] == "succeeded"]
 walls = sorted(r["wall"] for r in timed)
-# Per update window: the rise of used memory over its first sample (taken just before the
-# request), the largest over all windows.
+# Per update window after the warm-up: the rise of used memory over its first sample (taken
+# just before the request), the largest over those windows. (The warm-up's window also catches
+# the consumer's first check allocating, right after `done`.)
 windows = [[[int(x) for x in l.split(",")] for l in w.split() if l]
            for w in out.joinpath("mem-samples.txt").read_text().split("--")]
-windows = [w for w in windows if w]
+windows = [w for w in windows if w][1:]
 rise = [max(max(s[g] for s in w) - w[0][g] for w in windows) for g in range(gpus)] if windows else None
 checks = []
 for g in range(gpus):

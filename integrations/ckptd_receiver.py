@@ -584,7 +584,7 @@ class Receiver:
             self._fail(msg.get("update"), bucket, e)
         self._send(op="ack", update=msg["update"], bucket=bucket)
         summary["buckets"] += 1
-        summary["tensors"] += sum(1 for t in msg["tensors"] if _piece(t)[1] == t["bytes"])
+        summary["tensors"] += sum(1 for t in msg["tensors"] if _piece(t)[1] == t["bytes"])  # one per tensor
         summary["bytes"] += nbytes
         if unknown:
             summary["unknown"].extend(unknown)
@@ -592,8 +592,8 @@ class Receiver:
     def _assemble(self, t, view, begin, end, apply):
         """One piece of a tensor larger than a bucket. If apply has a `piece(name, bytes_view,
         begin, total)` method, the piece goes straight to it (no extra memory); otherwise the
-        pieces are gathered into a staging tensor, handed to apply whole with the last one.
-        Returns that whole tensor, or None."""
+        pieces are gathered into a staging tensor, handed to apply whole once all its bytes
+        arrived. Returns that whole tensor, or None."""
         name = t["name"]
         piece = getattr(apply, "piece", None)
         if piece is not None:
@@ -601,16 +601,13 @@ class Receiver:
             return None
         entry = self._assembled.get(name)
         if entry is None:
-            if begin != 0:
-                raise ProtocolError(f"tensor {name}: first piece starts at byte {begin}")
             staging = getattr(self._mapper, "staging", None)
             entry = [staging(t["bytes"], view) if staging else bytearray(t["bytes"]), 0, t["bytes"]]
             self._assembled[name] = entry
-        if begin != entry[1]:
-            raise ProtocolError(f"tensor {name}: piece at byte {begin}, expected {entry[1]}")
+        # Pieces are disjoint and may arrive in any order (each GPU's buckets flow on their own).
         entry[0][begin:end] = view
-        entry[1] = end
-        if end < t["bytes"]:
+        entry[1] += end - begin
+        if entry[1] < t["bytes"]:
             return None
         staged = entry[0]
         if hasattr(staged, "view") and not isinstance(staged, (bytearray, memoryview)):

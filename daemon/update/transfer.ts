@@ -45,9 +45,13 @@ export class Transfer {
     readonly slotBytes: number,
   ) {}
 
-  /** Allocates everything for `gpus` local GPUs; on failure frees what it made. */
+  /**
+   * Allocates everything for `gpus` local GPUs; on failure frees what it made. Every GPU gets
+   * at least two slots of its own (slot s belongs to GPU s mod gpus), so `slots` is raised to
+   * 2 x gpus when lower.
+   */
   static async open(ctx: Context, gpus: number, slots: number, slotBytes: number): Promise<Transfer> {
-    const t = new Transfer(ctx, slots, slotBytes);
+    const t = new Transfer(ctx, Math.max(slots, 2 * gpus), slotBytes);
     try {
       for (let g = 0; g < gpus; g++) {
         const path: GpuPath = {
@@ -58,7 +62,7 @@ export class Transfer {
           landed: [],
         };
         t.gpus.push(path);
-        for (let s = 0; s < slots; s++) {
+        for (let s = 0; s < t.slots; s++) {
           path.slots.push(await ctx.bufAlloc(g, slotBytes));
           path.copied.push(ctx.eventCreate(g));
           path.landed.push(ctx.eventCreate(g));

@@ -134,18 +134,28 @@ export class Updates {
           buckets: buckets.length,
         });
       }
-      const slots: Promise<void>[] = Array.from({ length: transfer.slots }, () => Promise.resolve());
-      for (const b of buckets) {
-        const s = b.index % transfer.slots;
-        const waited = performance.now();
-        await slots[s];
-        record.timings.stallSeconds += (performance.now() - waited) / 1000;
-        if (failure) throw failure;
-        this.issue(transfer, version, b, s);
-        slots[s] = this.deliver(transfer, record, b, s, receivers, acked).catch((err) => {
-          failure ??= err;
-        });
-      }
+      // Each GPU issues its own buckets into its own slots, so one engine's slow ack holds up
+      // only that GPU's next copy. Every broadcast is queued on all GPUs' streams in one call,
+      // so the collectives keep one order everywhere whatever order the loops run in.
+      const t = transfer;
+      const slots: Promise<void>[] = Array.from({ length: t.slots }, () => Promise.resolve());
+      const loops = t.gpus.map(async (_, owner) => {
+        const mine = Array.from({ length: t.slots }, (_, s) => s).filter((s) => s % t.gpus.length === owner);
+        let k = 0;
+        for (const b of buckets) {
+          if (b.owner !== owner) continue;
+          const s = at(mine, k++ % mine.length);
+          const waited = performance.now();
+          await slots[s];
+          record.timings.stallSeconds += (performance.now() - waited) / 1000;
+          if (failure) return;
+          this.issue(t, version, b, s);
+          slots[s] = this.deliver(t, record, b, s, receivers, acked).catch((err) => {
+            failure ??= err;
+          });
+        }
+      });
+      await Promise.all(loops);
       await Promise.all(slots);
       if (failure) throw failure;
       const finishing = performance.now();
