@@ -127,7 +127,8 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   const gpus = context.deviceCount();
   const slotBytes = bucketSize(context, config.bucketBytes, config.bucketSlots);
   let transfer: Transfer | undefined = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);
-  const hub = new ReceiverHub(join(config.socketDir || join(config.stateDir, "sockets")), gpus, log, (r) => {
+  const socketDir = config.socketDir || join(config.stateDir, "sockets");
+  const hub = new ReceiverHub(socketDir, gpus, log, (r) => {
     const info = context.deviceInfo(r.gpu);
     r.send({ op: "welcome", protocol: 1, gpu: r.gpu, uuid: info.uuid, backend: context.backend });
     if (transfer) r.send({ op: "buffers", generation: transfer.generation, slots: transfer.handles(r.gpu) });
@@ -139,6 +140,8 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     registry,
     hub,
     receiverTimeoutMs: config.receiverTimeoutMs,
+    engines: config.engines,
+    socketDir,
     transfer: async () => {
       if (!transfer) {
         transfer = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);

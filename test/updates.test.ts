@@ -1,4 +1,6 @@
 import { mkdtempSync } from "node:fs";
+import { createServer, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
@@ -149,5 +151,72 @@ describe("broadcast updates on the host backend", () => {
     const again = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(again.body.state).toBe("succeeded");
     await expectDelivered(good, "u-2", tensors);
+  });
+});
+
+/** A stand-in for vLLM's /collective_rpc with the ckptd worker extension: one receiver per call. */
+async function fakeVllm(status = 200): Promise<{ url: string; calls: unknown[]; receivers: ReferenceReceiver[] }> {
+  const calls: unknown[] = [];
+  const receivers: ReferenceReceiver[] = [];
+  const server: Server = createServer((req, res) => {
+    let body = "";
+    req.on("data", (c) => {
+      body += c;
+    });
+    req.on("end", async () => {
+      const call = JSON.parse(body) as { method: string; args: [string] };
+      calls.push(call);
+      if (status !== 200) {
+        res.writeHead(status).end("collective_rpc is off");
+        return;
+      }
+      const r = new ReferenceReceiver(`${call.args[0]}/gpu-0.sock`, "vllm-worker-0");
+      receivers.push(r);
+      await r.connect();
+      await r.next("end");
+      res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ results: [{ ok: true }] }));
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  cleanup.push(async () => {
+    for (const r of receivers) await r.close();
+    await new Promise((resolve) => server.close(resolve));
+  });
+  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, calls, receivers };
+}
+
+describe("engines listed in the configuration", () => {
+  it("triggers a vLLM engine through /collective_rpc and waits for its receivers", async () => {
+    const vllm = await fakeVllm();
+    const { api } = await start({ engines: [{ name: "vllm-0", kind: "vllm", url: vllm.url, gpus: [0] }] });
+    const tensors = await register(api);
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.body.state).toBe("succeeded");
+    expect(vllm.calls).toEqual([
+      { method: "ckptd_update", args: [expect.stringMatching(/sockets$/)], kwargs: {}, timeout: 2 },
+    ]);
+    await expectDelivered(vllm.receivers[0] as ReferenceReceiver, "u-1", tensors);
+  });
+
+  it("names the engine when triggering it fails", async () => {
+    const vllm = await fakeVllm(404);
+    const { api } = await start({ engines: [{ name: "vllm-0", kind: "vllm", url: vllm.url, gpus: [0] }] });
+    await register(api);
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(
+      /engine vllm-0 has no receiver on GPU 0: .*answered 404: collective_rpc is off/,
+    );
+  });
+
+  it("waits for a receiver engine on each of its GPUs, within the timeout", async () => {
+    const { api } = await start({
+      engines: [{ name: "torch", kind: "receiver", gpus: [0, 1] }],
+      receiverTimeoutMs: 300,
+    });
+    await register(api);
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toBe("engine torch has no receiver on GPU 0 after 300 ms");
   });
 });

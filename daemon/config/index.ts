@@ -1,2 +1,2 @@
 export { ConfigError, helpText, loadConfig, parseArgs, parseConfigFile, parseEnv, resolveConfig } from "./load.ts";
-export { type Config, ConfigSchema, defaults, KEYS } from "./schema.ts";
+export { type Config, ConfigSchema, defaults, type EngineConfig, KEYS } from "./schema.ts";

@@ -23,8 +23,9 @@ export interface Args {
 }
 
 const ENV_CONFIG = "CKPTD_CONFIG";
-const byFlag = new Map(Object.entries(KEYS).map(([key, doc]) => [doc.flag, key as ConfigKey]));
-const byEnv = new Map(Object.entries(KEYS).map(([key, doc]) => [doc.env, key as ConfigKey]));
+const entries = Object.entries(KEYS) as [ConfigKey, (typeof KEYS)[ConfigKey]][];
+const byFlag = new Map(entries.filter(([, doc]) => doc.flag).map(([key, doc]) => [doc.flag, key]));
+const byEnv = new Map(entries.filter(([, doc]) => doc.env).map(([key, doc]) => [doc.env, key]));
 
 function coerce(key: ConfigKey, raw: string): unknown {
   if (KEYS[key].kind === "integer" && /^-?\d+$/.test(raw.trim())) return Number(raw);

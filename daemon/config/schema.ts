@@ -4,6 +4,17 @@ import { join } from "node:path";
 import * as v from "valibot";
 
 const port = v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535));
+
+/** An engine on this host: how the daemon triggers it and which GPUs its receivers use. */
+export const EngineSchema = v.strictObject({
+  name: v.pipe(v.string(), v.minLength(1)),
+  /** receiver: connects by itself; vllm: POST {url}/collective_rpc; http: POST `body` to url. */
+  kind: v.picklist(["receiver", "vllm", "http"]),
+  url: v.optional(v.pipe(v.string(), v.url())),
+  body: v.optional(v.unknown()),
+  gpus: v.pipe(v.array(v.pipe(v.number(), v.integer(), v.minValue(0))), v.minLength(1)),
+});
+export type EngineConfig = v.InferOutput<typeof EngineSchema>;
 const text = v.pipe(v.string(), v.minLength(1));
 
 /** The daemon's configuration. Every key can come from the file, CKPTD_<KEY> or a flag. */
@@ -25,15 +36,20 @@ export const ConfigSchema = v.strictObject({
   bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   socketDir: v.string(),
+  engines: v.pipe(
+    v.array(EngineSchema),
+    v.check((list) => list.every((e) => e.kind === "receiver" || e.url), "engines of kind vllm or http need a url"),
+  ),
 });
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
 export type ConfigKey = keyof Config;
 
 interface KeyDoc {
+  /** Empty for keys only the config file can set (structured values). */
   flag: string;
   env: string;
-  kind: "string" | "integer";
+  kind: "string" | "integer" | "json";
   help: string;
 }
 
@@ -116,6 +132,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "string",
     help: "directory of the engines' Unix sockets (empty: stateDir/sockets)",
   },
+  engines: {
+    flag: "",
+    env: "",
+    kind: "json",
+    help: "engines of this host: [{name, kind: receiver|vllm|http, url?, body?, gpus}]",
+  },
 };
 
 /** Defaults that work on any machine, with or without a GPU. */
@@ -139,5 +161,6 @@ export function defaults(env: Record<string, string | undefined>): Config {
     bucketSlots: 4,
     receiverTimeoutMs: 30000,
     socketDir: "",
+    engines: [],
   };
 }

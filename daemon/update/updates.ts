@@ -7,6 +7,7 @@
 import type { Logger } from "pino";
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
+import type { EngineConfig } from "../config/index.ts";
 import { ApiError } from "../http/errors.ts";
 import { type Bucket, planBuckets } from "./plan.ts";
 import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
@@ -62,6 +63,9 @@ export interface UpdateOptions {
   /** Mark the data path broken: the next update re-makes it. */
   discard: () => Promise<void>;
   receiverTimeoutMs: number;
+  /** Engines to trigger and wait for; none: whichever receivers are connected take part. */
+  engines: EngineConfig[];
+  socketDir: string;
   /** Updates kept for GET /v1/updates/{id}. */
   history?: number;
 }
@@ -92,8 +96,7 @@ export class Updates {
       });
     }
     const lease = this.opts.registry.acquire(ref);
-    const receivers = this.opts.hub.connected();
-    if (receivers.length === 0) {
+    if (this.opts.engines.length === 0 && this.opts.hub.connected().length === 0) {
       lease.release();
       throw new ApiError(409, "no_receivers", "no engine receiver is connected to this daemon");
     }
@@ -101,7 +104,7 @@ export class Updates {
     this.records.set(record.id, record);
     this.trim();
     this.running = record;
-    const done = this.run(record, lease.version, receivers).finally(() => {
+    const done = this.run(record, lease.version).finally(() => {
       lease.release();
       this.running = undefined;
     });
@@ -113,13 +116,77 @@ export class Updates {
     for (const id of [...this.records.keys()].slice(0, Math.max(0, this.records.size - keep))) this.records.delete(id);
   }
 
-  private async run(record: UpdateRecord, version: CheckpointVersion, receivers: Receiver[]): Promise<void> {
+  /**
+   * Asks the configured engines to receive an update (vLLM: its /collective_rpc endpoint
+   * calling the ckptd worker extension; http: the configured request). The calls return
+   * when the engines are done; their failures are reported by name.
+   */
+  private triggerEngines(): { engine: EngineConfig; result: Promise<string | undefined> }[] {
+    const timeout = this.opts.receiverTimeoutMs;
+    return this.opts.engines
+      .filter((e) => e.kind !== "receiver")
+      .map((engine) => {
+        const url =
+          engine.kind === "vllm" ? `${engine.url?.replace(/\/$/, "")}/collective_rpc` : (engine.url as string);
+        const body =
+          engine.kind === "vllm"
+            ? { method: "ckptd_update", args: [this.opts.socketDir], kwargs: {}, timeout: timeout / 1000 }
+            : (engine.body ?? {});
+        const result = fetch(url, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify(body),
+          signal: AbortSignal.timeout(timeout * 4),
+        }).then(
+          async (res) => {
+            const text = await res.text();
+            if (!res.ok) return `${url} answered ${res.status}: ${text.slice(0, 300)}`;
+            // vLLM: {"results": [per worker]}; the ckptd extension returns {ok, error?}.
+            const results =
+              (JSON.parse(text || "{}") as { results?: { ok?: boolean; error?: string }[] }).results ?? [];
+            const bad = results.find((r) => r && r.ok === false);
+            return bad ? `a worker failed: ${bad.error ?? JSON.stringify(bad)}` : undefined;
+          },
+          (err: Error) => `${url}: ${err.message}`,
+        );
+        return { engine, result };
+      });
+  }
+
+  /** Waits until every configured engine has a receiver on each of its GPUs. */
+  private async awaitReceivers(triggered: { engine: EngineConfig; result: Promise<string | undefined> }[]) {
+    const { hub, engines, receiverTimeoutMs: timeout } = this.opts;
+    const missing = () =>
+      engines.flatMap((e) =>
+        e.gpus.filter((g) => !hub.connected().some((r) => r.gpu === g)).map((g) => ({ engine: e, gpu: g })),
+      );
+    const until = performance.now() + timeout;
+    const early = new Map<EngineConfig, string>();
+    for (const t of triggered) void t.result.then((err) => err && early.set(t.engine, err));
+    while (missing().length > 0) {
+      const first = missing()[0];
+      const err = first && early.get(first.engine);
+      if (first && (err || performance.now() > until)) {
+        throw new Error(
+          `engine ${first.engine.name} has no receiver on GPU ${first.gpu}${err ? `: ${err}` : ` after ${timeout} ms`}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    return hub.connected();
+  }
+
+  private async run(record: UpdateRecord, version: CheckpointVersion): Promise<void> {
     const { log, receiverTimeoutMs: timeout } = this.opts;
     const t0 = performance.now();
-    const acked = new Map<Receiver, number>(receivers.map((r) => [r, 0]));
+    const triggered = this.triggerEngines();
+    let receivers: Receiver[] = [];
+    const acked = new Map<Receiver, number>();
     let failure: Error | undefined;
     let transfer: Transfer | undefined;
     try {
+      receivers = await this.awaitReceivers(triggered);
+      for (const r of receivers) acked.set(r, 0);
       transfer = await this.opts.transfer();
       const buckets = planBuckets(version.tensors, { bucketBytes: transfer.slotBytes, gpus: transfer.gpus.length });
       record.progress.buckets = buckets.length;
@@ -164,6 +231,10 @@ export class Updates {
         receivers.map((r) => r.expect((m) => m.op === "done" && m.update === record.id, record.id, timeout, "done")),
       );
       record.timings.finishSeconds = (performance.now() - finishing) / 1000;
+      for (const t of triggered) {
+        const err = await t.result;
+        if (err) throw new Error(`engine ${t.engine.name}: ${err}`);
+      }
       record.state = "succeeded";
     } catch (err) {
       record.state = "failed";
