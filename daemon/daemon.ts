@@ -142,6 +142,9 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     receiverTimeoutMs: config.receiverTimeoutMs,
     engines: config.engines,
     socketDir,
+    peers: config.peers.map((u) => u.replace(/\/$/, "")),
+    nodeId: opts.nodeId,
+    gpus,
     transfer: async () => {
       if (!transfer) {
         transfer = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);
@@ -191,7 +194,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   });
   checkpointRoutes(app, registry, config.pinnedBudgetBytes);
   uploadRoutes(app, registry, config.uploadDir);
-  updateRoutes(app, updates);
+  updateRoutes(app, updates, registry, { nodeId: opts.nodeId, gpus });
   app.get("/metrics", (c) =>
     c.text(metricsOf(registry, updates, hub, gpus), 200, { "content-type": "text/plain; version=0.0.4" }),
   );

@@ -1,15 +1,23 @@
 /* The host backend: "devices" are host memory, buffers are memfds, streams are threads, and
- * collectives are copies between the streams of one process. */
+ * collectives are copies between the streams of one process, or run over TCP between
+ * processes (one connection between every two processes, served by one thread per
+ * communicator). */
 #define _GNU_SOURCE
 #include "common.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysinfo.h>
 #include <time.h>
@@ -33,6 +41,7 @@ struct ckpt_buf {
 };
 
 typedef struct bcast bcast;
+typedef struct xbcast xbcast;
 
 typedef enum op_kind {
   OP_COPY,        /* copies the ranges into dst */
@@ -40,6 +49,7 @@ typedef enum op_kind {
   OP_WAIT,        /* waits until event has completed record `seq` */
   OP_BCAST_ROOT,  /* a broadcast's root: releases the copies, waits until they are done */
   OP_BCAST_COPY,  /* a broadcast's destination: waits for the root, then copies the ranges */
+  OP_XBCAST,      /* a broadcast across processes: arrives, then waits for the comm thread */
 } op_kind;
 
 /* One queued operation. */
@@ -49,6 +59,7 @@ typedef struct stream_op {
   ckpt_event *event;  /* OP_MARK, OP_WAIT */
   uint64_t seq;       /* OP_MARK, OP_WAIT */
   bcast *bc;          /* OP_BCAST_ROOT, OP_BCAST_COPY */
+  xbcast *xb;         /* OP_XBCAST */
   uint8_t *dst;       /* OP_COPY, OP_BCAST_COPY */
   size_t n;
   ckpt_range ranges[];
@@ -62,6 +73,11 @@ struct ckpt_stream {
   pthread_cond_t cv;   /* signalled when work is queued or stop is set */
   stream_op *head, *tail;
   int stop;
+  /* Set by the worker when a collective queued on the stream failed, and kept (as a CUDA
+   * stream keeps a fault): every event recorded on the stream afterwards reports it. Only
+   * the worker reads or writes these. */
+  int fail_status;
+  char fail_detail[320];
 };
 
 /* Lifetime: ckpt_event_destroy waits until no queued marker or wait references the event
@@ -76,16 +92,38 @@ struct ckpt_event {
   uint64_t recorded;   /* sequence number of the latest record */
   uint64_t completed;  /* highest sequence number whose marker the worker reached */
   uint64_t pending;    /* markers and waits queued but not reached or passed yet */
+  int fail_status;     /* the stream's failure when the marker `completed` was reached */
+  char fail_detail[320];
 };
 
-/* A communicator whose ranks are all local: broadcasts copy between the ranks' streams.
- * ckpt_comm_destroy waits until no broadcast it queued is in flight (inflight == 0). */
+/* One other process of a communicator spanning processes, and the connection to it. */
+typedef struct comm_peer {
+  int fd;
+  int32_t first_rank, ndev;
+  char name[48];  /* "address:port" of its data listener, for messages */
+} comm_peer;
+
+/* A communicator. When its ranks are all local (remote == 0), broadcasts copy between the
+ * ranks' streams, and ckpt_comm_destroy waits until no broadcast it queued is in flight
+ * (inflight == 0). Otherwise broadcasts go through an ordered queue served by `thread`,
+ * which talks to the other processes over `peers`. */
 struct ckpt_comm {
   ckpt_ctx *ctx;
   int32_t nranks;
-  pthread_mutex_t mu;
-  pthread_cond_t cv;   /* broadcast when inflight drops */
+  pthread_mutex_t mu;  /* guards inflight, and for remote: the queue, stop, err_*, next_seq */
+  pthread_cond_t cv;   /* broadcast when inflight drops, or work is queued or stop is set */
   int64_t inflight;    /* broadcasts queued whose root operation has not finished */
+  int remote;          /* the communicator spans processes */
+  int32_t first_rank;  /* global rank of local rank 0 */
+  int32_t npeers;
+  comm_peer *peers;
+  pthread_t thread;
+  xbcast *head, *tail; /* queued collectives, in call order */
+  int stop;            /* ckpt_comm_destroy or abort: the thread exits once the queue is empty */
+  int aborting;        /* atomic: ckpt_comm_abort; queued collectives fail without running */
+  int err_status;      /* sticky: the first failure; later collectives fail fast */
+  char err_detail[320];
+  uint64_t next_seq;   /* sequence number of the next collective queued */
   int32_t ndev;
   int32_t devices[];
 };
@@ -339,9 +377,13 @@ fail:
 }
 
 /* ---- streams ------------------------------------------------------------------------ */
-static void event_reached(ckpt_event *ev, uint64_t seq) {
+static void event_reached(ckpt_event *ev, uint64_t seq, const ckpt_stream *s) {
   pthread_mutex_lock(&ev->mu);
-  if (seq > ev->completed) ev->completed = seq;
+  if (seq > ev->completed) {
+    ev->completed = seq;
+    ev->fail_status = s->fail_status;
+    if (s->fail_status != CKPT_OK) memcpy(ev->fail_detail, s->fail_detail, sizeof ev->fail_detail);
+  }
   ev->pending--;
   pthread_cond_broadcast(&ev->cv);
   pthread_mutex_unlock(&ev->mu);  /* after this the event may be destroyed */
@@ -397,6 +439,8 @@ static void run_copies(const stream_op *op) {
            op->ranges[i].len);
 }
 
+static void xbcast_stream(ckpt_stream *s, xbcast *x);
+
 static void *stream_worker(void *arg) {
   ckpt_stream *s = arg;
   for (;;) {
@@ -408,7 +452,7 @@ static void *stream_worker(void *arg) {
     if (op == NULL) return NULL;  /* stop requested and the queue is drained */
     switch (op->kind) {
       case OP_COPY: run_copies(op); break;
-      case OP_MARK: event_reached(op->event, op->seq); break;
+      case OP_MARK: event_reached(op->event, op->seq, s); break;
       case OP_WAIT: event_await(op->event, op->seq); break;
       case OP_BCAST_ROOT: bcast_root(op->bc); break;
       case OP_BCAST_COPY:
@@ -416,6 +460,7 @@ static void *stream_worker(void *arg) {
         run_copies(op);
         bcast_copied(op->bc);
         break;
+      case OP_XBCAST: xbcast_stream(s, op->xb); break;
     }
     free(op);
   }
@@ -557,12 +602,25 @@ CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
   return CKPT_OK;
 }
 
+/* A completed event's status: CKPT_OK, or its stream's failure (with the detail recorded on
+ * the context) when a collective queued before it on that stream failed. */
+static int event_status(ckpt_event *event) {
+  char detail[sizeof event->fail_detail];
+  pthread_mutex_lock(&event->mu);
+  int st = event->fail_status;
+  if (st != CKPT_OK) memcpy(detail, event->fail_detail, sizeof detail);
+  pthread_mutex_unlock(&event->mu);
+  if (st == CKPT_OK) return CKPT_OK;
+  return FAIL(event->ctx, st, "event %p: a collective queued before it failed: %s", (void *)event,
+              detail);
+}
+
 CKPT_API int ckpt_event_query(ckpt_event *event) {
   CHECK_ARG(NULL, event != NULL);
   pthread_mutex_lock(&event->mu);
   int done = event->completed >= event->recorded;
   pthread_mutex_unlock(&event->mu);
-  return done ? CKPT_OK : CKPT_EAGAIN;
+  return done ? event_status(event) : CKPT_EAGAIN;
 }
 
 CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
@@ -584,7 +642,7 @@ CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
   }
   int done = event->completed >= target;
   pthread_mutex_unlock(&event->mu);
-  return done ? CKPT_OK
+  return done ? event_status(event)
               : FAIL(event->ctx, CKPT_ETIMEDOUT, "event %p not complete after %lld ms",
                      (void *)event, (long long)timeout_ms);
 }

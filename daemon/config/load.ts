@@ -29,6 +29,11 @@ const byEnv = new Map(entries.filter(([, doc]) => doc.env).map(([key, doc]) => [
 
 function coerce(key: ConfigKey, raw: string): unknown {
   if (KEYS[key].kind === "integer" && /^-?\d+$/.test(raw.trim())) return Number(raw);
+  if (KEYS[key].kind === "list")
+    return raw
+      .split(",")
+      .map((x) => x.trim())
+      .filter(Boolean);
   return raw;
 }
 

@@ -36,6 +36,7 @@ export const ConfigSchema = v.strictObject({
   bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   socketDir: v.string(),
+  peers: v.array(v.pipe(v.string(), v.url())),
   engines: v.pipe(
     v.array(EngineSchema),
     v.check((list) => list.every((e) => e.kind === "receiver" || e.url), "engines of kind vllm or http need a url"),
@@ -49,7 +50,7 @@ interface KeyDoc {
   /** Empty for keys only the config file can set (structured values). */
   flag: string;
   env: string;
-  kind: "string" | "integer" | "json";
+  kind: "string" | "integer" | "list" | "json";
   help: string;
 }
 
@@ -132,6 +133,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "string",
     help: "directory of the engines' Unix sockets (empty: stateDir/sockets)",
   },
+  peers: {
+    flag: "--peers",
+    env: "CKPTD_PEERS",
+    kind: "list",
+    help: "other daemons taking part in this daemon's updates (comma-separated URLs)",
+  },
   engines: {
     flag: "",
     env: "",
@@ -161,6 +168,7 @@ export function defaults(env: Record<string, string | undefined>): Config {
     bucketSlots: 4,
     receiverTimeoutMs: 30000,
     socketDir: "",
+    peers: [],
     engines: [],
   };
 }

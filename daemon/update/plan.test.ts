@@ -12,7 +12,8 @@ const t = (name: string, bytes: number, file = 0, offset = 0): PlanTensor => ({
 
 /** Compact view: per bucket, owner and pieces as name[begin,end)@slotOffset. */
 function view(tensors: PlanTensor[], bucketBytes: number, gpus = 1) {
-  return planBuckets(tensors, { bucketBytes, gpus, align: 16 }).map(
+  const owners = Array.from({ length: gpus }, (_, g) => g);
+  return planBuckets(tensors, { bucketBytes, owners, slots: 2 * gpus, align: 16 }).map(
     (b) => `${b.owner}:${b.pieces.map((p) => `${p.name}[${p.range[0]},${p.range[1]})@${p.slotOffset}`).join(" ")}`,
   );
 }
@@ -70,7 +71,7 @@ describe("planBuckets", () => {
 
   it("covers every byte of every tensor exactly once, within bucket bounds", () => {
     const tensors = Array.from({ length: 50 }, (_, i) => t(`t${i}`, ((i * 7919) % 300) + 1, i % 3, i * 1000));
-    const buckets = planBuckets(tensors, { bucketBytes: 128, gpus: 2, align: 16 });
+    const buckets = planBuckets(tensors, { bucketBytes: 128, owners: [0, 1], slots: 4, align: 16 });
     const covered = new Map<string, number>();
     for (const b of buckets) {
       expect(b.bytes).toBeLessThanOrEqual(128);
@@ -78,6 +79,7 @@ describe("planBuckets", () => {
         expect(p.slotOffset % 16).toBe(0);
         expect(p.slotOffset + p.range[1] - p.range[0]).toBeLessThanOrEqual(b.bytes);
         expect(b.owner).toBe(p.file % 2);
+        expect(b.slot % 2).toBe(b.owner);
         covered.set(p.name, (covered.get(p.name) ?? 0) + p.range[1] - p.range[0]);
       }
     }
@@ -85,6 +87,22 @@ describe("planBuckets", () => {
   });
 
   it("rejects a bucket size that is not a multiple of the alignment", () => {
-    expect(() => planBuckets([], { bucketBytes: 100, gpus: 1, align: 64 })).toThrow(/multiple of 64/);
+    expect(() => planBuckets([], { bucketBytes: 100, owners: [0], slots: 2, align: 64 })).toThrow(/multiple of 64/);
+  });
+
+  it("gives each owner its own slots, in turn, with global ranks as owners", () => {
+    const tensors = [0, 1, 2, 3, 4, 5].map((i) => t(`t${i}`, 64, i % 2, i * 64));
+    const buckets = planBuckets(tensors, { bucketBytes: 64, owners: [3, 5], slots: 4, align: 16 });
+    expect(buckets.map((b) => [b.owner, b.slot])).toEqual([
+      [3, 0],
+      [5, 1],
+      [3, 2],
+      [5, 3],
+      [3, 0],
+      [5, 1],
+    ]);
+    expect(() => planBuckets(tensors, { bucketBytes: 64, owners: [0, 1, 2], slots: 2 })).toThrow(
+      /2 slots cannot serve 3/,
+    );
   });
 });

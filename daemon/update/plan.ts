@@ -32,8 +32,10 @@ export interface BucketPiece {
 
 export interface Bucket {
   index: number;
-  /** Local GPU index that copies this bucket from host memory. */
+  /** Global rank of the GPU that copies this bucket from its host's memory (the root). */
   owner: number;
+  /** Slot buffer the bucket occupies on every GPU. */
+  slot: number;
   bytes: number;
   pieces: BucketPiece[];
 }
@@ -41,8 +43,10 @@ export interface Bucket {
 export interface PlanOptions {
   /** Bucket capacity in bytes. */
   bucketBytes: number;
-  /** Number of local GPUs; file f belongs to GPU f mod gpus. */
-  gpus: number;
+  /** Global ranks of the GPUs whose hosts hold the checkpoint: file f belongs to owners[f mod n]. */
+  owners: number[];
+  /** Slots per GPU; owners[j] uses the slots s with s mod n = j, in turn. */
+  slots: number;
   /** Offsets inside a bucket are aligned to this (bytes, power of two). */
   align?: number;
 }
@@ -53,12 +57,15 @@ export interface PlanOptions {
  * GPU's host-to-device engine has work in flight at once.
  */
 export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] {
-  const perOwner = Array.from({ length: opts.gpus }, (_, owner) =>
-    packBuckets(
-      tensors.filter((t) => t.file % opts.gpus === owner),
+  const n = opts.owners.length;
+  if (n < 1 || opts.slots < n) throw new RangeError(`${opts.slots} slots cannot serve ${n} owners`);
+  const perOwner = opts.owners.map((owner, j) => {
+    const mine = Array.from({ length: opts.slots }, (_, s) => s).filter((s) => s % n === j);
+    return packBuckets(
+      tensors.filter((t) => t.file % n === j),
       opts,
-    ),
-  );
+    ).map((b, k) => ({ ...b, owner, slot: mine[k % mine.length] as number }));
+  });
   const out: Bucket[] = [];
   for (let i = 0; perOwner.some((list) => i < list.length); i++) {
     for (const list of perOwner) {
@@ -69,29 +76,28 @@ export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] 
   return out;
 }
 
-function packBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] {
+function packBuckets(tensors: PlanTensor[], opts: PlanOptions): Omit<Bucket, "owner" | "slot">[] {
   const align = opts.align ?? 256;
   if (!(opts.bucketBytes >= align) || opts.bucketBytes % align !== 0) {
     throw new RangeError(`bucketBytes ${opts.bucketBytes} must be a positive multiple of ${align}`);
   }
-  if (!Number.isInteger(opts.gpus) || opts.gpus < 1) throw new RangeError(`gpus ${opts.gpus} must be >= 1`);
   const ordered = [...tensors].sort((a, b) => a.file - b.file || a.offset - b.offset);
-  const buckets: Bucket[] = [];
-  let cur: Bucket | undefined;
-  const fresh = (owner: number): Bucket => {
-    cur = { index: buckets.length, owner, bytes: 0, pieces: [] };
+  type Packed = Omit<Bucket, "owner" | "slot">;
+  const buckets: Packed[] = [];
+  let cur: Packed | undefined;
+  const fresh = (): Packed => {
+    cur = { index: buckets.length, bytes: 0, pieces: [] };
     buckets.push(cur);
     return cur;
   };
   for (const t of ordered) {
-    const owner = t.file % opts.gpus;
     let done = 0;
     do {
-      let b = cur && cur.owner === owner ? cur : fresh(owner);
+      let b = cur ?? fresh();
       let at = Math.ceil(b.bytes / align) * align;
       if (at >= opts.bucketBytes || (at + (t.bytes - done) > opts.bucketBytes && t.bytes <= opts.bucketBytes)) {
         // Whole tensors that fit a bucket are not split; start a new bucket for them.
-        b = fresh(owner);
+        b = fresh();
         at = 0;
       }
       const n = Math.min(t.bytes - done, opts.bucketBytes - at);

@@ -1,8 +1,10 @@
 import type { Hono } from "hono";
 import * as v from "valibot";
+import type { Registry } from "../checkpoints/registry.ts";
 import { reply } from "../http/codec.ts";
 import { ApiError } from "../http/errors.ts";
 import { parseBody } from "../http/validate.ts";
+import { fingerprint, type PeerInfo, type PeerPlan } from "./peers.ts";
 import type { Updates } from "./updates.ts";
 
 const UpdateBody = v.strictObject({
@@ -12,8 +14,36 @@ const UpdateBody = v.strictObject({
   wait: v.optional(v.boolean(), true),
 });
 
-/** POST /v1/updates, GET /v1/updates, GET /v1/updates/{id}. */
-export function updateRoutes(app: Hono<{ Variables: { body: unknown } }>, updates: Updates) {
+const Piece = v.object({
+  name: v.string(),
+  dtype: v.string(),
+  shape: v.array(v.number()),
+  bytes: v.number(),
+  slotOffset: v.number(),
+  range: v.tuple([v.number(), v.number()]),
+  file: v.number(),
+  fileOffset: v.number(),
+});
+const PlanBody = v.object({
+  update: v.string(),
+  coordinator: v.string(),
+  checkpoint: v.object({ name: v.string(), fingerprint: v.string() }),
+  comm: v.object({ key: v.string(), id: v.pipe(v.string(), v.hexadecimal()), fresh: v.boolean(), nranks: v.number() }),
+  firstRank: v.number(),
+  slots: v.number(),
+  slotBytes: v.number(),
+  buckets: v.array(
+    v.object({ index: v.number(), owner: v.number(), slot: v.number(), bytes: v.number(), pieces: v.array(Piece) }),
+  ),
+});
+
+/** POST /v1/updates, GET /v1/updates, GET /v1/updates/{id}, and the peer API (/v1/peer/...). */
+export function updateRoutes(
+  app: Hono<{ Variables: { body: unknown } }>,
+  updates: Updates,
+  registry: Registry,
+  self: { nodeId: string; gpus: number },
+) {
   app.post("/v1/updates", async (c) => {
     const body = parseBody(UpdateBody, c.get("body"));
     const { record, done } = updates.start(body.checkpoint);
@@ -32,4 +62,29 @@ export function updateRoutes(app: Hono<{ Variables: { body: unknown } }>, update
   });
   app.get("/v1/updates", (c) => reply(c, { updates: updates.list().map((u) => u.toJSON()) }));
   app.get("/v1/updates/:id", (c) => reply(c, updates.get(c.req.param("id")).toJSON()));
+
+  app.get("/v1/peer/info", (c) => {
+    const name = c.req.query("checkpoint");
+    const fp = c.req.query("fingerprint");
+    const held = registry.list().find((x) => x.name === name && x.state === "ready" && fingerprint(x) === fp);
+    const info: PeerInfo = { nodeId: self.nodeId, gpus: self.gpus, ...(held ? { holds: held.id } : {}) };
+    return reply(c, info);
+  });
+  app.post("/v1/peer/updates", async (c) => {
+    const plan = parseBody(PlanBody, c.get("body")) as PeerPlan;
+    const record = await updates.participate(plan);
+    if (record.state === "failed") {
+      throw new ApiError(
+        502,
+        record.error?.code ?? "update_failed",
+        record.error?.message ?? "failed",
+        record.toJSON(),
+      );
+    }
+    return reply(c, record.toJSON());
+  });
+  app.post("/v1/peer/updates/:id/abort", (c) => {
+    const reason = (c.get("body") as { reason?: string } | undefined)?.reason ?? "aborted by the coordinator";
+    return reply(c, { aborted: updates.abort(c.req.param("id"), reason) });
+  });
 }

@@ -5,13 +5,15 @@
  * reused only after every engine on every GPU acked the bucket it held.
  */
 import type { Logger } from "pino";
-import type { Context } from "../../ffi/index.ts";
+import type { Comm, Context } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
 import { ApiError } from "../http/errors.ts";
+import { fingerprint, type Participant, type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
+import { type Group, transmit } from "./pipeline.ts";
 import { type Bucket, planBuckets } from "./plan.ts";
 import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
-import { at, type Transfer } from "./transfer.ts";
+import type { Transfer } from "./transfer.ts";
 
 export type UpdateState = "running" | "succeeded" | "failed";
 
@@ -66,6 +68,11 @@ export interface UpdateOptions {
   /** Engines to trigger and wait for; none: whichever receivers are connected take part. */
   engines: EngineConfig[];
   socketDir: string;
+  /** Other daemons that take part in this daemon's updates (base URLs). */
+  peers: string[];
+  nodeId: string;
+  /** Local GPUs. */
+  gpus: number;
   /** Updates kept for GET /v1/updates/{id}. */
   history?: number;
 }
@@ -96,7 +103,8 @@ export class Updates {
       });
     }
     const lease = this.opts.registry.acquire(ref);
-    if (this.opts.engines.length === 0 && this.opts.hub.connected().length === 0) {
+    const o = this.opts;
+    if (o.engines.length === 0 && o.peers.length === 0 && o.hub.connected().length === 0) {
       lease.release();
       throw new ApiError(409, "no_receivers", "no engine receiver is connected to this daemon");
     }
@@ -176,79 +184,263 @@ export class Updates {
     return hub.connected();
   }
 
+  /** The communicator over every rank of a multi-daemon update, kept while its members are. */
+  private shared?: { key: string; id: string; comm: Comm };
+
+  private async dropShared(abort: boolean): Promise<void> {
+    const shared = this.shared;
+    this.shared = undefined;
+    if (!shared) return;
+    const { ctx, log } = this.opts;
+    await (abort ? ctx.commAbort(shared.comm) : ctx.commDestroy(shared.comm)).catch((err) =>
+      log.error({ err }, "freeing a communicator"),
+    );
+  }
+
+  /** Joins (or reuses) the communicator of a multi-daemon update. */
+  private async sharedComm(comm: PeerPlan["comm"], firstRank: number, gpus: number): Promise<Comm> {
+    if (!comm.fresh && this.shared?.key === comm.key && this.shared.id === comm.id) return this.shared.comm;
+    if (!comm.fresh) throw new ApiError(409, "comm_lost", `communicator ${comm.key} is not known here`);
+    await this.dropShared(false);
+    const devices = Array.from({ length: gpus }, (_, g) => g);
+    const made = await this.opts.ctx.commInit(Buffer.from(comm.id, "hex"), comm.nranks, firstRank, devices);
+    this.shared = { key: comm.key, id: comm.id, comm: made };
+    return made;
+  }
+
+  /** Coordinator: plans over every participant, runs its own part, collects the peers'. */
   private async run(record: UpdateRecord, version: CheckpointVersion): Promise<void> {
-    const { log, receiverTimeoutMs: timeout } = this.opts;
+    const { receiverTimeoutMs: timeout, peers } = this.opts;
     const t0 = performance.now();
     const triggered = this.triggerEngines();
     let receivers: Receiver[] = [];
     const acked = new Map<Receiver, number>();
-    let failure: Error | undefined;
+    const aborted = new AbortController();
     let transfer: Transfer | undefined;
+    let remote: Participant[] = [];
+    const peerResults: Promise<void>[] = [];
     try {
+      transfer = await this.opts.transfer();
+      const t = transfer;
+      const fp = fingerprint(version);
+      let rank = t.gpus.length;
+      for (const url of peers) {
+        const info = await peerInfo(url, version.name, fp, timeout);
+        remote.push({ url, info, firstRank: rank });
+        rank += info.gpus;
+      }
+      const owners = [
+        ...t.gpus.map((_, g) => g),
+        ...remote
+          .filter((p) => p.info.holds)
+          .flatMap((p) => Array.from({ length: p.info.gpus }, (_, g) => p.firstRank + g)),
+      ];
+      const slots = Math.max(t.slots, 2 * owners.length);
+      if (slots !== t.slots)
+        throw new Error(`${owners.length} owning GPUs need ${slots} slots; set bucketSlots to ${slots}`);
+      const buckets = planBuckets(version.tensors, { bucketBytes: t.slotBytes, owners, slots: t.slots });
+      record.progress.buckets = buckets.length;
+      record.progress.bytes = buckets.reduce((sum, b) => sum + b.bytes, 0);
+      let group: Group = { comm: t.comm, firstRank: 0, ordered: false };
+      if (remote.length > 0) {
+        const key = JSON.stringify([
+          t.gpus.length,
+          t.slots,
+          t.slotBytes,
+          remote.map((p) => [p.url, p.info.nodeId, p.info.gpus]),
+        ]);
+        const fresh = this.shared?.key !== key;
+        const id = fresh ? Buffer.from(this.opts.ctx.commIdNew()).toString("hex") : (this.shared?.id as string);
+        for (const p of remote) {
+          const plan: PeerPlan = {
+            update: record.id,
+            coordinator: this.opts.nodeId,
+            checkpoint: { name: version.name, fingerprint: fp },
+            comm: { key, id, fresh, nranks: rank },
+            firstRank: p.firstRank,
+            slots: t.slots,
+            slotBytes: t.slotBytes,
+            buckets,
+          };
+          peerResults.push(
+            peerRun(p.url, plan, aborted.signal).then((r) => {
+              if (!r.ok && !aborted.signal.aborted) aborted.abort(`peer ${p.url} failed: ${r.message}`);
+            }),
+          );
+        }
+        group = {
+          comm: await this.sharedComm({ key, id, fresh, nranks: rank }, 0, t.gpus.length),
+          firstRank: 0,
+          ordered: true,
+        };
+      }
+      record.timings.planSeconds = (performance.now() - t0) / 1000;
       receivers = await this.awaitReceivers(triggered);
       for (const r of receivers) acked.set(r, 0);
-      transfer = await this.opts.transfer();
-      const buckets = planBuckets(version.tensors, { bucketBytes: transfer.slotBytes, gpus: transfer.gpus.length });
-      record.progress.buckets = buckets.length;
-      record.progress.bytes = buckets.reduce((s, b) => s + b.bytes, 0);
-      record.timings.planSeconds = (performance.now() - t0) / 1000;
-      for (const r of receivers) {
-        r.send({
-          op: "begin",
-          update: record.id,
-          checkpoint: version.id,
-          tensors: version.tensors.length,
-          buckets: buckets.length,
-        });
-      }
-      // Each GPU issues its own buckets into its own slots, so one engine's slow ack holds up
-      // only that GPU's next copy. Every broadcast is queued on all GPUs' streams in one call,
-      // so the collectives keep one order everywhere whatever order the loops run in.
-      const t = transfer;
-      const slots: Promise<void>[] = Array.from({ length: t.slots }, () => Promise.resolve());
-      const loops = t.gpus.map(async (_, owner) => {
-        const mine = Array.from({ length: t.slots }, (_, s) => s).filter((s) => s % t.gpus.length === owner);
-        let k = 0;
-        for (const b of buckets) {
-          if (b.owner !== owner) continue;
-          const s = at(mine, k++ % mine.length);
-          const waited = performance.now();
-          await slots[s];
-          record.timings.stallSeconds += (performance.now() - waited) / 1000;
-          if (failure) return;
-          this.issue(t, version, b, s);
-          slots[s] = this.deliver(t, record, b, s, receivers, acked).catch((err) => {
-            failure ??= err;
-          });
-        }
+      await this.moveAndFinish({
+        record,
+        version,
+        buckets,
+        group,
+        transfer: t,
+        receivers,
+        acked,
+        signal: aborted.signal,
       });
-      await Promise.all(loops);
-      await Promise.all(slots);
-      if (failure) throw failure;
-      const finishing = performance.now();
-      for (const r of receivers) r.send({ op: "end", update: record.id });
-      await Promise.all(
-        receivers.map((r) => r.expect((m) => m.op === "done" && m.update === record.id, record.id, timeout, "done")),
-      );
-      record.timings.finishSeconds = (performance.now() - finishing) / 1000;
-      for (const t of triggered) {
-        const err = await t.result;
-        if (err) throw new Error(`engine ${t.engine.name}: ${err}`);
+      await Promise.all(peerResults);
+      if (aborted.signal.aborted) throw new Error(String(aborted.signal.reason));
+      for (const tr of triggered) {
+        const err = await tr.result;
+        if (err) throw new Error(`engine ${tr.engine.name}: ${err}`);
       }
       record.state = "succeeded";
     } catch (err) {
-      record.state = "failed";
-      const e = err as Error;
-      record.error = {
-        code: err instanceof ReceiverError ? "receiver_failed" : "update_failed",
-        message: e.message,
-        ...(err instanceof ReceiverError ? { receiver: err.receiver.label } : {}),
-      };
-      for (const r of receivers) r.send({ op: "abort", update: record.id, reason: e.message });
-      // Queued copies may still read or write the slots: wait for them before the next update.
+      if (!aborted.signal.aborted) aborted.abort((err as Error).message);
+      const reason = aborted.signal.reason ? String(aborted.signal.reason) : (err as Error).message;
+      this.fail(record, err, receivers, reason);
+      if (remote.length > 0) {
+        // A collective may be waiting for a rank that will never come: abort, make anew next time.
+        await this.dropShared(true);
+        await Promise.all(remote.map((p) => peerAbort(p.url, record.id, reason, timeout)));
+        await Promise.all(peerResults);
+      }
       if (transfer && !(await transfer.drain(timeout).catch(() => false))) await this.opts.discard();
-      log.warn({ update: record.id, error: record.error }, "update failed");
+      remote = [];
     }
+    this.finish(record, receivers, acked, t0, version.id);
+  }
+
+  /** Participant: runs a coordinator's plan on this daemon's GPUs and engines. */
+  async participate(plan: PeerPlan): Promise<UpdateRecord> {
+    if (this.running) {
+      throw new ApiError(409, "update_running", `update ${this.running.id} of ${this.running.checkpoint} is running`);
+    }
+    const { registry, receiverTimeoutMs: timeout } = this.opts;
+    const version = registry
+      .list()
+      .find(
+        (v) => v.name === plan.checkpoint.name && v.state === "ready" && fingerprint(v) === plan.checkpoint.fingerprint,
+      );
+    const owned = plan.buckets.some((b) => b.owner >= plan.firstRank && b.owner < plan.firstRank + this.opts.gpus);
+    if (owned && !version)
+      throw new ApiError(409, "not_held", `no ready version of ${plan.checkpoint.name} with that content`);
+    const lease = version ? registry.acquire(version.id) : undefined;
+    const record = new UpdateRecord(plan.update, version?.id ?? `${plan.checkpoint.name} (from ${plan.coordinator})`);
+    this.records.set(record.id, record);
+    this.trim();
+    this.running = record;
+    const aborted = new AbortController();
+    this.aborts.set(plan.update, aborted);
+    const t0 = performance.now();
+    let receivers: Receiver[] = [];
+    const acked = new Map<Receiver, number>();
+    let transfer: Transfer | undefined;
+    try {
+      transfer = await this.opts.transfer();
+      if (transfer.slots !== plan.slots || transfer.slotBytes !== plan.slotBytes) {
+        throw new Error(
+          `this daemon has ${transfer.slots} slots of ${transfer.slotBytes} bytes, the coordinator ${plan.slots} of ${plan.slotBytes}: configure bucketSlots and bucketBytes alike`,
+        );
+      }
+      record.progress.buckets = plan.buckets.length;
+      record.progress.bytes = plan.buckets.reduce((sum, b) => sum + b.bytes, 0);
+      const comm = await this.sharedComm(plan.comm, plan.firstRank, transfer.gpus.length);
+      const triggered = this.triggerEngines();
+      receivers = await this.awaitReceivers(triggered);
+      for (const r of receivers) acked.set(r, 0);
+      const group: Group = { comm, firstRank: plan.firstRank, ordered: true };
+      await this.moveAndFinish({
+        record,
+        version,
+        buckets: plan.buckets,
+        group,
+        transfer,
+        receivers,
+        acked,
+        signal: aborted.signal,
+      });
+      if (aborted.signal.aborted) throw new Error(String(aborted.signal.reason));
+      record.state = "succeeded";
+    } catch (err) {
+      this.fail(
+        record,
+        err,
+        receivers,
+        aborted.signal.aborted ? String(aborted.signal.reason) : (err as Error).message,
+      );
+      await this.dropShared(true);
+      if (transfer && !(await transfer.drain(timeout).catch(() => false))) await this.opts.discard();
+    } finally {
+      lease?.release();
+      this.aborts.delete(plan.update);
+      this.running = undefined;
+    }
+    this.finish(record, receivers, acked, t0, record.checkpoint);
+    return record;
+  }
+
+  /** Aborts a participant's update (the coordinator saw a failure elsewhere). */
+  abort(update: string, reason: string): boolean {
+    const a = this.aborts.get(update);
+    if (!a) return false;
+    a.abort(reason);
+    // A broadcast may be waiting for the failed rank: abort the communicator to release it.
+    void this.dropShared(true);
+    return true;
+  }
+
+  private readonly aborts = new Map<string, AbortController>();
+
+  /** Tells the engines, moves every bucket, ends the update with them. */
+  private async moveAndFinish(o: {
+    record: UpdateRecord;
+    version?: CheckpointVersion;
+    buckets: Bucket[];
+    group: Group;
+    transfer: Transfer;
+    receivers: Receiver[];
+    acked: Map<Receiver, number>;
+    signal: AbortSignal;
+  }): Promise<void> {
+    const { record, receivers } = o;
+    const timeout = this.opts.receiverTimeoutMs;
+    const tensors = new Set(o.buckets.flatMap((b) => b.pieces.map((p) => p.name))).size;
+    for (const r of receivers) {
+      r.send({ op: "begin", update: record.id, checkpoint: record.checkpoint, tensors, buckets: o.buckets.length });
+    }
+    await transmit({
+      ctx: this.opts.ctx,
+      transfer: o.transfer,
+      group: o.group,
+      buckets: o.buckets,
+      version: o.version,
+      update: record.id,
+      receivers,
+      acked: o.acked,
+      timeoutMs: timeout,
+      record,
+      signal: o.signal,
+    });
+    const finishing = performance.now();
+    for (const r of receivers) r.send({ op: "end", update: record.id });
+    await Promise.all(
+      receivers.map((r) => r.expect((m) => m.op === "done" && m.update === record.id, record.id, timeout, "done")),
+    );
+    record.timings.finishSeconds = (performance.now() - finishing) / 1000;
+  }
+
+  private fail(record: UpdateRecord, err: unknown, receivers: Receiver[], reason: string): void {
+    record.state = "failed";
+    record.error = {
+      code: err instanceof ReceiverError ? "receiver_failed" : "update_failed",
+      message: reason,
+      ...(err instanceof ReceiverError ? { receiver: err.receiver.label } : {}),
+    };
+    for (const r of receivers) r.send({ op: "abort", update: record.id, reason });
+    this.opts.log.warn({ update: record.id, error: record.error }, "update failed");
+  }
+
+  private finish(record: UpdateRecord, receivers: Receiver[], acked: Map<Receiver, number>, t0: number, what: string) {
     const seconds = (performance.now() - t0) / 1000;
     record.timings.seconds = seconds;
     record.timings.gbps = record.progress.bytesDone / seconds / 1e9;
@@ -260,87 +452,7 @@ export class Updates {
         record.state === "succeeded" ? "applied" : n === 0 ? "untouched" : n === total ? "applied" : "partial";
       return { name: r.name, pid: r.pid, gpu: r.gpu, bucketsAcked: n, state };
     });
-    if (record.state === "succeeded") {
-      log.info({ update: record.id, checkpoint: version.id, ...record.timings }, "update succeeded");
-    }
-  }
-
-  /** Queues bucket b: host-to-device on its owner, then the broadcast to every GPU. */
-  private issue(t: Transfer, version: CheckpointVersion, b: Bucket, s: number): void {
-    const { ctx } = this.opts;
-    const owner = t.gpus[b.owner];
-    if (!owner) throw new Error(`bucket ${b.index} belongs to GPU ${b.owner}, which this daemon does not have`);
-    const ranges = new BigUint64Array(b.pieces.length * 3);
-    b.pieces.forEach((p, i) => {
-      const file = version.pinned[p.file];
-      if (!file) throw new Error(`${version.id} is not pinned`);
-      ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
-      ranges[3 * i + 1] = BigInt(p.slotOffset);
-      ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
-    });
-    ctx.h2dAsync(owner.copy, at(owner.slots, s), ranges);
-    ctx.eventRecord(at(owner.copied, s), owner.copy);
-    if (t.comm) {
-      ctx.streamWaitEvent(owner.bcast, at(owner.copied, s));
-      ctx.broadcast(
-        t.comm,
-        b.owner,
-        t.gpus.map((g) => at(g.slots, s)),
-        t.gpus.map((g) => g.bcast),
-        0,
-        b.bytes,
-      );
-      for (const g of t.gpus) ctx.eventRecord(at(g.landed, s), g.bcast);
-    } else {
-      ctx.eventRecord(at(owner.landed, s), owner.copy);
-    }
-  }
-
-  /** Waits for bucket b's bytes on each GPU, hands it to that GPU's receivers, awaits their acks. */
-  private async deliver(
-    t: Transfer,
-    record: UpdateRecord,
-    b: Bucket,
-    s: number,
-    receivers: Receiver[],
-    acked: Map<Receiver, number>,
-  ): Promise<void> {
-    const { ctx, receiverTimeoutMs: timeout } = this.opts;
-    const msg = {
-      op: "bucket",
-      update: record.id,
-      bucket: b.index,
-      slot: s,
-      tensors: b.pieces.map((p) => ({
-        name: p.name,
-        dtype: p.dtype,
-        shape: p.shape,
-        bytes: p.bytes,
-        offset: p.slotOffset,
-        range: p.range,
-      })),
-    };
-    await Promise.all(
-      t.gpus.map(async (g, gpu) => {
-        if (!(await ctx.eventWait(at(g.landed, s), timeout))) {
-          throw new Error(`bucket ${b.index} did not reach GPU ${gpu} within ${timeout} ms`);
-        }
-        const mine = receivers.filter((r) => r.gpu === gpu);
-        for (const r of mine) r.send(msg);
-        await Promise.all(
-          mine.map(async (r) => {
-            await r.expect(
-              (m) => m.op === "ack" && m.update === record.id && m.bucket === b.index,
-              record.id,
-              timeout,
-              `the ack of bucket ${b.index}`,
-            );
-            acked.set(r, (acked.get(r) ?? 0) + 1);
-          }),
-        );
-      }),
-    );
-    record.progress.bucketsDone++;
-    record.progress.bytesDone += b.bytes;
+    if (record.state === "succeeded")
+      this.opts.log.info({ update: record.id, checkpoint: what, ...record.timings }, "update succeeded");
   }
 }

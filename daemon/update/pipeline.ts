@@ -1,0 +1,153 @@
+/**
+ * Moving one update's buckets through this daemon's GPUs: the host-to-device copy by the
+ * bucket's owner (when that GPU is here), the broadcast to every rank, and the hand-off to
+ * the engines on each local GPU, overlapped across slots and ordered by events on streams.
+ * A slot is reused only after every engine on every local GPU acked the bucket it held.
+ */
+import type { Comm, Context } from "../../ffi/index.ts";
+import type { CheckpointVersion } from "../checkpoints/registry.ts";
+import type { Bucket } from "./plan.ts";
+import type { Receiver } from "./receivers.ts";
+import { at, type Transfer } from "./transfer.ts";
+
+/** The ranks a bucket is broadcast to: this daemon's GPUs are ranks firstRank.. of comm. */
+export interface Group {
+  /** Absent when there is a single rank in all (one GPU, no peers). */
+  comm?: Comm;
+  firstRank: number;
+  /** Ranks live in other processes too: collectives must be issued in plan order. */
+  ordered: boolean;
+}
+
+/** What an update reports as it goes (the caller's record). */
+export interface Progress {
+  progress: { bucketsDone: number; bytesDone: number };
+  timings: { stallSeconds: number };
+}
+
+export interface TransmitOptions {
+  ctx: Context;
+  transfer: Transfer;
+  group: Group;
+  buckets: Bucket[];
+  /** The registered version, on daemons whose host holds it (it copies its owned buckets). */
+  version?: CheckpointVersion;
+  update: string;
+  receivers: Receiver[];
+  acked: Map<Receiver, number>;
+  timeoutMs: number;
+  record: Progress;
+  /** Set by the caller to stop issuing (another participant failed). */
+  signal?: AbortSignal;
+}
+
+/** Runs every bucket through; rejects with the first failure after the work in flight settles. */
+export async function transmit(o: TransmitOptions): Promise<void> {
+  const { transfer: t, group } = o;
+  let failure: Error | undefined;
+  const slots: Promise<void>[] = Array.from({ length: t.slots }, () => Promise.resolve());
+  const step = async (b: Bucket) => {
+    const waited = performance.now();
+    await slots[b.slot];
+    o.record.timings.stallSeconds += (performance.now() - waited) / 1000;
+    if (failure) return false;
+    if (o.signal?.aborted) {
+      failure = new Error(String(o.signal.reason ?? "aborted"));
+      return false;
+    }
+    issue(o, b);
+    slots[b.slot] = deliver(o, b).catch((err) => {
+      failure ??= err;
+    });
+    return true;
+  };
+  if (group.ordered) {
+    for (const b of o.buckets) if (!(await step(b))) break;
+  } else {
+    // Each local GPU issues its own buckets, so one engine's slow ack holds up only that GPU's
+    // next copy; every broadcast is queued on all local ranks in one call, so the order of the
+    // collectives is the same on every rank whatever order these loops run in.
+    await Promise.all(
+      t.gpus.map(async (_, g) => {
+        for (const b of o.buckets) if (b.owner === group.firstRank + g && !(await step(b))) return;
+      }),
+    );
+  }
+  await Promise.all(slots);
+  if (failure) throw failure;
+}
+
+/** Queues bucket b: the host-to-device copy if its owner is here, then the broadcast. */
+function issue(o: TransmitOptions, b: Bucket): void {
+  const { ctx, transfer: t, group } = o;
+  const s = b.slot;
+  const local = t.gpus[b.owner - group.firstRank];
+  if (local) {
+    const version = o.version;
+    if (!version) throw new Error(`bucket ${b.index} is owned here, but this host does not hold the checkpoint`);
+    const ranges = new BigUint64Array(b.pieces.length * 3);
+    b.pieces.forEach((p, i) => {
+      const file = at(version.pinned, p.file);
+      ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
+      ranges[3 * i + 1] = BigInt(p.slotOffset);
+      ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
+    });
+    ctx.h2dAsync(local.copy, at(local.slots, s), ranges);
+    ctx.eventRecord(at(local.copied, s), local.copy);
+  }
+  if (group.comm) {
+    if (local) ctx.streamWaitEvent(local.bcast, at(local.copied, s));
+    ctx.broadcast(
+      group.comm,
+      b.owner,
+      t.gpus.map((g) => at(g.slots, s)),
+      t.gpus.map((g) => g.bcast),
+      0,
+      b.bytes,
+    );
+    for (const g of t.gpus) ctx.eventRecord(at(g.landed, s), g.bcast);
+  } else if (local) {
+    ctx.eventRecord(at(local.landed, s), local.copy);
+  }
+}
+
+/** Waits for bucket b's bytes on each local GPU, hands it to that GPU's engines, awaits their acks. */
+async function deliver(o: TransmitOptions, b: Bucket): Promise<void> {
+  const { ctx, transfer: t, timeoutMs: timeout } = o;
+  const msg = {
+    op: "bucket",
+    update: o.update,
+    bucket: b.index,
+    slot: b.slot,
+    tensors: b.pieces.map((p) => ({
+      name: p.name,
+      dtype: p.dtype,
+      shape: p.shape,
+      bytes: p.bytes,
+      offset: p.slotOffset,
+      range: p.range,
+    })),
+  };
+  await Promise.all(
+    t.gpus.map(async (g, gpu) => {
+      if (!(await ctx.eventWait(at(g.landed, b.slot), timeout))) {
+        throw new Error(`bucket ${b.index} did not reach GPU ${gpu} within ${timeout} ms`);
+      }
+      const mine = o.receivers.filter((r) => r.gpu === gpu);
+      for (const r of mine) r.send(msg);
+      await Promise.all(
+        mine.map(async (r) => {
+          await r.expect(
+            (m) => m.op === "ack" && m.update === o.update && m.bucket === b.index,
+            o.update,
+            timeout,
+            `the ack of bucket ${b.index}`,
+          );
+          o.acked.set(r, (o.acked.get(r) ?? 0) + 1);
+        }),
+      );
+    }),
+  );
+  o.record.progress.bucketsDone++;
+  o.record.progress.bytesDone += b.bytes;
+}
