@@ -2,7 +2,7 @@
 # Builds the data-plane library into cuda-lib/build/.
 #   build.sh host       libckpt-host.so (gcc only)
 #   build.sh cuda       libckpt-cuda.so and the GPU test program ckpt-gpu-test (needs nvcc)
-#   build.sh test       host C tests under AddressSanitizer, run
+#   build.sh test       host C tests (test_host, test_files, test_comm) under AddressSanitizer, run
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p build
@@ -38,9 +38,12 @@ test_host() {
     -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-host
   "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_files.c -Lbuild -lckpt-host-asan \
     -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-files
+  "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_comm.c -Lbuild -lckpt-host-asan \
+    -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-comm
   local rc=0
   ./build/test-host || rc=1
   ./build/test-files || rc=1
+  ./build/test-comm || rc=1
   return "$rc"
 }
 

@@ -220,3 +220,64 @@ describe("engines listed in the configuration", () => {
     expect(res.body.error.message).toBe("engine torch has no receiver on GPU 0 after 300 ms");
   });
 });
+
+describe("updates across daemons (host backend, TCP collectives)", () => {
+  async function pair(opts: { peerHolds: boolean }) {
+    const peer = await start({ hostDevices: 1 });
+    const coordinator = await start({ hostDevices: 1, peers: [`http://127.0.0.1:${peer.daemon.port}`] });
+    const tensors = await register(coordinator.api);
+    if (opts.peerHolds) {
+      const dir = tensors[0]?.file.split("/").slice(0, -1).join("/");
+      expect((await peer.api("POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+    }
+    return { peer, coordinator, tensors };
+  }
+
+  it.each([
+    { name: "both hosts hold the checkpoint", peerHolds: true },
+    { name: "only the coordinator holds it", peerHolds: false },
+  ])("delivers every byte to the engines of both daemons when $name", async ({ peerHolds }) => {
+    const { peer, coordinator, tensors } = await pair({ peerHolds });
+    const a = await coordinator.receiver(0, "engine-a");
+    const b = await peer.receiver(0, "engine-b");
+    for (const id of ["u-1", "u-2"]) {
+      const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+      expect(res.body.error?.message).toBeUndefined();
+      expect(res.body.state).toBe("succeeded");
+      await expectDelivered(a, id, tensors);
+      await expectDelivered(b, id, tensors);
+    }
+    // The peer keeps its own record of its part.
+    expect((await peer.api("GET", "/v1/updates/u-1")).body.state).toBe("succeeded");
+  });
+
+  it("aborts everywhere when an engine on the peer fails, naming it, and the next update works", async () => {
+    const { peer, coordinator, tensors } = await pair({ peerHolds: true });
+    const a = await coordinator.receiver(0, "engine-a");
+    const bad = await peer.receiver(0, "engine-b", { failAt: 2 });
+    const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(
+      /peer http:\/\/127.0.0.1:\d+ failed: receiver engine-b .* failed: injected failure at bucket 2/,
+    );
+    expect(await a.saw((m) => m.op === "abort" && m.update === "u-1")).toBe(true);
+    await bad.close();
+    const b = await peer.receiver(0, "engine-b2");
+    const again = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(again.body.state).toBe("succeeded");
+    await expectDelivered(a, "u-2", tensors);
+    await expectDelivered(b, "u-2", tensors);
+  });
+
+  it("fails within the timeout, naming the peer, when the peer daemon is gone", async () => {
+    const { peer, coordinator } = await pair({ peerHolds: false });
+    await coordinator.receiver(0, "engine-a");
+    await peer.daemon.stop();
+    const started = Date.now();
+    const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(Date.now() - started).toBeLessThan(5000);
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(/peer http:\/\/127.0.0.1:\d+ did not answer/);
+    expect((await coordinator.api("GET", "/v1/healthz")).body).toEqual({ ok: true });
+  });
+});

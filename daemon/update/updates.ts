@@ -9,6 +9,7 @@ import type { Comm, Context } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
 import { ApiError } from "../http/errors.ts";
+import { awaitReceivers, type Triggered, triggerEngines } from "./engines.ts";
 import { fingerprint, type Participant, type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
 import { type Group, transmit } from "./pipeline.ts";
 import { type Bucket, planBuckets } from "./plan.ts";
@@ -124,64 +125,12 @@ export class Updates {
     for (const id of [...this.records.keys()].slice(0, Math.max(0, this.records.size - keep))) this.records.delete(id);
   }
 
-  /**
-   * Asks the configured engines to receive an update (vLLM: its /collective_rpc endpoint
-   * calling the ckptd worker extension; http: the configured request). The calls return
-   * when the engines are done; their failures are reported by name.
-   */
-  private triggerEngines(): { engine: EngineConfig; result: Promise<string | undefined> }[] {
-    const timeout = this.opts.receiverTimeoutMs;
-    return this.opts.engines
-      .filter((e) => e.kind !== "receiver")
-      .map((engine) => {
-        const url =
-          engine.kind === "vllm" ? `${engine.url?.replace(/\/$/, "")}/collective_rpc` : (engine.url as string);
-        const body =
-          engine.kind === "vllm"
-            ? { method: "ckptd_update", args: [this.opts.socketDir], kwargs: {}, timeout: timeout / 1000 }
-            : (engine.body ?? {});
-        const result = fetch(url, {
-          method: "POST",
-          headers: { "content-type": "application/json" },
-          body: JSON.stringify(body),
-          signal: AbortSignal.timeout(timeout * 4),
-        }).then(
-          async (res) => {
-            const text = await res.text();
-            if (!res.ok) return `${url} answered ${res.status}: ${text.slice(0, 300)}`;
-            // vLLM: {"results": [per worker]}; the ckptd extension returns {ok, error?}.
-            const results =
-              (JSON.parse(text || "{}") as { results?: { ok?: boolean; error?: string }[] }).results ?? [];
-            const bad = results.find((r) => r && r.ok === false);
-            return bad ? `a worker failed: ${bad.error ?? JSON.stringify(bad)}` : undefined;
-          },
-          (err: Error) => `${url}: ${err.message}`,
-        );
-        return { engine, result };
-      });
+  private triggerEngines(): Triggered[] {
+    return triggerEngines(this.opts.engines, this.opts.socketDir, this.opts.receiverTimeoutMs);
   }
 
-  /** Waits until every configured engine has a receiver on each of its GPUs. */
-  private async awaitReceivers(triggered: { engine: EngineConfig; result: Promise<string | undefined> }[]) {
-    const { hub, engines, receiverTimeoutMs: timeout } = this.opts;
-    const missing = () =>
-      engines.flatMap((e) =>
-        e.gpus.filter((g) => !hub.connected().some((r) => r.gpu === g)).map((g) => ({ engine: e, gpu: g })),
-      );
-    const until = performance.now() + timeout;
-    const early = new Map<EngineConfig, string>();
-    for (const t of triggered) void t.result.then((err) => err && early.set(t.engine, err));
-    while (missing().length > 0) {
-      const first = missing()[0];
-      const err = first && early.get(first.engine);
-      if (first && (err || performance.now() > until)) {
-        throw new Error(
-          `engine ${first.engine.name} has no receiver on GPU ${first.gpu}${err ? `: ${err}` : ` after ${timeout} ms`}`,
-        );
-      }
-      await new Promise((r) => setTimeout(r, 10));
-    }
-    return hub.connected();
+  private awaitReceivers(triggered: Triggered[]): Promise<Receiver[]> {
+    return awaitReceivers(this.opts.hub, this.opts.engines, triggered, this.opts.receiverTimeoutMs);
   }
 
   /** The communicator over every rank of a multi-daemon update, kept while its members are. */
@@ -206,6 +155,11 @@ export class Updates {
     const made = await this.opts.ctx.commInit(Buffer.from(comm.id, "hex"), comm.nranks, firstRank, devices);
     this.shared = { key: comm.key, id: comm.id, comm: made };
     return made;
+  }
+
+  /** Frees the communicator shared with other daemons (shutdown). */
+  close(): Promise<void> {
+    return this.dropShared(true);
   }
 
   /** Coordinator: plans over every participant, runs its own part, collects the peers'. */
@@ -235,9 +189,9 @@ export class Updates {
           .filter((p) => p.info.holds)
           .flatMap((p) => Array.from({ length: p.info.gpus }, (_, g) => p.firstRank + g)),
       ];
-      const slots = Math.max(t.slots, 2 * owners.length);
-      if (slots !== t.slots)
-        throw new Error(`${owners.length} owning GPUs need ${slots} slots; set bucketSlots to ${slots}`);
+      if (t.slots < owners.length) {
+        throw new Error(`${owners.length} GPUs copy this checkpoint but there are ${t.slots} slots; raise bucketSlots`);
+      }
       const buckets = planBuckets(version.tensors, { bucketBytes: t.slotBytes, owners, slots: t.slots });
       record.progress.buckets = buckets.length;
       record.progress.bytes = buckets.reduce((sum, b) => sum + b.bytes, 0);

@@ -1,0 +1,70 @@
+/** Engines listed in the configuration: triggering them, and waiting for their receivers. */
+import type { EngineConfig } from "../config/index.ts";
+import type { Receiver, ReceiverHub } from "./receivers.ts";
+
+/** An engine's update call in flight: resolves to an error message, or undefined when it went well. */
+export interface Triggered {
+  engine: EngineConfig;
+  result: Promise<string | undefined>;
+}
+
+/**
+ * Asks the configured engines to receive an update (vLLM: its /collective_rpc endpoint
+ * calling the ckptd worker extension; http: the configured request). The calls return
+ * when the engines are done; their failures are reported by name.
+ */
+export function triggerEngines(engines: EngineConfig[], socketDir: string, timeout: number): Triggered[] {
+  return engines
+    .filter((e) => e.kind !== "receiver")
+    .map((engine) => {
+      const url = engine.kind === "vllm" ? `${engine.url?.replace(/\/$/, "")}/collective_rpc` : (engine.url as string);
+      const body =
+        engine.kind === "vllm"
+          ? { method: "ckptd_update", args: [socketDir], kwargs: {}, timeout: timeout / 1000 }
+          : (engine.body ?? {});
+      const result = fetch(url, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(timeout * 4),
+      }).then(
+        async (res) => {
+          const text = await res.text();
+          if (!res.ok) return `${url} answered ${res.status}: ${text.slice(0, 300)}`;
+          // vLLM: {"results": [per worker]}; the ckptd extension returns {ok, error?}.
+          const results = (JSON.parse(text || "{}") as { results?: { ok?: boolean; error?: string }[] }).results ?? [];
+          const bad = results.find((r) => r && r.ok === false);
+          return bad ? `a worker failed: ${bad.error ?? JSON.stringify(bad)}` : undefined;
+        },
+        (err: Error) => `${url}: ${err.message}`,
+      );
+      return { engine, result };
+    });
+}
+
+/** Waits until every configured engine has a receiver on each of its GPUs. */
+export async function awaitReceivers(
+  hub: ReceiverHub,
+  engines: EngineConfig[],
+  triggered: Triggered[],
+  timeout: number,
+): Promise<Receiver[]> {
+  const missing = () =>
+    engines.flatMap((e) =>
+      e.gpus.filter((g) => !hub.connected().some((r) => r.gpu === g)).map((g) => ({ engine: e, gpu: g })),
+    );
+  const until = performance.now() + timeout;
+  const early = new Map<EngineConfig, string>();
+  for (const t of triggered) void t.result.then((err) => err && early.set(t.engine, err));
+  while (missing().length > 0) {
+    const first = missing()[0];
+    const err = first && early.get(first.engine);
+    if (first && (err || performance.now() > until)) {
+      throw new Error(
+        `engine ${first.engine.name} has no receiver on GPU ${first.gpu}${err ? `: ${err}` : ` after ${timeout} ms`}`,
+      );
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return hub.connected();
+}
