@@ -25,22 +25,42 @@ fi
 ./cuda-lib/build/ckpt-gpu-test --bandwidth 4 | tee "$out/floor.txt"
 mem_before=$(mem)
 
-state=$(mktemp -d)
-node --import tsx daemon/main.ts --backend cuda --port 8470 --state-dir "$state" --log-level info >"$out/daemon.log" 2>&1 &
-daemon=$!
-for _ in $(seq 300); do curl -sf localhost:8470/v1/healthz >/dev/null && break; sleep 0.1; done
+# DAEMONS=2 (with 2 GPUs): one daemon per GPU, the first coordinating with the second as its
+# peer; both hold the checkpoint. Otherwise one daemon owns every GPU.
+daemons=${DAEMONS:-1}
+states=() pids=()
+for d in $(seq 0 $((daemons - 1))); do
+  st=$(mktemp -d); states+=("$st")
+  if [ "$daemons" = 1 ]; then vis=$CUDA_VISIBLE_DEVICES; else vis=$d; fi
+  peers=""; [ "$daemons" = 2 ] && [ "$d" = 0 ] && peers="--peers http://127.0.0.1:8471"
+  CUDA_VISIBLE_DEVICES=$vis node --import tsx daemon/main.ts --backend cuda --port $((8470 + d)) --state-dir "$st" \
+    $peers --log-level info >"$out/daemon-$d.log" 2>&1 &
+  pids+=($!)
+done
+daemon=${pids[0]}
+for d in $(seq 0 $((daemons - 1))); do
+  for _ in $(seq 300); do curl -sf localhost:$((8470 + d))/v1/healthz >/dev/null && break; sleep 0.1; done
+done
 mem_daemon=$(mem)
-curl -sf -X POST localhost:8470/v1/checkpoints -H 'content-type: application/json' \
-  -d "{\"name\":\"q8b\",\"dir\":\"$dir\"}" >"$out/register.json" || { cat "$out/daemon.log"; exit 1; }
+for d in $(seq 0 $((daemons - 1))); do
+  curl -sf -X POST localhost:$((8470 + d))/v1/checkpoints -H 'content-type: application/json' \
+    -d "{\"name\":\"q8b\",\"dir\":\"$dir\"}" >"$out/register-$d.json" || { cat "$out/daemon-$d.log"; exit 1; }
+done
 
 engines=()
 for g in $(seq 0 $((gpus - 1))); do
-  PYTHONUNBUFFERED=1 python3 integrations/torch_engine.py --socket "$state/sockets/gpu-$g.sock" --device "cuda:$g" \
+  if [ "$daemons" = 1 ]; then sock="${states[0]}/sockets/gpu-$g.sock"; vis=$CUDA_VISIBLE_DEVICES; dev="cuda:$g"
+  else sock="${states[$g]}/sockets/gpu-0.sock"; vis=$g; dev="cuda:0"; fi
+  CUDA_VISIBLE_DEVICES=$vis PYTHONUNBUFFERED=1 python3 integrations/torch_engine.py --socket "$sock" --device "$dev" \
     --layers "$layers" --updates $((n + 1)) >"$out/engine-$g.jsonl" 2>"$out/engine-$g.err" &
   engines+=($!)
 done
 for _ in $(seq 600); do
-  connected=$(curl -s localhost:8470/v1/status | python3 -c 'import json,sys; print(sum(len(g["receivers"]) for g in json.load(sys.stdin)["gpus"]))')
+  connected=0
+  for d in $(seq 0 $((daemons - 1))); do
+    c=$(curl -s localhost:$((8470 + d))/v1/status | python3 -c 'import json,sys; print(sum(len(g["receivers"]) for g in json.load(sys.stdin)["gpus"]))')
+    connected=$((connected + c))
+  done
   [ "$connected" = "$gpus" ] && break
   sleep 0.2
 done
@@ -69,8 +89,12 @@ done
 for pid in "${engines[@]}"; do wait "$pid"; done
 
 # A 1 MiB checkpoint, end to end from the API, to a plain receiver per GPU.
-python3 bench/tiny_update.py --state "$state" --gpus "$gpus" >"$out/tiny.json" 2>"$out/tiny.err"
-kill -TERM "$daemon"; wait "$daemon"
+if [ "$daemons" = 1 ]; then
+  python3 bench/tiny_update.py --state "${states[0]}" --gpus "$gpus" >"$out/tiny.json" 2>"$out/tiny.err"
+else
+  echo '{"skipped": "with several daemons"}' >"$out/tiny.json"
+fi
+for pid in "${pids[@]}"; do kill -TERM "$pid"; wait "$pid"; done
 
 python3 - "$out" "$gpus" "$mem_before" "$mem_daemon" "$mem_engines" <<'PY'
 import json, re, sys, pathlib, statistics as st
@@ -97,7 +121,7 @@ for g in range(gpus):
     lines = [json.loads(l) for l in out.joinpath(f"engine-{g}.jsonl").read_text().splitlines() if l.startswith("{")]
     checks.append(f"GPU{g}: {sum(l['ok'] for l in lines)}/{len(lines)} ok")
 tiny = json.loads(out.joinpath("tiny.json").read_text() or "{}")
-print(f"device: {gpus} GPU(s); checkpoint {q['tensors']} tensors, {q['bytes']} bytes")
+print(f"device: {gpus} GPU(s), {__import__('os').environ.get('DAEMONS', '1')} daemon(s); checkpoint {q['tensors']} tensors, {q['bytes']} bytes")
 print(f"floor: {bw:.2f} GB/s per GPU (all copying at once) -> {floor:.3f} s")
 if walls:
     med = st.median(walls)
