@@ -91,8 +91,16 @@ type NativeFn = ((...args: any[]) => any) & { async: (...args: any[]) => void };
 /** The bound functions of one loaded libckpt, keyed as in SIGNATURES. */
 export type Native = { [K in keyof typeof SIGNATURES]: NativeFn };
 
+let configured = false;
+
 /** Loads a libckpt shared object and binds every function; throws if a symbol is missing. */
 export function loadNative(path: string): Native {
+  if (!configured) {
+    // Async calls run on koffi's own stacks, 128 KiB by default: NCCL's communicator setup
+    // across processes overflows that. Every libckpt call gets as much as a sync call has.
+    koffi.config({ ...koffi.config(), async_stack_size: 2 << 20 });
+    configured = true;
+  }
   const lib = koffi.load(path);
   const fns = {} as Record<string, NativeFn>;
   for (const [key, signature] of Object.entries(SIGNATURES)) {
