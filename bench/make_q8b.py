@@ -7,32 +7,12 @@ tensor i goes to file i mod files. Also writes model.safetensors.index.json.
 import argparse
 import json
 import os
+import sys
 
-import torch
 from safetensors.torch import save_file
 
-
-def layout(layers):
-    h, inter, kv, vocab = 4096, 12288, 1024, 151936
-    yield "model.embed_tokens.weight", [vocab, h]
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        yield p + "self_attn.q_proj.weight", [h, h]
-        yield p + "self_attn.k_proj.weight", [kv, h]
-        yield p + "self_attn.v_proj.weight", [kv, h]
-        yield p + "self_attn.o_proj.weight", [h, h]
-        yield p + "mlp.gate_proj.weight", [inter, h]
-        yield p + "mlp.up_proj.weight", [inter, h]
-        yield p + "mlp.down_proj.weight", [h, inter]
-        yield p + "input_layernorm.weight", [h]
-        yield p + "post_attention_layernorm.weight", [h]
-    yield "model.norm.weight", [h]
-    yield "lm_head.weight", [vocab, h]
-
-
-def tensor(i, shape):
-    g = torch.Generator(device="cuda").manual_seed(1000 + i)
-    return torch.randn(shape, generator=g, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integrations"))
+from torch_engine import expected, layout  # noqa: E402  (the SPEC layout and contents, in one place)
 
 
 def main():
@@ -45,7 +25,7 @@ def main():
     names = [f"model-{f + 1:05d}-of-{args.files:05d}.safetensors" for f in range(args.files)]
     shards = [{} for _ in names]
     for i, (name, shape) in enumerate(layout(args.layers)):
-        shards[i % args.files][name] = tensor(i, shape).cpu()
+        shards[i % args.files][name] = expected(i, shape, "cuda").cpu()
     weight_map = {}
     total = 0
     for fname, shard in zip(names, shards):

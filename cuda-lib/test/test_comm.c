@@ -13,32 +13,9 @@
 #include <unistd.h>
 
 #include "ckpt.h"
+#include "harness.h"
 
-/* ---- harness ------------------------------------------------------------------------ */
-
-static char g_msg[1024];
-
-#define EXPECT(cond)                                                                  \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      snprintf(g_msg, sizeof g_msg, "%s:%d: expected %s", __FILE__, __LINE__, #cond); \
-      return 0;                                                                       \
-    }                                                                                 \
-  } while (0)
-
-/* A call's status; on mismatch names both statuses and the context's last error. */
-#define EXPECT_ST(ctx, call, want)                                                         \
-  do {                                                                                     \
-    int got_ = (call);                                                                     \
-    if (got_ != (want)) {                                                                  \
-      char detail_[512] = "";                                                              \
-      if ((ctx) != NULL) ckpt_last_error((ctx), detail_, sizeof detail_);                  \
-      snprintf(g_msg, sizeof g_msg, "%s:%d: %s gave %s, expected %s (last error: %s)",     \
-               __FILE__, __LINE__, #call, ckpt_err_name(got_), ckpt_err_name(want), detail_); \
-      return 0;                                                                            \
-    }                                                                                      \
-  } while (0)
-#define EXPECT_OK(ctx, call) EXPECT_ST(ctx, call, CKPT_OK)
+/* ---- helpers of this file ----------------------------------------------------------- */
 
 /* A call fails with neither CKPT_OK nor CKPT_ETIMEDOUT (nor CKPT_EAGAIN). */
 #define EXPECT_FAILS(ctx, call)                                                            \
@@ -49,18 +26,6 @@ static char g_msg[1024];
                __LINE__, #call, ckpt_err_name(got_));                                      \
       return 0;                                                                            \
     }                                                                                      \
-  } while (0)
-
-/* The context's last error contains `needle`. */
-#define EXPECT_DETAIL(ctx, needle)                                                        \
-  do {                                                                                    \
-    char d_[512];                                                                         \
-    ckpt_last_error((ctx), d_, sizeof d_);                                                \
-    if (strstr(d_, (needle)) == NULL) {                                                   \
-      snprintf(g_msg, sizeof g_msg, "%s:%d: last error '%s' lacks '%s'", __FILE__,        \
-               __LINE__, d_, (needle));                                                   \
-      return 0;                                                                           \
-    }                                                                                     \
   } while (0)
 
 static double now_s(void) {
@@ -592,11 +557,7 @@ static int test_ids(void) {
 
 /* ---- runner ------------------------------------------------------------------------- */
 
-#define TEST(fn) {#fn, fn}
-static const struct {
-  const char *name;
-  int (*fn)(void);
-} tests[] = {
+static const harness_test tests[] = {
     TEST(test_two_procs),      TEST(test_three_procs),     TEST(test_ordering),
     TEST(test_peer_exit_recv), TEST(test_peer_exit_send),  TEST(test_abort),
     TEST(test_nranks_mismatch), TEST(test_ranks_overlap),  TEST(test_seq_mismatch),
@@ -605,19 +566,4 @@ static const struct {
     TEST(test_ids),  /* last: it makes threads in this process, which forks the others */
 };
 
-int main(void) {
-  int passed = 0, failed = 0;
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-    g_msg[0] = '\0';
-    if (tests[i].fn()) {
-      passed++;
-      printf("ok   %s\n", tests[i].name);
-    } else {
-      failed++;
-      printf("FAIL %s: %s\n", tests[i].name, g_msg);
-    }
-    fflush(stdout);
-  }
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
-}
+int main(void) { return RUN_TESTS(tests); }

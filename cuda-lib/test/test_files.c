@@ -11,50 +11,9 @@
 #include <unistd.h>
 
 #include "ckpt.h"
+#include "harness.h"
 
-/* ---- harness ------------------------------------------------------------------------ */
-
-static char g_msg[1024];
-
-#define EXPECT(cond)                                                                  \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      snprintf(g_msg, sizeof g_msg, "%s:%d: expected %s", __FILE__, __LINE__, #cond); \
-      return 0;                                                                       \
-    }                                                                                 \
-  } while (0)
-
-/* A call's status; on mismatch names both statuses and the context's last error. */
-#define EXPECT_ST(ctx, call, want)                                                         \
-  do {                                                                                     \
-    int got_ = (call);                                                                     \
-    if (got_ != (want)) {                                                                  \
-      char detail_[512] = "";                                                              \
-      if ((ctx) != NULL) ckpt_last_error((ctx), detail_, sizeof detail_);                  \
-      snprintf(g_msg, sizeof g_msg, "%s:%d: %s gave %s, expected %s (last error: %s)",     \
-               __FILE__, __LINE__, #call, ckpt_err_name(got_), ckpt_err_name(want), detail_); \
-      return 0;                                                                            \
-    }                                                                                      \
-  } while (0)
-#define EXPECT_OK(ctx, call) EXPECT_ST(ctx, call, CKPT_OK)
-
-/* The context's last error contains `needle`. */
-#define EXPECT_DETAIL(ctx, needle)                                                        \
-  do {                                                                                    \
-    char d_[512];                                                                         \
-    ckpt_last_error((ctx), d_, sizeof d_);                                                \
-    if (strstr(d_, (needle)) == NULL) {                                                   \
-      snprintf(g_msg, sizeof g_msg, "%s:%d: last error '%s' lacks '%s'", __FILE__,        \
-               __LINE__, d_, (needle));                                                   \
-      return 0;                                                                           \
-    }                                                                                     \
-  } while (0)
-
-static ckpt_ctx *new_ctx(int32_t devices) {
-  ckpt_ctx_options o = {.size = sizeof o, .abi_version = CKPT_ABI_VERSION, .host_devices = devices};
-  ckpt_ctx *ctx = NULL;
-  return ckpt_ctx_create(&o, &ctx) == CKPT_OK ? ctx : NULL;
-}
+/* ---- helpers of this file ----------------------------------------------------------- */
 
 /* Pseudo-random bytes, 8 at a time (fast enough for hundreds of MiB under ASan). */
 static void fill(uint8_t *p, size_t len, uint64_t seed) {
@@ -65,17 +24,6 @@ static void fill(uint8_t *p, size_t len, uint64_t seed) {
     memcpy(p + i, &x, 8);
   }
   for (; i < len; i++) p[i] = (uint8_t)(x >> (8 * (i & 7)));
-}
-
-/* Records an event on the stream and waits for it with no limit. */
-static int sync_stream(ckpt_ctx *ctx, ckpt_stream *s) {
-  ckpt_event *ev;
-  int st = ckpt_event_create(ctx, 0, &ev);
-  if (st != CKPT_OK) return st;
-  st = ckpt_event_record(ev, s);
-  if (st == CKPT_OK) st = ckpt_event_wait(ev, -1);
-  int st2 = ckpt_event_destroy(ev);
-  return st != CKPT_OK ? st : st2;
 }
 
 /* Writes len bytes of `data` to a new temporary file; its path goes to path (64 bytes). */
@@ -333,28 +281,9 @@ static int test_hash_many(void) {
 
 /* ---- runner ------------------------------------------------------------------------- */
 
-#define TEST(fn) {#fn, fn}
-static const struct {
-  const char *name;
-  int (*fn)(void);
-} tests[] = {
+static const harness_test tests[] = {
     TEST(test_file_map),     TEST(test_file_map_copy), TEST(test_file_read),
     TEST(test_hash_vectors), TEST(test_hash_many),
 };
 
-int main(void) {
-  int passed = 0, failed = 0;
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-    g_msg[0] = '\0';
-    if (tests[i].fn()) {
-      passed++;
-      printf("ok   %s\n", tests[i].name);
-    } else {
-      failed++;
-      printf("FAIL %s: %s\n", tests[i].name, g_msg);
-    }
-    fflush(stdout);
-  }
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
-}
+int main(void) { return RUN_TESTS(tests); }

@@ -20,6 +20,11 @@ export function fingerprint(v: CheckpointVersion): string {
 export interface PeerInfo {
   nodeId: string;
   gpus: number;
+  /** Its bucket geometry, which must equal the coordinator's. */
+  slots: number;
+  slotBytes: number;
+  /** The shared communicator it keeps ("key id"), if any: reused only when every peer has it. */
+  comm?: string;
   /** The local id of a ready version with the asked fingerprint, if this daemon holds one. */
   holds?: string;
 }

@@ -4,15 +4,10 @@
  * holds those bytes), then broadcast to all; a tensor larger than a bucket is split.
  */
 
-export interface PlanTensor {
-  name: string;
-  dtype: string;
-  shape: number[];
-  bytes: number;
-  /** Index of the file holding it, and its byte offset there. */
-  file: number;
-  offset: number;
-}
+import type { TensorRecord } from "../checkpoints/registry.ts";
+
+/** What planning needs of a registered tensor: its size, its file and its offset there. */
+export type PlanTensor = Pick<TensorRecord, "name" | "dtype" | "shape" | "bytes" | "file" | "offset">;
 
 /** A piece of a tensor in a bucket. */
 export interface BucketPiece {

@@ -63,11 +63,16 @@ export function updateRoutes(
   app.get("/v1/updates", (c) => reply(c, { updates: updates.list().map((u) => u.toJSON()) }));
   app.get("/v1/updates/:id", (c) => reply(c, updates.get(c.req.param("id")).toJSON()));
 
-  app.get("/v1/peer/info", (c) => {
+  app.get("/v1/peer/info", async (c) => {
     const name = c.req.query("checkpoint");
     const fp = c.req.query("fingerprint");
     const held = registry.list().find((x) => x.name === name && x.state === "ready" && fingerprint(x) === fp);
-    const info: PeerInfo = { nodeId: self.nodeId, gpus: self.gpus, ...(held ? { holds: held.id } : {}) };
+    const info: PeerInfo = {
+      nodeId: self.nodeId,
+      gpus: self.gpus,
+      ...(await updates.describe()),
+      ...(held ? { holds: held.id } : {}),
+    };
     return reply(c, info);
   });
   app.post("/v1/peer/updates", async (c) => {

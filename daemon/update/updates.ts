@@ -157,6 +157,16 @@ export class Updates {
     return made;
   }
 
+  /** What this daemon tells a coordinator about itself (GET /v1/peer/info). */
+  async describe(): Promise<{ slots: number; slotBytes: number; comm?: string }> {
+    const t = await this.opts.transfer();
+    return {
+      slots: t.slots,
+      slotBytes: t.slotBytes,
+      ...(this.shared ? { comm: `${this.shared.key} ${this.shared.id}` } : {}),
+    };
+  }
+
   /** Frees the communicator shared with other daemons (shutdown). */
   close(): Promise<void> {
     return this.dropShared(true);
@@ -173,6 +183,7 @@ export class Updates {
     let transfer: Transfer | undefined;
     let remote: Participant[] = [];
     const peerResults: Promise<void>[] = [];
+    const peerFailures: { url: string; message: string; code?: string }[] = [];
     try {
       transfer = await this.opts.transfer();
       const t = transfer;
@@ -180,6 +191,12 @@ export class Updates {
       let rank = t.gpus.length;
       for (const url of peers) {
         const info = await peerInfo(url, version.name, fp, timeout);
+        // Checked before anyone joins a communicator: a rank that never joins would block the others.
+        if (info.slots !== t.slots || info.slotBytes !== t.slotBytes) {
+          throw new Error(
+            `peer ${url} has ${info.slots} slots of ${info.slotBytes} bytes, this daemon ${t.slots} of ${t.slotBytes}: configure bucketSlots and bucketBytes alike`,
+          );
+        }
         remote.push({ url, info, firstRank: rank });
         rank += info.gpus;
       }
@@ -203,7 +220,8 @@ export class Updates {
           t.slotBytes,
           remote.map((p) => [p.url, p.info.nodeId, p.info.gpus]),
         ]);
-        const fresh = this.shared?.key !== key;
+        const mine = this.shared && `${this.shared.key} ${this.shared.id}`;
+        const fresh = this.shared?.key !== key || remote.some((p) => p.info.comm !== mine);
         const id = fresh ? Buffer.from(this.opts.ctx.commIdNew()).toString("hex") : (this.shared?.id as string);
         for (const p of remote) {
           const plan: PeerPlan = {
@@ -218,7 +236,10 @@ export class Updates {
           };
           peerResults.push(
             peerRun(p.url, plan, aborted.signal).then((r) => {
-              if (!r.ok && !aborted.signal.aborted) aborted.abort(`peer ${p.url} failed: ${r.message}`);
+              if (r.ok) return;
+              const code = (r.record as { error?: { code?: string } } | undefined)?.error?.code;
+              peerFailures.push({ url: p.url, message: r.message ?? "failed", code });
+              if (!aborted.signal.aborted) aborted.abort(`peer ${p.url} failed: ${r.message}`);
             }),
           );
         }
@@ -249,15 +270,23 @@ export class Updates {
       }
       record.state = "succeeded";
     } catch (err) {
-      if (!aborted.signal.aborted) aborted.abort((err as Error).message);
-      const reason = aborted.signal.reason ? String(aborted.signal.reason) : (err as Error).message;
-      this.fail(record, err, receivers, reason);
+      const local = (err as Error).message;
+      if (!aborted.signal.aborted) aborted.abort(local);
       if (remote.length > 0) {
-        // A collective may be waiting for a rank that will never come: abort, make anew next time.
+        // A collective may be waiting for a rank that will never come: abort (made anew next
+        // time), tell the peers, and hear them out: a peer's failing engine explains the
+        // transport error this daemon saw when that peer dropped out.
         await this.dropShared(true);
-        await Promise.all(remote.map((p) => peerAbort(p.url, record.id, reason, timeout)));
+        await Promise.all(remote.map((p) => peerAbort(p.url, record.id, local, timeout)));
         await Promise.all(peerResults);
       }
+      const cause = err instanceof ReceiverError ? undefined : peerFailures.find((f) => f.code === "receiver_failed");
+      this.fail(
+        record,
+        err,
+        receivers,
+        cause ? `peer ${cause.url} failed: ${cause.message}` : String(aborted.signal.reason),
+      );
       if (transfer && !(await transfer.drain(timeout).catch(() => false))) await this.opts.discard();
       remote = [];
     }
