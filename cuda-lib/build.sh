@@ -13,8 +13,8 @@ CFLAGS=("${WARN[@]}" -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Iinclude -Isrc
 LINK=(-shared -Wl,--version-script=libckpt.map -Wl,--no-undefined)
 
 host() {
-  "$CC" "${CFLAGS[@]}" src/common.c src/files.c src/hash.c src/host.c "${LINK[@]}" -lpthread \
-    -o build/libckpt-host.so
+  "$CC" "${CFLAGS[@]}" src/common.c src/files.c src/hash.c src/host.c src/host_comm.c "${LINK[@]}" \
+    -lpthread -o build/libckpt-host.so
 }
 
 cuda() {
@@ -32,8 +32,8 @@ cuda() {
 
 test_host() {
   local asan=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
-  "$CC" "${CFLAGS[@]}" "${asan[@]}" src/common.c src/files.c src/hash.c src/host.c -shared \
-    -Wl,--version-script=libckpt.map -lpthread -o build/libckpt-host-asan.so
+  "$CC" "${CFLAGS[@]}" "${asan[@]}" src/common.c src/files.c src/hash.c src/host.c src/host_comm.c \
+    -shared -Wl,--version-script=libckpt.map -lpthread -o build/libckpt-host-asan.so
   "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_host.c -Lbuild -lckpt-host-asan \
     -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-host
   "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_files.c -Lbuild -lckpt-host-asan \

@@ -223,16 +223,22 @@ typedef struct ckpt_comm ckpt_comm;   /* the ranks of one communicator that this
 
 #define CKPT_COMM_ID_BYTES 128
 
-/* Makes a new communicator id (ncclGetUniqueId; host: random bytes), to be passed to every
- * participant of ckpt_comm_init. Blocking (CUDA: may open a socket); cheap. */
+/* Makes a new communicator id (ncclGetUniqueId; host: the bootstrap's address and a random
+ * nonce), to be passed to every participant of ckpt_comm_init. Blocking (CUDA: may open a
+ * socket); cheap. It starts a bootstrap thread in the calling process, which must stay alive
+ * until every rank has joined. */
 int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]);
 /* Joins communicator `id` of nranks ranks, with this process's ndev devices as ranks
  * first_rank .. first_rank + ndev - 1 (devices[i] is rank first_rank + i). Blocks until
- * every rank has joined. The host backend supports only communicators whose ranks all
- * live in this process (nranks == ndev, CKPT_EUNSUPPORTED otherwise). */
+ * every rank has joined. The host backend connects the processes over TCP, binding and
+ * advertising the IPv4 address in $CKPT_HOST_COMM_ADDR when it is set (otherwise loopback
+ * for ckpt_comm_id_new's bootstrap, and the address that reaches the bootstrap for each
+ * process's connections). */
 int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks, int32_t first_rank,
                    int32_t ndev, const int32_t *devices, ckpt_comm **out);
-/* Frees the communicator after its queued work completes. */
+/* Frees the communicator after its queued work completes: blocks until the queued
+ * collectives finish, which needs the other processes to take part; use ckpt_comm_abort
+ * when a peer may be gone. */
 int ckpt_comm_destroy(ckpt_comm *comm);
 /* Aborts the communicator's work in flight (ncclCommAbort), so that a dead peer cannot hang
  * the process, and frees it. */
@@ -240,7 +246,10 @@ int ckpt_comm_abort(ckpt_comm *comm);
 /* Queues a broadcast of len bytes at byte `offset` of every rank's buffer, from global rank
  * `root` to all ranks (in place at the root). bufs[i] and streams[i] belong to this process's
  * local rank i (device devices[i] of ckpt_comm_init); each buffer must hold offset + len bytes
- * (CKPT_ERANGE). Returns without waiting: record events on the streams to learn completion. */
+ * (CKPT_ERANGE). Returns without waiting: record events on the streams to learn completion.
+ * A communicator must be used from one thread, with the same sequence of broadcasts on every
+ * process; an event recorded on the root's stream after the call completes when the root's
+ * buffer may be reused. */
 int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs, ckpt_stream *const *streams,
                    uint64_t offset, uint64_t len);
 

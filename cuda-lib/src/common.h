@@ -30,7 +30,8 @@ struct ckpt_ctx {
   size_t nregions, cap_regions;
   int32_t host_devices;
   char nccl_path[256];
-  void *nccl_lib;               /* dlopen handle, loaded on first use */
+  void *nccl_lib;               /* CUDA backend: its nccl_api, the table of NCCL functions
+                                 * resolved on first use (NULL until then and on the host) */
 };
 
 /* Records a failure on ctx (if any) with file:line and a formatted detail; returns status. */

@@ -1,7 +1,8 @@
 /* The host backend: "devices" are host memory, buffers are memfds, streams are threads, and
  * collectives are copies between the streams of one process, or run over TCP between
  * processes (one connection between every two processes, served by one thread per
- * communicator). */
+ * communicator). This file holds the context, devices, pinned memory, buffers, IPC, streams
+ * and events; the communicators are in host_comm.c, and host.h has what both share. */
 #define _GNU_SOURCE
 #include "host.h"
 

@@ -1,6 +1,6 @@
-/* The host backend's communicators: broadcasts are copies between the streams of one
- * process, or run over TCP between processes (a bootstrap, then one connection between every
- * two processes, served by one thread per communicator). */
+/* The host backend's communicators (see host.c for the backend as a whole): broadcasts
+ * between the streams of one process, and the TCP transport between processes (the
+ * bootstrap, the connections, the communicator thread). */
 #define _GNU_SOURCE
 #include "host.h"
 
@@ -61,7 +61,7 @@ struct bcast {
   ckpt_comm *comm;
 };
 
-/* ---- broadcasts within one process: the stream workers' side ----------------------- */
+/* ---- broadcasts within one process: the stream workers' side ------------------------ */
 static void comm_op_done(ckpt_comm *c) {
   pthread_mutex_lock(&c->mu);
   c->inflight--;

@@ -48,8 +48,9 @@ export interface Participant {
   firstRank: number;
 }
 
-async function call<T>(url: string, init: RequestInit, timeoutMs: number): Promise<{ status: number; body: T }> {
-  const res = await fetch(url, { ...init, signal: init.signal ?? AbortSignal.timeout(timeoutMs) });
+/** A JSON request to a peer; timeoutMs undefined: no limit. A body that is not JSON becomes an error body. */
+async function call<T>(url: string, init: RequestInit, timeoutMs?: number): Promise<{ status: number; body: T }> {
+  const res = await fetch(url, timeoutMs === undefined ? init : { ...init, signal: AbortSignal.timeout(timeoutMs) });
   const text = await res.text();
   let body: unknown;
   try {
@@ -76,18 +77,19 @@ export async function peerInfo(url: string, name: string, fp: string, timeoutMs:
 export async function peerRun(
   url: string,
   plan: PeerPlan,
-  signal: AbortSignal,
 ): Promise<{ ok: boolean; message?: string; record?: unknown }> {
   try {
-    const { status, body } = await call<{ error?: { message: string; details?: unknown } }>(
-      `${url}/v1/peer/updates`,
-      { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(plan), signal },
-      0,
-    );
+    // No time limit here: a dead peer closes the connection, a stuck one stalls the
+    // collectives, which the event waits bound.
+    const { status, body } = await call<{ error?: { message: string; details?: unknown } }>(`${url}/v1/peer/updates`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(plan),
+    });
     if (status === 200) return { ok: true, record: body };
     return { ok: false, message: body.error?.message ?? `status ${status}`, record: body.error?.details };
   } catch (err) {
-    return { ok: false, message: (err as Error).message };
+    return { ok: false, message: String((err as Error)?.message ?? err) };
   }
 }
 

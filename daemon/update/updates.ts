@@ -235,7 +235,8 @@ export class Updates {
             buckets,
           };
           peerResults.push(
-            peerRun(p.url, plan, aborted.signal).then((r) => {
+            // Not cancelled when this daemon fails: the peer's answer may name the cause.
+            peerRun(p.url, plan).then((r) => {
               if (r.ok) return;
               const code = (r.record as { error?: { code?: string } } | undefined)?.error?.code;
               peerFailures.push({ url: p.url, message: r.message ?? "failed", code });
