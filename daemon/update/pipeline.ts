@@ -41,113 +41,60 @@ export interface TransmitOptions {
   signal?: AbortSignal;
 }
 
-function deferred(): { promise: Promise<void>; resolve: () => void } {
-  let resolve = () => {};
-  const promise = new Promise<void>((r) => {
-    resolve = r;
-  });
-  return { promise, resolve };
-}
-
 /** Runs every bucket through; rejects with the first failure after the work in flight settles. */
 export async function transmit(o: TransmitOptions): Promise<void> {
-  const { transfer: t, group, buckets } = o;
+  const { transfer: t, group } = o;
   let failure: Error | undefined;
-  const stopped = deferred();
-  const stop = (err: Error) => {
-    failure ??= err;
-    stopped.resolve();
-  };
-  const onAbort = () => stop(new Error(String(o.signal?.reason ?? "aborted")));
-  if (o.signal?.aborted) onAbort();
-  o.signal?.addEventListener("abort", onAbort, { once: true });
-  // A bucket may use its slot once the previous bucket in that slot was delivered everywhere here.
-  const delivered = buckets.map(() => deferred());
-  const copied = buckets.map(() => deferred());
-  const last = new Map<number, number>();
-  const free = buckets.map((b) => {
-    const prev = last.get(b.slot);
-    last.set(b.slot, b.index);
-    return prev === undefined ? Promise.resolve() : at(delivered, prev).promise;
-  });
-  /** Waits for p unless the update stopped; true if it may go on. `stall`: count the wait. */
-  const until = async (p: Promise<void>, stall = false) => {
+  const slots: Promise<void>[] = Array.from({ length: t.slots }, () => Promise.resolve());
+  const step = async (b: Bucket) => {
     const waited = performance.now();
-    await Promise.race([p, stopped.promise]);
-    if (stall) o.record.timings.stallSeconds += (performance.now() - waited) / 1000;
-    return failure === undefined;
-  };
-  const local = (b: Bucket) => b.owner - group.firstRank >= 0 && b.owner - group.firstRank < t.gpus.length;
-  const inflight: Promise<void>[] = [];
-  const send = (b: Bucket) => {
-    try {
-      broadcast(o, b);
-    } catch (err) {
-      stop(err as Error);
-      return;
+    await slots[b.slot];
+    o.record.timings.stallSeconds += (performance.now() - waited) / 1000;
+    if (failure) return false;
+    if (o.signal?.aborted) {
+      failure = new Error(String(o.signal.reason ?? "aborted"));
+      return false;
     }
-    inflight.push(
-      deliver(o, b)
-        .catch(stop)
-        .finally(() => at(delivered, b.index).resolve()),
+    issue(o, b);
+    slots[b.slot] = deliver(o, b).catch((err) => {
+      failure ??= err;
+    });
+    return true;
+  };
+  if (group.ordered) {
+    for (const b of o.buckets) if (!(await step(b))) break;
+  } else {
+    // Each local GPU issues its own buckets, so one engine's slow ack holds up only that GPU's
+    // next copy; every broadcast is queued on all local ranks in one call, so the order of the
+    // collectives is the same on every rank whatever order these loops run in.
+    await Promise.all(
+      t.gpus.map(async (_, g) => {
+        for (const b of o.buckets) if (b.owner === group.firstRank + g && !(await step(b))) return;
+      }),
     );
-  };
-  // Every local GPU copies its own buckets as soon as their slots are free, so one GPU's
-  // copies never wait behind another's engines.
-  const copies = t.gpus.map(async (_, g) => {
-    for (const b of buckets) {
-      if (b.owner !== group.firstRank + g) continue;
-      if (!(await until(at(free, b.index), true))) return;
-      try {
-        copy(o, b);
-      } catch (err) {
-        stop(err as Error);
-        return;
-      }
-      // All ranks here, one call per broadcast: any order of calls is the same on every rank.
-      if (!group.ordered) send(b);
-      at(copied, b.index).resolve();
-    }
-  });
-  // Ranks in other processes: the broadcasts follow the plan's order, the same everywhere.
-  const ordered = group.ordered
-    ? (async () => {
-        for (const b of buckets) {
-          if (!(await until(local(b) ? at(copied, b.index).promise : at(free, b.index)))) return;
-          send(b);
-        }
-      })()
-    : Promise.resolve();
-  await Promise.all([...copies, ordered]);
-  // Work already queued must settle before the slots can be reused or freed.
-  await Promise.all(inflight);
-  o.signal?.removeEventListener("abort", onAbort);
+  }
+  await Promise.all(slots);
   if (failure) throw failure;
 }
 
-/** Queues bucket b's host-to-device copy on its owner, which is here. */
-function copy(o: TransmitOptions, b: Bucket): void {
-  const { ctx, transfer: t, group } = o;
-  const s = b.slot;
-  const local = at(t.gpus, b.owner - group.firstRank);
-  const version = o.version;
-  if (!version) throw new Error(`bucket ${b.index} is owned here, but this host does not hold the checkpoint`);
-  const ranges = new BigUint64Array(b.pieces.length * 3);
-  b.pieces.forEach((p, i) => {
-    const file = at(version.pinned, p.file);
-    ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
-    ranges[3 * i + 1] = BigInt(p.slotOffset);
-    ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
-  });
-  ctx.h2dAsync(local.copy, at(local.slots, s), ranges);
-  ctx.eventRecord(at(local.copied, s), local.copy);
-}
-
-/** Queues bucket b's broadcast to every rank (after its copy, when the root is here). */
-function broadcast(o: TransmitOptions, b: Bucket): void {
+/** Queues bucket b: the host-to-device copy if its owner is here, then the broadcast. */
+function issue(o: TransmitOptions, b: Bucket): void {
   const { ctx, transfer: t, group } = o;
   const s = b.slot;
   const local = t.gpus[b.owner - group.firstRank];
+  if (local) {
+    const version = o.version;
+    if (!version) throw new Error(`bucket ${b.index} is owned here, but this host does not hold the checkpoint`);
+    const ranges = new BigUint64Array(b.pieces.length * 3);
+    b.pieces.forEach((p, i) => {
+      const file = at(version.pinned, p.file);
+      ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
+      ranges[3 * i + 1] = BigInt(p.slotOffset);
+      ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
+    });
+    ctx.h2dAsync(local.copy, at(local.slots, s), ranges);
+    ctx.eventRecord(at(local.copied, s), local.copy);
+  }
   if (group.comm) {
     if (local) ctx.streamWaitEvent(local.bcast, at(local.copied, s));
     ctx.broadcast(

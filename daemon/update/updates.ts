@@ -33,7 +33,6 @@ export class UpdateRecord {
   finishedAt?: string;
   error?: { code: string; message: string; receiver?: string };
   progress = { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 };
-  /** stallSeconds: time the host-to-device copies waited for engines to free a slot. */
   timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 };
   receivers: ReceiverResult[] = [];
 
