@@ -72,6 +72,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   const gpus = context.deviceCount();
   const slotBytes = bucketSize(context, config.bucketBytes, config.bucketSlots);
   let transfer: Transfer | undefined = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);
+  let opening: Promise<Transfer> | undefined;
   const socketDir = config.socketDir || join(config.stateDir, "sockets");
   const hub = new ReceiverHub(socketDir, gpus, log, (r) => {
     const info = context.deviceInfo(r.gpu);
@@ -91,12 +92,18 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     nodeId: opts.nodeId,
     gpus,
     transfer: async () => {
-      if (!transfer) {
-        transfer = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);
-        const t = transfer;
-        for (const r of hub.connected()) r.send({ op: "buffers", generation: t.generation, slots: t.handles(r.gpu) });
-      }
-      return transfer;
+      if (transfer) return transfer;
+      // One opening at a time: two callers must not make two paths.
+      opening ??= Transfer.open(context, gpus, config.bucketSlots, slotBytes)
+        .then((t) => {
+          transfer = t;
+          for (const r of hub.connected()) r.send({ op: "buffers", generation: t.generation, slots: t.handles(r.gpu) });
+          return t;
+        })
+        .finally(() => {
+          opening = undefined;
+        });
+      return opening;
     },
     discard: async () => {
       // A device that did not finish in time: leak nothing we can free, make anew next time.

@@ -98,7 +98,8 @@ export function loadNative(path: string): Native {
   if (!configured) {
     // Async calls run on koffi's own stacks, 128 KiB by default: NCCL's communicator setup
     // across processes overflows that. Every libckpt call gets as much as a sync call has.
-    koffi.config({ ...koffi.config(), async_stack_size: 2 << 20 });
+    // Updates wait on an event per slot and GPU at once: allow many queued async calls.
+    koffi.config({ ...koffi.config(), async_stack_size: 2 << 20, max_async_calls: 4096 });
     configured = true;
   }
   const lib = koffi.load(path);

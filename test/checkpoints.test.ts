@@ -269,6 +269,26 @@ describe("deleting and limits", () => {
     expect((await d.api("GET", "/v1/checkpoints")).body.pinnedBytes).toBe(0);
   });
 
+  it("lets no update lease a version once its delete has begun", async () => {
+    const d = await start();
+    const dir = tempDir();
+    writeModel(dir);
+    await d.api("POST", "/v1/checkpoints", { name: "m", dir });
+    const deleting = d.registry.delete("m@1");
+    expect(() => d.registry.acquire("m@1")).toThrow(/m@1 is being deleted|no checkpoint m@1/);
+    await deleting;
+  });
+
+  it("keeps every registration when many finish at once", async () => {
+    const d = await start();
+    const dir = tempDir();
+    writeModel(dir);
+    const all = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => d.api("POST", "/v1/checkpoints", { name: `m${i}`, dir })),
+    );
+    expect(all.map((r) => r.body.state)).toEqual(Array(8).fill("ready"));
+  });
+
   it("keeps maxVersions per name, dropping the oldest unused", async () => {
     const d = await start({ maxVersions: 2 });
     const dir = tempDir();

@@ -155,7 +155,10 @@ describe("broadcast updates on the host backend", () => {
 });
 
 /** A stand-in for vLLM's /collective_rpc with the ckptd worker extension: one receiver per call. */
-async function fakeVllm(status = 200): Promise<{ url: string; calls: unknown[]; receivers: ReferenceReceiver[] }> {
+async function fakeVllm(
+  status = 200,
+  answer = JSON.stringify({ results: [{ ok: true }] }),
+): Promise<{ url: string; calls: unknown[]; receivers: ReferenceReceiver[] }> {
   const calls: unknown[] = [];
   const receivers: ReferenceReceiver[] = [];
   const server: Server = createServer((req, res) => {
@@ -174,7 +177,7 @@ async function fakeVllm(status = 200): Promise<{ url: string; calls: unknown[]; 
       receivers.push(r);
       await r.connect();
       await r.next("end");
-      res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ results: [{ ok: true }] }));
+      res.writeHead(200, { "content-type": "application/json" }).end(answer);
     });
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -196,6 +199,20 @@ describe("engines listed in the configuration", () => {
       { method: "ckptd_update", args: [expect.stringMatching(/sockets$/)], kwargs: {}, timeout: 2 },
     ]);
     await expectDelivered(vllm.receivers[0] as ReferenceReceiver, "u-1", tensors);
+  });
+
+  it("takes any answer of an http engine that is not an explicit failure", async () => {
+    const engine = await fakeVllm(200, "OK");
+    const socketDir = tempDir();
+    const { api } = await start({
+      socketDir,
+      engines: [{ name: "custom", kind: "http", url: `${engine.url}/trigger`, body: { args: [socketDir] }, gpus: [0] }],
+    });
+    const tensors = await register(api);
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.body.state).toBe("succeeded");
+    expect(engine.calls).toEqual([{ args: [socketDir] }]);
+    await expectDelivered(engine.receivers[0] as ReferenceReceiver, "u-1", tensors);
   });
 
   it("names the engine when triggering it fails", async () => {

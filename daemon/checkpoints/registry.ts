@@ -100,6 +100,8 @@ export class CheckpointVersion {
   /** Seconds spent pinning and hashing, once ready. */
   timings?: { pinSeconds: number; hashSeconds: number };
   leases = 0;
+  /** Set once a delete has begun: no new lease may be taken. */
+  deleting = false;
   pinned: PinnedFile[] = [];
   readonly abort = new AbortController();
   readonly progress: Progress;
@@ -197,7 +199,9 @@ export class Registry {
   /** Marks a ready version as used by an update; returns the release function. */
   acquire(ref: string): { version: CheckpointVersion; release: () => void } {
     const version = this.get(ref);
-    if (version.state !== "ready") throw new ApiError(409, "not_ready", `${version.id} is ${version.state}`);
+    if (version.state !== "ready" || version.deleting) {
+      throw new ApiError(409, "not_ready", `${version.id} is ${version.deleting ? "being deleted" : version.state}`);
+    }
     version.leases++;
     let released = false;
     return {
@@ -301,8 +305,6 @@ export class Registry {
       version.state = "ready";
       version.timings = { pinSeconds: (pinnedAt - started) / 1000, hashSeconds: (performance.now() - pinnedAt) / 1000 };
       log.info({ checkpoint: version.id, bytes: version.bytes, ...version.timings }, "checkpoint registered");
-      await this.evictOld(version.name);
-      await this.opts.onChange?.(this);
     } catch (err) {
       await unpinFiles(ctx, version.pinned).catch((e) => log.error({ err: e }, "unpinning a failed registration"));
       version.pinned = [];
@@ -312,7 +314,11 @@ export class Registry {
           ? { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) }
           : { code: "registration_failed", message: (err as Error).message };
       log.warn({ checkpoint: version.id, error: version.error }, "registration failed");
+      return;
     }
+    // The version is ready (and may already be leased): housekeeping failures are only logged.
+    await this.evictOld(version.name).catch((err) => log.error({ err }, "dropping old versions"));
+    await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
   }
 
   private async evictOld(name: string): Promise<void> {
@@ -349,10 +355,12 @@ export class Registry {
     const { name, version } = parseRef(ref);
     const targets = version === undefined ? [...(this.versions.get(name) ?? [])] : [this.get(ref)];
     if (targets.length === 0) throw new ApiError(404, "not_found", `no checkpoint "${name}"`);
-    const busy = targets.filter((v) => v.leases > 0);
+    const busy = targets.filter((v) => v.leases > 0 || v.deleting);
     if (busy.length > 0) {
       throw new ApiError(409, "in_use", `${busy.map((v) => v.id).join(", ")} is in use by an update`);
     }
+    // Marked before the first await, so no update can lease what is about to be freed.
+    for (const v of targets) v.deleting = true;
     for (const v of targets) {
       if (v.state === "registering") {
         v.abort.abort();

@@ -27,8 +27,16 @@ export function registryFile(stateDir: string): string {
   return join(stateDir, "registry.json");
 }
 
-/** Writes the ready versions atomically (temp file, then rename). */
-export async function saveRegistry(stateDir: string, registry: Registry): Promise<void> {
+let saving: Promise<void> = Promise.resolve();
+
+/** Writes the ready versions atomically (temp file, then rename), one save at a time. */
+export function saveRegistry(stateDir: string, registry: Registry): Promise<void> {
+  const next = saving.then(() => writeRegistry(stateDir, registry));
+  saving = next.catch(() => undefined);
+  return next;
+}
+
+async function writeRegistry(stateDir: string, registry: Registry): Promise<void> {
   const saved: Saved = {
     format: 1,
     next: registry.nextVersions(),
@@ -38,8 +46,9 @@ export async function saveRegistry(stateDir: string, registry: Registry): Promis
       .map((v) => ({ name: v.name, version: v.version, createdAt: v.createdAt, files: v.files, tensors: v.tensors })),
   };
   const path = registryFile(stateDir);
-  await writeFile(`${path}.tmp`, JSON.stringify(saved), { mode: 0o600 });
-  await rename(`${path}.tmp`, path);
+  const tmp = `${path}.${process.pid}.tmp`;
+  await writeFile(tmp, JSON.stringify(saved), { mode: 0o600 });
+  await rename(tmp, path);
 }
 
 /**

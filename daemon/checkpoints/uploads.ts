@@ -146,6 +146,7 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
     const path = upload.tensorsFile;
     return exclusive(upload, async () => {
       const file = await open(path, "r+");
+      slot.written = false; // until the new bytes are all in
       try {
         const n = await streamTo(c, file, slot.offset, slot.bytes);
         slot.written = n === slot.bytes;

@@ -2,7 +2,7 @@
 import type { EngineConfig } from "../config/index.ts";
 import type { Receiver, ReceiverHub } from "./receivers.ts";
 
-/** An engine's update call in flight: resolves to an error message, or undefined when it went well. */
+/** An engine's update call in flight: resolves (never rejects) to an error message, or undefined. */
 export interface Triggered {
   engine: EngineConfig;
   result: Promise<string | undefined>;
@@ -27,17 +27,25 @@ export function triggerEngines(engines: EngineConfig[], socketDir: string, timeo
         headers: { "content-type": "application/json" },
         body: JSON.stringify(body),
         signal: AbortSignal.timeout(timeout * 4),
-      }).then(
-        async (res) => {
+      })
+        .then(async (res) => {
           const text = await res.text();
           if (!res.ok) return `${url} answered ${res.status}: ${text.slice(0, 300)}`;
-          // vLLM: {"results": [per worker]}; the ckptd extension returns {ok, error?}.
-          const results = (JSON.parse(text || "{}") as { results?: { ok?: boolean; error?: string }[] }).results ?? [];
-          const bad = results.find((r) => r && r.ok === false);
+          // vLLM: {"results": [per worker]}; the ckptd extension returns {ok, error?}. Other
+          // engines may answer anything: only an explicit {ok: false} is a failure.
+          let parsed: unknown;
+          try {
+            parsed = JSON.parse(text);
+          } catch {
+            return undefined;
+          }
+          const results = (parsed as { results?: unknown })?.results;
+          const bad = Array.isArray(results)
+            ? (results as { ok?: boolean; error?: string }[]).find((r) => r && r.ok === false)
+            : undefined;
           return bad ? `a worker failed: ${bad.error ?? JSON.stringify(bad)}` : undefined;
-        },
-        (err: Error) => `${url}: ${err.message}`,
-      );
+        })
+        .catch((err: Error) => `${url}: ${err?.message ?? err}`);
       return { engine, result };
     });
 }

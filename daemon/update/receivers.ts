@@ -60,6 +60,11 @@ export class Receiver {
     for (const w of [...this.waiters]) w(msg);
   }
 
+  /** Drops what is left of an update's messages (late acks must not match a later update). */
+  forget(update: string): void {
+    for (let i = this.inbox.length - 1; i >= 0; i--) if (this.inbox[i]?.update === update) this.inbox.splice(i, 1);
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;
@@ -74,12 +79,18 @@ export class Receiver {
   expect(pred: (m: Message) => boolean, update: string, timeoutMs: number, what: string): Promise<Message> {
     return new Promise((resolve, reject) => {
       const scan = (): boolean => {
-        const i = this.inbox.findIndex((m) => pred(m) || (m.op === "error" && m.update === update));
+        // An error for the update fails every wait of it, so it stays in the inbox.
+        const failed = this.inbox.find((m) => m.op === "error" && m.update === update);
+        if (failed) {
+          cleanup();
+          reject(new ReceiverError(this, `failed: ${String(failed.message)}`));
+          return true;
+        }
+        const i = this.inbox.findIndex(pred);
         if (i < 0) return false;
         const [m] = this.inbox.splice(i, 1) as [Message];
         cleanup();
-        if (m.op === "error") reject(new ReceiverError(this, `failed: ${String(m.message)}`));
-        else resolve(m);
+        resolve(m);
         return true;
       };
       const waiter = (m: Message | undefined) => {

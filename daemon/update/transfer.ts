@@ -97,10 +97,14 @@ export class Transfer {
     });
   }
 
-  /** Waits for every slot's last work (bounded); false if the device did not finish in time. */
+  /** Waits for every slot's last work (bounded); false if it did not finish in time or failed. */
   async drain(timeoutMs: number): Promise<boolean> {
-    const waits = this.gpus.flatMap((p) => [...p.copied, ...p.landed].map((e) => this.ctx.eventWait(e, timeoutMs)));
-    return (await Promise.all(waits)).every(Boolean);
+    // One wait at a time: every stream's work is ordered, so the last events settle last.
+    // An event that reports a failure means its stream is broken: the path must be made anew.
+    for (const e of this.gpus.flatMap((p) => [...p.copied, ...p.landed])) {
+      if (!(await this.ctx.eventWait(e, timeoutMs).catch(() => false))) return false;
+    }
+    return true;
   }
 
   async close(): Promise<void> {

@@ -116,7 +116,9 @@ export class Updates {
     const done = this.run(record, lease.version).finally(() => {
       lease.release();
       this.running = undefined;
+      this.current = undefined;
     });
+    this.ending = done;
     return { record, done };
   }
 
@@ -167,19 +169,27 @@ export class Updates {
     };
   }
 
-  /** Frees the communicator shared with other daemons (shutdown). */
-  close(): Promise<void> {
-    return this.dropShared(true);
+  /** The abort of the coordinated update in flight, and its end. */
+  private current?: AbortController;
+  private ending?: Promise<void>;
+
+  /** Shutdown: aborts the update in flight, waits for it, frees the shared communicator. */
+  async close(): Promise<void> {
+    this.current?.abort("the daemon is shutting down");
+    for (const a of this.aborts.values()) a.abort("the daemon is shutting down");
+    await this.ending;
+    await this.dropShared(true);
   }
 
   /** Coordinator: plans over every participant, runs its own part, collects the peers'. */
   private async run(record: UpdateRecord, version: CheckpointVersion): Promise<void> {
     const { receiverTimeoutMs: timeout, peers } = this.opts;
     const t0 = performance.now();
-    const triggered = this.triggerEngines();
+    let triggered: Triggered[] = [];
     let receivers: Receiver[] = [];
     const acked = new Map<Receiver, number>();
     const aborted = new AbortController();
+    this.current = aborted;
     let transfer: Transfer | undefined;
     let remote: Participant[] = [];
     const peerResults: Promise<void>[] = [];
@@ -251,6 +261,8 @@ export class Updates {
         };
       }
       record.timings.planSeconds = (performance.now() - t0) / 1000;
+      // Engines are asked only once everything that can fail before them has succeeded.
+      triggered = this.triggerEngines();
       receivers = await this.awaitReceivers(triggered);
       for (const r of receivers) acked.set(r, 0);
       await this.moveAndFinish({
@@ -279,7 +291,7 @@ export class Updates {
         // transport error this daemon saw when that peer dropped out.
         await this.dropShared(true);
         await Promise.all(remote.map((p) => peerAbort(p.url, record.id, local, timeout)));
-        await Promise.all(peerResults);
+        await Promise.race([Promise.all(peerResults), new Promise((r) => setTimeout(r, timeout))]);
       }
       const cause = err instanceof ReceiverError ? undefined : peerFailures.find((f) => f.code === "receiver_failed");
       this.fail(
@@ -315,6 +327,10 @@ export class Updates {
     this.running = record;
     const aborted = new AbortController();
     this.aborts.set(plan.update, aborted);
+    let ended = () => {};
+    this.ending = new Promise<void>((r) => {
+      ended = r;
+    });
     const t0 = performance.now();
     let receivers: Receiver[] = [];
     const acked = new Map<Receiver, number>();
@@ -358,6 +374,7 @@ export class Updates {
       lease?.release();
       this.aborts.delete(plan.update);
       this.running = undefined;
+      ended();
     }
     this.finish(record, receivers, acked, t0, record.checkpoint);
     return record;
@@ -425,6 +442,7 @@ export class Updates {
   }
 
   private finish(record: UpdateRecord, receivers: Receiver[], acked: Map<Receiver, number>, t0: number, what: string) {
+    for (const r of receivers) r.forget(record.id);
     const seconds = (performance.now() - t0) / 1000;
     record.timings.seconds = seconds;
     record.timings.gbps = record.progress.bytesDone / seconds / 1e9;
