@@ -87,9 +87,11 @@ async function release(ctx: Context, file: PinnedFile): Promise<void> {
   else await ctx.hostFree(file.mem);
 }
 
-/** Releases what pinFiles pinned. */
+/** Releases what pinFiles pinned; one file's failure does not keep the others pinned. */
 export async function unpinFiles(ctx: Context, files: PinnedFile[]): Promise<void> {
-  for (const file of files) await release(ctx, file);
+  let first: unknown;
+  for (const file of files) await release(ctx, file).catch((err) => (first ??= err));
+  if (first) throw first;
 }
 
 async function pinOne(ctx: Context, file: InspectedFile, opts: PinOptions): Promise<PinnedFile> {

@@ -54,9 +54,17 @@ export class Transfer {
     const t = new Transfer(ctx, Math.max(slots, 2 * gpus), slotBytes);
     try {
       for (let g = 0; g < gpus; g++) {
+        const copy = ctx.streamCreate(g);
+        let bcast: Stream;
+        try {
+          bcast = ctx.streamCreate(g);
+        } catch (err) {
+          await ctx.streamDestroy(copy);
+          throw err;
+        }
         const path: GpuPath = {
-          copy: ctx.streamCreate(g),
-          bcast: ctx.streamCreate(g),
+          copy,
+          bcast,
           slots: [],
           copied: [],
           landed: [],
