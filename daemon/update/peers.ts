@@ -27,6 +27,8 @@ export interface PeerInfo {
   comm?: string;
   /** The local id of a ready version with the asked fingerprint, if this daemon holds one. */
   holds?: string;
+  /** The update it is busy with, if any. */
+  running?: string;
 }
 
 /** POST /v1/peer/updates body: everything a participant needs to take part. */

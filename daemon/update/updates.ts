@@ -202,6 +202,7 @@ export class Updates {
       for (const url of peers) {
         const info = await peerInfo(url, version.name, fp, timeout);
         // Checked before anyone joins a communicator: a rank that never joins would block the others.
+        if (info.running) throw new Error(`peer ${url} is busy with update ${info.running}`);
         if (info.slots !== t.slots || info.slotBytes !== t.slotBytes) {
           throw new Error(
             `peer ${url} has ${info.slots} slots of ${info.slotBytes} bytes, this daemon ${t.slots} of ${t.slotBytes}: configure bucketSlots and bucketBytes alike`,
