@@ -1,7 +1,8 @@
 import { spawn } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { writeModel, xxh64 } from "./checkpoint-files.ts";
 import { daemonCommand, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
 
 describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime) => {
@@ -17,6 +18,29 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
     daemon.proc.kill("SIGTERM");
     expect(await daemon.exited).toBe(0);
     expect(daemon.logs.some((line) => line.includes('"stopped"'))).toBe(true);
+  });
+
+  it("registers a checkpoint from /dev/shm in place, with its hashes", async () => {
+    const daemon = await startProcess(command);
+    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const tensors = writeModel(dir);
+    const res = await fetch(`${daemon.url}/v1/checkpoints`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name: "m", dir }),
+    });
+    expect(res.status).toBe(201);
+    const manifest = (await (await fetch(`${daemon.url}/v1/checkpoints/m`)).json()) as {
+      files: { inPlace: boolean }[];
+      tensors: { name: string; hash: string }[];
+    };
+    expect(manifest.files.every((f) => f.inPlace)).toBe(true);
+    for (const t of tensors) {
+      expect(manifest.tensors.find((x) => x.name === t.name)?.hash).toBe(await xxh64(t.bytes));
+    }
+    daemon.proc.kill("SIGTERM");
+    expect(await daemon.exited).toBe(0);
+    rmSync(dir, { recursive: true });
   });
 
   it.each([
