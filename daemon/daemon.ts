@@ -40,10 +40,13 @@ function ncclStatus(context: Context): { version: number } | { error: string } {
   }
 }
 
-/** Bucket size: the configured cap, lowered so all slots fit in a tenth of the freest GPU's free memory. */
-function bucketSize(context: Context, cap: number, slots: number): number {
+/**
+ * Bucket size: the configured cap, lowered so that every GPU's slots (at least two per GPU,
+ * see Transfer.open) fit in bucketMemoryBytes and in a tenth of the freest GPU's free memory.
+ */
+function bucketSize(context: Context, cap: number, slots: number, total: number): number {
   const free = Math.min(...context.devices().map((d) => d.freeBytes));
-  const fit = Math.floor(free / 10 / slots / (1 << 20)) * (1 << 20);
+  const fit = Math.floor(Math.min(free / 10, total) / slots / (1 << 20)) * (1 << 20);
   return Math.max(1 << 20, Math.min(cap, fit));
 }
 
@@ -70,7 +73,12 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
 
   // The update data path is made at start, before engines take the GPU memory, and kept.
   const gpus = context.deviceCount();
-  const slotBytes = bucketSize(context, config.bucketBytes, config.bucketSlots);
+  const slotBytes = bucketSize(
+    context,
+    config.bucketBytes,
+    Math.max(config.bucketSlots, 2 * gpus),
+    config.bucketMemoryBytes,
+  );
   let transfer: Transfer | undefined = await Transfer.open(context, gpus, config.bucketSlots, slotBytes);
   let opening: Promise<Transfer> | undefined;
   const socketDir = config.socketDir || join(config.stateDir, "sockets");
@@ -142,6 +150,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
         budgetBytes: config.pinnedBudgetBytes,
         restore,
       },
+      buckets: { slots: transfer?.slots, slotBytes: transfer?.slotBytes },
     }),
   });
   checkpointRoutes(app, registry, config.pinnedBudgetBytes);

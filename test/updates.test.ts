@@ -100,6 +100,12 @@ describe("broadcast updates on the host backend", () => {
     expect((await api("GET", "/v1/updates/u-2")).body.state).toBe("succeeded");
   });
 
+  it("shrinks buckets so that all of a GPU's slots fit in bucketMemoryBytes", async () => {
+    const { api } = await start({ hostDevices: 8, bucketBytes: 256 << 20, bucketSlots: 4, bucketMemoryBytes: 1 << 30 });
+    // Eight GPUs get two slots each; every GPU holds all 16: 1 GiB / 16 = 64 MiB.
+    expect((await api("GET", "/v1/status")).body.buckets).toEqual({ slots: 16, slotBytes: 64 << 20 });
+  });
+
   it("refuses a second update while one runs, and an update without engines", async () => {
     const { api, receiver } = await start();
     await register(api);

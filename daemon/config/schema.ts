@@ -34,6 +34,7 @@ export const ConfigSchema = v.strictObject({
   uploadDir: text,
   bucketBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 20)),
   bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
+  bucketMemoryBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 21)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   socketDir: v.string(),
   peers: v.array(v.pipe(v.string(), v.url())),
@@ -121,6 +122,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "integer",
     help: "bucket buffers per GPU (stages in flight)",
   },
+  bucketMemoryBytes: {
+    flag: "--bucket-memory-bytes",
+    env: "CKPTD_BUCKET_MEMORY_BYTES",
+    kind: "integer",
+    help: "GPU memory all bucket slots of one GPU may take (buckets shrink to fit)",
+  },
   receiverTimeoutMs: {
     flag: "--receiver-timeout-ms",
     env: "CKPTD_RECEIVER_TIMEOUT_MS",
@@ -166,6 +173,7 @@ export function defaults(env: Record<string, string | undefined>): Config {
     uploadDir: existsSync("/dev/shm") ? "/dev/shm/ckptd" : join(stateHome, "ckptd", "uploads"),
     bucketBytes: 256 << 20,
     bucketSlots: 4,
+    bucketMemoryBytes: 1 << 30,
     receiverTimeoutMs: 30000,
     socketDir: "",
     peers: [],
