@@ -174,6 +174,30 @@ int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t ds
   return CKPT_OK;
 }
 
+int ckpt__bcast_check_rank(ckpt_ctx *ctx, int32_t i, int32_t device, const ckpt__place *buf,
+                           const ckpt__place *stream, uint64_t offset, uint64_t len) {
+  if (buf == NULL || stream == NULL)
+    return FAIL(ctx, CKPT_EINVAL, "local rank %d: %s is NULL", i, buf == NULL ? "buffer" : "stream");
+  if (buf->ctx != ctx || stream->ctx != ctx)
+    return FAIL(ctx, CKPT_EHANDLE, "local rank %d: %s belongs to another context", i,
+                buf->ctx != ctx ? "buffer" : "stream");
+  if (buf->device != device || stream->device != device)
+    return FAIL(ctx, CKPT_EINVAL, "local rank %d is device %d, but its %s is on device %d", i, device,
+                buf->device != device ? "buffer" : "stream",
+                buf->device != device ? buf->device : stream->device);
+  if (offset > buf->len || len > buf->len - offset)
+    return FAIL(ctx, CKPT_ERANGE,
+                "broadcast of %llu bytes at offset %llu: local rank %d's buffer has %llu bytes",
+                (unsigned long long)len, (unsigned long long)offset, i, (unsigned long long)buf->len);
+  return CKPT_OK;
+}
+
+int ckpt__bcast_check_root(ckpt_ctx *ctx, int32_t root, int32_t nranks) {
+  if (root < 0 || root >= nranks)
+    return FAIL(ctx, CKPT_EINVAL, "root %d outside the communicator's ranks 0..%d", root, nranks - 1);
+  return CKPT_OK;
+}
+
 CKPT_API int ckpt_sd_notify(const char *state) {
   const char *path = getenv("NOTIFY_SOCKET");
   if (path == NULL || path[0] == '\0') return CKPT_OK;

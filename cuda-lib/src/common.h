@@ -61,6 +61,20 @@ int ckpt__fail(ckpt_ctx *ctx, int status, const char *file, int line, const char
     if (!(cond)) return FAIL((ctx), CKPT_EINVAL, "invalid argument: %s", #cond);      \
   } while (0)
 
+/* Where a buffer or stream lives, for the argument checks both backends share. */
+typedef struct ckpt__place {
+  const ckpt_ctx *ctx;
+  int32_t device;
+  uint64_t len; /* buffers only */
+} ckpt__place;
+
+/* Checks local rank i of a broadcast: buffer and stream given (NULL: missing), of ctx, on
+ * `device`, the buffer holding offset + len bytes. */
+int ckpt__bcast_check_rank(ckpt_ctx *ctx, int32_t i, int32_t device, const ckpt__place *buf,
+                           const ckpt__place *stream, uint64_t offset, uint64_t len);
+/* Checks a broadcast's root against the communicator's ranks. */
+int ckpt__bcast_check_root(ckpt_ctx *ctx, int32_t root, int32_t nranks);
+
 /* Validates options and fills the shared part of a zeroed context. */
 int ckpt__ctx_init(ckpt_ctx *ctx, const ckpt_ctx_options *opts);
 /* Frees the shared part; CKPT_EBUSY while handles or regions are alive. */

@@ -824,23 +824,11 @@ CKPT_API int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs
   for (int32_t i = 0; i < comm->ndev; i++) {
     const ckpt_buf *b = bufs[i];
     const ckpt_stream *s = streams[i];
-    if (b == NULL || s == NULL)
-      return FAIL(ctx, CKPT_EINVAL, "local rank %d: %s is NULL", i, b == NULL ? "buffer" : "stream");
-    if (b->ctx != ctx || s->ctx != ctx)
-      return FAIL(ctx, CKPT_EHANDLE, "local rank %d: %s belongs to another context", i,
-                  b->ctx != ctx ? "buffer" : "stream");
-    if (b->device != comm->devices[i] || s->device != comm->devices[i])
-      return FAIL(ctx, CKPT_EINVAL, "local rank %d is device %d, but its %s is on device %d", i,
-                  comm->devices[i], b->device != comm->devices[i] ? "buffer" : "stream",
-                  b->device != comm->devices[i] ? b->device : s->device);
-    if (offset > b->len || len > b->len - offset)
-      return FAIL(ctx, CKPT_ERANGE,
-                  "broadcast of %llu bytes at offset %llu: local rank %d's buffer has %zu bytes",
-                  (unsigned long long)len, (unsigned long long)offset, i, b->len);
+    const ckpt__place bp = {b ? b->ctx : NULL, b ? b->device : -1, b ? (uint64_t)b->len : 0};
+    const ckpt__place sp = {s ? s->ctx : NULL, s ? s->device : -1, 0};
+    CHECK(ckpt__bcast_check_rank(ctx, i, comm->devices[i], b ? &bp : NULL, s ? &sp : NULL, offset, len));
   }
-  if (root < 0 || root >= comm->nranks)
-    return FAIL(ctx, CKPT_EINVAL, "root %d outside the communicator's ranks 0..%d", root,
-                comm->nranks - 1);
+  CHECK(ckpt__bcast_check_root(ctx, root, comm->nranks));
   if (len == 0) return CKPT_OK;
   const nccl_api *api = comm->api;
   nccl_result r = api->group_start();
