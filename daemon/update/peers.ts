@@ -8,12 +8,19 @@ import { createHash } from "node:crypto";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import type { Bucket } from "./plan.ts";
 
+const fingerprints = new WeakMap<CheckpointVersion, string>();
+
 /** Identifies a version's exact contents and layout, whatever its number on each daemon. */
 export function fingerprint(v: CheckpointVersion): string {
+  // A ready version never changes, so its fingerprint is computed once.
+  const known = v.state === "ready" ? fingerprints.get(v) : undefined;
+  if (known) return known;
   const h = createHash("sha256");
   h.update(JSON.stringify(v.files.map((f) => f.size)));
   for (const t of v.tensors) h.update(JSON.stringify([t.name, t.dtype, t.shape, t.bytes, t.file, t.offset, t.hash]));
-  return h.digest("hex");
+  const fp = h.digest("hex");
+  if (v.state === "ready") fingerprints.set(v, fp);
+  return fp;
 }
 
 /** GET /v1/peer/info answer. */
