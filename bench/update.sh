@@ -87,6 +87,11 @@ print(json.dumps({"run": int(sys.argv[2]), "wall": float(wall), "state": r.get("
                   "bytes": r.get("progress", {}).get("bytes"), "error": r.get("error")}))' "$out/u.txt" "$i" >>"$out/updates.jsonl"
 done
 for pid in "${engines[@]}"; do wait "$pid"; done
+# The last update's per-bucket timeline on each daemon (ms from its start).
+last=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().rsplit("\n",1)[0]).get("id") or json.loads(open(sys.argv[1]).read().strip().rsplit("\n",1)[0])["error"]["details"]["id"])' "$out/u.txt")
+for d in $(seq 0 $((daemons - 1))); do
+  curl -s "localhost:$((8470 + d))/v1/updates/$last?buckets=true" >"$out/timeline-$d.json"
+done
 
 # A 1 MiB checkpoint, end to end from the API, to a plain receiver per GPU.
 if [ "$daemons" = 1 ]; then
@@ -131,4 +136,11 @@ print("GPU MiB  before: %s  with the daemon: %s  with the engines: %s" % (before
 print("daemon's memory per GPU (MiB, all of it allocated at start): %s; rise during an update: %s" % (
     [d - b for d, b in zip(daemon, before)], rise))
 print(f"1 MiB update end to end: {tiny}")
+for d in range(int(__import__('os').environ.get('DAEMONS', '1'))):
+    tl = json.loads(out.joinpath(f"timeline-{d}.json").read_text()).get("buckets", [])
+    owners = sorted({b["owner"] for b in tl})
+    per = {o: sum(b["bytes"] for b in tl if b["owner"] == o) for o in owners}
+    last = {o: max(b["landed"] for b in tl if b["owner"] == o) for o in owners}
+    print(f"daemon {d}, last update: bytes copied per GPU {per}; last bucket landed (ms) {last}; "
+          f"last ack {max((b['acked'] for b in tl), default=0):.1f} ms")
 PY

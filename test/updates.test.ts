@@ -98,6 +98,13 @@ describe("broadcast updates on the host backend", () => {
     await expectDelivered(r0, "u-2", tensors);
     expect(r0.seen.filter((m) => m.op === "buffers").length).toBe(buffers);
     expect((await api("GET", "/v1/updates/u-2")).body.state).toBe("succeeded");
+    // The per-bucket timeline: every bucket, each stage after the one before it.
+    const timed = (await api("GET", "/v1/updates/u-2?buckets=true")).body;
+    expect(timed.buckets.map((b: { bucket: number }) => b.bucket).sort((x: number, y: number) => x - y)).toEqual(
+      Array.from({ length: timed.progress.buckets }, (_, i) => i),
+    );
+    for (const b of timed.buckets) expect(b.issued <= b.landed && b.landed <= b.acked).toBe(true);
+    expect(new Set(timed.buckets.map((b: { owner: number }) => b.owner))).toEqual(new Set([0, 1]));
   });
 
   it("shrinks buckets so that all of a GPU's slots fit in bucketMemoryBytes", async () => {
@@ -270,8 +277,16 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
       await expectDelivered(a, id, tensors);
       await expectDelivered(b, id, tensors);
     }
-    // The peer keeps its own record of its part.
+    // The peer keeps its own record of its part; when it holds the checkpoint it copies half.
     expect((await peer.api("GET", "/v1/updates/u-1")).body.state).toBe("succeeded");
+    const { buckets } = (await coordinator.api("GET", "/v1/updates/u-1?buckets=1")).body;
+    const owned = [0, 1].map((o) =>
+      buckets
+        .filter((b: { owner: number }) => b.owner === o)
+        .reduce((n: number, b: { bytes: number }) => n + b.bytes, 0),
+    );
+    if (peerHolds) expect(Math.abs(owned[0] - owned[1]) / (owned[0] + owned[1])).toBeLessThan(0.05);
+    else expect(owned[1]).toBe(0);
   });
 
   it("aborts everywhere when an engine on the peer fails, naming it, and the next update works", async () => {

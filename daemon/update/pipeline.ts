@@ -19,10 +19,25 @@ export interface Group {
   ordered: boolean;
 }
 
+/** When a bucket went through each stage here, in ms from the update's start (t0). */
+export interface BucketTiming {
+  bucket: number;
+  owner: number;
+  bytes: number;
+  /** Copy and broadcast queued (its slot was free). */
+  issued: number;
+  /** Its bytes were on every local GPU. */
+  landed?: number;
+  /** Every local engine acked it. */
+  acked?: number;
+}
+
 /** What an update reports as it goes (the caller's record). */
 export interface Progress {
+  readonly t0: number;
   progress: { bucketsDone: number; bytesDone: number };
   timings: { stallSeconds: number };
+  buckets: BucketTiming[];
 }
 
 export interface TransmitOptions {
@@ -56,7 +71,9 @@ export async function transmit(o: TransmitOptions): Promise<void> {
       return false;
     }
     issue(o, b);
-    slots[b.slot] = deliver(o, b).catch((err) => {
+    const timing: BucketTiming = { bucket: b.index, owner: b.owner, bytes: b.bytes, issued: since(o.record.t0) };
+    o.record.buckets.push(timing);
+    slots[b.slot] = deliver(o, b, timing).catch((err) => {
       failure ??= err;
     });
     return true;
@@ -112,7 +129,7 @@ function issue(o: TransmitOptions, b: Bucket): void {
 }
 
 /** Waits for bucket b's bytes on each local GPU, hands it to that GPU's engines, awaits their acks. */
-async function deliver(o: TransmitOptions, b: Bucket): Promise<void> {
+async function deliver(o: TransmitOptions, b: Bucket, timing: BucketTiming): Promise<void> {
   const { ctx, transfer: t, timeoutMs: timeout } = o;
   const msg = {
     op: "bucket",
@@ -133,6 +150,7 @@ async function deliver(o: TransmitOptions, b: Bucket): Promise<void> {
       if (!(await ctx.eventWait(at(g.landed, b.slot), timeout))) {
         throw new Error(`bucket ${b.index} did not reach GPU ${gpu} within ${timeout} ms`);
       }
+      timing.landed = Math.max(timing.landed ?? 0, since(o.record.t0));
       const mine = o.receivers.filter((r) => r.gpu === gpu);
       for (const r of mine) r.send(msg);
       await Promise.all(
@@ -148,6 +166,9 @@ async function deliver(o: TransmitOptions, b: Bucket): Promise<void> {
       );
     }),
   );
+  timing.acked = since(o.record.t0);
   o.record.progress.bucketsDone++;
   o.record.progress.bytesDone += b.bytes;
 }
+
+const since = (t0: number) => Math.round((performance.now() - t0) * 1000) / 1000;

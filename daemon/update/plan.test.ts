@@ -50,7 +50,21 @@ describe("planBuckets", () => {
       tensors: [t("a", 40, 0, 0), t("b", 40, 0, 40), t("c", 40, 2, 0), t("d", 40, 1, 0)],
       bucketBytes: 64,
       gpus: 2,
-      want: ["0:a[0,40)@0", "1:d[0,40)@0", "0:b[0,40)@0", "0:c[0,40)@0"],
+      want: ["0:a[0,40)@0", "1:d[0,40)@0", "0:b[0,40)@0", "1:c[0,40)@0"],
+    },
+    {
+      name: "moves an owner's excess to the others, cutting a tensor at the share",
+      tensors: [t("big", 96, 0, 0), t("small", 32, 1, 0)],
+      bucketBytes: 64,
+      gpus: 2,
+      want: ["0:big[0,64)@0", "1:small[0,32)@0 big[64,96)@32"],
+    },
+    {
+      name: "cuts a tensor only at a multiple of the alignment from its start",
+      tensors: [t("a", 40, 0, 0), t("b", 8, 1, 0)],
+      bucketBytes: 64,
+      gpus: 2,
+      want: ["0:a[0,32)@0", "1:b[0,8)@0 a[32,40)@16"],
     },
     {
       name: "orders by file and offset, whatever the input order",
@@ -78,12 +92,25 @@ describe("planBuckets", () => {
       for (const p of b.pieces) {
         expect(p.slotOffset % 16).toBe(0);
         expect(p.slotOffset + p.range[1] - p.range[0]).toBeLessThanOrEqual(b.bytes);
-        expect(b.owner).toBe(p.file % 2);
         expect(b.slot % 2).toBe(b.owner);
         covered.set(p.name, (covered.get(p.name) ?? 0) + p.range[1] - p.range[0]);
       }
     }
     for (const x of tensors) expect(covered.get(x.name)).toBe(x.bytes);
+    const load = [0, 1].map((o) =>
+      buckets
+        .filter((b) => b.owner === o)
+        .flatMap((b) => b.pieces)
+        .reduce((sum, p) => sum + p.range[1] - p.range[0], 0),
+    );
+    expect(Math.abs((load[0] as number) - (load[1] as number))).toBeLessThanOrEqual(2 * 16);
+  });
+
+  it("keeps each owner's own files when they are even", () => {
+    const tensors = [0, 1, 2, 3].map((i) => t(`t${i}`, 48, i % 2, Math.floor(i / 2) * 48));
+    for (const b of planBuckets(tensors, { bucketBytes: 64, owners: [0, 1], slots: 2, align: 16 })) {
+      for (const p of b.pieces) expect(p.file % 2).toBe(b.owner);
+    }
   });
 
   it("rejects a bucket size that is not a multiple of the alignment", () => {

@@ -47,19 +47,26 @@ export interface PlanOptions {
 }
 
 /**
- * Splits the tensors into buckets, in file order per owner, never mixing owners within a
- * bucket, then interleaves the owners' buckets (GPU 0, GPU 1, ..., GPU 0, ...) so that every
- * GPU's host-to-device engine has work in flight at once.
+ * Splits the tensors into buckets, never mixing owners within a bucket, then interleaves the
+ * owners' buckets (GPU 0, GPU 1, ..., GPU 0, ...) so that every GPU's host-to-device engine
+ * has work in flight at once. Every owner copies the same number of bytes (to within twice
+ * `align`):
+ * its own files first, and a share of an owner's excess where the files are uneven.
  */
 export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] {
   const n = opts.owners.length;
   if (n < 1 || opts.slots < n) throw new RangeError(`${opts.slots} slots cannot serve ${n} owners`);
-  const perOwner = opts.owners.map((owner, j) => {
+  const align = opts.align ?? 256;
+  if (!(opts.bucketBytes >= align) || opts.bucketBytes % align !== 0) {
+    throw new RangeError(`bucketBytes ${opts.bucketBytes} must be a positive multiple of ${align}`);
+  }
+  const perOwner = shares(tensors, n, align).map((segments, j) => {
     const mine = Array.from({ length: opts.slots }, (_, s) => s).filter((s) => s % n === j);
-    return packBuckets(
-      tensors.filter((t) => t.file % n === j),
-      opts,
-    ).map((b, k) => ({ ...b, owner, slot: mine[k % mine.length] as number }));
+    return packBuckets(segments, opts.bucketBytes, align).map((b, k) => ({
+      ...b,
+      owner: opts.owners[j] as number,
+      slot: mine[k % mine.length] as number,
+    }));
   });
   const out: Bucket[] = [];
   for (let i = 0; perOwner.some((list) => i < list.length); i++) {
@@ -71,12 +78,62 @@ export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] 
   return out;
 }
 
-function packBuckets(tensors: PlanTensor[], opts: PlanOptions): Omit<Bucket, "owner" | "slot">[] {
-  const align = opts.align ?? 256;
-  if (!(opts.bucketBytes >= align) || opts.bucketBytes % align !== 0) {
-    throw new RangeError(`bucketBytes ${opts.bucketBytes} must be a positive multiple of ${align}`);
-  }
+/** Bytes [begin, end) of a tensor. */
+interface Segment {
+  t: PlanTensor;
+  begin: number;
+  end: number;
+}
+
+const size = (list: Segment[]) => list.reduce((sum, s) => sum + s.end - s.begin, 0);
+
+/**
+ * What each of n owners copies: file f belongs to owner f mod n, in file order; an owner
+ * holding more than an equal share keeps its first `quota` bytes and the rest goes, in
+ * order, to the owners under their share (a tensor may be cut there, at a multiple of
+ * `align` from its start).
+ */
+function shares(tensors: PlanTensor[], n: number, align: number): Segment[][] {
   const ordered = [...tensors].sort((a, b) => a.file - b.file || a.offset - b.offset);
+  const lists: Segment[][] = Array.from({ length: n }, () => []);
+  for (const t of ordered) lists[t.file % n]?.push({ t, begin: 0, end: t.bytes });
+  const quota = Math.ceil(size(lists.flat()) / n / align) * align;
+  const excess: Segment[] = [];
+  for (const [j, list] of lists.entries()) {
+    const { head, rest } = take(list, quota, align);
+    lists[j] = head;
+    excess.push(...rest);
+  }
+  for (const list of lists) {
+    const got = take(excess, quota - size(list), align);
+    list.push(...got.head);
+    excess.splice(0, excess.length, ...got.rest);
+  }
+  // What rounding to `align` left over goes to the owner with the fewest bytes.
+  if (excess.length > 0) lists.reduce((a, b) => (size(b) < size(a) ? b : a)).push(...excess);
+  return lists;
+}
+
+/** The first `bytes` (rounded down to `align` inside a tensor) of a list, and the rest. */
+function take(list: Segment[], bytes: number, align: number): { head: Segment[]; rest: Segment[] } {
+  const head: Segment[] = [];
+  let left = bytes;
+  let i = 0;
+  for (; i < list.length; i++) {
+    const s = list[i] as Segment;
+    if (s.end - s.begin <= left) {
+      head.push(s);
+      left -= s.end - s.begin;
+      continue;
+    }
+    const cut = s.begin + Math.floor(left / align) * align;
+    if (cut > s.begin) head.push({ ...s, end: cut });
+    return { head, rest: [...(cut > s.begin ? [{ ...s, begin: cut }] : [s]), ...list.slice(i + 1)] };
+  }
+  return { head, rest: [] };
+}
+
+function packBuckets(segments: Segment[], bucketBytes: number, align: number): Omit<Bucket, "owner" | "slot">[] {
   type Packed = Omit<Bucket, "owner" | "slot">;
   const buckets: Packed[] = [];
   let cur: Packed | undefined;
@@ -85,17 +142,17 @@ function packBuckets(tensors: PlanTensor[], opts: PlanOptions): Omit<Bucket, "ow
     buckets.push(cur);
     return cur;
   };
-  for (const t of ordered) {
-    let done = 0;
+  for (const { t, begin, end } of segments) {
+    let done = begin;
     do {
       let b = cur ?? fresh();
       let at = Math.ceil(b.bytes / align) * align;
-      if (at >= opts.bucketBytes || (at + (t.bytes - done) > opts.bucketBytes && t.bytes <= opts.bucketBytes)) {
-        // Whole tensors that fit a bucket are not split; start a new bucket for them.
+      if (at >= bucketBytes || (at + (end - done) > bucketBytes && end - begin <= bucketBytes)) {
+        // A segment that fits a bucket is not split; it starts a new bucket.
         b = fresh();
         at = 0;
       }
-      const n = Math.min(t.bytes - done, opts.bucketBytes - at);
+      const n = Math.min(end - done, bucketBytes - at);
       b.pieces.push({
         name: t.name,
         dtype: t.dtype,
@@ -108,7 +165,7 @@ function packBuckets(tensors: PlanTensor[], opts: PlanOptions): Omit<Bucket, "ow
       });
       b.bytes = at + n;
       done += n;
-    } while (done < t.bytes);
+    } while (done < end);
   }
   return buckets;
 }

@@ -61,7 +61,9 @@ export function updateRoutes(
     return reply(c, record.toJSON());
   });
   app.get("/v1/updates", (c) => reply(c, { updates: updates.list().map((u) => u.toJSON()) }));
-  app.get("/v1/updates/:id", (c) => reply(c, updates.get(c.req.param("id")).toJSON()));
+  app.get("/v1/updates/:id", (c) =>
+    reply(c, updates.get(c.req.param("id")).toJSON(["1", "true"].includes(c.req.query("buckets") ?? ""))),
+  );
 
   app.get("/v1/peer/info", async (c) => {
     const name = c.req.query("checkpoint");

@@ -11,7 +11,7 @@ import type { EngineConfig } from "../config/index.ts";
 import { ApiError } from "../http/errors.ts";
 import { awaitReceivers, type Triggered, triggerEngines } from "./engines.ts";
 import { fingerprint, type Participant, type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
-import { type Group, transmit } from "./pipeline.ts";
+import { type BucketTiming, type Group, transmit } from "./pipeline.ts";
 import { type Bucket, planBuckets } from "./plan.ts";
 import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
 import type { Transfer } from "./transfer.ts";
@@ -34,6 +34,9 @@ export class UpdateRecord {
   error?: { code: string; message: string; receiver?: string };
   progress = { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 };
   timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 };
+  /** Per bucket, in milliseconds from the update's start (GET /v1/updates/{id}?buckets=true). */
+  buckets: BucketTiming[] = [];
+  readonly t0 = performance.now();
   receivers: ReceiverResult[] = [];
 
   constructor(
@@ -41,7 +44,7 @@ export class UpdateRecord {
     readonly checkpoint: string,
   ) {}
 
-  toJSON() {
+  toJSON(withBuckets = false) {
     return {
       id: this.id,
       checkpoint: this.checkpoint,
@@ -52,6 +55,7 @@ export class UpdateRecord {
       timings: this.timings,
       receivers: this.receivers,
       ...(this.error ? { error: this.error } : {}),
+      ...(withBuckets ? { buckets: this.buckets } : {}),
     };
   }
 }
@@ -184,7 +188,7 @@ export class Updates {
   /** Coordinator: plans over every participant, runs its own part, collects the peers'. */
   private async run(record: UpdateRecord, version: CheckpointVersion): Promise<void> {
     const { receiverTimeoutMs: timeout, peers } = this.opts;
-    const t0 = performance.now();
+    const t0 = record.t0;
     let triggered: Triggered[] = [];
     let receivers: Receiver[] = [];
     const acked = new Map<Receiver, number>();
@@ -332,7 +336,7 @@ export class Updates {
     this.ending = new Promise<void>((r) => {
       ended = r;
     });
-    const t0 = performance.now();
+    const t0 = record.t0;
     let receivers: Receiver[] = [];
     const acked = new Map<Receiver, number>();
     let transfer: Transfer | undefined;
