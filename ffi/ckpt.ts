@@ -299,10 +299,13 @@ export class Context {
     return id;
   }
 
-  /** Joins communicator `id` with `devices` as ranks firstRank..; blocks until all ranks joined. */
-  async commInit(id: Uint8Array, nranks: number, firstRank: number, devices: number[]): Promise<Comm> {
+  /**
+   * Joins communicator `id` with `devices` as ranks firstRank..; waits until all ranks joined,
+   * or fails (CKPT_ETIMEDOUT) after timeoutMs (omitted: no limit).
+   */
+  async commInit(id: Uint8Array, nranks: number, firstRank: number, devices: number[], timeoutMs = -1): Promise<Comm> {
     const out: Ptr[] = [0n];
-    const args = [this.ptr, id, nranks, firstRank, devices.length, new Int32Array(devices), out];
+    const args = [this.ptr, id, nranks, firstRank, devices.length, new Int32Array(devices), timeoutMs, out];
     this.check("ckpt_comm_init", await promisify(this.lib.native.commInit, args));
     return new Comm(out[0] as Ptr, nranks, firstRank, [...devices]);
   }

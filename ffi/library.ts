@@ -5,7 +5,7 @@
 import koffi from "koffi";
 
 /** CKPT_ABI_VERSION of ckpt.h as this file declares it. */
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 
 export const CtxOptions = koffi.struct("ckpt_ctx_options", {
   size: "uint32_t",
@@ -69,7 +69,7 @@ const SIGNATURES = {
   streamWaitEvent: "int ckpt_stream_wait_event(ckpt_stream stream, ckpt_event event)",
   commIdNew: "int ckpt_comm_id_new(ckpt_ctx ctx, _Out_ uint8_t *id)",
   commInit:
-    "int ckpt_comm_init(ckpt_ctx ctx, const uint8_t *id, int32_t nranks, int32_t first_rank, int32_t ndev, const int32_t *devices, _Out_ ckpt_comm *out)",
+    "int ckpt_comm_init(ckpt_ctx ctx, const uint8_t *id, int32_t nranks, int32_t first_rank, int32_t ndev, const int32_t *devices, int64_t timeout_ms, _Out_ ckpt_comm *out)",
   commDestroy: "int ckpt_comm_destroy(ckpt_comm comm)",
   commAbort: "int ckpt_comm_abort(ckpt_comm comm)",
   broadcast:

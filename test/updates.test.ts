@@ -318,4 +318,36 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     expect(res.body.error.message).toMatch(/peer http:\/\/127.0.0.1:\d+ did not answer/);
     expect((await coordinator.api("GET", "/v1/healthz")).body).toEqual({ ok: true });
   });
+
+  it("gives up joining the communicator within the timeout when a peer refuses the plan", async () => {
+    // A peer that describes itself like the coordinator (same geometry, holds the checkpoint)
+    // but refuses every plan: the coordinator has started joining a communicator that this
+    // peer never joins.
+    let coordinatorUrl = "";
+    const fake = createServer(async (req, res) => {
+      res.setHeader("content-type", "application/json");
+      if (req.url?.startsWith("/v1/peer/info")) {
+        const info = await (await fetch(`${coordinatorUrl}${req.url}`)).json();
+        res.end(JSON.stringify({ ...info, nodeId: "refuser", holds: "m@1" }));
+      } else {
+        res.statusCode = 409;
+        res.end(JSON.stringify({ error: { code: "update_running", message: "update u-9 of other@1 is running" } }));
+      }
+    });
+    await new Promise<void>((r) => fake.listen(0, "127.0.0.1", r));
+    cleanup.push(() => new Promise((r) => fake.close(() => r())));
+    const fakeUrl = `http://127.0.0.1:${(fake.address() as AddressInfo).port}`;
+    const coordinator = await start({ hostDevices: 1, peers: [fakeUrl], receiverTimeoutMs: 500 });
+    coordinatorUrl = `http://127.0.0.1:${coordinator.daemon.port}`;
+    await register(coordinator.api);
+    await coordinator.receiver(0, "engine-a");
+    for (let i = 0; i < 2; i++) {
+      const started = Date.now();
+      const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+      expect(Date.now() - started).toBeLessThan(3000);
+      expect(res.status).toBe(502);
+      expect(res.body.error.message).toBe(`peer ${fakeUrl} failed: update u-9 of other@1 is running`);
+    }
+    expect((await coordinator.api("GET", "/v1/healthz")).body).toEqual({ ok: true });
+  });
 });

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define CKPT_ABI_VERSION 1
+#define CKPT_ABI_VERSION 2
 
 /* X(name, value, message): the one table of errors; names and messages derive from it. */
 #define CKPT_STATUS_MAP(X)                                                        \
@@ -230,12 +230,15 @@ typedef struct ckpt_comm ckpt_comm;   /* the ranks of one communicator that this
 int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]);
 /* Joins communicator `id` of nranks ranks, with this process's ndev devices as ranks
  * first_rank .. first_rank + ndev - 1 (devices[i] is rank first_rank + i). Blocks until
- * every rank has joined. The host backend connects the processes over TCP, binding and
+ * every rank has joined, or fails with CKPT_ETIMEDOUT after timeout_ms (-1: no limit),
+ * freeing what it made. CUDA: with a limit the communicator is non-blocking (NCCL >= 2.14;
+ * an older NCCL blocks), and every later wait on it (a broadcast connecting the ranks, the
+ * destroy's flush) has the same limit. The host backend connects the processes over TCP, binding and
  * advertising the IPv4 address in $CKPT_HOST_COMM_ADDR when it is set (otherwise loopback
  * for ckpt_comm_id_new's bootstrap, and the address that reaches the bootstrap for each
  * process's connections). */
 int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks, int32_t first_rank,
-                   int32_t ndev, const int32_t *devices, ckpt_comm **out);
+                   int32_t ndev, const int32_t *devices, int64_t timeout_ms, ckpt_comm **out);
 /* Frees the communicator after its queued work completes: blocks until the queued
  * collectives finish, which needs the other processes to take part; use ckpt_comm_abort
  * when a peer may be gone. */

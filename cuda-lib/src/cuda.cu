@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -542,7 +543,19 @@ CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
 typedef int nccl_result;
 typedef struct nccl_comm_s *nccl_comm;                     /* ncclComm_t */
 typedef struct nccl_unique_id { char internal[CKPT_COMM_ID_BYTES]; } nccl_unique_id;
-enum { NCCL_UINT8 = 1 };
+enum { NCCL_UINT8 = 1, NCCL_IN_PROGRESS = 7 };
+
+/* The head of ncclConfig_t, as NCCL 2.14 defined it. NCCL copies `size` bytes of the caller's
+ * struct over its defaults and ignores fields newer than `version`, so a struct this short
+ * sets `blocking` and leaves everything else at NCCL's defaults. */
+typedef struct nccl_config {
+  size_t size;
+  unsigned int magic;
+  unsigned int version;
+  int blocking;
+} nccl_config;
+#define NCCL_CONFIG_MAGIC 0xcafebeefu
+#define NCCL_VERSION_2_14 21400u
 
 /* The library and its entry points, resolved once per context. ctx->nccl_lib points at one
  * of these (it is NULL until NCCL is first used). */
@@ -551,6 +564,9 @@ struct nccl_api {
   nccl_result (*get_version)(int *);
   nccl_result (*get_unique_id)(nccl_unique_id *);
   nccl_result (*comm_init_rank)(nccl_comm *, int, nccl_unique_id, int);
+  nccl_result (*comm_init_rank_config)(nccl_comm *, int, nccl_unique_id, int, nccl_config *); /* >= 2.14 */
+  nccl_result (*comm_get_async_error)(nccl_comm, nccl_result *);                           /* >= 2.14 */
+  nccl_result (*comm_finalize)(nccl_comm);                                                  /* >= 2.14 */
   nccl_result (*group_start)(void);
   nccl_result (*group_end)(void);
   nccl_result (*broadcast)(const void *, void *, size_t, int, int, nccl_comm, cudaStream_t);
@@ -604,6 +620,9 @@ static int nccl_load(ckpt_ctx *ctx, const nccl_api **out) {
       {"ncclCommAbort", &api->comm_abort, 1},
       {"ncclGetErrorString", &api->get_error_string, 1},
       {"ncclGetLastError", &api->get_last_error, 0},
+      {"ncclCommInitRankConfig", &api->comm_init_rank_config, 0},
+      {"ncclCommGetAsyncError", &api->comm_get_async_error, 0},
+      {"ncclCommFinalize", &api->comm_finalize, 0},
   };
   for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++) {
     dlerror();
@@ -668,7 +687,34 @@ struct ckpt_comm {
   int32_t ndev;
   int32_t *devices; /* devices[i] holds global rank first_rank + i */
   nccl_comm *comms; /* one per local device */
+  int64_t timeout_ms; /* non-blocking communicators: the bound of each wait for NCCL */
+  int nonblocking;
 };
+
+/* Non-blocking communicators: waits until no local rank's last call is still in progress
+ * (ncclCommGetAsyncError), napping 100 us between polls; CKPT_ETIMEDOUT after timeout_ms. */
+static int comm_settle(ckpt_comm *c, const char *what) {
+  if (!c->nonblocking) return CKPT_OK;
+  int64_t start = mono_ns();
+  for (;;) {
+    int busy = 0;
+    for (int32_t i = 0; i < c->ndev; i++) {
+      nccl_result state = 0;
+      nccl_result r = c->api->comm_get_async_error(c->comms[i], &state);
+      if (r != 0) return NCCL_FAIL(c->ctx, c->api, r, "ncclCommGetAsyncError after %s", what);
+      if (state == NCCL_IN_PROGRESS) busy = 1;
+      else if (state != 0)
+        return NCCL_FAIL(c->ctx, c->api, state, "%s (rank %d, device %d)", what, c->first_rank + i,
+                         c->devices[i]);
+    }
+    if (!busy) return CKPT_OK;
+    if ((mono_ns() - start) / 1000000 >= c->timeout_ms)
+      return FAIL(c->ctx, CKPT_ETIMEDOUT, "%s: not done after %lld ms (a rank of the %d that never "
+                  "took part?)", what, (long long)c->timeout_ms, c->nranks);
+    struct timespec ts = {0, 100 * 1000};
+    nanosleep(&ts, NULL);
+  }
+}
 
 CKPT_API int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]) {
   if (ctx == NULL) return CKPT_EINVAL;
@@ -697,7 +743,7 @@ static void comm_free(ckpt_comm *c, int abort_comms) {
 
 CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks,
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
-                            ckpt_comm **out) {
+                            int64_t timeout_ms, ckpt_comm **out) {
   if (ctx == NULL) return CKPT_EINVAL;
   CHECK_ARG(ctx, out != NULL);
   *out = NULL;
@@ -734,6 +780,13 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
   c->first_rank = first_rank;
   c->ndev = ndev;
   memcpy(c->devices, devices, (size_t)ndev * sizeof *devices);
+  /* A bounded wait needs a non-blocking communicator (NCCL >= 2.14): its init returns at once
+   * and can be aborted. Without a bound, or with an older NCCL, init blocks. */
+  c->nonblocking = timeout_ms >= 0 && api->comm_init_rank_config != NULL &&
+                   api->comm_get_async_error != NULL;
+  c->timeout_ms = timeout_ms;
+  nccl_config config = {offsetof(nccl_config, blocking) + sizeof(int), NCCL_CONFIG_MAGIC,
+                        NCCL_VERSION_2_14, 0};
   nccl_unique_id uid;
   memcpy(uid.internal, id, CKPT_COMM_ID_BYTES);
 
@@ -757,7 +810,8 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
       (void)api->comm_init_rank(&dummy, nranks, uid, -1);
       break;
     }
-    r = api->comm_init_rank(&c->comms[i], nranks, uid, first_rank + i);
+    r = c->nonblocking ? api->comm_init_rank_config(&c->comms[i], nranks, uid, first_rank + i, &config)
+                       : api->comm_init_rank(&c->comms[i], nranks, uid, first_rank + i);
     if (r != 0) {
       st = NCCL_FAIL(ctx, api, r, "ncclCommInitRank (rank %d of %d, device %d)", first_rank + i,
                      nranks, devices[i]);
@@ -765,9 +819,10 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
     }
   }
   r = api->group_end();
-  if (r != 0 && st == CKPT_OK)
+  if (r != 0 && r != NCCL_IN_PROGRESS && st == CKPT_OK)
     st = NCCL_FAIL(ctx, api, r, "ncclGroupEnd after ncclCommInitRank of ranks %d..%d of %d",
                    first_rank, first_rank + ndev - 1, nranks);
+  if (st == CKPT_OK) st = comm_settle(c, "joining the communicator");
   if (st != CKPT_OK) {
     comm_free(c, 1);
     return st;
@@ -781,14 +836,29 @@ CKPT_API int ckpt_comm_destroy(ckpt_comm *comm) {
   if (comm == NULL) return CKPT_EINVAL;
   ckpt_ctx *ctx = comm->ctx;
   int st = CKPT_OK;
-  /* ncclCommDestroy waits for the communicator's queued work. The handle is released even
-   * when a call fails, so that a failure cannot keep the context from being destroyed. */
+  /* A non-blocking communicator is finalized first (its queued work flushed, bounded by its
+   * timeout); ncclCommDestroy of a blocking one waits for its queued work. The handle is
+   * released even when a call fails, so that a failure cannot keep the context from being
+   * destroyed; a communicator that did not finalize in time is aborted. */
+  if (comm->nonblocking && comm->api->comm_finalize != NULL) {
+    for (int32_t i = 0; i < comm->ndev && st == CKPT_OK; i++) {
+      nccl_result r = comm->api->comm_finalize(comm->comms[i]);
+      if (r != 0 && r != NCCL_IN_PROGRESS)
+        st = NCCL_FAIL(ctx, comm->api, r, "ncclCommFinalize (rank %d)", comm->first_rank + i);
+    }
+    if (st == CKPT_OK) st = comm_settle(comm, "ncclCommFinalize");
+    if (st != CKPT_OK) {
+      int aborted = ckpt_comm_abort(comm);
+      (void)aborted;
+      return st;
+    }
+  }
   for (int32_t i = 0; i < comm->ndev; i++) {
     cudaError_t err = cudaSetDevice(comm->devices[i]);
     if (err != cudaSuccess && st == CKPT_OK)
       st = cuda_fail(ctx, err, cuda_status(err, CKPT_EDEVMEM), __FILE__, __LINE__, "cudaSetDevice");
     nccl_result r = comm->api->comm_destroy(comm->comms[i]);
-    if (r != 0 && st == CKPT_OK)
+    if (r != 0 && r != NCCL_IN_PROGRESS && st == CKPT_OK)
       st = NCCL_FAIL(ctx, comm->api, r, "ncclCommDestroy (rank %d, device %d)",
                      comm->first_rank + i, comm->devices[i]);
     comm->comms[i] = NULL;
@@ -805,7 +875,7 @@ CKPT_API int ckpt_comm_abort(ckpt_comm *comm) {
   for (int32_t i = 0; i < comm->ndev; i++) {
     if (cudaSetDevice(comm->devices[i]) != cudaSuccess) (void)cudaGetLastError();
     nccl_result r = comm->api->comm_abort(comm->comms[i]);
-    if (r != 0 && st == CKPT_OK)
+    if (r != 0 && r != NCCL_IN_PROGRESS && st == CKPT_OK)
       st = NCCL_FAIL(ctx, comm->api, r, "ncclCommAbort (rank %d, device %d)",
                      comm->first_rank + i, comm->devices[i]);
     comm->comms[i] = NULL;
@@ -845,8 +915,10 @@ CKPT_API int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs
     }
   }
   r = api->group_end();
-  if (r != 0 && st == CKPT_OK)
+  if (r != 0 && r != NCCL_IN_PROGRESS && st == CKPT_OK)
     st = NCCL_FAIL(ctx, api, r, "ncclGroupEnd after ncclBroadcast of %llu bytes from rank %d",
                    (unsigned long long)len, root);
+  /* A non-blocking communicator's first collectives connect the ranks in the background. */
+  if (st == CKPT_OK) st = comm_settle(comm, "ncclBroadcast");
   return st;
 }

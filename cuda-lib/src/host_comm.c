@@ -248,6 +248,12 @@ static void sock_tune(int fd) {
   (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
 }
 
+/* Milliseconds left until `deadline` (on the monotonic clock), at most cap and at least 1. */
+static int64_t left_ms(int64_t deadline, int64_t cap) {
+  int64_t left = deadline - mono_ms();
+  return left < 1 ? 1 : left < cap ? left : cap;
+}
+
 /* Connects to addr:port, retrying until the deadline (ms on the monotonic clock). A tuned,
  * blocking socket, or -1 with the last errno in *err. */
 static int connect_to(uint32_t addr, uint32_t port, int64_t deadline, int *err) {
@@ -520,11 +526,11 @@ static int id_parse(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], comm_id
 /* Sends this process's ranks to the bootstrap and receives the table of every process.
  * On success *lfd is this process's data listener, named in the table. */
 static int comm_join(ckpt_ctx *ctx, const comm_id *id, int32_t nranks, int32_t first_rank,
-                     int32_t ndev, int *lfd, boot_entry **table, uint32_t *nprocs) {
+                     int32_t ndev, int64_t deadline, int *lfd, boot_entry **table, uint32_t *nprocs) {
   char bname[48];
   addr_name(id->addr, id->port, bname, sizeof bname);
   int err = 0;
-  int bfd = connect_to(id->addr, id->port, mono_ms() + CONNECT_RETRY_MS, &err);
+  int bfd = connect_to(id->addr, id->port, mono_ms() + left_ms(deadline, CONNECT_RETRY_MS), &err);
   if (bfd < 0)
     return FAIL(ctx, CKPT_ESYS,
                 "communicator bootstrap at %s: connect: %s (tried for %d s: has the process that "
@@ -544,13 +550,17 @@ static int comm_join(ckpt_ctx *ctx, const comm_id *id, int32_t nranks, int32_t f
   CHECK_GOTO(listen_on(ctx, laddr, lfd, &lport), st, out);
   boot_hello h = {.magic = HELLO_MAGIC, .nranks = nranks, .first_rank = first_rank, .ndev = ndev,
                   .nonce = id->nonce, .addr = laddr, .port = lport};
-  sock_timeouts(bfd, BOOT_TIMEOUT_MS + 5000);
+  sock_timeouts(bfd, left_ms(deadline, BOOT_TIMEOUT_MS + 5000));
   int rc = io_all(bfd, &h, sizeof h, 1, NULL);
   if (rc == 0) rc = io_all(bfd, &r, sizeof r, 0, NULL);
+  if (rc == EAGAIN || rc == EWOULDBLOCK) {
+    st = FAIL(ctx, CKPT_ETIMEDOUT, "communicator bootstrap at %s: not all %d ranks joined in time",
+              bname, nranks);
+    goto out;
+  }
   if (rc != 0) {
-    st = FAIL(ctx, rc == EAGAIN || rc == EWOULDBLOCK ? CKPT_ETIMEDOUT : CKPT_ESYS,
-              "communicator bootstrap at %s: waiting for every rank to join: %s", bname,
-              io_error(rc));
+    st = FAIL(ctx, CKPT_ESYS, "communicator bootstrap at %s: waiting for every rank to join: %s",
+              bname, io_error(rc));
     goto out;
   }
   if (r.magic != REPLY_MAGIC) {
@@ -603,7 +613,7 @@ static void peers_close(comm_peer *p, int32_t n) {
  * side to accept (the kernel queues the connection on its listener), so connecting to every
  * higher process first, then accepting, cannot deadlock. */
 static int comm_connect(ckpt_ctx *ctx, uint64_t nonce, int32_t me, int lfd, const boot_entry *t,
-                        uint32_t n, comm_peer **out, int32_t *nout) {
+                        uint32_t n, int64_t until, comm_peer **out, int32_t *nout) {
   comm_peer *p = calloc(n, sizeof *p);
   if (p == NULL) return FAIL(ctx, CKPT_ENOMEM, "peer table of %u processes", n);
   int32_t np = 0, lower = 0, self = 0;
@@ -629,13 +639,13 @@ static int comm_connect(ckpt_ctx *ctx, uint64_t nonce, int32_t me, int lfd, cons
     if (t[i].first_rank == me) i++;  /* t[i] is the entry of p[k] */
     if (p[k].first_rank < me) continue;
     int err = 0;
-    p[k].fd = connect_to(t[i].addr, t[i].port, mono_ms() + CONNECT_RETRY_MS, &err);
+    p[k].fd = connect_to(t[i].addr, t[i].port, mono_ms() + left_ms(until, CONNECT_RETRY_MS), &err);
     if (p[k].fd < 0) {
       st = FAIL(ctx, CKPT_ESYS, "connect to ranks %d..%d at %s: %s", p[k].first_rank,
                 p[k].first_rank + p[k].ndev - 1, p[k].name, strerror(err));
       goto fail;
     }
-    sock_timeouts(p[k].fd, PEER_TIMEOUT_MS);
+    sock_timeouts(p[k].fd, left_ms(until, PEER_TIMEOUT_MS));
     rc = io_all(p[k].fd, (void *)&mine, sizeof mine, 1, NULL);
     if (rc != 0) {
       st = FAIL(ctx, CKPT_ESYS, "handshake with ranks %d..%d at %s: %s", p[k].first_rank,
@@ -643,16 +653,15 @@ static int comm_connect(ckpt_ctx *ctx, uint64_t nonce, int32_t me, int lfd, cons
       goto fail;
     }
   }
-  int64_t deadline = mono_ms() + PEER_TIMEOUT_MS;
+  int64_t deadline = mono_ms() + left_ms(until, PEER_TIMEOUT_MS);
   while (lower > 0) {
     int64_t left = deadline - mono_ms();
     if (left <= 0) {
       int32_t k = 0;
       while (!(p[k].first_rank < me && p[k].fd < 0)) k++;
       st = FAIL(ctx, CKPT_ETIMEDOUT,
-                "ranks %d..%d at %s (and %d more processes) did not connect within %d s",
-                p[k].first_rank, p[k].first_rank + p[k].ndev - 1, p[k].name, lower - 1,
-                PEER_TIMEOUT_MS / 1000);
+                "ranks %d..%d at %s (and %d more processes) did not connect in time",
+                p[k].first_rank, p[k].first_rank + p[k].ndev - 1, p[k].name, lower - 1);
       goto fail;
     }
     struct pollfd pf = {.fd = lfd, .events = POLLIN};
@@ -672,7 +681,7 @@ static int comm_connect(ckpt_ctx *ctx, uint64_t nonce, int32_t me, int lfd, cons
       continue;
     }
     sock_tune(fd);
-    sock_timeouts(fd, PEER_TIMEOUT_MS);
+    sock_timeouts(fd, left_ms(until, PEER_TIMEOUT_MS));
     p[k].fd = fd;
     lower--;
     rc = io_all(fd, (void *)&mine, sizeof mine, 1, NULL);
@@ -902,7 +911,8 @@ static void *comm_main(void *arg) {
 
 static int comm_init_remote(ckpt_ctx *ctx, const uint8_t idb[CKPT_COMM_ID_BYTES], int32_t nranks,
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
-                            ckpt_comm **out) {
+                            int64_t timeout_ms, ckpt_comm **out) {
+  const int64_t deadline = timeout_ms < 0 ? INT64_MAX / 2 : mono_ms() + timeout_ms;
   comm_id id;
   CHECK(id_parse(ctx, idb, &id));
   int lfd = -1;
@@ -910,8 +920,9 @@ static int comm_init_remote(ckpt_ctx *ctx, const uint8_t idb[CKPT_COMM_ID_BYTES]
   uint32_t nprocs = 0;
   comm_peer *peers = NULL;
   int32_t npeers = 0;
-  int st = comm_join(ctx, &id, nranks, first_rank, ndev, &lfd, &table, &nprocs);
-  if (st == CKPT_OK) st = comm_connect(ctx, id.nonce, first_rank, lfd, table, nprocs, &peers, &npeers);
+  int st = comm_join(ctx, &id, nranks, first_rank, ndev, deadline, &lfd, &table, &nprocs);
+  if (st == CKPT_OK)
+    st = comm_connect(ctx, id.nonce, first_rank, lfd, table, nprocs, deadline, &peers, &npeers);
   if (lfd >= 0) close(lfd);
   free(table);
   if (st != CKPT_OK) return st;
@@ -1062,7 +1073,7 @@ CKPT_API int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]) {
 
 CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks,
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
-                            ckpt_comm **out) {
+                            int64_t timeout_ms, ckpt_comm **out) {
   CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, out != NULL);
   *out = NULL;
@@ -1079,7 +1090,8 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
         return FAIL(ctx, CKPT_EINVAL, "device %d is listed twice (local ranks %d and %d)",
                     devices[i], j, i);
   }
-  if (nranks != ndev) return comm_init_remote(ctx, id, nranks, first_rank, ndev, devices, out);
+  if (nranks != ndev)
+    return comm_init_remote(ctx, id, nranks, first_rank, ndev, devices, timeout_ms, out);
   /* All ranks are local: nothing waits for other ranks, and the id's bootstrap (if it runs in
    * this process) is not needed. Any id is accepted. */
   comm_id v;

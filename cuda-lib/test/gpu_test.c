@@ -864,18 +864,30 @@ static void check_collectives(ckpt_ctx *ctx, int32_t ndev) {
   /* Argument errors, before anything would block waiting for ranks. */
   const int32_t dup[2] = {0, 0}, missing[1] = {ndev};
   ckpt_comm *none = NULL;
-  expect(ckpt_comm_init(ctx, id, 1, 0, 0, devs, &none), CKPT_EINVAL, "comm_init with ndev 0 -> EINVAL");
-  expect(ckpt_comm_init(ctx, id, 2, 0, 2, dup, &none), CKPT_EINVAL, "comm_init with a device twice -> EINVAL");
-  expect(ckpt_comm_init(ctx, id, n, 1, n, devs, &none), CKPT_EINVAL,
+  expect(ckpt_comm_init(ctx, id, 1, 0, 0, devs, -1, &none), CKPT_EINVAL, "comm_init with ndev 0 -> EINVAL");
+  expect(ckpt_comm_init(ctx, id, 2, 0, 2, dup, -1, &none), CKPT_EINVAL, "comm_init with a device twice -> EINVAL");
+  expect(ckpt_comm_init(ctx, id, n, 1, n, devs, -1, &none), CKPT_EINVAL,
          "comm_init with first_rank + ndev > nranks -> EINVAL");
-  expect(ckpt_comm_init(ctx, id, 1, 0, 1, missing, &none), CKPT_ENODEV,
+  expect(ckpt_comm_init(ctx, id, 1, 0, 1, missing, -1, &none), CKPT_ENODEV,
          "comm_init on a missing device -> ENODEV");
-  expect(ckpt_comm_init(ctx, NULL, n, 0, n, devs, &none), CKPT_EINVAL, "comm_init with no id -> EINVAL");
+  expect(ckpt_comm_init(ctx, NULL, n, 0, n, devs, -1, &none), CKPT_EINVAL, "comm_init with no id -> EINVAL");
   report(none == NULL, "failed comm_init leaves *out NULL", "%p", (void *)none);
 
+  /* A rank that never joins: the bounded wait ends, nothing is left behind. */
+  uint8_t lonely[CKPT_COMM_ID_BYTES];
   double t0 = now_s();
-  snprintf(name, sizeof name, "comm_init over all %d local devices", n);
-  if (!expect(ckpt_comm_init(ctx, id, n, 0, n, devs, &comm), CKPT_OK, name)) goto out;
+  if (expect(ckpt_comm_id_new(ctx, lonely), CKPT_OK, "comm_id_new for a communicator nobody completes")) {
+    snprintf(name, sizeof name, "comm_init of %d of %d ranks with a 500 ms limit -> ETIMEDOUT", n, n + 1);
+    expect(ckpt_comm_init(ctx, lonely, n + 1, 0, n, devs, 500, &none), CKPT_ETIMEDOUT, name);
+    double waited = now_s() - t0;
+    report(waited >= 0.45 && waited < 5 && none == NULL, "the wait for the missing rank is bounded",
+           "%.2f s, comm %p", waited, (void *)none);
+  }
+
+  /* The communicator of the tests below is bounded (non-blocking in NCCL); `other` is not. */
+  t0 = now_s();
+  snprintf(name, sizeof name, "comm_init over all %d local devices, with a 10 s limit", n);
+  if (!expect(ckpt_comm_init(ctx, id, n, 0, n, devs, 10000, &comm), CKPT_OK, name)) goto out;
   printf("# comm_init of %d ranks: %.0f ms\n", n, (now_s() - t0) * 1e3);
 
   if (n == 1) {
@@ -904,7 +916,7 @@ static void check_collectives(ckpt_ctx *ctx, int32_t ndev) {
   /* A second communicator, aborted. */
   if (expect(ckpt_comm_id_new(ctx, id2), CKPT_OK, "comm_id_new again")) {
     report(memcmp(id, id2, sizeof id) != 0, "a new id differs", "the same id twice");
-    if (expect(ckpt_comm_init(ctx, id2, n, 0, n, devs, &other), CKPT_OK, "comm_init of a second communicator"))
+    if (expect(ckpt_comm_init(ctx, id2, n, 0, n, devs, -1, &other), CKPT_OK, "comm_init of a second communicator"))
       expect(ckpt_comm_abort(other), CKPT_OK, "comm_abort");
   }
 out:

@@ -104,7 +104,7 @@ static int proc_close(proc *p) {
 
 static int proc_join(proc *p) {
   int32_t devs[MAX_RANKS] = {0, 1, 2, 3};
-  EXPECT_OK(p->ctx, ckpt_comm_init(p->ctx, p->id, p->nranks, p->first_rank, p->ndev, devs, &p->comm));
+  EXPECT_OK(p->ctx, ckpt_comm_init(p->ctx, p->id, p->nranks, p->first_rank, p->ndev, devs, -1, &p->comm));
   EXPECT(p->comm != NULL);
   return 1;
 }
@@ -399,7 +399,7 @@ static int mismatch_fn(proc *p) {
   const int32_t devs[1] = {0};
   ckpt_comm *c = (ckpt_comm *)p;  /* must be overwritten with NULL */
   int32_t nranks = p->idx == 0 ? 2 : 3;
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, p->id, nranks, p->idx, 1, devs, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, p->id, nranks, p->idx, 1, devs, -1, &c), CKPT_EINVAL);
   EXPECT(c == NULL);
   EXPECT_DETAIL(ctx, "nranks mismatch");
   return 1;
@@ -410,7 +410,7 @@ static int overlap_fn(proc *p) {
   ckpt_ctx *ctx = p->ctx;
   const int32_t devs[1] = {0};
   ckpt_comm *c = NULL;
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, p->id, 2, 0, 1, devs, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, p->id, 2, 0, 1, devs, -1, &c), CKPT_EINVAL);
   EXPECT(c == NULL);
   EXPECT_DETAIL(ctx, "ranks overlap");
   return 1;
@@ -540,13 +540,22 @@ static int test_ids(void) {
   EXPECT(memcmp(id, id2, sizeof id) != 0 && memcmp(id, zero, sizeof id) != 0);
   const int32_t d01[2] = {0, 1};
   ckpt_comm *c = NULL;
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, zero, 3, 0, 2, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, zero, 3, 0, 2, d01, -1, &c), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "not made by the host backend");
   /* Local-only communicators take any id (and stop the id's bootstrap). */
-  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, &c));
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, -1, &c));
   EXPECT_OK(ctx, ckpt_comm_destroy(c));
-  EXPECT_OK(ctx, ckpt_comm_init(ctx, id2, 2, 0, 2, d01, &c));
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id2, 2, 0, 2, d01, -1, &c));
   EXPECT_OK(ctx, ckpt_comm_destroy(c));
+  /* A rank that never joins: the wait ends at the limit, with nothing left behind. */
+  uint8_t lonely[CKPT_COMM_ID_BYTES];
+  EXPECT_OK(ctx, ckpt_comm_id_new(ctx, lonely));
+  double t0 = now_s();
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, lonely, 2, 0, 1, d01, 300, &c), CKPT_ETIMEDOUT);
+  double waited = now_s() - t0;
+  EXPECT(waited >= 0.25 && waited < 3.0);
+  EXPECT_DETAIL(ctx, "not all 2 ranks joined");
+  EXPECT(c == NULL);
   setenv("CKPT_HOST_COMM_ADDR", "not-an-address", 1);
   EXPECT_ST(ctx, ckpt_comm_id_new(ctx, id), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "CKPT_HOST_COMM_ADDR");

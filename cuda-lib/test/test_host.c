@@ -648,7 +648,7 @@ static int ranks_open(ranks *r, int32_t ndev, size_t len) {
   int32_t devs[4] = {0, 1, 2, 3};
   uint8_t id[CKPT_COMM_ID_BYTES];
   int st = ckpt_comm_id_new(r->ctx, id);
-  if (st == CKPT_OK) st = ckpt_comm_init(r->ctx, id, ndev, 0, ndev, devs, &r->comm);
+  if (st == CKPT_OK) st = ckpt_comm_init(r->ctx, id, ndev, 0, ndev, devs, -1, &r->comm);
   for (int32_t i = 0; i < ndev && st == CKPT_OK; i++) {
     st = ckpt_host_alloc(r->ctx, len, (void **)&r->pat[i]);
     if (st == CKPT_OK) fill(r->pat[i], len, 100 + (uint32_t)i);
@@ -847,29 +847,29 @@ static int test_broadcast_errors(void) {
   const int32_t d01[2] = {0, 1}, d00[2] = {0, 0}, d05[2] = {0, 5}, dneg[1] = {-1};
   ckpt_comm *c = (ckpt_comm *)&r;  /* must be overwritten with NULL */
   /* Ranks in other processes need an id from ckpt_comm_id_new (tested in test_comm.c). */
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, zero, 4, 0, 2, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, zero, 4, 0, 2, d01, -1, &c), CKPT_EINVAL);
   EXPECT(c == NULL);
   EXPECT_DETAIL(ctx, "not made by the host backend");
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, zero, 3, 1, 2, d01, &c), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 1, 2, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, zero, 3, 1, 2, d01, -1, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 1, 2, d01, -1, &c), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "do not fit");
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, -1, 1, d01, &c), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 0, 0, 0, d01, &c), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 0, d01, &c), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d00, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, -1, 1, d01, -1, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 0, 0, 0, d01, -1, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 0, d01, -1, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d00, -1, &c), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "device 0 is listed twice");
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d05, &c), CKPT_ENODEV);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 1, 0, 1, dneg, &c), CKPT_ENODEV);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, NULL, &c), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, NULL, 2, 0, 2, d01, &c), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, NULL), CKPT_EINVAL);
-  EXPECT_ST(NULL, ckpt_comm_init(NULL, id, 2, 0, 2, d01, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d05, -1, &c), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 1, 0, 1, dneg, -1, &c), CKPT_ENODEV);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, NULL, -1, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, NULL, 2, 0, 2, d01, -1, &c), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, -1, NULL), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_comm_init(NULL, id, 2, 0, 2, d01, -1, &c), CKPT_EINVAL);
   EXPECT_ST(NULL, ckpt_comm_destroy(NULL), CKPT_EINVAL);
   EXPECT_ST(NULL, ckpt_comm_abort(NULL), CKPT_EINVAL);
 
   /* A second communicator over one device (device 1 alone): broadcasts are no-ops. */
   const int32_t d1[1] = {1};
-  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 1, 0, 1, d1, &c));
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 1, 0, 1, d1, -1, &c));
   EXPECT_OK(ctx, ckpt_broadcast(c, 0, &r.buf[1], &r.s[1], 0, len));
   EXPECT_ST(ctx, ckpt_broadcast(c, 1, &r.buf[1], &r.s[1], 0, len), CKPT_EINVAL);
   EXPECT_ST(ctx, ckpt_broadcast(c, 0, &r.buf[0], &r.s[0], 0, len), CKPT_EINVAL);
@@ -882,7 +882,7 @@ static int test_broadcast_errors(void) {
   ctx = new_ctx(2);
   EXPECT(ctx != NULL);
   EXPECT_OK(ctx, ckpt_comm_id_new(ctx, id));
-  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, &c));
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, -1, &c));
   EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY);
   EXPECT_DETAIL(ctx, "1 handles");
   EXPECT_OK(ctx, ckpt_comm_destroy(c));
@@ -907,7 +907,7 @@ static int test_broadcast_lifetimes(void) {
   uint8_t id[CKPT_COMM_ID_BYTES];
   const int32_t d01[2] = {0, 1};
   EXPECT_OK(ctx, ckpt_comm_id_new(ctx, id));
-  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, &r.comm));
+  EXPECT_OK(ctx, ckpt_comm_init(ctx, id, 2, 0, 2, d01, -1, &r.comm));
   EXPECT_OK(ctx, h2d(r.s[1], r.buf[1], r.pat[1], 0, len));
   EXPECT_OK(ctx, ckpt_broadcast(r.comm, 1, r.buf, r.s, 0, len));
   EXPECT_OK(ctx, ckpt_stream_destroy(r.s[0]));  /* drains the destination's copy */

@@ -158,7 +158,14 @@ export class Updates {
     if (!comm.fresh) throw new ApiError(409, "comm_lost", `communicator ${comm.key} is not known here`);
     await this.dropShared(false);
     const devices = Array.from({ length: gpus }, (_, g) => g);
-    const made = await this.opts.ctx.commInit(Buffer.from(comm.id, "hex"), comm.nranks, firstRank, devices);
+    // Bounded: a participant that never joins (it died, or refused the plan) fails the update.
+    const made = await this.opts.ctx.commInit(
+      Buffer.from(comm.id, "hex"),
+      comm.nranks,
+      firstRank,
+      devices,
+      this.opts.receiverTimeoutMs,
+    );
     this.shared = { key: comm.key, id: comm.id, comm: made };
     return made;
   }
