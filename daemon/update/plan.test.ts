@@ -24,7 +24,7 @@ describe("planBuckets", () => {
       name: "packs small tensors, aligning offsets",
       tensors: [t("a", 10, 0, 0), t("b", 20, 0, 10), t("c", 5, 0, 30)],
       bucketBytes: 64,
-      want: ["0:a[0,10)@0 b[0,20)@16 c[0,5)@48"],
+      want: ["0:b[0,20)@0 a[0,10)@32 c[0,5)@48"],
     },
     {
       name: "starts a new bucket for a tensor that does not fit",
@@ -36,7 +36,13 @@ describe("planBuckets", () => {
       name: "splits a tensor larger than a bucket",
       tensors: [t("a", 8, 0, 0), t("big", 150, 0, 8), t("c", 8, 0, 158)],
       bucketBytes: 64,
-      want: ["0:a[0,8)@0 big[0,48)@16", "0:big[48,112)@0", "0:big[112,150)@0 c[0,8)@48"],
+      want: ["0:big[0,64)@0", "0:big[64,128)@0", "0:big[128,150)@0 a[0,8)@32 c[0,8)@48"],
+    },
+    {
+      name: "fills buckets largest first, without cutting tensors that fit one",
+      tensors: [t("a", 48, 0, 0), t("b", 32, 0, 48), t("c", 16, 0, 80), t("d", 32, 0, 96)],
+      bucketBytes: 64,
+      want: ["0:a[0,48)@0 c[0,16)@48", "0:b[0,32)@0 d[0,32)@32"],
     },
     {
       name: "never mixes owners: file f belongs to GPU f mod gpus",
@@ -57,14 +63,14 @@ describe("planBuckets", () => {
       tensors: [t("big", 96, 0, 0), t("small", 32, 1, 0)],
       bucketBytes: 64,
       gpus: 2,
-      want: ["0:big[0,64)@0", "1:small[0,32)@0 big[64,96)@32"],
+      want: ["0:big[0,64)@0", "1:big[64,96)@0 small[0,32)@32"],
     },
     {
       name: "cuts a tensor only at a multiple of the alignment from its start",
       tensors: [t("a", 40, 0, 0), t("b", 8, 1, 0)],
       bucketBytes: 64,
       gpus: 2,
-      want: ["0:a[0,32)@0", "1:b[0,8)@0 a[32,40)@16"],
+      want: ["0:a[0,32)@0", "1:a[32,40)@0 b[0,8)@16"],
     },
     {
       name: "orders by file and offset, whatever the input order",
@@ -77,7 +83,7 @@ describe("planBuckets", () => {
       name: "keeps empty tensors",
       tensors: [t("empty", 0, 0, 0), t("a", 8, 0, 0)],
       bucketBytes: 64,
-      want: ["0:empty[0,0)@0 a[0,8)@0"],
+      want: ["0:a[0,8)@0 empty[0,0)@16"],
     },
   ])("$name", ({ tensors, bucketBytes, gpus, want }) => {
     expect(view(tensors, bucketBytes, gpus)).toEqual(want);

@@ -1,7 +1,9 @@
 /**
  * Bucket planning: a pure function from a checkpoint's tensors to the buckets an update
- * moves. Each bucket is copied host-to-device by one GPU (the one whose share of host memory
- * holds those bytes), then broadcast to all; a tensor larger than a bucket is split.
+ * moves. Each bucket is copied host-to-device by one GPU, then broadcast to all. Every GPU
+ * copies an equal share of the bytes, from its own share of host memory first; buckets are
+ * packed largest tensor first; a tensor is cut only when it is larger than a bucket or
+ * straddles two GPUs' shares.
  */
 
 import type { TensorRecord } from "../checkpoints/registry.ts";
@@ -38,7 +40,7 @@ export interface Bucket {
 export interface PlanOptions {
   /** Bucket capacity in bytes. */
   bucketBytes: number;
-  /** Global ranks of the GPUs whose hosts hold the checkpoint: file f belongs to owners[f mod n]. */
+  /** Global ranks of the GPUs whose hosts hold the checkpoint; file f is local to owners[f mod n]. */
   owners: number[];
   /** Slots per GPU; owners[j] uses the slots s with s mod n = j, in turn. */
   slots: number;
@@ -133,39 +135,53 @@ function take(list: Segment[], bytes: number, align: number): { head: Segment[];
   return { head, rest: [] };
 }
 
-function packBuckets(segments: Segment[], bucketBytes: number, align: number): Omit<Bucket, "owner" | "slot">[] {
-  type Packed = Omit<Bucket, "owner" | "slot">;
+type Packed = Omit<Bucket, "owner" | "slot">;
+
+/** How many of the most recently opened buckets a segment may go into (bounds the search). */
+const OPEN_BUCKETS = 64;
+
+/**
+ * Packs one owner's segments into buckets: a segment larger than a bucket is cut into full
+ * buckets and a remainder; the others go, largest first, into the first open bucket with room
+ * (offsets aligned), so buckets come out nearly full without cutting tensors that fit one.
+ */
+function packBuckets(segments: Segment[], bucketBytes: number, align: number): Packed[] {
   const buckets: Packed[] = [];
-  let cur: Packed | undefined;
-  const fresh = (): Packed => {
-    cur = { index: buckets.length, bytes: 0, pieces: [] };
-    buckets.push(cur);
-    return cur;
-  };
-  for (const { t, begin, end } of segments) {
-    let done = begin;
-    do {
-      let b = cur ?? fresh();
-      let at = Math.ceil(b.bytes / align) * align;
-      if (at >= bucketBytes || (at + (end - done) > bucketBytes && end - begin <= bucketBytes)) {
-        // A segment that fits a bucket is not split; it starts a new bucket.
-        b = fresh();
-        at = 0;
-      }
-      const n = Math.min(end - done, bucketBytes - at);
-      b.pieces.push({
-        name: t.name,
-        dtype: t.dtype,
-        shape: t.shape,
-        bytes: t.bytes,
-        slotOffset: at,
-        range: [done, done + n],
-        file: t.file,
-        fileOffset: t.offset + done,
-      });
-      b.bytes = at + n;
-      done += n;
-    } while (done < end);
+  const items: Segment[] = [];
+  for (const s of segments) {
+    let begin = s.begin;
+    for (; s.end - begin > bucketBytes; begin += bucketBytes) {
+      buckets.push({ index: 0, bytes: bucketBytes, pieces: [piece(s, begin, begin + bucketBytes, 0)] });
+    }
+    items.push({ ...s, begin });
   }
-  return buckets;
+  const size = (x: Segment) => x.end - x.begin;
+  items.sort((a, b) => size(b) - size(a) || a.t.file - b.t.file || a.t.offset + a.begin - (b.t.offset + b.begin));
+  const open: Packed[] = [];
+  const alignUp = (n: number) => Math.ceil(n / align) * align;
+  for (const s of items) {
+    let b = open.find((x) => alignUp(x.bytes) + size(s) <= bucketBytes);
+    if (!b) {
+      b = { index: 0, bytes: 0, pieces: [] };
+      buckets.push(b);
+      if (open.push(b) > OPEN_BUCKETS) open.shift();
+    }
+    const at = alignUp(b.bytes);
+    b.pieces.push(piece(s, s.begin, s.end, at));
+    b.bytes = at + size(s);
+  }
+  return buckets.map((b, index) => ({ ...b, index }));
+}
+
+function piece({ t }: Segment, begin: number, end: number, slotOffset: number): BucketPiece {
+  return {
+    name: t.name,
+    dtype: t.dtype,
+    shape: t.shape,
+    bytes: t.bytes,
+    slotOffset,
+    range: [begin, end],
+    file: t.file,
+    fileOffset: t.offset + begin,
+  };
 }
