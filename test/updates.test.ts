@@ -270,15 +270,22 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     const { peer, coordinator, tensors } = await pair({ peerHolds });
     const a = await coordinator.receiver(0, "engine-a");
     const b = await peer.receiver(0, "engine-b");
+    if (peerHolds) {
+      // The peer's own update numbers u-1 too; its part of the coordinator's is u-1@<node>.
+      expect((await peer.api("POST", "/v1/updates", { checkpoint: "m" })).body.id).toBe("u-1");
+      await expectDelivered(b, "u-1", tensors);
+    }
     for (const id of ["u-1", "u-2"]) {
       const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
       expect(res.body.error?.message).toBeUndefined();
       expect(res.body.state).toBe("succeeded");
       await expectDelivered(a, id, tensors);
-      await expectDelivered(b, id, tensors);
+      await expectDelivered(b, `${id}@t`, tensors);
     }
     // The peer keeps its own record of its part; when it holds the checkpoint it copies half.
-    expect((await peer.api("GET", "/v1/updates/u-1")).body.state).toBe("succeeded");
+    expect((await peer.api("GET", "/v1/updates/u-1@t")).body.state).toBe("succeeded");
+    const ids = (await peer.api("GET", "/v1/updates")).body.updates.map((u: { id: string }) => u.id);
+    expect(ids).toEqual(peerHolds ? ["u-1", "u-1@t", "u-2@t"] : ["u-1@t", "u-2@t"]);
     const { buckets } = (await coordinator.api("GET", "/v1/updates/u-1?buckets=1")).body;
     const owned = [0, 1].map((o) =>
       buckets
@@ -304,7 +311,7 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     const again = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
     expect(again.body.state).toBe("succeeded");
     await expectDelivered(a, "u-2", tensors);
-    await expectDelivered(b, "u-2", tensors);
+    await expectDelivered(b, "u-2@t", tensors);
   });
 
   it("fails within the timeout, naming the peer, when the peer daemon is gone", async () => {

@@ -333,7 +333,11 @@ export class Updates {
     if (owned && !version)
       throw new ApiError(409, "not_held", `no ready version of ${plan.checkpoint.name} with that content`);
     const lease = version ? registry.acquire(version.id) : undefined;
-    const record = new UpdateRecord(plan.update, version?.id ?? `${plan.checkpoint.name} (from ${plan.coordinator})`);
+    // "u-N@coordinator": this daemon's own updates are numbered u-1, u-2, ... as well.
+    const record = new UpdateRecord(
+      `${plan.update}@${plan.coordinator}`,
+      version?.id ?? `${plan.checkpoint.name} (from ${plan.coordinator})`,
+    );
     this.records.set(record.id, record);
     this.trim();
     this.running = record;
