@@ -12,7 +12,7 @@ import { ApiError } from "../http/errors.ts";
 import { awaitReceivers, type Triggered, triggerEngines } from "./engines.ts";
 import { fingerprint, type Participant, type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
 import { type BucketTiming, type Group, transmit } from "./pipeline.ts";
-import { type Bucket, planBuckets } from "./plan.ts";
+import { type Bucket, type PlanOptions, planBuckets } from "./plan.ts";
 import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
 import type { Transfer } from "./transfer.ts";
 
@@ -142,6 +142,15 @@ export class Updates {
   /** The communicator over every rank of a multi-daemon update, kept while its members are. */
   private shared?: { key: string; id: string; comm: Comm };
 
+  /** The last plan: the same version over the same GPUs and slots is planned once. */
+  private lastPlan?: { key: string; buckets: Bucket[] };
+
+  private plan(version: CheckpointVersion, opts: PlanOptions): Bucket[] {
+    const key = JSON.stringify([version.id, opts]);
+    if (this.lastPlan?.key !== key) this.lastPlan = { key, buckets: planBuckets(version.tensors, opts) };
+    return this.lastPlan.buckets;
+  }
+
   private async dropShared(abort: boolean): Promise<void> {
     const shared = this.shared;
     this.shared = undefined;
@@ -210,8 +219,9 @@ export class Updates {
       const t = transfer;
       const fp = fingerprint(version);
       let rank = t.gpus.length;
-      for (const url of peers) {
-        const info = await peerInfo(url, version.name, fp, timeout);
+      const infos = await Promise.all(peers.map((url) => peerInfo(url, version.name, fp, timeout)));
+      for (const [i, url] of peers.entries()) {
+        const info = infos[i] as (typeof infos)[number];
         // Checked before anyone joins a communicator: a rank that never joins would block the others.
         if (info.running) throw new Error(`peer ${url} is busy with update ${info.running}`);
         if (info.slots !== t.slots || info.slotBytes !== t.slotBytes) {
@@ -231,7 +241,7 @@ export class Updates {
       if (t.slots < owners.length) {
         throw new Error(`${owners.length} GPUs copy this checkpoint but there are ${t.slots} slots; raise bucketSlots`);
       }
-      const buckets = planBuckets(version.tensors, { bucketBytes: t.slotBytes, owners, slots: t.slots });
+      const buckets = this.plan(version, { bucketBytes: t.slotBytes, owners, slots: t.slots });
       record.progress.buckets = buckets.length;
       record.progress.bytes = buckets.reduce((sum, b) => sum + b.bytes, 0);
       let group: Group = { comm: t.comm, firstRank: 0, ordered: false };
