@@ -2,8 +2,14 @@ import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { writeModel, xxh64 } from "./checkpoint-files.ts";
-import { daemonCommand, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
+import { writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { daemonCommand, type Running, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
+import { ReferenceReceiver } from "./reference-receiver.ts";
+
+/** A daemon's node id, from its status. */
+async function nodeId(d: Running): Promise<string> {
+  return ((await (await fetch(`${d.url}/v1/status`)).json()) as { nodeId: string }).nodeId;
+}
 
 describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime) => {
   const command = daemonCommand(runtime);
@@ -41,6 +47,57 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
     daemon.proc.kill("SIGTERM");
     expect(await daemon.exited).toBe(0);
     rmSync(dir, { recursive: true });
+  });
+
+  it("pushes an update into the receivers of its GPUs and of a peer daemon under Node", async () => {
+    // The peer runs under Node; this runtime coordinates: its peer API calls, receiver
+    // sockets and TCP collectives are all exercised.
+    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const tensors = writeModel(dir, 2, 3, 512);
+    tensors.push(...writeSafetensors(`${dir}/big.safetensors`, [{ name: "big", dtype: "F32", shape: [700, 1024] }]));
+    const sockets = [tempDir(), tempDir()];
+    const small = ["--bucket-bytes", String(1 << 20), "--bucket-slots", "4"];
+    const peer = await startProcess(daemonCommand("node"), ["--socket-dir", sockets[1] as string, ...small]);
+    const daemon = await startProcess(command, [
+      ...["--host-devices", "2", "--socket-dir", sockets[0] as string, "--peers", peer.url, ...small],
+    ]);
+    const receivers = [
+      new ReferenceReceiver(`${sockets[0]}/gpu-0.sock`, "a0"),
+      new ReferenceReceiver(`${sockets[0]}/gpu-1.sock`, "a1"),
+      new ReferenceReceiver(`${sockets[1]}/gpu-0.sock`, "b0"),
+    ];
+    try {
+      for (const r of receivers) await r.connect();
+      for (const d of [daemon, peer]) {
+        const res = await fetch(`${d.url}/v1/checkpoints`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ name: "m", dir }),
+        });
+        expect(res.status).toBe(201);
+      }
+      const res = await fetch(`${daemon.url}/v1/updates`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ checkpoint: "m" }),
+      });
+      const body = (await res.json()) as { state: string; error?: unknown };
+      expect(body.error).toBeUndefined();
+      expect(body.state).toBe("succeeded");
+      const coordinator = await nodeId(daemon);
+      for (const [i, r] of receivers.entries()) {
+        const got = r.hashes.get(i < 2 ? "u-1" : `u-1@${coordinator}`);
+        expect(got?.size).toBe(tensors.length);
+        for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+      }
+    } finally {
+      for (const r of receivers) await r.close();
+      for (const d of [daemon, peer]) {
+        d.proc.kill("SIGTERM");
+        expect(await d.exited).toBe(0);
+      }
+      rmSync(dir, { recursive: true });
+    }
   });
 
   it.each([

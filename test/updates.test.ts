@@ -326,6 +326,22 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     expect((await coordinator.api("GET", "/v1/healthz")).body).toEqual({ ok: true });
   });
 
+  it("refuses peers whose bucket geometry differs, saying what to set", async () => {
+    // bucketSlots 3 is raised to 4 on the daemon with 2 GPUs, not on the one with 1.
+    const peer = await start({ hostDevices: 1, bucketSlots: 3 });
+    const coordinator = await start({
+      hostDevices: 2,
+      bucketSlots: 3,
+      peers: [`http://127.0.0.1:${peer.daemon.port}`],
+    });
+    await register(coordinator.api);
+    const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(
+      /has 3 slots of 1048576 bytes, this daemon 4 of 1048576: set bucketSlots to 4 and bucketBytes to 1048576 on every daemon/,
+    );
+  });
+
   it("gives up joining the communicator within the timeout when a peer refuses the plan", async () => {
     // A peer that describes itself like the coordinator (same geometry, holds the checkpoint)
     // but refuses every plan: the coordinator has started joining a communicator that this

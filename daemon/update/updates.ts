@@ -225,8 +225,10 @@ export class Updates {
         // Checked before anyone joins a communicator: a rank that never joins would block the others.
         if (info.running) throw new Error(`peer ${url} is busy with update ${info.running}`);
         if (info.slots !== t.slots || info.slotBytes !== t.slotBytes) {
+          // bucketSlots is raised to 2 per GPU, and buckets shrink to fit bucketMemoryBytes and
+          // the GPUs' free memory: the same settings can give different geometries.
           throw new Error(
-            `peer ${url} has ${info.slots} slots of ${info.slotBytes} bytes, this daemon ${t.slots} of ${t.slotBytes}: configure bucketSlots and bucketBytes alike`,
+            `peer ${url} has ${info.slots} slots of ${info.slotBytes} bytes, this daemon ${t.slots} of ${t.slotBytes}: set bucketSlots to ${Math.max(info.slots, t.slots)} and bucketBytes to ${Math.min(info.slotBytes, t.slotBytes)} on every daemon (bucketSlots is raised to 2 per GPU; buckets shrink to fit bucketMemoryBytes and free GPU memory)`,
           );
         }
         remote.push({ url, info, firstRank: rank });
