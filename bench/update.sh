@@ -90,7 +90,9 @@ for pid in "${engines[@]}"; do wait "$pid"; done
 # The last update's per-bucket timeline on each daemon (ms from its start).
 last=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().rsplit("\n",1)[0]).get("id") or json.loads(open(sys.argv[1]).read().strip().rsplit("\n",1)[0])["error"]["details"]["id"])' "$out/u.txt")
 for d in $(seq 0 $((daemons - 1))); do
-  curl -s "localhost:$((8470 + d))/v1/updates/$last?buckets=true" >"$out/timeline-$d.json"
+  # A peer records its part as u-N@<coordinator's node id>.
+  [ "$d" = 0 ] && id=$last || id="$last@$(curl -s localhost:8470/v1/status | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodeId"])')"
+  curl -s "localhost:$((8470 + d))/v1/updates/$id?buckets=true" >"$out/timeline-$d.json"
 done
 
 # A 1 MiB checkpoint, end to end from the API, to a plain receiver per GPU.
