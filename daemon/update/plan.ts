@@ -51,9 +51,8 @@ export interface PlanOptions {
 /**
  * Splits the tensors into buckets, never mixing owners within a bucket, then interleaves the
  * owners' buckets (GPU 0, GPU 1, ..., GPU 0, ...) so that every GPU's host-to-device engine
- * has work in flight at once. Every owner copies the same number of bytes (to within twice
- * `align`):
- * its own files first, and a share of an owner's excess where the files are uneven.
+ * has work in flight at once. Every owner copies the same number of bytes, to within twice
+ * `align` (see shares), packed into as few buckets as fit (see packBuckets).
  */
 export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] {
   const n = opts.owners.length;
