@@ -3,6 +3,9 @@ per GPU applying into preallocated tensors. Usage (daemon on :8470, state dir gi
 
     python3 bench/tiny_update.py --state STATE_DIR --gpus N [--runs 20]
 
+With several daemons (--state S0,S1,...: daemon i on port 8470+i owning GPUs i*N..i*N+N-1,
+daemon 0 coordinating the others as its peers), every daemon holds the checkpoint.
+
 Prints one JSON line: median / min / max milliseconds over the runs after a warm-up, and
 whether every run delivered the registered bytes (checked on GPU 0 against the source).
 """
@@ -24,6 +27,10 @@ from trainer_push import push_shm  # noqa: E402
 URL = "http://127.0.0.1:8470"
 
 
+def url(daemon):
+    return f"http://127.0.0.1:{8470 + daemon}"
+
+
 def post(path, body):
     req = urllib.request.Request(URL + path, json.dumps(body).encode(), {"content-type": "application/json"})
     with urllib.request.urlopen(req) as res:
@@ -38,25 +45,29 @@ def main():
     args = ap.parse_args()
     g = torch.Generator().manual_seed(7)
     source = {"tiny.weight": torch.randn(512, 1024, generator=g).to(torch.bfloat16)}  # 1 MiB
-    push_shm(URL, "tiny", source)
-    received = []
+    states = args.state.split(",")
+    for d in range(len(states)):
+        push_shm(url(d), "tiny", source)
+    received = {}
 
-    def engine(gpu):
-        dev = torch.device(f"cuda:{gpu}")
+    def engine(d, gpu):
+        dev = torch.device(f"cuda:{d * args.gpus + gpu}")
         params = {k: torch.empty_like(v, device=dev) for k, v in source.items()}
-        r = Receiver(os.path.join(args.state, "sockets", f"gpu-{gpu}.sock"), device=dev, name=f"tiny-{gpu}")
+        r = Receiver(os.path.join(states[d], "sockets", f"gpu-{gpu}.sock"), device=dev, name=f"tiny-{d}-{gpu}")
         for _ in range(args.runs + 1):
             r.receive(apply_to_params(params))
-            if gpu == 0:
-                received.append(bool(torch.equal(params["tiny.weight"].cpu(), source["tiny.weight"])))
+            ok = bool(torch.equal(params["tiny.weight"].cpu(), source["tiny.weight"]))
+            received[dev.index] = received.get(dev.index, True) and ok
         r.close()
 
-    threads = [threading.Thread(target=engine, args=(i,), daemon=True) for i in range(args.gpus)]
+    threads = [threading.Thread(target=engine, args=(d, g), daemon=True)
+               for d in range(len(states)) for g in range(args.gpus)]
     for t in threads:
         t.start()
     while True:
-        status = json.load(urllib.request.urlopen(URL + "/v1/status"))
-        if sum(len(x["receivers"]) for x in status["gpus"]) >= args.gpus:
+        connected = sum(len(x["receivers"]) for d in range(len(states))
+                        for x in json.load(urllib.request.urlopen(url(d) + "/v1/status"))["gpus"])
+        if connected >= len(threads):
             break
         time.sleep(0.05)
     times = []
@@ -69,7 +80,8 @@ def main():
         t.join(30)
     times = sorted(times[1:])
     print(json.dumps({"bytes": 1 << 20, "runs": args.runs, "median_ms": statistics.median(times),
-                      "min_ms": times[0], "max_ms": times[-1], "bit_exact": all(received) and len(received) > 0}))
+                      "min_ms": times[0], "max_ms": times[-1],
+                      "bit_exact": len(received) == len(threads) and all(received.values())}))
 
 
 if __name__ == "__main__":

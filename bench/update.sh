@@ -96,11 +96,8 @@ for d in $(seq 0 $((daemons - 1))); do
 done
 
 # A 1 MiB checkpoint, end to end from the API, to a plain receiver per GPU.
-if [ "$daemons" = 1 ]; then
-  python3 bench/tiny_update.py --state "${states[0]}" --gpus "$gpus" >"$out/tiny.json" 2>"$out/tiny.err"
-else
-  echo '{"skipped": "with several daemons"}' >"$out/tiny.json"
-fi
+all_states=$(IFS=,; echo "${states[*]}")
+python3 bench/tiny_update.py --state "$all_states" --gpus $((gpus / daemons)) >"$out/tiny.json" 2>"$out/tiny.err"
 for pid in "${pids[@]}"; do kill -TERM "$pid"; wait "$pid"; done
 
 python3 - "$out" "$gpus" "$mem_before" "$mem_daemon" "$mem_engines" <<'PY'
