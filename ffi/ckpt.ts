@@ -47,9 +47,17 @@ export interface ContextOptions {
 
 type Ptr = bigint;
 
+/** The arguments of async calls in flight: memory they pass by pointer stays alive until the call returns. */
+const inFlight = new Set<unknown[]>();
+
 function promisify<T>(fn: Native[keyof Native], args: unknown[]): Promise<T> {
   return new Promise((resolve, reject) => {
-    fn.async(...args, (err: unknown, res: T) => (err ? reject(err) : resolve(res)));
+    inFlight.add(args);
+    fn.async(...args, (err: unknown, res: T) => {
+      inFlight.delete(args);
+      if (err) reject(err);
+      else resolve(res);
+    });
   });
 }
 
@@ -323,6 +331,25 @@ export class Context {
     const b = new BigUint64Array(bufs.map((x) => x.handle));
     const s = new BigUint64Array(streams.map((x) => x.handle));
     this.check("ckpt_broadcast", this.lib.native.broadcast(comm.handle, root, b, s, offset, len));
+  }
+
+  /**
+   * The same on a worker thread: on a communicator joined with a time limit (non-blocking in
+   * NCCL) the call waits, up to that limit, for NCCL to take the work; its first collective
+   * connects the ranks. Calls on one communicator must not overlap: await each.
+   */
+  async broadcastAsync(
+    comm: Comm,
+    root: number,
+    bufs: DeviceBuffer[],
+    streams: Stream[],
+    offset: number,
+    len: number,
+  ): Promise<void> {
+    const b = new BigUint64Array(bufs.map((x) => x.handle));
+    const s = new BigUint64Array(streams.map((x) => x.handle));
+    const status = await promisify<number>(this.lib.native.broadcast, [comm.handle, root, b, s, offset, len]);
+    this.check("ckpt_broadcast", status);
   }
 
   /** True when the event has completed. */

@@ -249,9 +249,11 @@ int ckpt_comm_abort(ckpt_comm *comm);
 /* Queues a broadcast of len bytes at byte `offset` of every rank's buffer, from global rank
  * `root` to all ranks (in place at the root). bufs[i] and streams[i] belong to this process's
  * local rank i (device devices[i] of ckpt_comm_init); each buffer must hold offset + len bytes
- * (CKPT_ERANGE). Returns without waiting: record events on the streams to learn completion.
- * A communicator must be used from one thread, with the same sequence of broadcasts on every
- * process; an event recorded on the root's stream after the call completes when the root's
+ * (CKPT_ERANGE). Returns without waiting for the bytes: record events on the streams to learn
+ * completion. On a communicator joined with a time limit (CUDA: non-blocking NCCL) it may
+ * wait up to that limit for NCCL to take the work: the first collective connects the ranks.
+ * A communicator must be used by one thread at a time, with the same sequence of broadcasts
+ * on every process; an event recorded on the root's stream after the call completes when the root's
  * buffer may be reused. */
 int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs, ckpt_stream *const *streams,
                    uint64_t offset, uint64_t len);

@@ -671,7 +671,7 @@ static int comm_connect(ckpt_ctx *ctx, uint64_t nonce, int32_t me, int lfd, cons
       if (errno != EINTR && errno != ECONNABORTED) usleep(10 * 1000);  /* EMFILE and the like */
       continue;
     }
-    sock_timeouts(fd, 5000);
+    sock_timeouts(fd, left_ms(until, 5000));
     int32_t k = -1;
     if (io_all(fd, &got, sizeof got, 0, NULL) == 0 && got.magic == SHAKE_MAGIC && got.nonce == nonce)
       for (int32_t j = 0; j < np; j++)
@@ -912,7 +912,9 @@ static void *comm_main(void *arg) {
 static int comm_init_remote(ckpt_ctx *ctx, const uint8_t idb[CKPT_COMM_ID_BYTES], int32_t nranks,
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
                             int64_t timeout_ms, ckpt_comm **out) {
-  const int64_t deadline = timeout_ms < 0 ? INT64_MAX / 2 : mono_ms() + timeout_ms;
+  /* A limit beyond a century is no limit (and cannot overflow the deadline). */
+  const int64_t deadline =
+      timeout_ms < 0 || timeout_ms > ((int64_t)100 * 365 * 86400 * 1000) ? INT64_MAX / 2 : mono_ms() + timeout_ms;
   comm_id id;
   CHECK(id_parse(ctx, idb, &id));
   int lfd = -1;

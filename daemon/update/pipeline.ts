@@ -70,7 +70,12 @@ export async function transmit(o: TransmitOptions): Promise<void> {
       failure = new Error(String(o.signal.reason ?? "aborted"));
       return false;
     }
-    issue(o, b);
+    try {
+      await issue(o, b);
+    } catch (err) {
+      failure ??= err as Error;
+      return false;
+    }
     const timing: BucketTiming = { bucket: b.index, owner: b.owner, bytes: b.bytes, issued: since(o.record.t0) };
     o.record.buckets.push(timing);
     slots[b.slot] = deliver(o, b, timing).catch((err) => {
@@ -95,7 +100,7 @@ export async function transmit(o: TransmitOptions): Promise<void> {
 }
 
 /** Queues bucket b: the host-to-device copy if its owner is here, then the broadcast. */
-function issue(o: TransmitOptions, b: Bucket): void {
+async function issue(o: TransmitOptions, b: Bucket): Promise<void> {
   const { ctx, transfer: t, group } = o;
   const s = b.slot;
   const local = t.gpus[b.owner - group.firstRank];
@@ -114,14 +119,12 @@ function issue(o: TransmitOptions, b: Bucket): void {
   }
   if (group.comm) {
     if (local) ctx.streamWaitEvent(local.bcast, at(local.copied, s));
-    ctx.broadcast(
-      group.comm,
-      b.owner,
-      t.gpus.map((g) => at(g.slots, s)),
-      t.gpus.map((g) => g.bcast),
-      0,
-      b.bytes,
-    );
+    const bufs = t.gpus.map((g) => at(g.slots, s));
+    const streams = t.gpus.map((g) => g.bcast);
+    // Across processes the communicator is non-blocking and may make the call wait (its first
+    // collective connects the ranks): on a worker thread, so the daemon keeps serving.
+    if (group.ordered) await ctx.broadcastAsync(group.comm, b.owner, bufs, streams, 0, b.bytes);
+    else ctx.broadcast(group.comm, b.owner, bufs, streams, 0, b.bytes);
     for (const g of t.gpus) ctx.eventRecord(at(g.landed, s), g.bcast);
   } else if (local) {
     ctx.eventRecord(at(local.landed, s), local.copy);

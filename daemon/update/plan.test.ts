@@ -109,7 +109,13 @@ describe("planBuckets", () => {
         .flatMap((b) => b.pieces)
         .reduce((sum, p) => sum + p.range[1] - p.range[0], 0),
     );
-    expect(Math.abs((load[0] as number) - (load[1] as number))).toBeLessThanOrEqual(2 * 16);
+    expect(Math.abs((load[0] as number) - (load[1] as number))).toBeLessThanOrEqual(2 * 16); // owners x align
+  });
+
+  it("plans checkpoints of very many tensors in few files", () => {
+    const tensors = Array.from({ length: 300_000 }, (_, i) => t(`t${i}`, 16, 0, i * 16));
+    const buckets = planBuckets(tensors, { bucketBytes: 1 << 20, owners: [0, 1], slots: 4, align: 16 });
+    expect(buckets.reduce((n, b) => n + b.pieces.length, 0)).toBe(300_000);
   });
 
   it("keeps each owner's own files when they are even", () => {

@@ -51,8 +51,8 @@ export interface PlanOptions {
 /**
  * Splits the tensors into buckets, never mixing owners within a bucket, then interleaves the
  * owners' buckets (GPU 0, GPU 1, ..., GPU 0, ...) so that every GPU's host-to-device engine
- * has work in flight at once. Every owner copies the same number of bytes, to within twice
- * `align` (see shares), packed into as few buckets as fit (see packBuckets).
+ * has work in flight at once. Every owner copies the same number of bytes, to within
+ * owners x `align` (see shares), packed into as few buckets as fit (see packBuckets).
  */
 export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] {
   const n = opts.owners.length;
@@ -99,19 +99,23 @@ function shares(tensors: PlanTensor[], n: number, align: number): Segment[][] {
   const lists: Segment[][] = Array.from({ length: n }, () => []);
   for (const t of ordered) lists[t.file % n]?.push({ t, begin: 0, end: t.bytes });
   const quota = Math.ceil(size(lists.flat()) / n / align) * align;
-  const excess: Segment[] = [];
+  // (concat, not push(...x): a spread of 100k+ segments overflows the stack)
+  let excess: Segment[] = [];
   for (const [j, list] of lists.entries()) {
     const { head, rest } = take(list, quota, align);
     lists[j] = head;
-    excess.push(...rest);
+    excess = excess.concat(rest);
   }
-  for (const list of lists) {
+  for (const [j, list] of lists.entries()) {
     const got = take(excess, quota - size(list), align);
-    list.push(...got.head);
-    excess.splice(0, excess.length, ...got.rest);
+    lists[j] = list.concat(got.head);
+    excess = got.rest;
   }
   // What rounding to `align` left over goes to the owner with the fewest bytes.
-  if (excess.length > 0) lists.reduce((a, b) => (size(b) < size(a) ? b : a)).push(...excess);
+  if (excess.length > 0) {
+    const j = lists.reduce((min, list, k) => (size(list) < size(lists[min] as Segment[]) ? k : min), 0);
+    lists[j] = (lists[j] as Segment[]).concat(excess);
+  }
   return lists;
 }
 
@@ -129,7 +133,7 @@ function take(list: Segment[], bytes: number, align: number): { head: Segment[];
     }
     const cut = s.begin + Math.floor(left / align) * align;
     if (cut > s.begin) head.push({ ...s, end: cut });
-    return { head, rest: [...(cut > s.begin ? [{ ...s, begin: cut }] : [s]), ...list.slice(i + 1)] };
+    return { head, rest: [cut > s.begin ? { ...s, begin: cut } : s].concat(list.slice(i + 1)) };
   }
   return { head, rest: [] };
 }

@@ -62,7 +62,7 @@ export function updateRoutes(
   });
   app.get("/v1/updates", (c) => reply(c, { updates: updates.list().map((u) => u.toJSON()) }));
   app.get("/v1/updates/:id", (c) =>
-    reply(c, updates.get(c.req.param("id")).toJSON(["1", "true"].includes(c.req.query("buckets") ?? ""))),
+    reply(c, updates.get(c.req.param("id")).view(["1", "true"].includes(c.req.query("buckets") ?? ""))),
   );
 
   app.get("/v1/peer/info", async (c) => {

@@ -44,7 +44,12 @@ export class UpdateRecord {
     readonly checkpoint: string,
   ) {}
 
-  toJSON(withBuckets = false) {
+  toJSON() {
+    return this.view(false);
+  }
+
+  /** The record as the API shows it; with the per-bucket timeline when asked. */
+  view(withBuckets: boolean) {
     return {
       id: this.id,
       checkpoint: this.checkpoint,
