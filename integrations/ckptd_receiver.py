@@ -492,7 +492,7 @@ class Receiver:
         update, t0 = msg["update"], time.perf_counter()
         self._assembled = {}
         summary = {"update": update, "checkpoint": msg.get("checkpoint"), "buckets": 0,
-                   "tensors": 0, "bytes": 0, "seconds": 0.0, "unknown": []}
+                   "tensors": 0, "bytes": 0, "seconds": 0.0, "apply_seconds": 0.0, "unknown": []}
         expected = (msg.get("buckets"), msg.get("tensors"))
         while True:
             try:
@@ -554,6 +554,7 @@ class Receiver:
                 raise ProtocolError(f"expected begin, got {msg}")
 
     def _bucket(self, msg, apply, summary):
+        started = time.perf_counter()
         bucket = msg.get("bucket")
         try:
             slot = self._slots.get(msg.get("slot"))
@@ -583,6 +584,7 @@ class Receiver:
             traceback.clear_frames(e.__traceback__)
             self._fail(msg.get("update"), bucket, e)
         self._send(op="ack", update=msg["update"], bucket=bucket)
+        summary["apply_seconds"] += time.perf_counter() - started
         summary["buckets"] += 1
         summary["tensors"] += sum(1 for t in msg["tensors"] if _piece(t)[1] == t["bytes"])  # one per tensor
         summary["bytes"] += nbytes

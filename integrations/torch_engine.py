@@ -109,7 +109,8 @@ def main():
                     params, names, counts, s["unknown"], args.check_every, device)
                 line.update(update=s["update"], checkpoint=s["checkpoint"], ok=ok,
                             applied=sum(counts.values()), checked=checked, mismatched=mismatched,
-                            seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"])
+                            seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"],
+                            buckets=s["buckets"], apply_seconds=round(s["apply_seconds"], 6))
                 for key, val in (("missing", missing), ("repeated", repeated),
                                  ("unknown", s["unknown"])):
                     if val:
