@@ -121,7 +121,10 @@ async function issue(o: TransmitOptions, b: Bucket): Promise<void> {
     ctx.eventRecord(at(local.copied, s), local.copy);
   }
   if (group.comm) {
-    if (local) ctx.streamWaitEvent(local.bcast, at(local.copied, s));
+    // Every local rank's broadcast waits for the root's copy, not only the root's: an NCCL
+    // kernel launched before its bytes exist spins on its GPU, and the engines' copies (other
+    // processes, whose contexts share the GPU by time slices) would wait behind it.
+    if (local) for (const g of t.gpus) ctx.streamWaitEvent(g.bcast, at(local.copied, s));
     const bufs = t.gpus.map((g) => at(g.slots, s));
     const streams = t.gpus.map((g) => g.bcast);
     // Across processes the communicator's first collective connects the ranks, waiting for
