@@ -71,31 +71,24 @@ export async function transmit(o: TransmitOptions): Promise<void> {
     return !failure;
   };
   const queued = new Set<number>();
-  /** The bucket whose copy was queued last into each slot. */
-  const lastCopy: number[] = [];
   /** Queues b's host-to-device copy, once, if its owner is here. */
   const copyOnce = (b: Bucket) => {
-    if (here(b) && !queued.has(b.index)) {
-      copy(o, b);
-      lastCopy[b.slot] = b.index;
-    }
+    if (here(b) && !queued.has(b.index)) copy(o, b);
     queued.add(b.index);
   };
   /**
-   * Issues b: its copy if it is here, then its broadcast, which waits for b's copy, or for
-   * `partner`'s when b's root is elsewhere (queued first if it comes later in the plan).
+   * Issues b: its copy if it is here, then its broadcast. When b's root is elsewhere, `next`
+   * (this daemon's next bucket) is copied first and the broadcast waits for that copy.
    */
-  const step = async (b: Bucket, partner?: Bucket) => {
+  const step = async (b: Bucket, next?: Bucket) => {
     if (!(await free(b))) return false;
     try {
       copyOnce(b);
-      if (partner && !queued.has(partner.index)) {
-        if (!(await free(partner))) return false;
-        copyOnce(partner);
+      if (next && !queued.has(next.index)) {
+        if (!(await free(next))) return false;
+        copyOnce(next);
       }
-      // A partner whose slot already holds a later copy landed long ago: nothing to wait for.
-      const after = here(b) ? b : partner && lastCopy[partner.slot] === partner.index ? partner : undefined;
-      await broadcast(o, b, after);
+      await broadcast(o, b, here(b) ? b : next);
     } catch (err) {
       failure ??= err as Error;
       return false;
@@ -109,19 +102,15 @@ export async function transmit(o: TransmitOptions): Promise<void> {
   };
   if (group.ordered) {
     // A bucket whose root is in another process cannot wait for the root's copy. Its broadcast
-    // waits instead for its partner: the bucket of the same round (the k-th of its owner) of
-    // this daemon's first GPU, whose copy runs side by side with the root's, so the broadcast
-    // starts about when the root's bytes exist (see broadcast).
-    const rounds = new Map<number, Bucket[]>();
-    const round = o.buckets.map((b) => {
-      const list = rounds.get(b.owner) ?? [];
-      rounds.set(b.owner, list);
-      return list.push(b) - 1;
-    });
-    const mine = rounds.get(group.firstRank) ?? [];
-    for (const [i, b] of o.buckets.entries()) {
-      if (!(await step(b, here(b) ? undefined : mine[round[i] as number]))) break;
+    // waits instead for this daemon's next copy, queued first: the GPUs' copies run side by
+    // side, so the broadcast starts about when the root's bytes exist (see broadcast).
+    const next: (Bucket | undefined)[] = [];
+    for (let i = o.buckets.length - 1, n: Bucket | undefined; i >= 0; i--) {
+      const b = o.buckets[i] as Bucket;
+      next[i] = here(b) ? undefined : n;
+      if (here(b)) n = b;
     }
+    for (const [i, b] of o.buckets.entries()) if (!(await step(b, next[i]))) break;
   } else {
     // Each local GPU issues its own buckets, so one engine's slow ack holds up only that GPU's
     // next copy; every broadcast is queued on all local ranks in one call, so the order of the
