@@ -61,34 +61,17 @@ export async function transmit(o: TransmitOptions): Promise<void> {
   const { transfer: t, group } = o;
   let failure: Error | undefined;
   const slots: Promise<void>[] = Array.from({ length: t.slots }, () => Promise.resolve());
-  const here = (b: Bucket) => t.gpus[b.owner - group.firstRank];
-  /** Waits until b's slot is free; false when the update must stop. */
-  const free = async (b: Bucket) => {
+  const step = async (b: Bucket) => {
     const waited = performance.now();
     await slots[b.slot];
     o.record.timings.stallSeconds += (performance.now() - waited) / 1000;
-    if (!failure && o.signal?.aborted) failure = new Error(String(o.signal.reason ?? "aborted"));
-    return !failure;
-  };
-  const queued = new Set<number>();
-  /** Queues b's host-to-device copy, once, if its owner is here. */
-  const copyOnce = (b: Bucket) => {
-    if (here(b) && !queued.has(b.index)) copy(o, b);
-    queued.add(b.index);
-  };
-  /**
-   * Issues b: its copy if it is here, then its broadcast. When b's root is elsewhere, `next`
-   * (this daemon's next bucket) is copied first and the broadcast waits for that copy.
-   */
-  const step = async (b: Bucket, next?: Bucket) => {
-    if (!(await free(b))) return false;
+    if (failure) return false;
+    if (o.signal?.aborted) {
+      failure = new Error(String(o.signal.reason ?? "aborted"));
+      return false;
+    }
     try {
-      copyOnce(b);
-      if (next && !queued.has(next.index)) {
-        if (!(await free(next))) return false;
-        copyOnce(next);
-      }
-      await broadcast(o, b, here(b) ? b : next);
+      await issue(o, b);
     } catch (err) {
       failure ??= err as Error;
       return false;
@@ -101,16 +84,7 @@ export async function transmit(o: TransmitOptions): Promise<void> {
     return true;
   };
   if (group.ordered) {
-    // A bucket whose root is in another process cannot wait for the root's copy. Its broadcast
-    // waits instead for this daemon's next copy, queued first: the GPUs' copies run side by
-    // side, so the broadcast starts about when the root's bytes exist (see broadcast).
-    const next: (Bucket | undefined)[] = [];
-    for (let i = o.buckets.length - 1, n: Bucket | undefined; i >= 0; i--) {
-      const b = o.buckets[i] as Bucket;
-      next[i] = here(b) ? undefined : n;
-      if (here(b)) n = b;
-    }
-    for (const [i, b] of o.buckets.entries()) if (!(await step(b, next[i]))) break;
+    for (const b of o.buckets) if (!(await step(b))) break;
   } else {
     // Each local GPU issues its own buckets, so one engine's slow ack holds up only that GPU's
     // next copy; every broadcast is queued on all local ranks in one call, so the order of the
@@ -128,51 +102,44 @@ export async function transmit(o: TransmitOptions): Promise<void> {
 /** Communicators across processes that have run a collective (their ranks are connected). */
 const connected = new WeakSet<Comm>();
 
-/** Queues bucket b's host-to-device copy on its owner, which is here. */
-function copy(o: TransmitOptions, b: Bucket): void {
-  const { ctx, transfer: t, group } = o;
-  const local = at(t.gpus, b.owner - group.firstRank);
-  const version = o.version;
-  if (!version) throw new Error(`bucket ${b.index} is owned here, but this host does not hold the checkpoint`);
-  const ranges = new BigUint64Array(b.pieces.length * 3);
-  b.pieces.forEach((p, i) => {
-    const file = at(version.pinned, p.file);
-    ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
-    ranges[3 * i + 1] = BigInt(p.slotOffset);
-    ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
-  });
-  ctx.h2dAsync(local.copy, at(local.slots, b.slot), ranges);
-  ctx.eventRecord(at(local.copied, b.slot), local.copy);
-}
-
-/**
- * Queues bucket b's broadcast (its copy, if here, is queued), every local broadcast stream
- * first waiting for the copy of `after` (b itself when its root is here). Not only the
- * root's: an NCCL kernel launched before its bytes exist spins on its GPU, and the engines'
- * copies (other processes, whose contexts share the GPU by time slices) would wait behind it.
- */
-async function broadcast(o: TransmitOptions, b: Bucket, after?: Bucket): Promise<void> {
+/** Queues bucket b: the host-to-device copy if its owner is here, then the broadcast. */
+async function issue(o: TransmitOptions, b: Bucket): Promise<void> {
   const { ctx, transfer: t, group } = o;
   const s = b.slot;
-  const owner = after && at(t.gpus, after.owner - group.firstRank);
-  if (!group.comm) {
-    // One GPU, no peers: the copy is the landing.
-    if (owner) ctx.eventRecord(at(owner.landed, s), owner.copy);
-    return;
+  const local = t.gpus[b.owner - group.firstRank];
+  if (local) {
+    const version = o.version;
+    if (!version) throw new Error(`bucket ${b.index} is owned here, but this host does not hold the checkpoint`);
+    const ranges = new BigUint64Array(b.pieces.length * 3);
+    b.pieces.forEach((p, i) => {
+      const file = at(version.pinned, p.file);
+      ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
+      ranges[3 * i + 1] = BigInt(p.slotOffset);
+      ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
+    });
+    ctx.h2dAsync(local.copy, at(local.slots, s), ranges);
+    ctx.eventRecord(at(local.copied, s), local.copy);
   }
-  if (owner && after) for (const g of t.gpus) ctx.streamWaitEvent(g.bcast, at(owner.copied, after.slot));
-  const bufs = t.gpus.map((g) => at(g.slots, s));
-  const streams = t.gpus.map((g) => g.bcast);
-  // Across processes the communicator's first collective connects the ranks, waiting for
-  // them (up to the join's limit): on a worker thread, so the daemon keeps serving. Later
-  // ones only hand NCCL the work, which is quicker done here than through a thread.
-  if (group.ordered && !connected.has(group.comm)) {
-    await ctx.broadcastAsync(group.comm, b.owner, bufs, streams, 0, b.bytes);
-    connected.add(group.comm);
-  } else {
-    ctx.broadcast(group.comm, b.owner, bufs, streams, 0, b.bytes);
+  if (group.comm) {
+    // Every local rank's broadcast waits for the root's copy, not only the root's: an NCCL
+    // kernel launched before its bytes exist spins on its GPU, and the engines' copies (other
+    // processes, whose contexts share the GPU by time slices) would wait behind it.
+    if (local) for (const g of t.gpus) ctx.streamWaitEvent(g.bcast, at(local.copied, s));
+    const bufs = t.gpus.map((g) => at(g.slots, s));
+    const streams = t.gpus.map((g) => g.bcast);
+    // Across processes the communicator's first collective connects the ranks, waiting for
+    // them (up to the join's limit): on a worker thread, so the daemon keeps serving. Later
+    // ones only hand NCCL the work, which is quicker done here than through a thread.
+    if (group.ordered && !connected.has(group.comm)) {
+      await ctx.broadcastAsync(group.comm, b.owner, bufs, streams, 0, b.bytes);
+      connected.add(group.comm);
+    } else {
+      ctx.broadcast(group.comm, b.owner, bufs, streams, 0, b.bytes);
+    }
+    for (const g of t.gpus) ctx.eventRecord(at(g.landed, s), g.bcast);
+  } else if (local) {
+    ctx.eventRecord(at(local.landed, s), local.copy);
   }
-  for (const g of t.gpus) ctx.eventRecord(at(g.landed, s), g.bcast);
 }
 
 /** Waits for bucket b's bytes on each local GPU, hands it to that GPU's engines, awaits their acks. */
