@@ -88,7 +88,10 @@ print(json.dumps({"run": int(sys.argv[2]), "wall": float(wall), "state": r.get("
 done
 for pid in "${engines[@]}"; do wait "$pid"; done
 # The last update's per-bucket timeline on each daemon (ms from its start).
-last=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().rsplit("\n",1)[0]).get("id") or json.loads(open(sys.argv[1]).read().strip().rsplit("\n",1)[0])["error"]["details"]["id"])' "$out/u.txt")
+last=$(python3 -c '
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().rsplit("\n", 1)[0])
+print(r.get("id") or r["error"]["details"]["id"])' "$out/u.txt")
 for d in $(seq 0 $((daemons - 1))); do
   # A peer records its part as u-N@<coordinator's node id>.
   [ "$d" = 0 ] && id=$last || id="$last@$(curl -s localhost:8470/v1/status | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodeId"])')"

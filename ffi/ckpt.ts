@@ -61,6 +61,12 @@ function promisify<T>(fn: Native[keyof Native], args: unknown[]): Promise<T> {
   });
 }
 
+/** ckpt_broadcast's arguments: the local ranks' buffers and streams as arrays of handles. */
+function broadcastArgs(comm: Comm, root: number, bufs: DeviceBuffer[], streams: Stream[], offset: number, len: number) {
+  const handles = (xs: { handle: Ptr }[]) => new BigUint64Array(xs.map((x) => x.handle));
+  return [comm.handle, root, handles(bufs), handles(streams), offset, len];
+}
+
 /** One loaded libckpt shared object. */
 export class Library {
   readonly native: Native;
@@ -328,9 +334,7 @@ export class Context {
 
   /** Queues a broadcast from global rank `root` of [offset, offset+len) of each local rank's buffer. */
   broadcast(comm: Comm, root: number, bufs: DeviceBuffer[], streams: Stream[], offset: number, len: number): void {
-    const b = new BigUint64Array(bufs.map((x) => x.handle));
-    const s = new BigUint64Array(streams.map((x) => x.handle));
-    this.check("ckpt_broadcast", this.lib.native.broadcast(comm.handle, root, b, s, offset, len));
+    this.check("ckpt_broadcast", this.lib.native.broadcast(...broadcastArgs(comm, root, bufs, streams, offset, len)));
   }
 
   /**
@@ -346,10 +350,8 @@ export class Context {
     offset: number,
     len: number,
   ): Promise<void> {
-    const b = new BigUint64Array(bufs.map((x) => x.handle));
-    const s = new BigUint64Array(streams.map((x) => x.handle));
-    const status = await promisify<number>(this.lib.native.broadcast, [comm.handle, root, b, s, offset, len]);
-    this.check("ckpt_broadcast", status);
+    const args = broadcastArgs(comm, root, bufs, streams, offset, len);
+    this.check("ckpt_broadcast", await promisify<number>(this.lib.native.broadcast, args));
   }
 
   /** True when the event has completed. */

@@ -198,6 +198,27 @@ int ckpt__bcast_check_root(ckpt_ctx *ctx, int32_t root, int32_t nranks) {
   return CKPT_OK;
 }
 
+int ckpt__comm_init_check(ckpt_ctx *ctx, const uint8_t *id, int32_t nranks, int32_t first_rank,
+                          int32_t ndev, const int32_t *devices, ckpt_comm **out,
+                          int (*exists)(ckpt_ctx *, int32_t)) {
+  CHECK_ARG(ctx, out != NULL);
+  *out = NULL;
+  CHECK_ARG(ctx, id != NULL);
+  if (ndev < 1) return FAIL(ctx, CKPT_EINVAL, "ndev %d: a communicator needs a local device", ndev);
+  CHECK_ARG(ctx, devices != NULL);
+  if (first_rank < 0 || nranks < 1 || (int64_t)first_rank + ndev > nranks)
+    return FAIL(ctx, CKPT_EINVAL, "local ranks %d..%lld do not fit in a communicator of %d ranks",
+                first_rank, (long long)first_rank + ndev - 1, nranks);
+  for (int32_t i = 0; i < ndev; i++) {
+    CHECK(exists(ctx, devices[i]));
+    for (int32_t j = 0; j < i; j++)
+      if (devices[j] == devices[i])
+        return FAIL(ctx, CKPT_EINVAL, "device %d is listed twice (local ranks %d and %d)",
+                    devices[i], j, i);
+  }
+  return CKPT_OK;
+}
+
 CKPT_API int ckpt_sd_notify(const char *state) {
   const char *path = getenv("NOTIFY_SOCKET");
   if (path == NULL || path[0] == '\0') return CKPT_OK;

@@ -74,6 +74,11 @@ int ckpt__bcast_check_rank(ckpt_ctx *ctx, int32_t i, int32_t device, const ckpt_
                            const ckpt__place *stream, uint64_t offset, uint64_t len);
 /* Checks a broadcast's root against the communicator's ranks. */
 int ckpt__bcast_check_root(ckpt_ctx *ctx, int32_t root, int32_t nranks);
+/* Checks ckpt_comm_init's arguments (ctx given), each device with the backend's `exists`;
+ * clears *out first. */
+int ckpt__comm_init_check(ckpt_ctx *ctx, const uint8_t *id, int32_t nranks, int32_t first_rank,
+                          int32_t ndev, const int32_t *devices, ckpt_comm **out,
+                          int (*exists)(ckpt_ctx *, int32_t));
 
 /* Validates options and fills the shared part of a zeroed context. */
 int ckpt__ctx_init(ckpt_ctx *ctx, const ckpt_ctx_options *opts);

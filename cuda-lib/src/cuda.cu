@@ -745,21 +745,7 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
                             int64_t timeout_ms, ckpt_comm **out) {
   if (ctx == NULL) return CKPT_EINVAL;
-  CHECK_ARG(ctx, out != NULL);
-  *out = NULL;
-  CHECK_ARG(ctx, id != NULL);
-  if (ndev < 1) return FAIL(ctx, CKPT_EINVAL, "ndev %d: a communicator needs a local device", ndev);
-  CHECK_ARG(ctx, devices != NULL);
-  if (first_rank < 0 || nranks < 1 || (int64_t)first_rank + ndev > nranks)
-    return FAIL(ctx, CKPT_EINVAL, "local ranks %d..%lld do not fit in a communicator of %d ranks",
-                first_rank, (long long)first_rank + ndev - 1, nranks);
-  for (int32_t i = 0; i < ndev; i++) {
-    CHECK(device_check(ctx, devices[i]));
-    for (int32_t j = 0; j < i; j++)
-      if (devices[j] == devices[i])
-        return FAIL(ctx, CKPT_EINVAL, "device %d is listed twice (local ranks %d and %d)",
-                    devices[i], j, i);
-  }
+  CHECK(ckpt__comm_init_check(ctx, id, nranks, first_rank, ndev, devices, out, device_check));
   const nccl_api *api = NULL;
   CHECK(nccl_load(ctx, &api));
   /* Each device once before the group, so that a failure there needs no NCCL cleanup. */

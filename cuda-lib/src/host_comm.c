@@ -909,6 +909,21 @@ static void *comm_main(void *arg) {
   }
 }
 
+/* A communicator of these local ranks, its lock and condition made; NULL when out of memory. */
+static ckpt_comm *comm_alloc(ckpt_ctx *ctx, int32_t nranks, int32_t first_rank, int32_t ndev,
+                             const int32_t *devices) {
+  ckpt_comm *c = calloc(1, sizeof *c + (size_t)ndev * sizeof *devices);
+  if (c == NULL) return NULL;
+  c->ctx = ctx;
+  c->nranks = nranks;
+  c->first_rank = first_rank;
+  c->ndev = ndev;
+  memcpy(c->devices, devices, (size_t)ndev * sizeof *devices);
+  pthread_mutex_init(&c->mu, NULL);
+  pthread_cond_init(&c->cv, NULL);
+  return c;
+}
+
 static int comm_init_remote(ckpt_ctx *ctx, const uint8_t idb[CKPT_COMM_ID_BYTES], int32_t nranks,
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
                             int64_t timeout_ms, ckpt_comm **out) {
@@ -928,21 +943,14 @@ static int comm_init_remote(ckpt_ctx *ctx, const uint8_t idb[CKPT_COMM_ID_BYTES]
   if (lfd >= 0) close(lfd);
   free(table);
   if (st != CKPT_OK) return st;
-  ckpt_comm *c = calloc(1, sizeof *c + (size_t)ndev * sizeof *devices);
+  ckpt_comm *c = comm_alloc(ctx, nranks, first_rank, ndev, devices);
   if (c == NULL) {
     peers_close(peers, npeers);
     return FAIL(ctx, CKPT_ENOMEM, "ckpt_comm_init: communicator of %d devices", ndev);
   }
-  c->ctx = ctx;
-  c->nranks = nranks;
-  c->ndev = ndev;
   c->remote = 1;
-  c->first_rank = first_rank;
   c->peers = peers;
   c->npeers = npeers;
-  memcpy(c->devices, devices, (size_t)ndev * sizeof *devices);
-  pthread_mutex_init(&c->mu, NULL);
-  pthread_cond_init(&c->cv, NULL);
   int rc = pthread_create(&c->thread, NULL, comm_main, c);
   if (rc != 0) {
     pthread_cond_destroy(&c->cv);
@@ -1077,21 +1085,7 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
                             int64_t timeout_ms, ckpt_comm **out) {
   CHECK_ARG(NULL, ctx != NULL);
-  CHECK_ARG(ctx, out != NULL);
-  *out = NULL;
-  CHECK_ARG(ctx, id != NULL);
-  if (ndev < 1) return FAIL(ctx, CKPT_EINVAL, "ndev %d: a communicator needs a local device", ndev);
-  CHECK_ARG(ctx, devices != NULL);
-  if (first_rank < 0 || nranks < 1 || (int64_t)first_rank + ndev > nranks)
-    return FAIL(ctx, CKPT_EINVAL, "local ranks %d..%lld do not fit in a communicator of %d ranks",
-                first_rank, (long long)first_rank + ndev - 1, nranks);
-  for (int32_t i = 0; i < ndev; i++) {
-    CHECK(check_device(ctx, devices[i]));
-    for (int32_t j = 0; j < i; j++)
-      if (devices[j] == devices[i])
-        return FAIL(ctx, CKPT_EINVAL, "device %d is listed twice (local ranks %d and %d)",
-                    devices[i], j, i);
-  }
+  CHECK(ckpt__comm_init_check(ctx, id, nranks, first_rank, ndev, devices, out, check_device));
   if (nranks != ndev)
     return comm_init_remote(ctx, id, nranks, first_rank, ndev, devices, timeout_ms, out);
   /* All ranks are local: nothing waits for other ranks, and the id's bootstrap (if it runs in
@@ -1099,14 +1093,8 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
   comm_id v;
   memcpy(&v, id, sizeof v);
   if (v.magic == ID_MAGIC) boot_cancel(v.nonce);
-  ckpt_comm *c = calloc(1, sizeof *c + (size_t)ndev * sizeof *devices);
+  ckpt_comm *c = comm_alloc(ctx, nranks, first_rank, ndev, devices);
   if (c == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_comm_init: communicator of %d devices", ndev);
-  c->ctx = ctx;
-  c->nranks = nranks;
-  c->ndev = ndev;
-  memcpy(c->devices, devices, (size_t)ndev * sizeof *devices);
-  pthread_mutex_init(&c->mu, NULL);
-  pthread_cond_init(&c->cv, NULL);
   ckpt__live(ctx, +1);
   *out = c;
   return CKPT_OK;

@@ -158,12 +158,12 @@ function packBuckets(segments: Segment[], bucketBytes: number, align: number): P
     }
     items.push({ ...s, begin });
   }
-  const size = (x: Segment) => x.end - x.begin;
-  items.sort((a, b) => size(b) - size(a) || a.t.file - b.t.file || a.t.offset + a.begin - (b.t.offset + b.begin));
+  const len = (x: Segment) => x.end - x.begin;
+  items.sort((a, b) => len(b) - len(a) || a.t.file - b.t.file || a.t.offset + a.begin - (b.t.offset + b.begin));
   const open: Packed[] = [];
   const alignUp = (n: number) => Math.ceil(n / align) * align;
   for (const s of items) {
-    let b = open.find((x) => alignUp(x.bytes) + size(s) <= bucketBytes);
+    let b = open.find((x) => alignUp(x.bytes) + len(s) <= bucketBytes);
     if (!b) {
       b = { index: 0, bytes: 0, pieces: [] };
       buckets.push(b);
@@ -171,7 +171,7 @@ function packBuckets(segments: Segment[], bucketBytes: number, align: number): P
     }
     const at = alignUp(b.bytes);
     b.pieces.push(piece(s, s.begin, s.end, at));
-    b.bytes = at + size(s);
+    b.bytes = at + len(s);
   }
   return buckets.map((b, index) => ({ ...b, index }));
 }
