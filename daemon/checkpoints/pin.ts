@@ -5,7 +5,7 @@
  */
 import { open, stat, statfs } from "node:fs/promises";
 import type { Context, HostMemory } from "../../ffi/index.ts";
-import { ApiError } from "../http/errors.ts";
+import { DaemonError } from "../errors.ts";
 import { type Header, headerLength, parseHeader, SafetensorsError } from "./safetensors.ts";
 
 const TMPFS_MAGIC = 0x01021994;
@@ -52,8 +52,8 @@ async function onTmpfs(path: string): Promise<boolean> {
   }
 }
 
-function invalid(err: SafetensorsError): ApiError {
-  return new ApiError(400, "invalid_safetensors", err.message, { file: err.file, tensor: err.tensor, rule: err.rule });
+function invalid(err: SafetensorsError): DaemonError {
+  return new DaemonError("invalid_safetensors", err.message, { file: err.file, tensor: err.tensor, rule: err.rule });
 }
 
 /** Reads and checks one file's header; a broken rule is a 400 naming file, tensor and rule. */
@@ -78,7 +78,7 @@ export async function inspectFile(path: string): Promise<InspectedFile> {
 }
 
 function checkAborted(signal: AbortSignal): void {
-  if (signal.aborted) throw new ApiError(409, "cancelled", "registration was cancelled");
+  if (signal.aborted) throw new DaemonError("cancelled", "registration was cancelled");
 }
 
 async function release(ctx: Context, file: PinnedFile): Promise<void> {

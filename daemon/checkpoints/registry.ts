@@ -6,7 +6,7 @@
 import { unlink } from "node:fs/promises";
 import type { Logger } from "pino";
 import type { Context } from "../../ffi/index.ts";
-import { ApiError } from "../http/errors.ts";
+import { DaemonError, type ErrorCode } from "../errors.ts";
 import {
   hashTensors,
   type InspectedFile,
@@ -58,7 +58,7 @@ const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 /** Checks a checkpoint name: letters, digits, '.', '_' and '-', at most 128, no '@' or '/'. */
 export function checkName(name: string): void {
   if (!NAME.test(name)) {
-    throw new ApiError(400, "invalid_name", `checkpoint name "${name}" must match ${NAME.source}`);
+    throw new DaemonError("invalid_name", `checkpoint name "${name}" must match ${NAME.source}`);
   }
 }
 
@@ -67,7 +67,7 @@ export function parseRef(ref: string): { name: string; version?: number } {
   const at = ref.lastIndexOf("@");
   if (at < 0) return { name: ref };
   const v = ref.slice(at + 1);
-  if (!/^[1-9]\d{0,9}$/.test(v)) throw new ApiError(400, "invalid_ref", `"${ref}": version must be a positive integer`);
+  if (!/^[1-9]\d{0,9}$/.test(v)) throw new DaemonError("invalid_ref", `"${ref}": version must be a positive integer`);
   return { name: ref.slice(0, at), version: Number(v) };
 }
 
@@ -96,7 +96,7 @@ export class CheckpointVersion {
   state: VersionState = "registering";
   files: FileRecord[] = [];
   tensors: TensorRecord[] = [];
-  error?: { code: string; message: string; details?: unknown };
+  error?: { code: ErrorCode; message: string; details?: unknown };
   /** Seconds spent pinning and hashing, once ready. */
   timings?: { pinSeconds: number; hashSeconds: number };
   leases = 0;
@@ -191,7 +191,7 @@ export class Registry {
     if (!found) {
       const what =
         version === undefined ? `no ready version of checkpoint "${name}"` : `no checkpoint ${name}@${version}`;
-      throw new ApiError(404, "not_found", what);
+      throw new DaemonError("not_found", what);
     }
     return found;
   }
@@ -200,7 +200,7 @@ export class Registry {
   acquire(ref: string): { version: CheckpointVersion; release: () => void } {
     const version = this.get(ref);
     if (version.state !== "ready" || version.deleting) {
-      throw new ApiError(409, "not_ready", `${version.id} is ${version.deleting ? "being deleted" : version.state}`);
+      throw new DaemonError("not_ready", `${version.id} is ${version.deleting ? "being deleted" : version.state}`);
     }
     version.leases++;
     let released = false;
@@ -225,7 +225,7 @@ export class Registry {
       checkUniqueNames(inspected.map((f) => ({ file: f.path, tensors: f.header.tensors })));
     } catch (err) {
       if (err instanceof SafetensorsError) {
-        throw new ApiError(400, "invalid_safetensors", err.message, {
+        throw new DaemonError("invalid_safetensors", err.message, {
           file: err.file,
           tensor: err.tensor,
           rule: err.rule,
@@ -262,8 +262,7 @@ export class Registry {
     const budget = this.opts.budgetBytes;
     const used = this.pinnedBytes();
     if (budget > 0 && used + bytes > budget) {
-      throw new ApiError(
-        507,
+      throw new DaemonError(
         "over_budget",
         `registering ${bytes} bytes would exceed the pinned-memory budget of ${budget} bytes by ${used + bytes - budget} bytes (${used} in use)`,
         { bytes, budgetBytes: budget, usedBytes: used, overBytes: used + bytes - budget },
@@ -300,7 +299,7 @@ export class Registry {
           hash: hashes[file]?.[i] as string,
         })),
       );
-      if (signal.aborted) throw new ApiError(409, "cancelled", "registration was cancelled");
+      if (signal.aborted) throw new DaemonError("cancelled", "registration was cancelled");
       if (expected) checkHashes(version.tensors, expected);
       version.state = "ready";
       version.timings = { pinSeconds: (pinnedAt - started) / 1000, hashSeconds: (performance.now() - pinnedAt) / 1000 };
@@ -310,7 +309,7 @@ export class Registry {
       version.pinned = [];
       version.state = "failed";
       version.error =
-        err instanceof ApiError
+        err instanceof DaemonError
           ? { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) }
           : { code: "registration_failed", message: (err as Error).message };
       log.warn({ checkpoint: version.id, error: version.error }, "registration failed");
@@ -354,10 +353,10 @@ export class Registry {
   async delete(ref: string): Promise<CheckpointVersion[]> {
     const { name, version } = parseRef(ref);
     const targets = version === undefined ? [...(this.versions.get(name) ?? [])] : [this.get(ref)];
-    if (targets.length === 0) throw new ApiError(404, "not_found", `no checkpoint "${name}"`);
+    if (targets.length === 0) throw new DaemonError("not_found", `no checkpoint "${name}"`);
     const busy = targets.filter((v) => v.leases > 0 || v.deleting);
     if (busy.length > 0) {
-      throw new ApiError(409, "in_use", `${busy.map((v) => v.id).join(", ")} is in use by an update`);
+      throw new DaemonError("in_use", `${busy.map((v) => v.id).join(", ")} is in use by an update`);
     }
     // Marked before the first await, so no update can lease what is about to be freed.
     for (const v of targets) v.deleting = true;

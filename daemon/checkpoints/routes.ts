@@ -1,7 +1,7 @@
 import type { Hono } from "hono";
 import * as v from "valibot";
+import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
-import { ApiError } from "../http/errors.ts";
 import { parseBody } from "../http/validate.ts";
 import { type CheckpointVersion, checkName, type Registry } from "./registry.ts";
 import { resolveDirectory, resolveFiles } from "./sources.ts";
@@ -25,8 +25,7 @@ const RegisterBody = v.pipe(
 export function finished(version: CheckpointVersion): { status: 201; body: unknown } {
   if (version.state === "ready") return { status: 201, body: version.summary() };
   const err = version.error ?? { code: "registration_failed", message: version.state };
-  const status = err.code === "cancelled" ? 409 : err.code === "registration_failed" ? 500 : 400;
-  throw new ApiError(status, err.code, `${version.id}: ${err.message}`, err.details);
+  throw new DaemonError(err.code, `${version.id}: ${err.message}`, err.details);
 }
 
 /** GET|POST /v1/checkpoints, GET|DELETE /v1/checkpoints/{name}[@N]. */

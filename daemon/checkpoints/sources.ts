@@ -1,7 +1,7 @@
 /** Resolves what a registration names (a directory or a list of files) into files. */
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { isAbsolute, join, resolve } from "node:path";
-import { ApiError } from "../http/errors.ts";
+import { DaemonError } from "../errors.ts";
 
 export const INDEX_FILE = "model.safetensors.index.json";
 
@@ -12,7 +12,7 @@ export interface ResolvedSource {
 }
 
 function bad(message: string): never {
-  throw new ApiError(400, "invalid_source", message);
+  throw new DaemonError("invalid_source", message);
 }
 
 function checkFile(path: string): void {

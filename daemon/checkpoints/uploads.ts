@@ -9,8 +9,8 @@ import { type FileHandle, open, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import type { Context, Hono } from "hono";
 import * as v from "valibot";
+import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
-import { ApiError } from "../http/errors.ts";
 import { parseBody } from "../http/validate.ts";
 import { checkName, type Registry } from "./registry.ts";
 import { finished } from "./routes.ts";
@@ -51,7 +51,7 @@ interface Upload {
 function bytesOf(dtype: string, shape: number[]): number {
   const bits = shape.reduce((a, d) => a * BigInt(d), BigInt(DTYPE_BITS[dtype] as number));
   if (bits % 8n !== 0n)
-    throw new ApiError(400, "invalid_request", `shape ${JSON.stringify(shape)} of ${dtype} is not whole bytes`);
+    throw new DaemonError("invalid_request", `shape ${JSON.stringify(shape)} of ${dtype} is not whole bytes`);
   return Number(bits / 8n);
 }
 
@@ -89,8 +89,8 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
 
   const get = (id: string): Upload => {
     const u = uploads.get(id);
-    if (!u) throw new ApiError(404, "not_found", `no upload ${id}`);
-    if (u.busy) throw new ApiError(409, "busy", `upload ${id} is busy with another request`);
+    if (!u) throw new DaemonError("not_found", `no upload ${id}`);
+    if (u.busy) throw new DaemonError("busy", `upload ${id} is busy with another request`);
     return u;
   };
   const exclusive = async <T>(u: Upload, fn: () => Promise<T>): Promise<T> => {
@@ -109,7 +109,7 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
     checkName(body.name);
     const seen = new Set<string>();
     const layout = body.tensors.map((t) => {
-      if (seen.has(t.name)) throw new ApiError(400, "invalid_request", `tensor "${t.name}" is declared twice`);
+      if (seen.has(t.name)) throw new DaemonError("invalid_request", `tensor "${t.name}" is declared twice`);
       seen.add(t.name);
       return { ...t, bytes: bytesOf(t.dtype, t.shape) };
     });
@@ -142,7 +142,7 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
     const name = c.req.param("tensor");
     const slot = upload.slots.get(name);
     if (!slot || !upload.tensorsFile)
-      throw new ApiError(404, "not_found", `upload ${upload.id} declares no tensor "${name}"`);
+      throw new DaemonError("not_found", `upload ${upload.id} declares no tensor "${name}"`);
     const path = upload.tensorsFile;
     return exclusive(upload, async () => {
       const file = await open(path, "r+");
@@ -151,8 +151,7 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
         const n = await streamTo(c, file, slot.offset, slot.bytes);
         slot.written = n === slot.bytes;
         if (!slot.written) {
-          throw new ApiError(
-            400,
+          throw new DaemonError(
             "wrong_size",
             `tensor "${name}" needs exactly ${slot.bytes} bytes, got ${n > slot.bytes ? "more" : n}`,
           );
@@ -168,7 +167,7 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
     const upload = get(c.req.param("id"));
     const name = c.req.param("file");
     if (!/^[A-Za-z0-9._-]+\.safetensors$/.test(name)) {
-      throw new ApiError(400, "invalid_request", `file name "${name}" must be a plain name ending in .safetensors`);
+      throw new DaemonError("invalid_request", `file name "${name}" must be a plain name ending in .safetensors`);
     }
     const path = join(uploadDir, `${upload.id}-${name}`);
     return exclusive(upload, async () => {
@@ -192,12 +191,12 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
     const body = parseBody(CommitBody, c.get("body"));
     const missing = [...upload.slots].filter(([, s]) => !s.written).map(([n]) => n);
     if (missing.length > 0) {
-      throw new ApiError(400, "incomplete", `tensors not uploaded yet: ${missing.slice(0, 10).join(", ")}`, {
+      throw new DaemonError("incomplete", `tensors not uploaded yet: ${missing.slice(0, 10).join(", ")}`, {
         missing,
       });
     }
     const files = [...(upload.tensorsFile ? [upload.tensorsFile] : []), ...upload.files.values()];
-    if (files.length === 0) throw new ApiError(400, "incomplete", `upload ${upload.id} holds no tensors or files`);
+    if (files.length === 0) throw new DaemonError("incomplete", `upload ${upload.id} holds no tensors or files`);
     const version = await exclusive(upload, () =>
       registry.register({ name: upload.name, source: resolveFiles(files), copy: false, adopt: true }),
     );

@@ -2,7 +2,7 @@ import { Hono } from "hono";
 import type { Logger } from "pino";
 import { CkptError } from "../../ffi/index.ts";
 import { readBody, reply } from "./codec.ts";
-import { ApiError } from "./errors.ts";
+import { DaemonError, errorBody, statusOf } from "./errors.ts";
 
 export type Variables = { body: unknown };
 
@@ -31,19 +31,19 @@ export function createApp(deps: AppDeps): Hono<{ Variables: Variables }> {
   app.get("/v1/status", (c) => reply(c, deps.status()));
 
   app.notFound((c) => {
-    const err = new ApiError(404, "not_found", `no route for ${c.req.method} ${new URL(c.req.url).pathname}`);
-    return reply(c, err.toBody(), 404);
+    const err = new DaemonError("not_found", `no route for ${c.req.method} ${new URL(c.req.url).pathname}`);
+    return reply(c, errorBody(err), 404);
   });
 
   app.onError((err, c) => {
-    if (err instanceof ApiError) return reply(c, err.toBody(), err.status);
+    if (err instanceof DaemonError) return reply(c, errorBody(err), statusOf(err.code));
     if (err instanceof CkptError) {
       deps.log.error({ err }, "data plane call failed");
-      const api = new ApiError(500, "data_plane", err.message, { status: err.status, detail: err.detail });
-      return reply(c, api.toBody(), 500);
+      const api = new DaemonError("data_plane", err.message, { status: err.status, detail: err.detail });
+      return reply(c, errorBody(api), 500);
     }
     deps.log.error({ err }, "request failed");
-    return reply(c, new ApiError(500, "internal", "internal error; see the daemon log").toBody(), 500);
+    return reply(c, errorBody(new DaemonError("internal", "internal error; see the daemon log")), 500);
   });
 
   return app;

@@ -2,7 +2,7 @@
 import { decode, encode } from "cbor-x";
 import type { Context } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
-import { ApiError } from "./errors.ts";
+import { DaemonError } from "../errors.ts";
 
 export const CBOR = "application/cbor";
 
@@ -31,15 +31,15 @@ export async function readBody(c: Context): Promise<unknown> {
     try {
       return decode(bytes);
     } catch (err) {
-      throw new ApiError(400, "malformed_body", `malformed CBOR body: ${(err as Error).message}`);
+      throw new DaemonError("malformed_body", `malformed CBOR body: ${(err as Error).message}`);
     }
   }
   if (type === "application/json" || type === "") {
     try {
       return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
     } catch (err) {
-      throw new ApiError(400, "malformed_body", `malformed JSON body: ${(err as Error).message}`);
+      throw new DaemonError("malformed_body", `malformed JSON body: ${(err as Error).message}`);
     }
   }
-  throw new ApiError(415, "unsupported_media_type", `bodies must be application/json or ${CBOR}, not ${type}`);
+  throw new DaemonError("unsupported_media_type", `bodies must be application/json or ${CBOR}, not ${type}`);
 }

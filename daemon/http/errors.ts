@@ -1,25 +1,49 @@
 import type { ContentfulStatusCode } from "hono/utils/http-status";
+import { DaemonError, type ErrorCode } from "../errors.ts";
 
 /** The one error shape of the API: `{error: {code, message, details?}}`. */
 export interface ErrorBody {
   error: { code: string; message: string; details?: unknown };
 }
 
-/** An error the API reports as is: a status and a machine-readable code. */
-export class ApiError extends Error {
-  constructor(
-    readonly status: ContentfulStatusCode,
-    readonly code: string,
-    message: string,
-    readonly details?: unknown,
-  ) {
-    super(message);
-    this.name = "ApiError";
-  }
+/** The one place where a domain error's code becomes an HTTP status. */
+const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
+  invalid_request: 400,
+  invalid_name: 400,
+  invalid_ref: 400,
+  invalid_source: 400,
+  invalid_safetensors: 400,
+  malformed_body: 400,
+  incomplete: 400,
+  wrong_size: 400,
+  not_found: 404,
+  busy: 409,
+  cancelled: 409,
+  comm_lost: 409,
+  in_use: 409,
+  no_receivers: 409,
+  not_held: 409,
+  not_ready: 409,
+  update_running: 409,
+  unsupported_media_type: 415,
+  over_budget: 507,
+  registration_failed: 500,
+  update_failed: 502,
+  receiver_failed: 502,
+  data_plane: 500,
+  internal: 500,
+};
 
-  toBody(): ErrorBody {
-    const error: ErrorBody["error"] = { code: this.code, message: this.message };
-    if (this.details !== undefined) error.details = this.details;
-    return { error };
-  }
+/** The HTTP status of an error code. */
+export function statusOf(code: ErrorCode): ContentfulStatusCode {
+  return STATUS[code];
 }
+
+/** The body of an error answer. */
+export function errorBody(err: DaemonError): ErrorBody {
+  const error: ErrorBody["error"] = { code: err.code, message: err.message };
+  if (err.details !== undefined) error.details = err.details;
+  return { error };
+}
+
+export { DaemonError };

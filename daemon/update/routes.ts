@@ -1,8 +1,8 @@
 import type { Hono } from "hono";
 import * as v from "valibot";
 import type { Registry } from "../checkpoints/registry.ts";
+import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
-import { ApiError } from "../http/errors.ts";
 import { parseBody } from "../http/validate.ts";
 import { fingerprint, type PeerInfo, type PeerPlan } from "./peers.ts";
 import type { Updates } from "./updates.ts";
@@ -51,8 +51,7 @@ export function updateRoutes(
     if (!body.wait) return reply(c, record.toJSON(), 202);
     await done;
     if (record.state === "failed") {
-      throw new ApiError(
-        502,
+      throw new DaemonError(
         record.error?.code ?? "update_failed",
         record.error?.message ?? "update failed",
         record.toJSON(),
@@ -81,12 +80,7 @@ export function updateRoutes(
     const plan = parseBody(PlanBody, c.get("body")) as PeerPlan;
     const record = await updates.participate(plan);
     if (record.state === "failed") {
-      throw new ApiError(
-        502,
-        record.error?.code ?? "update_failed",
-        record.error?.message ?? "failed",
-        record.toJSON(),
-      );
+      throw new DaemonError(record.error?.code ?? "update_failed", record.error?.message ?? "failed", record.toJSON());
     }
     return reply(c, record.toJSON());
   });

@@ -8,7 +8,7 @@ import type { Logger } from "pino";
 import type { Comm, Context } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
-import { ApiError } from "../http/errors.ts";
+import { DaemonError, type ErrorCode } from "../errors.ts";
 import { awaitReceivers, type Triggered, triggerEngines } from "./engines.ts";
 import { fingerprint, type Participant, type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
 import { type BucketTiming, type Group, transmit } from "./pipeline.ts";
@@ -31,7 +31,7 @@ export class UpdateRecord {
   state: UpdateState = "running";
   readonly createdAt = new Date().toISOString();
   finishedAt?: string;
-  error?: { code: string; message: string; receiver?: string };
+  error?: { code: ErrorCode; message: string; receiver?: string };
   progress = { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 };
   timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 };
   /** Per bucket, in milliseconds from the update's start (GET /v1/updates/{id}?buckets=true). */
@@ -97,7 +97,7 @@ export class Updates {
 
   get(id: string): UpdateRecord {
     const r = this.records.get(id);
-    if (!r) throw new ApiError(404, "not_found", `no update ${id}`);
+    if (!r) throw new DaemonError("not_found", `no update ${id}`);
     return r;
   }
 
@@ -108,7 +108,7 @@ export class Updates {
   /** Checks and starts an update; returns its record and a promise of its end. */
   start(ref: string): { record: UpdateRecord; done: Promise<void> } {
     if (this.running) {
-      throw new ApiError(409, "update_running", `update ${this.running.id} of ${this.running.checkpoint} is running`, {
+      throw new DaemonError("update_running", `update ${this.running.id} of ${this.running.checkpoint} is running`, {
         running: this.running.id,
       });
     }
@@ -116,7 +116,7 @@ export class Updates {
     const o = this.opts;
     if (o.engines.length === 0 && o.peers.length === 0 && o.hub.connected().length === 0) {
       lease.release();
-      throw new ApiError(409, "no_receivers", "no engine receiver is connected to this daemon");
+      throw new DaemonError("no_receivers", "no engine receiver is connected to this daemon");
     }
     const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
     this.records.set(record.id, record);
@@ -169,7 +169,7 @@ export class Updates {
   /** Joins (or reuses) the communicator of a multi-daemon update. */
   private async sharedComm(comm: PeerPlan["comm"], firstRank: number, gpus: number): Promise<Comm> {
     if (!comm.fresh && this.shared?.key === comm.key && this.shared.id === comm.id) return this.shared.comm;
-    if (!comm.fresh) throw new ApiError(409, "comm_lost", `communicator ${comm.key} is not known here`);
+    if (!comm.fresh) throw new DaemonError("comm_lost", `communicator ${comm.key} is not known here`);
     await this.dropShared(false);
     const devices = Array.from({ length: gpus }, (_, g) => g);
     // Bounded: a participant that never joins (it died, or refused the plan) fails the update.
@@ -338,7 +338,7 @@ export class Updates {
   /** Participant: runs a coordinator's plan on this daemon's GPUs and engines. */
   async participate(plan: PeerPlan): Promise<UpdateRecord> {
     if (this.running) {
-      throw new ApiError(409, "update_running", `update ${this.running.id} of ${this.running.checkpoint} is running`);
+      throw new DaemonError("update_running", `update ${this.running.id} of ${this.running.checkpoint} is running`);
     }
     const { registry, receiverTimeoutMs: timeout } = this.opts;
     const version = registry
@@ -348,7 +348,7 @@ export class Updates {
       );
     const owned = plan.buckets.some((b) => b.owner >= plan.firstRank && b.owner < plan.firstRank + this.opts.gpus);
     if (owned && !version)
-      throw new ApiError(409, "not_held", `no ready version of ${plan.checkpoint.name} with that content`);
+      throw new DaemonError("not_held", `no ready version of ${plan.checkpoint.name} with that content`);
     const lease = version ? registry.acquire(version.id) : undefined;
     // "u-N@coordinator": this daemon's own updates are numbered u-1, u-2, ... as well.
     const record = new UpdateRecord(

@@ -1,0 +1,44 @@
+/**
+ * Errors of the daemon's domain: a machine-readable code, a message for people and optional
+ * details. Domain code knows no HTTP; `daemon/http/errors.ts` maps each code to a status.
+ */
+export const ERROR_CODES = [
+  "invalid_request",
+  "invalid_name",
+  "invalid_ref",
+  "invalid_source",
+  "invalid_safetensors",
+  "malformed_body",
+  "incomplete",
+  "wrong_size",
+  "not_found",
+  "busy",
+  "cancelled",
+  "comm_lost",
+  "in_use",
+  "no_receivers",
+  "not_held",
+  "not_ready",
+  "update_running",
+  "unsupported_media_type",
+  "over_budget",
+  "registration_failed",
+  "update_failed",
+  "receiver_failed",
+  "data_plane",
+  "internal",
+] as const;
+
+export type ErrorCode = (typeof ERROR_CODES)[number];
+
+/** A failure the API reports as it is: the code says what kind, the message what happened. */
+export class DaemonError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly details?: unknown,
+  ) {
+    super(message);
+    this.name = "DaemonError";
+  }
+}
