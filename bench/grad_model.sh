@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine: a daemon on the CUDA backend and bench/grad_model.py (a transformers
+# model whose parameters require grad receives an update bit-exact).
+#   source .device/boot.sh; bash bench/grad_model.sh
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+state=$(mktemp -d)
+node --import tsx daemon/main.ts --backend cuda --port 8479 --state-dir "$state" >"$out/grad-daemon.log" 2>&1 &
+pid=$!
+for _ in $(seq 300); do curl -sf localhost:8479/v1/healthz >/dev/null && break; sleep 0.1; done
+PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/grad_model.py --url http://127.0.0.1:8479 --socket "$state/sockets/gpu-0.sock" \
+  2>"$out/grad-model.err" | tee "$out/grad-model.json"
+rc=${PIPESTATUS[0]}
+kill -TERM "$pid"; wait "$pid"
+rm -rf "$state"
+echo "grad_model rc=$rc"
+exit "$rc"
