@@ -10,10 +10,12 @@ CC=${CC:-gcc}
 NVCC=${NVCC:-nvcc}
 WARN=(-Wall -Wextra -Werror)
 CFLAGS=("${WARN[@]}" -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Iinclude -Isrc)
+# The host backend's sources: shared ones first, then host.c and the communicator layers on it.
+HOST_SRC=(src/common.c src/files.c src/hash.c src/host.c src/host_net.c src/host_boot.c src/host_comm.c)
 LINK=(-shared -Wl,--version-script=libckpt.map -Wl,--no-undefined)
 
 host() {
-  "$CC" "${CFLAGS[@]}" src/common.c src/files.c src/hash.c src/host.c src/host_comm.c "${LINK[@]}" \
+  "$CC" "${CFLAGS[@]}" "${HOST_SRC[@]}" "${LINK[@]}" \
     -lpthread -o build/libckpt-host.so
 }
 
@@ -32,7 +34,7 @@ cuda() {
 
 test_host() {
   local asan=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
-  "$CC" "${CFLAGS[@]}" "${asan[@]}" src/common.c src/files.c src/hash.c src/host.c src/host_comm.c \
+  "$CC" "${CFLAGS[@]}" "${asan[@]}" "${HOST_SRC[@]}" \
     -shared -Wl,--version-script=libckpt.map -lpthread -o build/libckpt-host-asan.so
   "$CC" "${WARN[@]}" -std=gnu11 -O1 -g "${asan[@]}" -Iinclude test/test_host.c -Lbuild -lckpt-host-asan \
     -Wl,-rpath,'$ORIGIN' -lpthread -o build/test-host

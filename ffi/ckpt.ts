@@ -4,6 +4,14 @@
  * Calls that may block (allocation, pinning, waits, reads) are async and run on koffi's
  * worker threads, so the event loop keeps serving.
  */
+import {
+  CKPT_COMM_ID_BYTES,
+  CKPT_EABI,
+  CKPT_EAGAIN,
+  CKPT_ERROR_BYTES,
+  CKPT_ETIMEDOUT,
+  CKPT_REGISTER_READONLY,
+} from "./constants.ts";
 import { CkptError } from "./errors.ts";
 import {
   ABI_VERSION,
@@ -78,7 +86,7 @@ export class Library {
     this.native = loadNative(path);
     const abi = this.native.abiVersion();
     if (abi !== ABI_VERSION) {
-      throw new CkptError("load", -2, "CKPT_EABI", `${path} has ABI ${abi}, ffi/ declares ${ABI_VERSION}`, "");
+      throw new CkptError("load", CKPT_EABI, "CKPT_EABI", `${path} has ABI ${abi}, ffi/ declares ${ABI_VERSION}`, "");
     }
     this.backend = this.native.backend() as Backend;
   }
@@ -88,7 +96,7 @@ export class Library {
     if (status >= 0) return;
     let detail = "";
     if (ctx !== undefined) {
-      const buf = Buffer.alloc(512);
+      const buf = Buffer.alloc(CKPT_ERROR_BYTES);
       this.native.lastError(ctx, buf, buf.length);
       detail = buf.toString("utf8", 0, buf.indexOf(0));
     }
@@ -160,10 +168,6 @@ export class Comm {
   ) {}
 }
 
-/** Status of ckpt_event_query / ckpt_event_wait that is not a failure. */
-const CKPT_EAGAIN = -9;
-const CKPT_ETIMEDOUT = -10;
-
 export class Context {
   constructor(
     readonly lib: Library,
@@ -202,7 +206,7 @@ export class Context {
     return Array.from({ length: this.deviceCount() }, (_, i) => this.deviceInfo(i));
   }
 
-  /** Allocates zeroed pinned host memory. */
+  /** Allocates pinned host memory; its contents are undefined until written (as in ckpt.h). */
   async hostAlloc(len: number): Promise<HostMemory> {
     const out: Ptr[] = [0n];
     this.check("ckpt_host_alloc", await promisify(this.lib.native.hostAlloc, [this.ptr, len, out]));
@@ -215,7 +219,8 @@ export class Context {
 
   /** Pins an existing mapping in place; the caller keeps it mapped until hostUnregister. */
   async hostRegister(address: Ptr, len: number, readonly = false): Promise<HostMemory> {
-    const status = await promisify<number>(this.lib.native.hostRegister, [this.ptr, address, len, readonly ? 1 : 0]);
+    const flags = readonly ? CKPT_REGISTER_READONLY : 0;
+    const status = await promisify<number>(this.lib.native.hostRegister, [this.ptr, address, len, flags]);
     this.check("ckpt_host_register", status);
     return new HostMemory(address, len);
   }
@@ -308,7 +313,7 @@ export class Context {
 
   /** A new communicator id to give every participant of commInit. */
   commIdNew(): Uint8Array {
-    const id = new Uint8Array(128);
+    const id = new Uint8Array(CKPT_COMM_ID_BYTES);
     this.check("ckpt_comm_id_new", this.lib.native.commIdNew(this.ptr, id));
     return id;
   }

@@ -3,9 +3,10 @@
  * codebase imports koffi. Parameters carry their C types; pointers are BigInts (koffi 3).
  */
 import koffi from "koffi";
+import { CKPT_ABI_VERSION, CKPT_DEVICE_NAME_BYTES, CKPT_IPC_DATA_BYTES, CKPT_UUID_BYTES } from "./constants.ts";
 
 /** CKPT_ABI_VERSION of ckpt.h as this file declares it. */
-export const ABI_VERSION = 2;
+export const ABI_VERSION = CKPT_ABI_VERSION;
 
 export const CtxOptions = koffi.struct("ckpt_ctx_options", {
   size: "uint32_t",
@@ -18,8 +19,8 @@ export const CtxOptions = koffi.struct("ckpt_ctx_options", {
 export const DeviceInfo = koffi.struct("ckpt_device_info", {
   size: "uint32_t",
   index: "int32_t",
-  uuid: koffi.array("char", 48, "String"),
-  name: koffi.array("char", 96, "String"),
+  uuid: koffi.array("char", CKPT_UUID_BYTES, "String"),
+  name: koffi.array("char", CKPT_DEVICE_NAME_BYTES, "String"),
   free_bytes: "uint64_t",
   total_bytes: "uint64_t",
   pci_bus: "int32_t",
@@ -32,7 +33,7 @@ export const IpcHandle = koffi.struct("ckpt_ipc_handle", {
   len: "uint64_t",
   device: "int32_t",
   pid: "int32_t",
-  data: koffi.array("uint8_t", 128, "Typed"),
+  data: koffi.array("uint8_t", CKPT_IPC_DATA_BYTES, "Typed"),
 });
 
 for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event", "ckpt_comm"]) {

@@ -67,8 +67,10 @@ const char *ckpt_err_name(int status);
 /* One-sentence message for a status. Static string. */
 const char *ckpt_strerror(int status);
 /* Copies the detail of the context's most recent failure into buf (NUL-terminated,
- * truncated to len). Returns the status of that failure, CKPT_OK if none. */
+ * truncated to len; a detail is at most CKPT_ERROR_BYTES with its NUL). Returns the status of
+ * that failure, CKPT_OK if none. */
 int ckpt_last_error(ckpt_ctx *ctx, char *buf, size_t len);
+#define CKPT_ERROR_BYTES 512
 
 /* ---- context ------------------------------------------------------------------------- */
 
@@ -90,11 +92,14 @@ int ckpt_ctx_destroy(ckpt_ctx *ctx);
 
 /* ---- devices ------------------------------------------------------------------------- */
 
+#define CKPT_UUID_BYTES 48         /* ckpt_device_info.uuid, NUL included */
+#define CKPT_DEVICE_NAME_BYTES 96  /* ckpt_device_info.name, NUL included */
+
 typedef struct ckpt_device_info {
   uint32_t size;          /* sizeof(ckpt_device_info), set by the caller */
   int32_t index;          /* device ordinal in this context */
-  char uuid[48];          /* "GPU-xxxxxxxx-xxxx-..." (CUDA) or "HOST-<machine>-<index>" */
-  char name[96];          /* marketing name, or "host memory" */
+  char uuid[CKPT_UUID_BYTES]; /* "GPU-xxxxxxxx-xxxx-..." (CUDA) or "HOST-<machine>-<index>" */
+  char name[CKPT_DEVICE_NAME_BYTES]; /* marketing name, or "host memory" */
   uint64_t free_bytes;    /* free device memory now (host: MemAvailable) */
   uint64_t total_bytes;   /* total device memory (host: MemTotal) */
   int32_t pci_bus;        /* PCI bus id, -1 on the host backend */
@@ -136,13 +141,15 @@ int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t len);
 
 /* ---- sharing a device buffer with another process ------------------------------------ */
 
+#define CKPT_IPC_DATA_BYTES 128    /* ckpt_ipc_handle.data */
+
 typedef struct ckpt_ipc_handle {
   uint32_t size;          /* sizeof(ckpt_ipc_handle) */
   uint32_t kind;          /* 1: CUDA IPC handle in data[0..63]; 2: host, a path in data */
   uint64_t len;           /* buffer length in bytes */
   int32_t device;         /* device ordinal in the exporting process */
   int32_t pid;            /* exporting process */
-  uint8_t data[128];      /* cudaIpcMemHandle_t, or a NUL-terminated "/proc/<pid>/fd/<n>" */
+  uint8_t data[CKPT_IPC_DATA_BYTES]; /* cudaIpcMemHandle_t, or a NUL-terminated "/proc/<pid>/fd/<n>" */
 } ckpt_ipc_handle;
 
 #define CKPT_IPC_CUDA 1u

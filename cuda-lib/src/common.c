@@ -54,6 +54,10 @@ int ckpt__fail(ckpt_ctx *ctx, int status, const char *file, int line, const char
   return status;
 }
 
+int ckpt__sys_fail(ckpt_ctx *ctx, const char *file, int line, const char *what) {
+  return ckpt__fail(ctx, CKPT_ESYS, file, line, "%s: %s", what, strerror(errno));
+}
+
 CKPT_API int ckpt_last_error(ckpt_ctx *ctx, char *buf, size_t len) {
   if (ctx == NULL) return CKPT_EINVAL;
   pthread_mutex_lock(&ctx->mu);
@@ -153,6 +157,13 @@ int ckpt__region_remove(ckpt_ctx *ctx, void *p, int allocated, size_t *len) {
   return CKPT_OK;
 }
 
+int ckpt__register_add(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags) {
+  CHECK_ARG(ctx, ptr != NULL);
+  CHECK_ARG(ctx, len > 0);
+  CHECK_ARG(ctx, (flags & ~CKPT_REGISTER_READONLY) == 0);
+  return ckpt__region_add(ctx, ptr, len, 0);
+}
+
 int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t dst_len) {
   if (n > 0 && r == NULL) return FAIL(ctx, CKPT_EINVAL, "ranges is NULL with n=%zu", n);
   pthread_mutex_lock(&ctx->mu);
@@ -174,25 +185,33 @@ int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t ds
   return CKPT_OK;
 }
 
-int ckpt__bcast_check_rank(ckpt_ctx *ctx, int32_t i, int32_t device, const ckpt__place *buf,
-                           const ckpt__place *stream, uint64_t offset, uint64_t len) {
-  if (buf == NULL || stream == NULL)
-    return FAIL(ctx, CKPT_EINVAL, "local rank %d: %s is NULL", i, buf == NULL ? "buffer" : "stream");
-  if (buf->ctx != ctx || stream->ctx != ctx)
+/* Local rank i of a broadcast: buffer and stream given, of ctx, on `device`, the buffer
+ * holding offset + len bytes. */
+static int bcast_check_rank(ckpt_ctx *ctx, const ckpt__places *places, int32_t i, int32_t device,
+                            const ckpt_buf *b, const ckpt_stream *s, uint64_t offset, uint64_t len) {
+  if (b == NULL || s == NULL)
+    return FAIL(ctx, CKPT_EINVAL, "local rank %d: %s is NULL", i, b == NULL ? "buffer" : "stream");
+  const ckpt__place buf = places->buf(b), stream = places->stream(s);
+  if (buf.ctx != ctx || stream.ctx != ctx)
     return FAIL(ctx, CKPT_EHANDLE, "local rank %d: %s belongs to another context", i,
-                buf->ctx != ctx ? "buffer" : "stream");
-  if (buf->device != device || stream->device != device)
+                buf.ctx != ctx ? "buffer" : "stream");
+  if (buf.device != device || stream.device != device)
     return FAIL(ctx, CKPT_EINVAL, "local rank %d is device %d, but its %s is on device %d", i, device,
-                buf->device != device ? "buffer" : "stream",
-                buf->device != device ? buf->device : stream->device);
-  if (offset > buf->len || len > buf->len - offset)
+                buf.device != device ? "buffer" : "stream",
+                buf.device != device ? buf.device : stream.device);
+  if (offset > buf.len || len > buf.len - offset)
     return FAIL(ctx, CKPT_ERANGE,
                 "broadcast of %llu bytes at offset %llu: local rank %d's buffer has %llu bytes",
-                (unsigned long long)len, (unsigned long long)offset, i, (unsigned long long)buf->len);
+                (unsigned long long)len, (unsigned long long)offset, i, (unsigned long long)buf.len);
   return CKPT_OK;
 }
 
-int ckpt__bcast_check_root(ckpt_ctx *ctx, int32_t root, int32_t nranks) {
+int ckpt__bcast_check(ckpt_ctx *ctx, const ckpt__places *places, int32_t nranks, int32_t ndev,
+                      const int32_t *devices, int32_t root, ckpt_buf *const *bufs,
+                      ckpt_stream *const *streams, uint64_t offset, uint64_t len) {
+  CHECK_ARG(ctx, bufs != NULL && streams != NULL);
+  for (int32_t i = 0; i < ndev; i++)
+    CHECK(bcast_check_rank(ctx, places, i, devices[i], bufs[i], streams[i], offset, len));
   if (root < 0 || root >= nranks)
     return FAIL(ctx, CKPT_EINVAL, "root %d outside the communicator's ranks 0..%d", root, nranks - 1);
   return CKPT_OK;

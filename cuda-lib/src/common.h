@@ -24,7 +24,7 @@ typedef struct ckpt_region {
 struct ckpt_ctx {
   pthread_mutex_t mu;           /* guards everything below */
   int last_status;
-  char last_error[512];
+  char last_error[CKPT_ERROR_BYTES];
   int64_t live_handles;         /* buffers, streams, events not yet freed */
   ckpt_region *regions;         /* sorted by base, never overlapping */
   size_t nregions, cap_regions;
@@ -56,9 +56,20 @@ int ckpt__fail(ckpt_ctx *ctx, int status, const char *file, int line, const char
   do {                                                                                \
     if (!(cond)) return FAIL((ctx), CKPT_ESYS, "%s: %s", (what), strerror(errno));    \
   } while (0)
+/* Like CHECK_SYS, for functions that must unwind: ESYS naming the call and errno. */
+#define SYS_GOTO(ctx, cond, st, label, what) \
+  CHECK_GOTO((cond) ? CKPT_OK : ckpt__sys_fail((ctx), __FILE__, __LINE__, (what)), st, label)
+int ckpt__sys_fail(ckpt_ctx *ctx, const char *file, int line, const char *what);
 #define CHECK_ARG(ctx, cond)                                                          \
   do {                                                                                \
     if (!(cond)) return FAIL((ctx), CKPT_EINVAL, "invalid argument: %s", #cond);      \
+  } while (0)
+
+/* A handle passed beside another: given (CKPT_EINVAL), and made from ctx (CKPT_EHANDLE). */
+#define CHECK_HANDLE(ctx, h)                                                               \
+  do {                                                                                     \
+    CHECK_ARG((ctx), h != NULL);                                                           \
+    if ((h)->ctx != (ctx)) return FAIL((ctx), CKPT_EHANDLE, "%s belongs to another context", #h); \
   } while (0)
 
 /* Where a buffer or stream lives, for the argument checks both backends share. */
@@ -68,12 +79,19 @@ typedef struct ckpt__place {
   uint64_t len; /* buffers only */
 } ckpt__place;
 
-/* Checks local rank i of a broadcast: buffer and stream given (NULL: missing), of ctx, on
- * `device`, the buffer holding offset + len bytes. */
-int ckpt__bcast_check_rank(ckpt_ctx *ctx, int32_t i, int32_t device, const ckpt__place *buf,
-                           const ckpt__place *stream, uint64_t offset, uint64_t len);
-/* Checks a broadcast's root against the communicator's ranks. */
-int ckpt__bcast_check_root(ckpt_ctx *ctx, int32_t root, int32_t nranks);
+/* How the shared checks see a backend's buffers and streams (each backend has its own
+ * structs): the place of a handle that is not NULL. */
+typedef struct ckpt__places {
+  ckpt__place (*buf)(const ckpt_buf *buf);
+  ckpt__place (*stream)(const ckpt_stream *stream);
+} ckpt__places;
+
+/* Checks every argument of ckpt_broadcast on a communicator of nranks ranks whose local rank
+ * i is device devices[i] (ndev of them): bufs and streams given, each of ctx and on its
+ * rank's device, each buffer holding offset + len bytes, root one of the ranks. */
+int ckpt__bcast_check(ckpt_ctx *ctx, const ckpt__places *places, int32_t nranks, int32_t ndev,
+                      const int32_t *devices, int32_t root, ckpt_buf *const *bufs,
+                      ckpt_stream *const *streams, uint64_t offset, uint64_t len);
 /* Checks ckpt_comm_init's arguments (ctx given), each device with the backend's `exists`;
  * clears *out first. */
 int ckpt__comm_init_check(ckpt_ctx *ctx, const uint8_t *id, int32_t nranks, int32_t first_rank,
@@ -91,6 +109,9 @@ int ckpt__region_add(ckpt_ctx *ctx, void *p, size_t len, int allocated);
 /* Removes the region starting at p that was added with the same `allocated`; its length
  * goes to *len. CKPT_EINVAL naming the pointer if there is none. */
 int ckpt__region_remove(ckpt_ctx *ctx, void *p, int allocated, size_t *len);
+/* Checks ckpt_host_register's arguments (ctx given) and adds [ptr, ptr+len) to the table
+ * as registered memory; the backend pins it after. */
+int ckpt__register_add(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags);
 /* Checks every range: source inside one pinned region, destination inside dst_len. */
 int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t dst_len);
 

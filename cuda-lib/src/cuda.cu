@@ -35,6 +35,11 @@ struct ckpt_event {
   cudaEvent_t event;
 };
 
+static ckpt__place buf_place(const ckpt_buf *b) { return ckpt__place{b->ctx, b->device, b->len}; }
+static ckpt__place stream_place(const ckpt_stream *s) { return ckpt__place{s->ctx, s->device, 0}; }
+/* How ckpt__bcast_check sees this backend's handles. */
+static const ckpt__places cuda_places = {buf_place, stream_place};
+
 /* The ckpt_status for a CUDA error; oom_status is EDEVMEM or ENOMEM by what was allocated. */
 static int cuda_status(cudaError_t err, int oom_status) {
   if (err == cudaErrorMemoryAllocation) return oom_status;
@@ -86,7 +91,7 @@ static void nccl_api_free(nccl_api *api);
 /* ---- context ------------------------------------------------------------------------- */
 
 CKPT_API int ckpt_ctx_create(const ckpt_ctx_options *opts, ckpt_ctx **out) {
-  if (out == NULL) return FAIL(NULL, CKPT_EINVAL, "ckpt_ctx_create: out is NULL");
+  CHECK_ARG(NULL, out != NULL);
   *out = NULL;
   ckpt_ctx *ctx = (ckpt_ctx *)calloc(1, sizeof *ctx);
   if (ctx == NULL) return FAIL(NULL, CKPT_ENOMEM, "ckpt_ctx_create: calloc");
@@ -104,7 +109,7 @@ CKPT_API int ckpt_ctx_create(const ckpt_ctx_options *opts, ckpt_ctx **out) {
 }
 
 CKPT_API int ckpt_ctx_destroy(ckpt_ctx *ctx) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK(ckpt__ctx_fini(ctx));
   nccl_api_free((nccl_api *)ctx->nccl_lib);
   free(ctx);
@@ -114,7 +119,7 @@ CKPT_API int ckpt_ctx_destroy(ckpt_ctx *ctx) {
 /* ---- devices ------------------------------------------------------------------------- */
 
 CKPT_API int ckpt_device_count(ckpt_ctx *ctx, int32_t *count) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, count != NULL);
   int n = 0;
   cudaError_t err = cudaGetDeviceCount(&n);
@@ -151,7 +156,7 @@ static void copy_str(char *dst, size_t cap, const char *src) {
 }
 
 CKPT_API int ckpt_device_info_get(ckpt_ctx *ctx, int32_t index, ckpt_device_info *info) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, info != NULL);
   if (info->size != sizeof(ckpt_device_info))
     return FAIL(ctx, CKPT_EABI, "ckpt_device_info: caller has size %u, library %zu", info->size,
@@ -183,7 +188,7 @@ CKPT_API int ckpt_device_info_get(ckpt_ctx *ctx, int32_t index, ckpt_device_info
 /* ---- pinned host memory -------------------------------------------------------------- */
 
 CKPT_API int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, out != NULL);
   CHECK_ARG(ctx, len > 0);
   *out = NULL;
@@ -199,7 +204,8 @@ CKPT_API int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out) {
 }
 
 CKPT_API int ckpt_host_free(ckpt_ctx *ctx, void *ptr) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, ptr != NULL);
   size_t len = 0;
   /* Removed first, so that no new copy can name it once it is being freed. */
   CHECK(ckpt__region_remove(ctx, ptr, 1, &len));
@@ -208,12 +214,9 @@ CKPT_API int ckpt_host_free(ckpt_ctx *ctx, void *ptr) {
 }
 
 CKPT_API int ckpt_host_register(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags) {
-  if (ctx == NULL) return CKPT_EINVAL;
-  CHECK_ARG(ctx, ptr != NULL);
-  CHECK_ARG(ctx, len > 0);
-  CHECK_ARG(ctx, (flags & ~CKPT_REGISTER_READONLY) == 0);
+  CHECK_ARG(NULL, ctx != NULL);
   /* The table first: an overlap then fails with CKPT_EINVAL as on the host backend. */
-  CHECK(ckpt__region_add(ctx, ptr, len, 0));
+  CHECK(ckpt__register_add(ctx, ptr, len, flags));
   unsigned int cflags =
       cudaHostRegisterPortable | ((flags & CKPT_REGISTER_READONLY) ? cudaHostRegisterReadOnly : 0);
   cudaError_t err = cudaHostRegister(ptr, len, cflags);
@@ -229,7 +232,8 @@ CKPT_API int ckpt_host_register(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t f
 }
 
 CKPT_API int ckpt_host_unregister(ckpt_ctx *ctx, void *ptr) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, ptr != NULL);
   size_t len = 0;
   CHECK(ckpt__region_remove(ctx, ptr, 0, &len));
   CUDA_CHECK(ctx, cudaHostUnregister(ptr));
@@ -239,7 +243,7 @@ CKPT_API int ckpt_host_unregister(ckpt_ctx *ctx, void *ptr) {
 /* ---- device buffers ------------------------------------------------------------------ */
 
 CKPT_API int ckpt_buf_alloc(ckpt_ctx *ctx, int32_t device, size_t len, ckpt_buf **out) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, out != NULL);
   CHECK_ARG(ctx, len > 0);
   *out = NULL;
@@ -263,7 +267,7 @@ fail:
 /* The handle is released even when CUDA reports an error, so that a failure here cannot
  * keep the context from being destroyed; the error is still returned. */
 CKPT_API int ckpt_buf_free(ckpt_buf *buf) {
-  if (buf == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, buf != NULL);
   ckpt_ctx *ctx = buf->ctx;
   int st = set_device(ctx, buf->device);
   if (st == CKPT_OK) {
@@ -280,7 +284,7 @@ done:
 }
 
 CKPT_API int ckpt_buf_info(ckpt_buf *buf, uint64_t *address, uint64_t *len, int32_t *device) {
-  if (buf == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, buf != NULL);
   if (address != NULL) *address = (uint64_t)(uintptr_t)buf->ptr;
   if (len != NULL) *len = buf->len;
   if (device != NULL) *device = buf->device;
@@ -288,7 +292,7 @@ CKPT_API int ckpt_buf_info(ckpt_buf *buf, uint64_t *address, uint64_t *len, int3
 }
 
 CKPT_API int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t len) {
-  if (buf == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, buf != NULL);
   ckpt_ctx *ctx = buf->ctx;
   CHECK_ARG(ctx, dst != NULL || len == 0);
   if (offset > buf->len || len > buf->len - offset)
@@ -303,7 +307,7 @@ CKPT_API int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t l
 /* ---- IPC ----------------------------------------------------------------------------- */
 
 CKPT_API int ckpt_buf_export(ckpt_buf *buf, ckpt_ipc_handle *out) {
-  if (buf == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, buf != NULL);
   ckpt_ctx *ctx = buf->ctx;
   CHECK_ARG(ctx, out != NULL);
   if (out->size != sizeof(ckpt_ipc_handle))
@@ -324,7 +328,7 @@ CKPT_API int ckpt_buf_export(ckpt_buf *buf, ckpt_ipc_handle *out) {
 }
 
 CKPT_API int ckpt_buf_import(ckpt_ctx *ctx, const ckpt_ipc_handle *handle, ckpt_buf **out) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, handle != NULL);
   CHECK_ARG(ctx, out != NULL);
   *out = NULL;
@@ -362,7 +366,7 @@ fail:
 /* ---- streams and copies -------------------------------------------------------------- */
 
 CKPT_API int ckpt_stream_create(ckpt_ctx *ctx, int32_t device, ckpt_stream **out) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, out != NULL);
   *out = NULL;
   CHECK(device_check(ctx, device));
@@ -383,7 +387,7 @@ fail:
 }
 
 CKPT_API int ckpt_stream_destroy(ckpt_stream *stream) {
-  if (stream == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, stream != NULL);
   ckpt_ctx *ctx = stream->ctx;
   int st = set_device(ctx, stream->device);
   if (st == CKPT_OK) {
@@ -404,10 +408,9 @@ CKPT_API int ckpt_stream_destroy(ckpt_stream *stream) {
 
 CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges,
                             size_t n) {
-  if (stream == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, stream != NULL);
   ckpt_ctx *ctx = stream->ctx;
-  CHECK_ARG(ctx, dst != NULL);
-  if (dst->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "buffer belongs to another context");
+  CHECK_HANDLE(ctx, dst);
   /* Every range before any copy, so that one bad range queues nothing. */
   CHECK(ckpt__ranges_check(ctx, ranges, n, dst->len));
   if (dst->device != stream->device)
@@ -433,7 +436,7 @@ CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range
 /* ---- events -------------------------------------------------------------------------- */
 
 CKPT_API int ckpt_event_create(ckpt_ctx *ctx, int32_t device, ckpt_event **out) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, out != NULL);
   *out = NULL;
   CHECK(device_check(ctx, device));
@@ -453,7 +456,7 @@ fail:
 }
 
 CKPT_API int ckpt_event_destroy(ckpt_event *event) {
-  if (event == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, event != NULL);
   ckpt_ctx *ctx = event->ctx;
   int st = set_device(ctx, event->device);
   if (st == CKPT_OK) {
@@ -466,10 +469,9 @@ done:
 }
 
 CKPT_API int ckpt_event_record(ckpt_event *event, ckpt_stream *stream) {
-  if (event == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, event != NULL);
   ckpt_ctx *ctx = event->ctx;
-  CHECK_ARG(ctx, stream != NULL);
-  if (stream->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "stream belongs to another context");
+  CHECK_HANDLE(ctx, stream);
   if (stream->device != event->device)
     return FAIL(ctx, CKPT_EINVAL, "event on device %d, stream on device %d", event->device,
                 stream->device);
@@ -479,10 +481,9 @@ CKPT_API int ckpt_event_record(ckpt_event *event, ckpt_stream *stream) {
 }
 
 CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
-  if (stream == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, stream != NULL);
   ckpt_ctx *ctx = stream->ctx;
-  CHECK_ARG(ctx, event != NULL);
-  if (event->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "event belongs to another context");
+  CHECK_HANDLE(ctx, event);
   /* The event may be on another device: CUDA waits across devices. A never recorded event
    * makes no wait. */
   CHECK(set_device(ctx, stream->device));
@@ -503,7 +504,7 @@ static int event_poll(ckpt_event *event) {
 }
 
 CKPT_API int ckpt_event_query(ckpt_event *event) {
-  if (event == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, event != NULL);
   CHECK(set_device(event->ctx, event->device));
   return event_poll(event);
 }
@@ -515,7 +516,7 @@ static int64_t mono_ns(void) {
 }
 
 CKPT_API int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms) {
-  if (event == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, event != NULL);
   CHECK(set_device(event->ctx, event->device));
   /* Spin briefly (copies often finish within microseconds of the first poll), then sleep
    * in steps growing from 20 us to 200 us, which bounds the added latency. */
@@ -666,7 +667,7 @@ static int nccl_fail(ckpt_ctx *ctx, const nccl_api *api, nccl_result r, const ch
 #define NCCL_FAIL(ctx, api, r, ...) nccl_fail((ctx), (api), (r), __FILE__, __LINE__, __VA_ARGS__)
 
 CKPT_API int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, version != NULL);
   const nccl_api *api = NULL;
   CHECK(nccl_load(ctx, &api));
@@ -717,7 +718,7 @@ static int comm_settle(ckpt_comm *c, const char *what) {
 }
 
 CKPT_API int ckpt_comm_id_new(ckpt_ctx *ctx, uint8_t id[CKPT_COMM_ID_BYTES]) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK_ARG(ctx, id != NULL);
   const nccl_api *api = NULL;
   CHECK(nccl_load(ctx, &api));
@@ -744,7 +745,7 @@ static void comm_free(ckpt_comm *c, int abort_comms) {
 CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES], int32_t nranks,
                             int32_t first_rank, int32_t ndev, const int32_t *devices,
                             int64_t timeout_ms, ckpt_comm **out) {
-  if (ctx == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, ctx != NULL);
   CHECK(ckpt__comm_init_check(ctx, id, nranks, first_rank, ndev, devices, out, device_check));
   const nccl_api *api = NULL;
   CHECK(nccl_load(ctx, &api));
@@ -819,7 +820,7 @@ CKPT_API int ckpt_comm_init(ckpt_ctx *ctx, const uint8_t id[CKPT_COMM_ID_BYTES],
 }
 
 CKPT_API int ckpt_comm_destroy(ckpt_comm *comm) {
-  if (comm == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, comm != NULL);
   ckpt_ctx *ctx = comm->ctx;
   int st = CKPT_OK;
   /* A non-blocking communicator is finalized first (its queued work flushed, bounded by its
@@ -855,7 +856,7 @@ CKPT_API int ckpt_comm_destroy(ckpt_comm *comm) {
 }
 
 CKPT_API int ckpt_comm_abort(ckpt_comm *comm) {
-  if (comm == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, comm != NULL);
   ckpt_ctx *ctx = comm->ctx;
   int st = CKPT_OK;
   for (int32_t i = 0; i < comm->ndev; i++) {
@@ -873,18 +874,10 @@ CKPT_API int ckpt_comm_abort(ckpt_comm *comm) {
 
 CKPT_API int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs,
                             ckpt_stream *const *streams, uint64_t offset, uint64_t len) {
-  if (comm == NULL) return CKPT_EINVAL;
+  CHECK_ARG(NULL, comm != NULL);
   ckpt_ctx *ctx = comm->ctx;
-  CHECK_ARG(ctx, bufs != NULL && streams != NULL);
-  /* Every argument before anything is queued. */
-  for (int32_t i = 0; i < comm->ndev; i++) {
-    const ckpt_buf *b = bufs[i];
-    const ckpt_stream *s = streams[i];
-    const ckpt__place bp = {b ? b->ctx : NULL, b ? b->device : -1, b ? (uint64_t)b->len : 0};
-    const ckpt__place sp = {s ? s->ctx : NULL, s ? s->device : -1, 0};
-    CHECK(ckpt__bcast_check_rank(ctx, i, comm->devices[i], b ? &bp : NULL, s ? &sp : NULL, offset, len));
-  }
-  CHECK(ckpt__bcast_check_root(ctx, root, comm->nranks));
+  CHECK(ckpt__bcast_check(ctx, &cuda_places, comm->nranks, comm->ndev, comm->devices, root, bufs,
+                          streams, offset, len));
   if (len == 0) return CKPT_OK;
   const nccl_api *api = comm->api;
   nccl_result r = api->group_start();

@@ -1,8 +1,8 @@
 /* The host backend: "devices" are host memory, buffers are memfds, streams are threads, and
  * collectives are copies between the streams of one process, or run over TCP between
- * processes (one connection between every two processes, served by one thread per
- * communicator). This file holds the context, devices, pinned memory, buffers, IPC, streams
- * and events; the communicators are in host_comm.c, and host.h has what both share. */
+ * processes. This file holds the context, devices, pinned memory, buffers, IPC, streams and
+ * events, and host.h what the other files use of them; the communicators are in host_comm.c
+ * (on host_boot.c's bootstrap and host_net.c's sockets). */
 #define _GNU_SOURCE
 #include "host.h"
 
@@ -17,10 +17,6 @@
 #include <time.h>
 #include <unistd.h>
 
-int sys_fail(ckpt_ctx *ctx, const char *file, int line, const char *what) {
-  return ckpt__fail(ctx, CKPT_ESYS, file, line, "%s: %s", what, strerror(errno));
-}
-
 /* Lifetime: ckpt_event_destroy waits until no queued marker or wait references the event
  * (pending == 0), so a stream worker never touches a freed event and no refcount is
  * needed. The wait is bounded by the work queued ahead of those operations (a wait only
@@ -34,6 +30,20 @@ struct ckpt_event {
   uint64_t completed;  /* highest sequence number whose marker the worker reached */
   uint64_t pending;    /* markers and waits queued but not reached or passed yet */
   int fail_status;     /* the stream's failure when the marker `completed` was reached */
+  char fail_detail[320];
+};
+
+struct ckpt_stream {
+  ckpt_ctx *ctx;
+  int32_t device;
+  pthread_t thread;
+  pthread_mutex_t mu;  /* guards the queue and stop */
+  pthread_cond_t cv;   /* signalled when work is queued or stop is set */
+  stream_op *head, *tail;
+  int stop;
+  /* Set by stream_fail and kept (as a CUDA stream keeps a fault): every event recorded on
+   * the stream afterwards reports it. Only the worker reads or writes these. */
+  int fail_status;
   char fail_detail[320];
 };
 
@@ -146,11 +156,8 @@ CKPT_API int ckpt_host_free(ckpt_ctx *ctx, void *ptr) {
 
 CKPT_API int ckpt_host_register(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags) {
   CHECK_ARG(NULL, ctx != NULL);
-  CHECK_ARG(ctx, ptr != NULL);
-  CHECK_ARG(ctx, len > 0);
-  CHECK_ARG(ctx, (flags & ~CKPT_REGISTER_READONLY) == 0);
   /* The mapping stays the caller's; nothing to pin on the host, only bookkeeping. */
-  return ckpt__region_add(ctx, ptr, len, 0);
+  return ckpt__register_add(ctx, ptr, len, flags);
 }
 
 CKPT_API int ckpt_host_unregister(ckpt_ctx *ctx, void *ptr) {
@@ -276,10 +283,36 @@ fail:
 }
 
 /* ---- streams ------------------------------------------------------------------------ */
-static void event_reached(ckpt_event *ev, uint64_t seq, const ckpt_stream *s) {
+/* Copies ranges into a buffer (ckpt_h2d_async). */
+typedef struct copy_op {
+  stream_op op;
+  uint8_t *dst;
+  size_t n;
+  ckpt_range ranges[];
+} copy_op;
+
+/* Completes record `seq` of an event (ckpt_event_record), or waits until that record has
+ * completed (ckpt_stream_wait_event). */
+typedef struct event_op {
+  stream_op op;
+  ckpt_event *event;
+  uint64_t seq;
+} event_op;
+
+static void run_copy(stream_op *op) {
+  const copy_op *c = (const copy_op *)op;
+  for (size_t i = 0; i < c->n; i++)
+    memcpy(c->dst + c->ranges[i].dst_offset, (const void *)(uintptr_t)c->ranges[i].src,
+           c->ranges[i].len);
+}
+
+static void run_mark(stream_op *op) {
+  const event_op *m = (const event_op *)op;
+  const ckpt_stream *s = op->stream;
+  ckpt_event *ev = m->event;
   pthread_mutex_lock(&ev->mu);
-  if (seq > ev->completed) {
-    ev->completed = seq;
+  if (m->seq > ev->completed) {
+    ev->completed = m->seq;
     ev->fail_status = s->fail_status;
     if (s->fail_status != CKPT_OK) memcpy(ev->fail_detail, s->fail_detail, sizeof ev->fail_detail);
   }
@@ -289,18 +322,14 @@ static void event_reached(ckpt_event *ev, uint64_t seq, const ckpt_stream *s) {
 }
 
 /* Blocks the worker until the event's record `seq` has completed. */
-static void event_await(ckpt_event *ev, uint64_t seq) {
+static void run_wait(stream_op *op) {
+  const event_op *w = (const event_op *)op;
+  ckpt_event *ev = w->event;
   pthread_mutex_lock(&ev->mu);
-  while (ev->completed < seq) pthread_cond_wait(&ev->cv, &ev->mu);
+  while (ev->completed < w->seq) pthread_cond_wait(&ev->cv, &ev->mu);
   ev->pending--;
   pthread_cond_broadcast(&ev->cv);  /* ckpt_event_destroy may wait for pending == 0 */
   pthread_mutex_unlock(&ev->mu);    /* after this the event may be destroyed */
-}
-
-static void run_copies(const stream_op *op) {
-  for (size_t i = 0; i < op->n; i++)
-    memcpy(op->dst + op->ranges[i].dst_offset, (const void *)(uintptr_t)op->ranges[i].src,
-           op->ranges[i].len);
 }
 
 static void *stream_worker(void *arg) {
@@ -312,24 +341,14 @@ static void *stream_worker(void *arg) {
     if (op != NULL && (s->head = op->next) == NULL) s->tail = NULL;
     pthread_mutex_unlock(&s->mu);
     if (op == NULL) return NULL;  /* stop requested and the queue is drained */
-    switch (op->kind) {
-      case OP_COPY: run_copies(op); break;
-      case OP_MARK: event_reached(op->event, op->seq, s); break;
-      case OP_WAIT: event_await(op->event, op->seq); break;
-      case OP_BCAST_ROOT: bcast_root(op->bc); break;
-      case OP_BCAST_COPY:
-        bcast_await_root(op->bc);
-        run_copies(op);
-        bcast_copied(op->bc);
-        break;
-      case OP_XBCAST: xbcast_stream(s, op->xb); break;
-    }
+    op->run(op);
     free(op);
   }
 }
 
 void stream_push(ckpt_stream *s, stream_op *op) {
   op->next = NULL;
+  op->stream = s;
   pthread_mutex_lock(&s->mu);
   if (s->tail != NULL) s->tail->next = op;
   else s->head = op;
@@ -337,6 +356,16 @@ void stream_push(ckpt_stream *s, stream_op *op) {
   pthread_cond_signal(&s->cv);
   pthread_mutex_unlock(&s->mu);
 }
+
+void stream_fail(ckpt_stream *s, int status, const char *detail) {
+  if (s->fail_status != CKPT_OK) return;
+  s->fail_status = status;
+  snprintf(s->fail_detail, sizeof s->fail_detail, "%s", detail);
+}
+
+static ckpt__place buf_place(const ckpt_buf *b) { return (ckpt__place){b->ctx, b->device, b->len}; }
+static ckpt__place stream_place(const ckpt_stream *s) { return (ckpt__place){s->ctx, s->device, 0}; }
+const ckpt__places host_places = {buf_place, stream_place};
 
 CKPT_API int ckpt_stream_create(ckpt_ctx *ctx, int32_t device, ckpt_stream **out) {
   CHECK_ARG(NULL, ctx != NULL);
@@ -385,11 +414,11 @@ CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range
     return FAIL(ctx, CKPT_EINVAL, "buffer on device %d, stream on device %d", dst->device,
                 stream->device);
   if (n == 0) return CKPT_OK;
-  stream_op *op = malloc(sizeof *op + n * sizeof *ranges);
+  copy_op *op = malloc(sizeof *op + n * sizeof *ranges);
   if (op == NULL) return FAIL(ctx, CKPT_ENOMEM, "copy batch of %zu ranges", n);
-  *op = (stream_op){.kind = OP_COPY, .dst = dst->address, .n = n};
+  *op = (copy_op){.op.run = run_copy, .dst = dst->address, .n = n};
   memcpy(op->ranges, ranges, n * sizeof *ranges);
-  stream_push(stream, op);
+  stream_push(stream, &op->op);
   return CKPT_OK;
 }
 
@@ -431,24 +460,23 @@ CKPT_API int ckpt_event_record(ckpt_event *event, ckpt_stream *stream) {
   if (event->device != stream->device)
     return FAIL(event->ctx, CKPT_EINVAL, "event on device %d, stream on device %d",
                 event->device, stream->device);
-  stream_op *op = malloc(sizeof *op);
+  event_op *op = malloc(sizeof *op);
   if (op == NULL) return FAIL(event->ctx, CKPT_ENOMEM, "event marker");
-  *op = (stream_op){.kind = OP_MARK, .event = event};
+  *op = (event_op){.op.run = run_mark, .event = event};
   pthread_mutex_lock(&event->mu);
   op->seq = ++event->recorded;
   event->pending++;
   pthread_mutex_unlock(&event->mu);
-  stream_push(stream, op);
+  stream_push(stream, &op->op);
   return CKPT_OK;
 }
 
 CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
   CHECK_ARG(NULL, stream != NULL);
   ckpt_ctx *ctx = stream->ctx;
-  CHECK_ARG(ctx, event != NULL);
-  if (event->ctx != ctx) return FAIL(ctx, CKPT_EHANDLE, "event belongs to another context");
+  CHECK_HANDLE(ctx, event);
   /* The event may be on another device. Allocated first: a failure then changes nothing. */
-  stream_op *op = malloc(sizeof *op);
+  event_op *op = malloc(sizeof *op);
   if (op == NULL) return FAIL(ctx, CKPT_ENOMEM, "event wait");
   pthread_mutex_lock(&event->mu);
   uint64_t target = event->recorded;  /* a later record does not move this wait */
@@ -459,8 +487,8 @@ CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
     free(op);
     return CKPT_OK;
   }
-  *op = (stream_op){.kind = OP_WAIT, .event = event, .seq = target};
-  stream_push(stream, op);
+  *op = (event_op){.op.run = run_wait, .event = event, .seq = target};
+  stream_push(stream, &op->op);
   return CKPT_OK;
 }
 

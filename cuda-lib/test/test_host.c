@@ -67,6 +67,42 @@ static int test_ctx_create(void) {
   return 1;
 }
 
+/* A caller built against an older, shorter ckpt_ctx_options must be refused before its
+ * options are read past their end, as a longer one is. */
+static int test_ctx_options_too_small(void) {
+  ckpt_ctx_options o = {.size = sizeof o - 8, .abi_version = CKPT_ABI_VERSION};
+  ckpt_ctx *ctx = (ckpt_ctx *)&o;  /* must be overwritten with NULL */
+  EXPECT_ST(NULL, ckpt_ctx_create(&o, &ctx), CKPT_EABI);
+  EXPECT(ctx == NULL);
+  o.size = 0;
+  EXPECT_ST(NULL, ckpt_ctx_create(&o, &ctx), CKPT_EABI);
+  EXPECT(ctx == NULL);
+  return 1;
+}
+
+/* A source range whose end wraps past the top of the address space (src + len overflows)
+ * lands below a pinned region's end; it must be refused, not copied from. */
+static int test_range_wraps(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  void *a;
+  ckpt_buf *b;
+  ckpt_stream *s;
+  EXPECT_OK(ctx, ckpt_host_alloc(ctx, 4096, &a));
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, 4096, &b));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  /* src + len is 89: inside the allocation's end, were the sum not checked for overflow. */
+  ckpt_range wrap = {UINT64_MAX - 10, 0, 100};
+  EXPECT_ST(ctx, ckpt_h2d_async(s, b, &wrap, 1), CKPT_ERANGE);
+  EXPECT_DETAIL(ctx, "range 0");
+  EXPECT_DETAIL(ctx, "source not inside pinned");
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));
+  EXPECT_OK(ctx, ckpt_buf_free(b));
+  EXPECT_OK(ctx, ckpt_host_free(ctx, a));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
 static int test_devices(void) {
   ckpt_ctx *ctx = new_ctx(2);
   EXPECT(ctx != NULL);
@@ -1040,7 +1076,8 @@ static int test_sd_notify(void) {
 /* ---- runner ------------------------------------------------------------------------- */
 
 static const harness_test tests[] = {
-    TEST(test_errors),        TEST(test_ctx_create),       TEST(test_devices),
+    TEST(test_errors),        TEST(test_ctx_create),       TEST(test_ctx_options_too_small),
+    TEST(test_devices),       TEST(test_range_wraps),
     TEST(test_host_alloc),    TEST(test_register),         TEST(test_copies),
     TEST(test_devices_mismatch), TEST(test_query_in_flight), TEST(test_wait_timeout),
     TEST(test_ipc),           TEST(test_ipc_dead_exporter), TEST(test_busy_ctx),
