@@ -1,6 +1,7 @@
 """GPU self-test of the receiver's CUDA path, for the GPU machine (needs torch and a GPU).
 
     python3 integrations/gpu_selftest.py [--layers 4] [--updates 3]
+    (or python3 -m integrations.gpu_selftest from the repository root)
 
 A stand-in daemon runs in another process (CUDA IPC handles cannot be opened by their
 exporter): it allocates slots with cuMemAlloc, exports them with cuIpcGetMemHandle and speaks
@@ -11,6 +12,8 @@ PROTOCOL.md. Checks:
           fails them when the stand-in corrupts one checked tensor.
 Prints "N passed, N failed"; exits 1 on any failure.
 """
+from __future__ import annotations
+
 import argparse
 import ctypes
 import json
@@ -22,18 +25,26 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import ckptd_receiver as cr  # noqa: E402
-import torch_engine  # noqa: E402
+if not __package__:  # run as a script
+    sys.path.insert(0, os.path.dirname(HERE))
+
+from integrations import ckptd as cr  # noqa: E402
+from integrations import torch_engine  # noqa: E402
+from integrations.ckptd.cuda import CudaDevice, DevicePointer, IpcHandle  # noqa: E402
+from integrations.ckptd.receiver import Batch  # noqa: E402
+
+Fill = Callable[[torch.Tensor], Any]
 
 ALL_DTYPES = list(cr.DTYPES)
 
 
-def dtype_tensors(seed, count=24):
+def dtype_tensors(seed: int, count: int = 24) -> list[tuple[str, str, list[int], bytes]]:
     """[(name, dtype, shape, bytes)]: random bytes of every dtype (as raw bytes, any bit
     pattern, NaNs included: the receiver must not care)."""
     rnd = random.Random(seed)
@@ -49,13 +60,13 @@ def dtype_tensors(seed, count=24):
 # ---- the stand-in daemon (its own process) ------------------------------------------------
 
 class StandIn:
-    def __init__(self, sock_path, device="cuda:0"):
+    def __init__(self, sock_path: str, device: str = "cuda:0") -> None:
         torch.cuda.set_device(device)
-        self.dev = cr._CudaDevice(torch, device, "")
+        self.dev = CudaDevice(torch, device, "")
         lib = ctypes.CDLL("libcuda.so.1")
         P, u64 = ctypes.POINTER, ctypes.c_uint64
         for name, args in [("cuMemAlloc_v2", [P(u64), ctypes.c_size_t]),
-                           ("cuIpcGetMemHandle", [P(cr._CudaDriver.IpcHandle), u64])]:
+                           ("cuIpcGetMemHandle", [P(IpcHandle), u64])]:
             f = getattr(lib, name)
             f.argtypes, f.restype = args, ctypes.c_int
             self.dev.drv.fn[name] = f
@@ -66,43 +77,45 @@ class StandIn:
         srv.listen(1)
         self.conn, _ = srv.accept()
         self.rfile = self.conn.makefile("rb")
-        self.generation, self.slots = 0, []
+        self.generation = 0
+        self.slots: list[tuple[int, torch.Tensor]] = []
+        self.old: list[tuple[int, torch.Tensor]] = []
         hello = self.recv()
         assert hello["op"] == "hello", hello
         self.send(op="welcome", protocol=1, gpu=self.dev.index, uuid=self.uuid, backend="cuda")
 
-    def send(self, **msg):
+    def send(self, **msg: Any) -> None:
         self.conn.sendall(json.dumps(msg).encode() + b"\n")
 
-    def recv(self):
+    def recv(self) -> dict[str, Any]:
         line = self.rfile.readline()
         if not line:
             raise ConnectionError("receiver left")
         return json.loads(line)
 
-    def recv_for(self, uid):
+    def recv_for(self, uid: str) -> dict[str, Any]:
         while True:  # late acks of an aborted update are skipped
             m = self.recv()
             if m.get("update") == uid:
                 return m
 
-    def wait_gone(self):
+    def wait_gone(self) -> None:
         try:
             while True:
                 self.recv()
         except ConnectionError:
             pass
 
-    def new_buffers(self, count, nbytes):
+    def new_buffers(self, count: int, nbytes: int) -> None:
         # Earlier slots stay allocated (until exit): the protocol has no "unmapped" answer, so
         # nothing tells when a receiver has closed them.
-        self.old = getattr(self, "old", []) + self.slots
+        self.old += self.slots
         self.slots, descs = [], []
         for i in range(count):
-            ptr, h = ctypes.c_uint64(), cr._CudaDriver.IpcHandle()
+            ptr, h = ctypes.c_uint64(), IpcHandle()
             self.dev._in_ctx("cuMemAlloc_v2", ctypes.byref(ptr), nbytes)
             self.dev._in_ctx("cuIpcGetMemHandle", ctypes.byref(h), ptr.value)
-            t = torch.as_tensor(cr._DevicePointer(ptr.value, nbytes), device=self.dev.device)
+            t = torch.as_tensor(DevicePointer(ptr.value, nbytes), device=self.dev.device)
             t.fill_(0xEE)
             self.slots.append((ptr.value, t))
             descs.append({"slot": i, "bytes": nbytes, "kind": "cuda", "handle": bytes(h).hex()})
@@ -110,7 +123,8 @@ class StandIn:
         torch.cuda.synchronize()
         self.send(op="buffers", generation=self.generation, slots=descs)
 
-    def update(self, uid, buckets, checkpoint="selftest@1", abort_after=None):
+    def update(self, uid: str, buckets: list[list[tuple[str, str, list[int], Fill]]],
+               checkpoint: str = "selftest@1", abort_after: int | None = None) -> None:
         """buckets: lists of (name, dtype, shape, fill) where fill(uint8 cuda tensor) writes the
         tensor's bytes. A slot is rewritten only after the ack of its previous bucket."""
         n = len(self.slots)
@@ -143,8 +157,10 @@ class StandIn:
         assert m == {"op": "done", "update": uid}, m
 
 
-def pack(tensors, slot_bytes):
-    buckets, cur, used = [], [], 0
+def pack(tensors: list[Any], slot_bytes: int) -> list[list[Any]]:
+    buckets: list[list[Any]] = []
+    cur: list[Any] = []
+    used = 0
     for t in tensors:
         nb = -(-(cr.dtype_size(t[1]) * torch.Size(t[2]).numel()) // 256) * 256
         if cur and used + nb > slot_bytes:
@@ -155,11 +171,11 @@ def pack(tensors, slot_bytes):
     return buckets + [cur] if cur else buckets
 
 
-def bytes_fill(data):
+def bytes_fill(data: bytes) -> Fill:
     return lambda dst: dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
-def standin_dtypes(sock):
+def standin_dtypes(sock: str) -> None:
     d = StandIn(sock)
     d.new_buffers(2, 256 << 10)
     for uid, seed, abort in (("u-1", 1, None), ("u-2", 2, 0)):
@@ -171,14 +187,14 @@ def standin_dtypes(sock):
     d.wait_gone()
 
 
-def standin_q8b(sock, layers, updates, corrupt_last):
+def standin_q8b(sock: str, layers: int, updates: int, corrupt_last: bool) -> None:
     d = StandIn(sock)
     specs = list(torch_engine.layout(layers))
     slot_bytes = max(2 * torch.Size(s).numel() for _, s in specs)
     d.new_buffers(2, -(-slot_bytes // 256) * 256)
 
-    def gen(i, shape, seed_shift=0):
-        def fill(dst):
+    def gen(i: int, shape: list[int], seed_shift: int = 0) -> Fill:
+        def fill(dst: torch.Tensor) -> None:
             dst.view(torch.bfloat16).view(shape).copy_(torch_engine.expected(i + seed_shift, shape, "cuda"))
         return fill
 
@@ -191,7 +207,7 @@ def standin_q8b(sock, layers, updates, corrupt_last):
 
 # ---- the checks ---------------------------------------------------------------------------
 
-def start_standin(tmp, *args):
+def start_standin(tmp: str, *args: object) -> tuple[str, subprocess.Popen[bytes]]:
     sock = os.path.join(tmp, "gpu-0.sock")
     p = subprocess.Popen([sys.executable, __file__, "--standin", sock, *map(str, args)])
     for _ in range(600):
@@ -201,14 +217,14 @@ def start_standin(tmp, *args):
     return sock, p
 
 
-def check_dtypes(tmp):
+def check_dtypes(tmp: str) -> str:
     sock, p = start_standin(tmp, "dtypes")
     try:
-        got = {}
+        got: dict[str, Any] = {}
 
-        def apply(batch):
+        def apply(batch: Batch) -> None:
             for name, t in batch:
-                assert t.is_cuda and t.device.index == torch.cuda.current_device(), t.device
+                assert isinstance(t, torch.Tensor) and t.is_cuda and t.device.index == torch.cuda.current_device(), name
                 got[name] = (t.dtype, list(t.shape), bytes(t.view(torch.uint8).cpu().flatten().tolist()))
 
         r = cr.Receiver(sock, timeout=60, name="selftest")  # device found by the GPU's UUID
@@ -232,7 +248,7 @@ def check_dtypes(tmp):
         p.wait(timeout=60)
 
 
-def check_engine(tmp, layers, updates):
+def check_engine(tmp: str, layers: int, updates: int) -> str:
     sock, p = start_standin(tmp, "q8b", layers, updates + 1, 1)
     try:
         e = subprocess.run([sys.executable, os.path.join(HERE, "torch_engine.py"), "--socket", sock,
@@ -254,7 +270,7 @@ def check_engine(tmp, layers, updates):
         p.wait(timeout=60)
 
 
-def main():
+def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--standin":
         sock, kind, *rest = sys.argv[2:]
         return standin_dtypes(sock) if kind == "dtypes" else \

@@ -11,20 +11,23 @@ then `update_weights_from_tensor` with `load_format="integrations.sglang_adapter
 it ignores the tensors and receives one update from `$CKPTD_SOCKET_DIR/gpu-<index>.sock`.
 Nothing from SGLang is imported here.
 """
+from __future__ import annotations
+
 import logging
 import os
+from collections.abc import Iterable
+from typing import Any
 
-try:
-    from .ckptd_receiver import ReceiveError, Receiver, UpdateAborted, gpu_socket_path
-except ImportError:  # loaded as a top-level module, with integrations/ on sys.path
-    from ckptd_receiver import ReceiveError, Receiver, UpdateAborted, gpu_socket_path
+from .ckptd import ReceiveError, Receiver, UpdateAborted, gpu_socket_path
+from .ckptd.receiver import Batch, Finish, Summary
 
 log = logging.getLogger("ckptd.sglang")
 
-_receivers = {}  # socket path -> Receiver, kept between updates
+_receivers: dict[str, Receiver] = {}  # socket path -> Receiver, kept between updates
 
 
-def ckptd_update(model, socket_path, device=None, finish=None, **receiver_kwargs):
+def ckptd_update(model: Any, socket_path: str, device: Any = None, finish: Finish | None = None,
+                 **receiver_kwargs: Any) -> Summary:
     """Receives one update into `model`; returns the receiver's summary.
 
     device: the model's torch device (None: the GPU the daemon announces). finish: optional
@@ -35,7 +38,7 @@ def ckptd_update(model, socket_path, device=None, finish=None, **receiver_kwargs
     if r is None:
         r = _receivers[socket_path] = Receiver(socket_path, device=device, **receiver_kwargs)
 
-    def apply(batch):
+    def apply(batch: Batch) -> None:
         model.load_weights(iter(batch))
 
     try:
@@ -47,7 +50,7 @@ def ckptd_update(model, socket_path, device=None, finish=None, **receiver_kwargs
         raise
 
 
-def close(socket_path=None):
+def close(socket_path: str | None = None) -> None:
     """Closes one connection (or all)."""
     paths = [socket_path] if socket_path is not None else list(_receivers)
     for p in paths:
@@ -56,7 +59,7 @@ def close(socket_path=None):
             r.close()
 
 
-def custom_weight_loader(model, named_tensors=()):
+def custom_weight_loader(model: Any, named_tensors: Iterable[Any] = ()) -> Summary:
     """SGLang's custom weight loader signature. The tensors are not used: the weights come
     from the daemon's socket for this process's GPU under $CKPTD_SOCKET_DIR."""
     import torch

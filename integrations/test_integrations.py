@@ -1,11 +1,17 @@
-"""Tests of the engine side against a fake daemon; no torch, vLLM or SGLang needed.
+"""Tests of the engine side against a fake daemon; no vLLM or SGLang needed, torch optional.
 
+    bash integrations/run-tests.sh -v      (a python with torch where there is one)
     python3 -m unittest integrations/test_integrations.py -v
+
+The torch cases are skipped without torch, unless CKPTD_REQUIRE_TORCH=1 (CI), where they fail.
 
 The fake daemon speaks PROTOCOL.md over a real Unix socket from a thread, with "host" slots
 backed by temp files that the receiver maps, and writes each bucket's bytes into its slot
 before announcing it, reusing a slot only after its ack, as the daemon does.
 """
+from __future__ import annotations
+
+import collections
 import json
 import logging
 import os
@@ -19,8 +25,9 @@ import types
 import unittest
 from unittest import mock
 
-from integrations import ckptd_receiver as cr
-from integrations import sglang_adapter, vllm_extension
+from integrations import ckptd as cr
+from integrations import ckptd_receiver, sglang_adapter, vllm_extension
+from integrations.ckptd import cuda, protocol, slots
 
 TIMEOUT = 10
 logging.getLogger("ckptd").addHandler(logging.NullHandler())  # failures are expected here
@@ -152,10 +159,13 @@ class FakeDaemon:
         return acks
 
 
-def make_buckets(seed, sizes=(3, 1, 4, 2, 3)):
+ALL_DTYPES = ("BF16", "F32", "I64", "U8", "F8_E4M3", "BOOL")
+
+
+def make_buckets(seed, sizes=(3, 1, 4, 2, 3), dtypes=ALL_DTYPES):
     """Buckets of random tensors of several dtypes: [(name, dtype, shape, bytes), ...]."""
     rnd = random.Random(seed)
-    dtypes = [("BF16", 2), ("F32", 4), ("I64", 8), ("U8", 1), ("F8_E4M3", 1), ("BOOL", 1)]
+    dtypes = [(d, cr.dtype_size(d)) for d in dtypes]
     buckets, i = [], 0
     for n in sizes:
         bucket = []
@@ -476,6 +486,63 @@ class ReceiverTest(unittest.TestCase):
         self.daemon.join()
         self.assertEqual(out["error"]["op"], "error")
 
+    def test_fewer_tensors_than_announced_is_an_error_even_with_every_bucket(self):
+        # Every announced bucket arrives, but one tensor short: a receiver that counted only
+        # buckets would call the update complete with a weight missing.
+        buckets = make_buckets(13, sizes=(2, 1))
+        out = {}
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "c", "tensors": 4, "buckets": 2})
+            for b, tensors in enumerate(buckets):
+                d.send(d.write_bucket("u-1", b, b, tensors))
+                assert d.recv() == {"op": "ack", "update": "u-1", "bucket": b}
+            d.send({"op": "end", "update": "u-1"})
+            out["error"] = d.recv()
+            out["next"] = d.push("u-2", buckets)
+
+        r = self.connect(script)
+        with self.assertRaisesRegex(cr.ReceiveError, "announced 2 buckets and 4 tensors, got 2 and 3"):
+            r.receive(Recorder())
+        self.assertEqual(r.receive(Recorder())["update"], "u-2")  # the connection is still good
+        self.daemon.join()
+        self.assertEqual(out["error"], {"op": "error", "update": "u-1", "message":
+                                        "ProtocolError: begin announced 2 buckets and 4 tensors, "
+                                        "got 2 and 3"})
+
+    def test_negative_offset_is_rejected_before_apply(self):
+        # base[-8:0] would be empty and base[-8:...] would read the slot's last bytes: either
+        # way never the tensor. The error names the tensor and its offset.
+        applied = []
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "c", "tensors": 1, "buckets": 1})
+            d.send({"op": "bucket", "update": "u-1", "bucket": 0, "slot": 0, "tensors": [
+                {"name": "w", "dtype": "F32", "shape": [2], "offset": -8, "bytes": 8}]})
+            assert d.recv()["op"] == "error"
+            d.send({"op": "abort", "update": "u-1", "reason": "x"})
+
+        r = self.connect(script)
+        with self.assertRaises(cr.ReceiveError) as ctx:
+            r.receive(applied.append)
+        self.daemon.join()
+        self.assertEqual(str(ctx.exception), "ProtocolError: tensor w: negative offset -8 in its slot")
+        self.assertEqual((ctx.exception.update, ctx.exception.bucket), ("u-1", 0))
+        self.assertEqual(applied, [])
+
+    def test_negative_offset_table(self):
+        entry = {"name": "w", "dtype": "U8", "shape": [4], "bytes": 4}
+        for offset, want in [(0, 4), (4092, 4), (-1, "negative offset -1"), (-4096, "negative offset"),
+                             (4093, r"bytes \[4093, 4097\) outside the slot's 4096 bytes"),
+                             (True, "malformed tensor entry")]:
+            with self.subTest(offset=offset):
+                t = dict(entry, offset=offset)
+                if isinstance(want, int):
+                    self.assertEqual(protocol.check_tensor(t, 4096), want)
+                else:
+                    with self.assertRaisesRegex(cr.ProtocolError, want):
+                        protocol.check_tensor(t, 4096)
+
     def test_unknown_names_are_reported(self):
         buckets = make_buckets(11, sizes=(3,))
         r = self.connect(lambda d: d.push("u-1", buckets))
@@ -504,34 +571,214 @@ class ReceiverTest(unittest.TestCase):
             r.receive(Recorder())
 
 
+UUIDS = ["0" * 32, "a1b2c3d4e5f60718293a4b5c6d7e8f90", "f" * 32]  # as libcuda gives them
+
+
+def daemon_uuid(hex32):
+    """The daemon's form of a GPU UUID (nvidia-smi's): GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx."""
+    h = hex32.upper()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class FakeDriver:
+    """CudaDriver's surface, over UUIDS instead of libcuda: every call succeeds."""
+
+    def __init__(self, uuids=UUIDS):
+        self.uuids, self.calls = list(uuids), []
+
+    def count(self):
+        return len(self.uuids)
+
+    def uuid(self, ordinal):
+        return self.uuids[ordinal]
+
+    def call(self, name, *args):
+        self.calls.append(name)
+
+
+def fake_torch():
+    """What CudaDevice and CudaSlot ask of torch, without a GPU or torch."""
+    def device(kind, index=None):
+        if index is None and ":" in kind:
+            kind, index = kind.split(":")[0], int(kind.split(":")[1])
+        return types.SimpleNamespace(type=kind, index=index)
+    return types.SimpleNamespace(
+        device=device, zeros=lambda *a, **kw: None, as_tensor=lambda obj, device: ("tensor", device.index),
+        cuda=types.SimpleNamespace(current_device=lambda: 0), Tensor=type("Tensor", (), {}))
+
+
+class CudaUuidTest(unittest.TestCase):
+    """The daemon's welcome names its GPU by UUID; the receiver must map the slots on that GPU
+    (CUDA IPC would open them on any other device, or fail obscurely)."""
+
+    def test_find_ordinal_table(self):
+        drv = FakeDriver()
+        for uuid, index, want in [
+            (daemon_uuid(UUIDS[1]), None, 1),           # found by UUID among the visible ones
+            (daemon_uuid(UUIDS[2]).lower(), None, 2),   # case and dashes do not matter
+            (daemon_uuid(UUIDS[1]), 1, 1),              # the engine's device is the daemon's
+            ("", 2, 2),                                 # no UUID announced: taken at its word
+            (daemon_uuid(UUIDS[1]), 0, "serves GPU GPU-A1B2C3D4-.*, but cuda:0 here is "
+                                       f"GPU-{UUIDS[0]}: wrong socket for this device"),
+            (daemon_uuid("12" * 16), None, "the daemon's GPU GPU-12121212-.* is not visible"),
+            ("", None, "is not visible"),
+        ]:
+            with self.subTest(uuid=uuid, index=index):
+                if isinstance(want, int):
+                    self.assertEqual(cuda.find_ordinal(drv, uuid, index), want)
+                else:
+                    with self.assertRaisesRegex(RuntimeError, want):
+                        cuda.find_ordinal(drv, uuid, index)
+
+    def connect(self, uuid, device):
+        """A receiver whose daemon announces `uuid` and CUDA slots, with libcuda and torch
+        replaced by fakes; returns (receiver or the exception, the fake driver)."""
+        daemon = FakeDaemon()
+        self.addCleanup(daemon.close)
+        daemon.buffers = {"op": "buffers", "generation": 1, "slots": [
+            {"slot": i, "bytes": 4096, "kind": "cuda", "handle": f"{i:02x}" * 64} for i in range(2)]}
+        daemon.start(lambda d: None, welcome={"op": "welcome", "protocol": 1, "gpu": 3,
+                                              "uuid": uuid, "backend": "cuda"})
+        drv = FakeDriver()
+        with mock.patch.object(cuda, "CudaDriver", lambda: drv), \
+                mock.patch.object(slots, "import_torch", fake_torch):
+            try:
+                r = cr.Receiver(daemon.path, device=device, timeout=TIMEOUT)
+            except RuntimeError as e:
+                r = e
+        daemon.join()
+        return r, drv
+
+    def test_the_slots_open_on_the_gpu_the_daemon_named(self):
+        for device in (None, "cuda:1"):
+            with self.subTest(device=device):
+                r, drv = self.connect(daemon_uuid(UUIDS[1]), device)
+                assert isinstance(r, cr.Receiver) and isinstance(r._mapper, cr.Mapper), r
+                assert r._mapper._cuda is not None
+                self.assertEqual(r._mapper._cuda.index, 1)
+                self.assertEqual([s._base for s in r._slots.values()], [("tensor", 1)] * 2)
+                self.assertEqual(drv.calls.count("cuIpcOpenMemHandle"), 2)
+                r.close()
+                self.assertEqual(drv.calls.count("cuIpcCloseMemHandle"), 2)
+                self.assertEqual(drv.calls[-1], "cuDevicePrimaryCtxRelease")
+
+    def test_a_device_other_than_the_daemons_gpu_is_refused(self):
+        r, drv = self.connect(daemon_uuid(UUIDS[1]), "cuda:2")
+        self.assertIsInstance(r, RuntimeError)
+        self.assertEqual(str(r), f"this socket serves GPU {daemon_uuid(UUIDS[1])}, but cuda:2 here is "
+                                 f"GPU-{UUIDS[2]}: wrong socket for this device (check CUDA_VISIBLE_DEVICES)")
+        self.assertNotIn("cuIpcOpenMemHandle", drv.calls)  # nothing was mapped on the wrong GPU
+
+    def test_a_daemon_gpu_not_visible_here_is_refused(self):
+        r, drv = self.connect(daemon_uuid("12" * 16), None)
+        self.assertIsInstance(r, RuntimeError)
+        self.assertRegex(str(r), "the daemon's GPU GPU-12121212-.* is not visible to this process")
+        self.assertNotIn("cuIpcOpenMemHandle", drv.calls)
+
+
 try:
     import torch
 except ImportError:
     torch = None
 
+REQUIRE_TORCH = os.environ.get("CKPTD_REQUIRE_TORCH") == "1"
 
-@unittest.skipIf(torch is None, "torch is not installed")
+
+def needs_torch(cls):
+    """Skips the class without torch, unless CKPTD_REQUIRE_TORCH=1 makes that a failure."""
+    if torch is not None:
+        return cls
+    if not REQUIRE_TORCH:
+        return unittest.skip("torch is not installed")(cls)
+
+    def setUp(self):
+        self.fail(f"CKPTD_REQUIRE_TORCH=1, but {sys.executable} cannot import torch")
+    cls.setUp = setUp
+    return cls
+
+
+def torch_bytes(t):
+    """A CPU tensor's bytes, as they are in memory."""
+    return bytes(t.detach().contiguous().view(-1).view(torch.uint8).tolist())
+
+
+@needs_torch
 class TorchHostViewsTest(unittest.TestCase):
-    """Where torch is installed: host slots give typed CPU tensors over the mapping."""
+    """Where torch is installed: host slots give typed CPU tensors over the mapping, and
+    apply_to_params loads them into a model's parameters."""
+
+    def setUp(self):
+        self.daemon = FakeDaemon(slot_bytes=1 << 16)
+        self.addCleanup(self.daemon.close)
+
+    def receive(self, apply, script):
+        self.daemon.start(script)
+        with cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=cr.Mapper("cpu", use_torch=True)) as r:
+            summary = r.receive(apply)
+        self.daemon.join()
+        return summary
 
     def test_typed_views(self):
-        daemon = FakeDaemon(slot_bytes=1 << 16)
-        try:
-            buckets = make_buckets(40, sizes=(6, 6))
-            daemon.start(lambda d: d.push("u-1", buckets))
-            got = {}
+        here = [d for d in ALL_DTYPES if hasattr(torch, cr.DTYPES[d][0])]  # float8: torch >= 2.1
+        buckets = make_buckets(40, sizes=(6, 6), dtypes=here)
+        got = {}
 
-            def apply(batch):
-                for name, t in batch:
-                    got[name] = (t.dtype, list(t.shape), bytes(t.view(torch.uint8).flatten().tolist()))
+        def apply(batch):
+            for name, t in batch:
+                got[name] = (t.dtype, list(t.shape), torch_bytes(t))
 
-            with cr.Receiver(daemon.path, timeout=TIMEOUT, mapper=cr.Mapper("cpu", use_torch=True)) as r:
-                r.receive(apply)
-            daemon.join()
-            want = {n: (cr.torch_dtype(d), s, b) for bk in buckets for n, d, s, b in bk}
-            self.assertEqual(got, want)
-        finally:
-            daemon.close()
+        self.receive(apply, lambda d: d.push("u-1", buckets))
+        want = {n: (cr.torch_dtype(d), s, b) for bk in buckets for n, d, s, b in bk}
+        self.assertEqual(got, want)
+
+    def model(self):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def test_apply_to_params_loads_a_module_whose_parameters_require_grad(self):
+        # README's usage on a plain nn.Module: every parameter is a leaf that requires grad, into
+        # which autograd refuses an in-place copy unless it runs under no_grad.
+        model = self.model()
+        params = dict(model.named_parameters())
+        rnd = random.Random(41)
+        sent = {n: rnd.randbytes(p.numel() * 4) for n, p in params.items()}
+        buckets = [[(n, "F32", list(params[n].shape), sent[n]) for n in names]
+                   for names in (["0.weight", "0.bias"], ["2.weight", "2.bias"])]
+        counts = collections.Counter()
+        summary = self.receive(cr.apply_to_params(params, counts),
+                               lambda d: d.push("u-1", buckets))
+        self.assertEqual((summary["tensors"], summary["unknown"]), (4, []))
+        self.assertEqual(counts, {n: 1 for n in params})
+        self.assertEqual({n: torch_bytes(p) for n, p in model.named_parameters()}, sent)
+        for n, p in model.named_parameters():
+            self.assertTrue(p.requires_grad and p.is_leaf and p.grad is None, n)
+        model(torch.ones(2, 8)).sum().backward()  # still trainable
+        self.assertTrue(all(p.grad is not None for p in model.parameters()))
+
+    def test_pieces_of_a_split_tensor_land_in_a_parameter_that_requires_grad(self):
+        model = self.model()
+        p = model[0].weight  # 16 x 8 F32: 512 bytes, sent in three pieces, out of order
+        data = random.Random(42).randbytes(512)
+        pieces = [(256, 512), (0, 200), (200, 256)]
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "s@1", "tensors": 1, "buckets": 3})
+            for b, (lo, hi) in enumerate(pieces):
+                slot = b % len(d.slot_files)
+                with open(d.slot_files[slot], "r+b") as f:
+                    f.write(data[lo:hi])
+                d.send({"op": "bucket", "update": "u-1", "bucket": b, "slot": slot, "tensors": [
+                    {"name": "0.weight", "dtype": "F32", "shape": [16, 8], "bytes": 512, "offset": 0,
+                     "range": [lo, hi]}]})
+                assert d.recv_for("u-1") == {"op": "ack", "update": "u-1", "bucket": b}
+            d.send({"op": "end", "update": "u-1"})
+            assert d.recv_for("u-1") == {"op": "done", "update": "u-1"}
+
+        counts = collections.Counter()
+        self.receive(cr.apply_to_params(dict(model.named_parameters()), counts), script)
+        self.assertEqual(torch_bytes(p), data)
+        self.assertEqual(counts, {"0.weight": 1})
+        self.assertTrue(p.requires_grad and p.is_leaf)
 
 
 class HelpersTest(unittest.TestCase):
@@ -549,6 +796,21 @@ class HelpersTest(unittest.TestCase):
         with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "3,2"}):
             self.assertEqual(cr.gpu_socket_path("/run/ckptd", 0), "/run/ckptd/gpu-3.sock")
 
+    def test_the_old_module_names_the_same_objects(self):
+        self.assertIs(ckptd_receiver.Receiver, cr.Receiver)
+        self.assertIs(ckptd_receiver.apply_to_params, cr.apply_to_params)
+        self.assertIs(vllm_extension.Receiver, cr.Receiver)
+
+    def test_old_module_loads_with_integrations_on_sys_path(self):
+        # As bench/tiny_update.py loads it: `from ckptd_receiver import ...`, from elsewhere.
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from ckptd_receiver import Receiver, apply_to_params; print(Receiver.__module__)")
+        import subprocess
+        out = subprocess.run([sys.executable, "-c", code, here], cwd=tempfile.gettempdir(),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "integrations.ckptd.receiver"), out.stderr)
+
     def test_apply_to_params_with_fake_tensors(self):
         class T:
             def __init__(self, shape):
@@ -557,7 +819,6 @@ class HelpersTest(unittest.TestCase):
             def copy_(self, src, non_blocking=False):
                 self.copied = (src, non_blocking)
 
-        import collections
         params, counts = {"a": T((2, 3))}, collections.Counter()
         apply = cr.apply_to_params(params, counts)
         self.assertEqual(apply([("a", T((2, 3))), ("zz", T((1,)))]), ["zz"])

@@ -1,30 +1,36 @@
 """The plain torch engine: the benchmark consumer of ../shared/bench/SPEC.md.
 
-    python3 integrations/torch_engine.py --socket /run/ckptd/gpu-0.sock --device cuda:0 \\
+    python3 -m integrations.torch_engine --socket /run/ckptd/gpu-0.sock --device cuda:0 \\
         --layers 36 [--updates N] [--check-every 7]
+    (or python3 integrations/torch_engine.py ..., as bench/*.sh run it)
 
 Holds every tensor of the "q8b" layout as a preallocated bf16 tensor on the device, fills them
-with NaN before each update, receives the update through ckptd_receiver (params[name].copy_),
+with NaN before each update, receives the update through the receiver (apply_to_params),
 then checks: every tensor was applied exactly once, and every 7th tensor (index i % 7 == 0 in
 the layout's order) equals its regenerated value bit for bit. Prints one JSON line per update;
 after --updates updates, exits 1 if any failed. The NaN fill and the check are outside
 "seconds", which is the receiver's time from `begin` to `done`.
 """
+from __future__ import annotations
+
 import argparse
 import collections
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ckptd_receiver import (Receiver, ReceiveError, UpdateAborted,  # noqa: E402
-                            apply_to_params)
+if not __package__:  # run as a script, or imported with integrations/ on sys.path (bench/)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from integrations.ckptd import ReceiveError, Receiver, UpdateAborted, apply_to_params  # noqa: E402
 
 
-def layout(layers):
+def layout(layers: int) -> Iterator[tuple[str, list[int]]]:
     """(name, shape) of every tensor of q8b with `layers` layers, in SPEC order."""
     h, inter, kv, vocab = 4096, 12288, 1024, 151936
     yield "model.embed_tokens.weight", [vocab, h]
@@ -43,18 +49,21 @@ def layout(layers):
     yield "lm_head.weight", [vocab, h]
 
 
-def expected(i, shape, device):
+def expected(i: int, shape: list[int], device: torch.device | str) -> torch.Tensor:
     """Tensor i of the checkpoint: float32 standard normal from a CUDA generator seeded
     1000+i, as bf16."""
     g = torch.Generator(device=device).manual_seed(1000 + i)
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16)
 
 
-def check(params, names, counts, unknown, check_every, device):
+def check(params: dict[str, torch.Tensor], names: list[str], counts: collections.Counter[str],
+          unknown: list[str], check_every: int, device: torch.device | str,
+          ) -> tuple[bool, int, list[str], list[str], list[str]]:
     """The SPEC's correctness rule for one update; returns the report's fields."""
     missing = [n for n in names if counts[n] == 0]
     repeated = [n for n in names if counts[n] > 1]
-    mismatched, checked = [], 0
+    mismatched: list[str] = []
+    checked = 0
     for i, name in enumerate(names):
         if i % check_every:
             continue
@@ -68,8 +77,8 @@ def check(params, names, counts, unknown, check_every, device):
     return ok, checked, mismatched, missing, repeated
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--socket", required=True, help="the daemon's gpu-<index>.sock")
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--layers", type=int, default=36)
@@ -83,7 +92,8 @@ def main():
 
     device = torch.device(args.device)
     torch.cuda.set_device(device)
-    names, params = [], {}
+    names: list[str] = []
+    params: dict[str, torch.Tensor] = {}
     for name, shape in layout(args.layers):
         names.append(name)
         params[name] = torch.empty(shape, dtype=torch.bfloat16, device=device)
@@ -97,8 +107,8 @@ def main():
             torch.cuda.synchronize(device)  # the fill must not run inside the timed update
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            counts = collections.Counter()
-            line = {"update": None, "checkpoint": None, "ok": False, "applied": 0, "checked": 0,
+            counts: collections.Counter[str] = collections.Counter()
+            line: dict[str, Any] = {"update": None, "checkpoint": None, "ok": False, "applied": 0, "checked": 0,
                     "mismatched": [], "seconds": None, "peak_extra_bytes": 0}
             try:
                 s = receiver.receive(apply_to_params(params, counts))

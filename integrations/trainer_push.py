@@ -9,6 +9,8 @@ Needs only the standard library and torch. Two ways, same result (name@N, pinned
 
     python3 integrations/trainer_push.py http://127.0.0.1:8470 demo [http|shm]
 """
+from __future__ import annotations
+
 import ctypes
 import json
 import os
@@ -17,24 +19,30 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-DTYPES = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
-    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float32: "F32", torch.float64: "F64",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+if not __package__:  # run as a script, or imported with integrations/ on sys.path (bench/)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from integrations.ckptd.dtypes import DTYPES as _NAMES  # noqa: E402
+
+# torch dtype -> safetensors name, for the dtypes this torch has
+DTYPES: dict[torch.dtype, str] = {getattr(torch, attr): name for name, (attr, _) in _NAMES.items()
+                                  if hasattr(torch, attr)}
+Tensors = Mapping[str, torch.Tensor]
 
 
-def _raw(t):
+def _raw(t: torch.Tensor) -> bytes:
     """The tensor's bytes, without numpy (bf16 has no numpy type)."""
     t = t.detach().contiguous().cpu()
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
-def _call(method, url, body=None, content_type="application/json"):
+def _call(method: str, url: str, body: dict[str, Any] | bytes | None = None,
+          content_type: str = "application/json") -> Any:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": content_type})
     try:
@@ -44,7 +52,7 @@ def _call(method, url, body=None, content_type="application/json"):
         raise RuntimeError(f"{method} {url}: {err.code} {err.read().decode()}") from None
 
 
-def push_http(url, name, tensors):
+def push_http(url: str, name: str, tensors: Tensors) -> Any:
     """Declares the tensors, PUTs each one's bytes, commits; returns the version summary."""
     decl = [{"name": k, "dtype": DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()]
     upload = _call("POST", f"{url}/v1/uploads", {"name": name, "tensors": decl})
@@ -54,9 +62,10 @@ def push_http(url, name, tensors):
     return _call("POST", f"{url}/v1/uploads/{upload['id']}/commit", {"wait": True})
 
 
-def write_safetensors(path, tensors):
+def write_safetensors(path: str, tensors: Tensors) -> None:
     """A safetensors file: 8-byte header length, JSON header, tensor bytes back to back."""
-    header, offset = {}, 0
+    header: dict[str, Any] = {}
+    offset = 0
     for k, t in tensors.items():
         n = t.numel() * t.element_size()
         header[k] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
@@ -70,7 +79,7 @@ def write_safetensors(path, tensors):
             f.write(_raw(t))
 
 
-def push_shm(url, name, tensors, shm_dir="/dev/shm"):
+def push_shm(url: str, name: str, tensors: Tensors, shm_dir: str = "/dev/shm") -> Any:
     """Writes the tensors to a file in shared memory and has the daemon adopt it."""
     fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".safetensors", dir=shm_dir)
     os.close(fd)

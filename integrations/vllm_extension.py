@@ -15,12 +15,14 @@ daemon can count the receivers before it begins one.
 Written against vLLM's documented contract only (`model.load_weights(weights=Iterable[tuple[
 str, Tensor]])`, the worker's `model_runner`); nothing from vLLM is imported at module load.
 """
-import logging
+from __future__ import annotations
 
-try:
-    from .ckptd_receiver import ReceiveError, Receiver, UpdateAborted, gpu_socket_path
-except ImportError:  # loaded as a top-level module, with integrations/ on sys.path
-    from ckptd_receiver import ReceiveError, Receiver, UpdateAborted, gpu_socket_path
+import logging
+import os
+from typing import Any
+
+from .ckptd import ReceiveError, Receiver, UpdateAborted, gpu_socket_path
+from .ckptd.receiver import Batch
 
 log = logging.getLogger("ckptd.vllm")
 
@@ -28,30 +30,30 @@ log = logging.getLogger("ckptd.vllm")
 class CkptdWorkerExtension:
     """Mixed into vLLM's worker class: `self` is the worker, with `self.model_runner`."""
 
-    _ckptd_receiver = None
+    _ckptd_receiver: Receiver | None = None
+    model_runner: Any
 
     # -- seams (a test overrides these) ------------------------------------------------------
 
-    def _ckptd_local_device(self):
+    def _ckptd_local_device(self) -> int:
         """This worker's CUDA device index inside the process (after CUDA_VISIBLE_DEVICES)."""
         import torch
         return torch.cuda.current_device()
 
-    def _ckptd_connect(self, socket_path):
+    def _ckptd_connect(self, socket_path: str) -> Receiver:
         """A Receiver for this worker's GPU; the GPU's identity is checked against the daemon's
         announced UUID when the buffers are mapped."""
-        import os
         return Receiver(socket_path, device=f"cuda:{self._ckptd_local_device()}",
                         name=f"vllm-{os.getpid()}-gpu{self._ckptd_local_device()}")
 
     # -- model access ------------------------------------------------------------------------
 
-    def _ckptd_model(self):
+    def _ckptd_model(self) -> Any:
         runner = self.model_runner
         get_model = getattr(runner, "get_model", None)  # unwraps compiled / graph wrappers
         return get_model() if callable(get_model) else runner.model
 
-    def _ckptd_post_load(self, model):
+    def _ckptd_post_load(self, model: Any) -> bool:
         """vLLM's processing after weights are loaded (repacking for quantization kernels,
         attention weights derived from loaded ones, ...), as at the end of a model load. Its
         module moved between vLLM versions; without it, loading alone is what vLLM's own
@@ -70,27 +72,29 @@ class CkptdWorkerExtension:
 
     # -- the RPC methods ---------------------------------------------------------------------
 
-    def ckptd_connect(self, socket_dir):
+    def ckptd_connect(self, socket_dir: str) -> dict[str, Any]:
         """Connects this worker's receiver (once); returns the daemon's welcome."""
         if self._ckptd_receiver is None:
             path = gpu_socket_path(socket_dir, self._ckptd_local_device())
             self._ckptd_receiver = self._ckptd_connect(path)
             log.info("ckptd: connected to %s", path)
-        return dict(self._ckptd_receiver.welcome, socket=self._ckptd_receiver.socket_path)
+        r = self._ckptd_receiver
+        return dict(r.welcome, socket=r.socket_path)
 
-    def ckptd_update(self, socket_dir, post_process=True):
+    def ckptd_update(self, socket_dir: str, post_process: bool = True) -> dict[str, Any]:
         """Receives and applies one update; returns its summary with "ok": True, or
         {"ok": False, "update", "error"} (errors are returned rather than raised, so a failed
         update never takes the engine down through the RPC)."""
         try:
             self.ckptd_connect(socket_dir)
+            assert self._ckptd_receiver is not None
             model = self._ckptd_model()
             post = {"done": False}
 
-            def apply(batch):
+            def apply(batch: Batch) -> None:
                 model.load_weights(weights=iter(batch))
 
-            def finish():
+            def finish() -> None:
                 if post_process:
                     post["done"] = self._ckptd_post_load(model)
 
@@ -106,7 +110,7 @@ class CkptdWorkerExtension:
             self.ckptd_close()
             return {"ok": False, "update": None, "error": f"{type(e).__name__}: {e}"}
 
-    def ckptd_close(self):
+    def ckptd_close(self) -> bool:
         """Disconnects (unmaps the daemon's buffers)."""
         if self._ckptd_receiver is not None:
             try:
