@@ -84,3 +84,26 @@ export function run(
   });
   return new Promise((resolve) => proc.on("exit", (code) => resolve({ code, stdout, stderr })));
 }
+
+/** The error `run` throws (fails the test if it throws none), to assert its exact message and code. */
+export function thrown(run: () => unknown): Error & { code?: string; details?: unknown } {
+  try {
+    run();
+  } catch (err) {
+    return err as Error;
+  }
+  throw new Error("expected an error, but none was thrown");
+}
+
+/** The promise's value, or a rejection saying it did not settle within `ms` (a bound a test asserts). */
+export async function within<T>(ms: number, promise: Promise<T>): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`did not settle within ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -12,6 +12,8 @@ const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 export interface Behaviour {
   /** Answer `error` at this bucket. */
   failAt?: number;
+  /** Answer `error` at every bucket from this one on (never acks one when 0). */
+  failFrom?: number;
   /** Close the socket at this bucket. */
   dieAt?: number;
   /** Never answer this bucket. */
@@ -94,7 +96,8 @@ export class ReferenceReceiver {
         return;
       }
       if (this.behaviour.stallAt === bucket) return;
-      if (this.behaviour.failAt === bucket) {
+      const { failAt, failFrom } = this.behaviour;
+      if (failAt === bucket || (failFrom !== undefined && bucket >= failFrom)) {
         this.send({ op: "error", update: m.update, bucket, message: `injected failure at bucket ${bucket}` });
         return;
       }

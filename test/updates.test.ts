@@ -7,7 +7,7 @@ import { type Config, defaults } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
-import { tempDir } from "./helpers.ts";
+import { tempDir, within } from "./helpers.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
 
 const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
@@ -167,6 +167,50 @@ describe("broadcast updates on the host backend", () => {
   });
 });
 
+describe("what a failed update leaves, and how fast it fails", () => {
+  it("waits for every receiver of a GPU, not only the first: a second one that stalls fails the update", async () => {
+    const { api, receiver } = await start({ receiverTimeoutMs: 500 });
+    await register(api);
+    await receiver(0, "first");
+    await receiver(0, "second", { stallAt: 1 });
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(/^receiver second \(pid \d+, GPU 0\) did not answer within 500 ms/);
+    expect(res.body.error.details.error.receiver).toMatch(/^second/);
+  });
+
+  it.each([
+    { name: "one that never acked a bucket is untouched", behaviour: { failFrom: 0 }, state: "untouched" },
+    { name: "one that acked some buckets is partial", behaviour: { failAt: 4 }, state: "partial" },
+  ])("reports each receiver's exact state: $name", async ({ behaviour, state }) => {
+    const { api, receiver } = await start();
+    await register(api);
+    await receiver(0, "good");
+    await receiver(1, "bad", behaviour);
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    const record = res.body.error.details;
+    // Bucket 4 reuses bucket 0's slot, so it is sent only once bucket 0 was acked everywhere.
+    expect(record.progress.buckets).toBeGreaterThan(4);
+    const bad = record.receivers.find((r: { name: string }) => r.name === "bad");
+    expect(bad.state).toBe(state);
+    if (state === "untouched") expect(bad.bucketsAcked).toBe(0);
+    else expect(bad.bucketsAcked).toBeGreaterThan(0);
+    expect(bad.bucketsAcked).toBeLessThan(record.progress.buckets);
+  });
+
+  it("fails within about receiverTimeoutMs when a receiver stops answering", async () => {
+    const { api, receiver } = await start({ receiverTimeoutMs: 500 });
+    await register(api);
+    await receiver(0, "good");
+    await receiver(1, "bad", { stallAt: 3 });
+    // The bound is the assertion: a broken timer fails here, not by the test runner's limit.
+    const res = await within(3000, api("POST", "/v1/updates", { checkpoint: "m" }));
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(/^receiver bad \(pid \d+, GPU 1\) did not answer within 500 ms/);
+  });
+});
+
 /** A stand-in for vLLM's /collective_rpc with the ckptd worker extension: one receiver per call. */
 async function fakeVllm(
   status = 200,
@@ -212,6 +256,22 @@ describe("engines listed in the configuration", () => {
       { method: "ckptd_update", args: [expect.stringMatching(/sockets$/)], kwargs: {}, timeout: 2 },
     ]);
     await expectDelivered(vllm.receivers[0] as ReferenceReceiver, "u-1", tensors);
+  });
+
+  it("fails naming the engine when its final answer reports a failed worker, though every byte arrived", async () => {
+    const answer = JSON.stringify({ results: [{ ok: false, error: "worker 0 raised: CUDA out of memory" }] });
+    const vllm = await fakeVllm(200, answer);
+    const { api } = await start({ engines: [{ name: "vllm-0", kind: "vllm", url: vllm.url, gpus: [0] }] });
+    await register(api);
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toBe("engine vllm-0: a worker failed: worker 0 raised: CUDA out of memory");
+    const record = res.body.error.details;
+    expect(record.state).toBe("failed");
+    // The receiver acked every bucket: it holds the new version, whatever its engine said after.
+    expect(record.receivers).toEqual([
+      { name: "vllm-worker-0", pid: process.pid, gpu: 0, bucketsAcked: record.progress.buckets, state: "applied" },
+    ]);
   });
 
   it("takes any answer of an http engine that is not an explicit failure", async () => {
@@ -314,6 +374,29 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     await expectDelivered(b, "u-2@t", tensors);
   });
 
+  it("refuses a peer busy with its own update before joining any communicator", async () => {
+    const { peer, coordinator } = await pair({ peerHolds: true });
+    await peer.receiver(0, "busy", { stallAt: 0 });
+    expect((await peer.api("POST", "/v1/updates", { checkpoint: "m", wait: false })).status).toBe(202);
+    const a = await coordinator.receiver(0, "engine-a");
+    const ctx = coordinator.daemon.context;
+    const join = ctx.commInit.bind(ctx);
+    let joins = 0;
+    ctx.commInit = (...args: Parameters<typeof join>) => {
+      joins++;
+      return join(...args);
+    };
+    const started = Date.now();
+    const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(Date.now() - started).toBeLessThan(1000);
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toBe(`peer http://127.0.0.1:${peer.daemon.port} is busy with update u-1`);
+    expect(joins).toBe(0);
+    expect(a.seen.some((m) => m.op === "begin")).toBe(false);
+    // The peer's own update was left alone.
+    expect((await peer.api("GET", "/v1/updates/u-1")).body.state).toBe("running");
+  });
+
   it("fails within the timeout, naming the peer, when the peer daemon is gone", async () => {
     const { peer, coordinator } = await pair({ peerHolds: false });
     await coordinator.receiver(0, "engine-a");
@@ -350,7 +433,8 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     const fake = createServer(async (req, res) => {
       res.setHeader("content-type", "application/json");
       if (req.url?.startsWith("/v1/peer/info")) {
-        const info = await (await fetch(`${coordinatorUrl}${req.url}`)).json();
+        // The coordinator's own info says it is busy (with this very update): the fake is idle.
+        const { running: _, ...info } = await (await fetch(`${coordinatorUrl}${req.url}`)).json();
         res.end(JSON.stringify({ ...info, nodeId: "refuser", holds: "m@1" }));
       } else {
         res.statusCode = 409;

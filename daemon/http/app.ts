@@ -2,7 +2,7 @@ import { Hono } from "hono";
 import type { Logger } from "pino";
 import { CkptError } from "../../ffi/index.ts";
 import { readBody, reply } from "./codec.ts";
-import { DaemonError, errorBody, statusOf } from "./errors.ts";
+import { DaemonError, errorBody, httpStatus } from "./errors.ts";
 
 export type Variables = { body: unknown };
 
@@ -36,7 +36,7 @@ export function createApp(deps: AppDeps): Hono<{ Variables: Variables }> {
   });
 
   app.onError((err, c) => {
-    if (err instanceof DaemonError) return reply(c, errorBody(err), statusOf(err.code));
+    if (err instanceof DaemonError) return reply(c, errorBody(err), httpStatus(err.code));
     if (err instanceof CkptError) {
       deps.log.error({ err }, "data plane call failed");
       const api = new DaemonError("data_plane", err.message, { status: err.status, detail: err.detail });

@@ -35,7 +35,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
 };
 
 /** The HTTP status of an error code. */
-export function statusOf(code: ErrorCode): ContentfulStatusCode {
+export function httpStatus(code: ErrorCode): ContentfulStatusCode {
   return STATUS[code];
 }
 

@@ -1,27 +1,9 @@
 /**
- * Daemons taking part in one update: the coordinator (the daemon that got POST /v1/updates)
- * asks each configured peer what it has, plans over every GPU of every participant, sends the
- * plan and the communicator id, and every participant moves the same buckets in the same
- * order. A participant that fails makes every other one abort its communicator.
+ * The peer API's client and wire types: what a coordinator (the daemon that got POST
+ * /v1/updates) asks each configured peer, the plan it sends, and the abort it sends when
+ * something failed elsewhere (see coordinate.ts for the flow).
  */
-import { createHash } from "node:crypto";
-import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import type { Bucket } from "./plan.ts";
-
-const fingerprints = new WeakMap<CheckpointVersion, string>();
-
-/** Identifies a version's exact contents and layout, whatever its number on each daemon. */
-export function fingerprint(v: CheckpointVersion): string {
-  // A ready version never changes, so its fingerprint is computed once.
-  const known = v.state === "ready" ? fingerprints.get(v) : undefined;
-  if (known) return known;
-  const h = createHash("sha256");
-  h.update(JSON.stringify(v.files.map((f) => f.size)));
-  for (const t of v.tensors) h.update(JSON.stringify([t.name, t.dtype, t.shape, t.bytes, t.file, t.offset, t.hash]));
-  const fp = h.digest("hex");
-  if (v.state === "ready") fingerprints.set(v, fp);
-  return fp;
-}
 
 /** GET /v1/peer/info answer. */
 export interface PeerInfo {
@@ -51,12 +33,6 @@ export interface PeerPlan {
   buckets: Bucket[];
 }
 
-export interface Participant {
-  url: string;
-  info: PeerInfo;
-  firstRank: number;
-}
-
 /** A JSON request to a peer; timeoutMs undefined: no limit. A body that is not JSON becomes an error body. */
 async function call<T>(url: string, init: RequestInit, timeoutMs?: number): Promise<{ status: number; body: T }> {
   const res = await fetch(url, timeoutMs === undefined ? init : { ...init, signal: AbortSignal.timeout(timeoutMs) });
@@ -82,21 +58,22 @@ export async function peerInfo(url: string, name: string, fp: string, timeoutMs:
   }
 }
 
-/** Sends the plan; resolves with the peer's final answer (its update record, or its error). */
-export async function peerRun(
-  url: string,
-  plan: PeerPlan,
-): Promise<{ ok: boolean; message?: string; record?: unknown }> {
+/** A peer's final answer to a plan: ok, or what failed there (code: its record's error code). */
+export type PeerResult = { ok: true } | { ok: false; message: string; code?: string };
+
+/** Sends the plan; resolves with the peer's final answer. */
+export async function peerRun(url: string, plan: PeerPlan): Promise<PeerResult> {
   try {
     // No time limit here: a dead peer closes the connection, a stuck one stalls the
     // collectives, which the event waits bound.
-    const { status, body } = await call<{ error?: { message: string; details?: unknown } }>(`${url}/v1/peer/updates`, {
+    type Failed = { error?: { message: string; details?: { error?: { code?: string } } } };
+    const { status, body } = await call<Failed>(`${url}/v1/peer/updates`, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify(plan),
     });
-    if (status === 200) return { ok: true, record: body };
-    return { ok: false, message: body.error?.message ?? `status ${status}`, record: body.error?.details };
+    if (status === 200) return { ok: true };
+    return { ok: false, message: body.error?.message ?? `status ${status}`, code: body.error?.details?.error?.code };
   } catch (err) {
     return { ok: false, message: String((err as Error)?.message ?? err) };
   }

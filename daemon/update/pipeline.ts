@@ -6,9 +6,9 @@
  */
 import type { Comm, Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
+import { at, type Buffers } from "./buffers.ts";
 import type { Bucket } from "./plan.ts";
 import type { Receiver } from "./receivers.ts";
-import { at, type Transfer } from "./transfer.ts";
 
 /** The ranks a bucket is broadcast to: this daemon's GPUs are ranks firstRank.. of comm. */
 export interface Group {
@@ -33,7 +33,7 @@ export interface BucketTiming {
 }
 
 /** What an update reports as it goes (the caller's record). */
-export interface Progress {
+export interface UpdateProgress {
   readonly t0: number;
   progress: { bucketsDone: number; bytesDone: number };
   timings: { stallSeconds: number };
@@ -42,7 +42,7 @@ export interface Progress {
 
 export interface TransmitOptions {
   ctx: Context;
-  transfer: Transfer;
+  buffers: Buffers;
   group: Group;
   buckets: Bucket[];
   /** The registered version, on daemons whose host holds it (it copies its owned buckets). */
@@ -51,14 +51,14 @@ export interface TransmitOptions {
   receivers: Receiver[];
   acked: Map<Receiver, number>;
   timeoutMs: number;
-  record: Progress;
+  record: UpdateProgress;
   /** Set by the caller to stop issuing (another participant failed). */
   signal?: AbortSignal;
 }
 
 /** Runs every bucket through; rejects with the first failure after the work in flight settles. */
 export async function transmit(o: TransmitOptions): Promise<void> {
-  const { transfer: t, group } = o;
+  const { buffers: t, group } = o;
   let failure: Error | undefined;
   const slots: Promise<void>[] = Array.from({ length: t.slots }, () => Promise.resolve());
   const step = async (b: Bucket) => {
@@ -104,7 +104,7 @@ const connected = new WeakSet<Comm>();
 
 /** Queues bucket b: the host-to-device copy if its owner is here, then the broadcast. */
 async function issue(o: TransmitOptions, b: Bucket): Promise<void> {
-  const { ctx, transfer: t, group } = o;
+  const { ctx, buffers: t, group } = o;
   const s = b.slot;
   const local = t.gpus[b.owner - group.firstRank];
   if (local) {
@@ -144,7 +144,7 @@ async function issue(o: TransmitOptions, b: Bucket): Promise<void> {
 
 /** Waits for bucket b's bytes on each local GPU, hands it to that GPU's engines, awaits their acks. */
 async function deliver(o: TransmitOptions, b: Bucket, timing: BucketTiming): Promise<void> {
-  const { ctx, transfer: t, timeoutMs: timeout } = o;
+  const { ctx, buffers: t, timeoutMs: timeout } = o;
   const msg = {
     op: "bucket",
     update: o.update,

@@ -4,7 +4,8 @@ import type { Registry } from "../checkpoints/registry.ts";
 import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
 import { parseBody } from "../http/validate.ts";
-import { fingerprint, type PeerInfo, type PeerPlan } from "./peers.ts";
+import { withFingerprint } from "./fingerprint.ts";
+import type { PeerInfo, PeerPlan } from "./peers.ts";
 import type { Updates } from "./updates.ts";
 
 const UpdateBody = v.strictObject({
@@ -64,14 +65,12 @@ export function updateRoutes(
     reply(c, updates.get(c.req.param("id")).view(["1", "true"].includes(c.req.query("buckets") ?? ""))),
   );
 
-  app.get("/v1/peer/info", async (c) => {
-    const name = c.req.query("checkpoint");
-    const fp = c.req.query("fingerprint");
-    const held = registry.list().find((x) => x.name === name && x.state === "ready" && fingerprint(x) === fp);
+  app.get("/v1/peer/info", (c) => {
+    const held = withFingerprint(registry.list(), c.req.query("checkpoint"), c.req.query("fingerprint"));
     const info: PeerInfo = {
       nodeId: self.nodeId,
       gpus: self.gpus,
-      ...(await updates.describe()),
+      ...updates.describe(),
       ...(held ? { holds: held.id } : {}),
     };
     return reply(c, info);

@@ -12,7 +12,7 @@ function escapeLabel(v: string): string {
 }
 
 /** Renders families as the text format /metrics serves. */
-export function renderMetrics(families: Family[]): string {
+export function renderPrometheus(families: Family[]): string {
   const lines: string[] = [];
   for (const f of families) {
     lines.push(`# HELP ${f.name} ${f.help}`, `# TYPE ${f.name} ${f.type}`);

@@ -1,8 +1,8 @@
 import { expect, it } from "vitest";
-import { renderMetrics } from "./metrics.ts";
+import { renderPrometheus } from "./prometheus.ts";
 
 it("renders families in the Prometheus text format", () => {
-  const text = renderMetrics([
+  const text = renderPrometheus([
     { name: "ckptd_up", help: "1 while serving", type: "gauge", samples: [{ value: 1 }] },
     {
       name: "ckptd_updates_total",

@@ -1,7 +1,7 @@
 /**
- * The data path of updates, made once and kept between updates: per GPU a copy stream, a
- * broadcast stream, `slots` bucket buffers shared with the engines, and events; one
- * communicator over the local GPUs. Re-made only when it breaks.
+ * One set of update buffers (see DataPath, which keeps it between updates): per GPU a copy
+ * stream, a broadcast stream, `slots` bucket buffers shared with the engines, and events; one
+ * communicator over the local GPUs.
  */
 import type { Comm, Context, DeviceBuffer, Event, Stream } from "../../ffi/index.ts";
 
@@ -34,7 +34,7 @@ export function at<T>(items: readonly T[], i: number): T {
 
 let generations = 0;
 
-export class Transfer {
+export class Buffers {
   readonly generation = ++generations;
   readonly gpus: GpuPath[] = [];
   comm?: Comm;
@@ -45,46 +45,39 @@ export class Transfer {
     readonly slotBytes: number,
   ) {}
 
-  /**
-   * Allocates everything for `gpus` local GPUs; on failure frees what it made. Every GPU gets
-   * at least two slots of its own (slot s belongs to GPU s mod gpus), so `slots` is raised to
-   * 2 x gpus when lower.
-   */
-  static async open(ctx: Context, gpus: number, slots: number, slotBytes: number): Promise<Transfer> {
-    const t = new Transfer(ctx, Math.max(slots, 2 * gpus), slotBytes);
+  /** Allocates `slots` slots on each of `gpus` local GPUs (see geometry); on failure frees what it made. */
+  static async open(ctx: Context, gpus: number, slots: number, slotBytes: number): Promise<Buffers> {
+    const b = new Buffers(ctx, slots, slotBytes);
     try {
-      for (let g = 0; g < gpus; g++) {
-        const copy = ctx.streamCreate(g);
-        let bcast: Stream;
-        try {
-          bcast = ctx.streamCreate(g);
-        } catch (err) {
-          await ctx.streamDestroy(copy);
-          throw err;
-        }
-        const path: GpuPath = {
-          copy,
-          bcast,
-          slots: [],
-          copied: [],
-          landed: [],
-        };
-        t.gpus.push(path);
-        for (let s = 0; s < t.slots; s++) {
-          path.slots.push(await ctx.bufAlloc(g, slotBytes));
-          path.copied.push(ctx.eventCreate(g));
-          path.landed.push(ctx.eventCreate(g));
-        }
-      }
+      for (let g = 0; g < gpus; g++) await b.addGpu(g);
       if (gpus > 1) {
         const devices = Array.from({ length: gpus }, (_, g) => g);
-        t.comm = await ctx.commInit(ctx.commIdNew(), gpus, 0, devices);
+        b.comm = await ctx.commInit(ctx.commIdNew(), gpus, 0, devices);
       }
     } catch (err) {
-      await t.close();
+      await b.close();
       throw err;
     }
-    return t;
+    return b;
+  }
+
+  private async addGpu(g: number): Promise<void> {
+    const { ctx } = this;
+    const copy = ctx.streamCreate(g);
+    let bcast: Stream;
+    try {
+      bcast = ctx.streamCreate(g);
+    } catch (err) {
+      await ctx.streamDestroy(copy);
+      throw err;
+    }
+    const path: GpuPath = { copy, bcast, slots: [], copied: [], landed: [] };
+    this.gpus.push(path);
+    for (let s = 0; s < this.slots; s++) {
+      path.slots.push(await ctx.bufAlloc(g, this.slotBytes));
+      path.copied.push(ctx.eventCreate(g));
+      path.landed.push(ctx.eventCreate(g));
+    }
   }
 
   /** What a receiver on `gpu` needs to map the slots. */

@@ -1,0 +1,115 @@
+/**
+ * The coordinator's flow (the daemon that got POST /v1/updates): asks each configured peer
+ * what it has, plans over every GPU of every participant, sends each peer the plan and the
+ * communicator id, and collects their ends. Every participant moves the same buckets in the
+ * same order; one that fails makes every other one abort its communicator.
+ */
+import type { Context } from "../../ffi/index.ts";
+import type { CheckpointVersion } from "../checkpoints/registry.ts";
+import type { Buffers } from "./buffers.ts";
+import type { DataPath } from "./data-path.ts";
+import { fingerprint } from "./fingerprint.ts";
+import type { Part } from "./local-run.ts";
+import { type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
+import type { Group } from "./pipeline.ts";
+import type { Bucket, PlanOptions } from "./plan.ts";
+import { type PeersPlan, planWithPeers } from "./plan-peers.ts";
+import { ReceiverError } from "./receivers.ts";
+import type { UpdateRecord } from "./record.ts";
+import type { Flow } from "./run-update.ts";
+
+export interface CoordinationDeps {
+  ctx: Context;
+  path: DataPath;
+  /** Other daemons that take part (base URLs). */
+  peers: string[];
+  nodeId: string;
+  receiverTimeoutMs: number;
+  /** Plans the buckets (the same version over the same GPUs and slots is planned once). */
+  plan: (version: CheckpointVersion, opts: PlanOptions) => Bucket[];
+}
+
+export class Coordination implements Flow {
+  private peersPlan?: PeersPlan;
+  private buckets: Bucket[] = [];
+  private readonly ends: Promise<void>[] = [];
+  private readonly failures: { url: string; message: string; code?: string }[] = [];
+
+  constructor(
+    private readonly deps: CoordinationDeps,
+    private readonly record: UpdateRecord,
+    private readonly version: CheckpointVersion,
+    private readonly abort: AbortController,
+  ) {}
+
+  async plan(buffers: Buffers): Promise<Part> {
+    const { peers, receiverTimeoutMs: timeout } = this.deps;
+    const { slots, slotBytes } = buffers;
+    const fp = fingerprint(this.version);
+    const infos = await Promise.all(peers.map((url) => peerInfo(url, this.version.name, fp, timeout)));
+    const asked = peers.map((url, i) => ({ url, info: infos[i] as (typeof infos)[number] }));
+    const shared = this.deps.path.sharedComm();
+    const plan = planWithPeers({ gpus: buffers.gpus.length, slots, slotBytes, peers: asked, shared });
+    this.peersPlan = plan;
+    this.buckets = this.deps.plan(this.version, { bucketBytes: slotBytes, owners: plan.owners, slots });
+    return { version: this.version, buckets: this.buckets };
+  }
+
+  async join(buffers: Buffers): Promise<Group> {
+    const plan = this.peersPlan as PeersPlan;
+    if (!plan.comm) return { comm: buffers.comm, firstRank: 0, ordered: false };
+    const { key, fresh } = plan.comm;
+    const id = fresh
+      ? Buffer.from(this.deps.ctx.commIdNew()).toString("hex")
+      : (this.deps.path.sharedComm()?.id as string);
+    const comm = { key, id, fresh, nranks: plan.nranks };
+    for (const p of plan.participants) this.send(p.url, this.peerPlan(buffers, comm, p.firstRank));
+    const joined = await this.deps.path.joinShared(comm, 0, this.deps.receiverTimeoutMs);
+    return { comm: joined, firstRank: 0, ordered: true };
+  }
+
+  private peerPlan(buffers: Buffers, comm: PeerPlan["comm"], firstRank: number): PeerPlan {
+    return {
+      update: this.record.id,
+      coordinator: this.deps.nodeId,
+      checkpoint: { name: this.version.name, fingerprint: fingerprint(this.version) },
+      comm,
+      firstRank,
+      slots: buffers.slots,
+      slotBytes: buffers.slotBytes,
+      buckets: this.buckets,
+    };
+  }
+
+  /** Not cancelled when this daemon fails: the peer's answer may name the cause. */
+  private send(url: string, plan: PeerPlan): void {
+    const end = peerRun(url, plan).then((r) => {
+      if (r.ok) return;
+      this.failures.push({ url, message: r.message, code: r.code });
+      if (!this.abort.signal.aborted) this.abort.abort(`peer ${url} failed: ${r.message}`);
+    });
+    this.ends.push(end);
+  }
+
+  async others(): Promise<void> {
+    await Promise.all(this.ends);
+  }
+
+  /**
+   * A collective may be waiting for a rank that will never come: abort the communicator (made
+   * anew next time), tell the peers, and hear them out: a peer's failing engine explains the
+   * transport error this daemon saw when that peer dropped out.
+   */
+  async cleanup(err: unknown): Promise<string | undefined> {
+    const participants = this.peersPlan?.participants ?? [];
+    if (participants.length === 0) return undefined;
+    const { path, receiverTimeoutMs: timeout } = this.deps;
+    const reason = (err as Error).message;
+    await path.dropShared(true);
+    await Promise.all(participants.map((p) => peerAbort(p.url, this.record.id, reason, timeout)));
+    await Promise.race([Promise.all(this.ends), new Promise((r) => setTimeout(r, timeout))]);
+    if (err instanceof ReceiverError) return undefined;
+    const cause = this.failures.find((f) => f.code === "receiver_failed");
+    return cause && `peer ${cause.url} failed: ${cause.message}`;
+  }
+}

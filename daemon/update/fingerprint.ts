@@ -1,0 +1,23 @@
+/** Fingerprints: how daemons tell that they hold the same checkpoint, whatever its version number. */
+import { createHash } from "node:crypto";
+import type { CheckpointVersion } from "../checkpoints/registry.ts";
+
+const fingerprints = new WeakMap<CheckpointVersion, string>();
+
+/** Identifies a version's exact contents and layout, whatever its number on each daemon. */
+export function fingerprint(v: CheckpointVersion): string {
+  // A ready version never changes, so its fingerprint is computed once.
+  const known = v.state === "ready" ? fingerprints.get(v) : undefined;
+  if (known) return known;
+  const h = createHash("sha256");
+  h.update(JSON.stringify(v.files.map((f) => f.size)));
+  for (const t of v.tensors) h.update(JSON.stringify([t.name, t.dtype, t.shape, t.bytes, t.file, t.offset, t.hash]));
+  const fp = h.digest("hex");
+  if (v.state === "ready") fingerprints.set(v, fp);
+  return fp;
+}
+
+/** The ready version of `name` with fingerprint `fp` among `versions`, if any. */
+export function withFingerprint(versions: CheckpointVersion[], name: string | undefined, fp: string | undefined) {
+  return versions.find((v) => v.name === name && v.state === "ready" && fingerprint(v) === fp);
+}

@@ -1,0 +1,59 @@
+/** The record of one update, as GET /v1/updates/{id} shows it. */
+import type { ErrorCode } from "../errors.ts";
+import type { BucketTiming } from "./pipeline.ts";
+
+export type UpdateState = "running" | "succeeded" | "failed";
+
+export interface ReceiverResult {
+  name: string;
+  pid: number;
+  gpu: number;
+  bucketsAcked: number;
+  /** applied: has the whole new version; partial: some of it; untouched: none of it. */
+  state: "applied" | "partial" | "untouched";
+}
+
+export class UpdateRecord {
+  state: UpdateState = "running";
+  readonly createdAt = new Date().toISOString();
+  finishedAt?: string;
+  error?: { code: ErrorCode; message: string; receiver?: string };
+  progress = { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 };
+  timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 };
+  /** Per bucket, in milliseconds from the update's start (GET /v1/updates/{id}?buckets=true). */
+  buckets: BucketTiming[] = [];
+  readonly t0 = performance.now();
+  receivers: ReceiverResult[] = [];
+
+  constructor(
+    readonly id: string,
+    readonly checkpoint: string,
+  ) {}
+
+  toJSON() {
+    return this.view(false);
+  }
+
+  /** The record as the API shows it; with the per-bucket timeline when asked. */
+  view(withBuckets: boolean) {
+    return {
+      id: this.id,
+      checkpoint: this.checkpoint,
+      state: this.state,
+      createdAt: this.createdAt,
+      ...(this.finishedAt ? { finishedAt: this.finishedAt } : {}),
+      progress: this.progress,
+      timings: this.timings,
+      receivers: this.receivers,
+      ...(this.error ? { error: this.error } : {}),
+      ...(withBuckets ? { buckets: this.buckets } : {}),
+    };
+  }
+}
+
+/** What a receiver holds once an update ended, from the buckets it acked of `total`. */
+export function receiverState(succeeded: boolean, acked: number, total: number): ReceiverResult["state"] {
+  if (succeeded) return "applied";
+  if (acked === 0) return "untouched";
+  return acked === total ? "applied" : "partial";
+}

@@ -1,0 +1,53 @@
+/**
+ * One update from start to end, the same steps for every flow: plan what moves, join whom it
+ * moves with, then (engines are asked only once everything that can fail before them has
+ * succeeded) move it through this daemon, and hear the other participants out. What differs
+ * between a coordinator and a participant is its Flow.
+ */
+import type { Buffers } from "./buffers.ts";
+import type { DataPath } from "./data-path.ts";
+import { type LocalDeps, LocalRun, type Part } from "./local-run.ts";
+import type { Group } from "./pipeline.ts";
+import type { UpdateRecord } from "./record.ts";
+
+export interface Flow {
+  /** What moves; throws (before anyone joins a communicator) when it cannot. */
+  plan(buffers: Buffers): Promise<Part>;
+  /** The ranks it moves to: joins whatever communicator that takes. */
+  join(buffers: Buffers): Promise<Group>;
+  /** After this daemon's part: waits for the other participants' ends. */
+  others(): Promise<void>;
+  /** After a failure: releases what plan and join made; may name a better cause than `err`. */
+  cleanup(err: unknown): Promise<string | undefined>;
+}
+
+/** Runs an update; never rejects: the record says how it ended. `abort` stops it from outside. */
+export async function runUpdate(
+  deps: LocalDeps & { path: DataPath },
+  record: UpdateRecord,
+  flow: Flow,
+  abort: AbortController,
+): Promise<void> {
+  const run = new LocalRun(deps, record);
+  let buffers: Buffers | undefined;
+  try {
+    buffers = await deps.path.buffers();
+    const part = await flow.plan(buffers);
+    record.progress.buckets = part.buckets.length;
+    record.progress.bytes = part.buckets.reduce((sum, b) => sum + b.bytes, 0);
+    const group = await flow.join(buffers);
+    record.timings.planSeconds = (performance.now() - record.t0) / 1000;
+    await run.engage();
+    await run.move(part, group, buffers, abort.signal);
+    await flow.others();
+    if (abort.signal.aborted) throw new Error(String(abort.signal.reason));
+    await run.checkEngines();
+    record.state = "succeeded";
+  } catch (err) {
+    if (!abort.signal.aborted) abort.abort((err as Error).message);
+    const cause = await flow.cleanup(err);
+    run.fail(err, cause ?? String(abort.signal.reason));
+    if (buffers) await deps.path.settle(buffers, deps.receiverTimeoutMs);
+  }
+  run.finish();
+}
