@@ -4,7 +4,7 @@ import { type Context, openBackend } from "../ffi/index.ts";
 import { Registry } from "./checkpoints/registry.ts";
 import { checkpointRoutes } from "./checkpoints/routes.ts";
 import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints/store.ts";
-import { uploadRoutes } from "./checkpoints/uploads.ts";
+import { uploadRoutes } from "./checkpoints/upload-routes.ts";
 import type { Config } from "./config/index.ts";
 import { createApp } from "./http/app.ts";
 import { metricsOf } from "./metrics.ts";

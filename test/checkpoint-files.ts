@@ -20,6 +20,15 @@ export function tensorBytes(t: TensorSpec): number {
   return (t.shape.reduce((a, d) => a * d, 1) * (DTYPE_BITS[t.dtype] as number)) / 8;
 }
 
+/** A whole file for any header, valid or not: its JSON as given, then `dataBytes` zero bytes. */
+export function safetensorsBytes(header: unknown, dataBytes: number): Uint8Array {
+  const json = new TextEncoder().encode(JSON.stringify(header));
+  const out = new Uint8Array(8 + json.byteLength + dataBytes);
+  new DataView(out.buffer).setBigUint64(0, BigInt(json.byteLength), true);
+  out.set(json, 8);
+  return out;
+}
+
 /** Writes one safetensors file of random contents; returns its tensors with their bytes. */
 export function writeSafetensors(path: string, tensors: TensorSpec[]): WrittenTensor[] {
   const withBytes = tensors.map((t) => ({ ...t, bytes: randomBytes(tensorBytes(t)) }));

@@ -1,24 +1,25 @@
-import { mkdtempSync, readFileSync, rmSync, utimesSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
+import { DTYPE_BITS } from "../daemon/checkpoints/safetensors.ts";
 import { resolveDirectory } from "../daemon/checkpoints/sources.ts";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
-import { type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
-import { tempDir } from "./helpers.ts";
+import { safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { removeTempDirs, tempDir, thrown } from "./helpers.ts";
 
 const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 const running: Daemon[] = [];
 
-async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: typeof api }> {
+async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: typeof api; uploadDir: string }> {
   const config: Config = {
     ...defaults({}),
     port: 0,
     backend: "host",
-    stateDir: tempDir(),
-    uploadDir: mkdtempSync("/dev/shm/ckptd-test-"),
+    stateDir: scratch(),
+    uploadDir: scratch("/dev/shm"),
     ioThreads: 2,
     ...overrides,
   };
@@ -44,11 +45,17 @@ async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: t
     // biome-ignore lint/suspicious/noExplicitAny: test responses are checked field by field
     return { status: res.status, body: (await res.json()) as any, headers: res.headers };
   }
-  return Object.assign(daemon, { api });
+  return Object.assign(daemon, { api, uploadDir: config.uploadDir });
+}
+
+/** Directories removed after each test: a mutation run executes this file hundreds of times. */
+function scratch(parent?: "/dev/shm"): string {
+  return tempDir("ckptd-test-", parent);
 }
 
 afterEach(async () => {
   for (const d of running.splice(0)) await d.stop();
+  removeTempDirs();
 });
 
 /** Every tensor of the manifest has the registered bytes' hash, as computed independently. */
@@ -67,7 +74,7 @@ async function expectManifestMatches(
 describe("registering checkpoints", () => {
   it("registers a directory from tmpfs in place, with the manifest and hashes", async () => {
     const d = await start();
-    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const dir = scratch("/dev/shm");
     const tensors = writeModel(dir);
     const res = await d.api("POST", "/v1/checkpoints", { name: "qwen", dir });
     expect(res.status).toBe(201);
@@ -85,7 +92,7 @@ describe("registering checkpoints", () => {
 
   it("reads other files into pinned memory, and versions each registration", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     const tensors = writeModel(dir, 3);
     const files = [...new Set(tensors.map((t) => t.file))];
     expect((await d.api("POST", "/v1/checkpoints", { name: "m", files })).status).toBe(201);
@@ -101,7 +108,7 @@ describe("registering checkpoints", () => {
 
   it("follows model.safetensors.index.json and checks it against the files", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     const tensors = writeModel(dir, 2);
     const weightMap = Object.fromEntries(tensors.map((t) => [t.name, t.file.split("/").pop()]));
     writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map: weightMap }));
@@ -119,7 +126,7 @@ describe("registering checkpoints", () => {
 
   it("cancels through the API: DELETE of a registering version", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     for (let i = 0; i < 4; i++)
       writeSafetensors(join(dir, `f${i}.safetensors`), [{ name: `w${i}`, dtype: "U8", shape: [16 << 20] }]);
     const res = await d.api("POST", "/v1/checkpoints", { name: "c", dir, wait: false });
@@ -130,7 +137,7 @@ describe("registering checkpoints", () => {
 
   it("reports progress while registering in the background", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     writeSafetensors(join(dir, "big.safetensors"), [{ name: "w", dtype: "U8", shape: [64 << 20] }]);
     const res = await d.api("POST", "/v1/checkpoints", { name: "big", dir, wait: false });
     expect(res.status).toBe(202);
@@ -176,7 +183,7 @@ describe("bad registrations register nothing", () => {
     },
   ])("$name", async ({ make, status, message }) => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     make(dir);
     const res = await d.api("POST", "/v1/checkpoints", { name: "bad", dir });
     expect(res.status).toBe(status);
@@ -199,7 +206,7 @@ describe("bad registrations register nothing", () => {
   });
 
   it("refuses to exceed the pinned-memory budget with a 507 saying by how much", async () => {
-    const dir = tempDir();
+    const dir = scratch();
     writeSafetensors(join(dir, "a.safetensors"), [{ name: "w", dtype: "U8", shape: [4096] }]);
     const size = readFileSync(join(dir, "a.safetensors")).byteLength;
     const d = await start({ pinnedBudgetBytes: size + 100 });
@@ -210,12 +217,41 @@ describe("bad registrations register nothing", () => {
     expect(res.body.error.details).toMatchObject({ overBytes: size - 100 });
     expect((await d.api("GET", "/v1/checkpoints")).body.checkpoints).toHaveLength(1);
   });
+
+  it("counts registrations still in flight against the budget: of two at once that fit one, one gets the 507", async () => {
+    const dir = scratch();
+    writeSafetensors(join(dir, "a.safetensors"), [{ name: "w", dtype: "U8", shape: [16 << 20] }]);
+    const size = statSync(join(dir, "a.safetensors")).size;
+    const d = await start({ pinnedBudgetBytes: size + 100 });
+    const both = await Promise.all(["a", "b"].map((name) => d.api("POST", "/v1/checkpoints", { name, dir })));
+    expect(both.map((r) => r.status).sort()).toEqual([201, 507]);
+    expect(both.find((r) => r.status === 507)?.body.error.details).toMatchObject({ usedBytes: size });
+    expect((await d.api("GET", "/v1/checkpoints")).body).toMatchObject({ pinnedBytes: size });
+  });
+
+  it.each(["toString", "constructor", "__proto__"])(
+    "answers the dtype %j (a property of every object) with a 400 naming the file, tensor and rule",
+    async (dtype) => {
+      const d = await start();
+      const path = join(scratch(), "x.safetensors");
+      writeFileSync(path, safetensorsBytes({ w: { dtype, shape: [4], data_offsets: [0, 4] } }, 4));
+      const res = await d.api("POST", "/v1/checkpoints", { name: "proto", files: [path] });
+      expect(res.status).toBe(400);
+      const rule = `dtype "${dtype}" is not one of ${Object.keys(DTYPE_BITS).join(", ")}`;
+      expect(res.body.error).toEqual({
+        code: "invalid_safetensors",
+        message: `${path}: tensor "w": ${rule}`,
+        details: { file: path, tensor: "w", rule },
+      });
+      expect((await d.api("GET", "/v1/checkpoints")).body).toMatchObject({ checkpoints: [], pinnedBytes: 0 });
+    },
+  );
 });
 
 describe("fuzzing registration", () => {
   it("answers mutated and truncated files with a 400 or a correct registration, never a 500", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     const tensors = writeSafetensors(join(dir, "base.safetensors"), [
       { name: "a", dtype: "BF16", shape: [8, 4] },
       { name: "b", dtype: "F32", shape: [5] },
@@ -256,7 +292,7 @@ describe("fuzzing registration", () => {
 describe("deleting and limits", () => {
   it("deletes a version, refusing with 409 while an update uses it", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     writeModel(dir);
     await d.api("POST", "/v1/checkpoints", { name: "m", dir });
     const lease = d.registry.acquire("m@1");
@@ -271,7 +307,7 @@ describe("deleting and limits", () => {
 
   it("lets no update lease a version once its delete has begun", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     writeModel(dir);
     await d.api("POST", "/v1/checkpoints", { name: "m", dir });
     const deleting = d.registry.delete("m@1");
@@ -279,9 +315,30 @@ describe("deleting and limits", () => {
     await deleting;
   });
 
+  it("lets no update lease the ready version of a name whose delete waits on an earlier registration", async () => {
+    const d = await start();
+    const big = scratch();
+    for (let i = 0; i < 4; i++)
+      writeSafetensors(join(big, `f${i}.safetensors`), [{ name: `w${i}`, dtype: "U8", shape: [32 << 20] }]);
+    const small = scratch();
+    writeModel(small);
+    const first = await d.registry.register({ name: "m", source: resolveDirectory(big), copy: false, adopt: false });
+    expect((await d.api("POST", "/v1/checkpoints", { name: "m", dir: small })).body.id).toBe("m@2");
+    expect(first.state).toBe("registering"); // else this test shows nothing
+    const deleting = d.registry.delete("m");
+    // m@2 is still listed and ready while the delete waits for m@1's cancel.
+    for (const ref of ["m@2", "m"]) {
+      const err = thrown(() => d.registry.acquire(ref));
+      expect(err.message).toBe("m@2 is being deleted");
+      expect(err.code).toBe("not_ready");
+    }
+    expect((await deleting).map((v) => v.id)).toEqual(["m@1", "m@2"]);
+    expect((await d.api("GET", "/v1/checkpoints")).body).toMatchObject({ checkpoints: [], pinnedBytes: 0 });
+  });
+
   it("keeps every registration when many finish at once", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     writeModel(dir);
     const all = await Promise.all(
       Array.from({ length: 8 }, (_, i) => d.api("POST", "/v1/checkpoints", { name: `m${i}`, dir })),
@@ -291,7 +348,7 @@ describe("deleting and limits", () => {
 
   it("keeps maxVersions per name, dropping the oldest unused", async () => {
     const d = await start({ maxVersions: 2 });
-    const dir = tempDir();
+    const dir = scratch();
     writeModel(dir);
     await d.api("POST", "/v1/checkpoints", { name: "m", dir });
     const lease = d.registry.acquire("m@1");
@@ -306,7 +363,7 @@ describe("deleting and limits", () => {
 
   it("cancels a registration in flight, leaving nothing pinned", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     for (let i = 0; i < 4; i++)
       writeSafetensors(join(dir, `f${i}.safetensors`), [{ name: `w${i}`, dtype: "U8", shape: [32 << 20] }]);
     // Through the registry, so the cancel lands before the first file is pinned.
@@ -322,9 +379,9 @@ describe("deleting and limits", () => {
 
 describe("restart", () => {
   it("restores unchanged checkpoints and reports the others", async () => {
-    const stateDir = tempDir();
-    const keep = tempDir();
-    const change = tempDir();
+    const stateDir = scratch();
+    const keep = scratch();
+    const change = scratch();
     const tensors = writeModel(keep);
     writeModel(change);
     const first = await start({ stateDir });
@@ -346,6 +403,33 @@ describe("restart", () => {
     await expectManifestMatches((await second.api("GET", "/v1/checkpoints/keep@1")).body, tensors);
     // Numbers continue after a restart.
     expect((await second.api("POST", "/v1/checkpoints", { name: "keep", dir: keep })).body.id).toBe("keep@2");
+  });
+});
+
+describe("restart, content changed in place", () => {
+  it("refuses a version whose bytes changed though size and modification time did not", async () => {
+    const stateDir = scratch();
+    const path = join(scratch(), "h.safetensors");
+    writeSafetensors(path, [{ name: "w", dtype: "U8", shape: [64] }]);
+    const mtime = new Date(1_700_000_000_000); // whole seconds: utimes sets it back exactly
+    utimesSync(path, mtime, mtime);
+    const first = await start({ stateDir });
+    expect((await first.api("POST", "/v1/checkpoints", { name: "h", files: [path] })).status).toBe(201);
+    await first.stop();
+    running.splice(running.indexOf(first), 1);
+    const bytes = readFileSync(path);
+    bytes[bytes.byteLength - 1] = (bytes[bytes.byteLength - 1] as number) ^ 0xff; // the last byte of "w"
+    writeFileSync(path, bytes);
+    utimesSync(path, mtime, mtime);
+
+    const second = await start({ stateDir });
+    expect((await second.api("GET", "/v1/status")).body.checkpoints.restore).toEqual({
+      restored: [],
+      notRestored: [{ id: "h@1", reason: 'tensor "w" no longer has the hash it was registered with' }],
+    });
+    const list = (await second.api("GET", "/v1/checkpoints")).body;
+    expect(list.pinnedBytes).toBe(0);
+    expect(list.checkpoints.map((c: { id: string; state: string }) => [c.id, c.state])).toEqual([["h@1", "failed"]]);
   });
 });
 
@@ -379,9 +463,73 @@ describe("trainer pushes", () => {
     expect(() => readFileSync(manifest.files[0].path)).toThrow(/ENOENT/);
   });
 
+  it("says what is wrong with a push, and a deleted upload leaves no file behind", async () => {
+    const d = await start();
+    const errorOf = async (method: string, path: string, body?: unknown) => {
+      const res = await d.api(method, path, body);
+      return [res.status, res.body.error?.message];
+    };
+    const w = { name: "w", dtype: "U8", shape: [4] };
+    expect(await errorOf("POST", "/v1/uploads", { name: "p", tensors: [w, w] })).toEqual([
+      400,
+      'tensor "w" is declared twice',
+    ]);
+    expect(await errorOf("POST", "/v1/uploads", { name: "p", tensors: [{ ...w, dtype: "F4", shape: [3] }] })).toEqual([
+      400,
+      "shape [3] of F4 is not whole bytes",
+    ]);
+    expect((await errorOf("POST", "/v1/uploads", { name: "p@1" }))[0]).toBe(400);
+    const empty = (await d.api("POST", "/v1/uploads", { name: "p" })).body.id;
+    expect(await errorOf("POST", `/v1/uploads/${empty}/commit`)).toEqual([
+      400,
+      `upload ${empty} holds no tensors or files`,
+    ]);
+    expect(await errorOf("PUT", `/v1/uploads/${empty}/files/x.bin`, new Uint8Array(1))).toEqual([
+      400,
+      'file name "x.bin" must be a plain name ending in .safetensors',
+    ]);
+
+    const created = await d.api("POST", "/v1/uploads", { name: "p", tensors: [w] });
+    const id = created.body.id;
+    expect(created.body).toEqual({ id, name: "p", tensors: [{ name: "w", bytes: 4, written: false }], files: [] });
+    expect(await errorOf("PUT", `/v1/uploads/${id}/tensors/v`, new Uint8Array(4))).toEqual([
+      404,
+      `upload ${id} declares no tensor "v"`,
+    ]);
+    expect(await errorOf("PUT", `/v1/uploads/${id}/tensors/w`, new Uint8Array(5))).toEqual([
+      400,
+      'tensor "w" needs exactly 4 bytes, got more',
+    ]);
+    expect(await errorOf("PUT", `/v1/uploads/${id}/tensors/w`, new Uint8Array(3))).toEqual([
+      400,
+      'tensor "w" needs exactly 4 bytes, got 3',
+    ]);
+    expect((await d.api("PUT", `/v1/uploads/${id}/tensors/w`, new Uint8Array(4))).body).toEqual({
+      name: "w",
+      bytes: 4,
+    });
+    const file = writeSafetensors(join(scratch(), "f.safetensors"), [{ name: "f", dtype: "U8", shape: [8] }])[0];
+    const put = await d.api("PUT", `/v1/uploads/${id}/files/f.safetensors`, readFileSync(file?.file as string));
+    expect(put.body).toEqual({ file: "f.safetensors", bytes: statSync(file?.file as string).size });
+    const listed = (await d.api("GET", "/v1/uploads")).body.uploads;
+    expect(listed.find((u: { id: string }) => u.id === id)).toEqual({
+      id,
+      name: "p",
+      tensors: [{ name: "w", bytes: 4, written: true }],
+      files: ["f.safetensors"],
+    });
+
+    const before = readdirSync(d.uploadDir);
+    expect(before.filter((n) => n.startsWith(id))).toHaveLength(2);
+    expect((await d.api("DELETE", `/v1/uploads/${id}`)).body).toEqual({ deleted: id });
+    expect(readdirSync(d.uploadDir).filter((n) => n.startsWith(id))).toEqual([]);
+    expect(await errorOf("POST", `/v1/uploads/${id}/commit`)).toEqual([404, `no upload ${id}`]);
+    expect((await d.api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
+  });
+
   it("takes a safetensors file stream", async () => {
     const d = await start();
-    const dir = tempDir();
+    const dir = scratch();
     const tensors = writeSafetensors(join(dir, "x.safetensors"), [{ name: "w", dtype: "F16", shape: [33, 7] }]);
     const { id } = (await d.api("POST", "/v1/uploads", { name: "streamed" })).body;
     const put = await d.api(
@@ -397,7 +545,7 @@ describe("trainer pushes", () => {
 
   it("adopts files a trainer wrote to shared memory", async () => {
     const d = await start();
-    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const dir = scratch("/dev/shm");
     const tensors = writeModel(dir, 1);
     const res = await d.api("POST", "/v1/checkpoints", { name: "shm", dir, adopt: true });
     expect(res.status).toBe(201);

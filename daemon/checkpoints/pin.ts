@@ -30,7 +30,8 @@ export interface PinnedFile {
   mem: HostMemory;
 }
 
-export interface Progress {
+/** How far a registration has come, in bytes; reported while it runs. */
+export interface RegistrationProgress {
   bytesTotal: number;
   bytesPinned: number;
   bytesHashed: number;
@@ -41,7 +42,7 @@ export interface PinOptions {
   copy: boolean;
   threads: number;
   signal: AbortSignal;
-  progress: Progress;
+  progress: RegistrationProgress;
 }
 
 async function onTmpfs(path: string): Promise<boolean> {
@@ -52,7 +53,8 @@ async function onTmpfs(path: string): Promise<boolean> {
   }
 }
 
-function invalid(err: SafetensorsError): DaemonError {
+/** A broken format rule as the API reports it: a 400 naming the file, the tensor and the rule. */
+export function invalidSafetensors(err: SafetensorsError): DaemonError {
   return new DaemonError("invalid_safetensors", err.message, { file: err.file, tensor: err.tensor, rule: err.rule });
 }
 
@@ -70,7 +72,7 @@ export async function inspectFile(path: string): Promise<InspectedFile> {
     const header = parseHeader(prefix, st.size, path);
     return { path, size: st.size, mtimeMs: st.mtimeMs, tmpfs: await onTmpfs(path), prefix, header };
   } catch (err) {
-    if (err instanceof SafetensorsError) throw invalid(err);
+    if (err instanceof SafetensorsError) throw invalidSafetensors(err);
     throw err;
   } finally {
     await handle.close();
@@ -149,7 +151,7 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
 export async function hashTensors(
   ctx: Context,
   files: { pinned: PinnedFile; tensors: { begin: number; end: number }[] }[],
-  opts: { threads: number; signal: AbortSignal; progress: Progress },
+  opts: { threads: number; signal: AbortSignal; progress: RegistrationProgress },
 ): Promise<string[][]> {
   checkAborted(opts.signal);
   const count = files.reduce((n, f) => n + f.tensors.length, 0);

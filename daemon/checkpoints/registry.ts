@@ -11,9 +11,10 @@ import {
   hashTensors,
   type InspectedFile,
   inspectFile,
+  invalidSafetensors,
   type PinnedFile,
-  type Progress,
   pinFiles,
+  type RegistrationProgress,
   unpinFiles,
 } from "./pin.ts";
 import { checkUniqueNames, SafetensorsError } from "./safetensors.ts";
@@ -104,7 +105,7 @@ export class CheckpointVersion {
   deleting = false;
   pinned: PinnedFile[] = [];
   readonly abort = new AbortController();
-  readonly progress: Progress;
+  readonly progress: RegistrationProgress;
   /** Settles when registration has finished, failed or been cancelled. */
   done: Promise<void> = Promise.resolve();
 
@@ -139,6 +140,14 @@ export class CheckpointVersion {
 
   manifest() {
     return { ...this.summary(), files: this.files, tensors: this.tensors };
+  }
+
+  /** Waits for the registration to end: the summary once ready, else throws why it failed. */
+  async finished(): Promise<ReturnType<CheckpointVersion["summary"]>> {
+    await this.done;
+    if (this.state === "ready") return this.summary();
+    const err = this.error ?? { code: "registration_failed", message: this.state };
+    throw new DaemonError(err.code, `${this.id}: ${err.message}`, err.details);
   }
 }
 
@@ -224,14 +233,7 @@ export class Registry {
     try {
       checkUniqueNames(inspected.map((f) => ({ file: f.path, tensors: f.header.tensors })));
     } catch (err) {
-      if (err instanceof SafetensorsError) {
-        throw new DaemonError("invalid_safetensors", err.message, {
-          file: err.file,
-          tensor: err.tensor,
-          rule: err.rule,
-        });
-      }
-      throw err;
+      throw err instanceof SafetensorsError ? invalidSafetensors(err) : err;
     }
     if (req.source.weightMap) {
       const found = new Map(inspected.flatMap((f) => f.header.tensors.map((t) => [t.name, f.path] as const)));

@@ -1,9 +1,8 @@
 import type { Hono } from "hono";
 import * as v from "valibot";
-import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
 import { parseBody } from "../http/validate.ts";
-import { type CheckpointVersion, checkName, type Registry } from "./registry.ts";
+import { checkName, type Registry } from "./registry.ts";
 import { resolveDirectory, resolveFiles } from "./sources.ts";
 
 const RegisterBody = v.pipe(
@@ -20,13 +19,6 @@ const RegisterBody = v.pipe(
   }),
   v.check((b) => (b.dir === undefined) !== (b.files === undefined), "give exactly one of dir and files"),
 );
-
-/** What a finished registration answers: 201 and the summary, or its error. */
-export function finished(version: CheckpointVersion): { status: 201; body: unknown } {
-  if (version.state === "ready") return { status: 201, body: version.summary() };
-  const err = version.error ?? { code: "registration_failed", message: version.state };
-  throw new DaemonError(err.code, `${version.id}: ${err.message}`, err.details);
-}
 
 /** GET|POST /v1/checkpoints, GET|DELETE /v1/checkpoints/{name}[@N]. */
 export function checkpointRoutes(app: Hono<{ Variables: { body: unknown } }>, registry: Registry, budgetBytes: number) {
@@ -45,9 +37,7 @@ export function checkpointRoutes(app: Hono<{ Variables: { body: unknown } }>, re
     const version = await registry.register({ name: body.name, source, copy: body.copy, adopt: body.adopt });
     c.header("location", `/v1/checkpoints/${version.id}`);
     if (!body.wait) return reply(c, version.summary(), 202);
-    await version.done;
-    const { status, body: out } = finished(version);
-    return reply(c, out, status);
+    return reply(c, await version.finished(), 201);
   });
 
   app.get("/v1/checkpoints/:ref", (c) => reply(c, registry.get(c.req.param("ref")).manifest()));

@@ -1,14 +1,9 @@
 import { describe, expect, it } from "vitest";
-import { checkUniqueNames, encodeHeader, parseHeader, SafetensorsError } from "./safetensors.ts";
+import { safetensorsBytes } from "../../test/checkpoint-files.ts";
+import { thrown } from "../../test/helpers.ts";
+import { checkUniqueNames, DTYPE_BITS, encodeHeader, parseHeader, SafetensorsError } from "./safetensors.ts";
 
-/** A whole file: header for the given entries (raw JSON object), then `data` bytes. */
-function file(header: unknown, dataBytes: number): Uint8Array {
-  const json = new TextEncoder().encode(JSON.stringify(header));
-  const out = new Uint8Array(8 + json.byteLength + dataBytes);
-  new DataView(out.buffer).setBigUint64(0, BigInt(json.byteLength), true);
-  out.set(json, 8);
-  return out;
-}
+const file = safetensorsBytes;
 
 const ok = {
   a: { dtype: "F32", shape: [2, 3], data_offsets: [0, 24] },
@@ -129,6 +124,44 @@ describe("parseHeader names the file, the tensor and the rule", () => {
     expect(run).toThrow(SafetensorsError);
     expect(run).toThrow(message);
     expect(run).toThrow(/^dir\/m.safetensors: /);
+  });
+
+  // Exact messages: a looser pattern also matches what a weaker check says about the same file.
+  const dtypes = Object.keys(DTYPE_BITS).join(", ");
+  it.each([
+    [
+      "a negative dimension",
+      { x: { dtype: "U8", shape: [-1], data_offsets: [0, 1] } },
+      1,
+      'tensor "x": shape [-1] is not a list of non-negative integers',
+    ],
+    [
+      "a span larger than shape x dtype",
+      { x: { dtype: "F32", shape: [1], data_offsets: [0, 8] } },
+      8,
+      'tensor "x": shape [1] of F32 needs 4 bytes but data_offsets span 8',
+    ],
+    [
+      "an overlap with a tensor other than the first",
+      {
+        x: { dtype: "U8", shape: [4], data_offsets: [0, 4] },
+        y: { dtype: "U8", shape: [4], data_offsets: [4, 8] },
+        z: { dtype: "U8", shape: [4], data_offsets: [6, 10] },
+      },
+      10,
+      'tensor "z": bytes overlap those of tensor "y"',
+    ],
+    ...["toString", "constructor", "__proto__", "hasOwnProperty"].map((dtype) => [
+      `the Object property "${dtype}" as dtype`,
+      { x: { dtype, shape: [1], data_offsets: [0, 1] } },
+      1,
+      `tensor "x": dtype "${dtype}" is not one of ${dtypes}`,
+    ]),
+  ] as [string, unknown, number, string][])("rejects %s with the exact rule", (_name, header, data, rule) => {
+    const bytes = file(header, data);
+    const err = thrown(() => parseHeader(bytes, bytes.byteLength, "dir/m.safetensors"));
+    expect(err).toBeInstanceOf(SafetensorsError);
+    expect(err.message).toBe(`dir/m.safetensors: ${rule}`);
   });
 
   it("rejects a tensor name used by two files", () => {

@@ -88,7 +88,8 @@ function checkEntry(file: string, name: string, raw: unknown, dataStart: number,
     if (key !== "dtype" && key !== "shape" && key !== "data_offsets") fail(`unknown field "${key}"`);
   }
   const { dtype, shape, data_offsets: offsets } = raw;
-  if (typeof dtype !== "string" || !(dtype in DTYPE_BITS)) {
+  // An own property: "toString" or "__proto__" are in every object, and are no dtype.
+  if (typeof dtype !== "string" || !Object.hasOwn(DTYPE_BITS, dtype)) {
     fail(`dtype ${JSON.stringify(dtype)} is not one of ${Object.keys(DTYPE_BITS).join(", ")}`);
   }
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {

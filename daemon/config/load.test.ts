@@ -75,9 +75,58 @@ describe("config errors name the key and the problem", () => {
       run: () => resolveConfig({ env: {}, flags: { backend: "gpu" } }, env),
       message: "backend (from --backend)",
     },
+    ...["vllm", "http"].map((kind) => ({
+      name: `engine of kind ${kind} without a url`,
+      run: () =>
+        resolveConfig(
+          { file: { engines: [{ name: "e1", kind, gpus: [0] }] }, filePath: "/c.json", env: {}, flags: {} },
+          env,
+        ),
+      message: `engines (from /c.json): engine "e1" of kind ${kind} needs a "url"`,
+    })),
   ])("$name", ({ run, message }) => {
     expect(run).toThrow(ConfigError);
     expect(run).toThrow(message);
+  });
+});
+
+describe("flags", () => {
+  it.each([
+    { argv: [], help: false, version: false },
+    { argv: ["-h"], help: true, version: false },
+    { argv: ["--help"], help: true, version: false },
+    { argv: ["--version"], help: false, version: true },
+  ])("reads $argv as help $help, version $version", ({ argv, help, version }) => {
+    expect(parseArgs(argv)).toEqual({ help, version, values: {} });
+  });
+
+  it("coerces by the key's kind: integers (spaces allowed), comma lists, strings as they are", () => {
+    expect(parseArgs(["--port", " 80 ", "--host", "123", "--peers", "http://a:1, http://b:2,"]).values).toEqual({
+      port: 80,
+      host: "123",
+      peers: ["http://a:1", "http://b:2"],
+    });
+    expect(parseArgs(["--port=80x"]).values).toEqual({ port: "80x" });
+    expect(parseArgs(["--port=-1"]).values).toEqual({ port: -1 });
+  });
+
+  it.each(["__proto__", "toString", "constructor"])("rejects the file key %j (not a setting)", (key) => {
+    expect(() => parseConfigFile(`{"${key}": {"port": 1}}`, "/c.json")).toThrow(`/c.json: unknown key "${key}"`);
+  });
+
+  it.each(["null", '"x"', "1"])("rejects the file %s (not an object of settings)", (text) => {
+    expect(() => parseConfigFile(text, "/c.json")).toThrow("/c.json: expected a JSON object of settings");
+  });
+});
+
+describe("engines", () => {
+  it("takes a receiver without a url, and vllm and http engines with one", () => {
+    const engines = [
+      { name: "r", kind: "receiver", gpus: [0] },
+      { name: "v", kind: "vllm", url: "http://127.0.0.1:8000", gpus: [1] },
+      { name: "h", kind: "http", url: "http://127.0.0.1:9000/update", body: { x: 1 }, gpus: [0, 1] },
+    ];
+    expect(resolveConfig({ file: { engines }, env: {}, flags: {} }, env).engines).toEqual(engines);
   });
 });
 
@@ -88,5 +137,22 @@ describe("help", () => {
       expect(text).toContain(flag);
     }
     expect(text).toContain("CKPTD_PORT");
+  });
+
+  it("has one line per option, saying how to set it and what it does", () => {
+    const lines = helpText().split("\n");
+    expect(lines[0]).toBe("Usage: ckptd [--config FILE] [options]");
+    expect(lines.slice(1, 7).join(" ")).toMatch(
+      /^ Pushes registered checkpoints .* each overriding the one before\. {2}Options:$/,
+    );
+    expect(lines).toContain(`  ${"--config FILE".padEnd(28)}JSON file of settings [CKPTD_CONFIG]`);
+    expect(lines).toContain(
+      `  ${"--port N".padEnd(28)}TCP port of the HTTP API (0: any free port) [CKPTD_PORT, "port"]`,
+    );
+    expect(lines).toContain(`  ${"--host VALUE".padEnd(28)}address to listen on [CKPTD_HOST, "host"]`);
+    expect(lines.slice(-2)).toEqual([
+      `  ${"--version".padEnd(28)}print the version and exit`,
+      `  ${"--help".padEnd(28)}print this help and exit`,
+    ]);
   });
 });

@@ -84,7 +84,7 @@ export function parseConfigFile(text: string, path: string): Layer {
     throw new ConfigError(`${path}: expected a JSON object of settings`);
   }
   for (const key of Object.keys(data)) {
-    if (!(key in KEYS)) {
+    if (!Object.hasOwn(KEYS, key)) {
       throw new ConfigError(`${path}: unknown key "${key}" (known: ${Object.keys(KEYS).join(", ")})`);
     }
   }

@@ -6,14 +6,20 @@ import * as v from "valibot";
 const port = v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535));
 
 /** An engine on this host: how the daemon triggers it and which GPUs its receivers use. */
-export const EngineSchema = v.strictObject({
-  name: v.pipe(v.string(), v.minLength(1)),
-  /** receiver: connects by itself; vllm: POST {url}/collective_rpc; http: POST `body` to url. */
-  kind: v.picklist(["receiver", "vllm", "http"]),
-  url: v.optional(v.pipe(v.string(), v.url())),
-  body: v.optional(v.unknown()),
-  gpus: v.pipe(v.array(v.pipe(v.number(), v.integer(), v.minValue(0))), v.minLength(1)),
-});
+export const EngineSchema = v.pipe(
+  v.strictObject({
+    name: v.pipe(v.string(), v.minLength(1)),
+    /** receiver: connects by itself; vllm: POST {url}/collective_rpc; http: POST `body` to url. */
+    kind: v.picklist(["receiver", "vllm", "http"]),
+    url: v.optional(v.pipe(v.string(), v.url())),
+    body: v.optional(v.unknown()),
+    gpus: v.pipe(v.array(v.pipe(v.number(), v.integer(), v.minValue(0))), v.minLength(1)),
+  }),
+  v.check(
+    (e) => e.kind === "receiver" || e.url !== undefined,
+    (issue) => `engine "${issue.input.name}" of kind ${issue.input.kind} needs a "url"`,
+  ),
+);
 export type EngineConfig = v.InferOutput<typeof EngineSchema>;
 const text = v.pipe(v.string(), v.minLength(1));
 
@@ -38,10 +44,7 @@ export const ConfigSchema = v.strictObject({
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   socketDir: v.string(),
   peers: v.array(v.pipe(v.string(), v.url())),
-  engines: v.pipe(
-    v.array(EngineSchema),
-    v.check((list) => list.every((e) => e.kind === "receiver" || e.url), "engines of kind vllm or http need a url"),
-  ),
+  engines: v.array(EngineSchema),
 });
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
