@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
@@ -28,7 +28,7 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
 
   it("registers a checkpoint from /dev/shm in place, with its hashes", async () => {
     const daemon = await startProcess(command);
-    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const dir = tempDir("ckptd-test-", "/dev/shm");
     const tensors = writeModel(dir);
     const res = await fetch(`${daemon.url}/v1/checkpoints`, {
       method: "POST",
@@ -52,7 +52,7 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
   it("pushes an update into the receivers of its GPUs and of a peer daemon under Node", async () => {
     // The peer runs under Node; this runtime coordinates: its peer API calls, receiver
     // sockets and TCP collectives are all exercised.
-    const dir = mkdtempSync("/dev/shm/ckptd-test-");
+    const dir = tempDir("ckptd-test-", "/dev/shm");
     const tensors = writeModel(dir, 2, 3, 512);
     tensors.push(...writeSafetensors(`${dir}/big.safetensors`, [{ name: "big", dtype: "F32", shape: [700, 1024] }]));
     const sockets = [tempDir(), tempDir()];

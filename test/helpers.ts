@@ -1,6 +1,6 @@
 /** Starts real daemon processes for tests: under Node (tsx), Deno, or the built binary. */
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -29,8 +29,18 @@ export interface Running {
   exited: Promise<number | null>;
 }
 
-export function tempDir(prefix = "ckptd-test-"): string {
-  return mkdtempSync(join(tmpdir(), prefix));
+const made: string[] = [];
+
+/** A fresh directory under `parent` (the system's temp directory, or /dev/shm), removed after the test file. */
+export function tempDir(prefix = "ckptd-test-", parent: string = tmpdir()): string {
+  const dir = mkdtempSync(join(parent, prefix));
+  made.push(dir);
+  return dir;
+}
+
+/** Removes every directory tempDir made so far (test/setup.ts runs it after each file). */
+export function removeTempDirs(): void {
+  for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
 }
 
 /** Spawns a daemon on a free port and resolves once it logs "listening". */

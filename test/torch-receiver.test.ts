@@ -6,7 +6,7 @@
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { rmSync } from "node:fs";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
@@ -97,7 +97,7 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
       backend: "host",
       hostDevices: 1,
       stateDir,
-      uploadDir: mkdtempSync("/dev/shm/ckptd-test-"),
+      uploadDir: tempDir("ckptd-test-", "/dev/shm"),
       bucketBytes: 1 << 20,
       bucketSlots: 3,
       receiverTimeoutMs: 10_000,

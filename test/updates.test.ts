@@ -1,4 +1,3 @@
-import { mkdtempSync } from "node:fs";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import pino from "pino";
@@ -25,7 +24,7 @@ async function start(overrides: Partial<Config> = {}) {
     backend: "host",
     hostDevices: 2,
     stateDir,
-    uploadDir: mkdtempSync("/dev/shm/ckptd-test-"),
+    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
     ioThreads: 2,
     bucketBytes: 1 << 20,
     bucketSlots: 3,
