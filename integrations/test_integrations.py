@@ -3,7 +3,7 @@
     bash integrations/run-tests.sh -v      (a python with torch where there is one)
     python3 -m unittest integrations/test_integrations.py -v
 
-The torch cases are skipped without torch, unless CKPTD_REQUIRE_TORCH=1 (CI), where they fail.
+The torch cases are skipped without torch, unless REQUIRE_TORCH=1 (CI), where they fail.
 
 The fake daemon speaks PROTOCOL.md over a real Unix socket from a thread, with "host" slots
 backed by temp files that the receiver maps, and writes each bucket's bytes into its slot
@@ -681,18 +681,18 @@ try:
 except ImportError:
     torch = None
 
-REQUIRE_TORCH = os.environ.get("CKPTD_REQUIRE_TORCH") == "1"
+REQUIRE_TORCH = os.environ.get("REQUIRE_TORCH") == "1"
 
 
 def needs_torch(cls):
-    """Skips the class without torch, unless CKPTD_REQUIRE_TORCH=1 makes that a failure."""
+    """Skips the class without torch, unless REQUIRE_TORCH=1 makes that a failure."""
     if torch is not None:
         return cls
     if not REQUIRE_TORCH:
         return unittest.skip("torch is not installed")(cls)
 
     def setUp(self):
-        self.fail(f"CKPTD_REQUIRE_TORCH=1, but {sys.executable} cannot import torch")
+        self.fail(f"REQUIRE_TORCH=1, but {sys.executable} cannot import torch")
     cls.setUp = setUp
     return cls
 

@@ -1,8 +1,8 @@
 /**
  * The Python receiver with real torch: a daemon on the host backend pushes a checkpoint into a
  * torch nn.Module through `apply_to_params(dict(model.named_parameters()))`, the README's usage.
- * Needs a python that imports torch ($CKPTD_PYTHON, python3 or /usr/bin/python3); skipped
- * without one unless CKPTD_REQUIRE_TORCH=1, where that is a failure.
+ * Needs a python that imports torch ($TORCH_PYTHON, python3 or /usr/bin/python3); skipped
+ * without one unless REQUIRE_TORCH=1, where that is a failure.
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -19,12 +19,12 @@ const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 
 /** The first python that imports torch, or undefined. */
 function torchPython(): string | undefined {
-  const candidates = process.env.CKPTD_PYTHON ? [process.env.CKPTD_PYTHON] : ["python3", "/usr/bin/python3"];
+  const candidates = process.env.TORCH_PYTHON ? [process.env.TORCH_PYTHON] : ["python3", "/usr/bin/python3"];
   return candidates.find((py) => spawnSync(py, ["-c", "import torch"], { stdio: "ignore" }).status === 0);
 }
 
 const PYTHON = torchPython();
-const REQUIRED = process.env.CKPTD_REQUIRE_TORCH === "1";
+const REQUIRED = process.env.REQUIRE_TORCH === "1";
 
 // Two linear layers; the first one's weight (512 x 1024 F32, 2 MiB) is larger than the 1 MiB
 // buckets, so it arrives in pieces, which apply_to_params copies straight into place.
@@ -89,7 +89,7 @@ function startEngine(python: string, socket: string) {
 
 describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a torch engine", () => {
   it("loads an update into an nn.Module whose parameters require grad, byte for byte", async () => {
-    if (PYTHON === undefined) throw new Error("CKPTD_REQUIRE_TORCH=1, but no python here imports torch");
+    if (PYTHON === undefined) throw new Error("REQUIRE_TORCH=1, but no python here imports torch");
     const stateDir = tempDir();
     const config: Config = {
       ...defaults({}),
