@@ -6,6 +6,7 @@ import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
 import * as constants from "./constants.ts";
 import { DEFAULT_HEADER, DEFAULT_OUT, parseHeader } from "./gen-constants.ts";
+import { ABI_VERSION } from "./library.ts";
 
 const SCRIPT = fileURLToPath(new URL("./gen-constants.ts", import.meta.url));
 const header = readFileSync(DEFAULT_HEADER, "utf8");
@@ -55,5 +56,10 @@ describe("ffi/constants.ts, generated from ckpt.h", () => {
     const { status, stderr } = check(path);
     expect(status).toBe(1);
     expect(stderr).toContain("CKPT_IPC_HOST is no longer in the header");
+  });
+
+  it("agrees with the ABI the koffi declarations are written for", () => {
+    // Raise ABI_VERSION in library.ts only together with the declarations it describes.
+    expect(ABI_VERSION).toBe(constants.CKPT_ABI_VERSION);
   });
 });

@@ -524,6 +524,8 @@ describe("trainer pushes", () => {
     expect((await d.api("DELETE", `/v1/uploads/${id}`)).body).toEqual({ deleted: id });
     expect(readdirSync(d.uploadDir).filter((n) => n.startsWith(id))).toEqual([]);
     expect(await errorOf("POST", `/v1/uploads/${id}/commit`)).toEqual([404, `no upload ${id}`]);
+    // The missing upload is named before a bad body.
+    expect(await errorOf("POST", `/v1/uploads/${id}/commit`, { wait: "no" })).toEqual([404, `no upload ${id}`]);
     expect((await d.api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
   });
 

@@ -204,7 +204,9 @@ describe("what a failed update leaves, and how fast it fails", () => {
     await receiver(0, "good");
     await receiver(1, "bad", { stallAt: 3 });
     // The bound is the assertion: a broken timer fails here, not by the test runner's limit.
-    const res = await within(3000, api("POST", "/v1/updates", { checkpoint: "m" }));
+    const started = performance.now();
+    const res = await within(2000, api("POST", "/v1/updates", { checkpoint: "m" }));
+    expect(performance.now() - started).toBeGreaterThanOrEqual(500); // the receiver's timer, not another failure
     expect(res.status).toBe(502);
     expect(res.body.error.message).toMatch(/^receiver bad \(pid \d+, GPU 1\) did not answer within 500 ms/);
   });
@@ -385,9 +387,7 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
       joins++;
       return join(...args);
     };
-    const started = Date.now();
     const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
-    expect(Date.now() - started).toBeLessThan(1000);
     expect(res.status).toBe(502);
     expect(res.body.error.message).toBe(`peer http://127.0.0.1:${peer.daemon.port} is busy with update u-1`);
     expect(joins).toBe(0);

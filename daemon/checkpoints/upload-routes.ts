@@ -37,6 +37,7 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
   );
 
   app.post("/v1/uploads/:id/commit", async (c) => {
+    uploads.get(c.req.param("id")); // a missing or busy upload is named before a bad body
     const body = parseBody(CommitBody, c.get("body"));
     const version = await uploads.commit(c.req.param("id"));
     c.header("location", `/v1/checkpoints/${version.id}`);

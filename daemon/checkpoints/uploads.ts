@@ -202,7 +202,8 @@ export class Uploads {
     return upload.id;
   }
 
-  private get(id: string): Upload {
+  /** The upload, if it exists and no other request holds it (404 / 409 otherwise). */
+  get(id: string): Upload {
     const u = this.uploads.get(id);
     if (!u) throw new DaemonError("not_found", `no upload ${id}`);
     if (u.busy) throw new DaemonError("busy", `upload ${id} is busy with another request`);

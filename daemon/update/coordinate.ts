@@ -100,7 +100,7 @@ export class Coordination implements Flow {
    * anew next time), tell the peers, and hear them out: a peer's failing engine explains the
    * transport error this daemon saw when that peer dropped out.
    */
-  async cleanup(err: unknown): Promise<string | undefined> {
+  async cause(err: unknown): Promise<string | undefined> {
     const participants = this.peersPlan?.participants ?? [];
     if (participants.length === 0) return undefined;
     const { path, receiverTimeoutMs: timeout } = this.deps;
@@ -112,4 +112,7 @@ export class Coordination implements Flow {
     const cause = this.failures.find((f) => f.code === "receiver_failed");
     return cause && `peer ${cause.url} failed: ${cause.message}`;
   }
+
+  /** Done in `cause`: the communicator had to go before the peers could be heard out. */
+  async release(): Promise<void> {}
 }

@@ -32,9 +32,12 @@ export class Participation implements Flow {
 
   async others(): Promise<void> {}
 
-  /** The coordinator aborts too; a broadcast may be waiting for the failed rank. */
-  async cleanup(): Promise<undefined> {
-    await this.path.dropShared(true);
+  async cause(): Promise<undefined> {
     return undefined;
+  }
+
+  /** The coordinator aborts too; a broadcast may be waiting for the failed rank. */
+  async release(): Promise<void> {
+    await this.path.dropShared(true);
   }
 }

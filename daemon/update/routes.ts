@@ -65,12 +65,12 @@ export function updateRoutes(
     reply(c, updates.get(c.req.param("id")).view(["1", "true"].includes(c.req.query("buckets") ?? ""))),
   );
 
-  app.get("/v1/peer/info", (c) => {
+  app.get("/v1/peer/info", async (c) => {
     const held = withFingerprint(registry.list(), c.req.query("checkpoint"), c.req.query("fingerprint"));
     const info: PeerInfo = {
       nodeId: self.nodeId,
       gpus: self.gpus,
-      ...updates.describe(),
+      ...(await updates.describe()),
       ...(held ? { holds: held.id } : {}),
     };
     return reply(c, info);

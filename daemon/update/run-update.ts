@@ -17,8 +17,10 @@ export interface Flow {
   join(buffers: Buffers): Promise<Group>;
   /** After this daemon's part: waits for the other participants' ends. */
   others(): Promise<void>;
-  /** After a failure: releases what plan and join made; may name a better cause than `err`. */
-  cleanup(err: unknown): Promise<string | undefined>;
+  /** After a failure, before the engines are told: may name a better cause than `err`. */
+  cause(err: unknown): Promise<string | undefined>;
+  /** After the engines were told of a failure: releases what join made. */
+  release(): Promise<void>;
 }
 
 /** Runs an update; never rejects: the record says how it ended. `abort` stops it from outside. */
@@ -45,8 +47,9 @@ export async function runUpdate(
     record.state = "succeeded";
   } catch (err) {
     if (!abort.signal.aborted) abort.abort((err as Error).message);
-    const cause = await flow.cleanup(err);
+    const cause = await flow.cause(err);
     run.fail(err, cause ?? String(abort.signal.reason));
+    await flow.release();
     if (buffers) await deps.path.settle(buffers, deps.receiverTimeoutMs);
   }
   run.finish();

@@ -109,8 +109,13 @@ export class Updates {
     return true;
   }
 
-  /** What this daemon tells a coordinator about itself (GET /v1/peer/info). */
-  describe(): { slots: number; slotBytes: number; comm?: string; running?: string } {
+  /**
+   * What this daemon tells a coordinator about itself (GET /v1/peer/info). Buffers a failure
+   * discarded are made again first: a peer that cannot make them fails here, before anyone
+   * joins a communicator.
+   */
+  async describe(): Promise<{ slots: number; slotBytes: number; comm?: string; running?: string }> {
+    await this.opts.path.buffers();
     const shared = this.opts.path.sharedComm();
     return {
       ...this.opts.path.geometry,
