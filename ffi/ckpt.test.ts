@@ -1,6 +1,8 @@
+import { mkdtempSync, rmSync, truncateSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CkptError, type Context, Library, libraryPath, openBackend, viewMemory } from "./index.ts";
+import { CKPT_EFAULT, CkptError, type Context, Library, libraryPath, openBackend, viewMemory } from "./index.ts";
 
 const LIB_DIR = fileURLToPath(new URL("../cuda-lib/build/", import.meta.url));
 let ctx: Context;
@@ -133,6 +135,27 @@ describe("ffi over the host backend", () => {
     await ctx.streamDestroy(stream);
     await ctx.bufFree(buf);
     await ctx.hostFree(mem);
+  });
+
+  it("reads and hashes a mapped file truncated underneath with CKPT_EFAULT, not a crash", async () => {
+    const dir = mkdtempSync("/dev/shm/ckpt-ffi-");
+    try {
+      const path = join(dir, "f");
+      writeFileSync(path, new Uint8Array(64 << 10).fill(3));
+      const mem = await ctx.fileMap(path);
+      expect([...(await ctx.hostRead(mem, 4, 100))]).toEqual([3, 3, 3, 3]);
+      truncateSync(path, 4096);
+      const err = (await ctx.hostRead(mem, 8192).catch((e) => e)) as CkptError;
+      expect(err).toBeInstanceOf(CkptError);
+      expect(err.code).toBe(CKPT_EFAULT);
+      expect(err.detail).toContain("offset 4096");
+      const hashed = (await ctx.hash64(new BigUint64Array([mem.address, 8192n]), 2).catch((e) => e)) as CkptError;
+      expect(hashed.status).toBe("CKPT_EFAULT");
+      await expect(ctx.hostRead(mem, 1, mem.len)).rejects.toThrow(RangeError);
+      await ctx.fileUnmap(mem);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

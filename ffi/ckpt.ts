@@ -394,6 +394,21 @@ export class Context {
   }
 
   /**
+   * Copies len bytes of host memory (a mapped file) out, on a worker thread; a read of pages
+   * its file lost (truncated under the mapping) throws CKPT_EFAULT instead of killing the
+   * process, as a view() of them would. For headers and checks, not the data path.
+   */
+  async hostRead(mem: HostMemory, len: number, offset = 0): Promise<Uint8Array> {
+    if (offset < 0 || len < 0 || offset + len > mem.len) {
+      throw new RangeError(`read of ${len} bytes at ${offset} outside ${mem.len} bytes`);
+    }
+    const out = new Uint8Array(len);
+    const args = [this.ptr, mem.address + BigInt(offset), out, len];
+    this.check("ckpt_host_read", await promisify<number>(this.lib.native.hostRead, args));
+    return out;
+  }
+
+  /**
    * XXH64 of each (address, len) pair in `ranges`, on up to `threads` threads.
    * onProgress, if given, sees the bytes hashed so far every `everyMs` while it runs.
    */

@@ -28,3 +28,4 @@ export const CKPT_EBUSY = -11;
 export const CKPT_EHANDLE = -12;
 export const CKPT_ENCCL = -13;
 export const CKPT_EUNSUPPORTED = -14;
+export const CKPT_EFAULT = -15;

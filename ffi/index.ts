@@ -11,6 +11,7 @@ export {
   Library,
   Stream,
 } from "./ckpt.ts";
+export { CKPT_EFAULT } from "./constants.ts";
 export { CkptError } from "./errors.ts";
 export { viewMemory } from "./library.ts";
 export { type BackendChoice, libraryPath, type OpenedBackend, openBackend } from "./select.ts";

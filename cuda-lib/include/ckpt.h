@@ -14,6 +14,18 @@
  * - Ownership: the library never frees memory it did not allocate. Arrays passed in
  *   (ranges, handles, options) are copied or read during the call and not used after it
  *   returns; the bytes a range points at must stay valid until the copy's event completes.
+ * - Signals: the first ckpt_ctx_create installs one process-wide SIGBUS handler (sigaction,
+ *   SA_SIGINFO) and keeps the disposition it replaced. The library's CPU reads of host memory
+ *   that may be a mapped file (ckpt_hash64, ckpt_host_read, the host backend's ckpt_h2d_async
+ *   copies) run under a per-thread guard: a SIGBUS inside the range being read (its file was
+ *   truncated under the mapping) fails that operation with CKPT_EFAULT, naming the range and
+ *   the faulting address, instead of killing the process. Every other SIGBUS goes to the
+ *   replaced disposition (its handler is called; the default kills the process as before).
+ *   The handler stays installed until the process exits, also after the library is unloaded,
+ *   so do not dlclose it; a handler that the application installs later, without calling the
+ *   one it replaces, switches the guard off. Buffers' memory and pinned allocations are the
+ *   library's; mapped files stay the caller's (ckpt_file_map's mapping is unmapped only by
+ *   ckpt_file_unmap), and a guarded failure leaves them mapped.
  */
 #ifndef CKPT_H
 #define CKPT_H
@@ -43,7 +55,8 @@ extern "C" {
   X(EBUSY, -11, "resource still in use")                                          \
   X(EHANDLE, -12, "invalid, foreign or stale handle")                             \
   X(ENCCL, -13, "NCCL unavailable or failed")                                     \
-  X(EUNSUPPORTED, -14, "not supported by this backend")
+  X(EUNSUPPORTED, -14, "not supported by this backend")                         \
+  X(EFAULT, -15, "bus error reading mapped memory: its file was truncated under the mapping")
 
 typedef enum ckpt_status {
 #define CKPT_X_ENUM(name, value, msg) CKPT_##name = value,
@@ -122,7 +135,11 @@ int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out);
 int ckpt_host_free(ckpt_ctx *ctx, void *ptr);
 /* Pins an existing mapping [ptr, ptr+len) in place (cudaHostRegister), so copies from it
  * run at full speed. The caller keeps owning the mapping and must keep it mapped until
- * ckpt_host_unregister. Blocking; about 0.05 s per GiB on CUDA (tmpfs mapping, H200). */
+ * ckpt_host_unregister. Blocking; about 0.05 s per GiB on CUDA (tmpfs mapping, H200).
+ * A mapped file truncated while registered: the pinned pages leave the file but stay alive
+ * until ckpt_host_unregister, so device copies keep reading what they held (no fault, and
+ * nothing written to the file later reaches them), while CPU reads of the mapping fault
+ * (CKPT_EFAULT in the library's guarded reads). */
 int ckpt_host_register(ckpt_ctx *ctx, void *ptr, size_t len, uint32_t flags);
 int ckpt_host_unregister(ckpt_ctx *ctx, void *ptr);
 
@@ -182,7 +199,11 @@ int ckpt_stream_destroy(ckpt_stream *stream);
 /* Queues host-to-device copies of n ranges into dst on the stream, and returns without
  * waiting. Every range is checked first (inside pinned memory, inside dst): one bad range
  * fails the call with CKPT_ERANGE and queues nothing. Record an event after it to learn
- * when the bytes have arrived. */
+ * when the bytes have arrived. Host backend: a source whose file was truncated under its
+ * mapping fails the stream with CKPT_EFAULT (guarded, see Signals), which every event recorded
+ * on it afterwards, and every stream that waits on such an event, reports. CUDA: the copy is
+ * DMA from the pages pinned by ckpt_host_register, which stay alive after a truncation, so
+ * the device gets the bytes the pages held (see ckpt_host_register). */
 int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges, size_t n);
 
 int ckpt_event_create(ckpt_ctx *ctx, int32_t device, ckpt_event **out);
@@ -216,11 +237,16 @@ int ckpt_file_unmap(ckpt_ctx *ctx, void *ptr, uint64_t len);
  * shorter than offset + len. Blocking. */
 int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t len, void *dst,
                    int32_t threads);
+/* Copies len bytes of host memory at src (a mapped file, say) into dst, under the SIGBUS guard
+ * (see Signals): CKPT_EFAULT naming the address instead of a crash when src's file was
+ * truncated under its mapping. Blocking; for headers and checks, not the data path. */
+int ckpt_host_read(ckpt_ctx *ctx, const void *src, void *dst, uint64_t len);
 /* XXH64 (seed 0) of each of n host ranges; ranges holds n (address, len) pairs of uint64,
  * hashes receives n values. Ranges are spread over up to `threads` threads (largest first);
  * the memory need not be pinned. If done_bytes is not NULL, the length of each range is
  * added to it atomically as that range finishes, so another thread can read the progress
- * while the call runs. Blocking. */
+ * while the call runs. A range whose mapped file was truncated fails the call with CKPT_EFAULT
+ * naming the range (guarded, see Signals); the other hashes are then undefined. Blocking. */
 int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads,
                 uint64_t *done_bytes);
 

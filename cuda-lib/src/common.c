@@ -1,5 +1,6 @@
 /* Errors, the context's shared part, the pinned-region table and sd_notify. */
 #include "common.h"
+#include "guard.h"
 
 #include <errno.h>
 #include <stddef.h>
@@ -78,6 +79,7 @@ int ckpt__ctx_init(ckpt_ctx *ctx, const ckpt_ctx_options *opts) {
   const char *nccl = opts->nccl_path ? opts->nccl_path : "libnccl.so.2";
   if (strlen(nccl) >= sizeof ctx->nccl_path)
     return FAIL(NULL, CKPT_EINVAL, "nccl_path longer than %zu bytes", sizeof ctx->nccl_path - 1);
+  CHECK(ckpt__guard_install(NULL));
   pthread_mutex_init(&ctx->mu, NULL);
   ctx->host_devices = opts->host_devices ? opts->host_devices : 1;
   strcpy(ctx->nccl_path, nccl);

@@ -1,7 +1,8 @@
-/* Files: whole-file read-only mappings, and parallel pread into caller memory. CPU only;
- * the same in both backends. */
+/* Files: whole-file read-only mappings, parallel pread into caller memory, and guarded reads
+ * of mapped memory. CPU only; the same in both backends. */
 #define _GNU_SOURCE
 #include "common.h"
+#include "guard.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -175,4 +176,30 @@ CKPT_API int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, ui
                 (unsigned long long)job.err_offset,
                 job.err ? strerror(job.err) : "unexpected end of file (the file shrank)");
   return CKPT_OK;
+}
+
+/* ---- guarded read of host memory ------------------------------------------------------- */
+
+typedef struct {
+  const void *src;
+  void *dst;
+  size_t len;
+} host_read;
+
+static void run_host_read(void *arg) {
+  const host_read *x = arg;
+  memcpy(x->dst, x->src, x->len);
+}
+
+CKPT_API int ckpt_host_read(ckpt_ctx *ctx, const void *src, void *dst, uint64_t len) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, (src != NULL && dst != NULL) || len == 0);
+  CHECK_ARG(ctx, len <= SIZE_MAX && (uintptr_t)src + len >= (uintptr_t)src);
+  host_read x = {src, dst, (size_t)len};
+  uintptr_t fault = 0;
+  if (len == 0 || ckpt__guarded(run_host_read, &x, src, (size_t)len, &fault) == CKPT_OK) return CKPT_OK;
+  return FAIL(ctx, CKPT_EFAULT,
+              "ckpt_host_read of %p+%llu: bus error at 0x%llx, offset %llu: the file mapped there "
+              "was truncated", src, (unsigned long long)len, (unsigned long long)fault,
+              (unsigned long long)(fault - (uintptr_t)src));
 }

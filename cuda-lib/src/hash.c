@@ -2,6 +2,7 @@
  * published description: four lanes over 32-byte stripes, a merge of the lanes, a tail in
  * 8-, 4- and 1-byte steps, then an avalanche. CPU only; the same in both backends. */
 #include "common.h"
+#include "guard.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -105,6 +106,27 @@ static int longer_first(const void *x, const void *y) {
   return (a->index > b->index) - (a->index < b->index);
 }
 
+/* One range's hash, as ckpt__guarded runs it. */
+typedef struct {
+  const uint8_t *p;
+  size_t len;
+  uint64_t hash;
+} hash_one;
+
+static void run_hash(void *arg) {
+  hash_one *x = arg;
+  x->hash = xxh64(x->p, x->len);
+}
+
+/* Hashes range i into hashes[i] under the guard: CKPT_EFAULT, the address in *fault, when the
+ * range's pages are gone. */
+static int hash_range(const uint64_t *ranges, size_t i, uint64_t *hashes, uintptr_t *fault) {
+  hash_one x = {(const uint8_t *)(uintptr_t)ranges[2 * i], (size_t)ranges[2 * i + 1], 0};
+  int st = ckpt__guarded(run_hash, &x, x.p, x.len, fault);
+  if (st == CKPT_OK) hashes[i] = x.hash;
+  return st;
+}
+
 typedef struct {
   const uint64_t *ranges;
   uint64_t *hashes;
@@ -112,19 +134,40 @@ typedef struct {
   size_t n;
   atomic_size_t next;
   _Atomic uint64_t *done_bytes; /* may be NULL */
+  atomic_int failed;            /* the first faulting worker sets it, and the two below */
+  size_t failed_range;
+  uintptr_t fault;
 } hash_job;
 
 static void *hash_worker(void *arg) {
   hash_job *job = arg;
-  for (;;) {
+  while (!atomic_load_explicit(&job->failed, memory_order_relaxed)) {
     size_t k = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
     if (k >= job->n) return NULL;
     size_t i = job->order[k].index;
-    job->hashes[i] =
-        xxh64((const uint8_t *)(uintptr_t)job->ranges[2 * i], (size_t)job->ranges[2 * i + 1]);
+    uintptr_t fault = 0;
+    if (hash_range(job->ranges, i, job->hashes, &fault) != CKPT_OK) {
+      int no = 0;
+      if (atomic_compare_exchange_strong(&job->failed, &no, 1)) { /* read after the joins */
+        job->failed_range = i;
+        job->fault = fault;
+      }
+      return NULL;
+    }
     if (job->done_bytes)
       atomic_fetch_add_explicit(job->done_bytes, job->ranges[2 * i + 1], memory_order_relaxed);
   }
+  return NULL;
+}
+
+/* The failure of a range whose pages faulted. */
+static int hash_fault(ckpt_ctx *ctx, const uint64_t *ranges, size_t i, uintptr_t fault) {
+  unsigned long long addr = ranges[2 * i];
+  return FAIL(ctx, CKPT_EFAULT,
+              "ckpt_hash64: range %zu (0x%llx, %llu bytes): bus error at 0x%llx, offset %llu of "
+              "the range: the file mapped there was truncated",
+              i, addr, (unsigned long long)ranges[2 * i + 1], (unsigned long long)fault,
+              (unsigned long long)fault - addr);
 }
 
 CKPT_API int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes,
@@ -146,7 +189,8 @@ CKPT_API int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64
   _Atomic uint64_t *done = (_Atomic uint64_t *)done_bytes;
   if (workers == 1) {
     for (size_t i = 0; i < n; i++) {
-      hashes[i] = xxh64((const uint8_t *)(uintptr_t)ranges[2 * i], (size_t)ranges[2 * i + 1]);
+      uintptr_t fault = 0;
+      if (hash_range(ranges, i, hashes, &fault) != CKPT_OK) return hash_fault(ctx, ranges, i, fault);
       if (done) atomic_fetch_add_explicit(done, ranges[2 * i + 1], memory_order_relaxed);
     }
     return CKPT_OK;
@@ -157,6 +201,7 @@ CKPT_API int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64
   qsort(order, n, sizeof *order, longer_first);
   hash_job job = {.ranges = ranges, .hashes = hashes, .order = order, .n = n, .done_bytes = done};
   atomic_init(&job.next, 0);
+  atomic_init(&job.failed, 0);
   pthread_t tid[MAX_THREADS];
   size_t started = 0;
   /* The calling thread is one of the workers; if a thread cannot start, the others
@@ -166,5 +211,6 @@ CKPT_API int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64
   hash_worker(&job);
   for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
   free(order);
+  if (atomic_load(&job.failed)) return hash_fault(ctx, ranges, job.failed_range, job.fault);
   return CKPT_OK;
 }

@@ -5,6 +5,7 @@
  * (on host_boot.c's bootstrap and host_net.c's sockets). */
 #define _GNU_SOURCE
 #include "host.h"
+#include "guard.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -195,9 +196,13 @@ CKPT_API int ckpt_buf_alloc(ckpt_ctx *ctx, int32_t device, size_t len, ckpt_buf 
   CHECK(check_device(ctx, device));
   CHECK_ARG(ctx, len > 0);
   int st = CKPT_OK;
-  int fd = memfd_create("ckpt-buf", MFD_CLOEXEC);
+  int fd = memfd_create("ckpt-buf", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   CHECK_SYS(ctx, fd >= 0, "memfd_create");
   SYS_GOTO(ctx, ftruncate(fd, (off_t)len) == 0, st, fail, "ftruncate of the buffer memfd");
+  /* Importers open it read-write through /proc: sealed so that none can shrink it under the
+   * copies into it (which would fault). */
+  SYS_GOTO(ctx, fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0, st, fail,
+           "sealing the buffer memfd");
   return buf_wrap(ctx, fd, (ckpt_buf){.device = device, .len = len}, out);
 fail:
   close(fd);
@@ -299,11 +304,36 @@ typedef struct event_op {
   uint64_t seq;
 } event_op;
 
+/* One range of a copy, as ckpt__guarded runs it. */
+typedef struct copy_one {
+  uint8_t *dst;
+  const uint8_t *src;
+  size_t len;
+} copy_one;
+
+static void run_copy_one(void *arg) {
+  const copy_one *x = arg;
+  memcpy(x->dst, x->src, x->len);
+}
+
+/* Each range under the guard (the source may be a mapped file): a fault fails the stream,
+ * naming the range, and leaves the rest of the batch uncopied. */
 static void run_copy(stream_op *op) {
   const copy_op *c = (const copy_op *)op;
-  for (size_t i = 0; i < c->n; i++)
-    memcpy(c->dst + c->ranges[i].dst_offset, (const void *)(uintptr_t)c->ranges[i].src,
-           c->ranges[i].len);
+  for (size_t i = 0; i < c->n; i++) {
+    const ckpt_range *r = &c->ranges[i];
+    copy_one x = {c->dst + r->dst_offset, (const uint8_t *)(uintptr_t)r->src, (size_t)r->len};
+    uintptr_t fault = 0;
+    if (ckpt__guarded(run_copy_one, &x, x.src, x.len, &fault) == CKPT_OK) continue;
+    char detail[320];
+    snprintf(detail, sizeof detail,
+             "copy of range %zu of %zu (src 0x%llx, %llu bytes): bus error at 0x%llx, offset %llu "
+             "of the range: the file mapped there was truncated", i, c->n,
+             (unsigned long long)r->src, (unsigned long long)r->len, (unsigned long long)fault,
+             (unsigned long long)(fault - r->src));
+    stream_fail(op->stream, CKPT_EFAULT, detail);
+    return;
+  }
 }
 
 static void run_mark(stream_op *op) {
@@ -321,12 +351,14 @@ static void run_mark(stream_op *op) {
   pthread_mutex_unlock(&ev->mu);  /* after this the event may be destroyed */
 }
 
-/* Blocks the worker until the event's record `seq` has completed. */
+/* Blocks the worker until the event's record `seq` has completed. A failure the event reports
+ * fails this stream too: work ordered after failed work must not look complete. */
 static void run_wait(stream_op *op) {
   const event_op *w = (const event_op *)op;
   ckpt_event *ev = w->event;
   pthread_mutex_lock(&ev->mu);
   while (ev->completed < w->seq) pthread_cond_wait(&ev->cv, &ev->mu);
+  if (ev->fail_status != CKPT_OK) stream_fail(op->stream, ev->fail_status, ev->fail_detail);
   ev->pending--;
   pthread_cond_broadcast(&ev->cv);  /* ckpt_event_destroy may wait for pending == 0 */
   pthread_mutex_unlock(&ev->mu);    /* after this the event may be destroyed */
@@ -480,7 +512,8 @@ CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
   if (op == NULL) return FAIL(ctx, CKPT_ENOMEM, "event wait");
   pthread_mutex_lock(&event->mu);
   uint64_t target = event->recorded;  /* a later record does not move this wait */
-  int needed = event->completed < target;  /* never recorded, or complete: nothing to wait for */
+  /* Never recorded, or complete: nothing to wait for, unless to pass its failure on. */
+  int needed = event->completed < target || (target > 0 && event->fail_status != CKPT_OK);
   if (needed) event->pending++;  /* keeps the event alive until the worker has passed the wait */
   pthread_mutex_unlock(&event->mu);
   if (!needed) {
@@ -493,7 +526,8 @@ CKPT_API int ckpt_stream_wait_event(ckpt_stream *stream, ckpt_event *event) {
 }
 
 /* A completed event's status: CKPT_OK, or its stream's failure (with the detail recorded on
- * the context) when a collective queued before it on that stream failed. */
+ * the context) when work queued before it on that stream failed: a collective, a guarded
+ * copy, or a wait on an event that reported a failure. */
 static int event_status(ckpt_event *event) {
   char detail[sizeof event->fail_detail];
   pthread_mutex_lock(&event->mu);
@@ -501,8 +535,7 @@ static int event_status(ckpt_event *event) {
   if (st != CKPT_OK) memcpy(detail, event->fail_detail, sizeof detail);
   pthread_mutex_unlock(&event->mu);
   if (st == CKPT_OK) return CKPT_OK;
-  return FAIL(event->ctx, st, "event %p: a collective queued before it failed: %s", (void *)event,
-              detail);
+  return FAIL(event->ctx, st, "event %p: work queued before it failed: %s", (void *)event, detail);
 }
 
 CKPT_API int ckpt_event_query(ckpt_event *event) {

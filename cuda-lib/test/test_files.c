@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ckpt.h"
@@ -279,11 +281,178 @@ static int test_hash_many(void) {
   return 1;
 }
 
+
+/* ---- mapped files truncated under their mapping --------------------------------------- */
+
+/* A file of `len` pseudo-random bytes on tmpfs, mapped by the library; path gets its name. */
+static uint8_t *map_shm_file(ckpt_ctx *ctx, char path[64], size_t len) {
+  snprintf(path, 64, "/dev/shm/ckpt-guard-XXXXXX");
+  int fd = mkstemp(path);
+  if (fd < 0) return NULL;
+  uint8_t *data = malloc(len);
+  int ok = data != NULL;
+  if (ok) fill(data, len, 7);
+  ok = ok && write(fd, data, len) == (ssize_t)len;
+  close(fd);
+  free(data);
+  void *p = NULL;
+  uint64_t got = 0;
+  if (ok && ckpt_file_map(ctx, path, &p, &got) == CKPT_OK && got == len) return p;
+  unlink(path);
+  return NULL;
+}
+
+static int test_hash_truncated(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  const size_t len = 64 << 10;
+  char path[64];
+  uint8_t *m = map_shm_file(ctx, path, len);
+  EXPECT(m != NULL);
+  uint64_t want = hash1(ctx, m, 4096);
+  int cut = truncate(path, 4096) == 0;
+  unlink(path); /* the mapping keeps the file; nothing stays in /dev/shm if the test fails */
+  EXPECT(cut);
+  /* Ranges 0 and 1 lie in the page that is left; range 2 reaches past it. */
+  uint64_t r[6] = {(uint64_t)(uintptr_t)m, 4096, (uint64_t)(uintptr_t)m, 100,
+                   (uint64_t)(uintptr_t)m + 4096, 8192};
+  uint64_t h[3] = {0}, done = 0;
+  const int32_t threads[] = {1, 3};
+  for (size_t t = 0; t < 2; t++) {
+    EXPECT_ST(ctx, ckpt_hash64(ctx, r, 3, h, threads[t], &done), CKPT_EFAULT);
+    EXPECT_DETAIL(ctx, "range 2");
+    EXPECT_DETAIL(ctx, "bus error at 0x");
+    EXPECT_DETAIL(ctx, "offset 0 of the range");
+  }
+  /* The process lives on, and so does the part of the mapping that is still the file's. */
+  EXPECT_OK(ctx, ckpt_hash64(ctx, r, 2, h, 2, NULL));
+  EXPECT(h[0] == want);
+  /* A guarded read: what is left reads, what is gone is an error naming its offset. */
+  uint8_t got[8192];
+  EXPECT_OK(ctx, ckpt_host_read(ctx, m + 96, got, 4000));
+  EXPECT(hash1(ctx, got, 4000) == hash1(ctx, m + 96, 4000));
+  EXPECT_ST(ctx, ckpt_host_read(ctx, m + 96, got, sizeof got), CKPT_EFAULT);
+  EXPECT_DETAIL(ctx, "offset 4000:");
+  EXPECT_OK(ctx, ckpt_host_read(ctx, NULL, NULL, 0));
+  EXPECT_ST(ctx, ckpt_host_read(ctx, NULL, got, 1), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_file_unmap(ctx, m, len));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+static int test_copy_truncated(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  const size_t len = 64 << 10;
+  char path[64];
+  uint8_t *m = map_shm_file(ctx, path, len);
+  EXPECT(m != NULL);
+  EXPECT_OK(ctx, ckpt_host_register(ctx, m, len, CKPT_REGISTER_READONLY));
+  ckpt_buf *buf;
+  ckpt_stream *s, *s2;
+  ckpt_event *ev, *ev2;
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, len, &buf));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s));
+  EXPECT_OK(ctx, ckpt_stream_create(ctx, 0, &s2));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &ev));
+  EXPECT_OK(ctx, ckpt_event_create(ctx, 0, &ev2));
+  int cut = truncate(path, 8192) == 0;
+  unlink(path);
+  EXPECT(cut);
+  /* Range 0 is in what is left of the file; range 1 starts there and runs past its end. */
+  ckpt_range r[2] = {{(uint64_t)(uintptr_t)m, 0, 4096}, {(uint64_t)(uintptr_t)m + 4096, 4096, 16384}};
+  EXPECT_OK(ctx, ckpt_h2d_async(s, buf, r, 2));
+  EXPECT_OK(ctx, ckpt_event_record(ev, s));
+  EXPECT_ST(ctx, ckpt_event_wait(ev, 10000), CKPT_EFAULT);
+  EXPECT_DETAIL(ctx, "copy of range 1 of 2");
+  EXPECT_DETAIL(ctx, "offset 4096 of the range");
+  /* Work ordered after it on another stream fails too, rather than looking complete. */
+  EXPECT_OK(ctx, ckpt_stream_wait_event(s2, ev));
+  EXPECT_OK(ctx, ckpt_event_record(ev2, s2));
+  EXPECT_ST(ctx, ckpt_event_wait(ev2, 10000), CKPT_EFAULT);
+  EXPECT_ST(ctx, ckpt_event_query(ev2), CKPT_EFAULT);
+  uint8_t got[4096];
+  EXPECT_OK(ctx, ckpt_buf_read(buf, 0, got, sizeof got));
+  EXPECT(memcmp(got, m, sizeof got) == 0);
+  EXPECT_OK(ctx, ckpt_event_destroy(ev2));
+  EXPECT_OK(ctx, ckpt_event_destroy(ev));
+  EXPECT_OK(ctx, ckpt_stream_destroy(s2));
+  EXPECT_OK(ctx, ckpt_stream_destroy(s));
+  EXPECT_OK(ctx, ckpt_buf_free(buf));
+  EXPECT_OK(ctx, ckpt_host_unregister(ctx, m));
+  EXPECT_OK(ctx, ckpt_file_unmap(ctx, m, len));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* A buffer's memfd is sealed: an importer cannot shrink it under the copies into it. */
+static int test_buffer_sealed(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  ckpt_buf *buf;
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, 1 << 16, &buf));
+  ckpt_ipc_handle h = {.size = sizeof h};
+  EXPECT_OK(ctx, ckpt_buf_export(buf, &h));
+  int fd = open((const char *)h.data, O_RDWR | O_CLOEXEC);
+  EXPECT(fd >= 0);
+  EXPECT(ftruncate(fd, 4096) != 0 && errno == EPERM);
+  close(fd);
+  EXPECT_OK(ctx, ckpt_buf_free(buf));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* The child of test_sigbus_chains, in a fresh process: a handler of its own installed before
+ * the library's, then a guarded fault (an error) and an unguarded one (its handler). */
+static void chain_handler(int sig) {
+  (void)sig;
+  _exit(42);
+}
+
+static int chain_child(void) {
+  struct sigaction sa = {.sa_handler = chain_handler};
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(SIGBUS, &sa, NULL) != 0) return 3;
+  ckpt_ctx *ctx = new_ctx(1);
+  char path[64];
+  uint8_t *m = ctx != NULL ? map_shm_file(ctx, path, 16384) : NULL;
+  if (m == NULL) return 3;
+  int truncated = truncate(path, 4096) == 0;
+  unlink(path);
+  if (!truncated) return 4;
+  uint64_t r[2] = {(uint64_t)(uintptr_t)m + 8192, 4096}, h = 0;
+  if (ckpt_hash64(ctx, r, 1, &h, 1, NULL) != CKPT_EFAULT) return 5;
+  volatile const uint8_t *p = m + 8192;
+  return *p == 0 ? 6 : 7; /* unguarded: chain_handler exits 42 first */
+}
+
+static int test_sigbus_chains(void) {
+  pid_t pid = fork();
+  EXPECT(pid >= 0);
+  if (pid == 0) {
+    execl("/proc/self/exe", "test-files", "--chain-child", (char *)NULL);
+    _exit(2);
+  }
+  int status = 0;
+  EXPECT(waitpid(pid, &status, 0) == pid);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 42) {
+    snprintf(g_msg, sizeof g_msg, "child ended with %s %d, expected exit 42",
+             WIFEXITED(status) ? "exit" : "signal",
+             WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+    return 0;
+  }
+  return 1;
+}
+
 /* ---- runner ------------------------------------------------------------------------- */
 
 static const harness_test tests[] = {
     TEST(test_file_map),     TEST(test_file_map_copy), TEST(test_file_read),
-    TEST(test_hash_vectors), TEST(test_hash_many),
+    TEST(test_hash_vectors), TEST(test_hash_many),    TEST(test_hash_truncated),
+    TEST(test_copy_truncated), TEST(test_buffer_sealed), TEST(test_sigbus_chains),
 };
 
-int main(void) { return RUN_TESTS(tests); }
+int main(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "--chain-child") == 0) return chain_child();
+  return RUN_TESTS(tests);
+}
