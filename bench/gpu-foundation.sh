@@ -27,7 +27,8 @@ for _ in $(seq 200); do
 done
 if [ -n "$port" ]; then
   curl -fsS "http://127.0.0.1:$port/v1/healthz" | tee "$out/healthz.json"; echo
-  curl -fsS "http://127.0.0.1:$port/v1/status" | tee "$out/status.json"; echo
+  token=$(cut -d: -f2 "$state/tokens")  # the admin token the daemon made at its first start
+  curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$port/v1/status" | tee "$out/status.json"; echo
 fi
 kill -TERM "$pid"; wait "$pid"; daemon_rc=$?
 echo "daemon exit: $daemon_rc"; tail -3 "$out/daemon.log"

@@ -1,6 +1,6 @@
 """A transformers model whose parameters require grad receives an update bit-exact.
 
-    PYTHONPATH=. python3 bench/grad_model.py --url http://127.0.0.1:8470 --socket STATE/sockets/gpu-0.sock
+    PYTHONPATH=. python3 bench/grad_model.py --url http://127.0.0.1:8470 --socket STATE/sockets/gpu-0.sock --tokens STATE/tokens
 
 Builds a small Qwen3 from a config (offline, bf16, on cuda:0; its parameters require grad, as
 any model built with plain torch does), pushes other weights of the same shapes to the daemon
@@ -18,14 +18,16 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from integrations.ckptd_receiver import Receiver, apply_to_params
-from integrations.trainer_push import push_shm
+from integrations.trainer_push import push_shm, token_from
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True)
     ap.add_argument("--socket", required=True)
+    ap.add_argument("--tokens", help="the daemon's tokens file (default: its default one)")
     args = ap.parse_args()
+    token = token_from(args.tokens)
     torch.manual_seed(0)
     config = Qwen3Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=64,
@@ -33,7 +35,7 @@ def main() -> None:
     model = Qwen3ForCausalLM(config).to(device="cuda:0", dtype=torch.bfloat16)
     params = dict(model.named_parameters())
     new = {n: torch.randn(p.shape, dtype=torch.float32).to(torch.bfloat16) for n, p in params.items()}
-    push_shm(args.url, "grad-model", new)
+    push_shm(args.url, "grad-model", new, token=token)
 
     receiver = Receiver(args.socket, device="cuda:0", name="grad-model", timeout=60)
     summary: dict = {}
@@ -48,7 +50,8 @@ def main() -> None:
     t = threading.Thread(target=receive)
     t.start()
     req = urllib.request.Request(f"{args.url}/v1/updates", data=json.dumps({"checkpoint": "grad-model"}).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
+                                 method="POST")
     with urllib.request.urlopen(req) as res:
         update = json.load(res)
     t.join()

@@ -23,7 +23,10 @@ class Peer(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
     def do_GET(self):  # /v1/peer/info: the coordinator's own geometry, and "I hold it"
-        info = json.load(urllib.request.urlopen(coordinator + self.path))
+        # Passed on with the coordinator's signature, which that daemon has not seen yet.
+        signed = {k: self.headers[k] for k in ("x-ckptd-timestamp", "x-ckptd-signature") if self.headers[k]}
+        info = json.load(urllib.request.urlopen(urllib.request.Request(coordinator + self.path, headers=signed)))
+        info.pop("running", None)  # the coordinator is busy with this very update; the fake is idle
         self.answer(200, dict(info, nodeId="refuser", holds="q4@1"))
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -36,10 +39,11 @@ node --import tsx daemon/main.ts --backend ${BACKEND:-cuda} --port 8470 --state-
   --peers http://127.0.0.1:8479 >"$out/refusing-daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 300); do curl -sf localhost:8470/v1/healthz >/dev/null && break; sleep 0.1; done
-curl -sf -X POST localhost:8470/v1/checkpoints -H 'content-type: application/json' -d "{\"name\":\"q4\",\"dir\":\"$dir\"}" >/dev/null
+token=$(cut -d: -f2 "$state/tokens")  # the admin token the daemon made at its first start
+curl -sf -H "Authorization: Bearer $token" -X POST localhost:8470/v1/checkpoints -H 'content-type: application/json' -d "{\"name\":\"q4\",\"dir\":\"$dir\"}" >/dev/null
 for i in 1 2; do
   t0=$(date +%s.%N)
-  r=$(curl -s -X POST localhost:8470/v1/updates -H 'content-type: application/json' -d '{"checkpoint":"q4"}')
+  r=$(curl -s -H "Authorization: Bearer $token" -X POST localhost:8470/v1/updates -H 'content-type: application/json' -d '{"checkpoint":"q4"}')
   t1=$(date +%s.%N)
   echo "update $i: $(echo "$r" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r.get("error", {}).get("message"))') after $(python3 -c "print(round($t1 - $t0, 3))") s"
 done

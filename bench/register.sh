@@ -26,12 +26,13 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 [ -n "$port" ] || { cat "$out/daemon.log"; exit 1; }
+token=$(cut -d: -f2 "$state/tokens")  # the admin token the daemon made at its first start
 api="http://127.0.0.1:$port/v1"
 : >"$out/register.jsonl"
 for mode in inplace copy; do
   copy=false; [ $mode = copy ] && copy=true
   for i in 0 1 2 3; do
-    curl -s -o "$out/reg.json" -w '%{time_total}' -X POST "$api/checkpoints" -H 'content-type: application/json' \
+    curl -s -H "Authorization: Bearer $token" -o "$out/reg.json" -w '%{time_total}' -X POST "$api/checkpoints" -H 'content-type: application/json' \
       -d "{\"name\":\"q8b-$mode\",\"dir\":\"$dir\",\"copy\":$copy}" >"$out/wall.txt"
     python3 - "$out" "$mode" "$i" <<'PY' >>"$out/register.jsonl"
 import json, sys, pathlib
@@ -40,8 +41,8 @@ r = json.loads(out.joinpath("reg.json").read_text())
 print(json.dumps({"mode": mode, "run": i, "state": r.get("state"), "bytes": r.get("bytes"), "tensors": r.get("tensorCount"),
                   "wall": float(out.joinpath("wall.txt").read_text()), **r.get("timings", {}), "error": r.get("error")}))
 PY
-    curl -s "$api/checkpoints/q8b-$mode@$((i + 1))" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(json.dumps({t["name"]: t["hash"] for t in m["tensors"]}))' >"$out/hashes-$mode-$i.json"
-    curl -s -o /dev/null -X DELETE "$api/checkpoints/q8b-$mode@$((i + 1))"
+    curl -s -H "Authorization: Bearer $token" "$api/checkpoints/q8b-$mode@$((i + 1))" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(json.dumps({t["name"]: t["hash"] for t in m["tensors"]}))' >"$out/hashes-$mode-$i.json"
+    curl -s -H "Authorization: Bearer $token" -o /dev/null -X DELETE "$api/checkpoints/q8b-$mode@$((i + 1))"
   done
 done
 kill -TERM "$pid"; wait "$pid"

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integrations"))
 from ckptd_receiver import Receiver, apply_to_params  # noqa: E402
-from trainer_push import push_shm  # noqa: E402
+from trainer_push import push_shm, token_from  # noqa: E402
 
 URL = "http://127.0.0.1:8470"
 
@@ -31,8 +31,18 @@ def url(daemon):
     return f"http://127.0.0.1:{8470 + daemon}"
 
 
+TOKENS = {}  # daemon -> its admin token, from <state dir>/tokens
+
+
+def get(daemon, path):
+    req = urllib.request.Request(url(daemon) + path, headers={"authorization": f"Bearer {TOKENS[daemon]}"})
+    with urllib.request.urlopen(req) as res:
+        return json.load(res)
+
+
 def post(path, body):
-    req = urllib.request.Request(URL + path, json.dumps(body).encode(), {"content-type": "application/json"})
+    headers = {"content-type": "application/json", "authorization": f"Bearer {TOKENS[0]}"}
+    req = urllib.request.Request(URL + path, json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req) as res:
         return json.load(res)
 
@@ -47,7 +57,8 @@ def main():
     source = {"tiny.weight": torch.randn(512, 1024, generator=g).to(torch.bfloat16)}  # 1 MiB
     states = args.state.split(",")
     for d in range(len(states)):
-        push_shm(url(d), "tiny", source)
+        TOKENS[d] = token_from(os.path.join(states[d], "tokens"))
+        push_shm(url(d), "tiny", source, token=TOKENS[d])
     received = {}
 
     def engine(d, gpu):
@@ -66,7 +77,7 @@ def main():
         t.start()
     while True:
         connected = sum(len(x["receivers"]) for d in range(len(states))
-                        for x in json.load(urllib.request.urlopen(url(d) + "/v1/status"))["gpus"])
+                        for x in get(d, "/v1/status")["gpus"])
         if connected >= len(threads):
             break
         time.sleep(0.05)

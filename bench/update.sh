@@ -28,22 +28,26 @@ mem_before=$(mem)
 # DAEMONS=2 (with 2 GPUs): one daemon per GPU, the first coordinating with the second as its
 # peer; both hold the checkpoint. Otherwise one daemon owns every GPU.
 daemons=${DAEMONS:-1}
-states=() pids=()
+states=() pids=() tokens=()
+# Daemons that update together sign their peer requests with one cluster secret.
+secret=$(mktemp)  # 0600
+od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$secret"
 for d in $(seq 0 $((daemons - 1))); do
   st=$(mktemp -d); states+=("$st")
   if [ "$daemons" = 1 ]; then vis=$CUDA_VISIBLE_DEVICES; else vis=$d; fi
   peers=""; [ "$daemons" = 2 ] && [ "$d" = 0 ] && peers="--peers http://127.0.0.1:8471"
   CUDA_VISIBLE_DEVICES=$vis node --import tsx daemon/main.ts --backend cuda --port $((8470 + d)) --state-dir "$st" \
-    $peers --log-level info >"$out/daemon-$d.log" 2>&1 &
+    --cluster-secret-file "$secret" $peers --log-level info >"$out/daemon-$d.log" 2>&1 &
   pids+=($!)
 done
 daemon=${pids[0]}
 for d in $(seq 0 $((daemons - 1))); do
   for _ in $(seq 300); do curl -sf localhost:$((8470 + d))/v1/healthz >/dev/null && break; sleep 0.1; done
+  tokens+=("$(cut -d: -f2 "${states[$d]}/tokens")")  # the admin token each daemon made at its first start
 done
 mem_daemon=$(mem)
 for d in $(seq 0 $((daemons - 1))); do
-  curl -sf -X POST localhost:$((8470 + d))/v1/checkpoints -H 'content-type: application/json' \
+  curl -sf -H "Authorization: Bearer ${tokens[$d]}" -X POST localhost:$((8470 + d))/v1/checkpoints -H 'content-type: application/json' \
     -d "{\"name\":\"q8b\",\"dir\":\"$dir\"}" >"$out/register-$d.json" || { cat "$out/daemon-$d.log"; exit 1; }
 done
 
@@ -58,7 +62,7 @@ done
 for _ in $(seq 600); do
   connected=0
   for d in $(seq 0 $((daemons - 1))); do
-    c=$(curl -s localhost:$((8470 + d))/v1/status | python3 -c 'import json,sys; print(sum(len(g["receivers"]) for g in json.load(sys.stdin)["gpus"]))')
+    c=$(curl -s -H "Authorization: Bearer ${tokens[$d]}" localhost:$((8470 + d))/v1/status | python3 -c 'import json,sys; print(sum(len(g["receivers"]) for g in json.load(sys.stdin)["gpus"]))')
     connected=$((connected + c))
   done
   [ "$connected" = "$gpus" ] && break
@@ -75,7 +79,7 @@ for i in $(seq 0 "$n"); do
   echo "--" >>"$out/mem-samples.txt"
   (while true; do mem; sleep 0.02; done) >>"$out/mem-samples.txt" &
   sampler=$!
-  curl -s -w '\n%{time_total}\n' -X POST localhost:8470/v1/updates -H 'content-type: application/json' \
+  curl -s -H "Authorization: Bearer ${tokens[0]}" -w '\n%{time_total}\n' -X POST localhost:8470/v1/updates -H 'content-type: application/json' \
     -d '{"checkpoint":"q8b"}' >"$out/u.txt"
   kill "$sampler"
   python3 -c '
@@ -94,14 +98,15 @@ r = json.loads(open(sys.argv[1]).read().strip().rsplit("\n", 1)[0])
 print(r.get("id") or r["error"]["details"]["id"])' "$out/u.txt")
 for d in $(seq 0 $((daemons - 1))); do
   # A peer records its part as u-N@<coordinator's node id>.
-  [ "$d" = 0 ] && id=$last || id="$last@$(curl -s localhost:8470/v1/status | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodeId"])')"
-  curl -s "localhost:$((8470 + d))/v1/updates/$id?buckets=true" >"$out/timeline-$d.json"
+  [ "$d" = 0 ] && id=$last || id="$last@$(curl -s -H "Authorization: Bearer ${tokens[0]}" localhost:8470/v1/status | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodeId"])')"
+  curl -s -H "Authorization: Bearer ${tokens[$d]}" "localhost:$((8470 + d))/v1/updates/$id?buckets=true" >"$out/timeline-$d.json"
 done
 
 # A 1 MiB checkpoint, end to end from the API, to a plain receiver per GPU.
 all_states=$(IFS=,; echo "${states[*]}")
 python3 bench/tiny_update.py --state "$all_states" --gpus $((gpus / daemons)) >"$out/tiny.json" 2>"$out/tiny.err"
 for pid in "${pids[@]}"; do kill -TERM "$pid"; wait "$pid"; done
+rm -f "$secret"
 
 python3 - "$out" "$gpus" "$mem_before" "$mem_daemon" "$mem_engines" <<'PY'
 import json, re, sys, pathlib, statistics as st

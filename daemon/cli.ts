@@ -50,6 +50,8 @@ export async function main(argv: readonly string[], env: Record<string, string |
   try {
     daemon = await startDaemon({ config, runtime, log, nodeId, libDir: config.libDir || defaultLibDir() });
   } catch (err) {
+    // A tokens file, secret or upload directory refused is a configuration problem, said on one line.
+    if (err instanceof ConfigError) fail(`config: ${err.message}`, 2);
     log.fatal({ err }, "start failed");
     fail(`start failed: ${(err as Error).message}`, 1);
   }
@@ -79,4 +81,7 @@ export async function main(argv: readonly string[], env: Record<string, string |
   };
   runtime.onSignal("SIGTERM", () => shutdown("SIGTERM"));
   runtime.onSignal("SIGINT", () => shutdown("SIGINT"));
+  runtime.onSignal("SIGHUP", () => {
+    if (!signalled) daemon.reload();
+  });
 }

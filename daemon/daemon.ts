@@ -1,16 +1,21 @@
 import { join } from "node:path";
 import type { Logger } from "pino";
 import { type Context, openBackend } from "../ffi/index.ts";
+import { Keyring } from "./auth/credentials.ts";
 import { Registry } from "./checkpoints/registry.ts";
 import { checkpointRoutes } from "./checkpoints/routes.ts";
 import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints/store.ts";
+import { openUploadArea, removeOrphans, type UploadArea } from "./checkpoints/upload-dir.ts";
 import { uploadRoutes } from "./checkpoints/upload-routes.ts";
 import type { Config } from "./config/index.ts";
 import { createApp } from "./http/app.ts";
+import { auth } from "./http/auth.ts";
 import { metricsOf } from "./metrics.ts";
 import type { Runtime } from "./runtime/index.ts";
 import { type NcclStatus, ncclStatus, statusOf } from "./status.ts";
 import { DataPath } from "./update/data-path.ts";
+import { checkEngineGpus } from "./update/engines.ts";
+import type { PeerSigner } from "./update/peers.ts";
 import { ReceiverHub } from "./update/receivers.ts";
 import { updateRoutes } from "./update/routes.ts";
 import { Updates } from "./update/updates.ts";
@@ -20,6 +25,8 @@ export interface Daemon {
   port: number;
   context: Context;
   registry: Registry;
+  /** Reads the tokens and the cluster secret again (SIGHUP); false if they stayed as they were. */
+  reload(): boolean;
   /** Stops serving, releases the data plane; idempotent. */
   stop(): Promise<void>;
 }
@@ -42,13 +49,22 @@ interface Parts {
   path: DataPath;
   hub: ReceiverHub;
   updates: Updates;
+  uploads: UploadArea;
 }
 
-async function openParts({ config, log, nodeId, libDir }: StartOptions): Promise<Parts> {
+async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: PeerSigner): Promise<Parts> {
+  // Before the data plane: an upload directory that is not the daemon's own stops the start.
+  const uploads = await openUploadArea(config, nodeId);
   const { context, reason } = await openBackend(config.backend, libDir, {
     hostDevices: config.hostDevices,
     ncclPath: config.ncclPath,
   });
+  try {
+    checkEngineGpus(config.engines, context.devices().length);
+  } catch (err) {
+    await context.destroy();
+    throw err;
+  }
   const nccl = ncclStatus(context);
   log.info({ backend: context.backend, reason, library: context.lib.path, nccl }, "data plane ready");
   const registry = new Registry({
@@ -57,9 +73,13 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions): Promise
     budgetBytes: config.pinnedBudgetBytes,
     maxVersions: config.maxVersions,
     threads: config.ioThreads,
+    files: uploads.files,
     onChange: (r) => saveRegistry(config.stateDir, r),
   });
   const restore = await restoreRegistry(config.stateDir, registry, log);
+  const kept = new Set(registry.list().flatMap((v) => v.files.map((f) => f.path)));
+  uploads.orphansRemoved = await removeOrphans(uploads.dir, uploads.uid, kept);
+  if (uploads.orphansRemoved.length) log.warn({ removed: uploads.orphansRemoved }, "orphaned staging files removed");
   // Made at start, before engines take the GPU memory, and kept.
   const { bucketSlots, bucketBytes, bucketMemoryBytes } = config;
   const receivers = () => hub.connected();
@@ -77,15 +97,16 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions): Promise
     path,
     socketDir,
     peers,
+    sign,
     nodeId,
     receiverTimeoutMs,
     engines,
   });
   log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
-  return { context, nccl, registry, restore, path, hub, updates };
+  return { context, nccl, registry, restore, path, hub, updates, uploads };
 }
 
-function appOf(opts: StartOptions, p: Parts, startedAt: number) {
+function appOf(opts: StartOptions, p: Parts, keyring: Keyring, startedAt: number) {
   const { config, runtime, log, nodeId } = opts;
   const status = () =>
     statusOf({
@@ -96,9 +117,14 @@ function appOf(opts: StartOptions, p: Parts, startedAt: number) {
       budgetBytes: config.pinnedBudgetBytes,
       buckets: p.path.geometry,
     });
-  const app = createApp({ log, status });
-  checkpointRoutes(app, p.registry, config.pinnedBudgetBytes);
-  uploadRoutes(app, p.registry, config.uploadDir);
+  const app = createApp({
+    log,
+    status,
+    maxBodyBytes: config.maxBodyBytes,
+    auth: auth({ credentials: () => keyring.credentials(), maxBodyBytes: config.maxBodyBytes }),
+  });
+  checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files);
+  uploadRoutes(app, p.registry, p.uploads.dir);
   updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus });
   app.get("/metrics", (c) =>
     c.text(metricsOf(p.registry, p.updates, p.hub, p.path.gpus), 200, {
@@ -120,10 +146,12 @@ async function release(p: Parts): Promise<void> {
 export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   const { config, runtime, log } = opts;
   const startedAt = Date.now();
-  const parts = await openParts(opts);
+  // First: a bad tokens file or secret stops the start before anything is opened.
+  const keyring = new Keyring(config, log);
+  const parts = await openParts(opts, keyring.sign);
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   try {
-    server = await runtime.serve(appOf(opts, parts, startedAt).fetch, config.host, config.port);
+    server = await runtime.serve(appOf(opts, parts, keyring, startedAt).fetch, config.host, config.port);
   } catch (err) {
     await release(parts);
     throw new Error(`cannot listen on ${config.host}:${config.port}: ${(err as Error).message}`);
@@ -134,10 +162,14 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     port: server.port,
     context: parts.context,
     registry: parts.registry,
+    reload: () => keyring.reload(),
     stop() {
       stopping ??= (async () => {
-        await server.close();
+        // The update in flight is aborted first: its client waits on an open connection, which
+        // server.close() would wait for.
+        const closing = server.close();
         await parts.updates.close();
+        await closing;
         await release(parts);
       })();
       return stopping;

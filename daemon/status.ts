@@ -2,6 +2,7 @@
 import { CkptError, type Context } from "../ffi/index.ts";
 import type { Registry } from "./checkpoints/registry.ts";
 import type { RestoreReport } from "./checkpoints/store.ts";
+import type { UploadArea } from "./checkpoints/upload-dir.ts";
 import type { Geometry } from "./update/geometry.ts";
 import type { ReceiverHub } from "./update/receivers.ts";
 import { VERSION } from "./version.ts";
@@ -28,6 +29,7 @@ export interface StatusSources {
   budgetBytes: number;
   restore: RestoreReport;
   buckets: Geometry;
+  uploads: UploadArea;
 }
 
 /** The daemon's status now. */
@@ -59,5 +61,6 @@ export function statusOf(s: StatusSources) {
       restore: s.restore,
     },
     buckets: { slots: s.buckets.slots, slotBytes: s.buckets.slotBytes },
+    uploads: { dir: s.uploads.dir, orphansRemoved: s.uploads.orphansRemoved },
   };
 }

@@ -1,6 +1,6 @@
 """The plain torch engine: the benchmark consumer of ../shared/bench/SPEC.md.
 
-    python3 -m integrations.torch_engine --socket /run/ckptd/gpu-0.sock --device cuda:0 \\
+    python3 -m integrations.torch_engine --socket ~/.local/state/ckptd/sockets/gpu-0.sock --device cuda:0 \\
         --layers 36 [--updates N] [--check-every 7]
     (or python3 integrations/torch_engine.py ..., as bench/*.sh run it)
 

@@ -7,7 +7,10 @@ Needs only the standard library and torch. Two ways, same result (name@N, pinned
                                      adopts it (pins it in place, deletes it when the version
                                      is dropped): no copy through HTTP, the fast path
 
-    python3 integrations/trainer_push.py http://127.0.0.1:8470 demo [http|shm]
+Both take `token=`, an admin token of the daemon; without one, the first admin token of
+the daemon's default tokens file (~/.local/state/ckptd/tokens) is used when it is readable.
+
+    python3 integrations/trainer_push.py http://127.0.0.1:8470 demo [http|shm] [TOKENS_FILE]
 """
 from __future__ import annotations
 
@@ -41,10 +44,27 @@ def _raw(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
+def token_from(path: str | None = None) -> str | None:
+    """The first admin token of a tokens file (default: the daemon's default one), or None."""
+    if path is None:
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        path = os.path.join(state, "ckptd", "tokens")
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1] for line in lines if line.startswith("admin:")), None)
+
+
 def _call(method: str, url: str, body: dict[str, Any] | bytes | None = None,
-          content_type: str = "application/json") -> Any:
+          content_type: str = "application/json", token: str | None = None) -> Any:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": content_type})
+    headers = {"content-type": content_type}
+    token = token or token_from()
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req) as res:
             return json.load(res)
@@ -52,14 +72,14 @@ def _call(method: str, url: str, body: dict[str, Any] | bytes | None = None,
         raise RuntimeError(f"{method} {url}: {err.code} {err.read().decode()}") from None
 
 
-def push_http(url: str, name: str, tensors: Tensors) -> Any:
+def push_http(url: str, name: str, tensors: Tensors, token: str | None = None) -> Any:
     """Declares the tensors, PUTs each one's bytes, commits; returns the version summary."""
     decl = [{"name": k, "dtype": DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()]
-    upload = _call("POST", f"{url}/v1/uploads", {"name": name, "tensors": decl})
+    upload = _call("POST", f"{url}/v1/uploads", {"name": name, "tensors": decl}, token=token)
     for k, t in tensors.items():
         _call("PUT", f"{url}/v1/uploads/{upload['id']}/tensors/{urllib.parse.quote(k, safe='')}",
-              _raw(t), "application/octet-stream")
-    return _call("POST", f"{url}/v1/uploads/{upload['id']}/commit", {"wait": True})
+              _raw(t), "application/octet-stream", token=token)
+    return _call("POST", f"{url}/v1/uploads/{upload['id']}/commit", {"wait": True}, token=token)
 
 
 def write_safetensors(path: str, tensors: Tensors) -> None:
@@ -79,13 +99,13 @@ def write_safetensors(path: str, tensors: Tensors) -> None:
             f.write(_raw(t))
 
 
-def push_shm(url: str, name: str, tensors: Tensors, shm_dir: str = "/dev/shm") -> Any:
+def push_shm(url: str, name: str, tensors: Tensors, shm_dir: str = "/dev/shm", token: str | None = None) -> Any:
     """Writes the tensors to a file in shared memory and has the daemon adopt it."""
     fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".safetensors", dir=shm_dir)
     os.close(fd)
     try:
         write_safetensors(path, tensors)
-        return _call("POST", f"{url}/v1/checkpoints", {"name": name, "files": [path], "adopt": True})
+        return _call("POST", f"{url}/v1/checkpoints", {"name": name, "files": [path], "adopt": True}, token=token)
     except Exception:
         os.unlink(path)  # not adopted: ours to clean up
         raise
@@ -94,9 +114,10 @@ def push_shm(url: str, name: str, tensors: Tensors, shm_dir: str = "/dev/shm") -
 if __name__ == "__main__":
     url, name = sys.argv[1], sys.argv[2]
     how = sys.argv[3] if len(sys.argv) > 3 else "shm"
+    token = token_from(sys.argv[4] if len(sys.argv) > 4 else None)
     g = torch.Generator().manual_seed(0)
     tensors = {
         "model.embed_tokens.weight": torch.randn(1000, 64, generator=g).to(torch.bfloat16),
         "model.norm.weight": torch.ones(64),
     }
-    print(json.dumps((push_http if how == "http" else push_shm)(url, name, tensors)))
+    print(json.dumps((push_http if how == "http" else push_shm)(url, name, tensors, token=token)))

@@ -2,10 +2,14 @@
 
     vllm serve MODEL --worker-extension-cls integrations.vllm_extension.CkptdWorkerExtension
     (the repository root on PYTHONPATH), then, for each update, on every worker:
-    llm.collective_rpc("ckptd_update", args=("/run/ckptd",))
+    llm.collective_rpc("ckptd_update", args=("/var/lib/ckptd/sockets",))
     or over HTTP (vLLM's dev endpoint):
     curl -X POST localhost:8000/collective_rpc -H 'content-type: application/json' \\
-        -d '{"method": "ckptd_update", "args": ["/run/ckptd"]}'
+        -d '{"method": "ckptd_update", "args": ["/var/lib/ckptd/sockets"]}'
+
+(the daemon's socketDir: `<stateDir>/sockets` by default, `/var/lib/ckptd/sockets` under the
+systemd unit, `~/.local/state/ckptd/sockets` for a daemon started by hand; a daemon with
+kind "vllm" engines passes its own.)
 
 Each worker (one per GPU) connects to `<socket_dir>/gpu-<index>.sock`, index being its GPU's
 host-wide index (see `physical_gpu_index`), and stays connected: the daemon's buffers stay

@@ -1,4 +1,7 @@
-import { readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { existsSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
+import { request } from "node:http";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
@@ -8,7 +11,7 @@ import { type Config, defaults } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
-import { removeTempDirs, tempDir, thrown } from "./helpers.ts";
+import { AUTH, removeTempDirs, tempDir, testCredentials, thrown } from "./helpers.ts";
 
 const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 const running: Daemon[] = [];
@@ -20,7 +23,9 @@ async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: t
     backend: "host",
     stateDir: scratch(),
     uploadDir: scratch("/dev/shm"),
+    registerRoots: ["/dev/shm", tmpdir()],
     ioThreads: 2,
+    ...testCredentials(),
     ...overrides,
   };
   const daemon = await startDaemon({
@@ -33,7 +38,7 @@ async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: t
   running.push(daemon);
   const base = `http://127.0.0.1:${daemon.port}`;
   async function api(method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {
-    const init: RequestInit = { method, headers: { ...headers } };
+    const init: RequestInit = { method, headers: { ...AUTH, ...headers } };
     if (body instanceof Uint8Array) {
       init.body = body.slice();
       (init.headers as Record<string, string>)["content-type"] = "application/octet-stream";
@@ -196,7 +201,7 @@ describe("bad registrations register nothing", () => {
     [{ name: "x", dir: "/a", files: ["/b"] }, /give exactly one of dir and files/],
     [{ name: "bad name", dir: "/tmp" }, /checkpoint name "bad name" must match/],
     [{ name: "x", dir: "relative" }, /dir must be an absolute path/],
-    [{ name: "x", files: ["/nonexistent.safetensors"] }, /\/nonexistent.safetensors: no such file/],
+    [{ name: "x", files: ["/dev/shm/nonexistent.safetensors"] }, /\/nonexistent.safetensors: no such file/],
     [{ name: "x", dir: "/tmp", extra: 1 }, /extra/],
   ])("rejects the request %j", async (body, message) => {
     const d = await start();
@@ -555,5 +560,146 @@ describe("trainer pushes", () => {
     await d.api("DELETE", "/v1/checkpoints/shm");
     expect(() => readFileSync(tensors[0]?.file as string)).toThrow(/ENOENT/);
     rmSync(dir, { recursive: true });
+  });
+});
+
+/**
+ * Sends a request as a client that keeps writing while the answer comes (as curl does): resolves
+ * with the answer, however much of `body` the daemon read (chunked without a Content-Length).
+ */
+function early(port: number, method: string, path: string, headers: Record<string, string>, body: Uint8Array[]) {
+  // biome-ignore lint/suspicious/noExplicitAny: test responses are checked field by field
+  return new Promise<{ status: number; body: any }>((resolve, reject) => {
+    // A connection of its own: one the daemon hangs up on must not be reused.
+    const req = request(`http://127.0.0.1:${port}${path}`, { method, headers: { ...AUTH, ...headers }, agent: false });
+    req.on("response", (res) => {
+      let text = "";
+      res.on("data", (c) => {
+        text += c;
+      });
+      res.on("end", () => {
+        resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) });
+        req.destroy();
+      });
+    });
+    req.on("error", (err) => (req.destroyed ? undefined : reject(err)));
+    req.flushHeaders();
+    for (const chunk of body) req.write(chunk);
+    if (body.length > 0) req.end(); // with none, only the declared length is sent
+  });
+}
+
+describe("size limits", () => {
+  it("answers a JSON body over maxBodyBytes with a 413 naming the limit, and registers nothing", async () => {
+    const d = await start({ maxBodyBytes: 4096 });
+    const files = Array.from({ length: 200 }, (_, i) => `/dev/shm/file-${i}.safetensors`);
+    const res = await d.api("POST", "/v1/checkpoints", { name: "big", files });
+    expect(res.status).toBe(413);
+    expect(res.body.error.code).toBe("body_too_large");
+    expect(res.body.error.message).toMatch(/exceeds the limit of 4096 bytes \(maxBodyBytes\)$/);
+    expect((await d.api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
+  });
+
+  it("answers a body declared larger than the limit at once, before it is sent", async () => {
+    const d = await start({ maxBodyBytes: 4096 });
+    const headers = { "content-type": "application/json", "content-length": String(1 << 30) };
+    const { status, body } = await early(d.port, "POST", "/v1/checkpoints", headers, [new Uint8Array([0x7b])]);
+    expect(status).toBe(413);
+    expect(body.error.message).toBe("request body of 1073741824 bytes exceeds the limit of 4096 bytes (maxBodyBytes)");
+  });
+
+  it("refuses an upload declaring more than the pinned-memory budget with a 507 at declaration, staging nothing", async () => {
+    const d = await start({ pinnedBudgetBytes: 1 << 20 });
+    const res = await d.api("POST", "/v1/uploads", {
+      name: "huge",
+      tensors: [{ name: "w", dtype: "F32", shape: [1 << 18, 1 << 20] }], // 1 TiB
+    });
+    expect(res.status).toBe(507);
+    expect(res.body.error.code).toBe("over_budget");
+    expect(res.body.error.message).toBe(
+      `declaring tensors of ${2 ** 40} bytes would exceed the pinned-memory budget of 1048576 bytes by ${2 ** 40 - (1 << 20)} bytes (0 in use)`,
+    );
+    expect(existsSync(d.uploadDir) ? readdirSync(d.uploadDir) : []).toEqual([]);
+    expect((await d.api("GET", "/v1/uploads")).body.uploads).toEqual([]);
+  });
+
+  it("stops a streamed file at what the budget leaves, with a 413 naming the limit, and keeps none of it", async () => {
+    const d = await start({ pinnedBudgetBytes: 64 << 10 });
+    const { id } = (await d.api("POST", "/v1/uploads", { name: "streamed" })).body;
+    const octets = { "content-type": "application/octet-stream" };
+    const chunks = Array.from({ length: 64 }, () => new Uint8Array(16 << 10)); // 1 MiB, chunked
+    const res = await early(d.port, "PUT", `/v1/uploads/${id}/files/model.safetensors`, octets, chunks);
+    expect(res.status).toBe(413);
+    expect(res.body.error).toMatchObject({
+      code: "body_too_large",
+      message: `file "model.safetensors" exceeds the 65536 bytes the pinned-memory budget leaves (pinnedBudgetBytes); nothing was kept`,
+    });
+    expect(readdirSync(d.uploadDir).filter((n) => n.startsWith(id))).toEqual([]);
+    expect((await d.api("GET", "/v1/uploads")).body.uploads).toEqual([
+      { id, name: "streamed", tensors: [], files: [] },
+    ]);
+    // A file that fits is taken, and the upload's own staging counts against what is left.
+    const dir = scratch("/dev/shm");
+    const tensors = writeSafetensors(join(dir, "x.safetensors"), [{ name: "w", dtype: "U8", shape: [40 << 10] }]);
+    const bytes = new Uint8Array(readFileSync(join(dir, "x.safetensors")));
+    expect((await d.api("PUT", `/v1/uploads/${id}/files/a.safetensors`, bytes)).status).toBe(200);
+    // Declared too large: refused before a byte is read.
+    const declared = { ...octets, "content-length": String(bytes.byteLength) };
+    const second = await early(d.port, "PUT", `/v1/uploads/${id}/files/b.safetensors`, declared, []);
+    expect(second.status).toBe(413);
+    expect(second.body.error.details).toEqual({ limitBytes: (64 << 10) - bytes.byteLength });
+    expect(readdirSync(d.uploadDir).filter((n) => n.startsWith(id))).toEqual([`${id}-a.safetensors`]);
+    expect((await d.api("POST", `/v1/uploads/${id}/commit`)).status).toBe(201);
+    await expectManifestMatches((await d.api("GET", "/v1/checkpoints/streamed")).body, tensors);
+  });
+});
+
+describe("restart under the other runtime", () => {
+  // Node reports mtimeMs with a fraction (rounded from nanoseconds), Deno truncated to whole
+  // milliseconds: a registry saved under one is restored under the other.
+  it.each([
+    { name: "saved fractional (Node), restored whole (Deno)", touch: "@1700000000.123000000", saved: 1700000000123.25 },
+    { name: "saved whole (Deno), restored fractional (Node)", touch: "@1700000000.123456789", saved: 1700000000123 },
+    {
+      name: "saved whole (Deno), Node rounding up to the next ms",
+      touch: "@1700000000.000999999",
+      saved: 1700000000000,
+    },
+  ])("restores a version $name", async ({ touch, saved }) => {
+    const stateDir = scratch();
+    const dir = scratch("/dev/shm");
+    const tensors = writeModel(dir, 1);
+    const path = tensors[0]?.file as string;
+    execFileSync("touch", ["-d", touch, path]);
+    const first = await start({ stateDir });
+    expect((await first.api("POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+    await first.stop();
+    running.splice(running.indexOf(first), 1);
+    const file = join(stateDir, "registry.json");
+    const registry = JSON.parse(readFileSync(file, "utf8"));
+    registry.versions[0].files[0].mtimeMs = saved;
+    writeFileSync(file, JSON.stringify(registry));
+
+    const second = await start({ stateDir });
+    expect((await second.api("GET", "/v1/status")).body.checkpoints.restore).toEqual({
+      restored: ["m@1"],
+      notRestored: [],
+    });
+  });
+
+  it("still refuses a file modified a few milliseconds later", async () => {
+    const stateDir = scratch();
+    const dir = scratch("/dev/shm");
+    const path = writeModel(dir, 1)[0]?.file as string;
+    execFileSync("touch", ["-d", "@1700000000.123000000", path]);
+    const first = await start({ stateDir });
+    expect((await first.api("POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+    await first.stop();
+    running.splice(running.indexOf(first), 1);
+    execFileSync("touch", ["-d", "@1700000000.125000000", path]);
+    const second = await start({ stateDir });
+    expect((await second.api("GET", "/v1/status")).body.checkpoints.restore.notRestored).toEqual([
+      { id: "m@1", reason: `${path} changed since it was registered (size or modification time)` },
+    ]);
   });
 });

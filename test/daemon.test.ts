@@ -3,12 +3,12 @@ import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
-import { daemonCommand, type Running, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
+import { AUTH, daemonCommand, type Running, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
 
 /** A daemon's node id, from its status. */
 async function nodeId(d: Running): Promise<string> {
-  return ((await (await fetch(`${d.url}/v1/status`)).json()) as { nodeId: string }).nodeId;
+  return ((await (await fetch(`${d.url}/v1/status`, { headers: AUTH })).json()) as { nodeId: string }).nodeId;
 }
 
 describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime) => {
@@ -18,7 +18,10 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
     const daemon = await startProcess(command);
     const health = await fetch(`${daemon.url}/v1/healthz`);
     expect(await health.json()).toEqual({ ok: true });
-    const status = (await (await fetch(`${daemon.url}/v1/status`)).json()) as Record<string, unknown>;
+    const status = (await (await fetch(`${daemon.url}/v1/status`, { headers: AUTH })).json()) as Record<
+      string,
+      unknown
+    >;
     expect(status).toMatchObject({ runtime, backend: "host", version: "0.1.0" });
     expect(status.gpus).toEqual([expect.objectContaining({ index: 0, uuid: expect.stringMatching(/^HOST-/) })]);
     daemon.proc.kill("SIGTERM");
@@ -32,11 +35,11 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
     const tensors = writeModel(dir);
     const res = await fetch(`${daemon.url}/v1/checkpoints`, {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: { ...AUTH, "content-type": "application/json" },
       body: JSON.stringify({ name: "m", dir }),
     });
     expect(res.status).toBe(201);
-    const manifest = (await (await fetch(`${daemon.url}/v1/checkpoints/m`)).json()) as {
+    const manifest = (await (await fetch(`${daemon.url}/v1/checkpoints/m`, { headers: AUTH })).json()) as {
       files: { inPlace: boolean }[];
       tensors: { name: string; hash: string }[];
     };
@@ -71,14 +74,14 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
       for (const d of [daemon, peer]) {
         const res = await fetch(`${d.url}/v1/checkpoints`, {
           method: "POST",
-          headers: { "content-type": "application/json" },
+          headers: { ...AUTH, "content-type": "application/json" },
           body: JSON.stringify({ name: "m", dir }),
         });
         expect(res.status).toBe(201);
       }
       const res = await fetch(`${daemon.url}/v1/updates`, {
         method: "POST",
-        headers: { "content-type": "application/json" },
+        headers: { ...AUTH, "content-type": "application/json" },
         body: JSON.stringify({ checkpoint: "m" }),
       });
       const body = (await res.json()) as { state: string; error?: unknown };
@@ -121,7 +124,7 @@ describe("configuration sources reach the daemon", () => {
     const daemon = await startProcess(daemonCommand("node"), ["--config", file, "--log-level", "info"], {
       CKPTD_HOST_DEVICES: "3",
     });
-    const status = (await (await fetch(`${daemon.url}/v1/status`)).json()) as { gpus: unknown[] };
+    const status = (await (await fetch(`${daemon.url}/v1/status`, { headers: AUTH })).json()) as { gpus: unknown[] };
     expect(status.gpus).toHaveLength(3);
     daemon.proc.kill("SIGTERM");
     expect(await daemon.exited).toBe(0);

@@ -1,6 +1,6 @@
 /** Starts real daemon processes for tests: under Node (tsx), Deno, or the built binary. */
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -43,14 +43,40 @@ export function removeTempDirs(): void {
   for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
 }
 
-/** Spawns a daemon on a free port and resolves once it logs "listening". */
+/** The credentials of the test daemons: known tokens of both roles and one cluster secret. */
+export const ADMIN_TOKEN = "test-admin-token-0123456789abcdef";
+export const READ_TOKEN = "test-read-token-0123456789abcdef";
+export const CLUSTER_SECRET = "test-cluster-secret-0123456789abcdef";
+/** Headers of a request with the admin token (READ_AUTH: the read token). */
+export const AUTH = { authorization: `Bearer ${ADMIN_TOKEN}` };
+export const READ_AUTH = { authorization: `Bearer ${READ_TOKEN}` };
+
+/** Writes the tokens file and the secret file (0600); the config keys that use them. */
+export function testCredentials(): { tokensFile: string; clusterSecretFile: string } {
+  const dir = tempDir();
+  const tokensFile = join(dir, "tokens");
+  const clusterSecretFile = join(dir, "cluster-secret");
+  writeFileSync(tokensFile, `admin:${ADMIN_TOKEN}\nread:${READ_TOKEN}\n`, { mode: 0o600 });
+  writeFileSync(clusterSecretFile, `${CLUSTER_SECRET}\n`, { mode: 0o600 });
+  return { tokensFile, clusterSecretFile };
+}
+
+/**
+ * Spawns a daemon on a free port and resolves once it logs "listening". It runs with
+ * testCredentials() unless `credentials` is false (then it makes its own in its state dir).
+ */
 export function startProcess(
   command: [string, string[]],
   args: string[] = [],
   env: Record<string, string> = {},
+  { credentials = true, stateDir = tempDir() }: { credentials?: boolean; stateDir?: string } = {},
 ): Promise<Running> {
   const [cmd, baseArgs] = command;
-  const proc = spawn(cmd, [...baseArgs, "--port", "0", "--state-dir", tempDir(), ...args], {
+  const auth = credentials ? testCredentials() : undefined;
+  const authArgs = auth ? ["--tokens-file", auth.tokensFile, "--cluster-secret-file", auth.clusterSecretFile] : [];
+  // Test files live in temp dirs; the upload directory is one too, so the test removes it.
+  const fileArgs = ["--upload-dir", tempDir("ckptd-test-", "/dev/shm"), "--register-roots", `/dev/shm,${tmpdir()}`];
+  const proc = spawn(cmd, [...baseArgs, "--port", "0", "--state-dir", stateDir, ...fileArgs, ...authArgs, ...args], {
     cwd: ROOT,
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],

@@ -18,6 +18,10 @@ export interface Behaviour {
   dieAt?: number;
   /** Never answer this bucket. */
   stallAt?: number;
+  /** Ack every bucket, but never answer `end`. */
+  neverDone?: boolean;
+  /** Called with each bucket's number once its bytes are read, before the ack. */
+  beforeAck?: (bucket: number) => void;
 }
 
 type Msg = { op: string; [k: string]: unknown };
@@ -110,8 +114,9 @@ export class ReferenceReceiver {
         }
         await ctx.bufRead(slot, t.offset, whole.subarray(t.range[0], t.range[1]));
       }
+      this.behaviour.beforeAck?.(bucket);
       this.send({ op: "ack", update: m.update, bucket });
-    } else if (m.op === "end") {
+    } else if (m.op === "end" && !this.behaviour.neverDone) {
       const hashes = new Map<string, string>();
       for (const [name, bytes] of this.tensors) hashes.set(name, await xxh64(bytes));
       this.hashes.set(m.update as string, hashes);

@@ -6,7 +6,13 @@ import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { tempDir } from "./helpers.ts";
 
 it("answers HTTP while a long copy runs on the data plane", async () => {
-  const config = { ...defaults({}), port: 0, backend: "host" as const, stateDir: tempDir() };
+  const config = {
+    ...defaults({}),
+    port: 0,
+    backend: "host" as const,
+    stateDir: tempDir(),
+    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
+  };
   const libDir = new URL("../cuda-lib/build/", import.meta.url).pathname;
   const daemon = await startDaemon({
     config,

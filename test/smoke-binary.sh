@@ -18,6 +18,8 @@ done
 [ -n "${port:-}" ] || { cat "$work/log"; echo "smoke: binary did not listen" >&2; exit 1; }
 health=$(curl -fsS "http://127.0.0.1:$port/v1/healthz")
 [ "$health" = '{"ok":true}' ] || { echo "smoke: healthz said $health" >&2; exit 1; }
-curl -fsS "http://127.0.0.1:$port/v1/status"; echo
+token=$(cut -d: -f2 "$work/state/tokens")  # made at first start
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v1/status")" = 401 ] || { echo "smoke: status without a token was not 401" >&2; exit 1; }
+curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$port/v1/status"; echo
 kill -TERM "$pid"; wait "$pid"
 echo "smoke: dist/ckptd answered /v1/healthz from $work and stopped cleanly"

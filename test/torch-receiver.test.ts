@@ -7,13 +7,14 @@
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import { startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { writeSafetensors } from "./checkpoint-files.ts";
-import { ROOT, tempDir } from "./helpers.ts";
+import { AUTH, ROOT, tempDir, testCredentials } from "./helpers.ts";
 
 const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 
@@ -98,9 +99,11 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
       hostDevices: 1,
       stateDir,
       uploadDir: tempDir("ckptd-test-", "/dev/shm"),
+      registerRoots: ["/dev/shm", tmpdir()],
       bucketBytes: 1 << 20,
       bucketSlots: 3,
       receiverTimeoutMs: 10_000,
+      ...testCredentials(),
     };
     const daemon = await startDaemon({
       config,
@@ -113,7 +116,7 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
     const api = async (path: string, body: unknown) => {
       const res = await fetch(`http://127.0.0.1:${daemon.port}${path}`, {
         method: "POST",
-        headers: { "content-type": "application/json" },
+        headers: { ...AUTH, "content-type": "application/json" },
         body: JSON.stringify(body),
       });
       return { status: res.status, body: (await res.json()) as Record<string, unknown> };

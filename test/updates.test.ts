@@ -1,12 +1,13 @@
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
-import { tempDir, within } from "./helpers.ts";
+import { AUTH, tempDir, testCredentials, within } from "./helpers.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
 
 const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
@@ -25,10 +26,12 @@ async function start(overrides: Partial<Config> = {}) {
     hostDevices: 2,
     stateDir,
     uploadDir: tempDir("ckptd-test-", "/dev/shm"),
+    registerRoots: ["/dev/shm", tmpdir()],
     ioThreads: 2,
     bucketBytes: 1 << 20,
     bucketSlots: 3,
     receiverTimeoutMs: 2000,
+    ...testCredentials(),
     ...overrides,
   };
   const daemon: Daemon = await startDaemon({
@@ -43,7 +46,7 @@ async function start(overrides: Partial<Config> = {}) {
   const api = async (method: string, path: string, body?: unknown) => {
     const res = await fetch(base + path, {
       method,
-      headers: body ? { "content-type": "application/json" } : {},
+      headers: body ? { ...AUTH, "content-type": "application/json" } : AUTH,
       body: body ? JSON.stringify(body) : undefined,
     });
     // biome-ignore lint/suspicious/noExplicitAny: checked field by field
@@ -131,14 +134,21 @@ describe("broadcast updates on the host backend", () => {
       name: "an engine that raises",
       behaviour: { failAt: 2 },
       message: /receiver bad \(pid \d+, GPU 1\) failed: injected failure at bucket 2/,
+      held: ["aborted", "untouched"],
     },
-    { name: "a receiver that dies", behaviour: { dieAt: 1 }, message: /receiver bad \(pid \d+, GPU 1\) disconnected/ },
+    {
+      name: "a receiver that dies",
+      behaviour: { dieAt: 1 },
+      message: /receiver bad \(pid \d+, GPU 1\) disconnected/,
+      held: ["partial", "untouched"],
+    },
     {
       name: "a receiver that stops answering",
       behaviour: { stallAt: 3 },
       message: /receiver bad \(pid \d+, GPU 1\) did not answer within 2000 ms \(waiting for the ack of bucket 3\)/,
+      held: ["aborted", "untouched"],
     },
-  ])("aborts on $name, names it, and the next update works", async ({ behaviour, message }) => {
+  ])("aborts on $name, names it, and the next update works", async ({ behaviour, message, held }) => {
     const { api, receiver } = await start();
     const tensors = await register(api);
     const good = await receiver(0, "good");
@@ -153,7 +163,8 @@ describe("broadcast updates on the host backend", () => {
     expect(record.error.receiver).toMatch(/^bad/);
     // The result says who holds what.
     const states = Object.fromEntries(record.receivers.map((r: { name: string; state: string }) => [r.name, r.state]));
-    expect(["partial", "untouched"]).toContain(states.bad);
+    // Still connected: it was told to abort; gone: it holds what it acked.
+    expect(held).toContain(states.bad);
     expect(await good.saw((m) => m.op === "abort" && m.update === "u-1")).toBe(true);
     expect((await api("GET", "/v1/healthz")).body).toEqual({ ok: true });
     // Once the bad engine is gone, the next update goes through on the same buffers.
@@ -180,7 +191,7 @@ describe("what a failed update leaves, and how fast it fails", () => {
 
   it.each([
     { name: "one that never acked a bucket is untouched", behaviour: { failFrom: 0 }, state: "untouched" },
-    { name: "one that acked some buckets is partial", behaviour: { failAt: 4 }, state: "partial" },
+    { name: "one told to abort after acking some buckets is aborted", behaviour: { failAt: 4 }, state: "aborted" },
   ])("reports each receiver's exact state: $name", async ({ behaviour, state }) => {
     const { api, receiver } = await start();
     await register(api);
@@ -196,6 +207,47 @@ describe("what a failed update leaves, and how fast it fails", () => {
     if (state === "untouched") expect(bad.bucketsAcked).toBe(0);
     else expect(bad.bucketsAcked).toBeGreaterThan(0);
     expect(bad.bucketsAcked).toBeLessThan(record.progress.buckets);
+  });
+
+  it("reports a receiver that acked every bucket but never finished as aborted, not applied", async () => {
+    const { api, receiver } = await start({ receiverTimeoutMs: 500 });
+    await register(api);
+    await receiver(0, "good");
+    const stuck = await receiver(1, "stuck", { neverDone: true });
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(
+      /^receiver stuck \(pid \d+, GPU 1\) did not answer within 500 ms \(waiting for done\)/,
+    );
+    const record = res.body.error.details;
+    const total = record.progress.buckets;
+    expect(record.receivers).toEqual([
+      { name: "good", pid: process.pid, gpu: 0, bucketsAcked: total, state: "applied" },
+      { name: "stuck", pid: process.pid, gpu: 1, bucketsAcked: total, state: "aborted" },
+    ]);
+    expect(await stuck.saw((m) => m.op === "abort" && m.update === "u-1")).toBe(true);
+    expect((await api("GET", "/v1/updates/u-1")).body.receivers).toEqual(record.receivers);
+  });
+
+  it("aborts a stalled update everywhere on shutdown and answers its client, naming the shutdown", async () => {
+    const { daemon, api, receiver } = await start({ receiverTimeoutMs: 60_000 });
+    await register(api);
+    const good = await receiver(0, "good");
+    const stalled = await receiver(1, "stalled", { stallAt: 1 });
+    const pending = api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(await stalled.saw((m) => m.op === "bucket" && m.bucket === 1, 5000)).toBe(true);
+    const started = performance.now();
+    const stopped = daemon.stop();
+    const res = await within(5000, pending);
+    expect(res.status).toBe(502);
+    expect(res.body.error).toMatchObject({ code: "update_failed", message: "the daemon is shutting down" });
+    expect(res.body.error.details.state).toBe("failed");
+    for (const r of [good, stalled]) expect(r.seen.some((m) => m.op === "abort" && m.update === "u-1")).toBe(true);
+    expect(res.body.error.details.receivers.find((r: { name: string }) => r.name === "stalled").state).toMatch(
+      /^(aborted|untouched)$/,
+    );
+    await within(5000, stopped);
+    expect(performance.now() - started).toBeLessThan(2000); // not the 60 s receiver timeout
   });
 
   it("fails within about receiverTimeoutMs when a receiver stops answering", async () => {
@@ -297,6 +349,16 @@ describe("engines listed in the configuration", () => {
     expect(res.status).toBe(502);
     expect(res.body.error.message).toMatch(
       /engine vllm-0 has no receiver on GPU 0: .*answered 404: collective_rpc is off/,
+    );
+  });
+
+  it.each([
+    { hostDevices: 1, gpus: [0, 1], has: "1 GPU (GPU 0)", missing: "1" },
+    { hostDevices: 2, gpus: [1, 2, 3], has: "2 GPUs (0 to 1)", missing: "2, 3" },
+  ])("refuses to start with an engine on GPUs the host lacks: $gpus on $hostDevices", async (c) => {
+    const engines = [{ name: "tp", kind: "receiver" as const, gpus: c.gpus }];
+    await expect(start({ hostDevices: c.hostDevices, engines })).rejects.toThrow(
+      `engine "tp" is configured on GPU ${c.missing}, but this host has ${c.has}`,
     );
   });
 
@@ -408,6 +470,19 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     expect((await coordinator.api("GET", "/v1/healthz")).body).toEqual({ ok: true });
   });
 
+  it("fails naming the peer and the secret when the peer has another cluster secret, and nothing runs there", async () => {
+    const peer = await start({ hostDevices: 1, clusterSecretFile: "", clusterSecret: "another-cluster-secret-0123" });
+    const coordinator = await start({ hostDevices: 1, peers: [`http://127.0.0.1:${peer.daemon.port}`] });
+    await register(coordinator.api);
+    await coordinator.receiver(0, "engine-a");
+    const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toBe(
+      `peer http://127.0.0.1:${peer.daemon.port} did not answer: the signature does not match (do both daemons have the same cluster secret?)`,
+    );
+    expect((await peer.api("GET", "/v1/updates")).body.updates).toEqual([]);
+  });
+
   it("refuses peers whose bucket geometry differs, saying what to set", async () => {
     // bucketSlots 3 is raised to 4 on the daemon with 2 GPUs, not on the one with 1.
     const peer = await start({ hostDevices: 1, bucketSlots: 3 });
@@ -433,7 +508,12 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
       res.setHeader("content-type", "application/json");
       if (req.url?.startsWith("/v1/peer/info")) {
         // The coordinator's own info says it is busy (with this very update): the fake is idle.
-        const { running: _, ...info } = await (await fetch(`${coordinatorUrl}${req.url}`)).json();
+        // Passed on with the coordinator's signature, which that daemon has not seen yet.
+        const signed = {
+          "x-ckptd-timestamp": String(req.headers["x-ckptd-timestamp"]),
+          "x-ckptd-signature": String(req.headers["x-ckptd-signature"]),
+        };
+        const { running: _, ...info } = await (await fetch(`${coordinatorUrl}${req.url}`, { headers: signed })).json();
         res.end(JSON.stringify({ ...info, nodeId: "refuser", holds: "m@1" }));
       } else {
         res.statusCode = 409;

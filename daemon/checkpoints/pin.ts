@@ -16,6 +16,9 @@ export interface InspectedFile {
   path: string;
   size: number;
   mtimeMs: number;
+  /** Inode and device, so that a file replaced under the same path is told apart. */
+  ino: number;
+  dev: number;
   tmpfs: boolean;
   /** The first dataStart bytes, to check the pinned copy against. */
   prefix: Uint8Array;
@@ -70,7 +73,8 @@ export async function inspectFile(path: string): Promise<InspectedFile> {
     const { bytesRead } = await handle.read(prefix, 0, prefix.byteLength, 0);
     if (bytesRead !== prefix.byteLength) throw new SafetensorsError(path, undefined, "header is truncated");
     const header = parseHeader(prefix, st.size, path);
-    return { path, size: st.size, mtimeMs: st.mtimeMs, tmpfs: await onTmpfs(path), prefix, header };
+    const tmpfs = await onTmpfs(path);
+    return { path, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, dev: st.dev, tmpfs, prefix, header };
   } catch (err) {
     if (err instanceof SafetensorsError) throw invalidSafetensors(err);
     throw err;
@@ -134,8 +138,11 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
       const p = await pinOne(ctx, file, opts);
       pinned.push(p);
       // The header was checked before pinning; the pinned bytes must still be that header.
-      if (Buffer.compare(p.mem.view(file.prefix.byteLength), file.prefix) !== 0)
-        throw new Error(`${file.path} changed while registering`);
+      // Read through the library: a file truncated under its mapping by now would fault.
+      const head = await ctx.hostRead(p.mem, file.prefix.byteLength).catch((err: Error) => {
+        throw new Error(`${file.path} was truncated while registering: ${err.message}`);
+      });
+      if (Buffer.compare(head, file.prefix) !== 0) throw new Error(`${file.path} changed while registering`);
     }
     return pinned;
   } catch (err) {

@@ -3,10 +3,11 @@
  * the pinned-memory budget and the versions-kept limit. A registration is checked whole
  * before anything is pinned, and a failed or cancelled one leaves nothing pinned behind.
  */
-import { unlink } from "node:fs/promises";
+import { lstat, unlink } from "node:fs/promises";
 import type { Logger } from "pino";
 import type { Context } from "../../ffi/index.ts";
 import { DaemonError, type ErrorCode } from "../errors.ts";
+import type { FilePolicy } from "./confine.ts";
 import {
   hashTensors,
   type InspectedFile,
@@ -19,8 +20,10 @@ import {
 } from "./pin.ts";
 import { checkUniqueNames, SafetensorsError } from "./safetensors.ts";
 import { checkWeightMap, type ResolvedSource } from "./sources.ts";
+import { checkFiles, faultedFile, replaced, watchFiles } from "./watch.ts";
 
-export type VersionState = "registering" | "ready" | "failed";
+/** stale: a file pinned in place changed since it was registered (see watch.ts); no update may use it. */
+export type VersionState = "registering" | "ready" | "stale" | "failed";
 
 export interface TensorRecord {
   name: string;
@@ -39,6 +42,9 @@ export interface FileRecord {
   path: string;
   size: number;
   mtimeMs: number;
+  /** Inode and device at registration (absent in registries saved before they were kept). */
+  ino?: number;
+  dev?: number;
   /** Pinned where it lies (tmpfs), not copied. */
   inPlace: boolean;
   /** Owned by the daemon: deleted when the version is dropped. */
@@ -72,12 +78,21 @@ export function parseRef(ref: string): { name: string; version?: number } {
   return { name: ref.slice(0, at), version: Number(v) };
 }
 
+/**
+ * Whether two modification times are the same: Node reports fractional milliseconds (rounded
+ * from nanoseconds), Deno whole ones (truncated), so a registry saved under one runtime is
+ * compared to within a millisecond under the other. Restoring re-checks every hash anyway.
+ */
+export function sameMtime(a: number, b: number): boolean {
+  return Math.abs(a - b) <= 1;
+}
+
 /** Restoring: each file must have the size and modification time it had when saved. */
 function checkUnchanged(inspected: InspectedFile[], saved: FileRecord[]): void {
   if (inspected.length !== saved.length) throw new Error("the set of files changed");
   inspected.forEach((f, i) => {
     const s = saved[i] as FileRecord;
-    if (f.path !== s.path || f.size !== s.size || f.mtimeMs !== s.mtimeMs) {
+    if (f.path !== s.path || f.size !== s.size || !sameMtime(f.mtimeMs, s.mtimeMs)) {
       throw new Error(`${f.path} changed since it was registered (size or modification time)`);
     }
   });
@@ -104,6 +119,8 @@ export class CheckpointVersion {
   /** Set once a delete has begun: no new lease may be taken. */
   deleting = false;
   pinned: PinnedFile[] = [];
+  /** Stops watching the in-place files (set once ready). */
+  unwatch: () => void = () => undefined;
   readonly abort = new AbortController();
   readonly progress: RegistrationProgress;
   /** Settles when registration has finished, failed or been cancelled. */
@@ -138,6 +155,13 @@ export class CheckpointVersion {
     };
   }
 
+  /** Marks a ready version stale: `file` changed as `reason` says (see watch.ts). */
+  markStale(file: string, reason: string): void {
+    if (this.state !== "ready") return;
+    this.state = "stale";
+    this.error = { code: "stale", message: `${file} ${reason}`, details: { file, reason } };
+  }
+
   manifest() {
     return { ...this.summary(), files: this.files, tensors: this.tensors };
   }
@@ -159,6 +183,8 @@ export interface RegistryOptions {
   /** Ready versions kept per name; older unused ones are dropped. */
   maxVersions: number;
   threads: number;
+  /** Where registered files may be, and which adopted ones may be deleted. */
+  files: FilePolicy;
   /** Called after every change of the set of ready versions (persistence). */
   onChange?: (registry: Registry) => Promise<void>;
 }
@@ -191,12 +217,14 @@ export class Registry {
     for (const [name, n] of Object.entries(next)) this.next.set(name, Math.max(n, this.next.get(name) ?? 1));
   }
 
-  /** A version by "name" (the newest ready one) or "name@N"; 404 naming what is missing. */
-  get(ref: string): CheckpointVersion {
+  /** A version by "name" (the newest in a `newest` state: ready) or "name@N"; 404 naming what is missing. */
+  get(ref: string, newest: VersionState[] = ["ready"]): CheckpointVersion {
     const { name, version } = parseRef(ref);
     const list = this.versions.get(name) ?? [];
     const found =
-      version === undefined ? list.filter((v) => v.state === "ready").at(-1) : list.find((v) => v.version === version);
+      version === undefined
+        ? list.filter((v) => newest.includes(v.state)).at(-1)
+        : list.find((v) => v.version === version);
     if (!found) {
       const what =
         version === undefined ? `no ready version of checkpoint "${name}"` : `no checkpoint ${name}@${version}`;
@@ -205,9 +233,18 @@ export class Registry {
     return found;
   }
 
-  /** Marks a ready version as used by an update; returns the release function. */
+  /**
+   * Marks a ready version as used by an update; returns the release function. Its in-place
+   * files are checked first: one that changed makes it stale, a 409 naming the file ("name"
+   * whose newest version is stale is refused too, rather than falling back to an older one).
+   */
   acquire(ref: string): { version: CheckpointVersion; release: () => void } {
-    const version = this.get(ref);
+    const version = this.get(ref, ["ready", "stale"]);
+    this.recheck(version);
+    if (version.state === "stale") {
+      const why = version.error?.message ?? "a file changed";
+      throw new DaemonError("stale", `${version.id} is stale: ${why}; register it again`, version.error?.details);
+    }
     if (version.state !== "ready" || version.deleting) {
       throw new DaemonError("not_ready", `${version.id} is ${version.deleting ? "being deleted" : version.state}`);
     }
@@ -222,6 +259,15 @@ export class Registry {
     };
   }
 
+  /** A ready version whose in-place files changed turns stale (before each update, and on inotify events). */
+  private recheck(version: CheckpointVersion): void {
+    const changed = version.state === "ready" ? checkFiles(version.files) : undefined;
+    if (!changed) return;
+    version.markStale(changed.file, changed.reason);
+    version.unwatch();
+    this.opts.log.warn({ checkpoint: version.id, ...changed }, "checkpoint is stale: a file changed");
+  }
+
   /**
    * Checks every file, then reserves the bytes and starts pinning and hashing in the
    * background. Returns the new version in state "registering"; await its `done`.
@@ -229,6 +275,8 @@ export class Registry {
   async register(req: RegisterRequest): Promise<CheckpointVersion> {
     checkName(req.name);
     const inspected: InspectedFile[] = [];
+    for (const path of req.source.files) await this.opts.files.confine(path);
+    if (req.adopt) for (const path of req.source.files) await this.opts.files.checkAdoptable(path);
     for (const path of req.source.files) inspected.push(await inspectFile(path));
     try {
       checkUniqueNames(inspected.map((f) => ({ file: f.path, tensors: f.header.tensors })));
@@ -250,6 +298,8 @@ export class Registry {
       path: f.path,
       size: f.size,
       mtimeMs: f.mtimeMs,
+      ino: f.ino,
+      dev: f.dev,
       inPlace: f.tmpfs && !req.copy,
       adopted: req.adopt,
     }));
@@ -260,13 +310,20 @@ export class Registry {
     return version;
   }
 
-  private checkBudget(bytes: number): void {
+  /** Bytes the pinned-memory budget leaves (Infinity without a budget). */
+  budgetLeft(): number {
+    const budget = this.opts.budgetBytes;
+    return budget > 0 ? Math.max(0, budget - this.pinnedBytes()) : Number.POSITIVE_INFINITY;
+  }
+
+  /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
+  checkBudget(bytes: number, what = "registering"): void {
     const budget = this.opts.budgetBytes;
     const used = this.pinnedBytes();
     if (budget > 0 && used + bytes > budget) {
       throw new DaemonError(
         "over_budget",
-        `registering ${bytes} bytes would exceed the pinned-memory budget of ${budget} bytes by ${used + bytes - budget} bytes (${used} in use)`,
+        `${what} ${bytes} bytes would exceed the pinned-memory budget of ${budget} bytes by ${used + bytes - budget} bytes (${used} in use)`,
         { bytes, budgetBytes: budget, usedBytes: used, overBytes: used + bytes - budget },
       );
     }
@@ -304,9 +361,14 @@ export class Registry {
       if (signal.aborted) throw new DaemonError("cancelled", "registration was cancelled");
       if (expected) checkHashes(version.tensors, expected);
       version.state = "ready";
+      version.unwatch = watchFiles(version.files, () => this.recheck(version));
       version.timings = { pinSeconds: (pinnedAt - started) / 1000, hashSeconds: (performance.now() - pinnedAt) / 1000 };
       log.info({ checkpoint: version.id, bytes: version.bytes, ...version.timings }, "checkpoint registered");
-    } catch (err) {
+    } catch (caught) {
+      const fault = faultedFile(caught, version.pinned);
+      const err = fault
+        ? new Error(`${fault.file} was truncated while it was hashed (bus error at byte ${fault.offset})`)
+        : caught;
       await unpinFiles(ctx, version.pinned).catch((e) => log.error({ err: e }, "unpinning a failed registration"));
       version.pinned = [];
       version.state = "failed";
@@ -323,7 +385,7 @@ export class Registry {
   }
 
   private async evictOld(name: string): Promise<void> {
-    const ready = (this.versions.get(name) ?? []).filter((v) => v.state === "ready");
+    const ready = (this.versions.get(name) ?? []).filter((v) => v.state === "ready" || v.state === "stale");
     let excess = ready.length - this.opts.maxVersions;
     for (const v of ready) {
       if (excess <= 0) break;
@@ -341,11 +403,20 @@ export class Registry {
       version.name,
       list.filter((v) => v !== version),
     );
+    version.unwatch();
     await unpinFiles(this.opts.ctx, version.pinned);
     version.pinned = [];
     for (const file of version.files) {
-      if (file.adopted) await unlink(file.path).catch(() => undefined);
+      if (file.adopted && !replaced(file)) await this.removeAdopted(file.path);
     }
+  }
+
+  /** Deletes an adopted file, unless it became one the daemon may not delete since it was registered. */
+  private async removeAdopted(path: string): Promise<void> {
+    if (!(await lstat(path).catch(() => undefined))) return; // already gone
+    const why = await this.opts.files.whyNotAdoptable(path);
+    if (why === undefined) await unlink(path).catch(() => undefined);
+    else this.opts.log.warn({ file: path, why }, "adopted file left in place");
   }
 
   /**
@@ -383,6 +454,7 @@ export class Registry {
         v.name,
         list.filter((x) => x !== v),
       );
+      v.unwatch();
       await unpinFiles(this.opts.ctx, v.pinned);
     }
   }

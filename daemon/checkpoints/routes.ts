@@ -1,9 +1,11 @@
+import { join } from "node:path";
 import type { Hono } from "hono";
 import * as v from "valibot";
 import { reply } from "../http/codec.ts";
 import { parseBody } from "../http/validate.ts";
+import type { FilePolicy } from "./confine.ts";
 import { checkName, type Registry } from "./registry.ts";
-import { resolveDirectory, resolveFiles } from "./sources.ts";
+import { INDEX_FILE, resolveDirectory, resolveFiles } from "./sources.ts";
 
 const RegisterBody = v.pipe(
   v.strictObject({
@@ -21,7 +23,12 @@ const RegisterBody = v.pipe(
 );
 
 /** GET|POST /v1/checkpoints, GET|DELETE /v1/checkpoints/{name}[@N]. */
-export function checkpointRoutes(app: Hono<{ Variables: { body: unknown } }>, registry: Registry, budgetBytes: number) {
+export function checkpointRoutes(
+  app: Hono<{ Variables: { body: unknown } }>,
+  registry: Registry,
+  budgetBytes: number,
+  files: FilePolicy,
+) {
   app.get("/v1/checkpoints", (c) =>
     reply(c, {
       checkpoints: registry.list().map((x) => x.summary()),
@@ -33,6 +40,9 @@ export function checkpointRoutes(app: Hono<{ Variables: { body: unknown } }>, re
   app.post("/v1/checkpoints", async (c) => {
     const body = parseBody(RegisterBody, c.get("body"));
     checkName(body.name);
+    // Before anything is listed or read (the index too), so nothing outside the roots is probed.
+    const named = body.dir !== undefined ? [body.dir, join(body.dir, INDEX_FILE)] : (body.files ?? []);
+    for (const path of named) await files.confine(path);
     const source = body.dir !== undefined ? resolveDirectory(body.dir) : resolveFiles(body.files ?? []);
     const version = await registry.register({ name: body.name, source, copy: body.copy, adopt: body.adopt });
     c.header("location", `/v1/checkpoints/${version.id}`);

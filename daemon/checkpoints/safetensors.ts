@@ -64,12 +64,18 @@ export function headerLength(prefix: Uint8Array, fileSize: number, file: string)
   if (fileSize < 8 || prefix.byteLength < 8) {
     throw new SafetensorsError(file, undefined, `file of ${fileSize} bytes is too short for a header length`);
   }
+  // The length is not echoed, nor anything else read from the file: the daemon may read
+  // files its caller cannot (registering /etc/shadow must not answer with its first bytes).
   const len = new DataView(prefix.buffer, prefix.byteOffset, 8).getBigUint64(0, true);
   if (len < 2n || len > BigInt(MAX_HEADER_BYTES)) {
-    throw new SafetensorsError(file, undefined, `header length ${len} outside 2..${MAX_HEADER_BYTES}`);
+    throw new SafetensorsError(file, undefined, `header length (the first 8 bytes) is outside 2..${MAX_HEADER_BYTES}`);
   }
   if (len > BigInt(fileSize - 8)) {
-    throw new SafetensorsError(file, undefined, `header length ${len} exceeds the file (${fileSize} bytes)`);
+    throw new SafetensorsError(
+      file,
+      undefined,
+      `header length (the first 8 bytes) exceeds the file of ${fileSize} bytes`,
+    );
   }
   return Number(len);
 }
@@ -125,8 +131,9 @@ export function parseHeader(bytes: Uint8Array, fileSize: number, file: string): 
   let json: unknown;
   try {
     json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes.subarray(8, 8 + len)));
-  } catch (err) {
-    throw new SafetensorsError(file, undefined, `header is not valid UTF-8 JSON: ${(err as Error).message}`);
+  } catch {
+    // The parser's message quotes the text around the error: not echoed (see headerLength).
+    throw new SafetensorsError(file, undefined, "header is not valid UTF-8 JSON");
   }
   if (!isObject(json)) throw new SafetensorsError(file, undefined, "header is not a JSON object");
   const dataStart = 8 + len;

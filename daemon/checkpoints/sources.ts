@@ -39,8 +39,9 @@ export function resolveDirectory(dir: string): ResolvedSource {
     let index: unknown;
     try {
       index = JSON.parse(readFileSync(path, "utf8"));
-    } catch (err) {
-      bad(`${path}: not valid JSON: ${(err as Error).message}`);
+    } catch {
+      // The parser's message quotes the file's text; the caller may not be allowed to read it.
+      bad(`${path}: not valid JSON`);
     }
     const map = (index as { weight_map?: unknown })?.weight_map;
     if (typeof map !== "object" || map === null || Array.isArray(map)) bad(`${path}: no "weight_map" object`);

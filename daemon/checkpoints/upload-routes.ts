@@ -33,7 +33,15 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
   );
 
   app.put("/v1/uploads/:id/files/:file", async (c) =>
-    reply(c, await uploads.putFile(c.req.param("id"), c.req.param("file"), c.req.raw.body)),
+    reply(
+      c,
+      await uploads.putFile(
+        c.req.param("id"),
+        c.req.param("file"),
+        c.req.raw.body,
+        Number(c.req.header("content-length")),
+      ),
+    ),
   );
 
   app.post("/v1/uploads/:id/commit", async (c) => {

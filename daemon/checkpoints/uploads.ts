@@ -4,7 +4,7 @@
  * default), which the committed version adopts and pins in place.
  */
 import { randomBytes } from "node:crypto";
-import { type FileHandle, mkdir, open, unlink } from "node:fs/promises";
+import { type FileHandle, mkdir, open, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { DaemonError } from "../errors.ts";
 import { type CheckpointVersion, checkName, type Registry } from "./registry.ts";
@@ -50,7 +50,15 @@ function bytesOf(dtype: string, shape: number[]): number {
   const bits = shape.reduce((a, d) => a * BigInt(d), BigInt(DTYPE_BITS[dtype] as number));
   if (bits % 8n !== 0n)
     throw new DaemonError("invalid_request", `shape ${JSON.stringify(shape)} of ${dtype} is not whole bytes`);
-  return Number(bits / 8n);
+  return safeBytes(bits / 8n, `shape ${JSON.stringify(shape)} of ${dtype}`);
+}
+
+/** A byte count as a number, when it is one exactly (at most 2^53 - 1); else a 400 naming what. */
+function safeBytes(bytes: bigint, what: string): number {
+  if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new DaemonError("invalid_request", `${what} is ${bytes} bytes, more than 2^53 - 1`);
+  }
+  return Number(bytes);
 }
 
 /** Streams a body into a file at `position`; returns the bytes written, or `limit + 1` if it held more. */
@@ -62,7 +70,9 @@ async function streamTo(body: Body, file: FileHandle, position: number, limit: n
     const { done, value } = await reader.read();
     if (done) break;
     if (written + value.byteLength > limit) {
-      await reader.cancel();
+      // Released, not cancelled: cancelling resets the connection, and the client may lose the
+      // answer; the server discards what is still coming (bounded) before it closes.
+      reader.releaseLock();
       return limit + 1;
     }
     await file.write(value, 0, value.byteLength, position + written);
@@ -102,11 +112,18 @@ export class Uploads {
       seen.add(t.name);
       return { ...t, bytes: bytesOf(t.dtype, t.shape) };
     });
+    // Refused now rather than at commit: staging files on tmpfs take memory as they fill.
+    this.registry.checkBudget(
+      layout.reduce((sum, t) => sum + t.bytes, 0),
+      "declaring tensors of",
+    );
+    const header = layout.length > 0 ? encodeHeader(layout, req.metadata) : undefined;
+    const total = layout.reduce((sum, t) => sum + BigInt(t.bytes), BigInt(header?.byteLength ?? 0));
+    safeBytes(total, "the upload");
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
     const id = randomBytes(8).toString("hex");
     const upload: Upload = { id, name: req.name, placements: new Map(), files: new Map(), busy: false };
-    if (layout.length > 0) {
-      const header = encodeHeader(layout, req.metadata);
+    if (header) {
       const path = join(this.dir, `${id}-tensors.safetensors`);
       const file = await open(path, "wx", 0o600);
       try {
@@ -117,9 +134,13 @@ export class Uploads {
           offset += t.bytes;
         }
         await file.truncate(offset);
-      } finally {
+      } catch (err) {
+        // No upload owns the file yet: nothing may stay behind.
         await file.close();
+        await unlink(path).catch(() => undefined);
+        throw err;
       }
+      await file.close();
       upload.tensorsFile = path;
     }
     this.uploads.set(id, upload);
@@ -151,18 +172,39 @@ export class Uploads {
     });
   }
 
-  /** Receives a whole safetensors file (checked at commit, like any registered file). */
-  async putFile(id: string, name: string, body: Body): Promise<{ file: string; bytes: number }> {
+  /**
+   * Receives a whole safetensors file (checked at commit, like any registered file). One larger
+   * than the pinned-memory budget leaves (by its Content-Length, or as it streams) is a 413, and
+   * none of it is kept.
+   */
+  async putFile(
+    id: string,
+    name: string,
+    body: Body,
+    declaredBytes?: number,
+  ): Promise<{ file: string; bytes: number }> {
     const upload = this.get(id);
     if (!FILE_NAME.test(name)) {
       throw new DaemonError("invalid_request", `file name "${name}" must be a plain name ending in .safetensors`);
     }
     const path = join(this.dir, `${upload.id}-${name}`);
     return this.exclusive(upload, async () => {
-      const file = await open(path, "w", 0o600);
+      const limit = Math.min(Number.MAX_SAFE_INTEGER, this.registry.budgetLeft() - (await this.staged(upload, name)));
+      const tooLarge = () =>
+        new DaemonError(
+          "body_too_large",
+          `file "${name}" exceeds the ${limit} bytes the pinned-memory budget leaves (pinnedBudgetBytes); nothing was kept`,
+          { limitBytes: limit },
+        );
+      if ((declaredBytes ?? 0) > limit) throw tooLarge();
+      // A new file, never one found there ("wx" follows no symlink): with uploadGroup, others
+      // may create names in the directory.
+      await unlink(path).catch(() => undefined);
+      const file = await open(path, "wx", 0o600);
       let n: number;
       try {
-        n = await streamTo(body, file, 0, Number.MAX_SAFE_INTEGER);
+        n = await streamTo(body, file, 0, Math.max(0, limit));
+        if (n > limit) throw tooLarge();
       } catch (err) {
         await file.close();
         await unlink(path).catch(() => undefined);
@@ -172,6 +214,14 @@ export class Uploads {
       upload.files.set(name, path);
       return { file: name, bytes: n };
     });
+  }
+
+  /** Bytes the upload's staging files hold, but for the file `except` (about to be replaced). */
+  private async staged(u: Upload, except: string): Promise<number> {
+    const paths = [u.tensorsFile, ...[...u.files].filter(([n]) => n !== except).map(([, p]) => p)];
+    let sum = 0;
+    for (const p of paths) if (p) sum += (await stat(p)).size;
+    return sum;
   }
 
   /** Registers what was uploaded as the next version, which adopts the files; the upload ends. */

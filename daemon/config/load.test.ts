@@ -12,7 +12,19 @@ describe("config layers", () => {
       port: 8470,
       backend: "auto",
       stateDir: "/home/u/.local/state/ckptd",
+      maxBodyBytes: 16 << 20,
+      uploadDir: "",
+      registerRoots: ["/dev/shm"],
+      uploadGroup: "",
     });
+  });
+
+  it("takes maxBodyBytes from a flag or CKPTD_MAX_BODY_BYTES, and refuses 0", () => {
+    expect(parseArgs(["--max-body-bytes", "4096"]).values).toEqual({ maxBodyBytes: 4096 });
+    expect(parseEnv({ CKPTD_MAX_BODY_BYTES: "8192" })).toEqual({ maxBodyBytes: 8192 });
+    expect(() => resolveConfig({ env: {}, flags: { maxBodyBytes: 0 } }, env)).toThrow(
+      /^maxBodyBytes \(from --max-body-bytes\): /,
+    );
   });
 
   it.each([
@@ -74,6 +86,16 @@ describe("config errors name the key and the problem", () => {
       name: "bad enum",
       run: () => resolveConfig({ env: {}, flags: { backend: "gpu" } }, env),
       message: "backend (from --backend)",
+    },
+    {
+      name: "a relative register root",
+      run: () => resolveConfig({ env: parseEnv({ CKPTD_REGISTER_ROOTS: "/dev/shm,models" }), flags: {} }, env),
+      message: "registerRoots (from CKPTD_REGISTER_ROOTS): must be absolute paths",
+    },
+    {
+      name: "a relative upload directory",
+      run: () => resolveConfig({ env: {}, flags: parseArgs(["--upload-dir", "up"]).values }, env),
+      message: "uploadDir (from --upload-dir): must be an absolute path (or empty)",
     },
     ...["vllm", "http"].map((kind) => ({
       name: `engine of kind ${kind} without a url`,
@@ -150,6 +172,14 @@ describe("help", () => {
       `  ${"--port N".padEnd(28)}TCP port of the HTTP API (0: any free port) [CKPTD_PORT, "port"]`,
     );
     expect(lines).toContain(`  ${"--host VALUE".padEnd(28)}address to listen on [CKPTD_HOST, "host"]`);
+    expect(lines).toContain(
+      `  ${"--max-body-bytes N".padEnd(28)}largest JSON or CBOR request body (413 beyond) [CKPTD_MAX_BODY_BYTES, "maxBodyBytes"]`,
+    );
+    // Keys only the file can set name the key, not an empty flag and variable.
+    expect(lines).toContain(
+      `  ${'"engines"'.padEnd(28)}engines of this host: [{name, kind: receiver|vllm|http, url?, body?, gpus}] [config file only]`,
+    );
+    for (const line of lines) expect(line).not.toMatch(/^ {3}|\[, /);
     expect(lines.slice(-2)).toEqual([
       `  ${"--version".padEnd(28)}print the version and exit`,
       `  ${"--help".padEnd(28)}print this help and exit`,

@@ -139,9 +139,10 @@ export function loadConfig(
 
 /** The --help text, generated from the key table. */
 export function helpText(): string {
-  const rows = Object.entries(KEYS).map(
-    ([key, doc]) =>
-      `  ${`${doc.flag} ${doc.kind === "integer" ? "N" : "VALUE"}`.padEnd(28)}${doc.help} [${doc.env}, "${key}"]`,
+  const rows = Object.entries(KEYS).map(([key, doc]) =>
+    doc.flag
+      ? `  ${`${doc.flag} ${doc.kind === "integer" ? "N" : "VALUE"}`.padEnd(28)}${doc.help} [${doc.env}, "${key}"]`
+      : `  ${`"${key}"`.padEnd(28)}${doc.help} [config file only]`,
   );
   return [
     "Usage: ckptd [--config FILE] [options]",

@@ -1,6 +1,5 @@
-import { existsSync } from "node:fs";
 import { availableParallelism, homedir, totalmem } from "node:os";
-import { join } from "node:path";
+import { isAbsolute, join } from "node:path";
 import * as v from "valibot";
 
 const port = v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535));
@@ -37,13 +36,26 @@ export const ConfigSchema = v.strictObject({
   pinnedBudgetBytes: v.pipe(v.number(), v.integer(), v.minValue(0)),
   maxVersions: v.pipe(v.number(), v.integer(), v.minValue(1)),
   ioThreads: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(64)),
-  uploadDir: text,
+  uploadDir: v.pipe(
+    v.string(),
+    v.check((s) => s === "" || isAbsolute(s), "must be an absolute path (or empty)"),
+  ),
+  registerRoots: v.array(v.pipe(v.string(), v.check(isAbsolute, "must be absolute paths"))),
+  uploadGroup: v.string(),
   bucketBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 20)),
   bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
   bucketMemoryBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 21)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
+  maxBodyBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
   socketDir: v.string(),
   peers: v.array(v.pipe(v.string(), v.url())),
+  tokensFile: v.string(),
+  // The value is never echoed in an error (valibot's default messages quote the input).
+  clusterSecret: v.pipe(
+    v.string("must be a string"),
+    v.check((s) => s === "" || s.length >= 16, "must be at least 16 characters"),
+  ),
+  clusterSecretFile: v.string(),
   engines: v.array(EngineSchema),
 });
 
@@ -111,7 +123,19 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     flag: "--upload-dir",
     env: "CKPTD_UPLOAD_DIR",
     kind: "string",
-    help: "where pushed checkpoints are written (tmpfs, to pin them in place)",
+    help: "the daemon's own directory for pushed checkpoints (empty: /dev/shm/ckptd-<node id>)",
+  },
+  registerRoots: {
+    flag: "--register-roots",
+    env: "CKPTD_REGISTER_ROOTS",
+    kind: "list",
+    help: "directories registrations may name files under, besides uploadDir (comma-separated; default /dev/shm)",
+  },
+  uploadGroup: {
+    flag: "--upload-group",
+    env: "CKPTD_UPLOAD_GROUP",
+    kind: "string",
+    help: "group whose members may write to uploadDir and adopt their files there (empty: none)",
   },
   bucketBytes: {
     flag: "--bucket-bytes",
@@ -137,6 +161,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "integer",
     help: "how long an engine may take to answer before the update aborts",
   },
+  maxBodyBytes: {
+    flag: "--max-body-bytes",
+    env: "CKPTD_MAX_BODY_BYTES",
+    kind: "integer",
+    help: "largest JSON or CBOR request body (413 beyond)",
+  },
   socketDir: {
     flag: "--socket-dir",
     env: "CKPTD_SOCKET_DIR",
@@ -148,6 +178,24 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     env: "CKPTD_PEERS",
     kind: "list",
     help: "other daemons taking part in this daemon's updates (comma-separated URLs)",
+  },
+  tokensFile: {
+    flag: "--tokens-file",
+    env: "CKPTD_TOKENS_FILE",
+    kind: "string",
+    help: "API tokens, one role:token per line, roles read | admin, mode 0600 (empty: stateDir/tokens, made at first start)",
+  },
+  clusterSecret: {
+    flag: "--cluster-secret",
+    env: "CKPTD_CLUSTER_SECRET",
+    kind: "string",
+    help: "secret that signs requests between daemons (prefer clusterSecretFile)",
+  },
+  clusterSecretFile: {
+    flag: "--cluster-secret-file",
+    env: "CKPTD_CLUSTER_SECRET_FILE",
+    kind: "string",
+    help: "file of the cluster secret, not readable by others (empty: stateDir/cluster-secret, made at first start)",
   },
   engines: {
     flag: "",
@@ -173,13 +221,19 @@ export function defaults(env: Record<string, string | undefined>): Config {
     pinnedBudgetBytes: Math.floor(totalmem() * 0.75),
     maxVersions: 3,
     ioThreads: Math.min(16, availableParallelism()),
-    uploadDir: existsSync("/dev/shm") ? "/dev/shm/ckptd" : join(stateHome, "ckptd", "uploads"),
+    uploadDir: "",
+    registerRoots: ["/dev/shm"],
+    uploadGroup: "",
     bucketBytes: 256 << 20,
     bucketSlots: 4,
     bucketMemoryBytes: 1 << 30,
     receiverTimeoutMs: 30000,
+    maxBodyBytes: 16 << 20,
     socketDir: "",
     peers: [],
+    tokensFile: "",
+    clusterSecret: "",
+    clusterSecretFile: "",
     engines: [],
   };
 }

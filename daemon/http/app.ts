@@ -1,4 +1,4 @@
-import { Hono } from "hono";
+import { Hono, type MiddlewareHandler } from "hono";
 import type { Logger } from "pino";
 import { CkptError } from "../../ffi/index.ts";
 import { readBody, reply } from "./codec.ts";
@@ -11,18 +11,23 @@ export interface AppDeps {
   log: Logger;
   /** The body of GET /v1/status. */
   status(): unknown;
+  /** Largest JSON or CBOR body (default 16 MiB). */
+  maxBodyBytes?: number;
+  /** Authentication (http/auth.ts), run before anything else; the daemon always passes it. */
+  auth?: MiddlewareHandler;
 }
 
 /** Builds the HTTP API. Routes read the decoded body from c.get("body"). */
 export function createApp(deps: AppDeps): Hono<{ Variables: Variables }> {
   const app = new Hono<{ Variables: Variables }>();
+  if (deps.auth) app.use("*", deps.auth);
 
   // Bodies are decoded once, before routing, so every route gets the same 400 for bad input.
   // Raw bytes (application/octet-stream) are left for the route to stream.
   app.use("*", async (c, next) => {
     const raw = c.req.header("content-type")?.startsWith("application/octet-stream");
     if ((c.req.method === "POST" || c.req.method === "PUT" || c.req.method === "PATCH") && !raw) {
-      c.set("body", await readBody(c));
+      c.set("body", await readBody(c, deps.maxBodyBytes));
     }
     await next();
   });

@@ -9,5 +9,5 @@ export interface Server {
 export interface Runtime {
   name: "node" | "deno";
   serve(fetch: (request: Request) => Response | Promise<Response>, hostname: string, port: number): Promise<Server>;
-  onSignal(signal: "SIGTERM" | "SIGINT", handler: () => void): void;
+  onSignal(signal: "SIGTERM" | "SIGINT" | "SIGHUP", handler: () => void): void;
 }

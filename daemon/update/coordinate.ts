@@ -10,7 +10,7 @@ import type { Buffers } from "./buffers.ts";
 import type { DataPath } from "./data-path.ts";
 import { fingerprint } from "./fingerprint.ts";
 import type { Part } from "./local-run.ts";
-import { type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
+import { type PeerPlan, type PeerSigner, peerAbort, peerInfo, peerRun } from "./peers.ts";
 import type { Group } from "./pipeline.ts";
 import type { Bucket, PlanOptions } from "./plan.ts";
 import { type PeersPlan, planWithPeers } from "./plan-peers.ts";
@@ -25,6 +25,8 @@ export interface CoordinationDeps {
   peers: string[];
   nodeId: string;
   receiverTimeoutMs: number;
+  /** Signs each request to a peer. */
+  sign: PeerSigner;
   /** Plans the buckets (the same version over the same GPUs and slots is planned once). */
   plan: (version: CheckpointVersion, opts: PlanOptions) => Bucket[];
 }
@@ -46,7 +48,7 @@ export class Coordination implements Flow {
     const { peers, receiverTimeoutMs: timeout } = this.deps;
     const { slots, slotBytes } = buffers;
     const fp = fingerprint(this.version);
-    const infos = await Promise.all(peers.map((url) => peerInfo(url, this.version.name, fp, timeout)));
+    const infos = await Promise.all(peers.map((url) => peerInfo(this.deps.sign, url, this.version.name, fp, timeout)));
     const asked = peers.map((url, i) => ({ url, info: infos[i] as (typeof infos)[number] }));
     const shared = this.deps.path.sharedComm();
     const plan = planWithPeers({ gpus: buffers.gpus.length, slots, slotBytes, peers: asked, shared });
@@ -83,7 +85,7 @@ export class Coordination implements Flow {
 
   /** Not cancelled when this daemon fails: the peer's answer may name the cause. */
   private send(url: string, plan: PeerPlan): void {
-    const end = peerRun(url, plan).then((r) => {
+    const end = peerRun(this.deps.sign, url, plan).then((r) => {
       if (r.ok) return;
       this.failures.push({ url, message: r.message, code: r.code });
       if (!this.abort.signal.aborted) this.abort.abort(`peer ${url} failed: ${r.message}`);
@@ -106,7 +108,7 @@ export class Coordination implements Flow {
     const { path, receiverTimeoutMs: timeout } = this.deps;
     const reason = (err as Error).message;
     await path.dropShared(true);
-    await Promise.all(participants.map((p) => peerAbort(p.url, this.record.id, reason, timeout)));
+    await Promise.all(participants.map((p) => peerAbort(this.deps.sign, p.url, this.record.id, reason, timeout)));
     await Promise.race([Promise.all(this.ends), new Promise((r) => setTimeout(r, timeout))]);
     if (err instanceof ReceiverError) return undefined;
     const cause = this.failures.find((f) => f.code === "receiver_failed");

@@ -50,12 +50,23 @@ export function triggerEngines(engines: EngineConfig[], socketDir: string, timeo
     });
 }
 
+/** Refuses engines configured on GPUs this host does not have, naming the engine and the count. */
+export function checkEngineGpus(engines: EngineConfig[], gpus: number): void {
+  for (const e of engines) {
+    const missing = e.gpus.filter((g) => g >= gpus);
+    if (missing.length === 0) continue;
+    const has = gpus === 1 ? "1 GPU (GPU 0)" : `${gpus} GPUs (0 to ${gpus - 1})`;
+    throw new Error(`engine "${e.name}" is configured on GPU ${missing.join(", ")}, but this host has ${has}`);
+  }
+}
+
 /** Waits until every configured engine has a receiver on each of its GPUs. */
 export async function awaitReceivers(
   hub: ReceiverHub,
   engines: EngineConfig[],
   triggered: Triggered[],
   timeout: number,
+  signal?: AbortSignal,
 ): Promise<Receiver[]> {
   const missing = () =>
     engines.flatMap((e) =>
@@ -65,6 +76,7 @@ export async function awaitReceivers(
   const early = new Map<EngineConfig, string>();
   for (const t of triggered) void t.result.then((err) => err && early.set(t.engine, err));
   while (missing().length > 0) {
+    if (signal?.aborted) throw new Error(String(signal.reason));
     const first = missing()[0];
     const err = first && early.get(first.engine);
     if (first && (err || performance.now() > until)) {

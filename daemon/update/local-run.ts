@@ -34,6 +34,9 @@ export class LocalRun {
   private triggered: Triggered[] = [];
   private receivers: Receiver[] = [];
   private readonly acked = new Map<Receiver, number>();
+  /** Receivers that answered `done` to `end`, and those told to abort before that. */
+  private readonly done = new Set<Receiver>();
+  private readonly aborted = new Set<Receiver>();
 
   constructor(
     private readonly deps: LocalDeps,
@@ -41,10 +44,10 @@ export class LocalRun {
   ) {}
 
   /** Asks the configured engines to receive, and waits for a receiver on each of their GPUs. */
-  async engage(): Promise<void> {
+  async engage(signal: AbortSignal): Promise<void> {
     const { hub, engines, socketDir, receiverTimeoutMs: timeout } = this.deps;
     this.triggered = triggerEngines(engines, socketDir, timeout);
-    this.receivers = await awaitReceivers(hub, engines, this.triggered, timeout);
+    this.receivers = await awaitReceivers(hub, engines, this.triggered, timeout, signal);
     for (const r of this.receivers) this.acked.set(r, 0);
   }
 
@@ -72,7 +75,10 @@ export class LocalRun {
     const finishing = performance.now();
     for (const r of receivers) r.send({ op: "end", update: record.id });
     await Promise.all(
-      receivers.map((r) => r.expect((m) => m.op === "done" && m.update === record.id, record.id, timeout, "done")),
+      receivers.map(async (r) => {
+        await r.expect((m) => m.op === "done" && m.update === record.id, record.id, timeout, "done", signal);
+        this.done.add(r);
+      }),
     );
     record.timings.finishSeconds = (performance.now() - finishing) / 1000;
   }
@@ -94,7 +100,11 @@ export class LocalRun {
       message: reason,
       ...(err instanceof ReceiverError ? { receiver: err.receiver.label } : {}),
     };
-    for (const r of this.receivers) r.send({ op: "abort", update: record.id, reason });
+    for (const r of this.receivers) {
+      if (r.closed) continue;
+      r.send({ op: "abort", update: record.id, reason });
+      if (!this.done.has(r)) this.aborted.add(r);
+    }
     this.deps.log.warn({ update: record.id, error: record.error }, "update failed");
   }
 
@@ -109,7 +119,7 @@ export class LocalRun {
     const succeeded = record.state === "succeeded";
     record.receivers = this.receivers.map((r) => {
       const n = this.acked.get(r) ?? 0;
-      const state = receiverState(succeeded, n, record.progress.buckets);
+      const state = receiverState({ done: this.done.has(r), acked: n, aborted: this.aborted.has(r) });
       return { name: r.name, pid: r.pid, gpu: r.gpu, bucketsAcked: n, state };
     });
     if (succeeded)

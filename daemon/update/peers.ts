@@ -33,8 +33,25 @@ export interface PeerPlan {
   buckets: Bucket[];
 }
 
-/** A JSON request to a peer; timeoutMs undefined: no limit. A body that is not JSON becomes an error body. */
-async function call<T>(url: string, init: RequestInit, timeoutMs?: number): Promise<{ status: number; body: T }> {
+/** The headers that sign a request to a peer (auth/signature.ts with the cluster secret). */
+export type PeerSigner = (method: string, url: string, body?: Uint8Array) => Record<string, string>;
+
+/**
+ * A signed JSON request to a peer; timeoutMs undefined: no limit. A body that is not JSON
+ * becomes an error body.
+ */
+async function call<T>(
+  sign: PeerSigner,
+  url: string,
+  request: { method?: string; json?: unknown },
+  timeoutMs?: number,
+): Promise<{ status: number; body: T }> {
+  const method = request.method ?? "GET";
+  // Signed as the very bytes that are sent.
+  const bytes = request.json === undefined ? undefined : new TextEncoder().encode(JSON.stringify(request.json));
+  const headers: Record<string, string> = { ...sign(method, url, bytes) };
+  if (bytes) headers["content-type"] = "application/json";
+  const init: RequestInit = { method, headers, ...(bytes ? { body: bytes } : {}) };
   const res = await fetch(url, timeoutMs === undefined ? init : { ...init, signal: AbortSignal.timeout(timeoutMs) });
   const text = await res.text();
   let body: unknown;
@@ -47,10 +64,16 @@ async function call<T>(url: string, init: RequestInit, timeoutMs?: number): Prom
 }
 
 /** Asks a peer for its GPUs and whether it holds the version. */
-export async function peerInfo(url: string, name: string, fp: string, timeoutMs: number): Promise<PeerInfo> {
+export async function peerInfo(
+  sign: PeerSigner,
+  url: string,
+  name: string,
+  fp: string,
+  timeoutMs: number,
+): Promise<PeerInfo> {
   const q = `${url}/v1/peer/info?checkpoint=${encodeURIComponent(name)}&fingerprint=${fp}`;
   try {
-    const { status, body } = await call<PeerInfo & { error?: { message: string } }>(q, {}, timeoutMs);
+    const { status, body } = await call<PeerInfo & { error?: { message: string } }>(sign, q, {}, timeoutMs);
     if (status !== 200) throw new Error(body.error?.message ?? `status ${status}`);
     return body;
   } catch (err) {
@@ -62,16 +85,12 @@ export async function peerInfo(url: string, name: string, fp: string, timeoutMs:
 export type PeerResult = { ok: true } | { ok: false; message: string; code?: string };
 
 /** Sends the plan; resolves with the peer's final answer. */
-export async function peerRun(url: string, plan: PeerPlan): Promise<PeerResult> {
+export async function peerRun(sign: PeerSigner, url: string, plan: PeerPlan): Promise<PeerResult> {
   try {
     // No time limit here: a dead peer closes the connection, a stuck one stalls the
     // collectives, which the event waits bound.
     type Failed = { error?: { message: string; details?: { error?: { code?: string } } } };
-    const { status, body } = await call<Failed>(`${url}/v1/peer/updates`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify(plan),
-    });
+    const { status, body } = await call<Failed>(sign, `${url}/v1/peer/updates`, { method: "POST", json: plan });
     if (status === 200) return { ok: true };
     return { ok: false, message: body.error?.message ?? `status ${status}`, code: body.error?.details?.error?.code };
   } catch (err) {
@@ -80,10 +99,17 @@ export async function peerRun(url: string, plan: PeerPlan): Promise<PeerResult> 
 }
 
 /** Tells a peer to abort an update (best effort). */
-export async function peerAbort(url: string, update: string, reason: string, timeoutMs: number): Promise<void> {
+export async function peerAbort(
+  sign: PeerSigner,
+  url: string,
+  update: string,
+  reason: string,
+  timeoutMs: number,
+): Promise<void> {
   await call(
+    sign,
     `${url}/v1/peer/updates/${encodeURIComponent(update)}/abort`,
-    { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ reason }) },
+    { method: "POST", json: { reason } },
     timeoutMs,
   ).catch(() => undefined);
 }

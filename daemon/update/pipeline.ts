@@ -6,6 +6,7 @@
  */
 import type { Comm, Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
+import { assertUnchanged, changedUnderneath } from "../checkpoints/watch.ts";
 import { at, type Buffers } from "./buffers.ts";
 import type { Bucket } from "./plan.ts";
 import type { Receiver } from "./receivers.ts";
@@ -96,7 +97,8 @@ export async function transmit(o: TransmitOptions): Promise<void> {
     );
   }
   await Promise.all(slots);
-  if (failure) throw failure;
+  if (failure) throw o.version ? changedUnderneath(o.version, failure) : failure;
+  if (o.version) assertUnchanged(o.version);
 }
 
 /** Communicators across processes that have run a collective (their ranks are connected). */
@@ -174,6 +176,7 @@ async function deliver(o: TransmitOptions, b: Bucket, timing: BucketTiming): Pro
             o.update,
             timeout,
             `the ack of bucket ${b.index}`,
+            o.signal,
           );
           o.acked.set(r, (o.acked.get(r) ?? 0) + 1);
         }),

@@ -8,6 +8,14 @@ import { join } from "node:path";
 import type { Logger } from "pino";
 
 export const PROTOCOL = 1;
+/** A protocol line longer than this (bytes of UTF-8, about) disconnects the receiver. */
+export const MAX_LINE_BYTES = 1 << 20;
+/** Invalid messages (not JSON, no op) a receiver may send before it is disconnected. */
+export const MAX_INVALID = 3;
+/** Messages no wait consumed (acks of nothing) a receiver may have queued. */
+export const MAX_INBOX = 1000;
+
+let connections = 0;
 
 export type Message = { op: string; [key: string]: unknown };
 
@@ -18,6 +26,11 @@ export class Receiver {
   ready = false;
   closed = false;
   private buffered = "";
+  private invalid = 0;
+  private firstInvalid = "";
+  /** Why the daemon cuts this receiver off, once it broke the protocol. */
+  violation?: string;
+  readonly connection = ++connections;
   private readonly waiters = new Set<(msg: Message | undefined) => void>();
   /** Messages not yet consumed by a waiter (acks arriving early, errors). */
   readonly inbox: Message[] = [];
@@ -25,10 +38,10 @@ export class Receiver {
   constructor(
     readonly gpu: number,
     readonly socket: Socket,
-    private readonly log: Logger,
   ) {}
 
   get label(): string {
+    if (!this.ready && this.pid === 0) return `connection #${this.connection} (GPU ${this.gpu}, no hello yet)`;
     return `${this.name} (pid ${this.pid}, GPU ${this.gpu})`;
   }
 
@@ -36,26 +49,52 @@ export class Receiver {
     if (!this.closed) this.socket.write(`${JSON.stringify(msg)}\n`);
   }
 
-  /** Feeds received bytes; returns the complete messages. */
+  /**
+   * Feeds received text; returns the complete messages. Sets `violation` (and returns what came
+   * before it) once a line exceeds MAX_LINE_BYTES or the MAX_INVALID-th invalid message arrives.
+   */
   feed(chunk: string): Message[] {
-    this.buffered += chunk;
-    const lines = this.buffered.split("\n");
+    // Only the new chunk is searched: a long line without a newline costs its length once.
+    if (!chunk.includes("\n")) {
+      this.buffered += chunk;
+      if (this.buffered.length > MAX_LINE_BYTES) this.violation = `sent a line of over ${MAX_LINE_BYTES} bytes`;
+      return [];
+    }
+    const lines = (this.buffered + chunk).split("\n");
     this.buffered = lines.pop() ?? "";
     const out: Message[] = [];
+    for (const line of [...lines, this.buffered]) {
+      if (line.length > MAX_LINE_BYTES) {
+        this.violation = `sent a line of over ${MAX_LINE_BYTES} bytes`;
+        return out;
+      }
+    }
     for (const line of lines) {
       if (!line.trim()) continue;
+      let msg: unknown;
       try {
-        const msg = JSON.parse(line);
-        if (typeof msg?.op === "string") out.push(msg);
-        else this.log.warn({ receiver: this.label, line }, "receiver sent a message without op");
+        msg = JSON.parse(line);
       } catch {
-        this.log.warn({ receiver: this.label, line: line.slice(0, 200) }, "receiver sent malformed JSON");
+        msg = undefined;
+      }
+      if (typeof (msg as Message | undefined)?.op === "string") {
+        out.push(msg as Message);
+        continue;
+      }
+      if (this.invalid++ === 0) this.firstInvalid = line.slice(0, 200);
+      if (this.invalid >= MAX_INVALID) {
+        this.violation = `sent ${this.invalid} invalid messages (not JSON with an "op"), the first: ${this.firstInvalid}`;
+        return out;
       }
     }
     return out;
   }
 
   deliver(msg: Message): void {
+    if (this.inbox.length >= MAX_INBOX) {
+      this.violation = `sent over ${MAX_INBOX} messages nobody waited for`;
+      return;
+    }
     this.inbox.push(msg);
     for (const w of [...this.waiters]) w(msg);
   }
@@ -74,9 +113,16 @@ export class Receiver {
 
   /**
    * Resolves with the first inbox message matching `pred` (consuming it), or rejects when
-   * the receiver disconnects, sends an error for this update, or `timeoutMs` passes.
+   * the receiver disconnects, sends an error for this update, `timeoutMs` passes or `signal`
+   * aborts (with its reason).
    */
-  expect(pred: (m: Message) => boolean, update: string, timeoutMs: number, what: string): Promise<Message> {
+  expect(
+    pred: (m: Message) => boolean,
+    update: string,
+    timeoutMs: number,
+    what: string,
+    signal?: AbortSignal,
+  ): Promise<Message> {
     return new Promise((resolve, reject) => {
       const scan = (): boolean => {
         // An error for the update fails every wait of it, so it stays in the inbox.
@@ -103,10 +149,20 @@ export class Receiver {
         cleanup();
         reject(new ReceiverError(this, `did not answer within ${timeoutMs} ms (waiting for ${what})`));
       }, timeoutMs);
+      const aborted = () => {
+        cleanup();
+        reject(new Error(String(signal?.reason ?? "aborted")));
+      };
       const cleanup = () => {
         clearTimeout(timer);
         this.waiters.delete(waiter);
+        signal?.removeEventListener("abort", aborted);
       };
+      if (signal?.aborted) {
+        aborted();
+        return;
+      }
+      signal?.addEventListener("abort", aborted);
       if (this.closed) {
         cleanup();
         reject(new ReceiverError(this, `disconnected before ${what}`));
@@ -162,10 +218,11 @@ export class ReceiverHub {
   }
 
   private accept(gpu: number, socket: Socket): void {
-    const r = new Receiver(gpu, socket, this.log);
+    const r = new Receiver(gpu, socket);
     this.receivers.add(r);
     socket.setEncoding("utf8");
     socket.on("data", (chunk: string) => {
+      if (r.closed) return;
       for (const msg of r.feed(chunk)) {
         if (msg.op === "hello" && !r.ready) {
           r.name = typeof msg.name === "string" ? msg.name : `pid-${msg.pid}`;
@@ -179,6 +236,11 @@ export class ReceiverHub {
           this.greet(r);
           this.log.info({ receiver: r.label }, "receiver connected");
         } else r.deliver(msg);
+        if (r.violation) break;
+      }
+      if (r.violation) {
+        this.log.warn({ receiver: r.label, reason: r.violation }, "receiver broke the protocol; disconnected");
+        r.close();
       }
     });
     const gone = () => {

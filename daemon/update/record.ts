@@ -9,8 +9,12 @@ export interface ReceiverResult {
   pid: number;
   gpu: number;
   bucketsAcked: number;
-  /** applied: has the whole new version; partial: some of it; untouched: none of it. */
-  state: "applied" | "partial" | "untouched";
+  /**
+   * applied: answered `done` to `end`, so it holds the whole new version; untouched: acked no
+   * bucket; aborted: was told to abort after acking `bucketsAcked` buckets; partial: acked some,
+   * then went away before either.
+   */
+  state: "applied" | "aborted" | "partial" | "untouched";
 }
 
 export class UpdateRecord {
@@ -51,9 +55,9 @@ export class UpdateRecord {
   }
 }
 
-/** What a receiver holds once an update ended, from the buckets it acked of `total`. */
-export function receiverState(succeeded: boolean, acked: number, total: number): ReceiverResult["state"] {
-  if (succeeded) return "applied";
-  if (acked === 0) return "untouched";
-  return acked === total ? "applied" : "partial";
+/** What a receiver holds once an update ended: whether it finished (`done`), acked anything, was told to abort. */
+export function receiverState(r: { done: boolean; acked: number; aborted: boolean }): ReceiverResult["state"] {
+  if (r.done) return "applied";
+  if (r.acked === 0) return "untouched";
+  return r.aborted ? "aborted" : "partial";
 }

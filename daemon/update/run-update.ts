@@ -39,7 +39,7 @@ export async function runUpdate(
     record.progress.bytes = part.buckets.reduce((sum, b) => sum + b.bytes, 0);
     const group = await flow.join(buffers);
     record.timings.planSeconds = (performance.now() - record.t0) / 1000;
-    await run.engage();
+    await run.engage(abort.signal);
     await run.move(part, group, buffers, abort.signal);
     await flow.others();
     if (abort.signal.aborted) throw new Error(String(abort.signal.reason));

@@ -12,7 +12,7 @@ import { Coordination } from "./coordinate.ts";
 import type { DataPath } from "./data-path.ts";
 import { withFingerprint } from "./fingerprint.ts";
 import { Participation } from "./participate.ts";
-import type { PeerPlan } from "./peers.ts";
+import type { PeerPlan, PeerSigner } from "./peers.ts";
 import { type Bucket, type PlanOptions, planBuckets } from "./plan.ts";
 import type { ReceiverHub } from "./receivers.ts";
 import { UpdateRecord } from "./record.ts";
@@ -33,6 +33,8 @@ export interface UpdateOptions {
   socketDir: string;
   /** Other daemons that take part in this daemon's updates (base URLs). */
   peers: string[];
+  /** Signs each request to a peer (the cluster secret). */
+  sign: PeerSigner;
   nodeId: string;
   /** Updates kept for GET /v1/updates/{id}. */
   history?: number;

@@ -2,8 +2,10 @@
 
 Needs only the standard library, and torch for real engines. One Receiver per GPU process:
 
+    import os
     from integrations.ckptd import Receiver, apply_to_params
-    r = Receiver("/run/ckptd/gpu-0.sock", device="cuda:0", name="engine-0")
+    # <stateDir>/sockets/gpu-<i>.sock: ~/.local/state/ckptd/... by hand, /var/lib/ckptd/... under systemd
+    r = Receiver(os.path.expanduser("~/.local/state/ckptd/sockets/gpu-0.sock"), device="cuda:0", name="engine-0")
     params = dict(model.named_parameters())
     summary = r.receive(apply_to_params(params))   # one update; r.serve(...) loops
 

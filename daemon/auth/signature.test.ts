@@ -1,0 +1,81 @@
+import { describe, expect, it } from "vitest";
+import { checkHeaders, checkSignature, ReplayGuard, type SignedRequest, sign, signedHeaders } from "./signature.ts";
+
+const secret = Buffer.from("a-cluster-secret-of-some-length");
+const body = new TextEncoder().encode('{"update":"u-1"}');
+const now = 1_800_000_000_000;
+
+function request(over: Partial<SignedRequest> = {}): SignedRequest {
+  const h = signedHeaders(secret, "POST", "http://10.0.0.2:8470/v1/peer/updates?x=1", body, now);
+  return {
+    method: "POST",
+    target: "/v1/peer/updates?x=1",
+    timestamp: h["x-ckptd-timestamp"],
+    signature: h["x-ckptd-signature"],
+    ...over,
+  };
+}
+
+describe("peer request signatures", () => {
+  it("accepts the request as signed", () => {
+    expect(checkHeaders(request(), now)).toEqual({ ok: true });
+    expect(checkSignature(secret, request(), body)).toEqual({ ok: true });
+  });
+
+  it.each([
+    { name: "another method", req: { method: "PUT" }, bytes: body },
+    { name: "another path", req: { target: "/v1/peer/updates/u-1/abort?x=1" }, bytes: body },
+    { name: "another query", req: { target: "/v1/peer/updates?x=2" }, bytes: body },
+    { name: "another timestamp", req: { timestamp: String(now + 1) }, bytes: body },
+    { name: "another body", req: {}, bytes: new TextEncoder().encode('{"update":"u-2"}') },
+    { name: "no body", req: {}, bytes: new Uint8Array() },
+  ])("refuses $name", ({ req, bytes }) => {
+    expect(checkSignature(secret, request(req), bytes)).toEqual({
+      ok: false,
+      message: "the signature does not match (do both daemons have the same cluster secret?)",
+    });
+  });
+
+  it("refuses another secret's signature", () => {
+    expect(checkSignature(Buffer.from("another-secret-of-some-length"), request(), body).ok).toBe(false);
+  });
+
+  it("signs the method in capitals and the body's hash, so either side may spell them", () => {
+    expect(sign(secret, "post", "/a", "1", body)).toBe(sign(secret, "POST", "/a", "1", body));
+  });
+
+  it.each([
+    { name: "no signature", req: { signature: undefined }, message: /must be signed with the cluster secret/ },
+    { name: "no timestamp", req: { timestamp: undefined }, message: /must be signed with the cluster secret/ },
+    { name: "a timestamp that is no number", req: { timestamp: "1e12" }, message: /milliseconds since 1970/ },
+    { name: "a short signature", req: { signature: "abcd" }, message: /64 hex digits/ },
+    {
+      name: "a timestamp 45 s old",
+      req: { timestamp: String(now - 45_000) },
+      message: "the request's timestamp is 45.0 s behind this daemon's clock, beyond the bound of 30 s",
+    },
+    {
+      name: "a timestamp 31 s ahead",
+      req: { timestamp: String(now + 31_000) },
+      message: "the request's timestamp is 31.0 s ahead of this daemon's clock, beyond the bound of 30 s",
+    },
+  ])("refuses $name before reading the body", ({ req, message }) => {
+    const got = checkHeaders(request(req), now);
+    expect(got.ok).toBe(false);
+    expect((got as { message: string }).message).toMatch(message);
+  });
+
+  it("accepts a skew up to the bound", () => {
+    expect(checkHeaders(request({ timestamp: String(now - 30_000) }), now).ok).toBe(true);
+    expect(checkHeaders(request({ timestamp: String(now + 30_000) }), now).ok).toBe(true);
+  });
+
+  it("accepts each signature once within the window, and forgets it after", () => {
+    const guard = new ReplayGuard(30_000);
+    expect(guard.accept("a", now)).toBe(true);
+    expect(guard.accept("a", now + 1)).toBe(false);
+    expect(guard.accept("b", now + 1)).toBe(true);
+    expect(guard.accept("a", now + 59_000)).toBe(false);
+    expect(guard.accept("a", now + 60_001)).toBe(true);
+  });
+});

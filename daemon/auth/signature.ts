@@ -1,0 +1,95 @@
+/**
+ * Signatures of the peer API: an HMAC-SHA256 with the cluster secret over the method, the
+ * request target (path and query as sent), a timestamp and the body's SHA-256. The server
+ * accepts a timestamp within a window of its clock and each signature once.
+ */
+import { createHash, createHmac, timingSafeEqual } from "node:crypto";
+
+export const TIMESTAMP_HEADER = "x-ckptd-timestamp";
+export const SIGNATURE_HEADER = "x-ckptd-signature";
+/** Bound on the clock skew between hosts, and how long a signature is remembered. */
+export const REPLAY_WINDOW_MS = 30_000;
+
+/** The signature (hex) of one request; `target` is the path with its query, as sent. */
+export function sign(secret: Buffer, method: string, target: string, timestamp: string, body: Uint8Array): string {
+  const bodyHash = createHash("sha256").update(body).digest("hex");
+  return createHmac("sha256", secret)
+    .update(["ckptd-peer-v1", method.toUpperCase(), target, timestamp, bodyHash].join("\n"))
+    .digest("hex");
+}
+
+/** The headers that sign a request to `url` (the target is taken as fetch will send it). */
+export function signedHeaders(
+  secret: Buffer,
+  method: string,
+  url: string,
+  body: Uint8Array = new Uint8Array(),
+  now: number = Date.now(),
+): Record<string, string> {
+  const u = new URL(url);
+  const timestamp = String(Math.round(now));
+  return {
+    [TIMESTAMP_HEADER]: timestamp,
+    [SIGNATURE_HEADER]: sign(secret, method, u.pathname + u.search, timestamp, body),
+  };
+}
+
+export interface SignedRequest {
+  method: string;
+  target: string;
+  timestamp: string | undefined;
+  signature: string | undefined;
+}
+
+export type Verdict = { ok: true } | { ok: false; message: string };
+
+/** Checks what needs no body: both headers present and well-formed, the timestamp in the window. */
+export function checkHeaders(req: SignedRequest, now: number, windowMs = REPLAY_WINDOW_MS): Verdict {
+  if (req.timestamp === undefined || req.signature === undefined) {
+    return {
+      ok: false,
+      message: `peer API requests must be signed with the cluster secret (${TIMESTAMP_HEADER} and ${SIGNATURE_HEADER})`,
+    };
+  }
+  if (!/^\d{1,16}$/.test(req.timestamp))
+    return { ok: false, message: `${TIMESTAMP_HEADER} must be milliseconds since 1970` };
+  if (!/^[0-9a-f]{64}$/.test(req.signature)) return { ok: false, message: `${SIGNATURE_HEADER} must be 64 hex digits` };
+  const skew = now - Number(req.timestamp);
+  if (Math.abs(skew) > windowMs) {
+    return {
+      ok: false,
+      message:
+        `the request's timestamp is ${(Math.abs(skew) / 1000).toFixed(1)} s ${skew > 0 ? "behind" : "ahead of"} ` +
+        `this daemon's clock, beyond the bound of ${windowMs / 1000} s (check the hosts' clocks)`,
+    };
+  }
+  return { ok: true };
+}
+
+/** Whether the signature is the secret's for this request and body (constant-time compare). */
+export function checkSignature(secret: Buffer, req: SignedRequest, body: Uint8Array): Verdict {
+  const expected = Buffer.from(sign(secret, req.method, req.target, req.timestamp ?? "", body), "hex");
+  const given = Buffer.from(req.signature ?? "", "hex");
+  if (given.length !== expected.length || !timingSafeEqual(given, expected)) {
+    return { ok: false, message: "the signature does not match (do both daemons have the same cluster secret?)" };
+  }
+  return { ok: true };
+}
+
+/** Remembers the signatures accepted within the window, to refuse a request replayed. */
+export class ReplayGuard {
+  private readonly seen = new Map<string, number>();
+
+  constructor(private readonly windowMs = REPLAY_WINDOW_MS) {}
+
+  /** Records a signature; false if it was already used within the window. */
+  accept(signature: string, now: number): boolean {
+    for (const [s, at] of this.seen) {
+      if (now - at <= 2 * this.windowMs) break;
+      this.seen.delete(s);
+    }
+    if (this.seen.has(signature)) return false;
+    this.seen.set(signature, now);
+    return true;
+  }
+}

@@ -1,0 +1,153 @@
+/**
+ * Which files a registration may name (those whose real path lies under `registerRoots` or
+ * the upload directory) and which of them the daemon may delete when a version adopting them
+ * is dropped. The daemon runs as root: without this, any caller could have it read, pin and
+ * delete any file of the host.
+ */
+import { lstat, readFile, realpath } from "node:fs/promises";
+import { dirname, isAbsolute, resolve } from "node:path";
+import { DaemonError } from "../errors.ts";
+
+/** A group as /etc/group and /etc/passwd define it: its id and the uids of its members. */
+export interface Group {
+  name: string;
+  gid: number;
+  members: Set<number>;
+}
+
+/**
+ * Finds `group` (a name or a number) in the texts of /etc/group and /etc/passwd; its members
+ * are the users it lists and those whose primary group it is. A number not in /etc/group (a
+ * directory service's group) is taken as it is; a name not there is undefined.
+ */
+export function findGroup(group: string, groupText: string, passwdText: string): Group | undefined {
+  const rows = (text: string) =>
+    text
+      .split("\n")
+      .filter((l) => l && !l.startsWith("#"))
+      .map((l) => l.split(":"));
+  const numeric = /^\d+$/.test(group);
+  const row =
+    rows(groupText).find((r) => r[0] === group || (numeric && r[2] === group)) ??
+    (numeric ? [group, "x", group, ""] : undefined);
+  if (!row || !/^\d+$/.test(row[2] ?? "")) return undefined;
+  const gid = Number(row[2]);
+  const names = new Set((row[3] ?? "").split(",").filter(Boolean));
+  const members = new Set<number>();
+  for (const user of rows(passwdText)) {
+    if (!/^\d+$/.test(user[2] ?? "")) continue;
+    if (names.has(user[0] as string) || user[3] === String(gid)) members.add(Number(user[2]));
+  }
+  return { name: row[0] as string, gid, members };
+}
+
+/** Reads the system's group and user tables for `group`. */
+export async function lookupGroup(group: string): Promise<Group | undefined> {
+  const [groups, passwd] = await Promise.all([readFile("/etc/group", "utf8"), readFile("/etc/passwd", "utf8")]);
+  return findGroup(group, groups, passwd);
+}
+
+/** Whether `path` is `root` or lies beneath it (both absolute, normalized). */
+export function isInside(path: string, root: string): boolean {
+  return path === root || path.startsWith(root.endsWith("/") ? root : `${root}/`);
+}
+
+async function realOrUndefined(path: string): Promise<string | undefined> {
+  try {
+    return await realpath(path);
+  } catch {
+    return undefined;
+  }
+}
+
+export interface FilePolicyOptions {
+  /** Directories registrations may name files under (the upload directory is added). */
+  roots: string[];
+  uploadDir: string;
+  /** Members of this group may leave files in the upload directory for the daemon to adopt. */
+  uploadGroup?: Group;
+  /** The daemon's own uid (files it may delete are its own). */
+  uid: number;
+}
+
+/** The rules for files named by registrations: where they may be, and which may be adopted. */
+export class FilePolicy {
+  readonly roots: string[];
+
+  constructor(private readonly opts: FilePolicyOptions) {
+    this.roots = [...new Set([...opts.roots, opts.uploadDir].map((r) => resolve(r)))];
+  }
+
+  /** The roots' real paths now (a root that does not exist confines nothing). */
+  private async realRoots(): Promise<string[]> {
+    const real = await Promise.all(this.roots.map(realOrUndefined));
+    return real.filter((r): r is string => r !== undefined);
+  }
+
+  private forbidden(path: string, why: string): DaemonError {
+    return new DaemonError(
+      "forbidden_path",
+      `${path} ${why}; registrations may only name files under ${this.roots.join(", ")} (registerRoots)`,
+      { path, registerRoots: this.roots },
+    );
+  }
+
+  /**
+   * Checks that `path` (a file or directory) is, once every symlink is resolved, under a root;
+   * 403 naming the roots otherwise. A path that does not exist is judged by its nearest existing
+   * ancestor; a relative one is left for the caller to refuse.
+   */
+  async confine(path: string): Promise<void> {
+    if (!isAbsolute(path)) return; // refused as it is by sources.ts
+    const abs = resolve(path);
+    const real = await realOrUndefined(abs);
+    let judged = real;
+    // A missing path is judged by its nearest existing ancestor, so nothing outside is probed.
+    for (let up = abs; judged === undefined && up !== dirname(up); ) {
+      up = dirname(up);
+      judged = await realOrUndefined(up);
+    }
+    if (judged !== undefined && (await this.inRoots(judged))) return;
+    const how = real !== undefined && real !== abs ? `leads to ${real}, outside every root` : "is outside every root";
+    throw this.forbidden(abs, how);
+  }
+
+  private async inRoots(real: string): Promise<boolean> {
+    return (await this.realRoots()).some((root) => isInside(real, root));
+  }
+
+  /**
+   * Why the daemon may not delete `path`, or undefined when it may: it must be confined, be
+   * named by its real path (no symlink on the way), be a regular file and be owned by the
+   * daemon's user, or, in the upload directory, by a member of the upload group.
+   */
+  async whyNotAdoptable(path: string): Promise<string | undefined> {
+    const abs = resolve(path);
+    let st: Awaited<ReturnType<typeof lstat>>;
+    try {
+      st = await lstat(abs);
+    } catch (err) {
+      return (err as Error).message;
+    }
+    if (st.isSymbolicLink()) return "it is a symlink";
+    if (!st.isFile()) return "it is not a regular file";
+    const real = await realOrUndefined(abs);
+    if (real !== abs) return `its path goes through a symlink (the file is ${real})`;
+    if (!(await this.inRoots(real))) return "it is outside every root";
+    const { uid, uploadGroup } = this.opts;
+    if (st.uid === uid) return undefined;
+    const uploads = await realOrUndefined(resolve(this.opts.uploadDir));
+    const inUploads = uploads !== undefined && isInside(real, uploads);
+    if (inUploads && uploadGroup && (uploadGroup.members.has(st.uid) || st.gid === uploadGroup.gid)) return undefined;
+    const group = uploadGroup ? `, nor by a member of group ${uploadGroup.name} in the upload directory` : "";
+    return `it is owned by uid ${st.uid}, not by the daemon's user (uid ${uid})${group}`;
+  }
+
+  /** Refuses (400, at registration) a file the daemon could not later delete. */
+  async checkAdoptable(path: string): Promise<void> {
+    const why = await this.whyNotAdoptable(path);
+    if (why !== undefined) {
+      throw new DaemonError("invalid_source", `cannot adopt ${path}: ${why}`, { path });
+    }
+  }
+}

@@ -1,0 +1,237 @@
+/**
+ * Issue 10, as a hostile local user would try it: registrations name only files under
+ * registerRoots (symlinks resolved), adopt deletes only what the daemon may delete, and no
+ * error echoes the bytes of a file the caller might not be allowed to read.
+ */
+import { chownSync, existsSync, mkdirSync, readFileSync, renameSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import pino from "pino";
+import { afterEach, describe, expect, it } from "vitest";
+import { type Config, defaults } from "../daemon/config/index.ts";
+import { type Daemon, startDaemon } from "../daemon/daemon.ts";
+import { nodeRuntime } from "../daemon/runtime/node.ts";
+import { writeSafetensors } from "./checkpoint-files.ts";
+import { AUTH, removeTempDirs, tempDir, testCredentials } from "./helpers.ts";
+
+const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
+const NOBODY = 65534;
+const running: Daemon[] = [];
+
+afterEach(async () => {
+  for (const d of running.splice(0)) await d.stop();
+  removeTempDirs();
+});
+
+async function start(overrides: Partial<Config> = {}) {
+  const config: Config = {
+    ...defaults({}),
+    port: 0,
+    backend: "host",
+    stateDir: tempDir(),
+    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
+    ioThreads: 2,
+    ...testCredentials(),
+    ...overrides,
+  };
+  const daemon = await startDaemon({
+    config,
+    runtime: nodeRuntime,
+    log: pino({ level: "silent" }),
+    nodeId: "t",
+    libDir: LIB_DIR,
+  });
+  running.push(daemon);
+  const api = async (method: string, path: string, body?: unknown) => {
+    const res = await fetch(`http://127.0.0.1:${daemon.port}${path}`, {
+      method,
+      headers: { ...AUTH, ...(body ? { "content-type": "application/json" } : {}) },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    // biome-ignore lint/suspicious/noExplicitAny: checked field by field
+    return { status: res.status, body: (await res.json()) as any };
+  };
+  return { daemon, api, config };
+}
+
+const model = (dir: string, name = "m.safetensors") =>
+  writeSafetensors(join(dir, name), [{ name: "w", dtype: "U8", shape: [64] }])[0]?.file as string;
+
+describe("registrations name only files under registerRoots", () => {
+  it("refuses a file outside every root with a 403 naming the roots, and registers nothing", async () => {
+    const { api, config } = await start(); // registerRoots: the default, /dev/shm
+    const file = model(tempDir()); // under /tmp
+    for (const body of [{ files: [file] }, { dir: join(file, "..") }, { files: ["/etc/shadow"] }, { dir: "/etc" }]) {
+      const res = await api("POST", "/v1/checkpoints", { name: "x", ...body });
+      expect(res.status).toBe(403);
+      expect(res.body.error.code).toBe("forbidden_path");
+      expect(res.body.error.message).toContain(`registrations may only name files under /dev/shm, ${config.uploadDir}`);
+      expect(res.body.error.details.registerRoots).toEqual(["/dev/shm", config.uploadDir]);
+    }
+    expect((await api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
+  });
+
+  it("resolves symlinks: a link from /dev/shm to /etc, or to a file outside, is refused", async () => {
+    const { api } = await start();
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    symlinkSync("/etc", join(dir, "etc"));
+    symlinkSync("/etc/shadow", join(dir, "shadow.safetensors"));
+    const outside = model(tempDir());
+    symlinkSync(outside, join(dir, "model.safetensors"));
+    const indexed = tempDir("ckptd-test-", "/dev/shm");
+    const config = join(tempDir(), "config.json");
+    writeFileSync(config, JSON.stringify({ weight_map: { "api-key-0123456789": "x/y" } }));
+    symlinkSync(config, join(indexed, "model.safetensors.index.json"));
+    const cases: [unknown, string][] = [
+      [{ dir: join(dir, "etc") }, `${dir}/etc leads to /etc, outside every root`],
+      [{ files: [join(dir, "etc", "shadow")] }, `${dir}/etc/shadow leads to /etc/shadow, outside every root`],
+      [{ files: [join(dir, "shadow.safetensors")] }, "leads to /etc/shadow, outside every root"],
+      [{ files: [join(dir, "model.safetensors")] }, `leads to ${outside}, outside every root`],
+      // The directory is inside; the link in it is not.
+      [{ dir }, `${dir}/model.safetensors leads to ${outside}`],
+      // An index file linked to JSON elsewhere is not read (its keys would be quoted).
+      [{ dir: indexed }, `${indexed}/model.safetensors.index.json leads to ${config}`],
+    ];
+    for (const [body, message] of cases) {
+      const res = await api("POST", "/v1/checkpoints", { name: "x", ...(body as object) });
+      expect(res.status).toBe(403);
+      expect(res.body.error.message).toContain(message);
+    }
+    expect((await api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
+  });
+
+  it("takes a symlink that stays inside the roots, and files under a configured root", async () => {
+    const extra = tempDir();
+    const { api } = await start({ registerRoots: ["/dev/shm", extra] });
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    symlinkSync(model(dir, "real.safetensors"), join(dir, "link.safetensors"));
+    expect((await api("POST", "/v1/checkpoints", { name: "a", files: [join(dir, "link.safetensors")] })).status).toBe(
+      201,
+    );
+    expect((await api("POST", "/v1/checkpoints", { name: "b", files: [model(extra)] })).status).toBe(201);
+  });
+
+  it("does not restore a saved version whose files are no longer under the roots", async () => {
+    const extra = tempDir();
+    const stateDir = tempDir();
+    const first = await start({ stateDir, registerRoots: [extra] });
+    expect((await first.api("POST", "/v1/checkpoints", { name: "m", files: [model(extra)] })).status).toBe(201);
+    await first.daemon.stop();
+    const second = await start({ stateDir });
+    const { restore } = (await second.api("GET", "/v1/status")).body.checkpoints;
+    expect(restore.restored).toEqual([]);
+    expect(restore.notRestored[0].reason).toMatch(/is outside every root; registrations may only name files under/);
+  });
+});
+
+describe("no error echoes a file's contents", () => {
+  // As root the daemon reads any file; the caller may not be allowed to.
+  const secrets: [string, Uint8Array][] = [
+    ["shadow-like text", new TextEncoder().encode("root:*:20000:0:99999:7:::\nalice:$6$salt$hash:20000::::::\n")],
+    [
+      "a plausible header length, then text",
+      Buffer.concat([Buffer.from([24, 0, 0, 0, 0, 0, 0, 0]), Buffer.from("secret-token-abcdef-0123456789")]),
+    ],
+    [
+      "a header of JSON that does not parse",
+      Buffer.concat([Buffer.from([16, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('{"pw":"hunter2x", tail')]),
+    ],
+  ];
+
+  it.each(secrets)("%s", async (_, bytes) => {
+    const { api } = await start();
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    const file = join(dir, "s.safetensors");
+    writeFileSync(file, bytes, { mode: 0o600 });
+    chownSync(file, NOBODY, NOBODY);
+    const res = await api("POST", "/v1/checkpoints", { name: "s", files: [file] });
+    expect(res.status).toBe(400);
+    const said = JSON.stringify(res.body);
+    const text = Buffer.from(bytes).toString("latin1");
+    // No run of 6 characters of the file, nor its first 8 bytes as a number, comes back.
+    for (let i = 0; i + 6 <= text.length; i++)
+      expect(said).not.toContain(JSON.stringify(text.slice(i, i + 6)).slice(1, -1));
+    const head = Buffer.from(bytes).readBigUInt64LE(0);
+    if (head > 1_000_000n) expect(said).not.toContain(head.toString());
+  });
+
+  it("says what is wrong with an index file without quoting it", async () => {
+    const { api } = await start();
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    writeFileSync(join(dir, "model.safetensors.index.json"), "password=hunter2\n");
+    const res = await api("POST", "/v1/checkpoints", { name: "s", dir });
+    expect(res.status).toBe(400);
+    expect(res.body.error.message).toBe(`${dir}/model.safetensors.index.json: not valid JSON`);
+  });
+});
+
+describe("adopt deletes only what the daemon may delete", () => {
+  it("refuses at registration a file owned by another user, and leaves it", async () => {
+    const { api } = await start();
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    const file = model(dir);
+    chownSync(file, NOBODY, NOBODY);
+    const res = await api("POST", "/v1/checkpoints", { name: "x", files: [file], adopt: true });
+    expect(res.status).toBe(400);
+    expect(res.body.error).toMatchObject({
+      code: "invalid_source",
+      message: `cannot adopt ${file}: it is owned by uid ${NOBODY}, not by the daemon's user (uid 0)`,
+    });
+    expect((await api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
+    // Registered without adopt, it is pinned and left alone when dropped.
+    expect((await api("POST", "/v1/checkpoints", { name: "x", files: [file] })).status).toBe(201);
+    await api("DELETE", "/v1/checkpoints/x");
+    expect(existsSync(file)).toBe(true);
+  });
+
+  it("refuses to adopt through a symlink, or a file outside the roots", async () => {
+    const extra = tempDir();
+    const { api } = await start({ registerRoots: ["/dev/shm", extra] });
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    const real = model(dir, "real.safetensors");
+    symlinkSync(real, join(dir, "link.safetensors"));
+    symlinkSync(dir, join(extra, "shm"));
+    const cases: [string, string][] = [
+      [join(dir, "link.safetensors"), "it is a symlink"],
+      [join(extra, "shm", "real.safetensors"), `its path goes through a symlink (the file is ${real})`],
+    ];
+    for (const [file, why] of cases) {
+      const res = await api("POST", "/v1/checkpoints", { name: "x", files: [file], adopt: true });
+      expect(res.status).toBe(400);
+      expect(res.body.error.message).toBe(`cannot adopt ${file}: ${why}`);
+    }
+    expect(existsSync(real)).toBe(true);
+  });
+
+  it("leaves a file whose directory was swapped for a symlink after registration", async () => {
+    const { api } = await start();
+    const parent = tempDir("ckptd-test-", "/dev/shm");
+    const dir = join(parent, "ckpt");
+    mkdirSync(dir);
+    const file = model(dir);
+    expect((await api("POST", "/v1/checkpoints", { name: "x", files: [file], adopt: true })).status).toBe(201);
+    // The victim: a file of the same name elsewhere, which DELETE must not reach.
+    const victim = tempDir();
+    const victimFile = model(victim);
+    renameSync(dir, join(parent, "moved"));
+    symlinkSync(victim, dir);
+    expect((await api("DELETE", "/v1/checkpoints/x")).status).toBe(200);
+    expect(existsSync(victimFile)).toBe(true);
+    expect(existsSync(join(parent, "moved", "m.safetensors"))).toBe(true);
+  });
+
+  it("adopts a file of an uploadGroup member in the upload directory, nowhere else", async () => {
+    const { api, config } = await start({ uploadGroup: "nogroup" });
+    const inUploads = model(config.uploadDir, "trainer.safetensors");
+    const elsewhere = model(tempDir("ckptd-test-", "/dev/shm"), "trainer.safetensors");
+    for (const f of [inUploads, elsewhere]) chownSync(f, NOBODY, NOBODY);
+    expect((await api("POST", "/v1/checkpoints", { name: "a", files: [inUploads], adopt: true })).status).toBe(201);
+    const res = await api("POST", "/v1/checkpoints", { name: "b", files: [elsewhere], adopt: true });
+    expect(res.status).toBe(400);
+    expect(res.body.error.message).toBe(
+      `cannot adopt ${elsewhere}: it is owned by uid ${NOBODY}, not by the daemon's user (uid 0), nor by a member of group nogroup in the upload directory`,
+    );
+    await api("DELETE", "/v1/checkpoints/a");
+    expect(existsSync(inUploads)).toBe(false);
+    expect(readFileSync(elsewhere).byteLength).toBeGreaterThan(0);
+  });
+});
