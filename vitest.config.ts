@@ -4,6 +4,7 @@ export default defineConfig({
   test: {
     include: ["daemon/**/*.test.ts", "ffi/**/*.test.ts", "test/**/*.test.ts"],
     setupFiles: ["test/setup.ts"],
+    globalSetup: ["test/global-setup.ts"],
     pool: "forks",
     testTimeout: 30_000,
     hookTimeout: 30_000,
