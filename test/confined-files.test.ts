@@ -3,7 +3,17 @@
  * registerRoots (symlinks resolved), adopt deletes only what the daemon may delete, and no
  * error echoes the bytes of a file the caller might not be allowed to read.
  */
-import { chownSync, existsSync, mkdirSync, readFileSync, renameSync, symlinkSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  linkSync,
+  mkdirSync,
+  readFileSync,
+  renameSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
@@ -181,6 +191,31 @@ describe("adopt deletes only what the daemon may delete", () => {
     expect((await api("POST", "/v1/checkpoints", { name: "x", files: [file] })).status).toBe(201);
     await api("DELETE", "/v1/checkpoints/x");
     expect(existsSync(file)).toBe(true);
+  });
+
+  it("refuses to adopt from a directory another user could swap, or a file with two names", async () => {
+    const { api } = await start();
+    const refused = async (file: string, why: string) => {
+      const res = await api("POST", "/v1/checkpoints", { name: "x", files: [file], adopt: true });
+      expect(res.status).toBe(400);
+      expect(res.body.error.message).toBe(`cannot adopt ${file}: ${why}`);
+      expect(existsSync(file)).toBe(true);
+    };
+    // A directory of another user: renamed for a symlink between the checks and the unlink,
+    // the daemon would delete a file elsewhere.
+    const theirs = tempDir("ckptd-test-", "/dev/shm");
+    const inTheirs = model(theirs);
+    chownSync(theirs, NOBODY, NOBODY);
+    await refused(inTheirs, `directory ${theirs} is owned by uid ${NOBODY}`);
+    const open = tempDir("ckptd-test-", "/dev/shm");
+    const inOpen = model(open);
+    chmodSync(open, 0o777);
+    await refused(inOpen, `directory ${open} is writable by others (mode 777) and not sticky`);
+    const linked = tempDir("ckptd-test-", "/dev/shm");
+    const once = model(linked);
+    linkSync(once, join(linked, "second-name.safetensors"));
+    await refused(once, "it has 2 hard links (only a file's one name can be adopted)");
+    expect((await api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
   });
 
   it("refuses to adopt through a symlink, or a file outside the roots", async () => {

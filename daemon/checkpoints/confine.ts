@@ -134,6 +134,9 @@ export class FilePolicy {
     const real = await realOrUndefined(abs);
     if (real !== abs) return `its path goes through a symlink (the file is ${real})`;
     if (!(await this.inRoots(real))) return "it is outside every root";
+    if (st.nlink > 1) return `it has ${st.nlink} hard links (only a file's one name can be adopted)`;
+    const unsafe = await this.unsafeAncestor(real);
+    if (unsafe) return unsafe;
     const { uid, uploadGroup } = this.opts;
     if (st.uid === uid) return undefined;
     const uploads = await realOrUndefined(resolve(this.opts.uploadDir));
@@ -141,6 +144,22 @@ export class FilePolicy {
     if (inUploads && uploadGroup && (uploadGroup.members.has(st.uid) || st.gid === uploadGroup.gid)) return undefined;
     const group = uploadGroup ? `, nor by a member of group ${uploadGroup.name} in the upload directory` : "";
     return `it is owned by uid ${st.uid}, not by the daemon's user (uid ${uid})${group}`;
+  }
+
+  /**
+   * Why another user could swap a directory on the way to `real` (and so turn the daemon's
+   * later unlink elsewhere), or undefined: every ancestor must be owned by the daemon's user
+   * or root, and not writable by group or others unless sticky.
+   */
+  private async unsafeAncestor(real: string): Promise<string | undefined> {
+    for (let dir = dirname(real); ; dir = dirname(dir)) {
+      const st = await lstat(dir);
+      if (st.uid !== this.opts.uid && st.uid !== 0) return `directory ${dir} is owned by uid ${st.uid}`;
+      if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
+        return `directory ${dir} is writable by others (mode ${(st.mode & 0o7777).toString(8)}) and not sticky`;
+      }
+      if (dir === dirname(dir)) return undefined;
+    }
   }
 
   /** Refuses (400, at registration) a file the daemon could not later delete. */
