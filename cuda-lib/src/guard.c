@@ -71,8 +71,9 @@ int ckpt__guard_install(ckpt_ctx *ctx) {
 
 int ckpt__guarded(void (*fn)(void *), void *arg, const void *lo, size_t len, uintptr_t *fault) {
   guard g = {.lo = (uintptr_t)lo, .hi = (uintptr_t)lo + len, .fault = 0};
+  guard *volatile outer = current; /* a guarded read inside another gives the outer one back */
   if (sigsetjmp(g.jump, 1) != 0) {
-    current = NULL;
+    current = outer;
     *fault = g.fault;
     return CKPT_EFAULT;
   }
@@ -80,6 +81,6 @@ int ckpt__guarded(void (*fn)(void *), void *arg, const void *lo, size_t len, uin
   atomic_signal_fence(memory_order_seq_cst); /* the guard is in place before the first read */
   fn(arg);
   atomic_signal_fence(memory_order_seq_cst);
-  current = NULL;
+  current = outer;
   return CKPT_OK;
 }
