@@ -20,7 +20,7 @@ import {
 } from "./pin.ts";
 import { checkUniqueNames, SafetensorsError } from "./safetensors.ts";
 import { checkWeightMap, type ResolvedSource } from "./sources.ts";
-import { checkFiles, faultedFile, replaced, watchFiles } from "./watch.ts";
+import { checkFiles, faultedFile, type RegisteredFile, replaced, watchFiles } from "./watch.ts";
 
 /** stale: a file pinned in place changed since it was registered (see watch.ts); no update may use it. */
 export type VersionState = "registering" | "ready" | "stale" | "failed";
@@ -38,13 +38,8 @@ export interface TensorRecord {
   hash: string;
 }
 
-export interface FileRecord {
-  path: string;
-  size: number;
-  mtimeMs: number;
-  /** Inode and device at registration (absent in registries saved before they were kept). */
-  ino?: number;
-  dev?: number;
+/** A file of a version: what watch.ts compares (path, size, mtime, inode), and ownership. */
+export interface FileRecord extends RegisteredFile {
   /** Pinned where it lies (tmpfs), not copied. */
   inPlace: boolean;
   /** Owned by the daemon: deleted when the version is dropped. */
