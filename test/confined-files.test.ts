@@ -3,6 +3,8 @@
  * registerRoots (symlinks resolved), adopt deletes only what the daemon may delete, and no
  * error echoes the bytes of a file the caller might not be allowed to read.
  */
+
+import { spawn } from "node:child_process";
 import {
   chmodSync,
   chownSync,
@@ -67,6 +69,40 @@ const model = (dir: string, name = "m.safetensors") =>
   writeSafetensors(join(dir, name), [{ name: "w", dtype: "U8", shape: [64] }])[0]?.file as string;
 
 describe("registrations name only files under registerRoots", () => {
+  it("never registers the bytes of a file outside the roots through a symlink swapped during registration", async () => {
+    const { api } = await start();
+    const good = tempDir("ckptd-test-", "/dev/shm");
+    const outside = tempDir(); // under /tmp
+    model(good);
+    model(outside);
+    const goodHash = (
+      await api("POST", "/v1/checkpoints", { name: "g", files: [join(good, "m.safetensors")], copy: true })
+    ).body.tensors?.[0]?.hash as string | undefined;
+    const manifest = await api("GET", "/v1/checkpoints/g");
+    const expected = goodHash ?? (manifest.body.tensors[0].hash as string);
+    const link = join(tempDir("ckptd-test-", "/dev/shm"), "link");
+    // Another process flips the link between the two directories as fast as it can.
+    const flipper = spawn("bash", ["-c", `while true; do ln -sfn ${good} ${link}; ln -sfn ${outside} ${link}; done`]);
+    try {
+      let ready = 0;
+      for (let i = 0; i < 40; i++) {
+        const res = await api("POST", "/v1/checkpoints", {
+          name: "s",
+          files: [join(link, "m.safetensors")],
+          copy: true,
+        });
+        if (res.status !== 201) continue;
+        ready++;
+        const got = await api("GET", `/v1/checkpoints/${res.body.id}`);
+        expect(got.body.tensors[0].hash).toBe(expected);
+        await api("DELETE", `/v1/checkpoints/${res.body.id}`);
+      }
+      expect(ready).toBeGreaterThan(0);
+    } finally {
+      flipper.kill("SIGKILL");
+    }
+  });
+
   it("refuses a file outside every root with a 403 naming the roots, and registers nothing", async () => {
     const { api, config } = await start(); // registerRoots: the default, /dev/shm
     const file = model(tempDir()); // under /tmp

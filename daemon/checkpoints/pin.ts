@@ -3,7 +3,7 @@
  * tmpfs, else read into pinned memory), hash every tensor. Bytes move only in libckpt;
  * this file decides what and in which order, reports progress and unwinds on failure.
  */
-import { open, stat, statfs } from "node:fs/promises";
+import { type FileHandle, open, statfs } from "node:fs/promises";
 import type { Context, HostMemory } from "../../ffi/index.ts";
 import { DaemonError } from "../errors.ts";
 import { type Header, headerLength, parseHeader, SafetensorsError } from "./safetensors.ts";
@@ -40,9 +40,34 @@ export interface RegistrationProgress {
   bytesHashed: number;
 }
 
+/**
+ * Checks where an opened file really is (given its /proc/self/fd path): the path a caller
+ * named may be swapped for a symlink between a check and an open, so every open is checked
+ * through its descriptor, and the data plane opens that descriptor, not the path.
+ */
+export type Confine = (fdPath: string) => Promise<void>;
+
+/** Opens `path` once, checks the open file with `confine`, runs `fn` on its /proc/self/fd path. */
+async function withOpened<T>(
+  path: string,
+  confine: Confine | undefined,
+  fn: (handle: FileHandle, fdPath: string) => Promise<T>,
+): Promise<T> {
+  const handle = await open(path, "r");
+  try {
+    const fdPath = `/proc/self/fd/${handle.fd}`;
+    await confine?.(fdPath);
+    return await fn(handle, fdPath);
+  } finally {
+    await handle.close();
+  }
+}
+
 export interface PinOptions {
   /** Copy into pinned memory even when the file is on tmpfs. */
   copy: boolean;
+  /** Where opened files may be (the registry's FilePolicy). */
+  confine?: Confine;
   threads: number;
   signal: AbortSignal;
   progress: RegistrationProgress;
@@ -62,10 +87,13 @@ export function invalidSafetensors(err: SafetensorsError): DaemonError {
 }
 
 /** Reads and checks one file's header; a broken rule is a 400 naming file, tensor and rule. */
-export async function inspectFile(path: string): Promise<InspectedFile> {
-  const handle = await open(path, "r");
+export async function inspectFile(path: string, confine?: Confine): Promise<InspectedFile> {
+  return withOpened(path, confine, (handle) => inspectOpened(path, handle));
+}
+
+async function inspectOpened(path: string, handle: FileHandle): Promise<InspectedFile> {
   try {
-    const st = await stat(path);
+    const st = await handle.stat();
     const head = new Uint8Array(8);
     await handle.read(head, 0, 8, 0);
     const len = headerLength(head, st.size, path);
@@ -78,8 +106,6 @@ export async function inspectFile(path: string): Promise<InspectedFile> {
   } catch (err) {
     if (err instanceof SafetensorsError) throw invalidSafetensors(err);
     throw err;
-  } finally {
-    await handle.close();
   }
 }
 
@@ -101,9 +127,18 @@ export async function unpinFiles(ctx: Context, files: PinnedFile[]): Promise<voi
 }
 
 async function pinOne(ctx: Context, file: InspectedFile, opts: PinOptions): Promise<PinnedFile> {
+  return withOpened(file.path, opts.confine, async (handle, fdPath) => {
+    const st = await handle.stat();
+    if (st.ino !== file.ino || st.dev !== file.dev) throw new Error(`${file.path} was replaced while registering`);
+    return pinOpened(ctx, file, fdPath, opts);
+  });
+}
+
+/** Pins the file open at `fdPath` (its /proc/self/fd path): mapped in place, or read. */
+async function pinOpened(ctx: Context, file: InspectedFile, fdPath: string, opts: PinOptions): Promise<PinnedFile> {
   const inPlace = file.tmpfs && !opts.copy;
   if (inPlace) {
-    const mem = await ctx.fileMap(file.path);
+    const mem = await ctx.fileMap(fdPath);
     try {
       if (mem.len !== file.size) throw new Error(`${file.path} changed size while registering`);
       await ctx.hostRegister(mem.address, mem.len, true);
@@ -119,7 +154,7 @@ async function pinOne(ctx: Context, file: InspectedFile, opts: PinOptions): Prom
     for (let offset = 0; offset < file.size; offset += READ_CHUNK) {
       checkAborted(opts.signal);
       const len = Math.min(READ_CHUNK, file.size - offset);
-      await ctx.fileRead(file.path, offset, len, mem.address + BigInt(offset), opts.threads);
+      await ctx.fileRead(fdPath, offset, len, mem.address + BigInt(offset), opts.threads);
       opts.progress.bytesPinned += len;
     }
   } catch (err) {

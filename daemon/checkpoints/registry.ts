@@ -272,7 +272,8 @@ export class Registry {
     const inspected: InspectedFile[] = [];
     for (const path of req.source.files) await this.opts.files.confine(path);
     if (req.adopt) for (const path of req.source.files) await this.opts.files.checkAdoptable(path);
-    for (const path of req.source.files) inspected.push(await inspectFile(path));
+    const confine = (fdPath: string) => this.opts.files.confine(fdPath);
+    for (const path of req.source.files) inspected.push(await inspectFile(path, confine));
     try {
       checkUniqueNames(inspected.map((f) => ({ file: f.path, tensors: f.header.tensors })));
     } catch (err) {
@@ -335,7 +336,8 @@ export class Registry {
     const signal = version.abort.signal;
     const started = performance.now();
     try {
-      version.pinned = await pinFiles(ctx, inspected, { copy, threads, signal, progress: version.progress });
+      const confine = (fdPath: string) => this.opts.files.confine(fdPath);
+      version.pinned = await pinFiles(ctx, inspected, { copy, threads, signal, progress: version.progress, confine });
       const pinnedAt = performance.now();
       const hashes = await hashTensors(
         ctx,
