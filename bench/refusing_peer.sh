@@ -24,7 +24,7 @@ class Peer(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
     def do_GET(self):  # /v1/peer/info: the coordinator's own geometry, and "I hold it"
         # Passed on with the coordinator's signature, which that daemon has not seen yet.
-        signed = {k: self.headers[k] for k in ("x-ckptd-timestamp", "x-ckptd-signature") if self.headers[k]}
+        signed = {k: self.headers[k] for k in ("x-ckptd-timestamp", "x-ckptd-signature", "x-ckptd-body-sha256") if self.headers[k]}
         info = json.load(urllib.request.urlopen(urllib.request.Request(coordinator + self.path, headers=signed)))
         info.pop("running", None)  # the coordinator is busy with this very update; the fake is idle
         self.answer(200, dict(info, nodeId="refuser", holds="q4@1"))

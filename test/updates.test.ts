@@ -512,6 +512,7 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
         const signed = {
           "x-ckptd-timestamp": String(req.headers["x-ckptd-timestamp"]),
           "x-ckptd-signature": String(req.headers["x-ckptd-signature"]),
+          "x-ckptd-body-sha256": String(req.headers["x-ckptd-body-sha256"]),
         };
         const { running: _, ...info } = await (await fetch(`${coordinatorUrl}${req.url}`, { headers: signed })).json();
         res.end(JSON.stringify({ ...info, nodeId: "refuser", holds: "m@1" }));

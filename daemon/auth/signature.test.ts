@@ -1,5 +1,13 @@
 import { describe, expect, it } from "vitest";
-import { checkHeaders, checkSignature, ReplayGuard, type SignedRequest, sign, signedHeaders } from "./signature.ts";
+import {
+  bodyHashOf,
+  checkHeaders,
+  checkSignature,
+  ReplayGuard,
+  type SignedRequest,
+  sign,
+  signedHeaders,
+} from "./signature.ts";
 
 const secret = Buffer.from("a-cluster-secret-of-some-length");
 const body = new TextEncoder().encode('{"update":"u-1"}');
@@ -12,6 +20,7 @@ function request(over: Partial<SignedRequest> = {}): SignedRequest {
     target: "/v1/peer/updates?x=1",
     timestamp: h["x-ckptd-timestamp"],
     signature: h["x-ckptd-signature"],
+    bodyHash: h["x-ckptd-body-sha256"],
     ...over,
   };
 }
@@ -27,12 +36,22 @@ describe("peer request signatures", () => {
     { name: "another path", req: { target: "/v1/peer/updates/u-1/abort?x=1" }, bytes: body },
     { name: "another query", req: { target: "/v1/peer/updates?x=2" }, bytes: body },
     { name: "another timestamp", req: { timestamp: String(now + 1) }, bytes: body },
-    { name: "another body", req: {}, bytes: new TextEncoder().encode('{"update":"u-2"}') },
-    { name: "no body", req: {}, bytes: new Uint8Array() },
+    { name: "another body hash", req: { bodyHash: "0".repeat(64) }, bytes: body },
   ])("refuses $name", ({ req, bytes }) => {
     expect(checkSignature(secret, request(req), bytes)).toEqual({
       ok: false,
       message: "the signature does not match (do both daemons have the same cluster secret?)",
+    });
+  });
+
+  it.each([
+    { name: "another body", bytes: new TextEncoder().encode('{"update":"u-2"}') },
+    { name: "no body", bytes: new Uint8Array() },
+  ])("refuses $name than the one signed, once the headers hold", ({ bytes }) => {
+    expect(checkSignature(secret, request())).toEqual({ ok: true });
+    expect(checkSignature(secret, request(), bytes)).toEqual({
+      ok: false,
+      message: "the body does not match its signed x-ckptd-body-sha256",
     });
   });
 
@@ -41,7 +60,8 @@ describe("peer request signatures", () => {
   });
 
   it("signs the method in capitals and the body's hash, so either side may spell them", () => {
-    expect(sign(secret, "post", "/a", "1", body)).toBe(sign(secret, "POST", "/a", "1", body));
+    const hash = bodyHashOf(body);
+    expect(sign(secret, "post", "/a", "1", hash)).toBe(sign(secret, "POST", "/a", "1", hash));
   });
 
   it.each([

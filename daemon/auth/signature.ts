@@ -1,18 +1,25 @@
 /**
  * Signatures of the peer API: an HMAC-SHA256 with the cluster secret over the method, the
- * request target (path and query as sent), a timestamp and the body's SHA-256. The server
- * accepts a timestamp within a window of its clock and each signature once.
+ * request target (path and query as sent), a timestamp and the body's SHA-256, which travels
+ * in a header too: the server verifies the signature before it reads a byte of the body, then
+ * the body against its hash. It accepts a timestamp within a window of its clock and each
+ * signature once.
  */
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 
 export const TIMESTAMP_HEADER = "x-ckptd-timestamp";
 export const SIGNATURE_HEADER = "x-ckptd-signature";
+export const BODY_HASH_HEADER = "x-ckptd-body-sha256";
+
+/** The SHA-256 (hex) of a body, as signed. */
+export function bodyHashOf(body: Uint8Array): string {
+  return createHash("sha256").update(body).digest("hex");
+}
 /** Bound on the clock skew between hosts, and how long a signature is remembered. */
 export const REPLAY_WINDOW_MS = 30_000;
 
 /** The signature (hex) of one request; `target` is the path with its query, as sent. */
-export function sign(secret: Buffer, method: string, target: string, timestamp: string, body: Uint8Array): string {
-  const bodyHash = createHash("sha256").update(body).digest("hex");
+export function sign(secret: Buffer, method: string, target: string, timestamp: string, bodyHash: string): string {
   return createHmac("sha256", secret)
     .update(["ckptd-peer-v1", method.toUpperCase(), target, timestamp, bodyHash].join("\n"))
     .digest("hex");
@@ -28,9 +35,11 @@ export function signedHeaders(
 ): Record<string, string> {
   const u = new URL(url);
   const timestamp = String(Math.round(now));
+  const bodyHash = bodyHashOf(body);
   return {
     [TIMESTAMP_HEADER]: timestamp,
-    [SIGNATURE_HEADER]: sign(secret, method, u.pathname + u.search, timestamp, body),
+    [BODY_HASH_HEADER]: bodyHash,
+    [SIGNATURE_HEADER]: sign(secret, method, u.pathname + u.search, timestamp, bodyHash),
   };
 }
 
@@ -39,6 +48,7 @@ export interface SignedRequest {
   target: string;
   timestamp: string | undefined;
   signature: string | undefined;
+  bodyHash: string | undefined;
 }
 
 export type Verdict = { ok: true } | { ok: false; message: string };
@@ -54,6 +64,8 @@ export function checkHeaders(req: SignedRequest, now: number, windowMs = REPLAY_
   if (!/^\d{1,16}$/.test(req.timestamp))
     return { ok: false, message: `${TIMESTAMP_HEADER} must be milliseconds since 1970` };
   if (!/^[0-9a-f]{64}$/.test(req.signature)) return { ok: false, message: `${SIGNATURE_HEADER} must be 64 hex digits` };
+  if (!/^[0-9a-f]{64}$/.test(req.bodyHash ?? ""))
+    return { ok: false, message: `${BODY_HASH_HEADER} must be the body's SHA-256 in 64 hex digits` };
   const skew = now - Number(req.timestamp);
   if (Math.abs(skew) > windowMs) {
     return {
@@ -67,13 +79,20 @@ export function checkHeaders(req: SignedRequest, now: number, windowMs = REPLAY_
 }
 
 /** Whether the signature is the secret's for this request and body (constant-time compare). */
-export function checkSignature(secret: Buffer, req: SignedRequest, body: Uint8Array): Verdict {
-  const expected = Buffer.from(sign(secret, req.method, req.target, req.timestamp ?? "", body), "hex");
+/** Checks the signature over the headers (no body needed), then, when given, the body against its signed hash. */
+export function checkSignature(secret: Buffer, req: SignedRequest, body?: Uint8Array): Verdict {
+  const expected = Buffer.from(sign(secret, req.method, req.target, req.timestamp ?? "", req.bodyHash ?? ""), "hex");
   const given = Buffer.from(req.signature ?? "", "hex");
   if (given.length !== expected.length || !timingSafeEqual(given, expected)) {
     return { ok: false, message: "the signature does not match (do both daemons have the same cluster secret?)" };
   }
-  return { ok: true };
+  return body === undefined ? { ok: true } : checkBody(req, body);
+}
+
+/** The body is the one signed: its SHA-256 is the signed hash. */
+export function checkBody(req: SignedRequest, body: Uint8Array): Verdict {
+  if (bodyHashOf(body) === req.bodyHash) return { ok: true };
+  return { ok: false, message: `the body does not match its signed ${BODY_HASH_HEADER}` };
 }
 
 /** Remembers the signatures accepted within the window, to refuse a request replayed. */

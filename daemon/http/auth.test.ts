@@ -126,6 +126,36 @@ describe("signatures on the peer API", () => {
     expect(reached).toEqual([{ path: "/v1/peer/updates", body: plan }]);
   });
 
+  it("refuses a bad signature before reading a byte of the body", async () => {
+    const { app, reached, now } = appWith();
+    let pulled = 0;
+    const endless = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        pulled++;
+        controller.enqueue(new Uint8Array(1 << 16));
+      },
+    });
+    const headers = {
+      ...signedHeaders(
+        Buffer.from("not-the-cluster-secret-at-all"),
+        "POST",
+        "http://x/v1/peer/updates",
+        new Uint8Array(),
+        now(),
+      ),
+      "content-type": "application/json",
+    };
+    const res = await app.request("/v1/peer/updates", {
+      method: "POST",
+      headers,
+      body: endless,
+      duplex: "half",
+    } as RequestInit);
+    expect(res.status).toBe(401);
+    expect(reached).toEqual([]);
+    expect(pulled).toBeLessThanOrEqual(1); // at most what a stream buffers at its start
+  });
+
   it("passes a signed CBOR body", async () => {
     const { app, reached, now } = appWith();
     const bytes = new Uint8Array(encode(plan));

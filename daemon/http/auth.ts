@@ -6,6 +6,8 @@
 import type { MiddlewareHandler } from "hono";
 import type { Credentials } from "../auth/credentials.ts";
 import {
+  BODY_HASH_HEADER,
+  checkBody,
   checkHeaders,
   checkSignature,
   ReplayGuard,
@@ -50,13 +52,15 @@ export function auth(opts: AuthOptions): MiddlewareHandler {
       target: url.pathname + url.search,
       timestamp: c.req.header(TIMESTAMP_HEADER),
       signature: c.req.header(SIGNATURE_HEADER),
+      bodyHash: c.req.header(BODY_HASH_HEADER),
     };
     const at = now();
     let verdict: Verdict = checkHeaders(req, at, opts.windowMs);
+    // Nothing of the body is read before the signature over its hash holds.
+    if (verdict.ok) verdict = checkSignature(secret, req);
     if (verdict.ok) {
-      // The body is read only once the headers are plausible, and hashed as received.
       const body = await readLimited(c, opts.maxBodyBytes ?? MAX_BODY_BYTES);
-      verdict = checkSignature(secret, req, body);
+      verdict = checkBody(req, body);
       // The body decoder in app.ts reads the request again: it gets the bytes just verified.
       if (c.req.method !== "GET" && c.req.method !== "HEAD") {
         c.req.raw = new Request(c.req.raw.url, {
