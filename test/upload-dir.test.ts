@@ -151,6 +151,18 @@ describe("the upload directory", () => {
     expect(readdirSync(parent)).toEqual([]); // refused before anything was made there
   });
 
+  it("refuses one further down a tree that others may write to", async () => {
+    const top = tempDir("ckptd-test-", "/dev/shm");
+    mkdirSync(join(top, "team"), { mode: 0o755 });
+    chmodSync(top, 0o777);
+    const dir = join(top, "team", "uploads");
+    const err = await start({ uploadDir: dir }).catch((e) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    expect(err.message).toBe(
+      `uploadDir ${dir}: is in ${top}, which others may write to (and is not sticky); remove it or choose another uploadDir`,
+    );
+  });
+
   it("refuses a symlink in its place, and an unknown uploadGroup", async () => {
     const parent = tempDir("ckptd-test-", "/dev/shm");
     symlinkSync(tempDir(), join(parent, "uploads"));

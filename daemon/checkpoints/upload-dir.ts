@@ -29,10 +29,13 @@ export async function prepareUploadDir(dir: string, uid: number, group?: Group):
   // Sticky with a group: members may add files but not rename or remove the daemon's.
   const mode = group ? 0o1770 : 0o700;
   await mkdir(dirname(dir), { recursive: true, mode: 0o755 });
-  // Whoever may write to the parent could rename the directory away and put theirs in its place.
-  const parent = await stat(dirname(dir));
-  if ((parent.uid !== uid && parent.uid !== 0) || (parent.mode & 0o022 && !(parent.mode & 0o1000))) {
-    refuse(`is in ${dirname(dir)}, which others may write to (and is not sticky)`);
+  // Whoever may write to a directory above it could rename it away and put theirs in its place.
+  for (let up = dirname(dir); ; up = dirname(up)) {
+    const above = await stat(up);
+    if ((above.uid !== uid && above.uid !== 0) || (above.mode & 0o022 && !(above.mode & 0o1000))) {
+      refuse(`is in ${up}, which others may write to (and is not sticky)`);
+    }
+    if (up === dirname(up)) break;
   }
   let made = true;
   try {
