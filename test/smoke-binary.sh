@@ -7,7 +7,7 @@ trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 cp "$root/dist/ckptd" "$work/ckptd"
 cd "$work"
 [ ! -e node_modules ] && [ ! -e ../node_modules ] || { echo "smoke: node_modules visible from $work" >&2; exit 1; }
-env -u CKPTD_LIB_DIR ./ckptd --port 0 --state-dir "$work/state" --upload-dir "$work/uploads" >"$work/log" 2>&1 &
+env -u CKPTD_LIB_DIR XDG_RUNTIME_DIR="$work" ./ckptd --port 0 --state-dir "$work/state" --upload-dir "$work/uploads" >"$work/log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do
   port=$(grep -o '"port":[0-9]*' "$work/log" | head -1 | cut -d: -f2 || true)
