@@ -3,17 +3,15 @@ import { existsSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, wr
 import { request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { DTYPE_BITS } from "../daemon/checkpoints/safetensors.ts";
 import { resolveDirectory } from "../daemon/checkpoints/sources.ts";
 import { type Config, defaults } from "../daemon/config/index.ts";
-import { type Daemon, startDaemon } from "../daemon/daemon.ts";
-import { nodeRuntime } from "../daemon/runtime/node.ts";
+import type { Daemon } from "../daemon/daemon.ts";
 import { safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
 import { AUTH, removeTempDirs, tempDir, testCredentials, thrown } from "./helpers.ts";
+import { startInProcess } from "./in-process.ts";
 
-const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 const running: Daemon[] = [];
 
 async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: typeof api; uploadDir: string }> {
@@ -28,13 +26,7 @@ async function start(overrides: Partial<Config> = {}): Promise<Daemon & { api: t
     ...testCredentials(),
     ...overrides,
   };
-  const daemon = await startDaemon({
-    config,
-    runtime: nodeRuntime,
-    log: pino({ level: "silent" }),
-    nodeId: "t",
-    libDir: LIB_DIR,
-  });
+  const daemon = await startInProcess(config);
   running.push(daemon);
   const base = `http://127.0.0.1:${daemon.port}`;
   async function api(method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {

@@ -17,15 +17,13 @@ import {
   writeFileSync,
 } from "node:fs";
 import { join } from "node:path";
-import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
-import { type Daemon, startDaemon } from "../daemon/daemon.ts";
-import { nodeRuntime } from "../daemon/runtime/node.ts";
+import type { Daemon } from "../daemon/daemon.ts";
 import { writeSafetensors } from "./checkpoint-files.ts";
 import { AUTH, removeTempDirs, tempDir, testCredentials } from "./helpers.ts";
+import { startInProcess } from "./in-process.ts";
 
-const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 const NOBODY = 65534;
 const running: Daemon[] = [];
 
@@ -45,13 +43,7 @@ async function start(overrides: Partial<Config> = {}) {
     ...testCredentials(),
     ...overrides,
   };
-  const daemon = await startDaemon({
-    config,
-    runtime: nodeRuntime,
-    log: pino({ level: "silent" }),
-    nodeId: "t",
-    libDir: LIB_DIR,
-  });
+  const daemon = await startInProcess(config);
   running.push(daemon);
   const api = async (method: string, path: string, body?: unknown) => {
     const res = await fetch(`http://127.0.0.1:${daemon.port}${path}`, {

@@ -6,16 +6,14 @@
  */
 import { readdirSync, readFileSync, renameSync, statSync, truncateSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
-import { type Daemon, startDaemon } from "../daemon/daemon.ts";
-import { nodeRuntime } from "../daemon/runtime/node.ts";
+import type { Daemon } from "../daemon/daemon.ts";
 import { writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type RuntimeName, startProcess, tempDir, testCredentials } from "./helpers.ts";
+import { apiOf, startInProcess } from "./in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
 
-const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 const cleanup: (() => Promise<void>)[] = [];
 
 afterEach(async () => {
@@ -38,24 +36,9 @@ async function start() {
     receiverTimeoutMs: 2000,
     ...testCredentials(),
   };
-  const daemon: Daemon = await startDaemon({
-    config,
-    runtime: nodeRuntime,
-    log: pino({ level: "silent" }),
-    nodeId: "t",
-    libDir: LIB_DIR,
-  });
+  const daemon: Daemon = await startInProcess(config);
   cleanup.push(() => daemon.stop());
-  const base = `http://127.0.0.1:${daemon.port}`;
-  const api = async (method: string, path: string, body?: unknown) => {
-    const res = await fetch(base + path, {
-      method,
-      headers: body ? { ...AUTH, "content-type": "application/json" } : AUTH,
-      body: body ? JSON.stringify(body) : undefined,
-    });
-    // biome-ignore lint/suspicious/noExplicitAny: checked field by field
-    return { status: res.status, body: (await res.json()) as any };
-  };
+  const api = apiOf(daemon.port);
   const receivers = async (behaviour: Behaviour = {}) => {
     const rs = [0, 1].map((g) => new ReferenceReceiver(`${stateDir}/sockets/gpu-${g}.sock`, `engine-${g}`, behaviour));
     for (const r of rs) {

@@ -8,15 +8,11 @@ import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
-import { startDaemon } from "../daemon/daemon.ts";
-import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { writeSafetensors } from "./checkpoint-files.ts";
 import { AUTH, ROOT, tempDir, testCredentials } from "./helpers.ts";
-
-const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
+import { startInProcess } from "./in-process.ts";
 
 /** The first python that imports torch, or undefined. */
 function torchPython(): string | undefined {
@@ -105,13 +101,7 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
       receiverTimeoutMs: 10_000,
       ...testCredentials(),
     };
-    const daemon = await startDaemon({
-      config,
-      runtime: nodeRuntime,
-      log: pino({ level: "silent" }),
-      nodeId: "t",
-      libDir: LIB_DIR,
-    });
+    const daemon = await startInProcess(config);
     cleanup.push(() => daemon.stop());
     const api = async (path: string, body: unknown) => {
       const res = await fetch(`http://127.0.0.1:${daemon.port}${path}`, {

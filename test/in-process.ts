@@ -1,0 +1,26 @@
+/** Daemons started inside the test process (host backend, silent logs) and calls to them. */
+import pino from "pino";
+import type { Config } from "../daemon/config/index.ts";
+import { type Daemon, startDaemon } from "../daemon/daemon.ts";
+import { nodeRuntime } from "../daemon/runtime/node.ts";
+import { AUTH } from "./helpers.ts";
+
+export const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
+
+/** Starts a daemon on `config` in this process, with node id "t". */
+export function startInProcess(config: Config): Promise<Daemon> {
+  return startDaemon({ config, runtime: nodeRuntime, log: pino({ level: "silent" }), nodeId: "t", libDir: LIB_DIR });
+}
+
+/** JSON calls to the daemon on `port` with the tests' admin token. */
+export function apiOf(port: number) {
+  return async (method: string, path: string, body?: unknown) => {
+    const res = await fetch(`http://127.0.0.1:${port}${path}`, {
+      method,
+      headers: body ? { ...AUTH, "content-type": "application/json" } : AUTH,
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    // biome-ignore lint/suspicious/noExplicitAny: checked field by field
+    return { status: res.status, body: (await res.json()) as any };
+  };
+}
