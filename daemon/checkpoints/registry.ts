@@ -272,8 +272,7 @@ export class Registry {
     const inspected: InspectedFile[] = [];
     for (const path of req.source.files) await this.opts.files.confine(path);
     if (req.adopt) for (const path of req.source.files) await this.opts.files.checkAdoptable(path);
-    const confine = (fdPath: string) => this.opts.files.confine(fdPath);
-    for (const path of req.source.files) inspected.push(await inspectFile(path, confine));
+    for (const path of req.source.files) inspected.push(await inspectFile(path, this.confineOpened));
     try {
       checkUniqueNames(inspected.map((f) => ({ file: f.path, tensors: f.header.tensors })));
     } catch (err) {
@@ -313,6 +312,9 @@ export class Registry {
   }
 
   /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
+  /** Where an opened file really is must be under the roots (pin.ts checks every open with it). */
+  private readonly confineOpened = (fdPath: string): Promise<void> => this.opts.files.confine(fdPath);
+
   checkBudget(bytes: number, what = "registering"): void {
     const budget = this.opts.budgetBytes;
     const used = this.pinnedBytes();
@@ -336,7 +338,7 @@ export class Registry {
     const signal = version.abort.signal;
     const started = performance.now();
     try {
-      const confine = (fdPath: string) => this.opts.files.confine(fdPath);
+      const confine = this.confineOpened;
       version.pinned = await pinFiles(ctx, inspected, { copy, threads, signal, progress: version.progress, confine });
       const pinnedAt = performance.now();
       const hashes = await hashTensors(
