@@ -1,4 +1,3 @@
-import { join } from "node:path";
 import type { Logger } from "pino";
 import { type Context, openBackend } from "../ffi/index.ts";
 import { Keyring } from "./auth/credentials.ts";
@@ -10,10 +9,12 @@ import { uploadRoutes } from "./checkpoints/upload-routes.ts";
 import type { Config } from "./config/index.ts";
 import { createApp } from "./http/app.ts";
 import { auth } from "./http/auth.ts";
+import { isLoopback, loadTls } from "./http/tls.ts";
 import { metricsOf } from "./metrics.ts";
 import type { Runtime } from "./runtime/index.ts";
 import { type NcclStatus, ncclStatus, statusOf } from "./status.ts";
 import { DataPath } from "./update/data-path.ts";
+import { openSocketDir } from "./update/engine-access.ts";
 import { checkEngineGpus } from "./update/engines.ts";
 import type { PeerSigner } from "./update/peers.ts";
 import { ReceiverHub } from "./update/receivers.ts";
@@ -55,6 +56,7 @@ interface Parts {
 async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: PeerSigner): Promise<Parts> {
   // Before the data plane: an upload directory that is not the daemon's own stops the start.
   const uploads = await openUploadArea(config, nodeId);
+  const sockets = await openSocketDir(config, uploads.uid);
   const { context, reason } = await openBackend(config.backend, libDir, {
     hostDevices: config.hostDevices,
     ncclPath: config.ncclPath,
@@ -84,8 +86,9 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
   const { bucketSlots, bucketBytes, bucketMemoryBytes } = config;
   const receivers = () => hub.connected();
   const path = await DataPath.open({ ctx: context, log, bucketSlots, bucketBytes, bucketMemoryBytes, receivers });
-  const socketDir = config.socketDir || join(config.stateDir, "sockets");
-  const hub = new ReceiverHub(socketDir, path.gpus, log, (r) => path.greet(r));
+  const socketDir = sockets.dir;
+  const peerCred = (fd: number) => context.lib.peerCred(fd);
+  const hub = new ReceiverHub(socketDir, path.gpus, log, (r) => path.greet(r), { ...sockets.access, peerCred });
   await hub.listen();
   const peers = config.peers.map((u) => u.replace(/\/$/, ""));
   const { receiverTimeoutMs, engines } = config;
@@ -148,15 +151,24 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   const startedAt = Date.now();
   // First: a bad tokens file or secret stops the start before anything is opened.
   const keyring = new Keyring(config, log);
+  const tls = loadTls(config);
   const parts = await openParts(opts, keyring.sign);
   let server: Awaited<ReturnType<Runtime["serve"]>>;
+  const { host: hostname, port } = config;
   try {
-    server = await runtime.serve(appOf(opts, parts, keyring, startedAt).fetch, config.host, config.port);
+    server = await runtime.serve(appOf(opts, parts, keyring, startedAt).fetch, { hostname, port, tls });
   } catch (err) {
     await release(parts);
-    throw new Error(`cannot listen on ${config.host}:${config.port}: ${(err as Error).message}`);
+    throw new Error(`cannot listen on ${hostname}:${port}: ${(err as Error).message}`);
   }
-  log.info({ host: config.host, port: server.port, runtime: runtime.name, version: VERSION }, "listening");
+  const scheme = tls ? "https" : "http";
+  log.info({ host: hostname, port: server.port, scheme, runtime: runtime.name, version: VERSION }, "listening");
+  if (!tls && !isLoopback(hostname)) {
+    log.warn(
+      { host: hostname },
+      "the API listens beyond loopback without TLS: tokens and requests travel in clear (set tlsCertFile and tlsKeyFile)",
+    );
+  }
   let stopping: Promise<void> | undefined;
   return {
     port: server.port,

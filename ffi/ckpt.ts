@@ -121,6 +121,21 @@ export class Library {
   sdNotify(state: string): void {
     this.check("ckpt_sd_notify", this.native.sdNotify(state));
   }
+
+  /** Who is at the other end of a connected Unix socket (SO_PEERCRED, as of its connect). */
+  peerCred(fd: number): PeerCred {
+    const pid = [0];
+    const uid = [0];
+    const gid = [0];
+    this.check("ckpt_peer_cred", this.native.peerCred(fd, pid, uid, gid));
+    return { pid: pid[0] as number, uid: uid[0] as number, gid: gid[0] as number };
+  }
+}
+
+export interface PeerCred {
+  pid: number;
+  uid: number;
+  gid: number;
 }
 
 export class HostMemory {

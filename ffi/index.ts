@@ -9,6 +9,7 @@ export {
   HostMemory,
   type IpcHandleRecord,
   Library,
+  type PeerCred,
   Stream,
 } from "./ckpt.ts";
 export { CKPT_EFAULT } from "./constants.ts";

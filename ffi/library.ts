@@ -9,7 +9,7 @@ import { CKPT_DEVICE_NAME_BYTES, CKPT_IPC_DATA_BYTES, CKPT_UUID_BYTES } from "./
  * The ABI these declarations are written for, by hand: when ckpt.h's CKPT_ABI_VERSION moves,
  * a test fails until the declarations below are brought up to date and this is raised.
  */
-export const ABI_VERSION = 2;
+export const ABI_VERSION = 3;
 
 export const CtxOptions = koffi.struct("ckpt_ctx_options", {
   size: "uint32_t",
@@ -88,6 +88,7 @@ const SIGNATURES = {
     "int ckpt_hash64(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads, void *done_bytes)",
   ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",
   sdNotify: "int ckpt_sd_notify(const char *state)",
+  peerCred: "int ckpt_peer_cred(int32_t fd, _Out_ int32_t *pid, _Out_ uint32_t *uid, _Out_ uint32_t *gid)",
 } as const;
 
 // biome-ignore lint/suspicious/noExplicitAny: koffi functions are typed by their C signature

@@ -1,9 +1,12 @@
 /**
  * Around the whole run: anything a test leaves in /dev/shm (RAM) or a ckptd-test-* directory
- * in the temp directory fails the run, naming what was left.
+ * in the temp directory fails the run, naming what was left. Test directories carry the run's
+ * tag (test/helpers.ts tempDir), so that another run or a benchmark on the same machine at
+ * the same time is not taken for a leak.
  */
 import { readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
+import { basename } from "node:path";
 
 function entries(): Set<string> {
   const shm = readdirSync("/dev/shm").map((n) => `/dev/shm/${n}`);
@@ -13,10 +16,19 @@ function entries(): Set<string> {
   return new Set([...shm, ...tmp]);
 }
 
+/** Whether `entry` belongs to another test run (another tag) or to a benchmark. */
+function someoneElses(entry: string, tag: string): boolean {
+  const run = /^ckptd-test-(\d+)-/.exec(basename(entry));
+  return (run !== null && run[1] !== tag) || basename(entry).startsWith("ckptd-bench-");
+}
+
 export default function setup(): () => void {
+  const tag = String(process.pid);
+  // Inherited by the test workers, which start after this.
+  process.env.TEST_RUN_TAG = tag;
   const before = entries();
   return () => {
-    const left = [...entries()].filter((e) => !before.has(e));
+    const left = [...entries()].filter((e) => !before.has(e) && !someoneElses(e, tag));
     if (left.length > 0)
       throw new Error(`the tests left ${left.length} entries behind: ${left.slice(0, 20).join(", ")}`);
   };

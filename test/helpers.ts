@@ -33,7 +33,8 @@ const made: string[] = [];
 
 /** A fresh directory under `parent` (the system's temp directory, or /dev/shm), removed after the test file. */
 export function tempDir(prefix = "ckptd-test-", parent: string = tmpdir()): string {
-  const dir = mkdtempSync(join(parent, prefix));
+  // The run's tag (test/global-setup.ts) tells this run's directories from a neighbour's.
+  const dir = mkdtempSync(join(parent, `${prefix}${process.env.TEST_RUN_TAG ?? "0"}-`));
   made.push(dir);
   return dir;
 }
@@ -91,8 +92,11 @@ export function startProcess(
       buffered = lines.pop() ?? "";
       for (const line of lines) {
         logs.push(line);
-        const port = line.includes('"listening"') ? JSON.parse(line).port : undefined;
-        if (port) resolve({ proc, port, url: `http://127.0.0.1:${port}`, logs, exited });
+        const listening = line.includes('"listening"') ? JSON.parse(line) : undefined;
+        if (listening?.port) {
+          const { port, scheme } = listening;
+          resolve({ proc, port, url: `${scheme ?? "http"}://127.0.0.1:${port}`, logs, exited });
+        }
       }
     };
     proc.stdout?.on("data", onData);

@@ -78,7 +78,7 @@ describe("receivers that break the protocol", () => {
     expect(written).toBeLessThan(64 << 20); // cut off well before the end
     expect(cutOff(logs)).toEqual([
       expect.objectContaining({
-        receiver: expect.stringMatching(/^connection #\d+ \(GPU 0, no hello yet\)$/),
+        receiver: expect.stringMatching(new RegExp(`^connection #\\d+ \\(pid ${process.pid}, GPU 0, no hello yet\\)$`)),
         reason: `sent a line of over ${MAX_LINE_BYTES} bytes`,
       }),
     ]);
@@ -87,7 +87,7 @@ describe("receivers that break the protocol", () => {
     next.socket.write(`${JSON.stringify({ op: "hello", protocol: 1, pid: 42, name: "next" })}\n`);
     await new Promise((r) => next.socket.once("data", r));
     const status = await (await fetch(`http://127.0.0.1:${daemon.port}/v1/status`, { headers: AUTH })).json();
-    expect(status.gpus[0].receivers).toEqual(["next (pid 42, GPU 0)"]);
+    expect(status.gpus[0].receivers).toEqual([`next (pid ${process.pid}, GPU 0)`]);
   });
 
   it("cuts off one sending garbage after a few invalid messages, naming it in one log line", async () => {
@@ -99,7 +99,7 @@ describe("receivers that break the protocol", () => {
     await closed;
     expect(cutOff(logs)).toEqual([
       expect.objectContaining({
-        receiver: "noisy (pid 4242, GPU 0)",
+        receiver: `noisy (pid ${process.pid}, GPU 0)`,
         reason: `sent ${MAX_INVALID} invalid messages (not JSON with an "op"), the first: not json`,
       }),
     ]);
@@ -120,7 +120,7 @@ describe("receivers that break the protocol", () => {
     await closed;
     expect(cutOff(logs)).toEqual([
       expect.objectContaining({
-        receiver: "chatty (pid 7, GPU 0)",
+        receiver: `chatty (pid ${process.pid}, GPU 0)`,
         reason: `sent over ${MAX_INBOX} messages nobody waited for`,
       }),
     ]);

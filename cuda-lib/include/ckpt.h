@@ -37,7 +37,7 @@
 extern "C" {
 #endif
 
-#define CKPT_ABI_VERSION 2
+#define CKPT_ABI_VERSION 3
 
 /* X(name, value, message): the one table of errors; names and messages derive from it. */
 #define CKPT_STATUS_MAP(X)                                                        \
@@ -304,6 +304,10 @@ int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version);
  * sd_notify(3) does; an abstract socket when the name starts with '@'. CKPT_OK without
  * sending when the variable is unset. Non-blocking. Needs no context. */
 int ckpt_sd_notify(const char *state);
+
+/* The process at the other end of the connected Unix socket `fd`, as the kernel recorded it
+ * when that process connected (SO_PEERCRED): its pid, uid and gid. Needs no context. */
+int ckpt_peer_cred(int32_t fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 
 #ifdef __cplusplus
 }

@@ -1,4 +1,5 @@
-/* Errors, the context's shared part, the pinned-region table and sd_notify. */
+/* Errors, the context's shared part, the pinned-region table, sd_notify and peer credentials. */
+#define _GNU_SOURCE /* struct ucred */
 #include "common.h"
 #include "guard.h"
 
@@ -257,5 +258,17 @@ CKPT_API int ckpt_sd_notify(const char *state) {
   int err = errno;
   close(fd);
   if (sent < 0) return FAIL(NULL, CKPT_ESYS, "sd_notify to %s: %s", path, strerror(err));
+  return CKPT_OK;
+}
+
+CKPT_API int ckpt_peer_cred(int32_t fd, int32_t *pid, uint32_t *uid, uint32_t *gid) {
+  if (pid == NULL || uid == NULL || gid == NULL) return FAIL(NULL, CKPT_EINVAL, "peer_cred: NULL output");
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+    return FAIL(NULL, CKPT_ESYS, "peer_cred of fd %d: %s", fd, strerror(errno));
+  *pid = cred.pid;
+  *uid = cred.uid;
+  *gid = cred.gid;
   return CKPT_OK;
 }

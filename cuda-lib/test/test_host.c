@@ -1073,6 +1073,20 @@ static int test_sd_notify(void) {
   return 1;
 }
 
+static int test_peer_cred(void) {
+  int fds[2];
+  EXPECT(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+  int32_t pid = -1;
+  uint32_t uid = 12345, gid = 12345;
+  EXPECT_OK(NULL, ckpt_peer_cred(fds[0], &pid, &uid, &gid));
+  EXPECT(pid == (int32_t)getpid() && uid == (uint32_t)getuid() && gid == (uint32_t)getgid());
+  EXPECT_ST(NULL, ckpt_peer_cred(fds[0], NULL, &uid, &gid), CKPT_EINVAL);
+  close(fds[0]);
+  close(fds[1]);
+  EXPECT_ST(NULL, ckpt_peer_cred(fds[0], &pid, &uid, &gid), CKPT_ESYS); /* closed */
+  return 1;
+}
+
 /* ---- runner ------------------------------------------------------------------------- */
 
 static const harness_test tests[] = {
@@ -1081,7 +1095,8 @@ static const harness_test tests[] = {
     TEST(test_host_alloc),    TEST(test_register),         TEST(test_copies),
     TEST(test_devices_mismatch), TEST(test_query_in_flight), TEST(test_wait_timeout),
     TEST(test_ipc),           TEST(test_ipc_dead_exporter), TEST(test_busy_ctx),
-    TEST(test_nccl),          TEST(test_sd_notify),            TEST(test_stream_wait_event),
+    TEST(test_nccl),          TEST(test_sd_notify),            TEST(test_peer_cred),
+    TEST(test_stream_wait_event),
     TEST(test_broadcast_two), TEST(test_broadcast_three),      TEST(test_broadcast_errors),
     TEST(test_broadcast_lifetimes), TEST(test_broadcast_threads),
 };

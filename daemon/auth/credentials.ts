@@ -32,7 +32,7 @@ type Settings = Pick<Config, "stateDir" | "tokensFile" | "clusterSecret" | "clus
  * owner checked on the open file (no race with a rename), then read. `forbidden`: mode bits
  * that refuse it.
  */
-function readPrivate(path: string, what: string, forbidden: number, rule: string): string {
+export function readPrivate(path: string, what: string, forbidden: number, rule: string): string {
   let fd: number;
   try {
     fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);

@@ -4,9 +4,10 @@
  * swap a staged file before commit), and swept of staging files no upload owns.
  */
 import { existsSync } from "node:fs";
-import { chmod, chown, lstat, mkdir, readdir, realpath, stat, unlink } from "node:fs/promises";
-import { dirname, join } from "node:path";
+import { lstat, readdir, realpath, unlink } from "node:fs/promises";
+import { join } from "node:path";
 import { ConfigError } from "../config/index.ts";
+import { prepareOwnDir } from "../config/own-dir.ts";
 import { FilePolicy, type Group, lookupGroup } from "./confine.ts";
 
 /** The daemon's staging files: `<upload id>-<file>.safetensors` (see uploads.ts). */
@@ -18,44 +19,13 @@ export function defaultUploadDir(nodeId: string, stateDir: string, shm: string |
 }
 
 /**
- * Makes the upload directory, or checks the one there: a directory (not a symlink) owned
- * by `uid`, writable by no one but its owner (and `group`, when given). Throws ConfigError
- * naming the directory and what is wrong, so the daemon stops at start (exit 2).
+ * Makes the upload directory, or checks the one there (see own-dir.ts): sticky and shared
+ * with `group` when given, so that members may add files but not rename or remove the
+ * daemon's.
  */
-export async function prepareUploadDir(dir: string, uid: number, group?: Group): Promise<void> {
-  const refuse = (why: string): never => {
-    throw new ConfigError(`uploadDir ${dir}: ${why}; remove it or choose another uploadDir`);
-  };
-  // Sticky with a group: members may add files but not rename or remove the daemon's.
+export function prepareUploadDir(dir: string, uid: number, group?: Group): Promise<void> {
   const mode = group ? 0o1770 : 0o700;
-  await mkdir(dirname(dir), { recursive: true, mode: 0o755 });
-  // Whoever may write to a directory above it could rename it away and put theirs in its place.
-  for (let up = dirname(dir); ; up = dirname(up)) {
-    const above = await stat(up);
-    if ((above.uid !== uid && above.uid !== 0) || (above.mode & 0o022 && !(above.mode & 0o1000))) {
-      refuse(`is in ${up}, which others may write to (and is not sticky)`);
-    }
-    if (up === dirname(up)) break;
-  }
-  let made = true;
-  try {
-    await mkdir(dir, { mode });
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "EEXIST") refuse(`cannot create it: ${(err as Error).message}`);
-    made = false;
-  }
-  const st = await lstat(dir);
-  if (st.isSymbolicLink()) refuse("is a symlink");
-  if (!st.isDirectory()) refuse("is not a directory");
-  if (st.uid !== uid) refuse(`is owned by uid ${st.uid}, not by the daemon's user (uid ${uid})`);
-  const writers = st.mode & 0o022;
-  if (writers & 0o002) refuse(`is writable by every user (mode ${(st.mode & 0o7777).toString(8)})`);
-  if (writers & 0o020 && (!group || st.gid !== group.gid)) {
-    refuse(`is writable by group ${st.gid}, which is not uploadGroup (mode ${(st.mode & 0o7777).toString(8)})`);
-  }
-  // The daemon's own directory: it sets the mode it wants (mkdir's is cut by the umask).
-  if (group) await chown(dir, uid, group.gid);
-  if (made || group) await chmod(dir, mode);
+  return prepareOwnDir({ key: "uploadDir", dir, uid, mode, gid: group?.gid, groupKey: "uploadGroup" });
 }
 
 /** A staging file removed at start, with its size. */

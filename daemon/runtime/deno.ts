@@ -6,7 +6,7 @@ interface DenoServer {
 }
 interface DenoApi {
   serve(
-    options: { hostname: string; port: number; onListen(addr: { port: number }): void; signal?: AbortSignal },
+    options: { hostname: string; port: number; cert?: string; key?: string; onListen(addr: { port: number }): void },
     handler: (request: Request) => Response | Promise<Response>,
   ): DenoServer;
   addSignalListener(signal: string, handler: () => void): void;
@@ -16,13 +16,11 @@ const Deno = (globalThis as unknown as { Deno: DenoApi }).Deno;
 
 export const denoRuntime: Runtime = {
   name: "deno",
-  serve(fetch, hostname, port) {
+  serve(fetch, { hostname, port, tls }) {
     return new Promise<Server>((resolve, reject) => {
       try {
-        const server = Deno.serve(
-          { hostname, port, onListen: (addr) => resolve({ port: addr.port, close: () => server.shutdown() }) },
-          fetch,
-        );
+        const onListen = (addr: { port: number }) => resolve({ port: addr.port, close: () => server.shutdown() });
+        const server = Deno.serve({ hostname, port, ...tls, onListen }, fetch);
       } catch (err) {
         reject(err);
       }

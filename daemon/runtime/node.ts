@@ -1,12 +1,14 @@
+import { createServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { serve } from "@hono/node-server";
 import type { Runtime, Server } from "./types.ts";
 
 export const nodeRuntime: Runtime = {
   name: "node",
-  serve(fetch, hostname, port) {
+  serve(fetch, { hostname, port, tls }) {
+    const https = tls ? { createServer, serverOptions: { cert: tls.cert, key: tls.key } } : {};
     return new Promise<Server>((resolve, reject) => {
-      const server = serve({ fetch, hostname, port }, (info: AddressInfo) => {
+      const server = serve({ fetch, hostname, port, ...https }, (info: AddressInfo) => {
         resolve({
           port: info.port,
           close: () =>

@@ -6,8 +6,15 @@ export interface Server {
   close(): Promise<void>;
 }
 
+/** Where to listen, and the certificate and key (PEM) when the API is served over HTTPS. */
+export interface Listen {
+  hostname: string;
+  port: number;
+  tls?: { cert: string; key: string };
+}
+
 export interface Runtime {
   name: "node" | "deno";
-  serve(fetch: (request: Request) => Response | Promise<Response>, hostname: string, port: number): Promise<Server>;
+  serve(fetch: (request: Request) => Response | Promise<Response>, listen: Listen): Promise<Server>;
   onSignal(signal: "SIGTERM" | "SIGINT" | "SIGHUP", handler: () => void): void;
 }

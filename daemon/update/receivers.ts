@@ -2,10 +2,12 @@
  * The daemon's side of the receiver protocol (integrations/PROTOCOL.md): one Unix socket per
  * GPU, JSON lines, receivers that connect, say hello and then follow updates.
  */
-import { mkdirSync, rmSync } from "node:fs";
+import { chmodSync, chownSync, rmSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import type { Logger } from "pino";
+import type { PeerCred } from "../../ffi/index.ts";
+import { type EngineAccess, refusal } from "./engine-access.ts";
 
 export const PROTOCOL = 1;
 /** A protocol line longer than this (bytes of UTF-8, about) disconnects the receiver. */
@@ -22,7 +24,9 @@ export type Message = { op: string; [key: string]: unknown };
 /** One connected engine process on one GPU. */
 export class Receiver {
   name = "unnamed";
+  /** The connecting process, as the kernel saw it (SO_PEERCRED), not as it says in hello. */
   pid = 0;
+  uid = 0;
   ready = false;
   closed = false;
   private buffered = "";
@@ -41,7 +45,7 @@ export class Receiver {
   ) {}
 
   get label(): string {
-    if (!this.ready && this.pid === 0) return `connection #${this.connection} (GPU ${this.gpu}, no hello yet)`;
+    if (!this.ready) return `connection #${this.connection} (pid ${this.pid}, GPU ${this.gpu}, no hello yet)`;
     return `${this.name} (pid ${this.pid}, GPU ${this.gpu})`;
   }
 
@@ -196,14 +200,17 @@ export class ReceiverHub {
     private readonly log: Logger,
     /** Messages a new receiver gets after hello (welcome, buffers). */
     private readonly greet: (r: Receiver) => void,
+    /** Who may connect, and how to learn who did. */
+    private readonly access: EngineAccess & { peerCred(fd: number): PeerCred },
   ) {}
 
   socketPath(gpu: number): string {
     return join(this.socketDir, `gpu-${gpu}.sock`);
   }
 
+  /** Listens on every GPU's socket in socketDir (made before, see config/own-dir.ts). */
   async listen(): Promise<void> {
-    mkdirSync(this.socketDir, { recursive: true, mode: 0o700 });
+    const gid = this.access.group?.gid;
     for (let gpu = 0; gpu < this.gpus; gpu++) {
       const path = this.socketPath(gpu);
       if (path.length > 100) throw new Error(`socket path ${path} is too long for a Unix socket; set socketDir`);
@@ -214,19 +221,43 @@ export class ReceiverHub {
         server.listen(path, () => resolve());
       });
       this.servers.push(server);
+      // Connecting needs write permission on the socket file: the daemon's user, or its group.
+      if (gid !== undefined) chownSync(path, this.access.uid, gid);
+      chmodSync(path, gid === undefined ? 0o600 : 0o660);
     }
   }
 
+  /** Who connected (SO_PEERCRED), or undefined when they may not: then they are cut off. */
+  private admit(gpu: number, socket: Socket): PeerCred | undefined {
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+    let cred: PeerCred;
+    try {
+      cred = this.access.peerCred(fd);
+    } catch (err) {
+      this.log.warn({ gpu, reason: (err as Error).message }, "receiver refused: its credentials are unknown");
+      socket.destroy();
+      return undefined;
+    }
+    const why = refusal(cred, this.access);
+    if (why === undefined) return cred;
+    this.log.warn({ gpu, uid: cred.uid, pid: cred.pid }, `receiver refused: ${why}`);
+    socket.destroy();
+    return undefined;
+  }
+
   private accept(gpu: number, socket: Socket): void {
+    const cred = this.admit(gpu, socket);
+    if (!cred) return;
     const r = new Receiver(gpu, socket);
+    r.pid = cred.pid;
+    r.uid = cred.uid;
     this.receivers.add(r);
     socket.setEncoding("utf8");
     socket.on("data", (chunk: string) => {
       if (r.closed) return;
       for (const msg of r.feed(chunk)) {
         if (msg.op === "hello" && !r.ready) {
-          r.name = typeof msg.name === "string" ? msg.name : `pid-${msg.pid}`;
-          r.pid = Number(msg.pid) || 0;
+          r.name = typeof msg.name === "string" ? msg.name : `pid-${r.pid}`;
           if (msg.protocol !== PROTOCOL) {
             r.send({ op: "refused", reason: `protocol ${msg.protocol} is not ${PROTOCOL}` });
             r.close();
@@ -234,7 +265,7 @@ export class ReceiverHub {
           }
           r.ready = true;
           this.greet(r);
-          this.log.info({ receiver: r.label }, "receiver connected");
+          this.log.info({ receiver: r.label, uid: r.uid }, "receiver connected");
         } else r.deliver(msg);
         if (r.violation) break;
       }
