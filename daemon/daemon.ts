@@ -9,7 +9,7 @@ import { uploadRoutes } from "./checkpoints/upload-routes.ts";
 import type { Config } from "./config/index.ts";
 import { createApp } from "./http/app.ts";
 import { auth } from "./http/auth.ts";
-import { isLoopback, loadTls } from "./http/tls.ts";
+import { isLoopback, loadTls, validityWarning } from "./http/tls.ts";
 import { metricsOf } from "./metrics.ts";
 import type { Runtime } from "./runtime/index.ts";
 import { type NcclStatus, ncclStatus, statusOf } from "./status.ts";
@@ -61,52 +61,57 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
     hostDevices: config.hostDevices,
     ncclPath: config.ncclPath,
   });
+  // What is open so far, closed in reverse if a later part cannot be made.
+  const undo: (() => Promise<void>)[] = [() => context.destroy()];
   try {
     checkEngineGpus(config.engines, context.devices().length);
+    const nccl = ncclStatus(context);
+    log.info({ backend: context.backend, reason, library: context.lib.path, nccl }, "data plane ready");
+    const registry = new Registry({
+      ctx: context,
+      log,
+      budgetBytes: config.pinnedBudgetBytes,
+      maxVersions: config.maxVersions,
+      threads: config.ioThreads,
+      files: uploads.files,
+      onChange: (r) => saveRegistry(config.stateDir, r),
+    });
+    undo.unshift(() => registry.close());
+    const restore = await restoreRegistry(config.stateDir, registry, log);
+    const kept = new Set(registry.list().flatMap((v) => v.files.map((f) => f.path)));
+    uploads.orphansRemoved = await removeOrphans(uploads.dir, uploads.uid, kept);
+    if (uploads.orphansRemoved.length) log.warn({ removed: uploads.orphansRemoved }, "orphaned staging files removed");
+    // Made at start, before engines take the GPU memory, and kept.
+    const { bucketSlots, bucketBytes, bucketMemoryBytes } = config;
+    const receivers = () => hub.connected();
+    const path = await DataPath.open({ ctx: context, log, bucketSlots, bucketBytes, bucketMemoryBytes, receivers });
+    undo.unshift(() => path.close());
+    const socketDir = sockets.dir;
+    const peerCred = (fd: number) => context.lib.peerCred(fd);
+    const hub = new ReceiverHub(socketDir, path.gpus, log, (r) => path.greet(r), { ...sockets.access, peerCred });
+    undo.unshift(() => hub.close());
+    await hub.listen();
+    const peers = config.peers.map((u) => u.replace(/\/$/, ""));
+    const { receiverTimeoutMs, engines } = config;
+    const updates = new Updates({
+      ctx: context,
+      log,
+      registry,
+      hub,
+      path,
+      socketDir,
+      peers,
+      sign,
+      nodeId,
+      receiverTimeoutMs,
+      engines,
+    });
+    log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
+    return { context, nccl, registry, restore, path, hub, updates, uploads };
   } catch (err) {
-    await context.destroy();
+    for (const close of undo) await close().catch(() => undefined);
     throw err;
   }
-  const nccl = ncclStatus(context);
-  log.info({ backend: context.backend, reason, library: context.lib.path, nccl }, "data plane ready");
-  const registry = new Registry({
-    ctx: context,
-    log,
-    budgetBytes: config.pinnedBudgetBytes,
-    maxVersions: config.maxVersions,
-    threads: config.ioThreads,
-    files: uploads.files,
-    onChange: (r) => saveRegistry(config.stateDir, r),
-  });
-  const restore = await restoreRegistry(config.stateDir, registry, log);
-  const kept = new Set(registry.list().flatMap((v) => v.files.map((f) => f.path)));
-  uploads.orphansRemoved = await removeOrphans(uploads.dir, uploads.uid, kept);
-  if (uploads.orphansRemoved.length) log.warn({ removed: uploads.orphansRemoved }, "orphaned staging files removed");
-  // Made at start, before engines take the GPU memory, and kept.
-  const { bucketSlots, bucketBytes, bucketMemoryBytes } = config;
-  const receivers = () => hub.connected();
-  const path = await DataPath.open({ ctx: context, log, bucketSlots, bucketBytes, bucketMemoryBytes, receivers });
-  const socketDir = sockets.dir;
-  const peerCred = (fd: number) => context.lib.peerCred(fd);
-  const hub = new ReceiverHub(socketDir, path.gpus, log, (r) => path.greet(r), { ...sockets.access, peerCred });
-  await hub.listen();
-  const peers = config.peers.map((u) => u.replace(/\/$/, ""));
-  const { receiverTimeoutMs, engines } = config;
-  const updates = new Updates({
-    ctx: context,
-    log,
-    registry,
-    hub,
-    path,
-    socketDir,
-    peers,
-    sign,
-    nodeId,
-    receiverTimeoutMs,
-    engines,
-  });
-  log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
-  return { context, nccl, registry, restore, path, hub, updates, uploads };
 }
 
 function appOf(opts: StartOptions, p: Parts, keyring: Keyring, startedAt: number) {
@@ -156,13 +161,16 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   const { host: hostname, port } = config;
   try {
-    server = await runtime.serve(appOf(opts, parts, keyring, startedAt).fetch, { hostname, port, tls });
+    const certificate = tls && { cert: tls.cert, key: tls.key };
+    server = await runtime.serve(appOf(opts, parts, keyring, startedAt).fetch, { hostname, port, tls: certificate });
   } catch (err) {
     await release(parts);
     throw new Error(`cannot listen on ${hostname}:${port}: ${(err as Error).message}`);
   }
   const scheme = tls ? "https" : "http";
   log.info({ host: hostname, port: server.port, scheme, runtime: runtime.name, version: VERSION }, "listening");
+  const expiry = tls && validityWarning(tls, new Date());
+  if (expiry) log.warn({ tlsCertFile: config.tlsCertFile }, expiry);
   if (!tls && !isLoopback(hostname)) {
     log.warn(
       { host: hostname },

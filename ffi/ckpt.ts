@@ -122,20 +122,28 @@ export class Library {
     this.check("ckpt_sd_notify", this.native.sdNotify(state));
   }
 
-  /** Who is at the other end of a connected Unix socket (SO_PEERCRED, as of its connect). */
+  /** Who is at the other end of a connected Unix socket (SO_PEERCRED, SO_PEERGROUPS, as of its connect). */
   peerCred(fd: number): PeerCred {
     const pid = [0];
     const uid = [0];
     const gid = [0];
     this.check("ckpt_peer_cred", this.native.peerCred(fd, pid, uid, gid));
-    return { pid: pid[0] as number, uid: uid[0] as number, gid: gid[0] as number };
+    const groups = new Uint32Array(MAX_PEER_GROUPS);
+    const n = [groups.length];
+    this.check("ckpt_peer_groups", this.native.peerGroups(fd, groups, n));
+    return { pid: pid[0] as number, uid: uid[0] as number, gid: gid[0] as number, groups: [...groups.slice(0, n[0])] };
   }
 }
+
+/** Linux's NGROUPS_MAX. */
+const MAX_PEER_GROUPS = 65536;
 
 export interface PeerCred {
   pid: number;
   uid: number;
   gid: number;
+  /** Supplementary groups. */
+  groups: number[];
 }
 
 export class HostMemory {

@@ -89,6 +89,7 @@ const SIGNATURES = {
   ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",
   sdNotify: "int ckpt_sd_notify(const char *state)",
   peerCred: "int ckpt_peer_cred(int32_t fd, _Out_ int32_t *pid, _Out_ uint32_t *uid, _Out_ uint32_t *gid)",
+  peerGroups: "int ckpt_peer_groups(int32_t fd, uint32_t *groups, _Inout_ int32_t *n)",
 } as const;
 
 // biome-ignore lint/suspicious/noExplicitAny: koffi functions are typed by their C signature

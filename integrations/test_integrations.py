@@ -560,6 +560,16 @@ class ReceiverTest(unittest.TestCase):
             pass  # the receiver hung up on the bad welcome before the buffers were sent
 
 
+    def test_refused_by_the_daemon(self):
+        reason = "uid 12345 is not the daemon's user (uid 0); engines of other users need engineGroup"
+        self.daemon.start(lambda d: None, welcome={"op": "refused", "reason": reason})
+        with self.assertRaisesRegex(cr.ProtocolError, "^the daemon refused this receiver: uid 12345 is not"):
+            cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper())
+        try:
+            self.daemon.join()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def test_daemon_gone(self):
         def script(d):
             d.conn.close()

@@ -46,9 +46,10 @@ async function start(extra: Partial<Config> = {}) {
 
 /**
  * Connects to `path` as another user, says hello and prints what came back, or the error:
- * "welcome" when the daemon took it, "closed" when it hung up, else the errno name.
+ * "welcome" when the daemon took it, "refused" when it said so, "closed" when it hung up
+ * saying nothing, else the errno name.
  */
-function helloAs(uid: number, gid: number, path: string): Promise<string> {
+function helloAs(uid: number, gid: number, path: string, groups: number[] = []): Promise<string> {
   const script = `
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -58,13 +59,20 @@ except OSError as e:
     print(__import__("errno").errorcode[e.errno]); sys.exit()
 try:
     s.sendall(json.dumps({"op": "hello", "protocol": 1, "pid": 1, "name": "intruder"}).encode() + b"\\n")
-    s.settimeout(10)
+except (BrokenPipeError, ConnectionResetError):
+    pass  # refused before the hello: what it said is still there to read
+s.settimeout(10)
+try:
     data = s.recv(65536)
 except (BrokenPipeError, ConnectionResetError):
     data = b""
 print(json.loads(data.split(b"\\n")[0])["op"] if data else "closed")
 `;
-  const child = spawn("python3", ["-c", script, path], { uid, gid, stdio: ["ignore", "pipe", "inherit"] });
+  // setpriv sets supplementary groups too, which spawn's uid and gid cannot.
+  const ids = [`--reuid=${uid}`, `--regid=${gid}`, groups.length ? `--groups=${groups.join(",")}` : "--clear-groups"];
+  const child = spawn("setpriv", [...ids, "/usr/bin/python3", "-c", script, path], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
   let out = "";
   child.stdout.on("data", (d) => {
     out += d;
@@ -91,15 +99,16 @@ describe("engine sockets", () => {
     expect(connected).toMatchObject({ uid: 65534, receiver: expect.stringMatching(/^intruder \(pid \d+, GPU 0\)$/) });
     // The pid is the kernel's, not the one the hello claimed.
     expect(connected?.receiver).not.toContain("pid 1,");
-    // A user of another name whose process runs with the group's id.
+    // A user of another name whose process runs with the group's id, or has it among its groups.
     expect(await helloAs(65533, 65534, socket)).toBe("welcome");
+    expect(await helloAs(12345, 12345, socket, [65534])).toBe("welcome");
   });
 
   it("refuses, by its credentials, a process of another user that reaches a socket opened to everyone", async () => {
     const { logs, socketDir, socket } = await start();
     chmodSync(socketDir, 0o755);
     chmodSync(socket, 0o666); // an operator's mistake
-    expect(await helloAs(12345, 12345, socket)).toBe("closed");
+    expect(await helloAs(12345, 12345, socket)).toBe("refused");
     expect(logs.filter((l) => l.msg.startsWith("receiver refused"))).toEqual([
       expect.objectContaining({
         msg: `receiver refused: uid 12345 is not the daemon's user (uid ${process.getuid?.()}); engines of other users need engineGroup`,
@@ -113,10 +122,18 @@ describe("engine sockets", () => {
     const { logs, socketDir, socket } = await start({ engineGroup: "nogroup" });
     chmodSync(socketDir, 0o711);
     chmodSync(socket, 0o666);
-    expect(await helloAs(12345, 12345, socket)).toBe("closed");
+    expect(await helloAs(12345, 12345, socket)).toBe("refused");
     expect(logs.find((l) => l.msg.startsWith("receiver refused"))?.msg).toBe(
       `receiver refused: uid 12345 is neither the daemon's user (uid ${process.getuid?.()}) nor in engineGroup nogroup`,
     );
+  });
+
+  it("stops a second daemon on the same socket directory, leaving the first one's sockets working", async () => {
+    const first = await start();
+    await expect(start({ socketDir: first.socketDir })).rejects.toThrow(
+      `socketDir ${first.socketDir}: ${first.socket} is in use by another daemon; give each its own socketDir`,
+    );
+    expect(await helloAs(0, 0, first.socket)).toBe("welcome");
   });
 
   it("stops the start (exit 2 in main) when the socket directory is another user's or writable by others", async () => {

@@ -16,10 +16,10 @@ function entries(): Set<string> {
   return new Set([...shm, ...tmp]);
 }
 
-/** Whether `entry` belongs to another test run (another tag) or to a benchmark. */
+/** Whether `entry` belongs to another test run (another tag, or none) or to a benchmark. */
 function someoneElses(entry: string, tag: string): boolean {
-  const run = /^ckptd-test-(\d+)-/.exec(basename(entry));
-  return (run !== null && run[1] !== tag) || basename(entry).startsWith("ckptd-bench-");
+  const name = basename(entry);
+  return (name.startsWith("ckptd-test-") && !name.startsWith(`ckptd-test-${tag}-`)) || name.startsWith("ckptd-bench-");
 }
 
 export default function setup(): () => void {

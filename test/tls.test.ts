@@ -10,6 +10,7 @@ import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
+import { validityWarning } from "../daemon/http/tls.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { writeModel, xxh64 } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, startProcess, tempDir, testCredentials } from "./helpers.ts";
@@ -25,6 +26,8 @@ function certificate(): { certFile: string; keyFile: string; cert: string } {
     "openssl",
     ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
       .concat(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+      // Deno's TLS refuses a CA certificate used as a server's (openssl's default is CA:TRUE).
+      .concat(["-addext", "basicConstraints=critical,CA:FALSE"])
       .concat(["-keyout", keyFile, "-out", certFile]),
     { stdio: "ignore" },
   );
@@ -96,42 +99,48 @@ describe("TLS", () => {
     }
   });
 
-  it("pushes an update to a peer whose API is HTTPS, trusted through NODE_EXTRA_CA_CERTS", async () => {
-    const { certFile, keyFile } = certificate();
-    const dir = tempDir("ckptd-test-", "/dev/shm");
-    const tensors = writeModel(dir, 1, 2, 256);
-    const sockets = [tempDir(), tempDir()];
-    const tls = ["--tls-cert-file", certFile, "--tls-key-file", keyFile];
-    const peer = await startProcess(daemonCommand("node"), ["--socket-dir", sockets[1] as string, ...tls]);
-    const daemon = await startProcess(
-      daemonCommand("node"),
-      ["--socket-dir", sockets[0] as string, "--peers", peer.url, ...tls],
-      { NODE_EXTRA_CA_CERTS: certFile },
-    );
-    const receivers = [
-      new ReferenceReceiver(`${sockets[0]}/gpu-0.sock`, "a"),
-      new ReferenceReceiver(`${sockets[1]}/gpu-0.sock`, "b"),
-    ];
-    try {
-      for (const r of receivers) await r.connect();
-      const post = (url: string, path: string, body: unknown) => postJson(url, path, body, certFile);
-      expect((await post(daemon.url, "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
-      expect((await post(peer.url, "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
-      const res = await post(daemon.url, "/v1/updates", { checkpoint: "m" });
-      expect(JSON.parse(res.body)).toMatchObject({ state: "succeeded" });
-      for (const r of receivers) {
-        const got = [...r.hashes.values()][0];
-        for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+  it.each([
+    { runtime: "node" as const, trust: "NODE_EXTRA_CA_CERTS" },
+    { runtime: "deno" as const, trust: "DENO_CERT" },
+  ])(
+    "pushes an update to a peer whose API is HTTPS under $runtime, trusted through $trust",
+    async ({ runtime, trust }) => {
+      const { certFile, keyFile } = certificate();
+      const dir = tempDir("ckptd-test-", "/dev/shm");
+      const tensors = writeModel(dir, 1, 2, 256);
+      const sockets = [tempDir(), tempDir()];
+      const tls = ["--tls-cert-file", certFile, "--tls-key-file", keyFile];
+      const peer = await startProcess(daemonCommand(runtime), ["--socket-dir", sockets[1] as string, ...tls]);
+      const daemon = await startProcess(
+        daemonCommand(runtime),
+        ["--socket-dir", sockets[0] as string, "--peers", peer.url, ...tls],
+        { [trust]: certFile },
+      );
+      const receivers = [
+        new ReferenceReceiver(`${sockets[0]}/gpu-0.sock`, "a"),
+        new ReferenceReceiver(`${sockets[1]}/gpu-0.sock`, "b"),
+      ];
+      try {
+        for (const r of receivers) await r.connect();
+        const post = (url: string, path: string, body: unknown) => postJson(url, path, body, certFile);
+        expect((await post(daemon.url, "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+        expect((await post(peer.url, "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+        const res = await post(daemon.url, "/v1/updates", { checkpoint: "m" });
+        expect(JSON.parse(res.body)).toMatchObject({ state: "succeeded" });
+        for (const r of receivers) {
+          const got = [...r.hashes.values()][0];
+          for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+        }
+      } finally {
+        for (const r of receivers) await r.close();
+        for (const d of [daemon, peer]) {
+          d.proc.kill("SIGTERM");
+          expect(await d.exited).toBe(0);
+        }
+        rmSync(dir, { recursive: true });
       }
-    } finally {
-      for (const r of receivers) await r.close();
-      for (const d of [daemon, peer]) {
-        d.proc.kill("SIGTERM");
-        expect(await d.exited).toBe(0);
-      }
-      rmSync(dir, { recursive: true });
-    }
-  });
+    },
+  );
 
   it("refuses a key readable by others, half a pair, and files that are not PEM, naming them", async () => {
     const { certFile, keyFile } = certificate();
@@ -152,9 +161,54 @@ describe("TLS", () => {
     await expect(start({ tlsCertFile: certFile, tlsKeyFile: notKey })).rejects.toThrow(
       `tlsKeyFile ${notKey} holds no PEM private key`,
     );
-    // The key's text never appears in an error.
     await expect(start({ tlsCertFile: "/nonexistent.pem", tlsKeyFile: keyFile })).rejects.toThrow(
       "cannot read tlsCertFile /nonexistent.pem",
+    );
+  });
+
+  it("refuses, before anything is opened, a key of another certificate, an encrypted key and a broken certificate", async () => {
+    const a = certificate();
+    const b = certificate();
+    await expect(start({ tlsCertFile: a.certFile, tlsKeyFile: b.keyFile })).rejects.toThrow(
+      `tlsKeyFile ${b.keyFile} is not the key of the certificate in tlsCertFile ${a.certFile}`,
+    );
+    const encrypted = join(tempDir(), "encrypted.pem");
+    execFileSync("openssl", ["pkcs8", "-topk8", "-in", a.keyFile, "-out", encrypted, "-passout", "pass:secret"]);
+    chmodSync(encrypted, 0o600);
+    await expect(start({ tlsCertFile: a.certFile, tlsKeyFile: encrypted })).rejects.toThrow(
+      `tlsKeyFile ${encrypted} is encrypted: the daemon takes an unencrypted key (mode 0600)`,
+    );
+    const broken = join(tempDir(), "broken.pem");
+    writeFileSync(broken, "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n");
+    await expect(start({ tlsCertFile: broken, tlsKeyFile: a.keyFile })).rejects.toThrow(
+      new RegExp(`^tlsCertFile ${broken} is not a valid certificate \\(`),
+    );
+    const combined = join(tempDir(), "combined.pem");
+    writeFileSync(combined, readFileSync(a.certFile, "utf8") + readFileSync(a.keyFile, "utf8"), { mode: 0o644 });
+    chmodSync(combined, 0o644);
+    await expect(start({ tlsCertFile: combined, tlsKeyFile: a.keyFile })).rejects.toThrow(
+      `tlsCertFile ${combined} holds a private key and is readable by others: keep the key in tlsKeyFile`,
+    );
+    const fifo = join(tempDir(), "fifo.pem");
+    execFileSync("mkfifo", [fifo]);
+    await expect(start({ tlsCertFile: fifo, tlsKeyFile: a.keyFile })).rejects.toThrow(
+      `tlsCertFile ${fifo} is not a regular file`,
+    );
+  });
+
+  it("warns about a certificate out of its dates", () => {
+    const tls = {
+      cert: "",
+      key: "",
+      validFrom: new Date("2026-01-01T00:00:00Z"),
+      validTo: new Date("2026-06-01T00:00:00Z"),
+    };
+    expect(validityWarning(tls, new Date("2026-03-01T00:00:00Z"))).toBeUndefined();
+    expect(validityWarning(tls, new Date("2026-07-01T00:00:00Z"))).toBe(
+      "the TLS certificate expired at 2026-06-01T00:00:00.000Z: clients will refuse it",
+    );
+    expect(validityWarning(tls, new Date("2025-12-01T00:00:00Z"))).toBe(
+      "the TLS certificate is valid only from 2026-01-01T00:00:00.000Z",
     );
   });
 

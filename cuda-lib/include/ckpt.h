@@ -309,6 +309,11 @@ int ckpt_sd_notify(const char *state);
  * when that process connected (SO_PEERCRED): its pid, uid and gid. Needs no context. */
 int ckpt_peer_cred(int32_t fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 
+/* The supplementary groups of that process, as of its connect (SO_PEERGROUPS): `*n` holds
+ * the capacity of `groups` on entry and the count on return; CKPT_EINVAL with the count
+ * needed in `*n` when they do not fit. Needs no context. */
+int ckpt_peer_groups(int32_t fd, uint32_t *groups, int32_t *n);
+
 #ifdef __cplusplus
 }
 #endif

@@ -272,3 +272,18 @@ CKPT_API int ckpt_peer_cred(int32_t fd, int32_t *pid, uint32_t *uid, uint32_t *g
   *gid = cred.gid;
   return CKPT_OK;
 }
+
+CKPT_API int ckpt_peer_groups(int32_t fd, uint32_t *groups, int32_t *n) {
+  if (groups == NULL || n == NULL || *n < 0) return FAIL(NULL, CKPT_EINVAL, "peer_groups: NULL output or negative capacity");
+  socklen_t len = (socklen_t)((size_t)*n * sizeof(gid_t));
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) != 0) {
+    int err = errno;
+    if (err == ERANGE) {
+      *n = (int32_t)(len / sizeof(gid_t));
+      return FAIL(NULL, CKPT_EINVAL, "peer_groups: %d groups do not fit", *n);
+    }
+    return FAIL(NULL, CKPT_ESYS, "peer_groups of fd %d: %s", fd, strerror(err));
+  }
+  *n = (int32_t)(len / sizeof(gid_t));
+  return CKPT_OK;
+}

@@ -1081,6 +1081,19 @@ static int test_peer_cred(void) {
   EXPECT_OK(NULL, ckpt_peer_cred(fds[0], &pid, &uid, &gid));
   EXPECT(pid == (int32_t)getpid() && uid == (uint32_t)getuid() && gid == (uint32_t)getgid());
   EXPECT_ST(NULL, ckpt_peer_cred(fds[0], NULL, &uid, &gid), CKPT_EINVAL);
+  gid_t mine[256];
+  int count = getgroups(256, mine);
+  EXPECT(count >= 0);
+  uint32_t groups[256];
+  int32_t n = 256;
+  EXPECT_OK(NULL, ckpt_peer_groups(fds[0], groups, &n));
+  EXPECT(n == count);
+  for (int i = 0; i < n; i++) EXPECT(groups[i] == (uint32_t)mine[i]);
+  if (count > 0) {
+    n = 0;
+    EXPECT_ST(NULL, ckpt_peer_groups(fds[0], groups, &n), CKPT_EINVAL);
+    EXPECT(n == count); /* the count needed */
+  }
   close(fds[0]);
   close(fds[1]);
   EXPECT_ST(NULL, ckpt_peer_cred(fds[0], &pid, &uid, &gid), CKPT_ESYS); /* closed */

@@ -27,11 +27,15 @@ export interface CredentialsNote {
 
 type Settings = Pick<Config, "stateDir" | "tokensFile" | "clusterSecret" | "clusterSecretFile">;
 
+/** Tokens, secrets, keys and certificates are small: a larger file is a mistake. */
+const MAX_PRIVATE_BYTES = 1 << 20;
+
 /**
  * Reads a file that must stay private: opened once (a FIFO does not block), its mode and
  * owner checked on the open file (no race with a rename), then read. `forbidden`: mode bits
  * that refuse it.
  */
+
 export function readPrivate(path: string, what: string, forbidden: number, rule: string): string {
   let fd: number;
   try {
@@ -42,6 +46,7 @@ export function readPrivate(path: string, what: string, forbidden: number, rule:
   try {
     const st = fstatSync(fd);
     if (!st.isFile()) throw new ConfigError(`${what} ${path} is not a regular file`);
+    if (st.size > MAX_PRIVATE_BYTES) throw new ConfigError(`${what} ${path} is over ${MAX_PRIVATE_BYTES} bytes`);
     const mode = (st.mode & 0o777).toString(8).padStart(4, "0");
     if (st.mode & forbidden) throw new ConfigError(`${what} ${path} has mode ${mode}: ${rule} (chmod 600 it)`);
     const uid = process.getuid?.();

@@ -26,7 +26,7 @@ const text = v.pipe(v.string(), v.minLength(1));
 export const ConfigSchema = v.strictObject({
   host: text,
   port,
-  stateDir: text,
+  stateDir: v.pipe(text, v.check(isAbsolute, "must be an absolute path")),
   backend: v.picklist(["auto", "cuda", "host"]),
   libDir: v.string(),
   hostDevices: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(64)),
@@ -47,7 +47,10 @@ export const ConfigSchema = v.strictObject({
   bucketMemoryBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 21)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   maxBodyBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
-  socketDir: v.string(),
+  socketDir: v.pipe(
+    v.string(),
+    v.check((s) => s === "" || isAbsolute(s), "must be an absolute path (or empty)"),
+  ),
   engineGroup: v.string(),
   tlsCertFile: v.string(),
   tlsKeyFile: v.string(),

@@ -19,7 +19,8 @@ export interface EngineAccess {
 /** Why the process of `cred` may not connect, or undefined when it may. */
 export function refusal(cred: PeerCred, { uid, group }: EngineAccess): string | undefined {
   if (cred.uid === 0 || cred.uid === uid) return undefined;
-  if (group && (cred.gid === group.gid || group.members.has(cred.uid))) return undefined;
+  // The groups the kernel gave the process, not /etc/group as it was at start.
+  if (group && (cred.gid === group.gid || cred.groups.includes(group.gid))) return undefined;
   if (!group) return `uid ${cred.uid} is not the daemon's user (uid ${uid}); engines of other users need engineGroup`;
   return `uid ${cred.uid} is neither the daemon's user (uid ${uid}) nor in engineGroup ${group.name}`;
 }

@@ -3,10 +3,11 @@
  * GPU, JSON lines, receivers that connect, say hello and then follow updates.
  */
 import { chmodSync, chownSync, rmSync } from "node:fs";
-import { createServer, type Server, type Socket } from "node:net";
+import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import type { Logger } from "pino";
 import type { PeerCred } from "../../ffi/index.ts";
+import { ConfigError } from "../config/index.ts";
 import { type EngineAccess, refusal } from "./engine-access.ts";
 
 export const PROTOCOL = 1;
@@ -189,9 +190,29 @@ export class ReceiverError extends Error {
   }
 }
 
+/** Whether something listens on the Unix socket at `path`. */
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createConnection(path);
+    probe.once("connect", () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once("error", () => resolve(false));
+  });
+}
+
+/** Tells a connection why it is not taken (the protocol's `refused`) and hangs up. */
+function refuse(socket: Socket, reason: string): void {
+  socket.on("error", () => undefined); // it may be gone already
+  socket.end(`${JSON.stringify({ op: "refused", reason })}\n`);
+  socket.setTimeout(1000, () => socket.destroy());
+}
+
 /** The sockets of all GPUs and the receivers connected to them. */
 export class ReceiverHub {
-  private readonly servers: Server[] = [];
+  /** The sockets this hub listens on, with their paths (only those are removed at close). */
+  private readonly servers: { server: Server; path: string }[] = [];
   private readonly receivers = new Set<Receiver>();
 
   constructor(
@@ -214,13 +235,19 @@ export class ReceiverHub {
     for (let gpu = 0; gpu < this.gpus; gpu++) {
       const path = this.socketPath(gpu);
       if (path.length > 100) throw new Error(`socket path ${path} is too long for a Unix socket; set socketDir`);
+      // A socket that answers is another daemon's: taking it over would cut off its engines.
+      if (await answers(path)) {
+        throw new ConfigError(
+          `socketDir ${this.socketDir}: ${path} is in use by another daemon; give each its own socketDir`,
+        );
+      }
       rmSync(path, { force: true });
       const server = createServer((socket) => this.accept(gpu, socket));
       await new Promise<void>((resolve, reject) => {
         server.once("error", reject);
         server.listen(path, () => resolve());
       });
-      this.servers.push(server);
+      this.servers.push({ server, path });
       // Connecting needs write permission on the socket file: the daemon's user, or its group.
       if (gid !== undefined) chownSync(path, this.access.uid, gid);
       chmodSync(path, gid === undefined ? 0o600 : 0o660);
@@ -235,13 +262,13 @@ export class ReceiverHub {
       cred = this.access.peerCred(fd);
     } catch (err) {
       this.log.warn({ gpu, reason: (err as Error).message }, "receiver refused: its credentials are unknown");
-      socket.destroy();
+      refuse(socket, "the daemon cannot tell who connected");
       return undefined;
     }
     const why = refusal(cred, this.access);
     if (why === undefined) return cred;
     this.log.warn({ gpu, uid: cred.uid, pid: cred.pid }, `receiver refused: ${why}`);
-    socket.destroy();
+    refuse(socket, why);
     return undefined;
   }
 
@@ -290,7 +317,8 @@ export class ReceiverHub {
 
   async close(): Promise<void> {
     for (const r of this.receivers) r.close();
-    await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
-    for (let gpu = 0; gpu < this.gpus; gpu++) rmSync(this.socketPath(gpu), { force: true });
+    const listening = this.servers.splice(0);
+    await Promise.all(listening.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    for (const { path } of listening) rmSync(path, { force: true });
   }
 }

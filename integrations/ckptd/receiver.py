@@ -75,6 +75,8 @@ class Receiver:
         try:
             self._send(op="hello", protocol=PROTOCOL, pid=os.getpid(), name=self.name)
             self.welcome = self._conn.read()
+            if self.welcome.get("op") == "refused":
+                raise ProtocolError(f"the daemon refused this receiver: {self.welcome.get('reason')}")
             if self.welcome.get("op") != "welcome" or self.welcome.get("protocol") != PROTOCOL:
                 raise ProtocolError(f"expected a welcome for protocol {PROTOCOL}, got {self.welcome}")
             first = self._conn.read()
