@@ -302,6 +302,9 @@ export class Registry {
     list.push(version);
     this.versions.set(req.name, list);
     version.done = this.load(version, inspected, req.copy, req.restore?.tensors);
+    // Saved before the caller hears the number: a restart never hands it out again.
+    if (!req.restore)
+      await this.opts.onChange?.(this).catch((err) => this.opts.log.error({ err }, "saving the registry"));
     return version;
   }
 
@@ -311,10 +314,10 @@ export class Registry {
     return budget > 0 ? Math.max(0, budget - this.pinnedBytes()) : Number.POSITIVE_INFINITY;
   }
 
-  /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
   /** Where an opened file really is must be under the roots (pin.ts checks every open with it). */
   private readonly confineOpened = (fdPath: string): Promise<void> => this.opts.files.confine(fdPath);
 
+  /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
   checkBudget(bytes: number, what = "registering"): void {
     const budget = this.opts.budgetBytes;
     const used = this.pinnedBytes();

@@ -16,6 +16,8 @@ interface Saved {
   format: 1;
   next: Record<string, number>;
   versions: SavedVersion[];
+  /** Versions still registering at the save: reported at the next start if never saved ready. */
+  registering?: string[];
 }
 
 export interface RestoreReport {
@@ -44,6 +46,10 @@ async function writeRegistry(stateDir: string, registry: Registry): Promise<void
       .list()
       .filter((v) => v.state === "ready")
       .map((v) => ({ name: v.name, version: v.version, createdAt: v.createdAt, files: v.files, tensors: v.tensors })),
+    registering: registry
+      .list()
+      .filter((v) => v.state === "registering")
+      .map((v) => v.id),
   };
   const path = registryFile(stateDir);
   const tmp = `${path}.${process.pid}.tmp`;
@@ -74,7 +80,8 @@ export async function restoreRegistry(stateDir: string, registry: Registry, log:
       const version = await registry.register({
         name: v.name,
         source: { files: v.files.map((f) => f.path) },
-        copy: v.files.some((f) => !f.inPlace),
+        // A copy was asked for when no file is in place (a file off tmpfs is copied anyway).
+        copy: v.files.every((f) => !f.inPlace),
         adopt: v.files.some((f) => f.adopted),
         restore: v,
       });
@@ -84,6 +91,9 @@ export async function restoreRegistry(stateDir: string, registry: Registry, log:
     } catch (err) {
       report.notRestored.push({ id, reason: (err as Error).message });
     }
+  }
+  for (const id of saved.registering ?? []) {
+    report.notRestored.push({ id, reason: "its registration was cut off when the daemon stopped; register it again" });
   }
   for (const entry of report.notRestored) log.warn(entry, "checkpoint not restored");
   if (report.restored.length > 0) log.info({ restored: report.restored }, "checkpoints restored");
