@@ -47,3 +47,17 @@ export class DaemonError extends Error {
     this.name = "DaemonError";
   }
 }
+
+/**
+ * A value that came from outside (a header, a protocol message), for an error message: JSON,
+ * at most 100 characters, whatever its depth or shape; never throws.
+ */
+export function preview(value: unknown): string {
+  let text: string;
+  try {
+    text = JSON.stringify(value) ?? String(value);
+  } catch {
+    text = Array.isArray(value) ? "[... nested too deeply to print]" : typeof value;
+  }
+  return text.length > 100 ? `${text.slice(0, 100)}...` : text;
+}

@@ -3,6 +3,7 @@
  * tensor names to {dtype, shape, data_offsets}, then the data. Parsing is pure and strict:
  * every rule broken is reported with the file, the tensor and the rule.
  */
+import { preview } from "../errors.ts";
 
 /** Bits per element of every dtype of the format. */
 export const DTYPE_BITS: Record<string, number> = {
@@ -96,10 +97,10 @@ function checkEntry(file: string, name: string, raw: unknown, dataStart: number,
   const { dtype, shape, data_offsets: offsets } = raw;
   // An own property: "toString" or "__proto__" are in every object, and are no dtype.
   if (typeof dtype !== "string" || !Object.hasOwn(DTYPE_BITS, dtype)) {
-    fail(`dtype ${JSON.stringify(dtype)} is not one of ${Object.keys(DTYPE_BITS).join(", ")}`);
+    fail(`dtype ${preview(dtype)} is not one of ${Object.keys(DTYPE_BITS).join(", ")}`);
   }
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-    fail(`shape ${JSON.stringify(shape)} is not a list of non-negative integers`);
+    fail(`shape ${preview(shape)} is not a list of non-negative integers`);
   }
   if (
     !Array.isArray(offsets) ||
@@ -107,13 +108,13 @@ function checkEntry(file: string, name: string, raw: unknown, dataStart: number,
     !offsets.every((o) => Number.isSafeInteger(o) && o >= 0) ||
     offsets[0] > offsets[1]
   ) {
-    fail(`data_offsets ${JSON.stringify(offsets)} is not [begin, end] with 0 <= begin <= end`);
+    fail(`data_offsets ${preview(offsets)} is not [begin, end] with 0 <= begin <= end`);
   }
   const [begin, end] = offsets as [number, number];
   const bits = (shape as number[]).reduce((acc, d) => acc * BigInt(d), BigInt(DTYPE_BITS[dtype as string] as number));
-  if (bits % 8n !== 0n) fail(`shape ${JSON.stringify(shape)} of ${dtype} is not a whole number of bytes`);
+  if (bits % 8n !== 0n) fail(`shape ${preview(shape)} of ${dtype} is not a whole number of bytes`);
   if (bits / 8n !== BigInt(end - begin)) {
-    fail(`shape ${JSON.stringify(shape)} of ${dtype} needs ${bits / 8n} bytes but data_offsets span ${end - begin}`);
+    fail(`shape ${preview(shape)} of ${dtype} needs ${bits / 8n} bytes but data_offsets span ${end - begin}`);
   }
   if (dataStart + end > fileSize) {
     fail(`data_offsets [${begin}, ${end}] run past the end of the file (${fileSize - dataStart} data bytes)`);
@@ -178,7 +179,8 @@ export function encodeHeader(
   tensors: { name: string; dtype: string; shape: number[]; bytes: number }[],
   metadata?: Record<string, string>,
 ): Uint8Array {
-  const obj: Record<string, unknown> = {};
+  // No prototype: a tensor named "__proto__" is a key like any other.
+  const obj: Record<string, unknown> = Object.create(null);
   if (metadata) obj.__metadata__ = metadata;
   let offset = 0;
   for (const t of tensors) {

@@ -1,5 +1,6 @@
-import type { Hono } from "hono";
+import type { Context, Hono } from "hono";
 import * as v from "valibot";
+import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
 import { parseBody } from "../http/validate.ts";
 import type { Registry } from "./registry.ts";
@@ -20,6 +21,18 @@ const CreateBody = v.strictObject({
 
 const CommitBody = v.optional(v.strictObject({ wait: v.optional(v.boolean(), true) }), {});
 
+/** The raw body of a PUT of bytes, which must say it is application/octet-stream (415 otherwise). */
+function octets(c: Context): ReadableStream<Uint8Array> | null {
+  const type = c.req.header("content-type") ?? "";
+  if (!type.startsWith("application/octet-stream")) {
+    throw new DaemonError(
+      "unsupported_media_type",
+      `uploaded bytes are sent as application/octet-stream, not ${type ? JSON.stringify(type.slice(0, 100)) : "without a content-type"}`,
+    );
+  }
+  return c.req.raw.body;
+}
+
 /** GET|POST /v1/uploads, PUT .../tensors/{name}, PUT .../files/{name}, POST .../commit, DELETE. */
 export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, registry: Registry, uploadDir: string) {
   const uploads = new Uploads(registry, uploadDir);
@@ -29,18 +42,13 @@ export function uploadRoutes(app: Hono<{ Variables: { body: unknown } }>, regist
   app.post("/v1/uploads", async (c) => reply(c, await uploads.create(parseBody(CreateBody, c.get("body"))), 201));
 
   app.put("/v1/uploads/:id/tensors/:tensor{.+}", async (c) =>
-    reply(c, await uploads.putTensor(c.req.param("id"), c.req.param("tensor"), c.req.raw.body)),
+    reply(c, await uploads.putTensor(c.req.param("id"), c.req.param("tensor"), octets(c))),
   );
 
   app.put("/v1/uploads/:id/files/:file", async (c) =>
     reply(
       c,
-      await uploads.putFile(
-        c.req.param("id"),
-        c.req.param("file"),
-        c.req.raw.body,
-        Number(c.req.header("content-length")),
-      ),
+      await uploads.putFile(c.req.param("id"), c.req.param("file"), octets(c), Number(c.req.header("content-length"))),
     ),
   );
 

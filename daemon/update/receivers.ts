@@ -8,6 +8,7 @@ import { join } from "node:path";
 import type { Logger } from "pino";
 import type { PeerCred } from "../../ffi/index.ts";
 import { ConfigError } from "../config/index.ts";
+import { preview } from "../errors.ts";
 import { type EngineAccess, refusal } from "./engine-access.ts";
 
 export const PROTOCOL = 1;
@@ -134,7 +135,8 @@ export class Receiver {
         const failed = this.inbox.find((m) => m.op === "error" && m.update === update);
         if (failed) {
           cleanup();
-          reject(new ReceiverError(this, `failed: ${String(failed.message)}`));
+          const message = typeof failed.message === "string" ? failed.message : preview(failed.message);
+          reject(new ReceiverError(this, `failed: ${message}`));
           return true;
         }
         const i = this.inbox.findIndex(pred);
@@ -281,23 +283,11 @@ export class ReceiverHub {
     this.receivers.add(r);
     socket.setEncoding("utf8");
     socket.on("data", (chunk: string) => {
-      if (r.closed) return;
-      for (const msg of r.feed(chunk)) {
-        if (msg.op === "hello" && !r.ready) {
-          r.name = typeof msg.name === "string" ? msg.name : `pid-${r.pid}`;
-          if (msg.protocol !== PROTOCOL) {
-            r.send({ op: "refused", reason: `protocol ${msg.protocol} is not ${PROTOCOL}` });
-            r.close();
-            return;
-          }
-          r.ready = true;
-          this.greet(r);
-          this.log.info({ receiver: r.label, uid: r.uid }, "receiver connected");
-        } else r.deliver(msg);
-        if (r.violation) break;
-      }
-      if (r.violation) {
-        this.log.warn({ receiver: r.label, reason: r.violation }, "receiver broke the protocol; disconnected");
+      try {
+        this.receive(r, chunk);
+      } catch (err) {
+        // Whatever a receiver sends costs at most its own connection.
+        this.log.error({ receiver: r.label, err }, "a receiver's message could not be handled; disconnected");
         r.close();
       }
     });
@@ -308,6 +298,29 @@ export class ReceiverHub {
     };
     socket.on("close", gone);
     socket.on("error", gone);
+  }
+
+  /** Handles what a receiver sent: its hello once, then messages for the waits of updates. */
+  private receive(r: Receiver, chunk: string): void {
+    if (r.closed) return;
+    for (const msg of r.feed(chunk)) {
+      if (msg.op === "hello" && !r.ready) {
+        r.name = typeof msg.name === "string" ? msg.name.slice(0, 100) : `pid-${r.pid}`;
+        if (msg.protocol !== PROTOCOL) {
+          r.send({ op: "refused", reason: `protocol ${preview(msg.protocol)} is not ${PROTOCOL}` });
+          r.close();
+          return;
+        }
+        r.ready = true;
+        this.greet(r);
+        this.log.info({ receiver: r.label, uid: r.uid }, "receiver connected");
+      } else r.deliver(msg);
+      if (r.violation) break;
+    }
+    if (r.violation) {
+      this.log.warn({ receiver: r.label, reason: r.violation }, "receiver broke the protocol; disconnected");
+      r.close();
+    }
   }
 
   /** Receivers that said hello and are still connected. */
