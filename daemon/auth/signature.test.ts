@@ -99,3 +99,98 @@ describe("peer request signatures", () => {
     expect(guard.accept("a", now + 60_001)).toBe(true);
   });
 });
+
+describe("peer request signatures, details", () => {
+  it("signs the path and query as sent, the time rounded to a millisecond, and an empty body by default", () => {
+    const h = signedHeaders(secret, "GET", "http://h:1/v1/peer/info?a=1&b=%20#frag", undefined, 1000.6);
+    expect(h).toEqual({
+      "x-ckptd-timestamp": "1001",
+      "x-ckptd-body-sha256": bodyHashOf(new Uint8Array()),
+      "x-ckptd-signature": sign(secret, "GET", "/v1/peer/info?a=1&b=%20", "1001", bodyHashOf(new Uint8Array())),
+    });
+    expect(h["x-ckptd-body-sha256"]).toBe("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  });
+
+  it("stamps the current time when given none", () => {
+    const before = Date.now();
+    const stamp = Number(signedHeaders(secret, "GET", "http://h:1/v1/peer/info")["x-ckptd-timestamp"]);
+    expect(stamp).toBeGreaterThanOrEqual(before);
+    expect(stamp).toBeLessThanOrEqual(Date.now());
+  });
+
+  it("signs each part apart: moving a line break between them changes the signature", () => {
+    const hash = bodyHashOf(body);
+    expect(sign(secret, "POST", "/a", "12", hash)).not.toBe(sign(secret, "POST", "/a1", "2", hash));
+    expect(sign(secret, "POST", "/a", "1", hash)).toMatch(/^[0-9a-f]{64}$/);
+  });
+
+  it.each([
+    {
+      name: "no body hash",
+      req: { bodyHash: undefined },
+      message: "x-ckptd-body-sha256 must be the body's SHA-256 in 64 hex digits",
+    },
+    {
+      name: "a body hash in capitals",
+      req: { bodyHash: "A".repeat(64) },
+      message: "x-ckptd-body-sha256 must be the body's SHA-256 in 64 hex digits",
+    },
+    {
+      name: "a signature in capitals",
+      req: { signature: "A".repeat(64) },
+      message: "x-ckptd-signature must be 64 hex digits",
+    },
+    {
+      name: "a signature with more",
+      req: { signature: `${"a".repeat(64)}0` },
+      message: "x-ckptd-signature must be 64 hex digits",
+    },
+    {
+      name: "a timestamp of 17 digits",
+      req: { timestamp: "1".repeat(17) },
+      message: "x-ckptd-timestamp must be milliseconds since 1970",
+    },
+    {
+      name: "a negative timestamp",
+      req: { timestamp: "-1" },
+      message: "x-ckptd-timestamp must be milliseconds since 1970",
+    },
+    {
+      name: "an empty timestamp",
+      req: { timestamp: "" },
+      message: "x-ckptd-timestamp must be milliseconds since 1970",
+    },
+    {
+      name: "no headers at all",
+      req: { timestamp: undefined, signature: undefined },
+      message: "peer API requests must be signed with the cluster secret (x-ckptd-timestamp and x-ckptd-signature)",
+    },
+  ])("refuses $name with the exact message", ({ req, message }) => {
+    expect(checkHeaders(request(req), now)).toEqual({ ok: false, message });
+  });
+
+  it("bounds the skew by the window it is given", () => {
+    expect(checkHeaders(request({ timestamp: String(now - 1500) }), now, 1000)).toEqual({
+      ok: false,
+      message:
+        "the request's timestamp is 1.5 s behind this daemon's clock, beyond the bound of 1 s (check the hosts' clocks)",
+    });
+    expect(checkHeaders(request({ timestamp: String(now - 1000) }), now, 1000)).toEqual({ ok: true });
+  });
+
+  it("refuses a signature of another length without throwing", () => {
+    for (const signature of ["ab", "", undefined]) {
+      expect(checkSignature(secret, request({ signature }), body).ok).toBe(false);
+    }
+  });
+
+  it("remembers signatures for two windows by default, forgetting only the older ones", () => {
+    const guard = new ReplayGuard();
+    expect(guard.accept("a", 0)).toBe(true);
+    expect(guard.accept("b", 50_000)).toBe(true);
+    expect(guard.accept("a", 60_000)).toBe(false);
+    expect(guard.accept("c", 60_001)).toBe(true); // forgets a, keeps b
+    expect(guard.accept("b", 60_001)).toBe(false);
+    expect(guard.accept("a", 60_001)).toBe(true);
+  });
+});

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { thrown } from "../../test/helpers.ts";
-import { decideAccess, parseTokens, roleOf, routeKind } from "./tokens.ts";
+import { countRoles, decideAccess, parseTokens, roleOf, routeKind } from "./tokens.ts";
 
 const ADMIN = "admin-token-0123456789";
 const READ = "read-token-0123456789ab";
@@ -87,5 +87,79 @@ describe("which requests need what", () => {
     expect(got).toMatchObject(rest);
     if (message) expect((got as { message: string }).message).toMatch(message);
     if (!got.ok) expect(got.message).not.toContain(ADMIN);
+  });
+});
+
+describe("the tokens file, edges", () => {
+  it("takes a token of exactly the minimum length, spaces around the parts and CRLF line ends", () => {
+    const sixteen = "0123456789abcdef";
+    const got = parseTokens(`# c\r\n   \n  # indented\n admin : ${sixteen} \r\nread:${READ}\r\n`, "f");
+    expect(got.map((e) => e.role)).toEqual(["admin", "read"]);
+    expect(roleOf(sixteen, got)).toBe("admin");
+    expect(thrown(() => parseTokens(`admin:${sixteen.slice(1)}`, "f")).message).toBe(
+      "f line 1: a token must be at least 16 characters without spaces",
+    );
+    expect(thrown(() => parseTokens(`admin:${sixteen}\tx`, "f")).message).toBe(
+      "f line 1: a token must be at least 16 characters without spaces",
+    );
+  });
+
+  it("counts lines from 1, comments and blank lines included", () => {
+    expect(thrown(() => parseTokens(`# a\n\nadmin:${ADMIN}\n#\n:${READ}`, "f")).message).toBe(
+      'f line 5: expected "read:TOKEN" or "admin:TOKEN"',
+    );
+    expect(thrown(() => parseTokens(`read:${READ}\n# x\nadmin:${READ}`, "f")).message).toBe(
+      "f line 3: the same token as line 1",
+    );
+  });
+
+  it("counts the tokens of each role", () => {
+    const many = parseTokens(`admin:${ADMIN}\nread:${READ}\nread:${READ}x\n`, "f");
+    expect(countRoles(many)).toEqual({ read: 2, admin: 1 });
+    expect(countRoles([])).toEqual({ read: 0, admin: 0 });
+  });
+});
+
+describe("the Authorization header, edges", () => {
+  it.each([
+    [`Bearer\t${ADMIN}`, { ok: true, role: "admin" }],
+    [`BEARER ${ADMIN}\t `, { ok: true, role: "admin" }],
+    [`Bearer ${ADMIN}x`, { ok: false, code: "unauthorized", message: "the token is not valid" }],
+    [
+      ` Bearer ${ADMIN}`,
+      { ok: false, code: "unauthorized", message: 'the Authorization header must be "Bearer <token>"' },
+    ],
+    [
+      `Bearer${ADMIN}`,
+      { ok: false, code: "unauthorized", message: 'the Authorization header must be "Bearer <token>"' },
+    ],
+    ["Bearer  ", { ok: false, code: "unauthorized", message: 'the Authorization header must be "Bearer <token>"' }],
+    [
+      "",
+      {
+        ok: false,
+        code: "unauthorized",
+        message: "this route needs an Authorization: Bearer <token> header (see the tokens file)",
+      },
+    ],
+  ])("%j", (auth, want) => {
+    expect(decideAccess("GET", "/v1/x", auth, entries)).toEqual(want);
+  });
+
+  it("lets a read token GET and HEAD only, naming the request it refused", () => {
+    expect(decideAccess("PATCH", "/v1/checkpoints/m", `Bearer ${READ}`, entries)).toEqual({
+      ok: false,
+      code: "forbidden",
+      message: "PATCH /v1/checkpoints/m needs an admin token; this one may only read",
+    });
+    expect(decideAccess("HEAD", "/v1/x", `Bearer ${READ}`, entries)).toEqual({ ok: true, role: "read" });
+  });
+
+  it("routes a peer path however many slashes it has, and only /v1/healthz is open", () => {
+    expect(routeKind("GET", "/v1///peer")).toBe("peer");
+    expect(routeKind("GET", "//v1/healthz")).toBe("open");
+    expect(routeKind("GET", "/v1/peerx/y")).toBe("user");
+    expect(routeKind("GET", "/x/v1/peer/y")).toBe("user");
+    expect(routeKind("DELETE", "/v1/healthz")).toBe("user");
   });
 });

@@ -1,7 +1,15 @@
 import { describe, expect, it } from "vitest";
 import { safetensorsBytes } from "../../test/checkpoint-files.ts";
 import { thrown } from "../../test/helpers.ts";
-import { checkUniqueNames, DTYPE_BITS, encodeHeader, parseHeader, SafetensorsError } from "./safetensors.ts";
+import {
+  checkUniqueNames,
+  DTYPE_BITS,
+  encodeHeader,
+  headerLength,
+  MAX_HEADER_BYTES,
+  parseHeader,
+  SafetensorsError,
+} from "./safetensors.ts";
 
 const file = safetensorsBytes;
 
@@ -235,5 +243,178 @@ describe("fuzzing parseHeader", () => {
     }
     expect(accepted).toBeGreaterThan(0);
     expect(rejected).toBeGreaterThan(0);
+  });
+});
+
+describe("headerLength bounds", () => {
+  /** The first 8 bytes saying `len`, then `extra` zero bytes. */
+  function prefix(len: bigint, extra = 0): Uint8Array {
+    const b = new Uint8Array(8 + extra);
+    new DataView(b.buffer).setBigUint64(0, len, true);
+    return b;
+  }
+
+  it("accepts the smallest and the largest length the format allows", () => {
+    expect(headerLength(prefix(2n), 10, "f")).toBe(2);
+    expect(headerLength(prefix(BigInt(MAX_HEADER_BYTES)), 8 + MAX_HEADER_BYTES, "f")).toBe(MAX_HEADER_BYTES);
+  });
+
+  it.each([
+    ["a length of 1", prefix(1n), 100],
+    ["a length of 0", prefix(0n), 100],
+    ["a length one past the cap", prefix(BigInt(MAX_HEADER_BYTES) + 1n), 2 * MAX_HEADER_BYTES],
+  ])("refuses %s", (_case, bytes, size) => {
+    const err = thrown(() => headerLength(bytes, size, "f"));
+    expect(err).toBeInstanceOf(SafetensorsError);
+    expect(err.message).toBe(`f: header length (the first 8 bytes) is outside 2..${MAX_HEADER_BYTES}`);
+  });
+
+  it("refuses a file of exactly 8 bytes as having no room for the header", () => {
+    expect(thrown(() => headerLength(prefix(2n), 8, "f")).message).toBe(
+      "f: header length (the first 8 bytes) exceeds the file of 8 bytes",
+    );
+  });
+
+  it("refuses a file under 8 bytes, and a prefix under 8 bytes of a larger file", () => {
+    // A prefix that holds more bytes than the file claims, and the reverse.
+    for (const [bytes, size] of [
+      [prefix(2n, 8), 7],
+      [new Uint8Array(5), 100],
+    ] as [Uint8Array, number][]) {
+      const err = thrown(() => headerLength(bytes, size, "f"));
+      expect(err).toBeInstanceOf(SafetensorsError);
+      expect(err.message).toBe(`f: file of ${size} bytes is too short for a header length`);
+    }
+  });
+});
+
+describe("parseHeader, more rules", () => {
+  it("names its errors SafetensorsError, with the file, tensor and rule apart", () => {
+    const bytes = file({ x: { dtype: "U8", shape: [2], data_offsets: [0, 1] } }, 1);
+    const err = thrown(() => parseHeader(bytes, bytes.byteLength, "m")) as SafetensorsError;
+    expect(err.name).toBe("SafetensorsError");
+    expect([err.file, err.tensor, err.rule]).toEqual([
+      "m",
+      "x",
+      "shape [2] of U8 needs 2 bytes but data_offsets span 1",
+    ]);
+  });
+
+  it("says the header is truncated when the bytes given stop before its end", () => {
+    const bytes = file(ok, 32);
+    const err = thrown(() => parseHeader(bytes.subarray(0, 20), bytes.byteLength, "m"));
+    expect(err.message).toBe("m: header is truncated");
+  });
+
+  it("refuses a header that is not UTF-8, even inside a string", () => {
+    const bytes = file({ "X-name": { dtype: "U8", shape: [1], data_offsets: [0, 1] } }, 1);
+    bytes[bytes.indexOf(0x58)] = 0xff; // the X
+    expect(thrown(() => parseHeader(bytes, bytes.byteLength, "m")).message).toBe("m: header is not valid UTF-8 JSON");
+  });
+
+  it("accepts an empty header object", () => {
+    const bytes = file({}, 0);
+    expect(parseHeader(bytes, bytes.byteLength, "m")).toEqual({ dataStart: 10, tensors: [], metadata: {} });
+  });
+
+  it("lists the tensors in file order whatever the header's order, empty ones first at a tie", () => {
+    const bytes = file(
+      {
+        y: { dtype: "U8", shape: [4], data_offsets: [4, 8] },
+        e: { dtype: "U8", shape: [0], data_offsets: [4, 4] },
+        w: { dtype: "U8", shape: [4], data_offsets: [0, 4] },
+      },
+      8,
+    );
+    expect(parseHeader(bytes, bytes.byteLength, "m").tensors.map((t) => t.name)).toEqual(["w", "e", "y"]);
+  });
+
+  it("accepts an empty tensor anywhere, also inside another's bytes", () => {
+    const bytes = file(
+      {
+        x: { dtype: "U8", shape: [8], data_offsets: [0, 8] },
+        e: { dtype: "F32", shape: [2, 0], data_offsets: [4, 4] },
+        z: { dtype: "U8", shape: [2], data_offsets: [8, 10] },
+      },
+      10,
+    );
+    const h = parseHeader(bytes, bytes.byteLength, "m");
+    expect(h.tensors.map((t) => [t.name, t.begin - h.dataStart, t.end - h.dataStart])).toEqual([
+      ["x", 0, 8],
+      ["e", 4, 4],
+      ["z", 8, 10],
+    ]);
+  });
+
+  const dtypes = Object.keys(DTYPE_BITS).join(", ");
+  it.each([
+    [
+      "an empty tensor name",
+      { "": { dtype: "U8", shape: [1], data_offsets: [0, 1] } },
+      1,
+      'tensor "": empty tensor name',
+    ],
+    ["a null entry", { x: null }, 0, 'tensor "x": entry is not an object'],
+    ["an array entry", { x: ["U8", [1], [0, 1]] }, 1, 'tensor "x": entry is not an object'],
+    ["no dtype", { x: { shape: [1], data_offsets: [0, 1] } }, 1, `tensor "x": dtype undefined is not one of ${dtypes}`],
+    [
+      "a numeric dtype",
+      { x: { dtype: 8, shape: [1], data_offsets: [0, 1] } },
+      1,
+      `tensor "x": dtype 8 is not one of ${dtypes}`,
+    ],
+    [
+      "no shape",
+      { x: { dtype: "U8", data_offsets: [0, 1] } },
+      1,
+      'tensor "x": shape undefined is not a list of non-negative integers',
+    ],
+    ...[[-1, 0], [0.5, 1.5], [0, -1], ["0", "1"], [0, 1, 2], [1]].map((offsets) => [
+      `data_offsets ${JSON.stringify(offsets)}`,
+      { x: { dtype: "U8", shape: [1], data_offsets: offsets } },
+      4,
+      `tensor "x": data_offsets ${JSON.stringify(offsets)} is not [begin, end] with 0 <= begin <= end`,
+    ]),
+    [
+      "a span that does not start at 0 and is too long",
+      { x: { dtype: "F32", shape: [1], data_offsets: [4, 12] } },
+      12,
+      'tensor "x": shape [1] of F32 needs 4 bytes but data_offsets span 8',
+    ],
+    [
+      "offsets past the data",
+      { x: { dtype: "U8", shape: [4], data_offsets: [4, 8] } },
+      6,
+      'tensor "x": data_offsets [4, 8] run past the end of the file (6 data bytes)',
+    ],
+    ["a JSON null header", null, 0, "header is not a JSON object"],
+    ["null metadata", { __metadata__: null }, 0, "__metadata__ is not an object of strings"],
+    [
+      "metadata with one string and one number",
+      { __metadata__: { a: "x", b: 1 } },
+      0,
+      "__metadata__ is not an object of strings",
+    ],
+  ] as [string, unknown, number, string][])("rejects %s with the exact rule", (_name, header, data, rule) => {
+    const bytes = file(header, data);
+    const err = thrown(() => parseHeader(bytes, bytes.byteLength, "m"));
+    expect(err).toBeInstanceOf(SafetensorsError);
+    expect(err.message).toBe(`m: ${rule}`);
+  });
+});
+
+describe("encodeHeader", () => {
+  it("writes the metadata when given, and none otherwise", () => {
+    const tensors = [{ name: "w", dtype: "U8", shape: [3], bytes: 3 }];
+    const parse = (header: Uint8Array) => {
+      const bytes = new Uint8Array(header.byteLength + 3);
+      bytes.set(header);
+      return parseHeader(bytes, bytes.byteLength, "f");
+    };
+    expect(parse(encodeHeader(tensors, { format: "pt" })).metadata).toEqual({ format: "pt" });
+    const plain = encodeHeader(tensors);
+    expect(new TextDecoder().decode(plain.subarray(8)).trimEnd()).toBe(
+      JSON.stringify({ w: { dtype: "U8", shape: [3], data_offsets: [0, 3] } }),
+    );
   });
 });

@@ -1,13 +1,21 @@
+import { appendFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { CKPT_EFAULT, CkptError } from "../../ffi/index.ts";
+import { tempDir, thrown } from "../../test/helpers.ts";
+import type { DaemonError } from "../errors.ts";
 import {
   assertUnchanged,
   changedUnderneath,
+  checkFiles,
   faultedFile,
   firstStale,
   type Observed,
+  observe,
   type RegisteredFile,
+  replaced,
   staleReason,
+  watchFiles,
 } from "./watch.ts";
 
 const T = Date.UTC(2026, 11, 1, 9, 0, 0);
@@ -118,5 +126,139 @@ describe("assertUnchanged", () => {
     const stale = version("stale");
     stale.error = { message: "/x was truncated to 1 bytes" };
     expect(() => assertUnchanged(stale)).toThrow("/x was truncated to 1 bytes while the update copied it");
+  });
+});
+
+describe("staleReason, exactly", () => {
+  it("gives both times of a file modified in place", () => {
+    expect(staleReason(file, { ...same, mtimeMs: T + 1500 })).toBe(
+      "was modified at 2026-12-01T09:00:01.500Z (registered at 2026-12-01T09:00:00.000Z)",
+    );
+  });
+
+  it("judges the inode before the size, and the size before the time", () => {
+    expect(staleReason(file, { ...same, ino: 8, size: 1, mtimeMs: T + 1 })).toBe(
+      "was replaced by another file (inode 8, registered 7)",
+    );
+    expect(staleReason(file, { ...same, size: 1, mtimeMs: T + 1 })).toBe(
+      "was truncated to 1 bytes (registered with 4096)",
+    );
+    expect(staleReason(file, { ...same, size: 5000, mtimeMs: T + 1 })).toBe(
+      "grew to 5000 bytes (registered with 4096)",
+    );
+  });
+
+  it("compares the device of a record that has one but no inode", () => {
+    expect(staleReason({ ...file, ino: undefined }, { ...same, ino: 99 })).toBeUndefined();
+    expect(staleReason({ ...file, ino: undefined }, { ...same, dev: 2 })).toMatch(/^was replaced by another file/);
+  });
+});
+
+describe("on real files", () => {
+  function registered(path: string, inPlace = true): RegisteredFile {
+    const st = statSync(path);
+    return { path, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, dev: st.dev, inPlace };
+  }
+
+  it("observe stats a path, or says why it cannot", () => {
+    const path = join(tempDir(), "a");
+    writeFileSync(path, "12345");
+    const st = statSync(path);
+    expect(observe(path)).toEqual({ size: 5, mtimeMs: st.mtimeMs, ino: st.ino, dev: st.dev });
+    expect(observe(join(tempDir(), "missing"))).toEqual({ error: "ENOENT" });
+    expect(observe(join(path, "below"))).toEqual({ error: "ENOTDIR" });
+  });
+
+  it("checkFiles passes files as registered and names the first in-place one changed", () => {
+    const dir = tempDir();
+    const [a, b, c] = ["a", "b", "c"].map((n) => join(dir, n)) as [string, string, string];
+    for (const p of [a, b, c]) writeFileSync(p, "1234");
+    const files = [registered(a), registered(b, false), registered(c)];
+    expect(checkFiles(files)).toBeUndefined();
+    rmSync(b); // copied into memory: not looked at
+    expect(checkFiles(files)).toBeUndefined();
+    appendFileSync(c, "5");
+    expect(checkFiles(files)).toEqual({ file: c, reason: "grew to 5 bytes (registered with 4)" });
+  });
+
+  it("replaced says whether the path names another file now", () => {
+    const dir = tempDir();
+    const path = join(dir, "a");
+    writeFileSync(path, "1234");
+    const rec = registered(path);
+    expect(replaced(rec)).toBe(false);
+    appendFileSync(path, "5"); // changed, but the same file
+    expect(replaced(rec)).toBe(false);
+    writeFileSync(join(dir, "b"), "1234");
+    renameSync(join(dir, "b"), path);
+    expect(replaced(rec)).toBe(true);
+    expect(replaced({ ...rec, ino: undefined })).toBe(false); // an old record: not known
+    expect(replaced({ ...registered(path), dev: (rec.dev ?? 0) + 1 })).toBe(true);
+    rmSync(path);
+    expect(replaced(rec)).toBe(false); // nothing there to spare
+  });
+
+  it("watchFiles calls back on a change to an in-place file until stopped, and skips the others", async () => {
+    const dir = tempDir();
+    const [a, b] = ["a", "b"].map((n) => join(dir, n)) as [string, string];
+    writeFileSync(a, "1");
+    writeFileSync(b, "1");
+    const events: string[] = [];
+    const stop = watchFiles(
+      [registered(b, false), { ...registered(a), path: join(dir, "missing") }, registered(a)],
+      () => events.push("event"),
+    );
+    const settle = () => new Promise((resolve) => setTimeout(resolve, 100));
+    appendFileSync(b, "2");
+    await settle();
+    expect(events).toEqual([]);
+    appendFileSync(a, "2");
+    for (let i = 0; i < 20 && events.length === 0; i++) await settle();
+    expect(events.length).toBeGreaterThan(0);
+    stop();
+    events.length = 0;
+    appendFileSync(a, "3");
+    await settle();
+    expect(events).toEqual([]);
+  });
+});
+
+describe("more of faultedFile and assertUnchanged", () => {
+  const pinned = [{ path: "/dev/shm/a", mem: { address: 0x1000n, len: 16 } }];
+  const efault = (detail: string) => new CkptError("ckpt_event_wait", CKPT_EFAULT, "CKPT_EFAULT", "bus error", detail);
+
+  it("takes the first byte of a mapping as in it, with the detail", () => {
+    expect(faultedFile(efault("copy: bus error at 0x1000"), pinned)).toEqual({
+      file: "/dev/shm/a",
+      offset: 0,
+      detail: "copy: bus error at 0x1000",
+    });
+    expect(faultedFile(efault("copy: bus error at 0xfff"), pinned)).toBeUndefined();
+    expect(faultedFile(efault("copy: bus error"), pinned)).toBeUndefined();
+  });
+
+  it("gives the stale error the file and the reason as details", () => {
+    const err = changedUnderneath({ pinned, markStale() {} }, efault("bus error at 0x100f")) as DaemonError;
+    expect(err.details).toEqual({
+      file: "/dev/shm/a",
+      reason: "was truncated under its mapping while an update copied it (bus error at byte 15)",
+    });
+  });
+
+  it("stats nothing of a version not ready, and says a file changed when no error is kept", () => {
+    const marked: string[] = [];
+    const gone = { ...file, path: "/dev/shm/ckptd-no-such-file" };
+    const registering = { state: "registering", files: [gone], markStale: (f: string) => marked.push(f) };
+    expect(() => assertUnchanged(registering)).not.toThrow();
+    expect(marked).toEqual([]);
+    const stale = { state: "stale", files: [], markStale() {} };
+    const err = thrown(() => assertUnchanged(stale));
+    expect([err.code, err.message, err.details]).toEqual([
+      "stale",
+      "a file changed while the update copied it",
+      undefined,
+    ]);
+    const withDetails = { ...stale, error: { message: "/x was removed", details: { file: "/x" } } };
+    expect(thrown(() => assertUnchanged(withDetails)).details).toEqual({ file: "/x" });
   });
 });

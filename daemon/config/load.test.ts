@@ -1,6 +1,10 @@
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { tempDir, thrown } from "../../test/helpers.ts";
 import { ConfigError, helpText, parseArgs, parseConfigFile, parseEnv, resolveConfig } from "./index.ts";
 import { loadConfig } from "./load.ts";
+import { KEYS } from "./schema.ts";
 
 const env = { HOME: "/home/u" };
 
@@ -183,6 +187,78 @@ describe("help", () => {
     expect(lines.slice(-2)).toEqual([
       `  ${"--version".padEnd(28)}print the version and exit`,
       `  ${"--help".padEnd(28)}print this help and exit`,
+    ]);
+  });
+});
+
+describe("loadConfig", () => {
+  it("merges the file named by --config, CKPTD_* variables and flags, and returns the flags read", () => {
+    const path = join(tempDir(), "ckptd.json");
+    writeFileSync(path, JSON.stringify({ port: 1, host: "10.0.0.1", maxVersions: 7 }));
+    const loaded = loadConfig(["--config", path, "--port", "3"], { HOME: "/h", CKPTD_HOST: "0.0.0.0" });
+    expect(loaded).toMatchObject({ help: false, version: false, configFile: path, values: { port: 3 } });
+    expect(loaded.config).toMatchObject({
+      port: 3,
+      host: "0.0.0.0",
+      maxVersions: 7,
+      stateDir: "/h/.local/state/ckptd",
+    });
+  });
+
+  it("reads the file CKPTD_CONFIG names, and says which file a bad value came from", () => {
+    const path = join(tempDir(), "ckptd.json");
+    writeFileSync(path, JSON.stringify({ maxVersions: 5 }));
+    expect(loadConfig(["--version"], { HOME: "/h", CKPTD_CONFIG: path })).toMatchObject({
+      version: true,
+      config: { maxVersions: 5 },
+    });
+    writeFileSync(path, JSON.stringify({ maxVersions: 0 }));
+    const err = thrown(() => loadConfig([], { HOME: "/h", CKPTD_CONFIG: path }));
+    expect(err).toBeInstanceOf(ConfigError);
+    expect(err.name).toBe("ConfigError");
+    expect(err.message).toMatch(new RegExp(`^maxVersions \\(from ${path}\\): `));
+  });
+});
+
+describe("more config errors", () => {
+  it("names the config file as such when its path is not known", () => {
+    expect(() => resolveConfig({ file: { port: "x" }, env: {}, flags: {} }, env)).toThrow(
+      /^port \(from config file\): Invalid type/,
+    );
+  });
+
+  it("lists the known keys after an unknown one", () => {
+    expect(thrown(() => parseConfigFile('{"prot": 1}', "/c.json")).message).toBe(
+      `/c.json: unknown key "prot" (known: ${Object.keys(KEYS).join(", ")})`,
+    );
+    expect(Object.keys(KEYS).slice(0, 2)).toEqual(["host", "port"]);
+  });
+
+  it("takes an integer key's value as an integer only when it is all digits", () => {
+    expect(parseArgs(["--port=x80", "--io-threads", "4x", "--max-versions", "-2"]).values).toEqual({
+      port: "x80",
+      ioThreads: "4x",
+      maxVersions: -2,
+    });
+    expect(() => resolveConfig({ env: {}, flags: parseArgs(["--port=x80"]).values }, env)).toThrow(
+      'port (from --port): Invalid type: Expected number but received "x80"',
+    );
+  });
+
+  it("skips a CKPTD_ variable that is present but unset", () => {
+    expect(parseEnv({ CKPTD_PORT: undefined, CKPTD_HOST: "h" })).toEqual({ host: "h" });
+  });
+
+  it("says an argument starting with = is unknown", () => {
+    expect(thrown(() => parseArgs(["=80"])).message).toBe('unknown argument "=80" (see --help)');
+  });
+});
+
+describe("help text", () => {
+  it("says where settings come from and in which order", () => {
+    expect(helpText().split("\n").slice(3, 5)).toEqual([
+      "Settings come from defaults, the JSON file (--config or CKPTD_CONFIG), CKPTD_* variables",
+      "and flags, each overriding the one before.",
     ]);
   });
 });
