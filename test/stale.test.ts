@@ -4,6 +4,7 @@
  * file truncated while an update copies from it fails that update (a guarded bus error in the
  * data plane), and the daemon keeps serving.
  */
+import { execFileSync } from "node:child_process";
 import { readdirSync, readFileSync, renameSync, statSync, truncateSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
@@ -146,6 +147,25 @@ describe("registered files changing underneath", () => {
     const refused = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(refused.status).toBe(409);
     expect(refused.body.error.message).toMatch(new RegExp(`${big} (was modified at|was truncated)`));
+  });
+
+  it("notices bytes rewritten with write(2) whose modification time is put back (by the change time)", async () => {
+    const { api, receivers } = await start();
+    const { big } = await register(api, "m");
+    await receivers();
+    const before = statSync(big);
+    const times = `${big}.times`;
+    execFileSync("touch", ["-r", big, times]); // keeps its times to the nanosecond
+    const bytes = readFileSync(big);
+    bytes[bytes.length - 1] = (bytes[bytes.length - 1] as number) ^ 0xff;
+    await new Promise((r) => setTimeout(r, 5));
+    writeFileSync(big, bytes);
+    execFileSync("touch", ["-r", times, big]); // as rsync -t or touch -r would
+    expect(statSync(big).mtimeMs).toBe(before.mtimeMs);
+    const refused = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(refused.status).toBe(409);
+    expect(refused.body.error.message).toContain(`${big} was changed at`);
+    expect(refused.body.error.message).toContain("written with its modification time put back");
   });
 
   it("leaves a version copied into pinned memory usable: its bytes no longer depend on the file", async () => {

@@ -16,6 +16,8 @@ export interface InspectedFile {
   path: string;
   size: number;
   mtimeMs: number;
+  /** Status change time: moves on every write, and cannot be set back as mtime can. */
+  ctimeMs: number;
   /** Inode and device, so that a file replaced under the same path is told apart. */
   ino: number;
   dev: number;
@@ -102,7 +104,8 @@ async function inspectOpened(path: string, handle: FileHandle): Promise<Inspecte
     if (bytesRead !== prefix.byteLength) throw new SafetensorsError(path, undefined, "header is truncated");
     const header = parseHeader(prefix, st.size, path);
     const tmpfs = await onTmpfs(path);
-    return { path, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, dev: st.dev, tmpfs, prefix, header };
+    const { size, mtimeMs, ctimeMs, ino, dev } = st;
+    return { path, size, mtimeMs, ctimeMs, ino, dev, tmpfs, prefix, header };
   } catch (err) {
     if (err instanceof SafetensorsError) throw invalidSafetensors(err);
     throw err;

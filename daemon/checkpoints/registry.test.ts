@@ -289,7 +289,16 @@ describe("registering", () => {
     expect(Date.parse(v.createdAt)).toBeGreaterThanOrEqual(t0 - 1000);
     expect(Date.parse(v.createdAt)).toBeLessThanOrEqual(Date.now());
     expect(v.files).toEqual([
-      { path, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, dev: st.dev, inPlace: true, adopted: false },
+      {
+        path,
+        size: st.size,
+        mtimeMs: st.mtimeMs,
+        ctimeMs: st.ctimeMs,
+        ino: st.ino,
+        dev: st.dev,
+        inPlace: true,
+        adopted: false,
+      },
     ]);
     const bytes = readFileSync(path);
     const header = Number(bytes.readBigUInt64LE(0)) + 8;

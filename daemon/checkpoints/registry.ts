@@ -293,6 +293,7 @@ export class Registry {
       path: f.path,
       size: f.size,
       mtimeMs: f.mtimeMs,
+      ctimeMs: f.ctimeMs,
       ino: f.ino,
       dev: f.dev,
       inPlace: f.tmpfs && !req.copy,

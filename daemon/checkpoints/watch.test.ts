@@ -19,8 +19,16 @@ import {
 } from "./watch.ts";
 
 const T = Date.UTC(2026, 11, 1, 9, 0, 0);
-const file: RegisteredFile = { path: "/dev/shm/a.safetensors", size: 4096, mtimeMs: T, ino: 7, dev: 1, inPlace: true };
-const same = { size: 4096, mtimeMs: T, ino: 7, dev: 1 };
+const file: RegisteredFile = {
+  path: "/dev/shm/a.safetensors",
+  size: 4096,
+  mtimeMs: T,
+  ctimeMs: T,
+  ino: 7,
+  dev: 1,
+  inPlace: true,
+};
+const same = { size: 4096, mtimeMs: T, ctimeMs: T, ino: 7, dev: 1 };
 
 describe("staleReason", () => {
   const cases: [string, Observed, string | undefined][] = [
@@ -34,6 +42,11 @@ describe("staleReason", () => {
     ["grown", { ...same, size: 8192 }, "grew to 8192 bytes (registered with 4096)"],
     ["rewritten in place", { ...same, mtimeMs: T + 0.5 }, "was modified at 2026-12-01T09:00:00.000Z"],
     ["mtime moved back", { ...same, mtimeMs: T - 1000 }, "was modified at 2026-12-01T08:59:59.000Z"],
+    [
+      "written, then its mtime put back",
+      { ...same, ctimeMs: T + 2000 },
+      "was changed at 2026-12-01T09:00:02.000Z (its status change time; registered at 2026-12-01T09:00:00.000Z)",
+    ],
   ];
   for (const [what, now, want] of cases) {
     it(what, () => {
@@ -43,9 +56,9 @@ describe("staleReason", () => {
     });
   }
 
-  it("does not compare inodes a record does not have", () => {
-    const old = { ...file, ino: undefined, dev: undefined };
-    expect(staleReason(old, { ...same, ino: 99, dev: 5 })).toBeUndefined();
+  it("does not compare inodes or change times a record does not have", () => {
+    const old = { ...file, ino: undefined, dev: undefined, ctimeMs: undefined };
+    expect(staleReason(old, { ...same, ino: 99, dev: 5, ctimeMs: T + 1 })).toBeUndefined();
     expect(staleReason(old, { ...same, size: 1 })).toContain("truncated");
   });
 });
@@ -164,7 +177,7 @@ describe("on real files", () => {
     const path = join(tempDir(), "a");
     writeFileSync(path, "12345");
     const st = statSync(path);
-    expect(observe(path)).toEqual({ size: 5, mtimeMs: st.mtimeMs, ino: st.ino, dev: st.dev });
+    expect(observe(path)).toEqual({ size: 5, mtimeMs: st.mtimeMs, ctimeMs: st.ctimeMs, ino: st.ino, dev: st.dev });
     expect(observe(join(tempDir(), "missing"))).toEqual({ error: "ENOENT" });
     expect(observe(join(path, "below"))).toEqual({ error: "ENOTDIR" });
   });

@@ -6,8 +6,9 @@
  * with what was registered; a difference makes the version `stale`. A bus error the data plane
  * reports anyway (truncated between the check and the copy) becomes an error naming the file.
  * Where inotify is there (fs.watch, under Node and Deno) a change is noticed sooner, without
- * waiting for an update. Writes through a shared mapping change neither size nor mtime and
- * raise no inotify event: only the hashes catch those.
+ * waiting for an update. A write(2) whose mtime is put back afterwards still moves the status
+ * change time (ctime), which no one can set. Writes through a shared mapping change neither
+ * and raise no inotify event: only the hashes catch those.
  */
 import { type FSWatcher, statSync, watch } from "node:fs";
 import { CKPT_EFAULT, CkptError } from "../../ffi/index.ts";
@@ -18,14 +19,17 @@ export interface RegisteredFile {
   path: string;
   size: number;
   mtimeMs: number;
-  /** Inode and device; absent in records made before they were kept (then not compared). */
+  /** Inode, device and status change time; absent in records made before they were kept (then not compared). */
   ino?: number;
   dev?: number;
+  ctimeMs?: number;
   inPlace: boolean;
 }
 
 /** A stat of the path now, or why it could not be made (an errno code such as ENOENT). */
-export type Observed = { size: number; mtimeMs: number; ino: number; dev: number } | { error: string };
+export type Observed = { size: number; mtimeMs: number; ctimeMs: number; ino: number; dev: number } | { error: string };
+
+const at = (ms: number) => new Date(ms).toISOString();
 
 /** Why a file is no longer the one registered; undefined while it is. Pure. */
 export function staleReason(file: RegisteredFile, now: Observed): string | undefined {
@@ -38,8 +42,11 @@ export function staleReason(file: RegisteredFile, now: Observed): string | undef
   if (now.size < file.size) return `was truncated to ${now.size} bytes (registered with ${file.size})`;
   if (now.size > file.size) return `grew to ${now.size} bytes (registered with ${file.size})`;
   if (now.mtimeMs !== file.mtimeMs) {
-    const at = (ms: number) => new Date(ms).toISOString();
     return `was modified at ${at(now.mtimeMs)} (registered at ${at(file.mtimeMs)})`;
+  }
+  // A write whose modification time was put back (touch -r, rsync -t) still moves this one.
+  if (file.ctimeMs !== undefined && now.ctimeMs !== file.ctimeMs) {
+    return `was changed at ${at(now.ctimeMs)} (its status change time; registered at ${at(file.ctimeMs)}): written with its modification time put back, or its mode or owner changed`;
   }
   return undefined;
 }
@@ -61,7 +68,7 @@ export function firstStale(
 export function observe(path: string): Observed {
   try {
     const st = statSync(path);
-    return { size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, dev: st.dev };
+    return { size: st.size, mtimeMs: st.mtimeMs, ctimeMs: st.ctimeMs, ino: st.ino, dev: st.dev };
   } catch (err) {
     return { error: (err as NodeJS.ErrnoException).code ?? String(err) };
   }
