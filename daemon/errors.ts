@@ -27,6 +27,7 @@ export const ERROR_CODES = [
   "body_too_large",
   "unsupported_media_type",
   "over_budget",
+  "upload_dir_full",
   "registration_failed",
   "update_failed",
   "receiver_failed",

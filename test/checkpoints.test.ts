@@ -1,6 +1,5 @@
 import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
-import { request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
@@ -9,7 +8,7 @@ import { resolveDirectory } from "../daemon/checkpoints/sources.ts";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
 import { safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
-import { AUTH, removeTempDirs, tempDir, testCredentials, thrown } from "./helpers.ts";
+import { AUTH, early, removeTempDirs, tempDir, testCredentials, thrown } from "./helpers.ts";
 import { startInProcess } from "./in-process.ts";
 
 const running: Daemon[] = [];
@@ -554,32 +553,6 @@ describe("trainer pushes", () => {
     rmSync(dir, { recursive: true });
   });
 });
-
-/**
- * Sends a request as a client that keeps writing while the answer comes (as curl does): resolves
- * with the answer, however much of `body` the daemon read (chunked without a Content-Length).
- */
-function early(port: number, method: string, path: string, headers: Record<string, string>, body: Uint8Array[]) {
-  // biome-ignore lint/suspicious/noExplicitAny: test responses are checked field by field
-  return new Promise<{ status: number; body: any }>((resolve, reject) => {
-    // A connection of its own: one the daemon hangs up on must not be reused.
-    const req = request(`http://127.0.0.1:${port}${path}`, { method, headers: { ...AUTH, ...headers }, agent: false });
-    req.on("response", (res) => {
-      let text = "";
-      res.on("data", (c) => {
-        text += c;
-      });
-      res.on("end", () => {
-        resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) });
-        req.destroy();
-      });
-    });
-    req.on("error", (err) => (req.destroyed ? undefined : reject(err)));
-    req.flushHeaders();
-    for (const chunk of body) req.write(chunk);
-    if (body.length > 0) req.end(); // with none, only the declared length is sent
-  });
-}
 
 describe("size limits", () => {
   it("answers a JSON body over maxBodyBytes with a 413 naming the limit, and registers nothing", async () => {

@@ -1,6 +1,7 @@
 /** Starts real daemon processes for tests: under Node (tsx), Deno, or the built binary. */
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -146,4 +147,30 @@ export async function within<T>(ms: number, promise: Promise<T>): Promise<T> {
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * Sends a request as a client that keeps writing while the answer comes (as curl does): resolves
+ * with the answer, however much of `body` the daemon read (chunked without a Content-Length).
+ */
+export function early(port: number, method: string, path: string, headers: Record<string, string>, body: Uint8Array[]) {
+  // biome-ignore lint/suspicious/noExplicitAny: test responses are checked field by field
+  return new Promise<{ status: number; body: any }>((resolve, reject) => {
+    // A connection of its own: one the daemon hangs up on must not be reused.
+    const req = request(`http://127.0.0.1:${port}${path}`, { method, headers: { ...AUTH, ...headers }, agent: false });
+    req.on("response", (res) => {
+      let text = "";
+      res.on("data", (c) => {
+        text += c;
+      });
+      res.on("end", () => {
+        resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) });
+        req.destroy();
+      });
+    });
+    req.on("error", (err) => (req.destroyed ? undefined : reject(err)));
+    req.flushHeaders();
+    for (const chunk of body) req.write(chunk);
+    if (body.length > 0) req.end(); // with none, only the declared length is sent
+  });
 }

@@ -23,7 +23,7 @@ import { type Config, ConfigError, defaults } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { writeSafetensors } from "./checkpoint-files.ts";
-import { AUTH, daemonCommand, ROOT, removeTempDirs, startProcess, tempDir, testCredentials } from "./helpers.ts";
+import { AUTH, daemonCommand, early, ROOT, removeTempDirs, startProcess, tempDir, testCredentials } from "./helpers.ts";
 
 const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 const NOBODY = 65534;
@@ -240,5 +240,45 @@ describe("orphans", () => {
     expect(res.body.error.message).toMatch(message);
     expect(readdirSync(config.uploadDir)).toEqual([]);
     expect((await api("GET", "/v1/uploads")).body.uploads).toEqual([]);
+  });
+});
+
+/** A tmpfs of `size` mounted on a fresh directory (root only), unmounted after the test. */
+function smallTmpfs(size: string): string | undefined {
+  const dir = tempDir();
+  if (spawnSync("mount", ["-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", dir]).status !== 0) return undefined;
+  cleanup.push(() => spawnSync("umount", [dir]));
+  return dir;
+}
+
+describe("a full upload directory", () => {
+  it("answers 507 naming the directory, keeps nothing of a file, and takes uploads again once freed", async () => {
+    const mount = smallTmpfs("4m");
+    expect(mount, "mounting a tmpfs needs root").toBeDefined();
+    const uploadDir = join(mount as string, "uploads");
+    const { api, daemon } = await start({ uploadDir });
+    const big = await api("POST", "/v1/uploads", {
+      name: "big",
+      tensors: [{ name: "w", dtype: "F32", shape: [1536, 1024] }],
+    });
+    expect(big.status).toBe(201);
+    const octets = { "content-type": "application/octet-stream" };
+    const sixMiB = Array.from({ length: 96 }, () => new Uint8Array(64 << 10));
+    const tensor = await early(daemon.port, "PUT", `/v1/uploads/${big.body.id}/tensors/w`, octets, sixMiB);
+    expect(tensor.status).toBe(507);
+    expect(tensor.body.error).toEqual({
+      code: "upload_dir_full",
+      message: `the upload directory ${uploadDir} is full (ENOSPC) while writing tensor "w" (not written; the upload keeps its staging file); free space there or delete uploads in progress`,
+    });
+    expect((await api("POST", `/v1/uploads/${big.body.id}/commit`)).status).toBe(400); // w is not written
+    expect((await api("DELETE", `/v1/uploads/${big.body.id}`)).status).toBe(200);
+    const other = await api("POST", "/v1/uploads", { name: "f" });
+    const file = await early(daemon.port, "PUT", `/v1/uploads/${other.body.id}/files/m.safetensors`, octets, sixMiB);
+    expect(file.status).toBe(507);
+    expect(file.body.error.message).toContain('while writing file "m.safetensors" (nothing of it was kept)');
+    expect(readdirSync(uploadDir)).toEqual([]);
+    const small = await api("POST", "/v1/uploads", { name: "s", tensors: [{ name: "w", dtype: "F32", shape: [4] }] });
+    expect((await api("PUT", `/v1/uploads/${small.body.id}/tensors/w`, new Uint8Array(16))).status).toBe(200);
+    expect((await api("POST", `/v1/uploads/${small.body.id}/commit`)).status).toBe(201);
   });
 });

@@ -75,7 +75,12 @@ async function streamTo(body: Body, file: FileHandle, position: number, limit: n
       reader.releaseLock();
       return limit + 1;
     }
-    await file.write(value, 0, value.byteLength, position + written);
+    try {
+      await file.write(value, 0, value.byteLength, position + written);
+    } catch (err) {
+      reader.releaseLock(); // as above: the client still gets the answer
+      throw err;
+    }
     written += value.byteLength;
   }
   return written;
@@ -165,6 +170,8 @@ export class Uploads {
             `tensor "${name}" needs exactly ${place.bytes} bytes, got ${n > place.bytes ? "more" : n}`,
           );
         }
+      } catch (err) {
+        throw this.full(err, `tensor "${name}" (not written; the upload keeps its staging file)`);
       } finally {
         await file.close();
       }
@@ -208,12 +215,22 @@ export class Uploads {
       } catch (err) {
         await file.close();
         await unlink(path).catch(() => undefined);
-        throw err;
+        throw this.full(err, `file "${name}" (nothing of it was kept)`);
       }
       await file.close();
       upload.files.set(name, path);
       return { file: name, bytes: n };
     });
+  }
+
+  /** A write that found the upload directory full, as a 507 naming it; other errors as they are. */
+  private full(err: unknown, what: string): unknown {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== "ENOSPC" && code !== "EDQUOT") return err;
+    return new DaemonError(
+      "upload_dir_full",
+      `the upload directory ${this.dir} is full (${code}) while writing ${what}; free space there or delete uploads in progress`,
+    );
   }
 
   /** Bytes the upload's staging files hold, but for the file `except` (about to be replaced). */

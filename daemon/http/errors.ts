@@ -32,6 +32,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   body_too_large: 413,
   unsupported_media_type: 415,
   over_budget: 507,
+  upload_dir_full: 507,
   registration_failed: 500,
   update_failed: 502,
   receiver_failed: 502,
