@@ -1,4 +1,5 @@
 import { describe, expect, it } from "vitest";
+import { thrown } from "../../test/helpers.ts";
 import { geometry } from "./geometry.ts";
 import type { PeerInfo } from "./peers.ts";
 import { type PeersInput, planWithPeers } from "./plan-peers.ts";
@@ -65,6 +66,12 @@ describe("planWithPeers", () => {
     },
   ])("refuses $name before anyone joins", ({ input, error }) => {
     expect(() => planWithPeers(input)).toThrow(error);
+    expect(thrown(() => planWithPeers(input)).code).toBe("update_failed");
+  });
+
+  it("takes as many copying GPUs as there are slots", () => {
+    const plan = planWithPeers(input({ peers: [peer("a", { gpus: 2, holds: "m@1" })] }));
+    expect(plan.owners).toEqual([0, 1, 2, 3]);
   });
 
   describe("the shared communicator", () => {

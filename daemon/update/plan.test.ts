@@ -78,6 +78,33 @@ describe("planBuckets", () => {
       bucketBytes: 64,
       want: ["0:first[0,8)@0 second[0,8)@16"],
     },
+    {
+      name: "gives what the alignment leaves over to the owner with the fewest bytes",
+      tensors: [t("x", 5, 0, 0), t("a", 81, 0, 5), t("b", 2, 1, 0)],
+      bucketBytes: 64,
+      gpus: 2,
+      want: ["0:a[0,32)@0 x[0,5)@32", "1:a[32,64)@0 a[64,81)@32", "1:b[0,2)@0"],
+    },
+    {
+      name: "gives what the alignment leaves over to the first of the owners tied for the fewest bytes",
+      tensors: [t("x", 5, 0, 0), t("a", 81, 0, 5), t("b", 2, 1, 0), t("d", 2, 2, 0)],
+      bucketBytes: 64,
+      gpus: 3,
+      want: ["0:a[0,16)@0 x[0,5)@16", "1:a[48,81)@0 a[16,32)@48", "2:a[32,48)@0 d[0,2)@16", "1:b[0,2)@0"],
+    },
+    {
+      name: "fills an owner under its share with as much of the excess as fits, in order",
+      tensors: [t("a", 100, 0, 0), t("c", 20, 3, 0), t("b", 8, 1, 0), t("d", 40, 2, 0)],
+      bucketBytes: 64,
+      gpus: 3,
+      want: ["0:a[0,64)@0", "1:a[64,100)@0 b[0,8)@48", "2:d[0,40)@0", "1:c[0,20)@0"],
+    },
+    {
+      name: "packs pieces of the same size in the order of their bytes in the file",
+      tensors: [t("x", 22, 0, 0), t("big", 150, 0, 40)],
+      bucketBytes: 64,
+      want: ["0:big[0,64)@0", "0:big[64,128)@0", "0:x[0,22)@0 big[128,150)@32"],
+    },
     { name: "plans nothing for no tensors", tensors: [], bucketBytes: 64, want: [] },
     {
       name: "keeps empty tensors",
@@ -143,5 +170,74 @@ describe("planBuckets", () => {
     expect(() => planBuckets(tensors, { bucketBytes: 64, owners: [0, 1, 2], slots: 2 })).toThrow(
       /2 slots cannot serve 3/,
     );
+  });
+
+  it("plans the same whatever the order the tensors are listed in", () => {
+    const tensors = [t("a", 64, 0, 0), t("b", 64, 0, 64), t("c", 64, 2, 0), t("d", 8, 1, 0)];
+    const orders = (xs: PlanTensor[]): PlanTensor[][] =>
+      xs.length <= 1 ? [xs] : xs.flatMap((x, i) => orders(xs.filter((_, k) => k !== i)).map((o) => [x, ...o]));
+    // Each owner keeps the first bytes of its files, by file and offset: a, then b's first part.
+    const want = ["0:a[0,64)@0", "1:c[0,64)@0", "0:b[0,48)@0", "1:b[48,64)@0 d[0,8)@16"];
+    for (const order of orders(tensors)) expect(view(order, 64, 2)).toEqual(want);
+  });
+
+  it("puts a tensor into the first of the 64 most recently opened buckets with room", () => {
+    const fill = (k: number) => Array.from({ length: k }, (_, i) => t(`f${i}`, 48, 0, i * 48));
+    const where = (k: number) => {
+      const buckets = planBuckets([...fill(k), t("small", 16, 0, k * 48)], {
+        bucketBytes: 64,
+        owners: [0],
+        slots: 2,
+        align: 16,
+      });
+      return buckets.findIndex((b) => b.pieces.some((p) => p.name === "small"));
+    };
+    expect(where(64)).toBe(0);
+    // The oldest bucket is no longer searched: the search stays bounded.
+    expect(where(65)).toBe(1);
+  });
+
+  it.each([
+    { name: "a bucket of exactly the alignment", bucketBytes: 16, want: [16, 16] },
+    { name: "buckets of a multiple of it", bucketBytes: 32, want: [32] },
+  ])("accepts $name", ({ bucketBytes, want }) => {
+    const planned = planBuckets([t("a", 32)], { bucketBytes, owners: [0], slots: 2, align: 16 });
+    expect(planned.map((b) => b.bytes)).toEqual(want);
+  });
+
+  it.each([
+    { bucketBytes: 0, message: "bucketBytes 0 must be a positive multiple of 16" },
+    { bucketBytes: 8, message: "bucketBytes 8 must be a positive multiple of 16" },
+    { bucketBytes: 24, message: "bucketBytes 24 must be a positive multiple of 16" },
+    { bucketBytes: Number.NaN, message: "bucketBytes NaN must be a positive multiple of 16" },
+  ])("rejects bucketBytes $bucketBytes", ({ bucketBytes, message }) => {
+    expect(() => planBuckets([], { bucketBytes, owners: [0], slots: 2, align: 16 })).toThrow(new RangeError(message));
+  });
+
+  it("rejects a plan without owners, and accepts as many slots as owners", () => {
+    expect(() => planBuckets([], { bucketBytes: 64, owners: [], slots: 2 })).toThrow(
+      new RangeError("2 slots cannot serve 0 owners"),
+    );
+    const planned = planBuckets([t("a", 8, 0), t("b", 8, 1)], { bucketBytes: 256, owners: [0, 1], slots: 2 });
+    expect(planned.map((b) => [b.owner, b.slot])).toEqual([
+      [0, 0],
+      [1, 1],
+    ]);
+  });
+
+  it("locates each piece in its file: the tensor's offset plus where the piece begins", () => {
+    const planned = planBuckets([t("a", 8, 0, 0), t("big", 150, 0, 8)], {
+      bucketBytes: 64,
+      owners: [0],
+      slots: 2,
+      align: 16,
+    });
+    const pieces = planned.flatMap((b) => b.pieces).map((p) => [p.name, p.range[0], p.fileOffset]);
+    expect(pieces).toEqual([
+      ["big", 0, 8],
+      ["big", 64, 72],
+      ["big", 128, 136],
+      ["a", 0, 0],
+    ]);
   });
 });

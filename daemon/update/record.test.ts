@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { receiverState } from "./record.ts";
+import { receiverState, UpdateRecord } from "./record.ts";
 
 describe("what a receiver holds once an update ended", () => {
   it.each([
@@ -14,5 +14,33 @@ describe("what a receiver holds once an update ended", () => {
     { done: false, acked: 0, aborted: false, state: "untouched" },
   ])("done $done, $acked acked, aborted $aborted: $state", ({ state, ...r }) => {
     expect(receiverState(r)).toBe(state);
+  });
+});
+
+describe("an update's record as the API shows it", () => {
+  it("starts running, with zero progress and timings, no receivers, no end and no error", () => {
+    const r = new UpdateRecord("u-1", "m@1");
+    expect(r.toJSON()).toEqual({
+      id: "u-1",
+      checkpoint: "m@1",
+      state: "running",
+      createdAt: r.createdAt,
+      progress: { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 },
+      timings: { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 },
+      receivers: [],
+    });
+    expect(new Date(r.createdAt).toISOString()).toBe(r.createdAt);
+  });
+
+  it("shows its end and its error once set, and the bucket timeline only when asked", () => {
+    const r = new UpdateRecord("u-2", "m@1");
+    r.state = "failed";
+    r.finishedAt = "2026-01-01T00:00:01.000Z";
+    r.error = { code: "update_failed", message: "boom" };
+    r.buckets.push({ bucket: 0, owner: 0, bytes: 16, issued: 1 });
+    expect(r.toJSON()).toMatchObject({ state: "failed", finishedAt: r.finishedAt, error: r.error });
+    expect(r.toJSON()).not.toHaveProperty("buckets");
+    expect(r.view(false)).not.toHaveProperty("buckets");
+    expect(r.view(true).buckets).toEqual([{ bucket: 0, owner: 0, bytes: 16, issued: 1 }]);
   });
 });
