@@ -129,7 +129,7 @@ function appOf(opts: StartOptions, p: Parts, keyring: Keyring, startedAt: number
     log,
     status,
     maxBodyBytes: config.maxBodyBytes,
-    auth: auth({ credentials: () => keyring.credentials(), maxBodyBytes: config.maxBodyBytes }),
+    auth: auth({ credentials: () => keyring.credentials(), nodeId, maxBodyBytes: config.maxBodyBytes }),
   });
   checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files);
   uploadRoutes(app, p.registry, p.uploads.dir);

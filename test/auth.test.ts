@@ -115,8 +115,9 @@ describe.each(["node", "deno"] as RuntimeName[])("the peer API under %s", (runti
     const d = await startProcess(daemonCommand(runtime));
     const url = `${d.url}/v1/peer/updates/u-9@x/abort`;
     const body = new TextEncoder().encode(JSON.stringify({ reason: "test" }));
+    const { nodeId } = (await (await fetch(`${d.url}/v1/status`, { headers: AUTH })).json()) as { nodeId: string };
     const headers = {
-      ...signedHeaders(Buffer.from(CLUSTER_SECRET), "POST", url, body),
+      ...signedHeaders(Buffer.from(CLUSTER_SECRET), "POST", url, nodeId, body),
       "content-type": "application/json",
     };
     const post = (h: Record<string, string>) => fetch(url, { method: "POST", headers: h, body });
@@ -127,6 +128,12 @@ describe.each(["node", "deno"] as RuntimeName[])("the peer API under %s", (runti
     expect(again.status).toBe(401);
     expect(((await again.json()) as { error: { message: string } }).error.message).toMatch(/already used/);
     expect((await post({ ...AUTH, "content-type": "application/json" })).status).toBe(401);
+    // Signed for another daemon of the cluster: refused, naming both.
+    const elsewhere = await post({ ...signedHeaders(Buffer.from(CLUSTER_SECRET), "POST", url, "other", body) });
+    expect(elsewhere.status).toBe(401);
+    expect(((await elsewhere.json()) as { error: { message: string } }).error.message).toBe(
+      `the request was signed for node other, not for this daemon (${nodeId})`,
+    );
     await stop(d);
   });
 });
@@ -139,7 +146,7 @@ describe.each(["node", "deno"] as RuntimeName[])("SIGHUP under %s", (runtime) =>
     ]);
     const peerInfo = (secret: string) => {
       const url = `${d.url}/v1/peer/info?checkpoint=m&fingerprint=0`;
-      return fetch(url, { headers: signedHeaders(Buffer.from(secret), "GET", url) });
+      return fetch(url, { headers: signedHeaders(Buffer.from(secret), "GET", url, "*") });
     };
     expect((await status(d, ADMIN_TOKEN)).status).toBe(200);
     expect((await peerInfo(CLUSTER_SECRET)).status).toBe(200);

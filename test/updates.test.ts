@@ -493,6 +493,7 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
         // The coordinator's own info says it is busy (with this very update): the fake is idle.
         // Passed on with the coordinator's signature, which that daemon has not seen yet.
         const signed = {
+          "x-ckptd-to": String(req.headers["x-ckptd-to"]),
           "x-ckptd-timestamp": String(req.headers["x-ckptd-timestamp"]),
           "x-ckptd-signature": String(req.headers["x-ckptd-signature"]),
           "x-ckptd-body-sha256": String(req.headers["x-ckptd-body-sha256"]),

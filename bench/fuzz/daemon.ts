@@ -44,6 +44,8 @@ export class ChildDaemon {
   readonly adminToken = `admin-${randomBytes(16).toString("hex")}`;
   readonly readToken = `read-${randomBytes(16).toString("hex")}`;
   secret = Buffer.alloc(0);
+  /** Its node id: what peer requests are signed for. */
+  nodeId = "";
   port = 0;
   /** The daemon's last log lines, for a crash report; lines at level error and above are counted. */
   readonly logs: string[] = [];
@@ -115,6 +117,7 @@ export class ChildDaemon {
       setTimeout(() => reject(new Error("daemon did not listen within 30 s")), 30_000).unref();
     });
     this.secret = Buffer.from(readFileSync(join(this.stateDir, "cluster-secret"), "utf8").trim(), "utf8");
+    this.nodeId = readFileSync(join(this.stateDir, "node-id"), "utf8").trim();
   }
 
   private onLog(line: string, listening: () => void): void {

@@ -63,6 +63,8 @@ function headersFor(d: ChildDaemon, how: Signing, call: Call, rng: Rng): Record<
   const url = `http://127.0.0.1:${d.port}${call.path}`;
   const body = call.body ?? new Uint8Array();
   const now = Date.now();
+  // Info may be asked of anyone ("*"); everything else is signed for this daemon's node id.
+  const to = call.path.startsWith("/v1/peer/info") && rng.chance(0.5) ? "*" : d.nodeId;
   switch (how) {
     case "none":
       return rng.chance(0.5) ? { authorization: `Bearer ${d.adminToken}` } : {};
@@ -73,25 +75,26 @@ function headersFor(d: ChildDaemon, how: Signing, call: Call, rng: Rng): Record<
         "x-ckptd-body-sha256": rng.pick([bodyHashOf(body), rng.hex(64), "", rng.hex(65)]),
       };
     case "other-secret":
-      return signedHeaders(Buffer.from(`${d.secret.toString()}x`), call.method, url, body, now);
+      return signedHeaders(Buffer.from(`${d.secret.toString()}x`), call.method, url, to, body, now);
     case "other-request": {
-      const h = signedHeaders(d.secret, call.method, url, body, now);
-      const other = rng.pick(["GET", "POST", "/v1/peer/info", "/v1/peer/updates", "body"]);
+      const h = signedHeaders(d.secret, call.method, url, to, body, now);
+      const other = rng.pick(["GET", "POST", "/v1/peer/info", "/v1/peer/updates", "body", "node"]);
       if (other === "body")
-        return signedHeaders(d.secret, call.method, url, Buffer.concat([body, Buffer.from([1])]), now);
+        return signedHeaders(d.secret, call.method, url, to, Buffer.concat([body, Buffer.from([1])]), now);
+      if (other === "node") return signedHeaders(d.secret, call.method, url, `${d.nodeId}-other`, body, now);
       const [m, target] = other.startsWith("/") ? [call.method, other] : [other, call.path];
       const ts = h["x-ckptd-timestamp"] as string;
       return {
         ...h,
-        "x-ckptd-signature": sign(d.secret, m, `${target}${target === call.path ? "x" : ""}`, ts, bodyHashOf(body)),
+        "x-ckptd-signature": sign(d.secret, m, `${target}${target === call.path ? "x" : ""}`, to, ts, bodyHashOf(body)),
       };
     }
     case "skewed": {
       const skew = rng.pick([1, -1]) * rng.pick([30_500, 60_000, 3_600_000, now]);
-      return signedHeaders(d.secret, call.method, url, body, now + skew);
+      return signedHeaders(d.secret, call.method, url, to, body, now + skew);
     }
     case "bad-body": {
-      const h = signedHeaders(d.secret, call.method, url, mutateBytes(body, rng), now);
+      const h = signedHeaders(d.secret, call.method, url, to, mutateBytes(body, rng), now);
       return {
         ...h,
         "x-ckptd-body-sha256":
@@ -99,7 +102,7 @@ function headersFor(d: ChildDaemon, how: Signing, call: Call, rng: Rng): Record<
       };
     }
     default:
-      return signedHeaders(d.secret, call.method, url, body, now);
+      return signedHeaders(d.secret, call.method, url, to, body, now);
   }
 }
 
@@ -142,7 +145,7 @@ export function peerTarget(d: ChildDaemon): Target {
         const info = await d.call({
           method: "GET",
           path: "/v1/peer/info",
-          headers: signedHeaders(d.secret, "GET", url),
+          headers: signedHeaders(d.secret, "GET", url, "*"),
         });
         geometry = bodyOf(info) as typeof geometry;
       }

@@ -238,11 +238,12 @@ describe("credentials, more", () => {
       checkSignature(Buffer.from(secret), {
         method: "POST",
         target: "/v1/peer/updates",
+        to: headers["x-ckptd-to"],
         timestamp: headers["x-ckptd-timestamp"],
         signature: headers["x-ckptd-signature"],
         bodyHash: headers["x-ckptd-body-sha256"],
       }).ok;
-    expect(verify(SECRET, keys.sign("POST", url, new Uint8Array([1])))).toBe(true);
+    expect(verify(SECRET, keys.sign("POST", url, "node-b", new Uint8Array([1])))).toBe(true);
     writeFileSync(s.clusterSecretFile, `${SECRET}-new\n`);
     expect(keys.reload()).toBe(true);
     expect(JSON.parse(logs.at(-1) as string).msg).toBe(
@@ -252,7 +253,7 @@ describe("credentials, more", () => {
       clusterSecret: s.clusterSecretFile,
       created: [],
     });
-    const headers = keys.sign("POST", url);
+    const headers = keys.sign("POST", url, "node-b");
     expect(verify(`${SECRET}-new`, headers)).toBe(true);
     expect(verify(SECRET, headers)).toBe(false);
   });

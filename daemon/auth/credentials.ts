@@ -154,7 +154,7 @@ export class Keyring {
     }
   }
 
-  /** Signs a request to a peer with the secret in force. */
-  readonly sign = (method: string, url: string, body?: Uint8Array): Record<string, string> =>
-    signedHeaders(this.current.secret, method, url, body);
+  /** Signs a request to the peer `to` with the secret in force. */
+  readonly sign = (method: string, url: string, to: string, body?: Uint8Array): Record<string, string> =>
+    signedHeaders(this.current.secret, method, url, to, body);
 }

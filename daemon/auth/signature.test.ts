@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import {
   bodyHashOf,
   checkHeaders,
+  checkRecipient,
   checkSignature,
   ReplayGuard,
   type SignedRequest,
@@ -14,10 +15,11 @@ const body = new TextEncoder().encode('{"update":"u-1"}');
 const now = 1_800_000_000_000;
 
 function request(over: Partial<SignedRequest> = {}): SignedRequest {
-  const h = signedHeaders(secret, "POST", "http://10.0.0.2:8470/v1/peer/updates?x=1", body, now);
+  const h = signedHeaders(secret, "POST", "http://10.0.0.2:8470/v1/peer/updates?x=1", "node-b", body, now);
   return {
     method: "POST",
     target: "/v1/peer/updates?x=1",
+    to: h["x-ckptd-to"],
     timestamp: h["x-ckptd-timestamp"],
     signature: h["x-ckptd-signature"],
     bodyHash: h["x-ckptd-body-sha256"],
@@ -61,7 +63,7 @@ describe("peer request signatures", () => {
 
   it("signs the method in capitals and the body's hash, so either side may spell them", () => {
     const hash = bodyHashOf(body);
-    expect(sign(secret, "post", "/a", "1", hash)).toBe(sign(secret, "POST", "/a", "1", hash));
+    expect(sign(secret, "post", "/a", "n", "1", hash)).toBe(sign(secret, "POST", "/a", "n", "1", hash));
   });
 
   it.each([
@@ -102,26 +104,28 @@ describe("peer request signatures", () => {
 
 describe("peer request signatures, details", () => {
   it("signs the path and query as sent, the time rounded to a millisecond, and an empty body by default", () => {
-    const h = signedHeaders(secret, "GET", "http://h:1/v1/peer/info?a=1&b=%20#frag", undefined, 1000.6);
+    const h = signedHeaders(secret, "GET", "http://h:1/v1/peer/info?a=1&b=%20#frag", "*", undefined, 1000.6);
     expect(h).toEqual({
+      "x-ckptd-to": "*",
       "x-ckptd-timestamp": "1001",
       "x-ckptd-body-sha256": bodyHashOf(new Uint8Array()),
-      "x-ckptd-signature": sign(secret, "GET", "/v1/peer/info?a=1&b=%20", "1001", bodyHashOf(new Uint8Array())),
+      "x-ckptd-signature": sign(secret, "GET", "/v1/peer/info?a=1&b=%20", "*", "1001", bodyHashOf(new Uint8Array())),
     });
     expect(h["x-ckptd-body-sha256"]).toBe("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   });
 
   it("stamps the current time when given none", () => {
     const before = Date.now();
-    const stamp = Number(signedHeaders(secret, "GET", "http://h:1/v1/peer/info")["x-ckptd-timestamp"]);
+    const stamp = Number(signedHeaders(secret, "GET", "http://h:1/v1/peer/info", "*")["x-ckptd-timestamp"]);
     expect(stamp).toBeGreaterThanOrEqual(before);
     expect(stamp).toBeLessThanOrEqual(Date.now());
   });
 
   it("signs each part apart: moving a line break between them changes the signature", () => {
     const hash = bodyHashOf(body);
-    expect(sign(secret, "POST", "/a", "12", hash)).not.toBe(sign(secret, "POST", "/a1", "2", hash));
-    expect(sign(secret, "POST", "/a", "1", hash)).toMatch(/^[0-9a-f]{64}$/);
+    expect(sign(secret, "POST", "/a", "n", "12", hash)).not.toBe(sign(secret, "POST", "/a", "n1", "2", hash));
+    expect(sign(secret, "POST", "/a", "n", "1", hash)).not.toBe(sign(secret, "POST", "/a\nn", "", "1", hash));
+    expect(sign(secret, "POST", "/a", "n", "1", hash)).toMatch(/^[0-9a-f]{64}$/);
   });
 
   it.each([
@@ -192,5 +196,35 @@ describe("peer request signatures, details", () => {
     expect(guard.accept("c", 60_001)).toBe(true); // forgets a, keeps b
     expect(guard.accept("b", 60_001)).toBe(false);
     expect(guard.accept("a", 60_001)).toBe(true);
+  });
+});
+
+describe("the recipient of a peer request", () => {
+  it("is bound by the signature: a request for one daemon is refused by another, even validly signed", () => {
+    expect(checkSignature(secret, request(), body).ok).toBe(true);
+    expect(checkRecipient(request(), "node-b")).toEqual({ ok: true });
+    expect(checkRecipient(request(), "node-c")).toEqual({
+      ok: false,
+      message: "the request was signed for node node-b, not for this daemon (node-c)",
+    });
+    // Naming another recipient breaks the signature.
+    expect(checkSignature(secret, request({ to: "node-c" }), body).ok).toBe(false);
+  });
+
+  it("may be anyone only for GET /v1/peer/info", () => {
+    const info = { method: "GET", target: "/v1/peer/info?checkpoint=m", to: "*" };
+    expect(checkRecipient(request(info), "node-c")).toEqual({ ok: true });
+    expect(checkRecipient(request({ to: "*" }), "node-c").ok).toBe(false); // POST /v1/peer/updates
+    expect(checkRecipient(request({ ...info, method: "POST" }), "node-c").ok).toBe(false);
+    expect(checkRecipient(request({ ...info, target: "/v1/peer/info/x" }), "node-c").ok).toBe(false);
+  });
+
+  it("must be named", () => {
+    for (const to of [undefined, "", "a b", "x".repeat(201)]) {
+      expect(checkHeaders(request({ to }), now)).toEqual({
+        ok: false,
+        message: "x-ckptd-to must name the node the request is for",
+      });
+    }
   });
 });

@@ -1,15 +1,20 @@
 /**
  * Signatures of the peer API: an HMAC-SHA256 with the cluster secret over the method, the
- * request target (path and query as sent), a timestamp and the body's SHA-256, which travels
- * in a header too: the server verifies the signature before it reads a byte of the body, then
- * the body against its hash. It accepts a timestamp within a window of its clock and each
- * signature once.
+ * request target (path and query as sent), the node id of the daemon it is for, a timestamp
+ * and the body's SHA-256, which travels in a header too: the server verifies the signature
+ * before it reads a byte of the body, then the body against its hash. It accepts a timestamp
+ * within a window of its clock, each signature once, and only requests signed for itself (a
+ * request to one daemon cannot be replayed to another of the cluster). Only a peer's info may
+ * be asked of whoever answers ("*"): that is how a coordinator learns a peer's node id.
  */
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 
 export const TIMESTAMP_HEADER = "x-ckptd-timestamp";
 export const SIGNATURE_HEADER = "x-ckptd-signature";
 export const BODY_HASH_HEADER = "x-ckptd-body-sha256";
+/** The node id of the daemon the request is for, or "*" (GET /v1/peer/info only). */
+export const TO_HEADER = "x-ckptd-to";
+export const ANY_NODE = "*";
 
 /** The SHA-256 (hex) of a body, as signed. */
 export function bodyHashOf(body: Uint8Array): string {
@@ -18,18 +23,26 @@ export function bodyHashOf(body: Uint8Array): string {
 /** Bound on the clock skew between hosts, and how long a signature is remembered. */
 export const REPLAY_WINDOW_MS = 30_000;
 
-/** The signature (hex) of one request; `target` is the path with its query, as sent. */
-export function sign(secret: Buffer, method: string, target: string, timestamp: string, bodyHash: string): string {
+/** The signature (hex) of one request; `target` is the path with its query, as sent; `to` the node it is for. */
+export function sign(
+  secret: Buffer,
+  method: string,
+  target: string,
+  to: string,
+  timestamp: string,
+  bodyHash: string,
+): string {
   return createHmac("sha256", secret)
-    .update(["ckptd-peer-v1", method.toUpperCase(), target, timestamp, bodyHash].join("\n"))
+    .update(["ckptd-peer-v2", method.toUpperCase(), target, to, timestamp, bodyHash].join("\n"))
     .digest("hex");
 }
 
-/** The headers that sign a request to `url` (the target is taken as fetch will send it). */
+/** The headers that sign a request to `url` for the daemon `to` (the target is taken as fetch will send it). */
 export function signedHeaders(
   secret: Buffer,
   method: string,
   url: string,
+  to: string,
   body: Uint8Array = new Uint8Array(),
   now: number = Date.now(),
 ): Record<string, string> {
@@ -37,15 +50,17 @@ export function signedHeaders(
   const timestamp = String(Math.round(now));
   const bodyHash = bodyHashOf(body);
   return {
+    [TO_HEADER]: to,
     [TIMESTAMP_HEADER]: timestamp,
     [BODY_HASH_HEADER]: bodyHash,
-    [SIGNATURE_HEADER]: sign(secret, method, u.pathname + u.search, timestamp, bodyHash),
+    [SIGNATURE_HEADER]: sign(secret, method, u.pathname + u.search, to, timestamp, bodyHash),
   };
 }
 
 export interface SignedRequest {
   method: string;
   target: string;
+  to: string | undefined;
   timestamp: string | undefined;
   signature: string | undefined;
   bodyHash: string | undefined;
@@ -66,6 +81,8 @@ export function checkHeaders(req: SignedRequest, now: number, windowMs = REPLAY_
   if (!/^[0-9a-f]{64}$/.test(req.signature)) return { ok: false, message: `${SIGNATURE_HEADER} must be 64 hex digits` };
   if (!/^[0-9a-f]{64}$/.test(req.bodyHash ?? ""))
     return { ok: false, message: `${BODY_HASH_HEADER} must be the body's SHA-256 in 64 hex digits` };
+  if (req.to === undefined || !/^[\w.:@*-]{1,200}$/.test(req.to))
+    return { ok: false, message: `${TO_HEADER} must name the node the request is for` };
   const skew = now - Number(req.timestamp);
   if (Math.abs(skew) > windowMs) {
     return {
@@ -81,12 +98,22 @@ export function checkHeaders(req: SignedRequest, now: number, windowMs = REPLAY_
 /** Whether the signature is the secret's for this request and body (constant-time compare). */
 /** Checks the signature over the headers (no body needed), then, when given, the body against its signed hash. */
 export function checkSignature(secret: Buffer, req: SignedRequest, body?: Uint8Array): Verdict {
-  const expected = Buffer.from(sign(secret, req.method, req.target, req.timestamp ?? "", req.bodyHash ?? ""), "hex");
+  const expected = Buffer.from(
+    sign(secret, req.method, req.target, req.to ?? "", req.timestamp ?? "", req.bodyHash ?? ""),
+    "hex",
+  );
   const given = Buffer.from(req.signature ?? "", "hex");
   if (given.length !== expected.length || !timingSafeEqual(given, expected)) {
     return { ok: false, message: "the signature does not match (do both daemons have the same cluster secret?)" };
   }
   return body === undefined ? { ok: true } : checkBody(req, body);
+}
+
+/** The request was signed for this daemon (`self`), or for any, where that is allowed. */
+export function checkRecipient(req: SignedRequest, self: string): Verdict {
+  if (req.to === self) return { ok: true };
+  if (req.to === ANY_NODE && req.method === "GET" && req.target.split("?")[0] === "/v1/peer/info") return { ok: true };
+  return { ok: false, message: `the request was signed for node ${req.to}, not for this daemon (${self})` };
 }
 
 /** The body is the one signed: its SHA-256 is the signed hash. */

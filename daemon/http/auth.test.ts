@@ -19,7 +19,7 @@ function appWith() {
   const app = createApp({
     log: pino({ level: "silent" }),
     status: () => ({ ok: 1 }),
-    auth: auth({ credentials: () => credentials, now: () => clock }),
+    auth: auth({ credentials: () => credentials, nodeId: "self", now: () => clock }),
   });
   app.post("/v1/checkpoints", (c) => reply(c, { posted: c.get("body") }, 201));
   app.delete("/v1/checkpoints/:name", (c) => reply(c, { deleted: c.req.param("name") }));
@@ -108,10 +108,16 @@ describe("tokens on the API", () => {
 describe("signatures on the peer API", () => {
   const plan = { update: "u-1", buckets: [1, 2, 3] };
 
-  function signedPost(now: number, body: Uint8Array, type = "application/json", path = "/v1/peer/updates") {
+  function signedPost(
+    now: number,
+    body: Uint8Array,
+    type = "application/json",
+    path = "/v1/peer/updates",
+    to = "self",
+  ) {
     return {
       method: "POST",
-      headers: { ...signedHeaders(secret, "POST", `http://x${path}`, body, now), "content-type": type },
+      headers: { ...signedHeaders(secret, "POST", `http://x${path}`, to, body, now), "content-type": type },
       body: body as Uint8Array<ArrayBuffer>,
     };
   }
@@ -140,6 +146,7 @@ describe("signatures on the peer API", () => {
         Buffer.from("not-the-cluster-secret-at-all"),
         "POST",
         "http://x/v1/peer/updates",
+        "self",
         new Uint8Array(),
         now(),
       ),
@@ -171,7 +178,7 @@ describe("signatures on the peer API", () => {
   it("passes a signed GET with its query", async () => {
     const { app, reached, now } = appWith();
     const url = "http://x/v1/peer/info?checkpoint=m&fingerprint=ab";
-    const res = await app.request(url, { headers: signedHeaders(secret, "GET", url, undefined, now()) });
+    const res = await app.request(url, { headers: signedHeaders(secret, "GET", url, "*", undefined, now()) });
     expect(res.status).toBe(200);
     expect(reached).toHaveLength(1);
   });
@@ -185,6 +192,7 @@ describe("signatures on the peer API", () => {
           Buffer.from("another-secret-0123456789"),
           "GET",
           "http://x/v1/peer/info?a=1",
+          "self",
           undefined,
           now,
         ),
@@ -193,13 +201,15 @@ describe("signatures on the peer API", () => {
     },
     {
       name: "signed for another query",
-      make: (now: number) => ({ headers: signedHeaders(secret, "GET", "http://x/v1/peer/info?a=2", undefined, now) }),
+      make: (now: number) => ({
+        headers: signedHeaders(secret, "GET", "http://x/v1/peer/info?a=2", "self", undefined, now),
+      }),
       message: /the signature does not match/,
     },
     {
       name: "signed 31 s ago",
       make: (now: number) => ({
-        headers: signedHeaders(secret, "GET", "http://x/v1/peer/info?a=1", undefined, now - 31_000),
+        headers: signedHeaders(secret, "GET", "http://x/v1/peer/info?a=1", "self", undefined, now - 31_000),
       }),
       message:
         "the request's timestamp is 31.0 s behind this daemon's clock, beyond the bound of 30 s (check the hosts' clocks)",
@@ -224,6 +234,23 @@ describe("signatures on the peer API", () => {
     expect(again.status).toBe(401);
     expect((await errorOf(again)).message).toBe("this signature was already used (a replayed request)");
     expect(reached).toHaveLength(1);
+  });
+
+  it("refuses a request signed for another daemon of the cluster (one sent there, replayed here)", async () => {
+    const { app, reached, now } = appWith();
+    const body = new TextEncoder().encode(JSON.stringify(plan));
+    const res = await app.request(
+      "/v1/peer/updates",
+      signedPost(now(), body, "application/json", "/v1/peer/updates", "other"),
+    );
+    expect(res.status).toBe(401);
+    expect((await errorOf(res)).message).toBe("the request was signed for node other, not for this daemon (self)");
+    const anyone = await app.request(
+      "/v1/peer/updates",
+      signedPost(now(), body, "application/json", "/v1/peer/updates", "*"),
+    );
+    expect(anyone.status).toBe(401);
+    expect(reached).toEqual([]);
   });
 
   it("refuses a body other than the one signed", async () => {

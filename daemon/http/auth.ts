@@ -9,10 +9,12 @@ import {
   BODY_HASH_HEADER,
   checkBody,
   checkHeaders,
+  checkRecipient,
   checkSignature,
   ReplayGuard,
   SIGNATURE_HEADER,
   TIMESTAMP_HEADER,
+  TO_HEADER,
   type Verdict,
 } from "../auth/signature.ts";
 import { decideAccess, routeKind } from "../auth/tokens.ts";
@@ -22,6 +24,8 @@ import { MAX_BODY_BYTES, readLimited } from "./codec.ts";
 export interface AuthOptions {
   /** The credentials now (they change on SIGHUP). */
   credentials(): Credentials;
+  /** This daemon's node id: peer requests must be signed for it. */
+  nodeId: string;
   /** Milliseconds since 1970; a test's clock. */
   now?: () => number;
   windowMs?: number;
@@ -50,6 +54,7 @@ export function auth(opts: AuthOptions): MiddlewareHandler {
     const req = {
       method: c.req.method,
       target: url.pathname + url.search,
+      to: c.req.header(TO_HEADER),
       timestamp: c.req.header(TIMESTAMP_HEADER),
       signature: c.req.header(SIGNATURE_HEADER),
       bodyHash: c.req.header(BODY_HASH_HEADER),
@@ -58,6 +63,7 @@ export function auth(opts: AuthOptions): MiddlewareHandler {
     let verdict: Verdict = checkHeaders(req, at, opts.windowMs);
     // Nothing of the body is read before the signature over its hash holds.
     if (verdict.ok) verdict = checkSignature(secret, req);
+    if (verdict.ok) verdict = checkRecipient(req, opts.nodeId);
     if (verdict.ok) {
       const body = await readLimited(c, opts.maxBodyBytes ?? MAX_BODY_BYTES);
       verdict = checkBody(req, body);

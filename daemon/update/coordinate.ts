@@ -65,7 +65,7 @@ export class Coordination implements Flow {
       ? Buffer.from(this.deps.ctx.commIdNew()).toString("hex")
       : (this.deps.path.sharedComm()?.id as string);
     const comm = { key, id, fresh, nranks: plan.nranks };
-    for (const p of plan.participants) this.send(p.url, this.peerPlan(buffers, comm, p.firstRank));
+    for (const p of plan.participants) this.send(p.url, p.info.nodeId, this.peerPlan(buffers, comm, p.firstRank));
     const joined = await this.deps.path.joinShared(comm, 0, this.deps.receiverTimeoutMs);
     return { comm: joined, firstRank: 0, ordered: true };
   }
@@ -84,8 +84,8 @@ export class Coordination implements Flow {
   }
 
   /** Not cancelled when this daemon fails: the peer's answer may name the cause. */
-  private send(url: string, plan: PeerPlan): void {
-    const end = peerRun(this.deps.sign, url, plan).then((r) => {
+  private send(url: string, nodeId: string, plan: PeerPlan): void {
+    const end = peerRun(this.deps.sign, url, nodeId, plan).then((r) => {
       if (r.ok) return;
       this.failures.push({ url, message: r.message, code: r.code });
       if (!this.abort.signal.aborted) this.abort.abort(`peer ${url} failed: ${r.message}`);
@@ -108,7 +108,9 @@ export class Coordination implements Flow {
     const { path, receiverTimeoutMs: timeout } = this.deps;
     const reason = (err as Error).message;
     await path.dropShared(true);
-    await Promise.all(participants.map((p) => peerAbort(this.deps.sign, p.url, this.record.id, reason, timeout)));
+    const abort = (p: (typeof participants)[number]) =>
+      peerAbort(this.deps.sign, p.url, p.info.nodeId, this.record.id, reason, timeout);
+    await Promise.all(participants.map(abort));
     await Promise.race([Promise.all(this.ends), new Promise((r) => setTimeout(r, timeout))]);
     if (err instanceof ReceiverError) return undefined;
     const cause = this.failures.find((f) => f.code === "receiver_failed");

@@ -38,10 +38,10 @@ async function fakePeer(status: number, body?: string): Promise<{ url: string; s
 }
 
 /** A signer that names what it signed, so the test sees it reach the peer. */
-const signed: { method: string; url: string; body?: string }[] = [];
-const sign = (method: string, url: string, body?: Uint8Array) => {
-  signed.push({ method, url, body: body && new TextDecoder().decode(body) });
-  return { "x-test-signature": `${method} ${url}` };
+const signed: { method: string; url: string; to: string; body?: string }[] = [];
+const sign = (method: string, url: string, to: string, body?: Uint8Array) => {
+  signed.push({ method, url, to, body: body && new TextDecoder().decode(body) });
+  return { "x-test-signature": `${method} ${url} for ${to}` };
 };
 
 const plan: PeerPlan = {
@@ -62,7 +62,8 @@ describe("peerInfo", () => {
     expect(await peerInfo(sign, peer.url, "my model", "ab12", 1000)).toEqual(info);
     const url = `${peer.url}/v1/peer/info?checkpoint=my%20model&fingerprint=ab12`;
     expect(peer.seen).toEqual([expect.objectContaining({ method: "GET", url: url.slice(peer.url.length), body: "" })]);
-    expect(peer.seen[0]?.headers["x-test-signature"]).toBe(`GET ${url}`);
+    // Asked of whoever answers: the peer's node id is what it tells.
+    expect(peer.seen[0]?.headers["x-test-signature"]).toBe(`GET ${url} for *`);
     expect(peer.seen[0]?.headers["content-type"]).toBeUndefined();
   });
 
@@ -106,7 +107,7 @@ describe("peerRun", () => {
   it("sends the plan as signed JSON and takes a 200 as success", async () => {
     const peer = await fakePeer(200, JSON.stringify({ id: "u-3@node-a", state: "succeeded" }));
     signed.length = 0;
-    expect(await peerRun(sign, peer.url, plan)).toEqual({ ok: true });
+    expect(await peerRun(sign, peer.url, "node-b", plan)).toEqual({ ok: true });
     const seen = peer.seen[0] as Seen;
     expect([seen.method, seen.url, seen.headers["content-type"]]).toEqual([
       "POST",
@@ -115,13 +116,13 @@ describe("peerRun", () => {
     ]);
     expect(JSON.parse(seen.body)).toEqual(plan);
     // Signed as the very bytes that were sent.
-    expect(signed).toEqual([{ method: "POST", url: `${peer.url}/v1/peer/updates`, body: seen.body }]);
-    expect(seen.headers["x-test-signature"]).toBe(`POST ${peer.url}/v1/peer/updates`);
+    expect(signed).toEqual([{ method: "POST", url: `${peer.url}/v1/peer/updates`, to: "node-b", body: seen.body }]);
+    expect(seen.headers["x-test-signature"]).toBe(`POST ${peer.url}/v1/peer/updates for node-b`);
   });
 
   it("waits for the peer's end however long it takes", async () => {
     const peer = await fakePeer(200);
-    const pending = peerRun(sign, peer.url, plan);
+    const pending = peerRun(sign, peer.url, "node-b", plan);
     const settled = await Promise.race([
       pending.then(() => "settled"),
       new Promise((r) => setTimeout(r, 300, "waiting")),
@@ -170,15 +171,16 @@ describe("peerRun", () => {
     },
   ])("reports a failure with $name", async ({ status, body, want }) => {
     const peer = await fakePeer(status, body);
-    expect(await peerRun(sign, peer.url, plan)).toEqual(want);
+    expect(await peerRun(sign, peer.url, "node-b", plan)).toEqual(want);
   });
 
   it("reports a peer that cannot be reached, without throwing", async () => {
     const peer = await fakePeer(200, "{}");
     const url = peer.url;
     for (const s of servers.splice(0)) await new Promise((r) => s.close(r));
-    const result = await peerRun(sign, url, plan);
-    expect(result).toEqual({ ok: false, message: "fetch failed" });
+    const result = await peerRun(sign, url, "node-b", plan);
+    // The cause says why (a bare "fetch failed" names nothing).
+    expect(result).toEqual({ ok: false, message: expect.stringMatching(/^fetch failed: .*ECONNREFUSED/) });
   });
 });
 
@@ -186,7 +188,7 @@ describe("peerAbort", () => {
   it("posts the reason, signed, for the update named in the path", async () => {
     const peer = await fakePeer(200, JSON.stringify({ aborted: true }));
     signed.length = 0;
-    await peerAbort(sign, peer.url, "u-1@node a", "receiver r failed", 1000);
+    await peerAbort(sign, peer.url, "node-b", "u-1@node a", "receiver r failed", 1000);
     const seen = peer.seen[0] as Seen;
     expect([seen.method, seen.url, seen.headers["content-type"]]).toEqual([
       "POST",
@@ -194,12 +196,12 @@ describe("peerAbort", () => {
       "application/json",
     ]);
     expect(JSON.parse(seen.body)).toEqual({ reason: "receiver r failed" });
-    expect(signed).toEqual([{ method: "POST", url: `${peer.url}${seen.url}`, body: seen.body }]);
+    expect(signed).toEqual([{ method: "POST", url: `${peer.url}${seen.url}`, to: "node-b", body: seen.body }]);
   });
 
   it("is best effort: a peer that is gone or silent does not fail it, and a silent one is given up on", async () => {
     const silent = await fakePeer(200);
-    await within(3000, peerAbort(sign, silent.url, "u-1", "why", 200));
-    await expect(peerAbort(sign, "http://127.0.0.1:1", "u-1", "why", 200)).resolves.toBeUndefined();
+    await within(3000, peerAbort(sign, silent.url, "node-b", "u-1", "why", 200));
+    await expect(peerAbort(sign, "http://127.0.0.1:1", "node-b", "u-1", "why", 200)).resolves.toBeUndefined();
   });
 });

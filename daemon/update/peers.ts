@@ -3,6 +3,7 @@
  * /v1/updates) asks each configured peer, the plan it sends, and the abort it sends when
  * something failed elsewhere (see coordinate.ts for the flow).
  */
+import { ANY_NODE } from "../auth/signature.ts";
 import type { Bucket } from "./plan.ts";
 
 /** GET /v1/peer/info answer. */
@@ -33,8 +34,8 @@ export interface PeerPlan {
   buckets: Bucket[];
 }
 
-/** The headers that sign a request to a peer (auth/signature.ts with the cluster secret). */
-export type PeerSigner = (method: string, url: string, body?: Uint8Array) => Record<string, string>;
+/** The headers that sign a request to the peer of node id `to` (auth/signature.ts with the cluster secret). */
+export type PeerSigner = (method: string, url: string, to: string, body?: Uint8Array) => Record<string, string>;
 
 /**
  * A signed JSON request to a peer; timeoutMs undefined: no limit. A body that is not JSON
@@ -43,13 +44,13 @@ export type PeerSigner = (method: string, url: string, body?: Uint8Array) => Rec
 async function call<T>(
   sign: PeerSigner,
   url: string,
-  request: { method?: string; json?: unknown },
+  request: { method?: string; json?: unknown; to: string },
   timeoutMs?: number,
 ): Promise<{ status: number; body: T }> {
   const method = request.method ?? "GET";
   // Signed as the very bytes that are sent.
   const bytes = request.json === undefined ? undefined : new TextEncoder().encode(JSON.stringify(request.json));
-  const headers: Record<string, string> = { ...sign(method, url, bytes) };
+  const headers: Record<string, string> = { ...sign(method, url, request.to, bytes) };
   if (bytes) headers["content-type"] = "application/json";
   const init: RequestInit = { method, headers, ...(bytes ? { body: bytes } : {}) };
   const res = await fetch(url, timeoutMs === undefined ? init : { ...init, signal: AbortSignal.timeout(timeoutMs) });
@@ -73,11 +74,12 @@ export async function peerInfo(
 ): Promise<PeerInfo> {
   const q = `${url}/v1/peer/info?checkpoint=${encodeURIComponent(name)}&fingerprint=${fp}`;
   try {
-    const { status, body } = await call<PeerInfo & { error?: { message: string } }>(sign, q, {}, timeoutMs);
+    // Asked of whoever answers: this is how the coordinator learns the peer's node id.
+    const { status, body } = await call<PeerInfo & { error?: { message: string } }>(sign, q, { to: ANY_NODE }, timeoutMs);
     if (status !== 200) throw new Error(body.error?.message ?? `status ${status}`);
     return body;
   } catch (err) {
-    throw new Error(`peer ${url} did not answer: ${(err as Error).message}`);
+    throw new Error(`peer ${url} did not answer: ${reasonOf(err)}`);
   }
 }
 
@@ -85,23 +87,32 @@ export async function peerInfo(
 export type PeerResult = { ok: true } | { ok: false; message: string; code?: string };
 
 /** Sends the plan; resolves with the peer's final answer. */
-export async function peerRun(sign: PeerSigner, url: string, plan: PeerPlan): Promise<PeerResult> {
+export async function peerRun(sign: PeerSigner, url: string, to: string, plan: PeerPlan): Promise<PeerResult> {
   try {
     // No time limit here: a dead peer closes the connection, a stuck one stalls the
     // collectives, which the event waits bound.
     type Failed = { error?: { message: string; details?: { error?: { code?: string } } } };
-    const { status, body } = await call<Failed>(sign, `${url}/v1/peer/updates`, { method: "POST", json: plan });
+    const request = { method: "POST", json: plan, to };
+    const { status, body } = await call<Failed>(sign, `${url}/v1/peer/updates`, request);
     if (status === 200) return { ok: true };
     return { ok: false, message: body.error?.message ?? `status ${status}`, code: body.error?.details?.error?.code };
   } catch (err) {
-    return { ok: false, message: String((err as Error)?.message ?? err) };
+    return { ok: false, message: reasonOf(err) };
   }
+}
+
+/** A failed fetch's message with its cause ("fetch failed" alone names no reason: TLS, refused, reset). */
+function reasonOf(err: unknown): string {
+  const e = err as Error & { cause?: { message?: string; code?: string } };
+  const cause = e?.cause?.message ?? e?.cause?.code;
+  return cause ? `${e.message}: ${cause}` : String(e?.message ?? err);
 }
 
 /** Tells a peer to abort an update (best effort). */
 export async function peerAbort(
   sign: PeerSigner,
   url: string,
+  to: string,
   update: string,
   reason: string,
   timeoutMs: number,
@@ -109,7 +120,7 @@ export async function peerAbort(
   await call(
     sign,
     `${url}/v1/peer/updates/${encodeURIComponent(update)}/abort`,
-    { method: "POST", json: { reason } },
+    { method: "POST", json: { reason }, to },
     timeoutMs,
   ).catch(() => undefined);
 }

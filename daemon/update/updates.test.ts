@@ -60,7 +60,7 @@ async function start(overrides: Partial<Config> = {}) {
     const url = `http://127.0.0.1:${daemon.port}${path}`;
     const bytes = body === undefined ? undefined : new TextEncoder().encode(JSON.stringify(body));
     const headers = {
-      ...signedHeaders(Buffer.from(CLUSTER_SECRET), method, url, bytes),
+      ...signedHeaders(Buffer.from(CLUSTER_SECRET), method, url, "t", bytes),
       ...(bytes ? { "content-type": "application/json" } : {}),
     };
     const res = await fetch(url, { method, headers, body: bytes });
