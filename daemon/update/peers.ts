@@ -75,7 +75,12 @@ export async function peerInfo(
   const q = `${url}/v1/peer/info?checkpoint=${encodeURIComponent(name)}&fingerprint=${fp}`;
   try {
     // Asked of whoever answers: this is how the coordinator learns the peer's node id.
-    const { status, body } = await call<PeerInfo & { error?: { message: string } }>(sign, q, { to: ANY_NODE }, timeoutMs);
+    const { status, body } = await call<PeerInfo & { error?: { message: string } }>(
+      sign,
+      q,
+      { to: ANY_NODE },
+      timeoutMs,
+    );
     if (status !== 200) throw new Error(body.error?.message ?? `status ${status}`);
     return body;
   } catch (err) {
