@@ -335,7 +335,7 @@ const CASES: Case[] = [
     boundMs: 2000,
     async run(ctx, injected) {
       // Whole seconds, so that futimes can restore them exactly (it takes no nanoseconds). The
-      // daemon's inotify-triggered stat races the futimes right after the pwrite: tried 5 times.
+      // write still moves the status change time, which the daemon compares: tried 5 times.
       let caught = 0;
       let missed = 0;
       let differing = 0;
@@ -352,13 +352,13 @@ const CASES: Case[] = [
           caught++;
           ok &&= String(res.body.error?.message).includes(file);
         } else {
-          // The documented limit (README: only verifying the bytes against the hashes would catch it).
+          // Before the change time was compared, this pushed the changed bytes as a success.
           missed++;
           differing += res.differing;
         }
       }
       const outcome =
-        `409 stale ${caught}/5 (inotify's stat ran before the futimes); undetected ${missed}/5` +
+        `409 stale ${caught}/5 (by the status change time); undetected ${missed}/5` +
         (missed ? `: updates succeeded, ${differing} bytes differing from the manifest` : "");
       return { ok, outcome, limit: missed > 0 };
     },

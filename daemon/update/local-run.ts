@@ -94,7 +94,8 @@ export class LocalRun {
   /** Records the failure and tells every receiver to drop the update. */
   fail(err: unknown, reason: string): void {
     const { record } = this;
-    record.state = "failed";
+    // The state turns "failed" in finish(), once the daemon is idle again: a client that sees
+    // it may start the next update at once.
     record.error = {
       code: err instanceof ReceiverError ? "receiver_failed" : "update_failed",
       message: reason,
@@ -116,6 +117,7 @@ export class LocalRun {
     record.timings.seconds = seconds;
     record.timings.gbps = record.progress.bytesDone / seconds / 1e9;
     record.finishedAt = new Date().toISOString();
+    if (record.error) record.state = "failed";
     const succeeded = record.state === "succeeded";
     record.receivers = this.receivers.map((r) => {
       const n = this.acked.get(r) ?? 0;

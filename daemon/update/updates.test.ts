@@ -211,6 +211,25 @@ describe("an update's record and the errors a caller gets", () => {
     expect(logs.some((l) => l.msg === "update succeeded")).toBe(false);
   });
 
+  it("says failed only once the daemon is idle again: the next update can start as soon as a poller sees it", async () => {
+    const { api, receiver } = await start({ receiverTimeoutMs: 400 });
+    await register(api);
+    await receiver(0, "stuck", { stallAt: 1 });
+    await receiver(1, "fine");
+    expect((await api("POST", "/v1/updates", { checkpoint: "m", wait: false })).status).toBe(202);
+    let record = (await api("GET", "/v1/updates/u-1")).body;
+    while (record.state === "running") {
+      expect(record.finishedAt).toBeUndefined();
+      await new Promise((r) => setTimeout(r, 5));
+      record = (await api("GET", "/v1/updates/u-1")).body;
+    }
+    expect(record).toMatchObject({ state: "failed", error: { code: "receiver_failed" } });
+    expect(record.finishedAt).toBeDefined();
+    const next = await api("POST", "/v1/updates", { checkpoint: "m", wait: false });
+    expect(next.status).toBe(202);
+    expect(next.body.id).toBe("u-2");
+  });
+
   it("waits for `done` of this very update: another message does not end it", async () => {
     const { api, receiver } = await start({ hostDevices: 1, receiverTimeoutMs: 500 });
     await register(api);
