@@ -8,6 +8,7 @@
  * the ratio (reported, not a target).
  * Usage: node --import tsx bench/load.ts [--seconds 20] [--rate 1000] [--closed-seconds 10] [--concurrency 50]
  *   [--no-updates] (the open loop against an idle daemon, to tell the updates' share from the API's)
+ *   [--update-every-ms N] (an update started every N ms, as an RL loop paces them, instead of back to back)
  */
 import type { ReferenceReceiver } from "../test/reference-receiver.ts";
 import {
@@ -36,6 +37,8 @@ const CLOSED_SECONDS = arg("closed-seconds", 10);
 const CONCURRENCY = arg("concurrency", 50);
 /** Diagnosis: the open loop against an idle daemon (no updates); not the issue's figure. */
 const NO_UPDATES = process.argv.includes("--no-updates");
+/** 0: updates back to back (the control plane's worst case); else one started every this many ms. */
+const UPDATE_EVERY_MS = arg("update-every-ms", 0);
 const P99_TARGET_MS = 5;
 
 /** Runs the generator; the result and the CPU time `pid` (the server) used while it ran, in ms. */
@@ -84,7 +87,9 @@ function updateLoop(d: DaemonProcess, rs: ReferenceReceiver[], manifest: Awaited
   let stopped = false;
   const running = (async () => {
     while (!stopped && !NO_UPDATES) {
+      const paced = UPDATE_EVERY_MS > 0 ? new Promise((r) => setTimeout(r, UPDATE_EVERY_MS)) : undefined;
       const res = await pushAndCheck(d, "m@1", rs, manifest);
+      await paced;
       stats.done++;
       if (!res.ok) {
         stats.bad++;
@@ -180,7 +185,8 @@ async function main(): Promise<number> {
   console.log(
     `daemon: host backend, 1 GPU; checkpoint m@1 ${manifest.size} tensors, ${bytes} bytes; open loop ${SECONDS} s, ` +
       `closed loop ${CLOSED_SECONDS} s; latencies in ms, open loop from the scheduled send` +
-      (NO_UPDATES ? "; NO UPDATES (--no-updates)" : "; server CPU of the open loop includes the updates"),
+      (NO_UPDATES ? "; NO UPDATES (--no-updates)" : "; server CPU of the open loop includes the updates") +
+      (UPDATE_EVERY_MS > 0 ? `; an update every ${UPDATE_EVERY_MS} ms` : "; updates back to back"),
   );
   console.log(
     table(
