@@ -60,6 +60,39 @@ async function start(overrides: Partial<Config> = {}) {
 const model = (dir: string, name = "m.safetensors") =>
   writeSafetensors(join(dir, name), [{ name: "w", dtype: "U8", shape: [64] }])[0]?.file as string;
 
+describe("files the caller may not read", () => {
+  it("refuses another user's file that others may not read (the daemon would read it for the caller)", async () => {
+    const { api, config } = await start();
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    const file = model(dir);
+    chownSync(file, 12345, 12345);
+    chmodSync(file, 0o600);
+    const refused = await api("POST", "/v1/checkpoints", { name: "theirs", files: [file] });
+    expect(refused.status).toBe(403);
+    expect(refused.body.error).toMatchObject({
+      code: "forbidden_path",
+      message: `${file} is owned by uid 12345 and not readable by others (mode 0600): the daemon registers only files their owner lets others read, its own, or the upload group's`,
+    });
+    chmodSync(file, 0o640); // its group's, not the upload group's
+    expect((await api("POST", "/v1/checkpoints", { name: "theirs", files: [file] })).status).toBe(403);
+    chmodSync(file, 0o644); // its owner lets everyone read it
+    expect((await api("POST", "/v1/checkpoints", { name: "theirs", files: [file] })).status).toBe(201);
+    // Handed to the daemon in its upload directory: registered whatever its mode.
+    const staged = model(config.uploadDir, "staged.safetensors");
+    chownSync(staged, 12345, 12345);
+    chmodSync(staged, 0o600);
+    expect((await api("POST", "/v1/checkpoints", { name: "staged", files: [staged] })).status).toBe(201);
+  });
+
+  it("takes another user's file that the upload group may read", async () => {
+    const { api } = await start({ uploadGroup: "nogroup" });
+    const file = model(tempDir("ckptd-test-", "/dev/shm"));
+    chownSync(file, 12345, NOBODY);
+    chmodSync(file, 0o640);
+    expect((await api("POST", "/v1/checkpoints", { name: "group", files: [file] })).status).toBe(201);
+  });
+});
+
 describe("registrations name only files under registerRoots", () => {
   it("never registers the bytes of a file outside the roots through a symlink swapped during registration", async () => {
     const { api } = await start();
@@ -180,7 +213,8 @@ describe("no error echoes a file's contents", () => {
     const { api } = await start();
     const dir = tempDir("ckptd-test-", "/dev/shm");
     const file = join(dir, "s.safetensors");
-    writeFileSync(file, bytes, { mode: 0o600 });
+    // Readable by others, so that it is parsed (one they may not read is refused before: 403).
+    writeFileSync(file, bytes, { mode: 0o644 });
     chownSync(file, NOBODY, NOBODY);
     const res = await api("POST", "/v1/checkpoints", { name: "s", files: [file] });
     expect(res.status).toBe(400);

@@ -117,6 +117,26 @@ export class FilePolicy {
   }
 
   /**
+   * Registering reads a file for whoever asks, with the daemon's rights: only a file its owner
+   * lets others read, the daemon's own, one of the upload group that the group may read, or one
+   * in the upload directory (handed to the daemon there). 403 naming the rule otherwise.
+   */
+  async checkReadable(fdPath: string, path: string, st: { uid: number; gid: number; mode: number }): Promise<void> {
+    const { uid, uploadGroup, uploadDir } = this.opts;
+    if (st.uid === uid || st.mode & 0o004) return;
+    if (uploadGroup && st.gid === uploadGroup.gid && st.mode & 0o040) return;
+    const real = await realOrUndefined(fdPath);
+    const uploads = await realOrUndefined(resolve(uploadDir));
+    if (real && uploads && isInside(real, uploads)) return;
+    throw new DaemonError(
+      "forbidden_path",
+      `${path} is owned by uid ${st.uid} and not readable by others (mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}): ` +
+        "the daemon registers only files their owner lets others read, its own, or the upload group's",
+      { path },
+    );
+  }
+
+  /**
    * Why the daemon may not delete `path`, or undefined when it may: it must be confined, be
    * named by its real path (no symlink on the way), be a regular file and be owned by the
    * daemon's user, or, in the upload directory, by a member of the upload group.

@@ -43,11 +43,12 @@ export interface RegistrationProgress {
 }
 
 /**
- * Checks where an opened file really is (given its /proc/self/fd path): the path a caller
+ * Checks an opened file: where it really is (given its /proc/self/fd path; the path a caller
  * named may be swapped for a symlink between a check and an open, so every open is checked
- * through its descriptor, and the data plane opens that descriptor, not the path.
+ * through its descriptor, and the data plane opens that descriptor, not the path), and, by
+ * its stat, whether the daemon may read it for whoever asked.
  */
-export type Confine = (fdPath: string) => Promise<void>;
+export type Confine = (fdPath: string, path: string, st: { uid: number; gid: number; mode: number }) => Promise<void>;
 
 /** Opens `path` once, checks the open file with `confine`, runs `fn` on its /proc/self/fd path. */
 async function withOpened<T>(
@@ -58,7 +59,7 @@ async function withOpened<T>(
   const handle = await open(path, "r");
   try {
     const fdPath = `/proc/self/fd/${handle.fd}`;
-    await confine?.(fdPath);
+    if (confine) await confine(fdPath, path, await handle.stat());
     return await fn(handle, fdPath);
   } finally {
     await handle.close();

@@ -9,6 +9,7 @@ import type { Context } from "../../ffi/index.ts";
 import { DaemonError, type ErrorCode } from "../errors.ts";
 import type { FilePolicy } from "./confine.ts";
 import {
+  type Confine,
   hashTensors,
   type InspectedFile,
   inspectFile,
@@ -315,8 +316,11 @@ export class Registry {
     return budget > 0 ? Math.max(0, budget - this.pinnedBytes()) : Number.POSITIVE_INFINITY;
   }
 
-  /** Where an opened file really is must be under the roots (pin.ts checks every open with it). */
-  private readonly confineOpened = (fdPath: string): Promise<void> => this.opts.files.confine(fdPath);
+  /** An opened file must really be under the roots, and readable for the caller (pin.ts checks every open). */
+  private readonly confineOpened: Confine = async (fdPath, path, st) => {
+    await this.opts.files.confine(fdPath);
+    await this.opts.files.checkReadable(fdPath, path, st);
+  };
 
   /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
   checkBudget(bytes: number, what = "registering"): void {
