@@ -247,7 +247,7 @@ describe("orphans", () => {
 function smallTmpfs(size: string): string | undefined {
   const dir = tempDir();
   if (spawnSync("mount", ["-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", dir]).status !== 0) return undefined;
-  cleanup.push(() => spawnSync("umount", [dir]));
+  cleanup.push(() => spawnSync("umount", ["--lazy", dir])); // even if something still holds it
   return dir;
 }
 
