@@ -13,6 +13,7 @@
 import type { ReferenceReceiver } from "../test/reference-receiver.ts";
 import {
   AUTH,
+  arg,
   cpuMs,
   DaemonProcess,
   leftovers,
@@ -27,10 +28,6 @@ import {
 } from "./lib/daemon.ts";
 import type { LoadResult } from "./lib/loadgen.ts";
 
-const arg = (name: string, fallback: number) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? Number(process.argv[i + 1]) : fallback;
-};
 const SECONDS = arg("seconds", 20);
 const RATE = arg("rate", 1000);
 const CLOSED_SECONDS = arg("closed-seconds", 10);

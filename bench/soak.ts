@@ -11,6 +11,7 @@
 import { readdirSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import {
+  arg,
   DaemonProcess,
   leftovers,
   manifestOf,
@@ -22,10 +23,6 @@ import {
   writeCheckpoint,
 } from "./lib/daemon.ts";
 
-const arg = (name: string, fallback: number) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? Number(process.argv[i + 1]) : fallback;
-};
 const UPDATES = arg("updates", 1000);
 const WARMUP = arg("warmup", 50);
 const AFTER_GC = process.argv.includes("--after-gc");

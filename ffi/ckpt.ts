@@ -8,6 +8,7 @@ import {
   CKPT_COMM_ID_BYTES,
   CKPT_EABI,
   CKPT_EAGAIN,
+  CKPT_EINVAL,
   CKPT_ERROR_BYTES,
   CKPT_ETIMEDOUT,
   CKPT_REGISTER_READONLY,
@@ -128,15 +129,21 @@ export class Library {
     const uid = [0];
     const gid = [0];
     this.check("ckpt_peer_cred", this.native.peerCred(fd, pid, uid, gid));
-    const groups = new Uint32Array(MAX_PEER_GROUPS);
+    // Room for the usual few groups; more (up to NGROUPS_MAX) on a second call, told how many.
+    let groups = new Uint32Array(PEER_GROUPS_GUESS);
     const n = [groups.length];
-    this.check("ckpt_peer_groups", this.native.peerGroups(fd, groups, n));
+    let status = this.native.peerGroups(fd, groups, n);
+    if (status === CKPT_EINVAL && (n[0] as number) > groups.length) {
+      groups = new Uint32Array(n[0] as number);
+      status = this.native.peerGroups(fd, groups, n);
+    }
+    this.check("ckpt_peer_groups", status);
     return { pid: pid[0] as number, uid: uid[0] as number, gid: gid[0] as number, groups: [...groups.slice(0, n[0])] };
   }
 }
 
-/** Linux's NGROUPS_MAX. */
-const MAX_PEER_GROUPS = 65536;
+/** Supplementary groups a connecting process is first assumed to have at most. */
+const PEER_GROUPS_GUESS = 64;
 
 export interface PeerCred {
   pid: number;

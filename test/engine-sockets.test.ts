@@ -8,11 +8,11 @@ import { chmodSync, mkdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { type Config, defaults } from "../daemon/config/index.ts";
+import type { Config } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
-import { tempDir, testCredentials } from "./helpers.ts";
-import { LIB_DIR } from "./in-process.ts";
+import { tempDir } from "./helpers.ts";
+import { LIB_DIR, testConfig } from "./in-process.ts";
 
 const running: Daemon[] = [];
 afterEach(async () => {
@@ -26,17 +26,7 @@ async function start(extra: Partial<Config> = {}) {
   const top = tempDir();
   chmodSync(top, 0o755);
   const socketDir = join(top, "sockets");
-  const config: Config = {
-    ...defaults({}),
-    port: 0,
-    backend: "host",
-    stateDir: tempDir(),
-    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
-    socketDir,
-    ioThreads: 2,
-    ...testCredentials(),
-    ...extra,
-  };
+  const config = testConfig({ socketDir, ...extra });
   const logs: Line[] = [];
   const log = pino({ level: "info" }, { write: (line: string) => logs.push(JSON.parse(line)) });
   const daemon = await startDaemon({ config, runtime: nodeRuntime, log, nodeId: "t", libDir: LIB_DIR });
@@ -102,6 +92,9 @@ describe("engine sockets", () => {
     // A user of another name whose process runs with the group's id, or has it among its groups.
     expect(await helloAs(65533, 65534, socket)).toBe("welcome");
     expect(await helloAs(12345, 12345, socket, [65534])).toBe("welcome");
+    // More groups than the first guess of the credential read (64).
+    const many = Array.from({ length: 80 }, (_, i) => 20000 + i);
+    expect(await helloAs(12345, 12345, socket, [...many, 65534])).toBe("welcome");
   });
 
   it("refuses, by its credentials, a process of another user that reaches a socket opened to everyone", async () => {

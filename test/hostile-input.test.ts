@@ -6,10 +6,9 @@ import { writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { AUTH, tempDir, testCredentials } from "./helpers.ts";
-import { apiOf, startInProcess } from "./in-process.ts";
+import { AUTH, tempDir } from "./helpers.ts";
+import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 
 const running: Daemon[] = [];
 afterEach(async () => {
@@ -18,16 +17,7 @@ afterEach(async () => {
 
 async function start() {
   const stateDir = tempDir();
-  const config: Config = {
-    ...defaults({}),
-    port: 0,
-    backend: "host",
-    stateDir,
-    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
-    ioThreads: 2,
-    ...testCredentials(),
-  };
-  const daemon = await startInProcess(config);
+  const daemon = await startInProcess(testConfig({ stateDir }));
   running.push(daemon);
   return { daemon, api: apiOf(daemon.port), socket: join(stateDir, "sockets", "gpu-0.sock") };
 }

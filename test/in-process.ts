@@ -1,11 +1,25 @@
 /** Daemons started inside the test process (host backend, silent logs) and calls to them. */
 import pino from "pino";
-import type { Config } from "../daemon/config/index.ts";
+import { type Config, defaults } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
-import { AUTH } from "./helpers.ts";
+import { AUTH, tempDir, testCredentials } from "./helpers.ts";
 
 export const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
+
+/** A test daemon's configuration: host backend, any free port, its own state and upload directories. */
+export function testConfig(overrides: Partial<Config> = {}): Config {
+  return {
+    ...defaults({}),
+    port: 0,
+    backend: "host",
+    stateDir: tempDir(),
+    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
+    ioThreads: 2,
+    ...testCredentials(),
+    ...overrides,
+  };
+}
 
 /** Starts a daemon on `config` in this process, with node id "t". */
 export function startInProcess(config: Config): Promise<Daemon> {

@@ -8,13 +8,13 @@ import { request } from "node:https";
 import { join } from "node:path";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { type Config, defaults } from "../daemon/config/index.ts";
+import type { Config } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { validityWarning } from "../daemon/http/tls.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
 import { writeModel, xxh64 } from "./checkpoint-files.ts";
-import { AUTH, daemonCommand, startProcess, tempDir, testCredentials } from "./helpers.ts";
-import { LIB_DIR } from "./in-process.ts";
+import { AUTH, daemonCommand, startProcess, tempDir } from "./helpers.ts";
+import { LIB_DIR, testConfig } from "./in-process.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
 
 /** A self-signed certificate for 127.0.0.1, its key 0600. */
@@ -56,16 +56,7 @@ afterEach(async () => {
 });
 
 async function start(extra: Partial<Config>) {
-  const config: Config = {
-    ...defaults({}),
-    port: 0,
-    backend: "host",
-    stateDir: tempDir(),
-    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
-    ioThreads: 2,
-    ...testCredentials(),
-    ...extra,
-  };
+  const config = testConfig(extra);
   const logs: { level: number; msg: string; scheme?: string }[] = [];
   const log = pino({ level: "info" }, { write: (line: string) => logs.push(JSON.parse(line)) });
   const daemon = await startDaemon({ config, runtime: nodeRuntime, log, nodeId: "t", libDir: LIB_DIR });

@@ -369,3 +369,9 @@ export function nextLine(proc: ChildProcess, pred: (msg: Json) => boolean = () =
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A numeric `--name value` of this script's command line, or `fallback`. */
+export function arg(name: string, fallback: number): number {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 ? Number(process.argv[i + 1]) : fallback;
+}
