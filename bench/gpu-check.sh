@@ -13,8 +13,8 @@ res=$(mktemp -d)
   REQUIRE_TORCH=1 bash integrations/run-tests.sh >"$res/python.log" 2>&1; echo "python tests rc=$?: $(grep -E '^(Ran|OK|FAILED)' "$res/python.log" | paste -sd' ')"
   OUT=$res/update GPUS=1 bash bench/update.sh 36 5 >"$res/update.log" 2>&1; echo "update rc=$?"
   tail -9 "$res/update.log"
-  OUT=$res/grad bash bench/grad_model.sh >"$res/grad.log" 2>&1; echo "grad_model rc=$?"
-  tail -2 "$res/grad.log" | head -1
+  OUT=$res/grad bash bench/grad_model.sh >"$res/grad.log" 2>&1; echo "grad_model.sh rc=$?"
+  tail -3 "$res/grad.log"
 } | tee "$res/summary.txt"
 tar -czf "${OUT:-/tmp}/gpu-check.tgz" -C "$res" .
 rm -rf "$res"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine: a daemon on the CUDA backend and bench/grad_model.py (a transformers
-# model whose parameters require grad receives an update bit-exact).
+# On the GPU machine: a daemon on the CUDA backend, bench/grad_model.py (a transformers model
+# whose parameters require grad receives an update bit-exact) and bench/tp_model.py (the same
+# kind of model cut for tensor parallel 2, two processes on the one GPU, through ckptd's vLLM
+# weight transfer backend).
 #   source .device/boot.sh; bash bench/grad_model.sh
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -13,7 +15,10 @@ for _ in $(seq 300); do curl -sf localhost:8479/v1/healthz >/dev/null && break; 
 PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/grad_model.py --url http://127.0.0.1:8479 --socket "$state/sockets/gpu-0.sock" --tokens "$state/tokens" \
   2>"$out/grad-model.err" | tee "$out/grad-model.json"
 rc=${PIPESTATUS[0]}
+PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/tp_model.py --url http://127.0.0.1:8479 --socket-dir "$state/sockets" --tokens "$state/tokens" \
+  2>"$out/tp-model.err" | tee "$out/tp-model.json"
+tp=${PIPESTATUS[0]}
 kill -TERM "$pid"; wait "$pid"
 rm -rf "$state"
-echo "grad_model rc=$rc"
-exit "$rc"
+echo "grad_model rc=$rc tp_model rc=$tp"
+[ "$rc" = 0 ] && [ "$tp" = 0 ]

@@ -90,7 +90,7 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
     const peerCred = (fd: number) => context.lib.peerCred(fd);
     const hub = new ReceiverHub(socketDir, path.gpus, log, (r) => path.greet(r), { ...sockets.access, peerCred });
     undo.unshift(() => hub.close());
-    await hub.listen();
+    await hub.listen(context.devices().map((d) => d.uuid));
     const peers = config.peers.map((u) => u.replace(/\/$/, ""));
     const { receiverTimeoutMs, engines } = config;
     const updates = new Updates({
@@ -105,6 +105,7 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
       nodeId,
       receiverTimeoutMs,
       engines,
+      bucketOrder: config.bucketOrder,
     });
     log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
     return { context, nccl, registry, restore, path, hub, updates, uploads };

@@ -22,4 +22,4 @@ if [ -z "$py" ]; then
   py=python3
 fi
 echo "integrations: $("$py" -c 'import sys; print(sys.executable, sys.version.split()[0])')" >&2
-exec "$py" -m unittest integrations/test_integrations.py "$@"
+exec "$py" -m unittest discover -s integrations/tests -t . "$@"

@@ -1,123 +1,23 @@
-"""Push a trainer's tensors into ckptd as a new checkpoint version.
-
-Needs only the standard library and torch. Two ways, same result (name@N, pinned, hashed):
-
-  push_http(url, name, tensors)      streams each tensor's raw bytes over HTTP
-  push_shm(url, name, tensors)       writes one safetensors file to /dev/shm, and the daemon
-                                     adopts it (pins it in place, deletes it when the version
-                                     is dropped): no copy through HTTP, the fast path
-
-Both take `token=`, an admin token of the daemon; without one, the first admin token of
-the daemon's default tokens file (~/.local/state/ckptd/tokens) is used when it is readable.
+"""The trainer helpers' old home: `ckptd.trainer` (installed) or `integrations.ckptd.trainer`.
 
     python3 integrations/trainer_push.py http://127.0.0.1:8470 demo [http|shm] [TOKENS_FILE]
 """
-from __future__ import annotations
-
-import ctypes
-import json
 import os
 import sys
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Mapping
-from typing import Any
-
-import torch
 
 if not __package__:  # run as a script, or imported with integrations/ on sys.path (bench/)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from integrations.ckptd.dtypes import DTYPES as _NAMES  # noqa: E402
+from integrations.ckptd.trainer import (  # noqa: E402
+    DTYPES,
+    main,
+    push_http,
+    push_shm,
+    token_from,
+    write_safetensors,
+)
 
-# torch dtype -> safetensors name, for the dtypes this torch has
-DTYPES: dict[torch.dtype, str] = {getattr(torch, attr): name for name, (attr, _) in _NAMES.items()
-                                  if hasattr(torch, attr)}
-Tensors = Mapping[str, torch.Tensor]
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    """The tensor's bytes, without numpy (bf16 has no numpy type)."""
-    t = t.detach().contiguous().cpu()
-    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
-
-
-def token_from(path: str | None = None) -> str | None:
-    """The first admin token of a tokens file (default: the daemon's default one), or None."""
-    if path is None:
-        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-        path = os.path.join(state, "ckptd", "tokens")
-    try:
-        with open(path) as f:
-            lines = [line.strip() for line in f]
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1] for line in lines if line.startswith("admin:")), None)
-
-
-def _call(method: str, url: str, body: dict[str, Any] | bytes | None = None,
-          content_type: str = "application/json", token: str | None = None) -> Any:
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    headers = {"content-type": content_type}
-    token = token or token_from()
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req) as res:
-            return json.load(res)
-    except urllib.error.HTTPError as err:
-        raise RuntimeError(f"{method} {url}: {err.code} {err.read().decode()}") from None
-
-
-def push_http(url: str, name: str, tensors: Tensors, token: str | None = None) -> Any:
-    """Declares the tensors, PUTs each one's bytes, commits; returns the version summary."""
-    decl = [{"name": k, "dtype": DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()]
-    upload = _call("POST", f"{url}/v1/uploads", {"name": name, "tensors": decl}, token=token)
-    for k, t in tensors.items():
-        _call("PUT", f"{url}/v1/uploads/{upload['id']}/tensors/{urllib.parse.quote(k, safe='')}",
-              _raw(t), "application/octet-stream", token=token)
-    return _call("POST", f"{url}/v1/uploads/{upload['id']}/commit", {"wait": True}, token=token)
-
-
-def write_safetensors(path: str, tensors: Tensors) -> None:
-    """A safetensors file: 8-byte header length, JSON header, tensor bytes back to back."""
-    header: dict[str, Any] = {}
-    offset = 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    blob += b" " * (-(8 + len(blob)) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for t in tensors.values():
-            f.write(_raw(t))
-
-
-def push_shm(url: str, name: str, tensors: Tensors, shm_dir: str = "/dev/shm", token: str | None = None) -> Any:
-    """Writes the tensors to a file in shared memory and has the daemon adopt it."""
-    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".safetensors", dir=shm_dir)
-    os.close(fd)
-    try:
-        write_safetensors(path, tensors)
-        return _call("POST", f"{url}/v1/checkpoints", {"name": name, "files": [path], "adopt": True}, token=token)
-    except Exception:
-        os.unlink(path)  # not adopted: ours to clean up
-        raise
-
+__all__ = ["DTYPES", "main", "push_http", "push_shm", "token_from", "write_safetensors"]
 
 if __name__ == "__main__":
-    url, name = sys.argv[1], sys.argv[2]
-    how = sys.argv[3] if len(sys.argv) > 3 else "shm"
-    token = token_from(sys.argv[4] if len(sys.argv) > 4 else None)
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        "model.embed_tokens.weight": torch.randn(1000, 64, generator=g).to(torch.bfloat16),
-        "model.norm.weight": torch.ones(64),
-    }
-    print(json.dumps((push_http if how == "http" else push_shm)(url, name, tensors, token=token)))
+    main()

@@ -75,6 +75,22 @@ export class ReferenceReceiver {
     });
   }
 
+  /** Resolves with how `update` ended here: "done" (it got `end`), or "abort". */
+  ended(update: string): Promise<"done" | "abort"> {
+    const how = (m: Msg) => (m.update === update && (m.op === "end" || m.op === "abort") ? m.op : undefined);
+    const seen = this.seen.map(how).find((x) => x !== undefined);
+    if (seen) return Promise.resolve(seen === "end" ? "done" : "abort");
+    return new Promise((resolve) => {
+      const w = (m: Msg) => {
+        const op = how(m);
+        if (!op) return;
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        resolve(op === "end" ? "done" : "abort");
+      };
+      this.waiters.push(w);
+    });
+  }
+
   private send(m: Msg): void {
     this.socket?.write(`${JSON.stringify(m)}\n`);
   }

@@ -247,12 +247,16 @@ describe("what a failed update leaves, and how fast it fails", () => {
   });
 });
 
-/** A stand-in for vLLM's /collective_rpc with the ckptd worker extension: one receiver per call. */
+/**
+ * A stand-in for vLLM's /collective_rpc with the ckptd worker extension: one receiver per call.
+ * Calls without a body (reset_prefix_cache) are answered 200 and counted in `others`.
+ */
 async function fakeVllm(
   status = 200,
   answer = JSON.stringify({ results: [{ ok: true }] }),
-): Promise<{ url: string; calls: unknown[]; receivers: ReferenceReceiver[] }> {
+): Promise<{ url: string; calls: unknown[]; others: string[]; receivers: ReferenceReceiver[] }> {
   const calls: unknown[] = [];
+  const others: string[] = [];
   const receivers: ReferenceReceiver[] = [];
   const server: Server = createServer((req, res) => {
     let body = "";
@@ -260,6 +264,11 @@ async function fakeVllm(
       body += c;
     });
     req.on("end", async () => {
+      if (body === "") {
+        others.push(req.url ?? "");
+        res.writeHead(200).end();
+        return;
+      }
       const call = JSON.parse(body) as { method: string; args: [string] };
       calls.push(call);
       if (status !== 200) {
@@ -278,30 +287,42 @@ async function fakeVllm(
     for (const r of receivers) await r.close();
     await new Promise((resolve) => server.close(resolve));
   });
-  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, calls, receivers };
+  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, calls, others, receivers };
 }
 
 describe("engines listed in the configuration", () => {
   it("triggers a vLLM engine through /collective_rpc and waits for its receivers", async () => {
     const vllm = await fakeVllm();
-    const { api } = await start({ engines: [{ name: "vllm-0", kind: "vllm", url: vllm.url, gpus: [0] }] });
+    const { api } = await start({
+      engines: [{ name: "vllm-0", kind: "vllm", api: "worker-extension", pause: "none", url: vllm.url, gpus: [0] }],
+    });
     const tensors = await register(api);
     const res = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(res.body.state).toBe("succeeded");
     expect(vllm.calls).toEqual([
-      { method: "ckptd_update", args: [expect.stringMatching(/sockets$/)], kwargs: {}, timeout: 2 },
+      {
+        method: "ckptd_update",
+        args: [expect.stringMatching(/sockets$/)],
+        kwargs: { timeout_s: "2", reload: "auto" },
+        timeout: 8,
+      },
     ]);
+    expect(vllm.others).toEqual(["/reset_prefix_cache?reset_running_requests=true"]);
     await expectDelivered(vllm.receivers[0] as ReferenceReceiver, "u-1", tensors);
   });
 
   it("fails naming the engine when its final answer reports a failed worker, though every byte arrived", async () => {
     const answer = JSON.stringify({ results: [{ ok: false, error: "worker 0 raised: CUDA out of memory" }] });
     const vllm = await fakeVllm(200, answer);
-    const { api } = await start({ engines: [{ name: "vllm-0", kind: "vllm", url: vllm.url, gpus: [0] }] });
+    const { api } = await start({
+      engines: [{ name: "vllm-0", kind: "vllm", api: "worker-extension", pause: "none", url: vllm.url, gpus: [0] }],
+    });
     await register(api);
     const res = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(res.status).toBe(502);
-    expect(res.body.error.message).toBe("engine vllm-0: a worker failed: worker 0 raised: CUDA out of memory");
+    expect(res.body.error.message).toBe(
+      "engine vllm-0: a worker failed: worker 0 raised: CUDA out of memory; engine vllm-0 took all of the update",
+    );
     const record = res.body.error.details;
     expect(record.state).toBe("failed");
     // The receiver acked every bucket: it holds the new version, whatever its engine said after.
@@ -326,7 +347,9 @@ describe("engines listed in the configuration", () => {
 
   it("names the engine when triggering it fails", async () => {
     const vllm = await fakeVllm(404);
-    const { api } = await start({ engines: [{ name: "vllm-0", kind: "vllm", url: vllm.url, gpus: [0] }] });
+    const { api } = await start({
+      engines: [{ name: "vllm-0", kind: "vllm", api: "worker-extension", pause: "none", url: vllm.url, gpus: [0] }],
+    });
     await register(api);
     const res = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(res.status).toBe(502);

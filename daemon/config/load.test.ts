@@ -154,6 +154,36 @@ describe("engines", () => {
     ];
     expect(resolveConfig({ file: { engines }, env: {}, flags: {} }, env).engines).toEqual(engines);
   });
+
+  it("takes the RL settings of vllm and sglang engines", () => {
+    const engines = [
+      {
+        name: "v",
+        kind: "vllm",
+        url: "http://h:8000",
+        gpus: [0],
+        api: "worker-extension",
+        pause: "wait",
+        reload: "layerwise",
+      },
+      { name: "s", kind: "sglang", url: "http://h:30000", gpus: [1], pause: "in_place", loadFormat: "my.loader" },
+      { name: "n", kind: "sglang", url: "http://h:30001", gpus: [1], pause: "none" },
+    ];
+    expect(resolveConfig({ file: { engines }, env: {}, flags: {} }, env).engines).toEqual(engines);
+  });
+
+  it.each([
+    [{ kind: "vllm", pause: "retract" }, 'engine "e": pause "retract" is not one of keep, wait, abort, none'],
+    [{ kind: "sglang", pause: "keep" }, 'engine "e": pause "keep" is not one of retract, in_place, abort, none'],
+    [{ kind: "http", pause: "keep" }, 'engine "e" of kind http cannot be paused (only vllm and sglang engines)'],
+    [{ kind: "sglang", api: "worker-extension" }, 'engine "e" of kind sglang takes no "api"'],
+    [{ kind: "sglang", reload: "direct" }, 'engine "e" of kind sglang takes no "reload"'],
+    [{ kind: "vllm", loadFormat: "x.y" }, 'engine "e" of kind vllm takes no "loadFormat"'],
+    [{ kind: "vllm", body: {} }, 'engine "e" of kind vllm takes no "body"'],
+  ])("refuses %o", (extra, message) => {
+    const engines = [{ name: "e", url: "http://h:1", gpus: [0], ...extra }];
+    expect(() => resolveConfig({ file: { engines }, env: {}, flags: {} }, env)).toThrow(message);
+  });
 });
 
 describe("help", () => {
@@ -181,7 +211,7 @@ describe("help", () => {
     );
     // Keys only the file can set name the key, not an empty flag and variable.
     expect(lines).toContain(
-      `  ${'"engines"'.padEnd(28)}engines of this host: [{name, kind: receiver|vllm|http, url?, body?, gpus}] [config file only]`,
+      `  ${'"engines"'.padEnd(28)}engines of this host: [{name, kind: receiver|vllm|sglang|http, url?, gpus, pause?, ...}] [config file only]`,
     );
     for (const line of lines) expect(line).not.toMatch(/^ {3}|\[, /);
     expect(lines.slice(-2)).toEqual([

@@ -1,24 +1,61 @@
 import { availableParallelism, homedir, totalmem } from "node:os";
 import { isAbsolute, join } from "node:path";
 import * as v from "valibot";
+import { PAUSE_MODES } from "../engines/plan.ts";
 
 const port = v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535));
 
-/** An engine on this host: how the daemon triggers it and which GPUs its receivers use. */
+/** An engine on this host: how the daemon drives its updates and which GPUs its receivers use. */
 export const EngineSchema = v.pipe(
   v.strictObject({
     name: v.pipe(v.string(), v.minLength(1)),
-    /** receiver: connects by itself; vllm: POST {url}/collective_rpc; http: POST `body` to url. */
-    kind: v.picklist(["receiver", "vllm", "http"]),
+    /**
+     * receiver: connects by itself; vllm, sglang: the RL sequence over their HTTP APIs
+     * (engines/plan.ts); http: POST `body` to url.
+     */
+    kind: v.picklist(["receiver", "vllm", "sglang", "http"]),
     url: v.optional(v.pipe(v.string(), v.url())),
     body: v.optional(v.unknown()),
     gpus: v.pipe(v.array(v.pipe(v.number(), v.integer(), v.minValue(0))), v.minLength(1)),
+    /** vllm: its weight transfer backend (vLLM 0.25+), or the ckptd worker extension. */
+    api: v.optional(v.picklist(["weight-transfer", "worker-extension"])),
+    /** How the engine is paused during the update (vllm: keep, wait, abort; sglang: retract, in_place, abort), or none. */
+    pause: v.optional(v.string()),
+    /** vllm: how the update lands (auto: layerwise reload for quantized and MLA models). */
+    reload: v.optional(v.picklist(["auto", "direct", "layerwise"])),
+    /** sglang: the loader, exactly as listed in its --custom-weight-loader. */
+    loadFormat: v.optional(v.pipe(v.string(), v.minLength(1))),
   }),
   v.check(
     (e) => e.kind === "receiver" || e.url !== undefined,
     (issue) => `engine "${issue.input.name}" of kind ${issue.input.kind} needs a "url"`,
   ),
+  v.check(
+    (e) =>
+      e.pause === undefined ||
+      (e.kind in PAUSE_MODES && PAUSE_MODES[e.kind as keyof typeof PAUSE_MODES].includes(e.pause)),
+    (issue) => {
+      const e = issue.input;
+      const modes = PAUSE_MODES[e.kind as keyof typeof PAUSE_MODES];
+      return modes
+        ? `engine "${e.name}": pause ${JSON.stringify(e.pause)} is not one of ${modes.join(", ")}`
+        : `engine "${e.name}" of kind ${e.kind} cannot be paused (only vllm and sglang engines)`;
+    },
+  ),
+  v.check(
+    (e) => !unusable(e),
+    (issue) => `engine "${issue.input.name}" of kind ${issue.input.kind} takes no "${unusable(issue.input)}"`,
+  ),
 );
+
+/** A key set on an engine whose kind does not use it. */
+function unusable(e: { kind: string; body?: unknown; api?: unknown; reload?: unknown; loadFormat?: unknown }) {
+  if (e.body !== undefined && e.kind !== "http") return "body";
+  if (e.api !== undefined && e.kind !== "vllm") return "api";
+  if (e.reload !== undefined && e.kind !== "vllm") return "reload";
+  if (e.loadFormat !== undefined && e.kind !== "sglang") return "loadFormat";
+  return undefined;
+}
 export type EngineConfig = v.InferOutput<typeof EngineSchema>;
 const text = v.pipe(v.string(), v.minLength(1));
 
@@ -44,6 +81,7 @@ export const ConfigSchema = v.strictObject({
   uploadGroup: v.string(),
   bucketBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 20)),
   bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
+  bucketOrder: v.picklist(["size", "layers"]),
   bucketMemoryBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 21)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   maxBodyBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
@@ -155,6 +193,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "integer",
     help: "bucket buffers per GPU (stages in flight)",
   },
+  bucketOrder: {
+    flag: "--bucket-order",
+    env: "CKPTD_BUCKET_ORDER",
+    kind: "string",
+    help: "size: largest tensors first; layers: in layer order, for engines that reload layer by layer (vLLM, quantized models)",
+  },
   bucketMemoryBytes: {
     flag: "--bucket-memory-bytes",
     env: "CKPTD_BUCKET_MEMORY_BYTES",
@@ -225,7 +269,7 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     flag: "",
     env: "",
     kind: "json",
-    help: "engines of this host: [{name, kind: receiver|vllm|http, url?, body?, gpus}]",
+    help: "engines of this host: [{name, kind: receiver|vllm|sglang|http, url?, gpus, pause?, ...}]",
   },
 };
 
@@ -250,6 +294,7 @@ export function defaults(env: Record<string, string | undefined>): Config {
     uploadGroup: "",
     bucketBytes: 256 << 20,
     bucketSlots: 4,
+    bucketOrder: "size",
     bucketMemoryBytes: 1 << 30,
     receiverTimeoutMs: 30000,
     maxBodyBytes: 16 << 20,

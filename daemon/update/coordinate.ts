@@ -75,6 +75,7 @@ export class Coordination implements Flow {
       update: this.record.id,
       coordinator: this.deps.nodeId,
       checkpoint: { name: this.version.name, fingerprint: fingerprint(this.version) },
+      weightVersion: this.record.weightVersion,
       comm,
       firstRank,
       slots: buffers.slots,

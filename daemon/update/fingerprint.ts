@@ -17,6 +17,11 @@ export function fingerprint(v: CheckpointVersion): string {
   return fp;
 }
 
+/** The engines' weight version after an update: the checkpoint's name@N and its fingerprint's first 16 digits. */
+export function weightVersion(id: string, fp: string): string {
+  return `${id}+${fp.slice(0, 16)}`;
+}
+
 /** The ready version of `name` with fingerprint `fp` among `versions`, if any. */
 export function withFingerprint(versions: CheckpointVersion[], name: string | undefined, fp: string | undefined) {
   return versions.find((v) => v.name === name && v.state === "ready" && fingerprint(v) === fp);

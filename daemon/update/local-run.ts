@@ -1,14 +1,16 @@
 /**
- * This daemon's part of an update, the same whether it coordinates or takes part: asking its
- * engines, moving the buckets through its GPUs to their receivers, ending the update with them,
- * and recording who holds what.
+ * This daemon's part of an update, the same whether it coordinates or takes part: driving its
+ * engines' calls (pause, receive, finish, resume: engines/plan.ts), moving the buckets through
+ * its GPUs to their receivers, ending the update with them, and recording who holds what.
  */
 import type { Logger } from "pino";
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
+import { planEngine } from "../engines/plan.ts";
+import { EngineRun } from "../engines/run.ts";
 import type { Buffers } from "./buffers.ts";
-import { awaitReceivers, type Triggered, triggerEngines } from "./engines.ts";
+import { awaitReceivers, type Triggered } from "./engines.ts";
 import { type Group, transmit } from "./pipeline.ts";
 import type { Bucket } from "./plan.ts";
 import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
@@ -31,6 +33,7 @@ export interface Part {
 }
 
 export class LocalRun {
+  private engines: EngineRun[] = [];
   private triggered: Triggered[] = [];
   private receivers: Receiver[] = [];
   private readonly acked = new Map<Receiver, number>();
@@ -43,10 +46,23 @@ export class LocalRun {
     readonly record: UpdateRecord,
   ) {}
 
-  /** Asks the configured engines to receive, and waits for a receiver on each of their GPUs. */
+  /**
+   * Readies the configured engines (pause, open the update), asks them to receive, and waits
+   * for a receiver on each of their GPUs.
+   */
   async engage(signal: AbortSignal): Promise<void> {
     const { hub, engines, socketDir, receiverTimeoutMs: timeout } = this.deps;
-    this.triggered = triggerEngines(engines, socketDir, timeout);
+    const { record } = this;
+    const facts = {
+      update: record.id,
+      version: record.weightVersion ?? record.checkpoint,
+      socketDir,
+      receiverTimeoutMs: timeout,
+    };
+    this.engines = engines.map((e) => new EngineRun(e, planEngine(e, facts), timeout * 4));
+    record.engines = this.engines.map((run) => run.result);
+    await firstFailure(this.engines.map((run) => run.before()));
+    this.triggered = this.engines.map((run) => ({ engine: run.engine, result: run.receive() }));
     this.receivers = await awaitReceivers(hub, engines, this.triggered, timeout, signal);
     for (const r of this.receivers) this.acked.set(r, 0);
   }
@@ -91,6 +107,30 @@ export class LocalRun {
     }
   }
 
+  /** Aborts the update as soon as an engine's receive call fails, naming the engine. */
+  watchEngines(abort: AbortController): void {
+    for (const t of this.triggered) {
+      void t.result.then((err) => {
+        if (err && !abort.signal.aborted) abort.abort(`engine ${t.engine.name}: ${err}`);
+      });
+    }
+  }
+
+  /** The engines' calls after a successful update (finish with the version, reset caches, resume). */
+  async completeEngines(): Promise<void> {
+    await firstFailure(this.engines.map((run) => run.after()));
+  }
+
+  /**
+   * After a failure: once the engines' receive calls have answered (bounded by the receiver
+   * timeout), closes what they opened and resumes them on whatever they hold.
+   */
+  async recoverEngines(): Promise<void> {
+    const answered = Promise.all(this.triggered.map((t) => t.result));
+    await Promise.race([answered, new Promise((r) => setTimeout(r, this.deps.receiverTimeoutMs).unref())]);
+    await Promise.all(this.engines.map((run) => run.recover()));
+  }
+
   /** Records the failure and tells every receiver to drop the update. */
   fail(err: unknown, reason: string): void {
     const { record } = this;
@@ -124,7 +164,43 @@ export class LocalRun {
       const state = receiverState({ done: this.done.has(r), acked: n, aborted: this.aborted.has(r) });
       return { name: r.name, pid: r.pid, gpu: r.gpu, bucketsAcked: n, state };
     });
+    if (record.error && this.engines.some((run) => run.driven)) record.error.message += `; ${this.holdings()}`;
     if (succeeded)
       this.deps.log.info({ update: record.id, checkpoint: record.checkpoint, ...record.timings }, "update succeeded");
   }
+
+  /**
+   * After a failure, what each engine took of the update (by its receivers' acks: every
+   * bucket and `done`, none, or part) and whether it was resumed.
+   */
+  private holdings(): string {
+    const buckets = this.record.progress.buckets;
+    return this.engines
+      .filter((run) => run.driven)
+      .map((run) => {
+        const mine = this.record.receivers.filter((r) => run.engine.gpus.includes(r.gpu));
+        const acked = mine.map((r) => r.bucketsAcked);
+        const took =
+          mine.length > 0 && mine.every((r) => r.state === "applied")
+            ? "all of the update"
+            : acked.every((n) => n === 0)
+              ? "none of the update"
+              : `part of the update (${span(acked)} of ${buckets} buckets acked per rank)`;
+        const paused = run.describe();
+        return `engine ${run.engine.name} took ${took}${paused ? `, ${paused}` : ""}`;
+      })
+      .join("; ");
+  }
+}
+
+/** "3", or "2 to 5": the least and most of some counts. */
+function span(counts: number[]): string {
+  const [lo, hi] = [Math.min(...counts), Math.max(...counts)];
+  return lo === hi ? String(lo) : `${lo} to ${hi}`;
+}
+
+/** Waits for every promise; then rejects with the first rejection, if any. */
+async function firstFailure(all: Promise<void>[]): Promise<void> {
+  const failed = (await Promise.allSettled(all)).find((r) => r.status === "rejected");
+  if (failed) throw (failed as PromiseRejectedResult).reason;
 }

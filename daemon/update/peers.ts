@@ -26,6 +26,8 @@ export interface PeerPlan {
   update: string;
   coordinator: string;
   checkpoint: { name: string; fingerprint: string };
+  /** The engines' weight version after the update (the coordinator's name@N+fingerprint). */
+  weightVersion?: string;
   /** Communicator: reuse the one made under `key` (same id), or join `id` afresh. */
   comm: { key: string; id: string; fresh: boolean; nranks: number };
   firstRank: number;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { type PlanTensor, planBuckets } from "./plan.ts";
+import { layerOf, type PlanTensor, planBuckets } from "./plan.ts";
 
 const t = (name: string, bytes: number, file = 0, offset = 0): PlanTensor => ({
   name,
@@ -239,5 +239,49 @@ describe("planBuckets", () => {
       ["big", 128, 136],
       ["a", 0, 0],
     ]);
+  });
+});
+
+describe("planBuckets in layer order", () => {
+  const layered = (tensors: PlanTensor[], bucketBytes: number) =>
+    planBuckets(tensors, { bucketBytes, owners: [0], slots: 2, align: 16, order: "layers" }).map((b) =>
+      b.pieces.map((p) => `${p.name}[${p.range[0]},${p.range[1]})@${p.slotOffset}`).join(" "),
+    );
+
+  it("packs by layer number (not by name: layers.10 after layers.2), then name, never largest first", () => {
+    const tensors = [
+      t("model.layers.10.mlp.w", 40, 0, 0),
+      t("model.layers.2.attn.w", 8, 0, 40),
+      t("model.layers.2.mlp.w", 48, 0, 48),
+      t("model.embed.w", 16, 0, 96),
+      t("model.layers.10.attn.w", 8, 0, 112),
+    ];
+    expect(layered(tensors, 64)).toEqual([
+      "model.embed.w[0,16)@0 model.layers.2.attn.w[0,8)@16",
+      "model.layers.2.mlp.w[0,48)@0 model.layers.10.attn.w[0,8)@48",
+      "model.layers.10.mlp.w[0,40)@0",
+    ]);
+  });
+
+  it("cuts a tensor larger than a bucket into whole buckets, its remainder opening the next", () => {
+    const tensors = [t("h.0.a", 8, 0, 0), t("h.0.big", 150, 0, 8), t("h.1.c", 8, 0, 158)];
+    expect(layered(tensors, 64)).toEqual([
+      "h.0.a[0,8)@0",
+      "h.0.big[0,64)@0",
+      "h.0.big[64,128)@0",
+      "h.0.big[128,150)@0 h.1.c[0,8)@32",
+    ]);
+  });
+
+  it("reads the layer number of the usual names", () => {
+    expect(
+      [
+        "model.layers.12.mlp.up_proj.weight",
+        "transformer.h.3.attn.c_attn.weight",
+        "blocks.0.w",
+        "lm_head.weight",
+        "layers.x.w",
+      ].map(layerOf),
+    ).toEqual([12, 3, 0, -1, -1]);
   });
 });

@@ -2,8 +2,8 @@
  * Bucket planning: a pure function from a checkpoint's tensors to the buckets an update
  * moves. Each bucket is copied host-to-device by one GPU, then broadcast to all. Every GPU
  * copies an equal share of the bytes, from its own share of host memory first; buckets are
- * packed largest tensor first; a tensor is cut only when it is larger than a bucket or
- * straddles two GPUs' shares.
+ * packed largest tensor first (or, for engines that reload layer by layer, in layer order); a
+ * tensor is cut only when it is larger than a bucket or straddles two GPUs' shares.
  */
 
 import type { TensorRecord } from "../checkpoints/registry.ts";
@@ -46,7 +46,15 @@ export interface PlanOptions {
   slots: number;
   /** Offsets inside a bucket are aligned to this (bytes, power of two). */
   align?: number;
+  /**
+   * size (default): largest first, the fullest buckets; layers: by layer number in the name,
+   * then name, so that an engine reloading layer by layer (vLLM's layerwise reload of quantized
+   * models) completes each layer early and holds about one layer's copies at a time.
+   */
+  order?: BucketOrder;
 }
+
+export type BucketOrder = "size" | "layers";
 
 /**
  * Splits the tensors into buckets, never mixing owners within a bucket, then interleaves the
@@ -63,7 +71,8 @@ export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] 
   }
   const perOwner = shares(tensors, n, align).map((segments, j) => {
     const mine = Array.from({ length: opts.slots }, (_, s) => s).filter((s) => s % n === j);
-    return packBuckets(segments, opts.bucketBytes, align).map((b, k) => ({
+    const pack = opts.order === "layers" ? packInLayerOrder : packBuckets;
+    return pack(segments, opts.bucketBytes, align).map((b, k) => ({
       ...b,
       owner: opts.owners[j] as number,
       slot: mine[k % mine.length] as number,
@@ -172,6 +181,43 @@ function packBuckets(segments: Segment[], bucketBytes: number, align: number): P
     const at = alignUp(b.bytes);
     b.pieces.push(piece(s, s.begin, s.end, at));
     b.bytes = at + len(s);
+  }
+  return buckets.map((b, index) => ({ ...b, index }));
+}
+
+/** The layer number in a tensor's name ("model.layers.12.mlp.up_proj.weight": 12), or -1. */
+export function layerOf(name: string): number {
+  const m = /(?:^|\.)(?:layers|h|blocks)\.(\d+)\./.exec(name);
+  return m ? Number(m[1]) : -1;
+}
+
+/**
+ * Packs one owner's segments in layer order (then by name), each into the current bucket when
+ * it fits, else into a new one; a segment larger than a bucket fills whole buckets and its
+ * remainder opens the next.
+ */
+function packInLayerOrder(segments: Segment[], bucketBytes: number, align: number): Packed[] {
+  const items = [...segments].sort(
+    (a, b) =>
+      layerOf(a.t.name) - layerOf(b.t.name) ||
+      (a.t.name < b.t.name ? -1 : a.t.name > b.t.name ? 1 : 0) ||
+      a.begin - b.begin,
+  );
+  const buckets: Packed[] = [];
+  const alignUp = (n: number) => Math.ceil(n / align) * align;
+  let current: Packed | undefined;
+  for (const s of items) {
+    let begin = s.begin;
+    if (!current || alignUp(current.bytes) + s.end - begin > bucketBytes) {
+      for (; s.end - begin > bucketBytes; begin += bucketBytes) {
+        buckets.push({ index: 0, bytes: bucketBytes, pieces: [piece(s, begin, begin + bucketBytes, 0)] });
+      }
+      current = { index: 0, bytes: 0, pieces: [] };
+      buckets.push(current);
+    }
+    const at = alignUp(current.bytes);
+    current.pieces.push(piece(s, begin, s.end, at));
+    current.bytes = at + s.end - begin;
   }
   return buckets.map((b, index) => ({ ...b, index }));
 }

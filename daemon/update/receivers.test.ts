@@ -1,5 +1,5 @@
 /** The receiver protocol's daemon side: framing, waits, and the hub of per-GPU sockets. */
-import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readlinkSync, statSync, writeFileSync } from "node:fs";
 import { createConnection, type Socket } from "node:net";
 import { join } from "node:path";
 import pino from "pino";
@@ -272,6 +272,46 @@ describe("ReceiverHub", () => {
     await h.close();
     hubs.length = 0;
     expect(readdirSync(socketDir)).toEqual(["gpu-2.sock"]);
+  });
+
+  it("links each GPU's UUID to its socket, and removes the links on close", async () => {
+    const socketDir = join(tempDir(), "sockets");
+    mkdirSync(socketDir, { mode: 0o700 });
+    const h = new ReceiverHub(
+      socketDir,
+      2,
+      pino({ level: "silent" }),
+      (r) => r.send({ op: "welcome" }),
+      accessOf(() => ENGINE),
+    );
+    hubs.push(h);
+    writeFileSync(join(socketDir, "GPU-bb.sock"), "stale");
+    await h.listen(["GPU-aa-0", "GPU-bb"]);
+    expect(readlinkSync(h.aliasPath("GPU-aa-0"))).toBe("gpu-0.sock");
+    expect(readlinkSync(join(socketDir, "GPU-bb.sock"))).toBe("gpu-1.sock");
+    const c = await client(h.aliasPath("GPU-bb"));
+    c.send({ op: "hello", protocol: 1, name: "by-uuid" });
+    await until(() => c.lines.length > 0);
+    expect(h.connected().map((r) => [r.name, r.gpu])).toEqual([["by-uuid", 1]]);
+    await h.close();
+    hubs.length = 0;
+    expect(readdirSync(socketDir)).toEqual([]);
+  });
+
+  it("makes no alias for a UUID that is not a plain name", async () => {
+    const socketDir = join(tempDir(), "sockets");
+    mkdirSync(socketDir, { mode: 0o700 });
+    const h = new ReceiverHub(
+      socketDir,
+      1,
+      pino({ level: "silent" }),
+      () => undefined,
+      accessOf(() => ENGINE),
+    );
+    hubs.push(h);
+    await h.listen(["../escape"]);
+    expect(readdirSync(socketDir)).toEqual(["gpu-0.sock"]);
+    expect(readdirSync(join(socketDir, ".."))).not.toContain("escape.sock");
   });
 
   it("refuses a socket directory whose sockets another daemon answers on", async () => {

@@ -2,9 +2,9 @@
  * The daemon's side of the receiver protocol (integrations/PROTOCOL.md): one Unix socket per
  * GPU, JSON lines, receivers that connect, say hello and then follow updates.
  */
-import { chmodSync, chownSync, rmSync } from "node:fs";
+import { chmodSync, chownSync, rmSync, symlinkSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import type { Logger } from "pino";
 import type { PeerCred } from "../../ffi/index.ts";
 import { ConfigError } from "../config/index.ts";
@@ -216,6 +216,7 @@ export class ReceiverHub {
   /** The sockets this hub listens on, with their paths (only those are removed at close). */
   private readonly servers: { server: Server; path: string }[] = [];
   private readonly receivers = new Set<Receiver>();
+  private readonly aliases: string[] = [];
 
   constructor(
     readonly socketDir: string,
@@ -231,8 +232,19 @@ export class ReceiverHub {
     return join(this.socketDir, `gpu-${gpu}.sock`);
   }
 
-  /** Listens on every GPU's socket in socketDir (made before, see config/own-dir.ts). */
-  async listen(): Promise<void> {
+  /**
+   * `<socketDir>/<uuid>.sock`, the name by which engines whose CUDA_VISIBLE_DEVICES lists GPU
+   * UUIDs find a GPU's socket: a symbolic link to `gpu-<index>.sock`.
+   */
+  aliasPath(uuid: string): string {
+    return join(this.socketDir, `${uuid}.sock`);
+  }
+
+  /**
+   * Listens on every GPU's socket in socketDir (made before, see config/own-dir.ts); `uuids`
+   * (by GPU index) get their alias links, where the path fits a Unix socket address.
+   */
+  async listen(uuids: string[] = []): Promise<void> {
     const gid = this.access.group?.gid;
     for (let gpu = 0; gpu < this.gpus; gpu++) {
       const path = this.socketPath(gpu);
@@ -253,7 +265,20 @@ export class ReceiverHub {
       // Connecting needs write permission on the socket file: the daemon's user, or its group.
       if (gid !== undefined) chownSync(path, this.access.uid, gid);
       chmodSync(path, gid === undefined ? 0o600 : 0o660);
+      const uuid = uuids[gpu];
+      if (uuid !== undefined) this.link(uuid, path);
     }
+  }
+
+  private link(uuid: string, target: string): void {
+    const alias = this.aliasPath(uuid);
+    if (!/^[A-Za-z0-9-]+$/.test(uuid) || alias.length > 100) {
+      this.log.warn({ uuid, alias }, "no alias by UUID for this GPU's socket (the path is too long, or the UUID odd)");
+      return;
+    }
+    rmSync(alias, { force: true });
+    symlinkSync(basename(target), alias);
+    this.aliases.push(alias);
   }
 
   /** Who connected (SO_PEERCRED), or undefined when they may not: then they are cut off. */
@@ -333,5 +358,6 @@ export class ReceiverHub {
     const listening = this.servers.splice(0);
     await Promise.all(listening.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve()))));
     for (const { path } of listening) rmSync(path, { force: true });
+    for (const alias of this.aliases.splice(0)) rmSync(alias, { force: true });
   }
 }

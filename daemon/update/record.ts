@@ -1,4 +1,6 @@
 /** The record of one update, as GET /v1/updates/{id} shows it. */
+
+import type { EngineResult } from "../engines/run.ts";
 import type { ErrorCode } from "../errors.ts";
 import type { BucketTiming } from "./pipeline.ts";
 
@@ -28,6 +30,10 @@ export class UpdateRecord {
   buckets: BucketTiming[] = [];
   readonly t0 = performance.now();
   receivers: ReceiverResult[] = [];
+  /** The configured engines' calls (engines/plan.ts), in order. */
+  engines: EngineResult[] = [];
+  /** What the engines are told they hold once it succeeded. */
+  weightVersion?: string;
 
   constructor(
     readonly id: string,
@@ -43,12 +49,14 @@ export class UpdateRecord {
     return {
       id: this.id,
       checkpoint: this.checkpoint,
+      ...(this.weightVersion ? { weightVersion: this.weightVersion } : {}),
       state: this.state,
       createdAt: this.createdAt,
       ...(this.finishedAt ? { finishedAt: this.finishedAt } : {}),
       progress: this.progress,
       timings: this.timings,
       receivers: this.receivers,
+      ...(this.engines.length > 0 ? { engines: this.engines } : {}),
       ...(this.error ? { error: this.error } : {}),
       ...(withBuckets ? { buckets: this.buckets } : {}),
     };

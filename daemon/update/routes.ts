@@ -29,6 +29,7 @@ const PlanBody = v.object({
   update: v.string(),
   coordinator: v.string(),
   checkpoint: v.object({ name: v.string(), fingerprint: v.string() }),
+  weightVersion: v.optional(v.pipe(v.string(), v.maxLength(200))),
   comm: v.object({ key: v.string(), id: v.pipe(v.string(), v.hexadecimal()), fresh: v.boolean(), nranks: v.number() }),
   firstRank: v.number(),
   slots: v.number(),

@@ -40,10 +40,12 @@ export async function runUpdate(
     const group = await flow.join(buffers);
     record.timings.planSeconds = (performance.now() - record.t0) / 1000;
     await run.engage(abort.signal);
+    run.watchEngines(abort);
     await run.move(part, group, buffers, abort.signal);
     await flow.others();
     if (abort.signal.aborted) throw new Error(String(abort.signal.reason));
     await run.checkEngines();
+    await run.completeEngines();
     record.state = "succeeded";
   } catch (err) {
     if (!abort.signal.aborted) abort.abort((err as Error).message);
@@ -51,6 +53,7 @@ export async function runUpdate(
     run.fail(err, cause ?? String(abort.signal.reason));
     await flow.release();
     if (buffers) await deps.path.settle(buffers, deps.receiverTimeoutMs);
+    await run.recoverEngines();
   }
   run.finish();
 }

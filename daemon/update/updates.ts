@@ -10,10 +10,10 @@ import type { EngineConfig } from "../config/index.ts";
 import { DaemonError } from "../errors.ts";
 import { Coordination } from "./coordinate.ts";
 import type { DataPath } from "./data-path.ts";
-import { withFingerprint } from "./fingerprint.ts";
+import { fingerprint, weightVersion, withFingerprint } from "./fingerprint.ts";
 import { Participation } from "./participate.ts";
 import type { PeerPlan, PeerSigner } from "./peers.ts";
-import { type Bucket, type PlanOptions, planBuckets } from "./plan.ts";
+import { type Bucket, type BucketOrder, type PlanOptions, planBuckets } from "./plan.ts";
 import type { ReceiverHub } from "./receivers.ts";
 import { UpdateRecord } from "./record.ts";
 import { type Flow, runUpdate } from "./run-update.ts";
@@ -38,6 +38,8 @@ export interface UpdateOptions {
   nodeId: string;
   /** Updates kept for GET /v1/updates/{id}. */
   history?: number;
+  /** How buckets are packed (plan.ts). */
+  bucketOrder?: BucketOrder;
 }
 
 /** The update running now: its record, how to stop it, and its end. */
@@ -78,6 +80,7 @@ export class Updates {
       throw new DaemonError("no_receivers", "no engine receiver is connected to this daemon");
     }
     const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
+    record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
     const deps = { ...o, plan: (v: CheckpointVersion, p: PlanOptions) => this.plan(v, p) };
     const done = this.launch(record, lease, (abort) => new Coordination(deps, record, lease.version, abort));
     return { record, done };
@@ -96,6 +99,7 @@ export class Updates {
     // "u-N@coordinator": this daemon's own updates are numbered u-1, u-2, ... as well.
     const what = version?.id ?? `${plan.checkpoint.name} (from ${plan.coordinator})`;
     const record = new UpdateRecord(`${plan.update}@${plan.coordinator}`, what);
+    record.weightVersion = plan.weightVersion ?? weightVersion(plan.checkpoint.name, plan.checkpoint.fingerprint);
     const timeout = this.opts.receiverTimeoutMs;
     await this.launch(record, lease, () => new Participation(path, plan, version, timeout), plan.update);
     return record;
@@ -163,7 +167,8 @@ export class Updates {
     for (const id of [...this.records.keys()].slice(0, Math.max(0, this.records.size - keep))) this.records.delete(id);
   }
 
-  private plan(version: CheckpointVersion, opts: PlanOptions): Bucket[] {
+  private plan(version: CheckpointVersion, given: PlanOptions): Bucket[] {
+    const opts = { ...given, order: this.opts.bucketOrder ?? "size" };
     const key = JSON.stringify([version.id, opts]);
     if (this.lastPlan?.key !== key) this.lastPlan = { key, buckets: planBuckets(version.tensors, opts) };
     return this.lastPlan.buckets;

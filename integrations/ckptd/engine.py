@@ -62,24 +62,46 @@ def apply_to_params(params: Mapping[str, Any], counts: collections.Counter[str] 
     return apply
 
 
-def physical_gpu_index(local_index: int, visible: str | None = None) -> int:
-    """The host-wide index of this process's CUDA device `local_index`, i.e. the index the
-    daemon uses in gpu-<index>.sock: CUDA_VISIBLE_DEVICES renumbers devices from 0 inside a
-    process, so local device i is the i-th entry of that list. Without the variable, the same
-    index. Entries given as UUIDs cannot be mapped to an index: pass the socket path instead."""
+def visible_entry(local_index: int, visible: str | None = None) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of this process's CUDA device `local_index` (CUDA numbers
+    the visible devices from 0 inside a process, in the order of that list): an index, a GPU
+    UUID or a unique prefix of one. Without the variable, the index itself."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
     if visible is None or visible.strip() == "":
-        return local_index
+        return str(local_index)
     entries = [e.strip() for e in visible.split(",") if e.strip()]
     if local_index >= len(entries):
         raise ValueError(f"device {local_index} is not in CUDA_VISIBLE_DEVICES={visible!r}")
-    entry = entries[local_index]
+    return entries[local_index]
+
+
+def physical_gpu_index(local_index: int, visible: str | None = None) -> int:
+    """The host-wide index of this process's CUDA device `local_index`, i.e. the index the
+    daemon uses in gpu-<index>.sock. Entries given as UUIDs have no index: `gpu_socket_path`
+    finds their socket by UUID."""
+    entry = visible_entry(local_index, visible)
     if not entry.isdigit():
-        raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} is not an index; give the "
-                         f"receiver the gpu-<index>.sock path explicitly")
+        raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} is not an index; find its socket "
+                         f"by UUID with gpu_socket_path")
     return int(entry)
 
 
-def gpu_socket_path(socket_dir: str, local_index: int) -> str:
-    """`<socket_dir>/gpu-<physical index>.sock` for this process's CUDA device `local_index`."""
-    return os.path.join(socket_dir, f"gpu-{physical_gpu_index(local_index)}.sock")
+def gpu_socket_path(socket_dir: str, local_index: int, visible: str | None = None) -> str:
+    """The daemon's socket for this process's CUDA device `local_index`: `<socket_dir>/gpu-<i>.sock`
+    for an index, or, when CUDA_VISIBLE_DEVICES names the device by UUID (or a unique prefix
+    of one, as CUDA accepts), the daemon's link `<socket_dir>/<uuid>.sock` to that GPU's socket."""
+    entry = visible_entry(local_index, visible)
+    if entry.isdigit():
+        return os.path.join(socket_dir, f"gpu-{int(entry)}.sock")
+    try:
+        names = os.listdir(socket_dir)
+    except OSError as e:
+        raise ValueError(f"cannot list the daemon's socket directory {socket_dir}: {e}") from None
+    links = sorted(n for n in names if n.endswith(".sock") and not n.startswith("gpu-")
+                   and n.startswith(entry))
+    if len(links) != 1:
+        known = sorted(n[:-5] for n in names if n.endswith(".sock") and not n.startswith("gpu-"))
+        what = "no" if not links else "more than one"
+        raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} matches {what} GPU of the daemon "
+                         f"under {socket_dir} (its GPUs: {', '.join(known) or 'none by UUID'})")
+    return os.path.join(socket_dir, links[0])

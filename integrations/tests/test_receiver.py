@@ -1,13 +1,9 @@
-"""Tests of the engine side against a fake daemon; no vLLM or SGLang needed, torch optional.
+"""Tests of the receiver against a fake daemon (tests/fake_daemon.py); torch optional.
 
-    bash integrations/run-tests.sh -v      (a python with torch where there is one)
-    python3 -m unittest integrations/test_integrations.py -v
+    bash integrations/run-tests.sh -v      (every test, with a python that has torch where there is one)
+    python3 -m unittest integrations.tests.test_receiver -v
 
 The torch cases are skipped without torch, unless REQUIRE_TORCH=1 (CI), where they fail.
-
-The fake daemon speaks PROTOCOL.md over a real Unix socket from a thread, with "host" slots
-backed by temp files that the receiver maps, and writes each bucket's bytes into its slot
-before announcing it, reusing a slot only after its ack, as the daemon does.
 """
 from __future__ import annotations
 
@@ -26,175 +22,23 @@ import unittest
 from unittest import mock
 
 from integrations import ckptd as cr
-from integrations import ckptd_receiver, sglang_adapter, vllm_extension
+from integrations import ckptd_receiver, vllm_extension
 from integrations.ckptd import cuda, protocol, slots
 
-TIMEOUT = 10
+from .fake_daemon import (
+    ALL_DTYPES,
+    TIMEOUT,
+    FakeDaemon,
+    Recorder,
+    expected_bytes,
+    host_mapper,
+    make_buckets,
+    needs_torch,
+    torch,
+    torch_bytes,
+)
+
 logging.getLogger("ckptd").addHandler(logging.NullHandler())  # failures are expected here
-
-
-def host_mapper():
-    """The real mapper, with memoryview views whether or not torch is installed."""
-    return cr.Mapper(use_torch=False)
-
-
-class FakeDaemon:
-    """The daemon side of one connection; `script(daemon)` runs in a thread after the
-    handshake. Exceptions in the thread are raised again by join()."""
-
-    def __init__(self, slots=2, slot_bytes=4096):
-        self.dir = tempfile.mkdtemp(prefix="ckptd-test-")
-        self.path = os.path.join(self.dir, "gpu-0.sock")
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.path)
-        self.server.listen(4)
-        self.server.settimeout(TIMEOUT)
-        self.generation = 0
-        self.buffers = self.new_buffers(slots, slot_bytes)
-        self.hello = None
-        self.received = []  # every message from the receiver, in order
-        self.sent = []
-        self.error = None
-        self.conn = None
-        self._rbuf = b""
-
-    def new_buffers(self, slots, slot_bytes):
-        """A new generation of slots: fresh zeroed files. Returns the `buffers` message."""
-        self.generation += 1
-        self.slot_files = []
-        for i in range(slots):
-            f = os.path.join(self.dir, f"gen{self.generation}-slot{i}")
-            with open(f, "wb") as fh:
-                fh.truncate(slot_bytes)
-            self.slot_files.append(f)
-        self.slot_bytes = slot_bytes
-        return {"op": "buffers", "generation": self.generation, "slots": [
-            {"slot": i, "bytes": slot_bytes, "kind": "host", "path": f}
-            for i, f in enumerate(self.slot_files)]}
-
-    def start(self, script, welcome=None):
-        def run():
-            try:
-                self.conn, _ = self.server.accept()
-                self.conn.settimeout(TIMEOUT)
-                self.hello = self.recv()
-                self.send(welcome or {"op": "welcome", "protocol": 1, "gpu": 0,
-                                      "uuid": "HOST-test-0", "backend": "host"})
-                self.send(self.buffers)
-                script(self)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-                self.error = e
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        return self
-
-    def join(self):
-        self.thread.join(TIMEOUT)
-        if self.thread.is_alive():
-            raise AssertionError("fake daemon did not finish")
-        if self.error:
-            raise self.error
-
-    def close(self):
-        for s in (self.conn, self.server):
-            if s is not None:
-                s.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def send(self, msg):
-        self.sent.append(msg)
-        self.conn.sendall(json.dumps(msg).encode() + b"\n")
-
-    def recv(self):
-        while b"\n" not in self._rbuf:
-            chunk = self.conn.recv(65536)
-            if not chunk:
-                raise ConnectionError("receiver closed the socket")
-            self._rbuf += chunk
-        line, self._rbuf = self._rbuf.split(b"\n", 1)
-        msg = json.loads(line)
-        self.received.append(msg)
-        return msg
-
-    def recv_for(self, update):
-        """The next message about `update` (late acks of an aborted update are skipped)."""
-        while True:
-            msg = self.recv()
-            if msg.get("update") == update:
-                return msg
-
-    def write_bucket(self, update, bucket, slot, tensors):
-        """Writes the tensors' bytes into the slot file, returns the `bucket` message."""
-        entries, offset = [], 0
-        with open(self.slot_files[slot], "r+b") as f:
-            for name, dtype, shape, data in tensors:
-                f.seek(offset)
-                f.write(data)
-                entries.append({"name": name, "dtype": dtype, "shape": shape,
-                                "offset": offset, "bytes": len(data)})
-                offset += -(-len(data) // 64) * 64  # 64-byte aligned, as a daemon might
-        assert offset <= self.slot_bytes
-        return {"op": "bucket", "update": update, "bucket": bucket, "slot": slot,
-                "tensors": entries}
-
-    def push(self, update, buckets, checkpoint="test@1", stop_after=None):
-        """Runs one update: begin, the buckets through the slots (a slot is rewritten only
-        after its ack), end; returns the acks. stop_after=k: send buckets 0..k only and
-        return (the script goes on by hand)."""
-        n = len(self.slot_files)
-        self.send({"op": "begin", "update": update, "checkpoint": checkpoint,
-                   "tensors": sum(len(b) for b in buckets), "buckets": len(buckets)})
-        acks = []
-        for b, tensors in enumerate(buckets):
-            if b >= n:
-                acks.append(self.recv_for(update))
-                assert acks[-1] == {"op": "ack", "update": update, "bucket": b - n}, acks[-1]
-            self.send(self.write_bucket(update, b, b % n, tensors))
-            if stop_after == b:
-                return acks
-        while len(acks) < len(buckets):
-            acks.append(self.recv_for(update))
-        self.send({"op": "end", "update": update})
-        acks.append(self.recv_for(update))
-        return acks
-
-
-ALL_DTYPES = ("BF16", "F32", "I64", "U8", "F8_E4M3", "BOOL")
-
-
-def make_buckets(seed, sizes=(3, 1, 4, 2, 3), dtypes=ALL_DTYPES):
-    """Buckets of random tensors of several dtypes: [(name, dtype, shape, bytes), ...]."""
-    rnd = random.Random(seed)
-    dtypes = [(d, cr.dtype_size(d)) for d in dtypes]
-    buckets, i = [], 0
-    for n in sizes:
-        bucket = []
-        for _ in range(n):
-            dtype, size = rnd.choice(dtypes)
-            shape = [rnd.randint(1, 8), rnd.randint(1, 12)]
-            data = rnd.randbytes(shape[0] * shape[1] * size)
-            bucket.append((f"layers.{i}.weight", dtype, shape, data))
-            i += 1
-        buckets.append(bucket)
-    return buckets
-
-
-class Recorder:
-    """An apply that copies every view's bytes at once (views die at the ack)."""
-
-    def __init__(self, fail_on=None):
-        self.got, self.batches, self.fail_on = {}, 0, fail_on
-
-    def __call__(self, batch):
-        self.batches += 1
-        for name, view in batch:
-            if name == self.fail_on:
-                raise ValueError(f"cannot load {name}")
-            self.got[name] = bytes(view)
-
-
-def expected_bytes(buckets):
-    return {name: data for b in buckets for name, _, _, data in b}
 
 
 class ReceiverTest(unittest.TestCase):
@@ -686,32 +530,6 @@ class CudaUuidTest(unittest.TestCase):
         self.assertNotIn("cuIpcOpenMemHandle", drv.calls)
 
 
-try:
-    import torch
-except ImportError:
-    torch = None
-
-REQUIRE_TORCH = os.environ.get("REQUIRE_TORCH") == "1"
-
-
-def needs_torch(cls):
-    """Skips the class without torch, unless REQUIRE_TORCH=1 makes that a failure."""
-    if torch is not None:
-        return cls
-    if not REQUIRE_TORCH:
-        return unittest.skip("torch is not installed")(cls)
-
-    def setUp(self):
-        self.fail(f"REQUIRE_TORCH=1, but {sys.executable} cannot import torch")
-    cls.setUp = setUp
-    return cls
-
-
-def torch_bytes(t):
-    """A CPU tensor's bytes, as they are in memory."""
-    return bytes(t.detach().contiguous().view(-1).view(torch.uint8).tolist())
-
-
 @needs_torch
 class TorchHostViewsTest(unittest.TestCase):
     """Where torch is installed: host slots give typed CPU tensors over the mapping, and
@@ -806,6 +624,25 @@ class HelpersTest(unittest.TestCase):
         with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "3,2"}):
             self.assertEqual(cr.gpu_socket_path("/run/ckptd", 0), "/run/ckptd/gpu-3.sock")
 
+    def test_sockets_by_gpu_uuid(self):
+        # The daemon links <uuid>.sock to each GPU's gpu-<i>.sock; CUDA accepts unique prefixes.
+        with tempfile.TemporaryDirectory(prefix="ckptd-test-") as d:
+            for i, uuid in enumerate(["GPU-8a1c0000-aaaa", "GPU-8b2d0000-bbbb"]):
+                open(os.path.join(d, f"gpu-{i}.sock"), "w").close()
+                os.symlink(f"gpu-{i}.sock", os.path.join(d, f"{uuid}.sock"))
+            visible = "GPU-8b2d0000-bbbb,GPU-8a1c"
+            self.assertEqual(cr.gpu_socket_path(d, 0, visible), os.path.join(d, "GPU-8b2d0000-bbbb.sock"))
+            self.assertEqual(cr.gpu_socket_path(d, 1, visible), os.path.join(d, "GPU-8a1c0000-aaaa.sock"))
+            with self.assertRaisesRegex(ValueError, r"entry 'GPU-8' matches more than one GPU of the daemon "
+                                        r".*\(its GPUs: GPU-8a1c0000-aaaa, GPU-8b2d0000-bbbb\)"):
+                cr.gpu_socket_path(d, 0, "GPU-8")
+            with self.assertRaisesRegex(ValueError, "entry 'GPU-ffff' matches no GPU of the daemon"):
+                cr.gpu_socket_path(d, 0, "GPU-ffff")
+            with self.assertRaisesRegex(ValueError, "entry 'gpu-0' matches no GPU"):
+                cr.gpu_socket_path(d, 0, "gpu-0")  # the index sockets are not UUIDs
+        with self.assertRaisesRegex(ValueError, "cannot list the daemon's socket directory /nonexistent"):
+            cr.gpu_socket_path("/nonexistent", 0, "GPU-1")
+
     def test_the_old_module_names_the_same_objects(self):
         self.assertIs(ckptd_receiver.Receiver, cr.Receiver)
         self.assertIs(ckptd_receiver.apply_to_params, cr.apply_to_params)
@@ -813,7 +650,7 @@ class HelpersTest(unittest.TestCase):
 
     def test_old_module_loads_with_integrations_on_sys_path(self):
         # As bench/tiny_update.py loads it: `from ckptd_receiver import ...`, from elsewhere.
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # integrations/
         code = ("import sys; sys.path.insert(0, sys.argv[1]); "
                 "from ckptd_receiver import Receiver, apply_to_params; print(Receiver.__module__)")
         import subprocess
@@ -836,147 +673,6 @@ class HelpersTest(unittest.TestCase):
         self.assertEqual(counts, {"a": 1})
         with self.assertRaisesRegex(ValueError, r"a: received shape \[3\], parameter has \[2, 3\]"):
             apply([("a", T((3,)))])
-
-
-class FakeModel:
-    def __init__(self, fail_on=None):
-        self.loaded, self.calls, self.fail_on = {}, 0, fail_on
-
-    def load_weights(self, weights):
-        assert not isinstance(weights, (list, tuple)), "load_weights gets an iterator"
-        self.calls += 1
-        for name, view in weights:
-            if name == self.fail_on:
-                raise KeyError(name)
-            self.loaded[name] = bytes(view)
-        return set(self.loaded)
-
-
-class VllmExtensionTest(unittest.TestCase):
-    def setUp(self):
-        self.daemon = FakeDaemon()
-        daemon = self.daemon
-
-        class Worker(vllm_extension.CkptdWorkerExtension):
-            def __init__(self, model):
-                self.model_runner = types.SimpleNamespace(model=model, model_config="cfg",
-                                                          device="cuda:0")
-                self.paths = []
-
-            def _ckptd_local_device(self):
-                return 0
-
-            def _ckptd_connect(self, socket_path):
-                self.paths.append(socket_path)
-                return cr.Receiver(socket_path, timeout=TIMEOUT, mapper=host_mapper())
-
-        self.Worker = Worker
-        self.socket_dir = daemon.dir
-
-    def tearDown(self):
-        self.daemon.close()
-
-    def test_updates_through_load_weights(self):
-        buckets1, buckets2 = make_buckets(20), make_buckets(21)
-        self.daemon.start(lambda d: (d.push("u-1", buckets1), d.push("u-2", buckets2)))
-        model = FakeModel()
-        w = self.Worker(model)
-        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
-            s1 = w.ckptd_update(self.socket_dir)
-            self.assertEqual(model.loaded, expected_bytes(buckets1))
-            s2 = w.ckptd_update(self.socket_dir)
-        w.ckptd_close()
-        self.daemon.join()
-        self.assertEqual(model.loaded, {**expected_bytes(buckets1), **expected_bytes(buckets2)})
-        self.assertEqual(w.paths, [self.daemon.path])  # one connection for both updates
-        self.assertEqual(model.calls, len(buckets1) + len(buckets2))  # one call per bucket
-        self.assertEqual((s1["ok"], s1["update"], s1["tensors"]), (True, "u-1", 13))
-        self.assertEqual((s2["ok"], s2["update"]), (True, "u-2"))
-        self.assertFalse(s1["post_processed"])  # no vLLM here
-        json.dumps(s1)  # travels back through collective_rpc / HTTP
-
-    def test_post_processing_when_vllm_is_there(self):
-        calls = []
-        mods = {n: types.ModuleType(n) for n in (
-            "vllm", "vllm.model_executor", "vllm.model_executor.model_loader",
-            "vllm.model_executor.model_loader.utils")}
-        mods["vllm.model_executor.model_loader.utils"].process_weights_after_loading = \
-            lambda model, cfg, dev: calls.append((model, cfg, dev))
-        buckets = make_buckets(22, sizes=(1,))
-        self.daemon.start(lambda d: d.push("u-1", buckets))
-        model = FakeModel()
-        w = self.Worker(model)
-        with mock.patch.dict(sys.modules, mods), \
-                mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
-            s = w.ckptd_update(self.socket_dir)
-        w.ckptd_close()
-        self.daemon.join()
-        self.assertTrue(s["post_processed"])
-        self.assertEqual(calls, [(model, "cfg", "cuda:0")])
-
-    def test_failure_is_returned_not_raised(self):
-        buckets = make_buckets(23, sizes=(2, 2))
-        bad = buckets[1][1][0]
-
-        def script(d):
-            d.push("u-1", buckets, stop_after=1)
-            d.recv()
-            assert d.recv()["op"] == "error"
-            d.send({"op": "abort", "update": "u-1", "reason": "x"})
-            d.push("u-2", buckets)
-
-        self.daemon.start(script)
-        w = self.Worker(FakeModel(fail_on=bad))
-        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
-            s = w.ckptd_update(self.socket_dir)
-            self.assertEqual(s, {"ok": False, "update": "u-1", "error": f"KeyError: '{bad}'"})
-            w.model_runner.model = FakeModel()
-            self.assertTrue(w.ckptd_update(self.socket_dir)["ok"])
-        w.ckptd_close()
-        self.daemon.join()
-
-    def test_socket_path_follows_cuda_visible_devices(self):
-        os.rename(self.daemon.path, os.path.join(self.daemon.dir, "gpu-5.sock"))
-        self.daemon.path = os.path.join(self.daemon.dir, "gpu-5.sock")
-        self.daemon.start(lambda d: None)
-        w = self.Worker(FakeModel())
-        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "5,7"}):
-            welcome = w.ckptd_connect(self.socket_dir)
-        w.ckptd_close()
-        self.daemon.join()
-        self.assertEqual(welcome["socket"], self.daemon.path)
-        self.assertEqual(welcome["op"], "welcome")
-
-
-class SglangAdapterTest(unittest.TestCase):
-    def test_updates_through_load_weights(self):
-        daemon = FakeDaemon()
-        try:
-            buckets1, buckets2 = make_buckets(30), make_buckets(31, sizes=(6,))
-            daemon.start(lambda d: (d.push("u-1", buckets1), d.push("u-2", buckets2)))
-            model = FakeModel()
-            s1 = sglang_adapter.ckptd_update(model, daemon.path, timeout=TIMEOUT,
-                                             mapper=host_mapper())
-            s2 = sglang_adapter.ckptd_update(model, daemon.path)  # same connection
-            daemon.join()
-            self.assertEqual(model.loaded, {**expected_bytes(buckets1), **expected_bytes(buckets2)})
-            self.assertEqual((s1["update"], s2["update"], s2["tensors"]), ("u-1", "u-2", 6))
-        finally:
-            sglang_adapter.close()
-            daemon.close()
-
-    def test_connection_loss_drops_the_receiver(self):
-        daemon = FakeDaemon()
-        try:
-            daemon.start(lambda d: d.conn.close())
-            with self.assertRaises(ConnectionError):
-                sglang_adapter.ckptd_update(FakeModel(), daemon.path, timeout=TIMEOUT,
-                                            mapper=host_mapper())
-            daemon.join()
-            self.assertNotIn(daemon.path, sglang_adapter._receivers)
-        finally:
-            sglang_adapter.close()
-            daemon.close()
 
 
 if __name__ == "__main__":

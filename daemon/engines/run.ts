@@ -1,0 +1,150 @@
+/**
+ * Making one engine's calls of an update (engines/plan.ts) and recording each: what was called,
+ * how it answered, how long it took. A failure names the engine and the step; after one, the
+ * engine is resumed on whatever it holds, and its record says so.
+ */
+import type { EngineConfig } from "../config/index.ts";
+import { preview } from "../errors.ts";
+import { type Call, type EnginePlan, recoveryCalls } from "./plan.ts";
+
+export interface StepResult {
+  step: string;
+  ok: boolean;
+  ms: number;
+  error?: string;
+}
+
+/** An engine's part of an update, as the update record shows it. */
+export interface EngineResult {
+  name: string;
+  kind: EngineConfig["kind"];
+  steps: StepResult[];
+  /** After a failure: whether the engine was resumed (or had not been paused). */
+  resumed?: boolean;
+}
+
+export class EngineError extends Error {
+  constructor(
+    readonly engine: string,
+    message: string,
+  ) {
+    super(`engine ${engine}: ${message}`);
+    this.name = "EngineError";
+  }
+}
+
+export class EngineRun {
+  readonly result: EngineResult;
+  private readonly done = new Set<string>();
+
+  constructor(
+    readonly engine: EngineConfig,
+    readonly plan: EnginePlan,
+    /** Each call's time limit. */
+    private readonly timeoutMs: number,
+  ) {
+    this.result = { name: engine.name, kind: engine.kind, steps: [] };
+  }
+
+  /** The calls before the bytes move; throws an EngineError at the first that fails. */
+  async before(): Promise<void> {
+    for (const call of this.plan.before) await this.must(call);
+  }
+
+  /** The call that makes the engine receive, in flight; resolves to its error, or undefined. */
+  receive(): Promise<string | undefined> {
+    return this.plan.receive ? this.call(this.plan.receive) : Promise.resolve(undefined);
+  }
+
+  /** The calls after a successful update; throws an EngineError at the first that fails. */
+  async after(): Promise<void> {
+    for (const call of this.plan.after) await this.must(call);
+  }
+
+  /** After a failure: closes what the engine opened and resumes it; never throws. */
+  async recover(): Promise<void> {
+    const calls = recoveryCalls(this.plan, this.done);
+    for (const call of calls) await this.call(call);
+    const paused = this.done.has("pause");
+    this.result.resumed = !paused || this.done.has("resume");
+  }
+
+  /** Whether the engine is paused now, for the update's error message ("" when it is never paused). */
+  describe(): string {
+    if (!this.plan.before.some((c) => c.step === "pause")) return "";
+    if (!this.done.has("pause")) return "not paused";
+    return this.result.resumed ? "resumed" : "NOT resumed (its resume call failed)";
+  }
+
+  /** Whether the engine has calls of its own (not a receiver that connects by itself). */
+  get driven(): boolean {
+    return this.plan.receive !== undefined || this.plan.before.length > 0;
+  }
+
+  private async must(call: Call): Promise<void> {
+    const err = await this.call(call);
+    if (err !== undefined) throw new EngineError(this.engine.name, `${call.step} failed: ${err}`);
+  }
+
+  /** Makes one call; resolves to its error, or undefined. */
+  private async call(call: Call): Promise<string | undefined> {
+    const t0 = performance.now();
+    const err = await request(this.url(call), call, this.timeoutMs);
+    const ms = Math.round(performance.now() - t0);
+    this.result.steps.push({
+      step: call.step,
+      ok: err === undefined,
+      ms,
+      ...(err === undefined ? {} : { error: err }),
+    });
+    if (err === undefined) this.done.add(call.step);
+    return err;
+  }
+
+  private url(call: Call): string {
+    const base = this.engine.url as string;
+    return call.path === "" ? base : `${base.replace(/\/$/, "")}${call.path}`;
+  }
+}
+
+/** POSTs the call's JSON body; resolves to an error message naming the url, or undefined. */
+async function request(url: string, call: Call, timeoutMs: number): Promise<string | undefined> {
+  let res: Response;
+  let text: string;
+  try {
+    res = await fetch(url, {
+      method: call.method,
+      headers: { "content-type": "application/json" },
+      ...(call.body === undefined ? {} : { body: JSON.stringify(call.body) }),
+      signal: AbortSignal.timeout(timeoutMs),
+    });
+    text = await res.text();
+  } catch (err) {
+    const e = err as Error;
+    return e?.name === "TimeoutError" ? `${url} did not answer within ${timeoutMs} ms` : `${url}: ${e?.message ?? e}`;
+  }
+  if (!res.ok) return `${url} answered ${res.status}: ${text.slice(0, 300)}`;
+  return failureIn(text);
+}
+
+/**
+ * An engine's failure stated in a 200 answer: SGLang's {"success": false, "message"}, vLLM's
+ * collective_rpc {"results": [per worker]} where the ckptd extension returns {ok, error}.
+ * Anything else (no JSON, other fields) is a success.
+ */
+export function failureIn(text: string): string | undefined {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  if (parsed === null || typeof parsed !== "object") return undefined;
+  const o = parsed as { success?: unknown; message?: unknown; results?: unknown };
+  if (o.success === false) {
+    return `the engine answered success: false: ${typeof o.message === "string" ? o.message.slice(0, 300) : preview(o.message)}`;
+  }
+  if (!Array.isArray(o.results)) return undefined;
+  const bad = (o.results as { ok?: unknown; error?: unknown }[]).find((r) => r && r.ok === false);
+  return bad ? `a worker failed: ${typeof bad.error === "string" ? bad.error : preview(bad)}` : undefined;
+}
