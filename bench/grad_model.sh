@@ -9,7 +9,8 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 state=$(mktemp -d)
-node --import tsx daemon/main.ts --backend cuda --port 8479 --state-dir "$state" >"$out/grad-daemon.log" 2>&1 &
+# 8 MiB buckets: the models span a dozen, so slots are reused within an update
+node --import tsx daemon/main.ts --backend cuda --port 8479 --state-dir "$state" --bucket-bytes 8388608 >"$out/grad-daemon.log" 2>&1 &
 pid=$!
 for _ in $(seq 300); do curl -sf localhost:8479/v1/healthz >/dev/null && break; sleep 0.1; done
 PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/grad_model.py --url http://127.0.0.1:8479 --socket "$state/sockets/gpu-0.sock" --tokens "$state/tokens" \

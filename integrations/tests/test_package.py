@@ -45,9 +45,17 @@ class PackageTest(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
+    @classmethod
+    def env(cls):
+        """The venv sees the system's site-packages, not a user's: torch's own directory is added
+        where this python finds it elsewhere (that directory holds no ckptd)."""
+        spec = importlib.util.find_spec("torch")
+        torch_dir = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else ""
+        return {**os.environ, "PYTHONPATH": torch_dir}
+
     def installed(self, code):
         # from a directory outside the repository: only the installed package can be found
-        return run(self.python, "-c", code, cwd=self.tmp, env={**os.environ, "PYTHONPATH": ""}).stdout.strip()
+        return run(self.python, "-c", code, cwd=self.tmp, env=self.env()).stdout.strip()
 
     def test_the_wheel_holds_the_packages(self):
         self.assertRegex(os.path.basename(self.wheel), r"^ckptd-0\.1\.0-py3-none-any\.whl$")
@@ -68,7 +76,7 @@ class PackageTest(unittest.TestCase):
 
     def test_the_push_script(self):
         script = os.path.join(self.venv, "bin", "ckptd-push")
-        res = subprocess.run([script], capture_output=True, text=True, timeout=120)
+        res = subprocess.run([script], capture_output=True, text=True, timeout=120, cwd=self.tmp, env=self.env())
         self.assertEqual(res.returncode, 1)
         self.assertIn("usage: ckptd-push URL NAME [http|shm] [TOKENS_FILE]", res.stderr)
 
