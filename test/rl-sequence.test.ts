@@ -18,7 +18,13 @@ afterEach(async () => {
   for (const f of cleanup.splice(0).reverse()) await f();
 });
 
-async function setup(kind: "vllm" | "sglang", engine: Partial<EngineConfig> = {}, gpus = [0, 1]) {
+async function setup(
+  kind: "vllm" | "sglang",
+  engine: Partial<EngineConfig> = {},
+  gpus = [0, 1],
+  extra: Partial<Config> = {},
+  model: (dir: string) => WrittenTensor[] = (dir) => writeModel(dir, 2, 2, 256),
+) {
   const socketDir = tempDir();
   const stand = await new StandInEngine(kind, gpus, socketDir).listen();
   cleanup.push(() => stand.close());
@@ -30,12 +36,13 @@ async function setup(kind: "vllm" | "sglang", engine: Partial<EngineConfig> = {}
     bucketSlots: 3,
     receiverTimeoutMs: 3000,
     engines: [{ name: `${kind}-0`, kind, url: stand.url, gpus, ...engine }],
+    ...extra,
   });
   const daemon = await startInProcess(config);
   cleanup.push(() => daemon.stop());
   const api = apiOf(daemon.port);
   const dir = tempDir();
-  const tensors = writeModel(dir, 2, 2, 256);
+  const tensors = model(dir);
   expect((await api("POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
   return { stand, api, tensors };
 }
@@ -119,8 +126,8 @@ describe("vLLM (weight transfer API)", () => {
       /^engine vllm-0: .*\/update_weights answered 500: injected failure of \/update_weights;/,
     );
     expect(res.body.error.message).toMatch(/engine vllm-0 took (none|part|all) of the update.*, resumed$/);
-    expect(stand.paths().slice(-2)).toEqual(["/finish_weight_update", "/resume"]);
-    expect(stand.version).toBeUndefined(); // finish without a version
+    expect(stand.paths().slice(-1)).toEqual(["/resume"]); // vLLM closed its update when update_weights failed
+    expect(stand.version).toBeUndefined();
     expect([stand.paused, stand.open]).toEqual([false, false]);
   });
 
@@ -136,7 +143,7 @@ describe("vLLM (weight transfer API)", () => {
       /^receiver vllm-rank1 .* injected failure at bucket 0; engine vllm-0 took none of the update, resumed$/,
     );
     expect(stand.version).toBe(first); // still the version of what it held before
-    expect(stand.paths().slice(-2)).toEqual(["/finish_weight_update", "/resume"]);
+    expect(stand.paths().slice(-2)).toEqual(["/update_weights", "/resume"]);
     expect(stand.paused).toBe(false);
   });
 
@@ -150,6 +157,46 @@ describe("vLLM (weight transfer API)", () => {
     );
     await expectDelivered(stand, "u-1", tensors);
     expect(stand.paths().slice(-1)).toEqual(["/resume"]);
+  });
+
+  it("after a failure, waits for the engine's update_weights to answer before finishing it", async () => {
+    const { stand, api } = await setup("vllm");
+    expect((await api("POST", "/v1/updates", { checkpoint: "m" })).body.state).toBe("succeeded");
+    stand.answerDelayMs = 400; // vLLM answers update_weights once every worker's receive returned
+    stand.answerOk = true; // as if each worker's receive had returned without raising
+    (stand.receivers[0] as (typeof stand.receivers)[number]).behaviour = { failAt: 0 };
+    const res = await api("POST", "/v1/updates", { checkpoint: "m" });
+    expect(res.status).toBe(502);
+    expect(stand.raced).toBe(false);
+    expect(res.body.error.details.engines[0].steps.map((s: { step: string; ok: boolean }) => [s.step, s.ok])).toEqual([
+      ["init", true],
+      ["pause", true],
+      ["start", true],
+      ["update", true],
+      ["finish", true],
+      ["resume", true],
+    ]);
+  });
+
+  it("with bucketOrder layers, buckets come in layer order (for layerwise reload)", async () => {
+    const layerOf = (name: string) => Number(/\.layers\.(\d+)\./.exec(name)?.[1] ?? -1);
+    const order = async (bucketOrder: "size" | "layers") => {
+      const { stand, api } = await setup(
+        "vllm",
+        {},
+        [0],
+        { hostDevices: 1, bucketOrder, bucketBytes: 1 << 20 },
+        (dir) => writeModel(dir, 1, 12, 256),
+      );
+      expect((await api("POST", "/v1/updates", { checkpoint: "m" })).body.state).toBe("succeeded");
+      const buckets = (stand.receivers[0] as (typeof stand.receivers)[number]).seen.filter((m) => m.op === "bucket");
+      expect(buckets.length).toBeGreaterThan(2);
+      return buckets.flatMap((b) => (b.tensors as { name: string }[]).map((t) => layerOf(t.name)));
+    };
+    const layered = await order("layers");
+    expect(layered).toEqual([...layered].sort((a, b) => a - b));
+    const sized = await order("size");
+    expect(sized).not.toEqual([...sized].sort((a, b) => a - b));
   });
 
   it("a resume that fails is said plainly", async () => {
@@ -191,7 +238,7 @@ describe("SGLang", () => {
     const res = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(res.status).toBe(502);
     expect(res.body.error.message).toMatch(
-      /^receiver sglang-rank0 .* injected failure at bucket 1; engine sglang-0 took part of the update \(1 of 2 buckets acked per rank\), resumed$/,
+      /^receiver sglang-rank0 .* injected failure at bucket 1; engine sglang-0 took part of the update \((1|1 to 2) of 2 buckets acked per rank\), resumed$/,
     );
     expect(stand.version).toBe(before);
     expect(stand.paths().slice(-2)).toEqual(["/update_weights_from_tensor", "/continue_generation"]);

@@ -27,7 +27,14 @@ export class StandInEngine {
   open = false;
   version?: string;
   cacheResets = 0;
+  /** How long update_weights waits after its receivers saw the update end, before answering. */
+  answerDelayMs = 0;
+  /** update_weights answers success even when its receivers saw an abort (workers that did not raise). */
+  answerOk = false;
+  /** Whether finish_weight_update came while an update_weights call was still running (vLLM would refuse it). */
+  raced = false;
   url = "";
+  private updating = 0;
   private server?: Server;
 
   constructor(
@@ -49,6 +56,7 @@ export class StandInEngine {
         this.calls.push({ path: req.url ?? "", body });
         const status = this.failures.get(path);
         if (status !== undefined) {
+          if (path === "/update_weights") this.open = false; // vLLM's worker closes its update when it raises
           res.writeHead(status).end(`injected failure of ${path}`);
           return;
         }
@@ -91,14 +99,21 @@ export class StandInEngine {
         return [200, { message: "Weight update started" }];
       case "/update_weights": {
         if (!this.open) return [500, { error: "start_weight_update was not called" }];
+        this.updating++;
         const ends = await Promise.all(this.receivers.map((r) => r.ended(body.update_info.update)));
-        if (ends.includes("abort")) {
+        await new Promise((resolve) => setTimeout(resolve, this.answerDelayMs));
+        this.updating--;
+        if (ends.includes("abort") && !this.answerOk) {
           this.open = false; // vLLM's worker closes the session when update_weights raises
           return [500, { error: "UpdateAborted" }];
         }
         return [200, { message: "Weights updated" }];
       }
       case "/finish_weight_update":
+        if (this.updating > 0) {
+          this.raced = true;
+          return [409, { error: "update_weights is still running" }];
+        }
         if (!this.open) return [500, { error: "no weight update in progress" }];
         this.open = false;
         if (body?.weight_version) this.version = body.weight_version;

@@ -128,6 +128,10 @@ describe("recoveryCalls", () => {
     ]);
     expect(recoveryCalls(vllm, new Set(["init", "pause", "start", "finish", "resume"]))).toEqual([]);
     expect(recoveryCalls(vllm, new Set(["init"]))).toEqual([]);
+    // the engine refused the update call: vLLM's worker closed the update itself
+    expect(steps(recoveryCalls(vllm, new Set(["init", "pause", "start"]), new Set(["update"])))).toEqual([
+      "resume /resume",
+    ]);
     const sglang = planEngine(engine({ kind: "sglang" }), facts);
     expect(steps(recoveryCalls(sglang, new Set(["pause"])))).toEqual(["resume /continue_generation"]);
   });

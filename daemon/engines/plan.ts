@@ -116,13 +116,21 @@ export function planEngine(e: EngineConfig, u: UpdateFacts): EnginePlan {
 }
 
 /**
- * What to call after a failure, given the steps that succeeded: close an update the engine
- * opened (vLLM then finishes its layerwise reload, keeping what loaded), then resume it on
- * whatever it holds. Calls that already happened are not repeated.
+ * What to call after a failure, given the steps that succeeded (`done`) and those the engine
+ * answered with a failure (`refused`): close an update the engine opened (vLLM then finishes
+ * its layerwise reload, keeping what loaded), unless its update call failed there (vLLM's
+ * worker closes the update itself then), and resume it on whatever it holds. Calls that
+ * already happened are not repeated.
  */
-export function recoveryCalls(plan: EnginePlan, done: ReadonlySet<string>): Call[] {
+export function recoveryCalls(
+  plan: EnginePlan,
+  done: ReadonlySet<string>,
+  refused: ReadonlySet<string> = new Set(),
+): Call[] {
   const calls: Call[] = [];
-  if (done.has("start") && !done.has("finish")) calls.push(post("finish", "/finish_weight_update", {}));
+  if (done.has("start") && !done.has("finish") && !refused.has("update")) {
+    calls.push(post("finish", "/finish_weight_update", {}));
+  }
   const resume = plan.after.find((c) => c.step === "resume");
   if (done.has("pause") && !done.has("resume") && resume) calls.push(resume);
   return calls;

@@ -140,16 +140,35 @@ describe("EngineRun", () => {
     expect(run.result.steps.at(2)).toMatchObject({ step: "start", ok: false });
   });
 
-  it("after a failure with an open update, finishes it (no version) before resuming", async () => {
+  it("after a failure elsewhere with the update open, finishes it (no version) before resuming", async () => {
+    const { url, seen } = await engineServer(reply(200, "{}"));
+    const run = runOf(engine({ kind: "vllm", url }));
+    await run.before();
+    await run.recover();
+    expect(seen.slice(3).map((s) => [s.url, s.body])).toEqual([
+      ["/finish_weight_update", {}],
+      ["/resume", undefined],
+    ]);
+  });
+
+  it("an update call the engine refused closed the update there: only resume", async () => {
     const { url, seen } = await engineServer((res, path) => reply(path === "/update_weights" ? 500 : 200, "{}")(res));
     const run = runOf(engine({ kind: "vllm", url }));
     await run.before();
     expect(await run.receive()).toBe(`${url}/update_weights answered 500: {}`);
     await run.recover();
-    expect(seen.slice(4).map((s) => [s.url, s.body])).toEqual([
-      ["/finish_weight_update", {}],
-      ["/resume", undefined],
-    ]);
+    expect(seen.slice(4).map((s) => s.url)).toEqual(["/resume"]);
+  });
+
+  it("an update call that was never answered may still be open: finish, then resume", async () => {
+    const { url, seen } = await engineServer((res, path) =>
+      path === "/update_weights" ? setTimeout(() => reply(200, "{}")(res), 300) : reply(200, "{}")(res),
+    );
+    const run = new EngineRun(engine({ kind: "vllm", url }), planEngine(engine({ kind: "vllm", url }), facts), 100);
+    await run.before();
+    expect(await run.receive()).toBe(`${url}/update_weights did not answer within 100 ms`);
+    await run.recover();
+    expect(seen.slice(4).map((s) => s.url)).toEqual(["/finish_weight_update", "/resume"]);
   });
 
   it("says when the resume itself failed", async () => {

@@ -36,6 +36,8 @@ export class EngineError extends Error {
 export class EngineRun {
   readonly result: EngineResult;
   private readonly done = new Set<string>();
+  /** Steps the engine answered with a failure (not those it did not answer). */
+  private readonly refused = new Set<string>();
 
   constructor(
     readonly engine: EngineConfig,
@@ -63,7 +65,7 @@ export class EngineRun {
 
   /** After a failure: closes what the engine opened and resumes it; never throws. */
   async recover(): Promise<void> {
-    const calls = recoveryCalls(this.plan, this.done);
+    const calls = recoveryCalls(this.plan, this.done, this.refused);
     for (const call of calls) await this.call(call);
     const paused = this.done.has("pause");
     this.result.resumed = !paused || this.done.has("resume");
@@ -89,16 +91,12 @@ export class EngineRun {
   /** Makes one call; resolves to its error, or undefined. */
   private async call(call: Call): Promise<string | undefined> {
     const t0 = performance.now();
-    const err = await request(this.url(call), call, this.timeoutMs);
+    const { error, answered } = await request(this.url(call), call, this.timeoutMs);
     const ms = Math.round(performance.now() - t0);
-    this.result.steps.push({
-      step: call.step,
-      ok: err === undefined,
-      ms,
-      ...(err === undefined ? {} : { error: err }),
-    });
-    if (err === undefined) this.done.add(call.step);
-    return err;
+    this.result.steps.push({ step: call.step, ok: error === undefined, ms, ...(error === undefined ? {} : { error }) });
+    if (error === undefined) this.done.add(call.step);
+    else if (answered) this.refused.add(call.step);
+    return error;
   }
 
   private url(call: Call): string {
@@ -107,8 +105,11 @@ export class EngineRun {
   }
 }
 
-/** POSTs the call's JSON body; resolves to an error message naming the url, or undefined. */
-async function request(url: string, call: Call, timeoutMs: number): Promise<string | undefined> {
+/**
+ * POSTs the call's JSON body; resolves to an error message naming the url (or none), and
+ * whether the engine answered at all.
+ */
+async function request(url: string, call: Call, timeoutMs: number): Promise<{ error?: string; answered: boolean }> {
   let res: Response;
   let text: string;
   try {
@@ -121,10 +122,12 @@ async function request(url: string, call: Call, timeoutMs: number): Promise<stri
     text = await res.text();
   } catch (err) {
     const e = err as Error;
-    return e?.name === "TimeoutError" ? `${url} did not answer within ${timeoutMs} ms` : `${url}: ${e?.message ?? e}`;
+    const error =
+      e?.name === "TimeoutError" ? `${url} did not answer within ${timeoutMs} ms` : `${url}: ${e?.message ?? e}`;
+    return { error, answered: false };
   }
-  if (!res.ok) return `${url} answered ${res.status}: ${text.slice(0, 300)}`;
-  return failureIn(text);
+  if (!res.ok) return { error: `${url} answered ${res.status}: ${text.slice(0, 300)}`, answered: true };
+  return { error: failureIn(text), answered: true };
 }
 
 /**

@@ -184,6 +184,32 @@ class TransferEngineTest(unittest.TestCase):
         self.assert_holds(model, model.expected(ckpt))
         self.assertEqual(w.engine.last_summary["update"], "u-2")
 
+    def test_a_failed_update_finishes_the_layerwise_reload_itself(self):
+        # vLLM's worker closes its update when update_weights raises, and calls no finish
+        ckpt = vs.checkpoint(seed=6)
+        buckets = buckets_of(ckpt)
+
+        def script(d):
+            d.push("u-1", buckets, stop_after=0)
+            assert d.recv()["op"] == "error"
+            d.send({"op": "abort", "update": "u-1", "reason": "an engine failed"})
+            d.push("u-2", buckets)
+
+        d = self.daemon()
+        d.start(script)
+        model = vs.LlamaLike()
+        w = self.worker(d, model, QUANTIZED)
+        real = model.load_weights
+        model.load_weights = mock.Mock(side_effect=RuntimeError("bad shard"))
+        w.start_weight_update()
+        with self.assertRaisesRegex(cr.ReceiveError, "bad shard"):
+            w.update_weights({"update": "u-1"})
+        self.assertTrue(model.finalized)
+        model.load_weights = real
+        self.update(w, "u-2")
+        d.join()
+        self.assert_holds(model, model.expected(ckpt, processed=True))
+
     def test_an_update_other_than_the_one_asked_is_an_error(self):
         d = self.daemon()
         d.start(lambda d: d.push("u-7", buckets_of(vs.checkpoint())))

@@ -119,8 +119,12 @@ class CkptdWeightTransferEngine(WeightTransferEngine[CkptdInitInfo, CkptdUpdateI
         receiver = self._ensure_connected()
         try:
             summary = receiver.receive(self._load.apply)
-        except (OSError, ProtocolError):  # daemon gone, silent or speaking nonsense: reconnect next time
-            self._close()
+        except BaseException as e:
+            # vLLM's worker closes its update when this raises, without finish_weight_update:
+            # the layerwise reload is finished here (vLLM keeps what loaded, restores the rest).
+            self._finish_quietly()
+            if isinstance(e, (OSError, ProtocolError)):  # daemon gone, silent or speaking nonsense
+                self._close()  # reconnect next time
             raise
         self.last_summary = summary
         if update_info.update is not None and summary["update"] != update_info.update:
@@ -132,6 +136,12 @@ class CkptdWeightTransferEngine(WeightTransferEngine[CkptdInitInfo, CkptdUpdateI
         load, self._load = self._load, None
         if load is not None:
             load.end()
+
+    def _finish_quietly(self) -> None:
+        try:
+            self.finish_weight_update()
+        except Exception as e:  # noqa: BLE001 - the update's own error is the one to report
+            log.error("ckptd: finishing the layerwise reload after a failure: %s", e)
 
     def shutdown(self) -> None:
         self._close()
