@@ -7,6 +7,7 @@ import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints
 import { openUploadArea, removeOrphans, type UploadArea } from "./checkpoints/upload-dir.ts";
 import { uploadRoutes } from "./checkpoints/upload-routes.ts";
 import type { Config } from "./config/index.ts";
+import { bucketOrderFor } from "./engines/plan.ts";
 import { createApp } from "./http/app.ts";
 import { auth } from "./http/auth.ts";
 import { isLoopback, loadTls, validityWarning } from "./http/tls.ts";
@@ -105,7 +106,7 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
       nodeId,
       receiverTimeoutMs,
       engines,
-      bucketOrder: config.bucketOrder,
+      bucketOrder: bucketOrderFor(config.bucketOrder, engines),
     });
     log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
     return { context, nccl, registry, restore, path, hub, updates, uploads };

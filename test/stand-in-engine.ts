@@ -24,6 +24,9 @@ export class StandInEngine {
   /** Step path (without query) -> the status to answer with instead. */
   readonly failures = new Map<string, number>();
   paused = false;
+  pauseMode = "";
+  /** SGLang would have died (a cache flush asked while requests were queued or running). */
+  crashed = false;
   open = false;
   version?: string;
   cacheResets = 0;
@@ -35,6 +38,8 @@ export class StandInEngine {
   raced = false;
   url = "";
   private updating = 0;
+  /** Per SGLang rank: the message number after the last `begin` its loader took. */
+  private consumed: number[] = [];
   private server?: Server;
 
   constructor(
@@ -92,6 +97,7 @@ export class StandInEngine {
       case "/pause":
       case "/pause_generation":
         this.paused = true;
+        this.pauseMode = body?.mode ?? new URLSearchParams(this.calls.at(-1)?.path.split("?")[1]).get("mode") ?? "";
         return [200, { status: "paused" }];
       case "/start_weight_update":
         if (this.open) return [400, { error: "a weight update is already in progress" }];
@@ -126,11 +132,17 @@ export class StandInEngine {
         this.paused = false;
         return [200, { status: "resumed" }];
       case "/update_weights_from_tensor": {
-        // the loader receives the next update, whichever it is (a receiver connected now: its first)
-        const seen = this.receivers.map((r) => r.seen.length);
+        // each rank's loader takes the next update its socket brings, as a receiver reads in order
         await this.connect(this.socketDir);
-        const begin = await Promise.all(this.receivers.map((r, i) => waitBegin(r, seen[i] ?? 0)));
+        const begins = await Promise.all(this.receivers.map((r, i) => waitBegin(r, this.consumed[i] ?? 0)));
+        this.consumed = begins.map(([, at]) => at + 1);
+        const begin = begins.map(([update]) => update);
         const ends = await Promise.all(this.receivers.map((r, i) => r.ended(begin[i] as string)));
+        if (body.flush_cache && !(this.paused && this.pauseMode === "abort")) {
+          // SGLang flushes only an idle scheduler, and asserts on the failed flush: the server dies
+          this.crashed = true;
+          return [500, { error: "AssertionError: Cache flush failed after updating weights" }];
+        }
         if (ends.length > 0 && body.flush_cache) this.cacheResets++;
         if (body.weight_version) this.version = body.weight_version;
         return [200, { success: true, message: "Success" }];
@@ -153,11 +165,12 @@ export class StandInEngine {
   }
 }
 
-/** The update id of the first `begin` a receiver sees after its message number `from`. */
-async function waitBegin(r: ReferenceReceiver, from: number): Promise<string> {
+/** The update id and message number of the first `begin` (or `abort`) a receiver saw from message number `from` on. */
+async function waitBegin(r: ReferenceReceiver, from: number): Promise<[string, number]> {
   for (;;) {
-    const m = r.seen.slice(from).find((x) => x.op === "begin");
-    if (m) return m.update as string;
+    // an abort before any begin ends the wait too, as it ends ckptd's loader's (a driven receive)
+    const at = r.seen.findIndex((x, i) => i >= from && (x.op === "begin" || x.op === "abort"));
+    if (at >= 0) return [r.seen[at]?.update as string, at];
     await new Promise((resolve) => setTimeout(resolve, 2));
   }
 }

@@ -303,7 +303,7 @@ describe("engines listed in the configuration", () => {
       {
         method: "ckptd_update",
         args: [expect.stringMatching(/sockets$/)],
-        kwargs: { timeout_s: "2", reload: "auto" },
+        kwargs: { timeout_s: "2", reload: "auto", update: "u-1" },
         timeout: 8,
       },
     ]);

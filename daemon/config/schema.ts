@@ -23,8 +23,12 @@ export const EngineSchema = v.pipe(
     pause: v.optional(v.string()),
     /** vllm: how the update lands (auto: layerwise reload for quantized and MLA models). */
     reload: v.optional(v.picklist(["auto", "direct", "layerwise"])),
-    /** sglang: the loader, exactly as listed in its --custom-weight-loader. */
-    loadFormat: v.optional(v.pipe(v.string(), v.minLength(1))),
+    /** sglang: the loader, exactly as listed in its --custom-weight-loader (a dotted path: module.function). */
+    loadFormat: v.optional(
+      v.pipe(v.string(), v.regex(/^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$/, "must be a dotted path to a loader function")),
+    ),
+    /** How long the pause may take (vllm `wait` drains the running requests first). */
+    pauseTimeoutMs: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1))),
   }),
   v.check(
     (e) => e.kind === "receiver" || e.url !== undefined,
@@ -43,17 +47,31 @@ export const EngineSchema = v.pipe(
     },
   ),
   v.check(
+    (e) => !(e.kind === "vllm" && e.api !== "worker-extension" && e.pause === "none" && e.reload !== "direct"),
+    (issue) =>
+      `engine "${issue.input.name}": pause "none" needs reload "direct" (a layerwise reload moves the weights ` +
+      "away until it finishes, and vLLM would serve requests meanwhile)",
+  ),
+  v.check(
     (e) => !unusable(e),
     (issue) => `engine "${issue.input.name}" of kind ${issue.input.kind} takes no "${unusable(issue.input)}"`,
   ),
 );
 
 /** A key set on an engine whose kind does not use it. */
-function unusable(e: { kind: string; body?: unknown; api?: unknown; reload?: unknown; loadFormat?: unknown }) {
+function unusable(e: {
+  kind: string;
+  body?: unknown;
+  api?: unknown;
+  reload?: unknown;
+  loadFormat?: unknown;
+  pauseTimeoutMs?: unknown;
+}) {
   if (e.body !== undefined && e.kind !== "http") return "body";
   if (e.api !== undefined && e.kind !== "vllm") return "api";
   if (e.reload !== undefined && e.kind !== "vllm") return "reload";
   if (e.loadFormat !== undefined && e.kind !== "sglang") return "loadFormat";
+  if (e.pauseTimeoutMs !== undefined && e.kind !== "vllm" && e.kind !== "sglang") return "pauseTimeoutMs";
   return undefined;
 }
 export type EngineConfig = v.InferOutput<typeof EngineSchema>;
@@ -81,7 +99,7 @@ export const ConfigSchema = v.strictObject({
   uploadGroup: v.string(),
   bucketBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 20)),
   bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
-  bucketOrder: v.picklist(["size", "layers"]),
+  bucketOrder: v.picklist(["auto", "size", "layers"]),
   bucketMemoryBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 21)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   maxBodyBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
@@ -197,7 +215,7 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     flag: "--bucket-order",
     env: "CKPTD_BUCKET_ORDER",
     kind: "string",
-    help: "size: largest tensors first; layers: in layer order, for engines that reload layer by layer (vLLM, quantized models)",
+    help: "size: largest tensors first; layers: in layer order, for engines that reload layer by layer (vLLM: quantized and MLA models); auto: layers when a vllm engine may reload so",
   },
   bucketMemoryBytes: {
     flag: "--bucket-memory-bytes",
@@ -294,7 +312,7 @@ export function defaults(env: Record<string, string | undefined>): Config {
     uploadGroup: "",
     bucketBytes: 256 << 20,
     bucketSlots: 4,
-    bucketOrder: "size",
+    bucketOrder: "auto",
     bucketMemoryBytes: 1 << 30,
     receiverTimeoutMs: 30000,
     maxBodyBytes: 16 << 20,

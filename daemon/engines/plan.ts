@@ -15,12 +15,14 @@
  *   draft model excluded; the cache flushed), then update_weight_version and
  *   continue_generation. The version is set only after the daemon saw every rank apply the
  *   update: SGLang answers success whatever a custom loader did, and would set a version
- *   passed in the request after a failed update too. With `in_place` the running requests keep
- *   their KV cache, and SGLang asserts (killing the server) if a flush is asked then: no flush
- *   for that mode.
+ *   passed in the request after a failed update too. The cache is flushed only after an
+ *   `abort` pause: SGLang's flush works only when the scheduler is idle, waiting queue
+ *   included, and a flush asked in the request that fails is an assert that kills the server
+ *   (`retract` puts the running requests back in the queue, `in_place` keeps them running).
  * http: the configured body to the configured url, nothing around it.
  */
 import type { EngineConfig } from "../config/index.ts";
+import type { BucketOrder } from "../update/plan.ts";
 
 export interface Call {
   /** The step's name in the update record and in errors. */
@@ -56,7 +58,7 @@ export const PAUSE_MODES = {
   vllm: ["keep", "wait", "abort", "none"],
   sglang: ["retract", "in_place", "abort", "none"],
 };
-export const DEFAULT_PAUSE = { vllm: "keep", sglang: "retract" } as const;
+export const DEFAULT_PAUSE = { vllm: "keep", sglang: "abort" } as const;
 
 const post = (step: string, path: string, body?: unknown): Call => ({
   step,
@@ -70,13 +72,15 @@ export function planEngine(e: EngineConfig, u: UpdateFacts): EnginePlan {
   const seconds = u.receiverTimeoutMs / 1000;
   if (e.kind === "receiver") return { before: [], after: [] };
   if (e.kind === "http") return { before: [], receive: post("trigger", "", e.body ?? {}), after: [] };
-  const pause = e.pause ?? DEFAULT_PAUSE[e.kind];
+  const extension = e.kind === "vllm" && e.api === "worker-extension";
+  // Older vLLM's /pause knows no mode and aborts every request: the extension is paused only when asked.
+  const pause = e.pause ?? (extension ? "none" : DEFAULT_PAUSE[e.kind]);
   const paused = pause !== "none";
   if (e.kind === "sglang") {
     const body = {
       serialized_named_tensors: Array.from({ length: e.gpus.length }, () => SGLANG_EMPTY_PAYLOAD),
       load_format: e.loadFormat ?? "ckptd.sglang.custom_weight_loader",
-      flush_cache: pause !== "in_place",
+      flush_cache: pause === "abort",
       abort_all_requests: false,
       disable_draft_model: true,
     };
@@ -90,8 +94,8 @@ export function planEngine(e: EngineConfig, u: UpdateFacts): EnginePlan {
   const pauseCall = paused ? [post("pause", `/pause?mode=${pause}`)] : [];
   const reset = post("reset_prefix_cache", "/reset_prefix_cache?reset_running_requests=true");
   const resume = paused ? [post("resume", "/resume")] : [];
-  if ((e.api ?? "weight-transfer") === "worker-extension") {
-    const kwargs = { timeout_s: String(seconds), reload: e.reload ?? "auto" };
+  if (extension) {
+    const kwargs = { timeout_s: String(seconds), reload: e.reload ?? "auto", update: u.update };
     return {
       before: pauseCall,
       receive: post("update", "/collective_rpc", {
@@ -116,22 +120,51 @@ export function planEngine(e: EngineConfig, u: UpdateFacts): EnginePlan {
 }
 
 /**
- * What to call after a failure, given the steps that succeeded (`done`) and those the engine
- * answered with a failure (`refused`): close an update the engine opened (vLLM then finishes
- * its layerwise reload, keeping what loaded), unless its update call failed there (vLLM's
- * worker closes the update itself then), and resume it on whatever it holds. Calls that
- * already happened are not repeated.
+ * How buckets are packed for these engines: "auto" is layer order when a vLLM engine may take
+ * updates through its layerwise reload (it holds copies until each layer is complete: in size
+ * order no layer would complete before the end), else largest first.
  */
-export function recoveryCalls(
-  plan: EnginePlan,
-  done: ReadonlySet<string>,
-  refused: ReadonlySet<string> = new Set(),
-): Call[] {
+export function bucketOrderFor(order: "auto" | BucketOrder, engines: EngineConfig[]): BucketOrder {
+  if (order !== "auto") return order;
+  return engines.some((e) => e.kind === "vllm" && e.reload !== "direct") ? "layers" : "size";
+}
+
+/** What an engine's steps came to so far, for recovery. */
+export interface Progress {
+  /** Steps that succeeded. */
+  done: ReadonlySet<string>;
+  /** Steps the engine answered with a failure. */
+  refused: ReadonlySet<string>;
+  /** Steps sent but never answered (a time limit, a dropped connection): they may have happened. */
+  unanswered: ReadonlySet<string>;
+  /** What the engine's receivers took of the update: where any, it holds new weights, all or some. */
+  took: "none" | "part" | "all";
+}
+
+/**
+ * What to call after a failure: close an update the engine opened or may have opened (vLLM
+ * then finishes its layerwise reload, keeping what loaded), unless its update call was
+ * refused (vLLM's worker closes the update itself then); where it took any of the new
+ * weights, reset its prefix cache (what it cached was computed with other weights) and label
+ * what it holds (`<version>+partial` when it took part); then resume it on whatever it holds,
+ * also when its pause was never answered. Calls that already happened are not repeated.
+ */
+export function recoveryCalls(plan: EnginePlan, p: Progress, version: string): Call[] {
+  const happened = (step: string) => p.done.has(step) || p.unanswered.has(step);
   const calls: Call[] = [];
-  if (done.has("start") && !done.has("finish") && !refused.has("update")) {
+  if (happened("start") && !p.done.has("finish") && !p.refused.has("update")) {
     calls.push(post("finish", "/finish_weight_update", {}));
   }
+  if (p.took !== "none") {
+    const reset = plan.after.find((c) => c.step === "reset_prefix_cache");
+    if (reset && !p.done.has(reset.step)) calls.push(reset);
+    const versioned = plan.after.some((c) => c.step === "finish" || c.step === "version");
+    if (versioned && !p.done.has("finish") && !p.done.has("version")) {
+      const label = p.took === "all" ? version : `${version}+partial`;
+      calls.push(post("version", "/update_weight_version", { new_version: label, abort_all_requests: false }));
+    }
+  }
   const resume = plan.after.find((c) => c.step === "resume");
-  if (done.has("pause") && !done.has("resume") && resume) calls.push(resume);
+  if (resume && happened("pause") && !p.done.has("resume")) calls.push(resume);
   return calls;
 }

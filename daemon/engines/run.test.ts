@@ -56,7 +56,8 @@ const engine = (e: Partial<EngineConfig> & Pick<EngineConfig, "kind">): EngineCo
   gpus: [0],
   ...e,
 });
-const runOf = (e: EngineConfig, timeoutMs = 1000) => new EngineRun(e, planEngine(e, facts), timeoutMs);
+const runOf = (e: EngineConfig, callMs = 1000, pauseMs = 1000) =>
+  new EngineRun(e, planEngine(e, facts), { callMs, pauseMs });
 
 describe("failureIn", () => {
   it("reads SGLang's success: false and the ckptd extension's worker results", () => {
@@ -128,7 +129,7 @@ describe("EngineRun", () => {
     await expect(run.before()).rejects.toThrow(
       `engine v: start failed: ${url}/start_weight_update answered 409: a weight update is already in progress`,
     );
-    await run.recover();
+    await run.recover("none", facts.version);
     expect(seen.map((s) => s.url)).toEqual([
       "/init_weight_transfer_engine",
       "/pause?mode=keep",
@@ -144,7 +145,7 @@ describe("EngineRun", () => {
     const { url, seen } = await engineServer(reply(200, "{}"));
     const run = runOf(engine({ kind: "vllm", url }));
     await run.before();
-    await run.recover();
+    await run.recover("none", facts.version);
     expect(seen.slice(3).map((s) => [s.url, s.body])).toEqual([
       ["/finish_weight_update", {}],
       ["/resume", undefined],
@@ -156,26 +157,28 @@ describe("EngineRun", () => {
     const run = runOf(engine({ kind: "vllm", url }));
     await run.before();
     expect(await run.receive()).toBe(`${url}/update_weights answered 500: {}`);
-    await run.recover();
+    await run.recover("none", facts.version);
     expect(seen.slice(4).map((s) => s.url)).toEqual(["/resume"]);
   });
 
-  it("an update call that was never answered may still be open: finish, then resume", async () => {
+  it("the update call has no time limit; the others have theirs", async () => {
     const { url, seen } = await engineServer((res, path) =>
       path === "/update_weights" ? setTimeout(() => reply(200, "{}")(res), 300) : reply(200, "{}")(res),
     );
-    const run = new EngineRun(engine({ kind: "vllm", url }), planEngine(engine({ kind: "vllm", url }), facts), 100);
+    const run = runOf(engine({ kind: "vllm", url }), 100);
     await run.before();
-    expect(await run.receive()).toBe(`${url}/update_weights did not answer within 100 ms`);
-    await run.recover();
-    expect(seen.slice(4).map((s) => s.url)).toEqual(["/finish_weight_update", "/resume"]);
+    const receiving = run.receive(); // no time limit of its own: the receivers' acks bound an update
+    await new Promise((r) => setTimeout(r, 200));
+    expect(seen.map((s) => s.url)).not.toContain("/finish_weight_update");
+    expect(await receiving).toBeUndefined();
+    expect(run.result.steps.at(-1)).toMatchObject({ step: "update", ok: true });
   });
 
   it("says when the resume itself failed", async () => {
     const { url } = await engineServer((res, path) => reply(path === "/continue_generation" ? 503 : 200, "down")(res));
     const run = runOf(engine({ kind: "sglang", url }));
     await run.before();
-    await run.recover();
+    await run.recover("none", facts.version);
     expect(run.result.resumed).toBe(false);
     expect(run.describe()).toBe("NOT resumed (its resume call failed)");
   });
@@ -184,7 +187,7 @@ describe("EngineRun", () => {
     const { url, seen } = await engineServer(reply(200, "{}"));
     const run = runOf(engine({ kind: "sglang", url, pause: "none" }));
     await run.before();
-    await run.recover();
+    await run.recover("none", facts.version);
     expect(seen).toEqual([]);
     expect(run.describe()).toBe("");
     expect(run.result.resumed).toBe(true);
@@ -215,10 +218,27 @@ describe("EngineRun", () => {
     expect(await runOf(engine({ kind: "http", url })).receive()).toBe(`${url} answered 503: busy${"x".repeat(296)}`);
   });
 
+  it("a pause that is never answered may have happened: the engine is resumed, and said to be", async () => {
+    const { url, seen } = await engineServer((res, path) =>
+      path.startsWith("/pause") ? setTimeout(() => reply(200, "{}")(res), 300) : reply(200, "{}")(res),
+    );
+    const run = runOf(engine({ kind: "vllm", url, pause: "wait" }), 1000, 100);
+    await expect(run.before()).rejects.toThrow(
+      `engine e: pause failed: ${url}/pause?mode=wait did not answer within 100 ms`,
+    );
+    await run.recover("none", facts.version);
+    expect(seen.map((s) => s.url)).toEqual(["/init_weight_transfer_engine", "/pause?mode=wait", "/resume"]);
+    expect(run.describe()).toBe("resumed");
+  });
+
   it("waits for a slow engine up to its time limit, and names the limit past it", async () => {
     const { url } = await engineServer((res) => setTimeout(() => reply(200, "{}")(res), 150));
-    expect(await runOf(engine({ kind: "http", url }), 1000).receive()).toBeUndefined();
-    expect(await runOf(engine({ kind: "http", url }), 50).receive()).toBe(`${url} did not answer within 50 ms`);
+    await runOf(engine({ kind: "sglang", url }), 1000, 1000).before();
+    await expect(runOf(engine({ kind: "sglang", url }), 1000, 50).before()).rejects.toThrow(
+      `engine e: pause failed: ${url}/pause_generation did not answer within 50 ms`,
+    );
+    const slowStart = runOf(engine({ kind: "vllm", url, pause: "none", reload: "direct" }), 50);
+    await expect(slowStart.before()).rejects.toThrow(`${url}/init_weight_transfer_engine did not answer within 50 ms`);
   });
 
   it("resolves to a message naming the url when the engine cannot be reached", async () => {

@@ -5,7 +5,7 @@
  */
 import type { EngineConfig } from "../config/index.ts";
 import { preview } from "../errors.ts";
-import { type Call, type EnginePlan, recoveryCalls } from "./plan.ts";
+import { type Call, type EnginePlan, type Progress, recoveryCalls } from "./plan.ts";
 
 export interface StepResult {
   step: string;
@@ -36,14 +36,20 @@ export class EngineError extends Error {
 export class EngineRun {
   readonly result: EngineResult;
   private readonly done = new Set<string>();
-  /** Steps the engine answered with a failure (not those it did not answer). */
+  /** Steps the engine answered with a failure. */
   private readonly refused = new Set<string>();
+  /** Steps sent but not answered: they may have happened. */
+  private readonly unanswered = new Set<string>();
 
   constructor(
     readonly engine: EngineConfig,
     readonly plan: EnginePlan,
-    /** Each call's time limit. */
-    private readonly timeoutMs: number,
+    /**
+     * Each call's time limit, but the pause's (pauseMs: `wait` drains requests, which can take
+     * long) and the receive call's (none: the receivers' acks bound the update; see
+     * LocalRun.checkEngines for the bound once they are done).
+     */
+    private readonly limits: { callMs: number; pauseMs: number },
   ) {
     this.result = { name: engine.name, kind: engine.kind, steps: [] };
   }
@@ -63,18 +69,24 @@ export class EngineRun {
     for (const call of this.plan.after) await this.must(call);
   }
 
-  /** After a failure: closes what the engine opened and resumes it; never throws. */
-  async recover(): Promise<void> {
-    const calls = recoveryCalls(this.plan, this.done, this.refused);
-    for (const call of calls) await this.call(call);
-    const paused = this.done.has("pause");
-    this.result.resumed = !paused || this.done.has("resume");
+  /**
+   * After a failure: closes what the engine opened, resets and labels what it took, resumes
+   * it (recoveryCalls); never throws. took: what its receivers took of the update.
+   */
+  async recover(took: Progress["took"], version: string): Promise<void> {
+    const progress = { done: this.done, refused: this.refused, unanswered: this.unanswered, took };
+    for (const call of recoveryCalls(this.plan, progress, version)) await this.call(call);
+    this.result.resumed = !this.mayBePaused() || this.done.has("resume");
+  }
+
+  private mayBePaused(): boolean {
+    return this.done.has("pause") || this.unanswered.has("pause");
   }
 
   /** Whether the engine is paused now, for the update's error message ("" when it is never paused). */
   describe(): string {
     if (!this.plan.before.some((c) => c.step === "pause")) return "";
-    if (!this.done.has("pause")) return "not paused";
+    if (!this.mayBePaused()) return "not paused";
     return this.result.resumed ? "resumed" : "NOT resumed (its resume call failed)";
   }
 
@@ -91,11 +103,13 @@ export class EngineRun {
   /** Makes one call; resolves to its error, or undefined. */
   private async call(call: Call): Promise<string | undefined> {
     const t0 = performance.now();
-    const { error, answered } = await request(this.url(call), call, this.timeoutMs);
+    const limit =
+      call === this.plan.receive ? undefined : call.step === "pause" ? this.limits.pauseMs : this.limits.callMs;
+    const { error, answered } = await request(this.url(call), call, limit);
     const ms = Math.round(performance.now() - t0);
     this.result.steps.push({ step: call.step, ok: error === undefined, ms, ...(error === undefined ? {} : { error }) });
     if (error === undefined) this.done.add(call.step);
-    else if (answered) this.refused.add(call.step);
+    else (answered ? this.refused : this.unanswered).add(call.step);
     return error;
   }
 
@@ -109,7 +123,11 @@ export class EngineRun {
  * POSTs the call's JSON body; resolves to an error message naming the url (or none), and
  * whether the engine answered at all.
  */
-async function request(url: string, call: Call, timeoutMs: number): Promise<{ error?: string; answered: boolean }> {
+async function request(
+  url: string,
+  call: Call,
+  timeoutMs: number | undefined,
+): Promise<{ error?: string; answered: boolean }> {
   let res: Response;
   let text: string;
   try {
@@ -117,7 +135,7 @@ async function request(url: string, call: Call, timeoutMs: number): Promise<{ er
       method: call.method,
       headers: { "content-type": "application/json" },
       ...(call.body === undefined ? {} : { body: JSON.stringify(call.body) }),
-      signal: AbortSignal.timeout(timeoutMs),
+      ...(timeoutMs === undefined ? {} : { signal: AbortSignal.timeout(timeoutMs) }),
     });
     text = await res.text();
   } catch (err) {

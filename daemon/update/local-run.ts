@@ -59,7 +59,9 @@ export class LocalRun {
       socketDir,
       receiverTimeoutMs: timeout,
     };
-    this.engines = engines.map((e) => new EngineRun(e, planEngine(e, facts), timeout * 4));
+    this.engines = engines.map(
+      (e) => new EngineRun(e, planEngine(e, facts), { callMs: timeout * 4, pauseMs: e.pauseTimeoutMs ?? PAUSE_MS }),
+    );
     record.engines = this.engines.map((run) => run.result);
     await firstFailure(this.engines.map((run) => run.before()));
     this.triggered = this.engines.map((run) => ({ engine: run.engine, result: run.receive() }));
@@ -101,8 +103,10 @@ export class LocalRun {
 
   /** Throws naming the first engine whose update call answered with a failure. */
   async checkEngines(): Promise<void> {
+    const limit = this.deps.receiverTimeoutMs * 4;
     for (const t of this.triggered) {
-      const err = await t.result;
+      const late = `its update call did not answer within ${limit} ms after its receivers were done`;
+      const err = await Promise.race([t.result, sleep(limit).then(() => late)]);
       if (err) throw new Error(`engine ${t.engine.name}: ${err}`);
     }
   }
@@ -127,8 +131,17 @@ export class LocalRun {
    */
   async recoverEngines(): Promise<void> {
     const answered = Promise.all(this.triggered.map((t) => t.result));
-    await Promise.race([answered, new Promise((r) => setTimeout(r, this.deps.receiverTimeoutMs).unref())]);
-    await Promise.all(this.engines.map((run) => run.recover()));
+    await Promise.race([answered, sleep(this.deps.receiverTimeoutMs * 4)]);
+    this.countLateAcks();
+    const version = this.record.weightVersion ?? this.record.checkpoint;
+    await Promise.all(this.engines.map((run) => run.recover(this.took(run.engine), version)));
+  }
+
+  /** What an engine's receivers took of the update: all (every one `done`), none (no ack), or part. */
+  private took(engine: EngineConfig): "none" | "part" | "all" {
+    const mine = this.receivers.filter((r) => engine.gpus.includes(r.gpu));
+    if (mine.length > 0 && mine.every((r) => this.done.has(r))) return "all";
+    return mine.some((r) => (this.acked.get(r) ?? 0) > 0) ? "part" : "none";
   }
 
   /** Records the failure and tells every receiver to drop the update. */
@@ -146,12 +159,24 @@ export class LocalRun {
       r.send({ op: "abort", update: record.id, reason });
       if (!this.done.has(r)) this.aborted.add(r);
     }
+    // Engines asked to receive whose receivers the update had not taken in yet (it failed
+    // before they all connected) wait for it: the abort ends their wait.
+    const gpus = new Set(this.deps.engines.filter((e) => e.kind !== "receiver").flatMap((e) => e.gpus));
+    for (const r of this.deps.hub.connected()) {
+      if (!this.receivers.includes(r) && gpus.has(r.gpu)) r.send({ op: "abort", update: record.id, reason });
+    }
     this.deps.log.warn({ update: record.id, error: record.error }, "update failed");
   }
 
   /** Closes the record: timings, and what each receiver now holds. */
+  /** Acks that came but no wait consumed (the update failed first) count too: those buckets were applied. */
+  private countLateAcks(): void {
+    for (const r of this.receivers) this.acked.set(r, (this.acked.get(r) ?? 0) + r.takeAcks(this.record.id));
+  }
+
   finish(): void {
     const { record } = this;
+    this.countLateAcks();
     for (const r of this.receivers) r.forget(record.id);
     const seconds = (performance.now() - record.t0) / 1000;
     record.timings.seconds = seconds;
@@ -198,6 +223,11 @@ function span(counts: number[]): string {
   const [lo, hi] = [Math.min(...counts), Math.max(...counts)];
   return lo === hi ? String(lo) : `${lo} to ${hi}`;
 }
+
+/** How long a pause may take unless the engine's pauseTimeoutMs says otherwise (vLLM's `wait` drains requests). */
+const PAUSE_MS = 600_000;
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
 /** Waits for every promise; then rejects with the first rejection, if any. */
 async function firstFailure(all: Promise<void>[]): Promise<void> {

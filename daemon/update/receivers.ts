@@ -105,6 +105,16 @@ export class Receiver {
     for (const w of [...this.waiters]) w(msg);
   }
 
+  /** Takes the acks of `update` that arrived but no wait consumed (a failure ended the waits first); returns how many. */
+  takeAcks(update: string): number {
+    const before = this.inbox.length;
+    for (let i = this.inbox.length - 1; i >= 0; i--) {
+      const m = this.inbox[i];
+      if (m?.op === "ack" && m.update === update) this.inbox.splice(i, 1);
+    }
+    return before - this.inbox.length;
+  }
+
   /** Drops what is left of an update's messages (late acks must not match a later update). */
   forget(update: string): void {
     for (let i = this.inbox.length - 1; i >= 0; i--) if (this.inbox[i]?.update === update) this.inbox.splice(i, 1);

@@ -124,8 +124,15 @@ class Receiver:
 
     # -- updates ----------------------------------------------------------------------------
 
-    def receive(self, apply: Apply, finish: Finish | None = None) -> Summary:
+    def receive(self, apply: Apply, finish: Finish | None = None, update: str | None = None,
+                driven: bool = False) -> Summary:
         """Processes exactly one update and returns its summary.
+
+        update: the daemon's id of the update this call is for (the engine was asked to take
+        it): a `begin` of another one is refused (the daemon is told) before anything is
+        applied. driven: the engine was asked to take the next update, so an `abort` that
+        comes before any `begin` is that update failing before it reached this receiver:
+        UpdateAborted (otherwise such an abort is logged and the wait goes on).
 
         apply(batch): batch is a list of (name, view) for one bucket; the views are valid only
         during the call, copies into the engine must be queued on the current CUDA stream (or
@@ -134,8 +141,12 @@ class Receiver:
         Raises UpdateAborted (daemon abort), ReceiveError (apply/finish failed here; the
         daemon was told), ProtocolError, ConnectionError, TimeoutError.
         """
-        msg = self._wait_begin()
-        update: str = msg["update"]
+        msg = self._wait_begin(driven or update is not None)
+        if update is not None and msg["update"] != update:
+            raise self._fail(msg["update"], None, ProtocolError(
+                f"update {msg['update']} began, but this receiver was asked for update {update}"))
+        update = msg["update"]
+        assert update is not None
         t0 = time.perf_counter()
         self._assembled = {}
         summary: Summary = {"update": update, "checkpoint": msg.get("checkpoint"), "buckets": 0,
@@ -180,7 +191,7 @@ class Receiver:
             else:
                 raise self._fail(update, None, ProtocolError(f"unexpected during update {update}: {msg}"))
 
-    def _wait_begin(self) -> Message:
+    def _wait_begin(self, driven: bool = False) -> Message:
         while True:
             msg = self._next()
             op, update = msg.get("op"), msg.get("update")
@@ -188,6 +199,9 @@ class Receiver:
                 return msg
             if op in ("bucket", "end", "abort") and update in self._closed:
                 continue  # the tail of an update this receiver already gave up on
+            if op == "abort" and driven:
+                self._closed.append(update)
+                raise UpdateAborted(str(update), msg.get("reason", ""))
             if op == "abort":
                 log.info("abort for update %s, which never began here", update)
                 self._closed.append(update)

@@ -236,6 +236,16 @@ class ReceiverTest(unittest.TestCase):
         self.assertEqual(out["error"], {"op": "error", "update": "u-1",
                                         "message": "RuntimeError: post-processing broke"})
 
+    def test_an_abort_before_any_begin_is_passed_over_unless_the_update_was_asked_for(self):
+        buckets = make_buckets(40, sizes=(1,))
+        r = self.connect(lambda d: (d.send({"op": "abort", "update": "u-0", "reason": "x"}), d.push("u-1", buckets),
+                                    d.send({"op": "abort", "update": "u-2", "reason": "no receiver on GPU 1"})))
+        rec = Recorder()
+        self.assertEqual(r.receive(rec)["update"], "u-1")  # a serving engine waits on
+        with self.assertRaisesRegex(cr.UpdateAborted, "update u-2 aborted: no receiver on GPU 1"):
+            r.receive(rec, driven=True)  # an engine asked for the next update hears of its failure
+        self.daemon.join()
+
     def test_abort_raises_and_the_next_update_works_on_the_same_connection(self):
         buckets = make_buckets(7)
 

@@ -210,13 +210,39 @@ class TransferEngineTest(unittest.TestCase):
         d.join()
         self.assert_holds(model, model.expected(ckpt, processed=True))
 
-    def test_an_update_other_than_the_one_asked_is_an_error(self):
+    def test_an_update_other_than_the_one_asked_is_refused_before_anything_loads(self):
+        ckpt = vs.checkpoint()
+        told = []
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-7", "checkpoint": "m@7", "tensors": 16, "buckets": 1})
+            told.append(d.recv())
+            d.send({"op": "abort", "update": "u-7", "reason": "receiver failed"})
+            d.push("u-8", buckets_of(ckpt))
+
         d = self.daemon()
-        d.start(lambda d: d.push("u-7", buckets_of(vs.checkpoint())))
+        d.start(script)
+        model = vs.LlamaLike()
+        w = self.worker(d, model, QUANTIZED)
+        w.start_weight_update()
+        with self.assertRaisesRegex(cr.ReceiveError, "update u-7 began, but this receiver was asked for update u-1"):
+            w.update_weights({"update": "u-1"})
+        self.assertEqual(model.load_calls, 0)
+        self.assertTrue(model.finalized)  # the layerwise reload was finished, not left open
+        self.assertIsNone(w.engine._load)
+        self.assertEqual((told[0]["op"], told[0]["update"]), ("error", "u-7"))
+        self.update(w, "u-8")  # the same connection takes the next one
+        d.join()
+        self.assert_holds(model, model.expected(ckpt, processed=True))
+
+    def test_an_abort_before_begin_ends_the_wait(self):
+        # the daemon failed before this receiver's update began (another rank never connected)
+        d = self.daemon()
+        d.start(lambda d: d.send({"op": "abort", "update": "u-3", "reason": "engine e has no receiver on GPU 1"}))
         w = self.worker(d, vs.LlamaLike())
         w.start_weight_update()
-        with self.assertRaisesRegex(RuntimeError, "received update u-7, but update_weights asked for u-1"):
-            w.update_weights({"update": "u-1"})
+        with self.assertRaisesRegex(cr.UpdateAborted, "update u-3 aborted: engine e has no receiver on GPU 1"):
+            w.update_weights({})
         d.join()
 
     def test_a_daemon_that_never_pushes_times_out_and_is_dropped(self):

@@ -84,7 +84,7 @@ def ckptd_update(model: Any, socket_path: str, device: Any = None, finish: Finis
             finish()
 
     try:
-        return r.receive(apply, finish_all)
+        return r.receive(apply, finish_all, driven=True)  # SGLang asked for the next update
     except (UpdateAborted, ReceiveError):
         raise  # the update is dropped, the connection is still good
     except BaseException:

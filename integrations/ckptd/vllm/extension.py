@@ -74,18 +74,21 @@ class CkptdWorkerExtension:
         r = self._ckptd_receiver
         return dict(r.welcome, socket=r.socket_path)
 
-    def ckptd_update(self, socket_dir: str, timeout_s: str | float = 600, reload: str = "auto") -> dict[str, Any]:
+    def ckptd_update(self, socket_dir: str, timeout_s: str | float = 600, reload: str = "auto",
+                     update: str | None = None) -> dict[str, Any]:
         """Receives and applies one update; returns its summary with "ok": True, or
         {"ok": False, "update", "error"} (errors are returned rather than raised, so a failed
         update never takes the engine down through the RPC). timeout_s: how long to wait for
-        each message of the daemon; reload: "auto", "direct" or "layerwise" (load.WeightLoad)."""
+        each message of the daemon; reload: "auto", "direct" or "layerwise" (load.WeightLoad);
+        update: the daemon's id of the update asked for (another one is refused)."""
         load: WeightLoad | None = None
         try:
             self.ckptd_connect(socket_dir, timeout_s)
             assert self._ckptd_receiver is not None
-            load = WeightLoad(self._ckptd_model(), self._ckptd_model_config(), reload)
+            device = getattr(self.model_runner, "device", None) or getattr(self, "device", None)
+            load = WeightLoad(self._ckptd_model(), self._ckptd_model_config(), reload, device=device)
             load.begin()
-            summary = self._ckptd_receiver.receive(load.apply)
+            summary = self._ckptd_receiver.receive(load.apply, update=update or None, driven=True)
             load.end()
             return dict(summary, ok=True, reload="layerwise" if load.layerwise else "direct")
         except UpdateAborted as e:

@@ -22,6 +22,7 @@ Two ways, chosen per update from the model's configuration:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -60,13 +61,25 @@ class WeightLoad:
     begin(), before any weight is touched: loading it directly would leave the quantized
     kernels' weights unprocessed."""
 
-    def __init__(self, model: Any, model_config: Any, reload: str = "auto", reloader: Any = None) -> None:
+    def __init__(self, model: Any, model_config: Any, reload: str = "auto", reloader: Any = None,
+                 device: Any = None) -> None:
         if reload not in RELOADS:
             raise ValueError(f"reload {reload!r} is not one of {', '.join(RELOADS)}")
         self.model, self.model_config = model, model_config
         self.layerwise = reload == "layerwise" or (reload == "auto" and needs_layerwise(model_config))
         self._reloader = reloader
+        self._device = device
         self._begun = False
+
+    def _on_device(self) -> Any:
+        """The worker's device as torch's default while layerwise reload makes tensors: vLLM's own
+        workers before 0.25 wrap these calls so (vllm/v1/worker/gpu_worker.py), as the meta-device
+        step allocates on the default device."""
+        if self._device is None:
+            return contextlib.nullcontext()
+        import torch
+        device = torch.device(self._device)
+        return device if hasattr(device, "__enter__") else contextlib.nullcontext()  # torch < 2.0: no such context
 
     def begin(self) -> None:
         if not self.layerwise:
@@ -77,7 +90,8 @@ class WeightLoad:
             what = "quantized or MLA" if needs_layerwise(self.model_config) else "this"
             raise RuntimeError(f"a {what} model takes new weights only through vLLM's layerwise reload "
                                "(vllm.model_executor.model_loader.reload), which this vLLM does not have")
-        self._reloader.initialize_layerwise_reload(self.model)
+        with self._on_device():
+            self._reloader.initialize_layerwise_reload(self.model)
         self._begun = True
 
     def apply(self, batch: Batch) -> None:
@@ -86,7 +100,8 @@ class WeightLoad:
             pairs = [(name, view.clone()) for name, view in batch]
         else:
             pairs = list(batch)
-        self.model.load_weights(pairs)
+        with self._on_device() if self.layerwise else contextlib.nullcontext():
+            self.model.load_weights(pairs)
 
     def end(self) -> None:
         """Finishes a layerwise reload (also after a failed update: vLLM then puts the old kernel
@@ -94,4 +109,5 @@ class WeightLoad:
         if self._begun:
             self._begun = False
             assert self._reloader is not None
-            self._reloader.finalize_layerwise_reload(self.model, self.model_config)
+            with self._on_device():
+                self._reloader.finalize_layerwise_reload(self.model, self.model_config)
