@@ -12,11 +12,17 @@ import { createApp } from "./http/app.ts";
 import { auth } from "./http/auth.ts";
 import { isLoopback, loadTls, validityWarning } from "./http/tls.ts";
 import { metricsOf } from "./metrics.ts";
+import { advertiseUrlOf } from "./peers/advertise.ts";
+import { Gossip } from "./peers/gossip.ts";
+import { Members, type SelfInfo } from "./peers/members.ts";
+import { peerRoutes } from "./peers/routes.ts";
+import { updateSpan } from "./peers/select.ts";
 import type { Runtime } from "./runtime/index.ts";
 import { type NcclStatus, ncclStatus, statusOf } from "./status.ts";
 import { DataPath } from "./update/data-path.ts";
 import { openSocketDir } from "./update/engine-access.ts";
 import { checkEngineGpus } from "./update/engines.ts";
+import { fingerprint } from "./update/fingerprint.ts";
 import type { PeerSigner } from "./update/peers.ts";
 import { ReceiverHub } from "./update/receivers.ts";
 import { updateRoutes } from "./update/routes.ts";
@@ -52,6 +58,7 @@ interface Parts {
   hub: ReceiverHub;
   updates: Updates;
   uploads: UploadArea;
+  members: Members;
 }
 
 async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: PeerSigner): Promise<Parts> {
@@ -92,7 +99,8 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
     const hub = new ReceiverHub(socketDir, path.gpus, log, (r) => path.greet(r), { ...sockets.access, peerCred });
     undo.unshift(() => hub.close());
     await hub.listen(context.devices().map((d) => d.uuid));
-    const peers = config.peers.map((u) => u.replace(/\/$/, ""));
+    const members = new Members(nodeId, config.peerDownMs);
+    const peers = (asked?: string[]) => updateSpan(members.list(), config.peers, asked);
     const { receiverTimeoutMs, engines } = config;
     const updates = new Updates({
       ctx: context,
@@ -109,14 +117,37 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
       bucketOrder: bucketOrderFor(config.bucketOrder, engines),
     });
     log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
-    return { context, nccl, registry, restore, path, hub, updates, uploads };
+    return { context, nccl, registry, restore, path, hub, updates, uploads, members };
   } catch (err) {
     for (const close of undo) await close().catch(() => undefined);
     throw err;
   }
 }
 
-function appOf(opts: StartOptions, p: Parts, keyring: Keyring, startedAt: number) {
+/** What this daemon says of itself to its peers (peers/members.ts). */
+function selfInfo(p: Parts, nodeId: string, url: string): SelfInfo {
+  const versions = p.registry
+    .list()
+    .filter((v) => v.state === "ready")
+    .map((v) => ({
+      name: v.name,
+      version: v.version,
+      fingerprint: fingerprint(v),
+      bytes: v.bytes,
+      registeredAt: v.createdAt,
+    }));
+  const delivered = p.updates.delivered;
+  return { nodeId, url, backend: p.context.backend, gpus: p.path.gpus, versions, ...(delivered ? { delivered } : {}) };
+}
+
+function appOf(
+  opts: StartOptions,
+  p: Parts,
+  keyring: Keyring,
+  startedAt: number,
+  peers: { gossip: Gossip; self: () => SelfInfo },
+) {
+  const { gossip, self } = peers;
   const { config, runtime, log, nodeId } = opts;
   const status = () =>
     statusOf({
@@ -136,6 +167,7 @@ function appOf(opts: StartOptions, p: Parts, keyring: Keyring, startedAt: number
   checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files);
   uploadRoutes(app, p.registry, p.uploads.dir);
   updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus });
+  peerRoutes(app, p.members, gossip, self);
   app.get("/metrics", (c) =>
     c.text(metricsOf(p.registry, p.updates, p.hub, p.path.gpus), 200, {
       "content-type": "text/plain; version=0.0.4",
@@ -162,15 +194,32 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   const parts = await openParts(opts, keyring.sign);
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   const { host: hostname, port } = config;
+  let advertised = config.advertiseUrl.replace(/\/+$/, "");
+  const self = () => selfInfo(parts, opts.nodeId, advertised);
+  const gossip = new Gossip({
+    members: parts.members,
+    self,
+    sign: keyring.sign,
+    log,
+    heartbeatMs: config.heartbeatMs,
+    dns: config.peerDns,
+  });
+  for (const seed of config.peers) parts.members.propose(seed);
   try {
     const certificate = tls && { cert: tls.cert, key: tls.key };
-    server = await runtime.serve(appOf(opts, parts, keyring, startedAt).fetch, { hostname, port, tls: certificate });
+    const app = appOf(opts, parts, keyring, startedAt, { gossip, self });
+    server = await runtime.serve(app.fetch, { hostname, port, tls: certificate });
   } catch (err) {
     await release(parts);
     throw new Error(`cannot listen on ${hostname}:${port}: ${(err as Error).message}`);
   }
   const scheme = tls ? "https" : "http";
-  log.info({ host: hostname, port: server.port, scheme, runtime: runtime.name, version: VERSION }, "listening");
+  advertised ||= advertiseUrlOf(hostname, server.port, scheme);
+  log.info(
+    { host: hostname, port: server.port, scheme, runtime: runtime.name, version: VERSION, advertiseUrl: advertised },
+    "listening",
+  );
+  gossip.start();
   const expiry = tls && validityWarning(tls, new Date());
   if (expiry) log.warn({ tlsCertFile: config.tlsCertFile }, expiry);
   if (!tls && !isLoopback(hostname)) {
@@ -189,6 +238,8 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
       stopping ??= (async () => {
         // The update in flight is aborted first: its client waits on an open connection, which
         // server.close() would wait for.
+        gossip.stop();
+        await gossip.leave();
         const closing = server.close();
         await parts.updates.close();
         await closing;

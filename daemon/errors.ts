@@ -31,6 +31,7 @@ export const ERROR_CODES = [
   "registration_failed",
   "update_failed",
   "receiver_failed",
+  "peer_unreachable",
   "data_plane",
   "internal",
 ] as const;

@@ -21,9 +21,9 @@ export function testConfig(overrides: Partial<Config> = {}): Config {
   };
 }
 
-/** Starts a daemon on `config` in this process, with node id "t". */
-export function startInProcess(config: Config): Promise<Daemon> {
-  return startDaemon({ config, runtime: nodeRuntime, log: pino({ level: "silent" }), nodeId: "t", libDir: LIB_DIR });
+/** Starts a daemon on `config` in this process, with node id "t" unless given. */
+export function startInProcess(config: Config, nodeId = "t"): Promise<Daemon> {
+  return startDaemon({ config, runtime: nodeRuntime, log: pino({ level: "silent" }), nodeId, libDir: LIB_DIR });
 }
 
 /** JSON calls to the daemon on `port` with the tests' admin token. */

@@ -12,7 +12,7 @@ import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 export const TIMESTAMP_HEADER = "x-ckptd-timestamp";
 export const SIGNATURE_HEADER = "x-ckptd-signature";
 export const BODY_HASH_HEADER = "x-ckptd-body-sha256";
-/** The node id of the daemon the request is for, or "*" (GET /v1/peer/info only). */
+/** The node id of the daemon the request is for, or "*" (where checkRecipient allows it). */
 export const TO_HEADER = "x-ckptd-to";
 export const ANY_NODE = "*";
 
@@ -109,10 +109,17 @@ export function checkSignature(secret: Buffer, req: SignedRequest, body?: Uint8A
   return body === undefined ? { ok: true } : checkBody(req, body);
 }
 
+/**
+ * Requests that may be signed for any daemon: those a daemon sends to a URL before it knows who
+ * answers there (asking for its GPUs; a heartbeat to a seed, a DNS address, a URL given to POST
+ * /v1/peers). Replayed elsewhere, they only tell the truth about their sender.
+ */
+const ANYONE = new Set(["GET /v1/peer/info", "POST /v1/peer/heartbeat"]);
+
 /** The request was signed for this daemon (`self`), or for any, where that is allowed. */
 export function checkRecipient(req: SignedRequest, self: string): Verdict {
   if (req.to === self) return { ok: true };
-  if (req.to === ANY_NODE && req.method === "GET" && req.target.split("?")[0] === "/v1/peer/info") return { ok: true };
+  if (req.to === ANY_NODE && ANYONE.has(`${req.method} ${req.target.split("?")[0]}`)) return { ok: true };
   return { ok: false, message: `the request was signed for node ${req.to}, not for this daemon (${self})` };
 }
 

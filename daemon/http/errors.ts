@@ -36,6 +36,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   registration_failed: 500,
   update_failed: 502,
   receiver_failed: 502,
+  peer_unreachable: 502,
   data_plane: 500,
   internal: 500,
 };

@@ -43,7 +43,7 @@ export type PeerSigner = (method: string, url: string, to: string, body?: Uint8A
  * A signed JSON request to a peer; timeoutMs undefined: no limit. A body that is not JSON
  * becomes an error body.
  */
-async function call<T>(
+export async function peerCall<T>(
   sign: PeerSigner,
   url: string,
   request: { method?: string; json?: unknown; to: string },
@@ -77,7 +77,7 @@ export async function peerInfo(
   const q = `${url}/v1/peer/info?checkpoint=${encodeURIComponent(name)}&fingerprint=${fp}`;
   try {
     // Asked of whoever answers: this is how the coordinator learns the peer's node id.
-    const { status, body } = await call<PeerInfo & { error?: { message: string } }>(
+    const { status, body } = await peerCall<PeerInfo & { error?: { message: string } }>(
       sign,
       q,
       { to: ANY_NODE },
@@ -100,7 +100,7 @@ export async function peerRun(sign: PeerSigner, url: string, to: string, plan: P
     // collectives, which the event waits bound.
     type Failed = { error?: { message: string; details?: { error?: { code?: string } } } };
     const request = { method: "POST", json: plan, to };
-    const { status, body } = await call<Failed>(sign, `${url}/v1/peer/updates`, request);
+    const { status, body } = await peerCall<Failed>(sign, `${url}/v1/peer/updates`, request);
     if (status === 200) return { ok: true };
     return { ok: false, message: body.error?.message ?? `status ${status}`, code: body.error?.details?.error?.code };
   } catch (err) {
@@ -124,7 +124,7 @@ export async function peerAbort(
   reason: string,
   timeoutMs: number,
 ): Promise<void> {
-  await call(
+  await peerCall(
     sign,
     `${url}/v1/peer/updates/${encodeURIComponent(update)}/abort`,
     { method: "POST", json: { reason }, to },

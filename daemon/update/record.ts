@@ -34,6 +34,8 @@ export class UpdateRecord {
   engines: EngineResult[] = [];
   /** What the engines are told they hold once it succeeded. */
   weightVersion?: string;
+  /** Peers left out because they were not up when it started. */
+  leftOut: { nodeId: string; url: string; state: string }[] = [];
 
   constructor(
     readonly id: string,
@@ -57,6 +59,7 @@ export class UpdateRecord {
       timings: this.timings,
       receivers: this.receivers,
       ...(this.engines.length > 0 ? { engines: this.engines } : {}),
+      ...(this.leftOut.length > 0 ? { leftOut: this.leftOut } : {}),
       ...(this.error ? { error: this.error } : {}),
       ...(withBuckets ? { buckets: this.buckets } : {}),
     };

@@ -13,6 +13,8 @@ const UpdateBody = v.strictObject({
   checkpoint: v.pipe(v.string(), v.minLength(1)),
   /** Answer when the update has ended (default), or at once with 202. */
   wait: v.optional(v.boolean(), true),
+  /** Node ids or URLs of the peers to span (default: every peer that is up, and the seeds). */
+  peers: v.optional(v.pipe(v.array(v.pipe(v.string(), v.minLength(1), v.maxLength(500))), v.maxLength(10_000))),
 });
 
 const Piece = v.object({
@@ -48,7 +50,7 @@ export function updateRoutes(
 ) {
   app.post("/v1/updates", async (c) => {
     const body = parseBody(UpdateBody, c.get("body"));
-    const { record, done } = updates.start(body.checkpoint);
+    const { record, done } = updates.start(body.checkpoint, body.peers);
     c.header("location", `/v1/updates/${record.id}`);
     if (!body.wait) return reply(c, record.toJSON(), 202);
     await done;

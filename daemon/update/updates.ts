@@ -8,6 +8,7 @@ import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
 import { DaemonError } from "../errors.ts";
+import type { Span } from "../peers/select.ts";
 import { Coordination } from "./coordinate.ts";
 import type { DataPath } from "./data-path.ts";
 import { fingerprint, weightVersion, withFingerprint } from "./fingerprint.ts";
@@ -31,8 +32,8 @@ export interface UpdateOptions {
   /** Engines to trigger and wait for; none: whichever receivers are connected take part. */
   engines: EngineConfig[];
   socketDir: string;
-  /** Other daemons that take part in this daemon's updates (base URLs). */
-  peers: string[];
+  /** The other daemons an update spans (peers/select.ts), narrowed to `asked` (node ids or URLs). */
+  peers: (asked?: string[]) => Span;
   /** Signs each request to a peer (the cluster secret). */
   sign: PeerSigner;
   nodeId: string;
@@ -57,6 +58,7 @@ export class Updates {
   private seq = 0;
   /** The last plan: the same version over the same GPUs and slots is planned once. */
   private lastPlan?: { key: string; buckets: Bucket[] };
+  private lastDelivered?: string;
 
   constructor(private readonly opts: UpdateOptions) {}
 
@@ -71,18 +73,25 @@ export class Updates {
   }
 
   /** Checks and starts an update this daemon coordinates; returns its record and a promise of its end. */
-  start(ref: string): { record: UpdateRecord; done: Promise<void> } {
+  start(ref: string, asked?: string[]): { record: UpdateRecord; done: Promise<void> } {
     this.assertIdle();
     const o = this.opts;
+    const span = o.peers(asked);
     const lease = o.registry.acquire(ref);
-    if (o.engines.length === 0 && o.peers.length === 0 && o.hub.connected().length === 0) {
+    if (o.engines.length === 0 && span.urls.length === 0 && o.hub.connected().length === 0) {
       lease.release();
       throw new DaemonError("no_receivers", "no engine receiver is connected to this daemon");
     }
     const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
     record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
-    const deps = { ...o, plan: (v: CheckpointVersion, p: PlanOptions) => this.plan(v, p) };
-    const done = this.launch(record, lease, (abort) => new Coordination(deps, record, lease.version, abort));
+    record.leftOut = span.leftOut;
+    const fp = fingerprint(lease.version);
+    const deps = { ...o, peers: span.urls, plan: (v: CheckpointVersion, p: PlanOptions) => this.plan(v, p) };
+    const done = this.launch(record, lease, (abort) => new Coordination(deps, record, lease.version, abort)).then(
+      () => {
+        if (record.state === "succeeded") this.lastDelivered = fp;
+      },
+    );
     return { record, done };
   }
 
@@ -102,6 +111,7 @@ export class Updates {
     record.weightVersion = plan.weightVersion ?? weightVersion(plan.checkpoint.name, plan.checkpoint.fingerprint);
     const timeout = this.opts.receiverTimeoutMs;
     await this.launch(record, lease, () => new Participation(path, plan, version, timeout), plan.update);
+    if (record.state === "succeeded") this.lastDelivered = plan.checkpoint.fingerprint;
     return record;
   }
 
@@ -165,6 +175,11 @@ export class Updates {
   private trim(): void {
     const keep = this.opts.history ?? 100;
     for (const id of [...this.records.keys()].slice(0, Math.max(0, this.records.size - keep))) this.records.delete(id);
+  }
+
+  /** The fingerprint this daemon's engines last received in a successful update. */
+  get delivered(): string | undefined {
+    return this.lastDelivered;
   }
 
   private plan(version: CheckpointVersion, given: PlanOptions): Bucket[] {
