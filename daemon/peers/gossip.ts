@@ -98,7 +98,7 @@ export class Gossip {
 
   /** One heartbeat to `url`; the answer is a heartbeat of its own. */
   private async beat(url: string, nodeId?: string): Promise<Member | undefined> {
-    const { members, sign, heartbeatMs, log } = this.deps;
+    const { members, sign, heartbeatMs } = this.deps;
     const json: Heartbeat = { self: this.deps.self(), members: members.rumorsOut() };
     const { status, body } = await peerCall<Heartbeat & { error?: { message: string } }>(
       sign,
@@ -111,10 +111,16 @@ export class Gossip {
         `${url}/v1/peer/heartbeat answered ${status}: ${body?.error?.message ?? JSON.stringify(body).slice(0, 200)}`,
       );
     }
-    const before = members.get(body.self.nodeId)?.state;
     members.answered(url);
-    const m = members.heard(body.self, Date.now());
-    members.rumors(body.members ?? []);
+    return this.heard(body);
+  }
+
+  /** A heartbeat, received or answered: its sender is up, and whom it knows are candidates. */
+  heard(hb: Heartbeat): Member | undefined {
+    const { members, log } = this.deps;
+    const before = members.get(hb.self.nodeId)?.state;
+    const m = members.heard(hb.self, Date.now());
+    members.rumors(hb.members ?? []);
     if (m && before !== "up") log.info({ peer: m.nodeId, url: m.url }, before ? "peer up again" : "peer up");
     return m;
   }

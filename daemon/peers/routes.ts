@@ -66,9 +66,7 @@ export function peerRoutes(
   });
   app.post("/v1/peer/heartbeat", (c) => {
     if (gossip.leaving) throw new DaemonError("busy", "this daemon is leaving the fleet");
-    const hb = parseBody(HeartbeatSchema, c.get("body")) as Heartbeat;
-    members.heard(hb.self, Date.now());
-    members.rumors(hb.members);
+    gossip.heard(parseBody(HeartbeatSchema, c.get("body")) as Heartbeat);
     const answer: Heartbeat = { self: self(), members: members.rumorsOut() };
     return reply(c, answer);
   });
