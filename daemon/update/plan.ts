@@ -104,7 +104,10 @@ const size = (list: Segment[]) => list.reduce((sum, s) => sum + s.end - s.begin,
  * `align` from its start).
  */
 function shares(tensors: PlanTensor[], n: number, align: number): Segment[][] {
-  const ordered = [...tensors].sort((a, b) => a.file - b.file || a.offset - b.offset);
+  const byPlace = (a: PlanTensor, b: PlanTensor) => a.file - b.file || a.offset - b.offset;
+  // A registered version lists its tensors in that order already: then no sort is needed.
+  const sorted = tensors.every((t, i) => i === 0 || byPlace(tensors[i - 1] as PlanTensor, t) <= 0);
+  const ordered = sorted ? tensors : [...tensors].sort(byPlace);
   const lists: Segment[][] = Array.from({ length: n }, () => []);
   for (const t of ordered) lists[t.file % n]?.push({ t, begin: 0, end: t.bytes });
   const quota = Math.ceil(size(lists.flat()) / n / align) * align;
@@ -159,30 +162,53 @@ const OPEN_BUCKETS = 64;
  */
 function packBuckets(segments: Segment[], bucketBytes: number, align: number): Packed[] {
   const buckets: Packed[] = [];
-  const items: Segment[] = [];
+  const items: { s: Segment; len: number; file: number; at: number }[] = [];
   for (const s of segments) {
     let begin = s.begin;
     for (; s.end - begin > bucketBytes; begin += bucketBytes) {
       buckets.push({ index: 0, bytes: bucketBytes, pieces: [piece(s, begin, begin + bucketBytes, 0)] });
     }
-    items.push({ ...s, begin });
+    const rest = begin === s.begin ? s : { ...s, begin };
+    items.push({ s: rest, len: s.end - begin, file: s.t.file, at: s.t.offset + begin });
   }
-  const len = (x: Segment) => x.end - x.begin;
-  items.sort((a, b) => len(b) - len(a) || a.t.file - b.t.file || a.t.offset + a.begin - (b.t.offset + b.begin));
+  items.sort((a, b) => b.len - a.len || a.file - b.file || a.at - b.at);
+  // The open buckets in the order they were opened, and where the next piece of each would go
+  // (its aligned end), kept apart as plain numbers: this loop runs once per tensor. `least` is
+  // the smallest of those ends: a piece that does not fit there fits nowhere, and opens a
+  // bucket without looking at the others (most pieces, as they come largest first).
   const open: Packed[] = [];
+  const ends: number[] = [];
+  let least = Number.POSITIVE_INFINITY;
   const alignUp = (n: number) => Math.ceil(n / align) * align;
-  for (const s of items) {
-    let b = open.find((x) => alignUp(x.bytes) + len(s) <= bucketBytes);
-    if (!b) {
-      b = { index: 0, bytes: 0, pieces: [] };
-      buckets.push(b);
-      if (open.push(b) > OPEN_BUCKETS) open.shift();
+  for (const { s, len } of items) {
+    let k = open.length;
+    if (least + len <= bucketBytes) {
+      k = 0;
+      while ((ends[k] as number) + len > bucketBytes) k++;
+    } else {
+      const fresh: Packed = { index: 0, bytes: 0, pieces: [] };
+      buckets.push(fresh);
+      open.push(fresh);
+      ends.push(0);
+      if (open.length > OPEN_BUCKETS) {
+        open.shift();
+        ends.shift();
+        k--;
+      }
+      least = 0;
     }
-    const at = alignUp(b.bytes);
+    const b = open[k] as Packed;
+    const at = ends[k] as number;
     b.pieces.push(piece(s, s.begin, s.end, at));
-    b.bytes = at + len(s);
+    b.bytes = at + len;
+    ends[k] = alignUp(b.bytes);
+    // Ends only grow: the least changes only when the least bucket grew, or one was opened or dropped.
+    if (at <= least) least = Math.min(...ends);
   }
-  return buckets.map((b, index) => ({ ...b, index }));
+  buckets.forEach((b, index) => {
+    b.index = index;
+  });
+  return buckets;
 }
 
 /** The layer number in a tensor's name ("model.layers.12.mlp.up_proj.weight": 12), or -1. */
