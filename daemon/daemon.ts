@@ -125,7 +125,7 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
 }
 
 /** What this daemon says of itself to its peers (peers/members.ts). */
-function selfInfo(p: Parts, nodeId: string, url: string): SelfInfo {
+function selfInfo(p: Parts, nodeId: string, url: string): Omit<SelfInfo, "beat"> {
   const versions = p.registry
     .list()
     .filter((v) => v.state === "ready")
@@ -195,7 +195,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   const { host: hostname, port } = config;
   let advertised = config.advertiseUrl.replace(/\/+$/, "");
-  const self = () => selfInfo(parts, opts.nodeId, advertised);
+  const self = (): SelfInfo => ({ ...selfInfo(parts, opts.nodeId, advertised), beat: gossip.beats });
   const gossip = new Gossip({
     members: parts.members,
     self,

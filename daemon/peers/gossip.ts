@@ -17,6 +17,8 @@ export interface Heartbeat {
 }
 
 export const DNS_EVERY = 10;
+/** Members sent a heartbeat each round (besides every candidate): what each knows spreads from there. */
+export const FANOUT = 3;
 
 export interface GossipDeps {
   members: Members;
@@ -33,6 +35,8 @@ export interface GossipDeps {
 export class Gossip {
   private timer?: ReturnType<typeof setInterval>;
   private ticks = 0;
+  /** This daemon's heartbeat count (SelfInfo.beat). */
+  beats = 0;
   private running?: Promise<void>;
 
   constructor(private readonly deps: GossipDeps) {}
@@ -48,7 +52,8 @@ export class Gossip {
     this.running ??= (async () => {
       const { members, log } = this.deps;
       if (this.ticks++ % DNS_EVERY === 0) await this.resolveDns();
-      await Promise.all(members.targets().map((t) => this.beat(t.url, t.nodeId).catch(() => undefined)));
+      this.beats++;
+      await Promise.all(members.targets(FANOUT).map((t) => this.beat(t.url, t.nodeId).catch(() => undefined)));
       for (const m of members.sweep(Date.now())) log.warn({ peer: m.nodeId, url: m.url }, "peer down");
     })().finally(() => {
       this.running = undefined;
@@ -120,7 +125,7 @@ export class Gossip {
     const { members, log } = this.deps;
     const before = members.get(hb.self.nodeId)?.state;
     const m = members.heard(hb.self, Date.now());
-    members.rumors(hb.members ?? []);
+    members.rumors(hb.members ?? [], Date.now());
     if (m && before !== "up") log.info({ peer: m.nodeId, url: m.url }, before ? "peer up again" : "peer up");
     return m;
   }

@@ -8,6 +8,7 @@ const info = (nodeId: string, url = `http://h-${nodeId}:8470`): SelfInfo => ({
   backend: "host",
   gpus: 1,
   versions: [],
+  beat: 0,
 });
 
 describe("Members", () => {
@@ -38,16 +39,50 @@ describe("Members", () => {
   it("rumors of others make candidates, never members; left ones and known ones are passed over", () => {
     const m = new Members("me", 100);
     m.heard(info("a"), 0);
-    m.rumors([
-      { nodeId: "b", url: "http://b:1/", state: "up" },
-      { nodeId: "a", url: "http://elsewhere:1", state: "up" },
-      { nodeId: "c", url: "http://c:1", state: "left" },
-      { nodeId: "me", url: "http://me:1", state: "up" },
-    ]);
+    m.rumors(
+      [
+        { nodeId: "b", url: "http://b:1/", state: "up", beat: 9 },
+        { nodeId: "a", url: "http://elsewhere:1", state: "up", beat: 0 },
+        { nodeId: "c", url: "http://c:1", state: "left", beat: 9 },
+        { nodeId: "me", url: "http://me:1", state: "up", beat: 9 },
+      ],
+      0,
+    );
     expect(m.list().map((x) => x.nodeId)).toEqual(["a"]);
     expect(m.targets()).toEqual([{ url: "http://h-a:8470", nodeId: "a" }, { url: "http://b:1" }]);
     m.answered("http://b:1/");
     expect(m.targets()).toEqual([{ url: "http://h-a:8470", nodeId: "a" }]);
+  });
+
+  it("a member whose beat others saw rise stays up without a word of its own; a stale beat is no news", () => {
+    const m = new Members("me", 100);
+    m.heard({ ...info("a"), beat: 5 }, 0);
+    m.rumors([{ nodeId: "a", url: "http://h-a:8470", state: "up", beat: 5 }], 90);
+    expect(m.sweep(101).map((x) => x.nodeId)).toEqual(["a"]); // no newer beat: down
+    m.rumors([{ nodeId: "a", url: "http://h-a:8470", state: "up", beat: 6 }], 150);
+    expect([m.get("a")?.state, m.get("a")?.lastSeen, m.get("a")?.info.beat]).toEqual(["up", 150, 6]);
+    expect(m.sweep(240)).toEqual([]);
+    m.left("a");
+    m.rumors([{ nodeId: "a", url: "http://h-a:8470", state: "up", beat: 7 }], 300);
+    expect(m.get("a")?.state).toBe("left"); // only its own word brings it back
+  });
+
+  it("sends each round to a few members, those heard of least recently first, and to every candidate", () => {
+    const m = new Members("me", 10_000);
+    for (const [id, at] of [
+      ["a", 30],
+      ["b", 10],
+      ["c", 20],
+      ["d", 40],
+    ] as const)
+      m.heard(info(id), at);
+    m.propose("http://new:1");
+    expect(m.targets(2, () => 0)).toEqual([
+      { url: "http://h-b:8470", nodeId: "b" },
+      { url: "http://h-c:8470", nodeId: "c" },
+      { url: "http://new:1" },
+    ]);
+    expect(m.targets().length).toBe(5);
   });
 
   it("a candidate that answers becomes a member; a URL that is a member's is no candidate", () => {
@@ -78,8 +113,8 @@ describe("Members", () => {
     m.heard(info("a"), 0);
     m.left("b");
     expect(m.rumorsOut()).toEqual([
-      { nodeId: "a", url: "http://h-a:8470", state: "up" },
-      { nodeId: "b", url: "http://h-b:8470", state: "left" },
+      { nodeId: "a", url: "http://h-a:8470", state: "up", beat: 0 },
+      { nodeId: "b", url: "http://h-b:8470", state: "left", beat: 0 },
     ]);
   });
 });

@@ -2,9 +2,13 @@
  * The fleet as this daemon knows it: every peer it heard of, its state and what it holds. A
  * pure state machine over time (`now` is given); peers/gossip.ts feeds it heartbeats.
  *
- * A peer is `up` from its last heartbeat (received, or answered) until `downMs` pass without
- * one, then `down`; `left` once it said it stops. Peers named by others (gossip) are known by
- * their URL first and become members once they answer themselves: nobody is `up` on hearsay.
+ * Each daemon counts its heartbeats (`beat`) and sends one to a few members each round (and to
+ * every candidate); whom it knows, with the last beat it saw of each, travels with it. A peer
+ * is `up` while its count keeps rising, heard directly or through others, and `down` once
+ * `downMs` pass without a higher count; `left` once it said it stops. Peers first named by
+ * others are candidates, contacted until they answer themselves: nobody joins on hearsay, but
+ * a member stays up on it (each daemon hearing from all the others every round would cost the
+ * fleet N x N requests a round).
  */
 
 /** What a daemon says of itself in each heartbeat. */
@@ -17,6 +21,8 @@ export interface SelfInfo {
   versions: { name: string; version: number; fingerprint: string; bytes: number; registeredAt: string }[];
   /** The fingerprint its engines last received in a successful update, if any. */
   delivered?: string;
+  /** Its heartbeat count: rises every round while it runs. */
+  beat: number;
 }
 
 export type MemberState = "up" | "down" | "left";
@@ -30,11 +36,12 @@ export interface Member {
   info: SelfInfo;
 }
 
-/** A member as others are told of it: enough to reach it. */
+/** A member as others are told of it: enough to reach it, and the last beat of it seen. */
 export interface Rumor {
   nodeId: string;
   url: string;
   state: MemberState;
+  beat: number;
 }
 
 export class Members {
@@ -70,11 +77,21 @@ export class Members {
     return member;
   }
 
-  /** Others' view: members this daemon does not know yet become candidates. */
-  rumors(list: Rumor[]): void {
+  /**
+   * Others' view: a member whose beat they saw rise is alive (heard of now); members this
+   * daemon does not know yet become candidates.
+   */
+  rumors(list: Rumor[], now: number): void {
     for (const r of list) {
-      if (r.nodeId === this.selfId || this.byId.has(r.nodeId) || r.state === "left") continue;
-      this.propose(r.url);
+      if (r.nodeId === this.selfId || r.state === "left") continue;
+      const m = this.byId.get(r.nodeId);
+      if (!m) {
+        this.propose(r.url);
+      } else if (r.beat > m.info.beat && m.state !== "left") {
+        m.info = { ...m.info, beat: r.beat };
+        m.lastSeen = now;
+        m.state = "up";
+      }
     }
   }
 
@@ -96,12 +113,18 @@ export class Members {
     return gone;
   }
 
-  /** Whom to send heartbeats to: every member not `left`, and the candidates. */
-  targets(): { url: string; nodeId?: string }[] {
-    const members = [...this.byId.values()]
+  /**
+   * Whom to send this round's heartbeats to: `fanout` members not `left` (those heard of least
+   * recently first, ties at random), and every candidate.
+   */
+  targets(fanout = Number.POSITIVE_INFINITY, random: () => number = Math.random): { url: string; nodeId?: string }[] {
+    const picked = [...this.byId.values()]
       .filter((m) => m.state !== "left")
-      .map((m) => ({ url: m.url, nodeId: m.nodeId }));
-    return [...members, ...[...this.candidates].map((url) => ({ url }))];
+      .map((m) => ({ m, key: m.lastSeen + random() }))
+      .sort((a, b) => a.key - b.key)
+      .slice(0, fanout)
+      .map(({ m }) => ({ url: m.url, nodeId: m.nodeId }));
+    return [...picked, ...[...this.candidates].map((url) => ({ url }))];
   }
 
   /** URLs still to be answered from (seeds, DNS addresses, rumors). */
@@ -123,7 +146,7 @@ export class Members {
 
   /** What this daemon tells others of the fleet. */
   rumorsOut(): Rumor[] {
-    return this.list().map(({ nodeId, url, state }) => ({ nodeId, url, state }));
+    return this.list().map(({ nodeId, url, state, info }) => ({ nodeId, url, state, beat: info.beat }));
   }
 }
 

@@ -32,11 +32,19 @@ const SelfSchema = v.object({
     v.maxLength(10_000),
   ),
   delivered: v.optional(v.pipe(v.string(), v.maxLength(128))),
+  beat: v.pipe(v.number(), v.integer(), v.minValue(0)),
 });
 const HeartbeatSchema = v.object({
   self: SelfSchema,
   members: v.pipe(
-    v.array(v.object({ nodeId: id, url, state: v.picklist(["up", "down", "left"]) })),
+    v.array(
+      v.object({
+        nodeId: id,
+        url,
+        state: v.picklist(["up", "down", "left"]),
+        beat: v.pipe(v.number(), v.integer(), v.minValue(0)),
+      }),
+    ),
     v.maxLength(100_000),
   ),
 });

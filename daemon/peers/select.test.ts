@@ -8,7 +8,7 @@ const member = (nodeId: string, state: Member["state"]): Member => ({
   url: `http://${nodeId}:1`,
   state,
   lastSeen: 0,
-  info: { nodeId, url: `http://${nodeId}:1`, backend: "host", gpus: 1, versions: [] },
+  info: { nodeId, url: `http://${nodeId}:1`, backend: "host", gpus: 1, versions: [], beat: 0 },
 });
 
 describe("updateSpan", () => {
