@@ -5,8 +5,12 @@
  * those left out; the peer routes refuse what is not signed and never show the secret.
  */
 import { tmpdir } from "node:os";
+import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
+import { signedHeaders } from "../daemon/auth/signature.ts";
 import type { Config } from "../daemon/config/index.ts";
+import { Gossip } from "../daemon/peers/gossip.ts";
+import { Members } from "../daemon/peers/members.ts";
 import { writeModel, xxh64 } from "./checkpoint-files.ts";
 import { CLUSTER_SECRET, daemonCommand, type Running, startProcess, tempDir, within } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
@@ -183,6 +187,31 @@ describe("membership", () => {
     expect(leave.status).toBe(401);
     for (const x of [a, b])
       expect(JSON.stringify((await x.api("GET", "/v1/peers")).body)).not.toContain(CLUSTER_SECRET);
+  });
+
+  it("resolves a peerDns name to every address, contacts each, keeps trying those that do not answer", async () => {
+    const b = await daemon("node-b");
+    const log = pino({ level: "silent" });
+    const members = new Members("node-x", 1000);
+    const secret = Buffer.from(CLUSTER_SECRET);
+    const asked: string[] = [];
+    const gossip = new Gossip({
+      members,
+      self: () => ({ nodeId: "node-x", url: "http://127.0.0.1:9", backend: "host", gpus: 1, versions: [], beat: 1 }),
+      sign: (method, url, to, body) => signedHeaders(secret, method, url, to, body),
+      log,
+      heartbeatMs: 200,
+      dns: [`http://fleet.test:${b.d.port}`],
+      resolve: async (host) => {
+        asked.push(host);
+        return ["127.0.0.1", "::1"]; // b listens on 127.0.0.1 only
+      },
+    });
+    await gossip.tick();
+    expect(asked).toEqual(["fleet.test"]);
+    expect(members.up().map((m) => m.nodeId)).toEqual(["node-b"]);
+    expect(members.pending()).toEqual([`http://[::1]:${b.d.port}`]);
+    expect(states(await until(b.api, (p) => states(p)["node-x"] === "up"))["node-x"]).toBe("up");
   });
 
   it("answers POST /v1/peers with a 502 naming a URL where no daemon answers", async () => {

@@ -1,7 +1,7 @@
 /**
- * Heartbeats: every `heartbeatMs` this daemon tells each member and candidate (peers/members.ts)
- * who it is and whom it knows, over the signed peer API, and learns the same from the answer;
- * knowing one peer is enough to learn them all. Names in `peerDns` are resolved again every
+ * Heartbeats: every `heartbeatMs` this daemon tells a few members (FANOUT) and every candidate
+ * (peers/members.ts) who it is and whom it knows, over the signed peer API, and learns the same
+ * from the answer; knowing one peer is enough to learn them all. Names in `peerDns` are resolved again every
  * `DNS_EVERY` heartbeats (a Kubernetes headless service answers with every pod). On SIGTERM the
  * daemon tells the members it leaves.
  */
