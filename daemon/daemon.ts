@@ -100,7 +100,7 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
     undo.unshift(() => hub.close());
     await hub.listen(context.devices().map((d) => d.uuid));
     const members = new Members(nodeId, config.peerDownMs);
-    const peers = (asked?: string[]) => updateSpan(members.list(), config.peers, asked);
+    const peers = (asked?: string[]) => updateSpan(members.list(), members.unheardSeeds(config.peers), asked);
     const { receiverTimeoutMs, engines } = config;
     const updates = new Updates({
       ctx: context,
@@ -125,7 +125,7 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
 }
 
 /** What this daemon says of itself to its peers (peers/members.ts). */
-function selfInfo(p: Parts, nodeId: string, url: string): Omit<SelfInfo, "beat"> {
+function selfInfo(p: Parts, nodeId: string, url: string): Omit<SelfInfo, "beat" | "startedAt"> {
   const versions = p.registry
     .list()
     .filter((v) => v.state === "ready")
@@ -195,7 +195,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   const { host: hostname, port } = config;
   let advertised = config.advertiseUrl.replace(/\/+$/, "");
-  const self = (): SelfInfo => ({ ...selfInfo(parts, opts.nodeId, advertised), beat: gossip.beats });
+  const self = (): SelfInfo => ({ ...selfInfo(parts, opts.nodeId, advertised), startedAt, beat: gossip.beats });
   const gossip = new Gossip({
     members: parts.members,
     self,
@@ -204,7 +204,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     heartbeatMs: config.heartbeatMs,
     dns: config.peerDns,
   });
-  for (const seed of config.peers) parts.members.propose(seed);
+  for (const seed of config.peers) parts.members.propose(seed, true);
   try {
     const certificate = tls && { cert: tls.cert, key: tls.key };
     const app = appOf(opts, parts, keyring, startedAt, { gossip, self });
@@ -219,6 +219,12 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     { host: hostname, port: server.port, scheme, runtime: runtime.name, version: VERSION, advertiseUrl: advertised },
     "listening",
   );
+  if (!config.advertiseUrl && /\/\/(127\.|\[::1\])/.test(advertised) && !isLoopback(hostname)) {
+    log.warn(
+      { advertiseUrl: advertised },
+      "no address of this machine that peers could reach was found: set advertiseUrl",
+    );
+  }
   gossip.start();
   const expiry = tls && validityWarning(tls, new Date());
   if (expiry) log.warn({ tlsCertFile: config.tlsCertFile }, expiry);
@@ -238,10 +244,11 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
       stopping ??= (async () => {
         // The update in flight is aborted first: its client waits on an open connection, which
         // server.close() would wait for.
+        // The update in flight is aborted first, then the peers are told this daemon leaves.
         gossip.stop();
-        await gossip.leave();
         const closing = server.close();
         await parts.updates.close();
+        await gossip.leave();
         await closing;
         await release(parts);
       })();

@@ -162,7 +162,7 @@ describe("membership", () => {
     const b = await daemon("node-b", { peers: [a.url] });
     await until(a.api, (peers) => states(peers)["node-b"] === "up");
     const body = JSON.stringify({
-      self: { nodeId: "evil", url: "http://10.9.9.9:1", backend: "host", gpus: 1, versions: [] },
+      self: { nodeId: "evil", url: "http://10.9.9.9:1", backend: "host", gpus: 1, versions: [], startedAt: 1, beat: 1 },
       members: [],
     });
     const unsigned: Record<string, string>[] = [
@@ -197,7 +197,15 @@ describe("membership", () => {
     const asked: string[] = [];
     const gossip = new Gossip({
       members,
-      self: () => ({ nodeId: "node-x", url: "http://127.0.0.1:9", backend: "host", gpus: 1, versions: [], beat: 1 }),
+      self: () => ({
+        nodeId: "node-x",
+        url: "http://127.0.0.1:9",
+        backend: "host",
+        gpus: 1,
+        versions: [],
+        startedAt: 1,
+        beat: 1,
+      }),
       sign: (method, url, to, body) => signedHeaders(secret, method, url, to, body),
       log,
       heartbeatMs: 200,

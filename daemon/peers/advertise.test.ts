@@ -27,5 +27,12 @@ describe("advertiseUrlOf", () => {
     expect(advertiseUrlOf("0.0.0.0", 3, "http", { lo: [nic("127.0.0.1", "IPv4", true)] } as never)).toBe(
       "http://127.0.0.1:3",
     );
+    // 0.0.0.0 listens on IPv4 only; a link-local IPv6 address needs a zone nobody else has
+    expect(advertiseUrlOf("0.0.0.0", 4, "http", { eth0: [nic("fd00::2", "IPv6")] } as never)).toBe(
+      "http://127.0.0.1:4",
+    );
+    expect(advertiseUrlOf("::", 5, "http", { eth0: [nic("fe80::9", "IPv6"), nic("fd00::3", "IPv6")] } as never)).toBe(
+      "http://[fd00::3]:5",
+    );
   });
 });

@@ -2,8 +2,10 @@
 import { networkInterfaces } from "node:os";
 
 /**
- * `scheme://host:port`; for a wildcard host (0.0.0.0, ::) the first non-loopback address of
- * this machine (IPv4 first), else loopback. `interfaces` is a seam for tests.
+ * `scheme://host:port`; for a wildcard host the first address of this machine that others can
+ * reach (not loopback, not IPv6 link-local, which needs a zone): IPv4 for 0.0.0.0, IPv4 first
+ * for ::; else loopback (the caller warns: peers elsewhere cannot reach that). `interfaces`
+ * is a seam for tests.
  */
 export function advertiseUrlOf(
   host: string,
@@ -15,8 +17,9 @@ export function advertiseUrlOf(
   if (host === "0.0.0.0" || host === "::" || host === "") {
     const all = Object.values(interfaces)
       .flatMap((list) => list ?? [])
-      .filter((a) => !a.internal);
-    const pick = all.find((a) => a.family === "IPv4") ?? all.find((a) => a.family === "IPv6");
+      .filter((a) => !a.internal && !/^fe[89ab]/i.test(a.address));
+    const v4 = all.find((a) => a.family === "IPv4");
+    const pick = host === "0.0.0.0" ? v4 : (v4 ?? all.find((a) => a.family === "IPv6"));
     address = pick?.address ?? "127.0.0.1";
   }
   const at = address.includes(":") && !address.startsWith("[") ? `[${address}]` : address;

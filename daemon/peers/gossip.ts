@@ -17,6 +17,21 @@ export interface Heartbeat {
 }
 
 export const DNS_EVERY = 10;
+
+/** The shape of a heartbeat answer (the routes check requests in full with valibot). */
+function isHeartbeat(x: unknown): x is Heartbeat {
+  const hb = x as Heartbeat | undefined;
+  const s = hb?.self;
+  return (
+    typeof s?.nodeId === "string" &&
+    typeof s.url === "string" &&
+    /^https?:\/\//.test(s.url) &&
+    Number.isInteger(s.beat) &&
+    Number.isInteger(s.startedAt) &&
+    Array.isArray(s.versions) &&
+    Array.isArray(hb?.members)
+  );
+}
 /** Members sent a heartbeat each round (besides every candidate): what each knows spreads from there. */
 export const FANOUT = 3;
 
@@ -53,7 +68,9 @@ export class Gossip {
       const { members, log } = this.deps;
       if (this.ticks++ % DNS_EVERY === 0) await this.resolveDns();
       this.beats++;
-      await Promise.all(members.targets(FANOUT).map((t) => this.beat(t.url, t.nodeId).catch(() => undefined)));
+      await Promise.all(
+        members.targets(FANOUT).map((t) => this.beat(t.url, t.nodeId).catch(() => members.failed(t.url))),
+      );
       for (const m of members.sweep(Date.now())) log.warn({ peer: m.nodeId, url: m.url }, "peer down");
     })().finally(() => {
       this.running = undefined;
@@ -69,7 +86,7 @@ export class Gossip {
       if (!m) throw new Error(`${url} answered as this daemon itself`);
       return m;
     } catch (err) {
-      this.deps.members.answered(url); // the caller was told: it is not tried again
+      this.deps.members.drop(url); // the caller was told: it is not tried again
       throw err;
     }
   }
@@ -111,22 +128,26 @@ export class Gossip {
       { method: "POST", json, to: nodeId ?? "*" },
       heartbeatMs * 2,
     );
-    if (status !== 200 || typeof body?.self?.nodeId !== "string") {
+    if (status !== 200 || !isHeartbeat(body)) {
       throw new Error(
         `${url}/v1/peer/heartbeat answered ${status}: ${body?.error?.message ?? JSON.stringify(body).slice(0, 200)}`,
       );
     }
-    members.answered(url);
-    return this.heard(body);
+    members.answered(url, body.self.nodeId);
+    return this.heard(body, false);
   }
 
-  /** A heartbeat, received or answered: its sender is up, and whom it knows are candidates. */
-  heard(hb: Heartbeat): Member | undefined {
+  /**
+   * A heartbeat: its sender is up, and whom it knows are candidates. signed: a request signed
+   * with the cluster secret (an answer only says who answered where we asked).
+   */
+  heard(hb: Heartbeat, signed: boolean): Member | undefined {
     const { members, log } = this.deps;
     const before = members.get(hb.self.nodeId)?.state;
-    const m = members.heard(hb.self, Date.now());
+    const m = members.heard(hb.self, Date.now(), signed);
     members.rumors(hb.members ?? [], Date.now());
-    if (m && before !== "up") log.info({ peer: m.nodeId, url: m.url }, before ? "peer up again" : "peer up");
+    if (m && m.state === "up" && before !== "up")
+      log.info({ peer: m.nodeId, url: m.url }, before ? "peer up again" : "peer up");
     return m;
   }
 

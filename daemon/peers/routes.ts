@@ -32,6 +32,7 @@ const SelfSchema = v.object({
     v.maxLength(10_000),
   ),
   delivered: v.optional(v.pipe(v.string(), v.maxLength(128))),
+  startedAt: v.pipe(v.number(), v.integer(), v.minValue(0)),
   beat: v.pipe(v.number(), v.integer(), v.minValue(0)),
 });
 const HeartbeatSchema = v.object({
@@ -42,6 +43,7 @@ const HeartbeatSchema = v.object({
         nodeId: id,
         url,
         state: v.picklist(["up", "down", "left"]),
+        startedAt: v.pipe(v.number(), v.integer(), v.minValue(0)),
         beat: v.pipe(v.number(), v.integer(), v.minValue(0)),
       }),
     ),
@@ -74,13 +76,13 @@ export function peerRoutes(
   });
   app.post("/v1/peer/heartbeat", (c) => {
     if (gossip.leaving) throw new DaemonError("busy", "this daemon is leaving the fleet");
-    gossip.heard(parseBody(HeartbeatSchema, c.get("body")) as Heartbeat);
+    gossip.heard(parseBody(HeartbeatSchema, c.get("body")) as Heartbeat, true);
     const answer: Heartbeat = { self: self(), members: members.rumorsOut() };
     return reply(c, answer);
   });
   app.post("/v1/peer/leave", (c) => {
     const body = parseBody(v.object({ nodeId: id }), c.get("body"));
-    members.left(body.nodeId);
+    members.left(body.nodeId, Date.now());
     return reply(c, { left: body.nodeId });
   });
 }

@@ -10,13 +10,12 @@ export interface Span {
 }
 
 /**
- * Every `up` member, and every seed that is no member yet (not heard from: it takes part, and
- * fails the update if it cannot); members `down` or `left` are left out and named. `asked`
+ * Every `up` member, and every seed not heard from yet (`unheard`: Members.unheardSeeds, neither
+ * this daemon nor a member; it takes part, and fails the update if it cannot); members `down`
+ * or `left` are left out and named. `asked`
  * (node ids or URLs) narrows it to those; one that names no known daemon is a 400.
  */
-export function updateSpan(members: Member[], seeds: string[], asked?: string[]): Span {
-  const known = new Set(members.map((m) => m.url));
-  const unheard = seeds.map(normalize).filter((u) => !known.has(u));
+export function updateSpan(members: Member[], unheard: string[], asked?: string[]): Span {
   let chosen = members;
   let seedsChosen = unheard;
   if (asked !== undefined) {
