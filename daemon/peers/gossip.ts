@@ -52,6 +52,8 @@ export class Gossip {
   private ticks = 0;
   /** This daemon's heartbeat count (SelfInfo.beat). */
   beats = 0;
+  /** URLs where another daemon answered with this daemon's node id (said once each). */
+  private readonly twins = new Set<string>();
   private running?: Promise<void>;
 
   constructor(private readonly deps: GossipDeps) {}
@@ -133,7 +135,13 @@ export class Gossip {
         `${url}/v1/peer/heartbeat answered ${status}: ${body?.error?.message ?? JSON.stringify(body).slice(0, 200)}`,
       );
     }
-    members.answered(url, body.self.nodeId);
+    const me = this.deps.self();
+    const itself = body.self.nodeId === me.nodeId && body.self.startedAt === me.startedAt && body.self.url === me.url;
+    if (body.self.nodeId === me.nodeId && !itself && !this.twins.has(url)) {
+      this.twins.add(url);
+      this.deps.log.warn({ url }, "a daemon there has this daemon's node id (a copied state directory?)");
+    }
+    members.answered(url, body.self.nodeId, itself);
     return this.heard(body, false);
   }
 

@@ -140,9 +140,12 @@ describe("Members", () => {
     }
     expect(m.pending()).toEqual(["http://seed:1"]);
     m.propose("http://10.0.0.5:1");
-    m.answered("http://10.0.0.5:1", "me");
+    m.answered("http://10.0.0.6:1", "me", false); // another daemon with this node id: still a candidate
+    m.propose("http://10.0.0.6:1");
+    expect(m.pending()).toContain("http://10.0.0.6:1");
+    m.answered("http://10.0.0.5:1", "me", true);
     m.propose("http://10.0.0.5:1/");
-    expect(m.pending()).toEqual(["http://seed:1"]);
+    expect(m.pending()).toEqual(["http://10.0.0.6:1", "http://seed:1"]);
     expect(m.unheardSeeds(["http://10.0.0.5:1", "http://seed:1"])).toEqual(["http://seed:1"]);
   });
 

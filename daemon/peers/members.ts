@@ -84,11 +84,15 @@ export class Members {
     if (this.candidates.size < MAX_CANDIDATES) this.candidates.set(u, 0);
   }
 
-  /** The daemon at `url` answered as `nodeId` (this daemon's own id, or a member's). */
-  answered(url: string, nodeId: string): void {
+  /**
+   * The daemon at `url` answered as `nodeId`. Another daemon with this daemon's node id (a
+   * copied state directory) is not this one: it stays a candidate, tried each round.
+   */
+  answered(url: string, nodeId: string, itself: boolean): void {
     const u = normalize(url);
+    if (nodeId === this.selfId && !itself) return;
     this.candidates.delete(u);
-    if (nodeId === this.selfId) this.selfUrls.add(u);
+    if (itself) this.selfUrls.add(u);
     else this.answeredBy.set(u, nodeId);
   }
 
