@@ -5,7 +5,7 @@
  * every other one up (membership converged), then kills two with SIGKILL and reports how long
  * until every other daemon sees them down. Runs the single binary (dist/ckptd, `bash build.sh`)
  * when there is one, else the sources under node.
- *   node --import tsx bench/cluster.ts [--daemons 32] [--heartbeat-ms 200] [--peer-down-ms 1000]
+ *   node --import tsx bench/cluster.ts [--daemons 32] [--heartbeat-ms 1000] [--peer-down-ms 5000] (the daemon's defaults)
  */
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { existsSync, writeFileSync } from "node:fs";
@@ -14,8 +14,8 @@ import { daemonCommand } from "../test/helpers.ts";
 import { AUTH, arg, ROOT, Scratch, sleep, table } from "./lib/daemon.ts";
 
 const N = arg("daemons", 32);
-const HEARTBEAT = arg("heartbeat-ms", 200);
-const DOWN = arg("peer-down-ms", 1000);
+const HEARTBEAT = arg("heartbeat-ms", 1000);
+const DOWN = arg("peer-down-ms", 5000);
 const PORT = 8470;
 const tag = String(process.pid % 10000);
 const bridge = `ckbr${tag}`;
