@@ -1,10 +1,11 @@
 /** Starts real daemon processes for tests: under Node (tsx), Deno, or the built binary. */
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { request } from "node:http";
+import { type IncomingMessage, request, type ServerResponse } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { ANSWER_HEADER, answerSignature } from "../daemon/auth/signature.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));
 export const DENO = existsSync(join(ROOT, "node_modules/deno/deno"))
@@ -173,4 +174,14 @@ export function early(port: number, method: string, path: string, headers: Recor
     for (const chunk of body) req.write(chunk);
     if (body.length > 0) req.end(); // with none, only the declared length is sent
   });
+}
+
+/**
+ * Ends a fake peer's answer signed with the tests' cluster secret, as a daemon of the cluster
+ * signs its answers (auth/signature.ts answerSignature): a fake that holds the secret but misbehaves.
+ */
+export function endSigned(req: IncomingMessage, res: ServerResponse, text: string): void {
+  const given = String(req.headers["x-ckptd-signature"] ?? "");
+  res.setHeader(ANSWER_HEADER, answerSignature(Buffer.from(CLUSTER_SECRET), given, new TextEncoder().encode(text)));
+  res.end(text);
 }

@@ -4,10 +4,12 @@
  * after peerDownMs and up again when it returns; updates span the daemons that are up and name
  * those left out; the peer routes refuse what is not signed and never show the secret.
  */
+import { createServer } from "node:http";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { signedHeaders } from "../daemon/auth/signature.ts";
+import { checkAnswer, signedHeaders } from "../daemon/auth/signature.ts";
 import type { Config } from "../daemon/config/index.ts";
 import { Gossip } from "../daemon/peers/gossip.ts";
 import { Members } from "../daemon/peers/members.ts";
@@ -206,7 +208,12 @@ describe("membership", () => {
         startedAt: 1,
         beat: 1,
       }),
-      sign: (method, url, to, body) => signedHeaders(secret, method, url, to, body),
+      sign: Object.assign(
+        (method: string, url: string, to: string, body?: Uint8Array) => signedHeaders(secret, method, url, to, body),
+        {
+          answered: (rs: string, body: Uint8Array, given: string | null) => checkAnswer(secret, rs, body, given),
+        },
+      ),
       log,
       heartbeatMs: 200,
       dns: [`http://fleet.test:${b.d.port}`],
@@ -220,6 +227,32 @@ describe("membership", () => {
     expect(members.up().map((m) => m.nodeId)).toEqual(["node-b"]);
     expect(members.pending()).toEqual([`http://[::1]:${b.d.port}`]);
     expect(states(await until(b.api, (p) => states(p)["node-x"] === "up"))["node-x"]).toBe("up");
+  });
+
+  it("takes no answer that is not signed with the cluster secret (an impostor cannot claim a member's node id)", async () => {
+    const a = await daemon("node-a");
+    const b = await daemon("node-b", { peers: [a.url] });
+    await until(a.api, (peers) => states(peers)["node-b"] === "up");
+    const impostor = createServer((_req, res) => {
+      const self = {
+        nodeId: "node-b",
+        url: "http://127.0.0.1:1",
+        backend: "host",
+        gpus: 8,
+        versions: [],
+        startedAt: 9e12,
+        beat: 1,
+      };
+      res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ self, members: [] }));
+    });
+    await new Promise<void>((r) => impostor.listen(0, "127.0.0.1", r));
+    cleanup.push(() => new Promise((r) => impostor.close(() => r(undefined))));
+    const url = `http://127.0.0.1:${(impostor.address() as AddressInfo).port}`;
+    const res = await a.api("POST", "/v1/peers", { url });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(/answered without the cluster secret's signature/);
+    const seen = (await a.api("GET", "/v1/peers")).body.peers.find((p: Peer) => p.nodeId === "node-b");
+    expect(seen).toMatchObject({ url: b.url, gpus: 1 });
   });
 
   it("answers POST /v1/peers with a 502 naming a URL where no daemon answers", async () => {

@@ -5,7 +5,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
 import { type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
-import { tempDir, testCredentials, within } from "./helpers.ts";
+import { endSigned, tempDir, testCredentials, within } from "./helpers.ts";
 import { apiOf, startInProcess } from "./in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
 
@@ -522,10 +522,14 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
           "x-ckptd-body-sha256": String(req.headers["x-ckptd-body-sha256"]),
         };
         const { running: _, ...info } = await (await fetch(`${coordinatorUrl}${req.url}`, { headers: signed })).json();
-        res.end(JSON.stringify({ ...info, nodeId: "refuser", holds: "m@1" }));
+        endSigned(req, res, JSON.stringify({ ...info, nodeId: "refuser", holds: "m@1" }));
       } else {
         res.statusCode = 409;
-        res.end(JSON.stringify({ error: { code: "update_running", message: "update u-9 of other@1 is running" } }));
+        endSigned(
+          req,
+          res,
+          JSON.stringify({ error: { code: "update_running", message: "update u-9 of other@1 is running" } }),
+        );
       }
     });
     await new Promise<void>((r) => fake.listen(0, "127.0.0.1", r));

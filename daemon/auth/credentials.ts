@@ -8,7 +8,7 @@ import { join } from "node:path";
 import type { Logger } from "pino";
 import { ConfigError } from "../config/load.ts";
 import type { Config } from "../config/schema.ts";
-import { signedHeaders } from "./signature.ts";
+import { checkAnswer, signedHeaders } from "./signature.ts";
 import { countRoles, parseTokens, type Role, type TokenEntry } from "./tokens.ts";
 
 export interface Credentials {
@@ -154,7 +154,13 @@ export class Keyring {
     }
   }
 
-  /** Signs a request to the peer `to` with the secret in force. */
-  readonly sign = (method: string, url: string, to: string, body?: Uint8Array): Record<string, string> =>
-    signedHeaders(this.current.secret, method, url, to, body);
+  /** Signs requests to peers, and checks their answers, with the secret in force. */
+  readonly sign = Object.assign(
+    (method: string, url: string, to: string, body?: Uint8Array): Record<string, string> =>
+      signedHeaders(this.current.secret, method, url, to, body),
+    {
+      answered: (requestSignature: string, body: Uint8Array, given: string | null) =>
+        checkAnswer(this.current.secret, requestSignature, body, given),
+    },
+  );
 }

@@ -37,6 +37,28 @@ export function sign(
     .digest("hex");
 }
 
+/** The header that signs a peer's answer (answerSignature). */
+export const ANSWER_HEADER = "x-ckptd-answer-signature";
+
+/**
+ * The signature (hex) of an answer to the request signed `requestSignature`: whoever answers
+ * at a URL must hold the cluster secret for its answer to count (a heartbeat's answer says who
+ * answers there), and the answer cannot be one to another request.
+ */
+export function answerSignature(secret: Buffer, requestSignature: string, body: Uint8Array): string {
+  return createHmac("sha256", secret)
+    .update(["ckptd-answer-v1", requestSignature, bodyHashOf(body)].join("\n"))
+    .digest("hex");
+}
+
+/** Whether `given` is the answer signature of `body` to the request signed `requestSignature`. */
+export function checkAnswer(secret: Buffer, requestSignature: string, body: Uint8Array, given: string | null): boolean {
+  if (!given) return false;
+  const expected = Buffer.from(answerSignature(secret, requestSignature, body), "hex");
+  const got = Buffer.from(given, "hex");
+  return got.length === expected.length && timingSafeEqual(got, expected);
+}
+
 /** The headers that sign a request to `url` for the daemon `to` (the target is taken as fetch will send it). */
 export function signedHeaders(
   secret: Buffer,

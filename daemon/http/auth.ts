@@ -6,6 +6,8 @@
 import type { MiddlewareHandler } from "hono";
 import type { Credentials } from "../auth/credentials.ts";
 import {
+  ANSWER_HEADER,
+  answerSignature,
   BODY_HASH_HEADER,
   checkBody,
   checkHeaders,
@@ -80,6 +82,11 @@ export function auth(opts: AuthOptions): MiddlewareHandler {
       verdict = { ok: false, message: "this signature was already used (a replayed request)" };
     }
     if (!verdict.ok) throw new DaemonError("unauthorized", verdict.message);
-    return next();
+    await next();
+    // The answer is signed too, over the request's signature and its own bytes.
+    const bytes = new Uint8Array(await c.res.clone().arrayBuffer());
+    const signed = new Response(bytes, c.res);
+    signed.headers.set(ANSWER_HEADER, answerSignature(secret, req.signature as string, bytes));
+    c.res = signed;
   };
 }

@@ -2,7 +2,7 @@ import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { within } from "../../test/helpers.ts";
-import { type PeerPlan, peerAbort, peerInfo, peerRun } from "./peers.ts";
+import { type PeerPlan, type PeerSigner, peerAbort, peerInfo, peerRun } from "./peers.ts";
 
 interface Seen {
   method?: string;
@@ -37,12 +37,17 @@ async function fakePeer(status: number, body?: string): Promise<{ url: string; s
   return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, seen };
 }
 
-/** A signer that names what it signed, so the test sees it reach the peer. */
+/** A signer that names what it signed, so the test sees it reach the peer; it takes every answer as signed. */
 const signed: { method: string; url: string; to: string; body?: string }[] = [];
-const sign = (method: string, url: string, to: string, body?: Uint8Array) => {
-  signed.push({ method, url, to, body: body && new TextDecoder().decode(body) });
-  return { "x-test-signature": `${method} ${url} for ${to}` };
-};
+const signer = (answered: PeerSigner["answered"]): PeerSigner =>
+  Object.assign(
+    (method: string, url: string, to: string, body?: Uint8Array) => {
+      signed.push({ method, url, to, body: body && new TextDecoder().decode(body) });
+      return { "x-test-signature": `${method} ${url} for ${to}` };
+    },
+    { answered },
+  );
+const sign = signer(() => true);
 
 const plan: PeerPlan = {
   update: "u-3",
@@ -54,6 +59,21 @@ const plan: PeerPlan = {
   slotBytes: 1024,
   buckets: [],
 };
+
+describe("answers", () => {
+  it("an answer without the cluster secret's signature counts as none (whoever answers there is no daemon of ours)", async () => {
+    const peer = await fakePeer(200, JSON.stringify({ nodeId: "evil", gpus: 64, slots: 4, slotBytes: 1024 }));
+    const seen: [string, string, string | null][] = [];
+    const refusing = signer((rs, body, given) => {
+      seen.push([rs, new TextDecoder().decode(body), given]);
+      return false;
+    });
+    await expect(peerInfo(refusing, peer.url, "m", "ab", 1000)).rejects.toThrow(
+      `${peer.url}/v1/peer/info?checkpoint=m&fingerprint=ab answered without the cluster secret's signature (no ckptd daemon of this cluster)`,
+    );
+    expect(seen).toEqual([["", JSON.stringify({ nodeId: "evil", gpus: 64, slots: 4, slotBytes: 1024 }), null]]);
+  });
+});
 
 describe("peerInfo", () => {
   it("asks the peer, signed, for what it holds of the checkpoint", async () => {

@@ -3,7 +3,7 @@
  * /v1/updates) asks each configured peer, the plan it sends, and the abort it sends when
  * something failed elsewhere (see coordinate.ts for the flow).
  */
-import { ANY_NODE } from "../auth/signature.ts";
+import { ANSWER_HEADER, ANY_NODE, SIGNATURE_HEADER } from "../auth/signature.ts";
 import type { Bucket } from "./plan.ts";
 
 /** GET /v1/peer/info answer. */
@@ -36,8 +36,14 @@ export interface PeerPlan {
   buckets: Bucket[];
 }
 
-/** The headers that sign a request to the peer of node id `to` (auth/signature.ts with the cluster secret). */
-export type PeerSigner = (method: string, url: string, to: string, body?: Uint8Array) => Record<string, string>;
+/**
+ * Signs requests to peers with the cluster secret (auth/signature.ts): the headers for a
+ * request to the peer of node id `to`, and whether an answer carries the secret's signature.
+ */
+export interface PeerSigner {
+  (method: string, url: string, to: string, body?: Uint8Array): Record<string, string>;
+  answered(requestSignature: string, body: Uint8Array, given: string | null): boolean;
+}
 
 /**
  * A signed JSON request to a peer; timeoutMs undefined: no limit. A body that is not JSON
@@ -56,7 +62,13 @@ export async function peerCall<T>(
   if (bytes) headers["content-type"] = "application/json";
   const init: RequestInit = { method, headers, ...(bytes ? { body: bytes } : {}) };
   const res = await fetch(url, timeoutMs === undefined ? init : { ...init, signal: AbortSignal.timeout(timeoutMs) });
-  const text = await res.text();
+  const answer = new Uint8Array(await res.arrayBuffer());
+  // What a peer says counts only when it holds the cluster secret (an answer to this very request).
+  if (res.ok && !sign.answered(headers[SIGNATURE_HEADER] ?? "", answer, res.headers.get(ANSWER_HEADER))) {
+    const message = `${url} answered without the cluster secret's signature (no ckptd daemon of this cluster)`;
+    return { status: 502, body: { error: { code: "bad_answer", message } } as T };
+  }
+  const text = new TextDecoder().decode(answer);
   let body: unknown;
   try {
     body = JSON.parse(text);

@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { type WrittenTensor, writeSafetensors, xxh64 } from "../../test/checkpoint-files.ts";
-import { AUTH, CLUSTER_SECRET, tempDir, testCredentials, within } from "../../test/helpers.ts";
+import { AUTH, CLUSTER_SECRET, endSigned, tempDir, testCredentials, within } from "../../test/helpers.ts";
 import { apiOf, LIB_DIR } from "../../test/in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "../../test/reference-receiver.ts";
 import { signedHeaders } from "../auth/signature.ts";
@@ -487,11 +487,11 @@ describe("updates across two daemons", () => {
     const silent = createServer((req, res) => {
       res.setHeader("content-type", "application/json");
       if (req.url?.startsWith("/v1/peer/info")) {
-        res.end(JSON.stringify({ nodeId: "silent", gpus: 1, slots: 3, slotBytes: 1 << 20, holds: "m@1" }));
+        endSigned(req, res, JSON.stringify({ nodeId: "silent", gpus: 1, slots: 3, slotBytes: 1 << 20, holds: "m@1" }));
       } else if (req.url === "/v1/peer/updates") {
         plans.push(req.url);
       } else {
-        res.end(JSON.stringify({ aborted: false }));
+        endSigned(req, res, JSON.stringify({ aborted: false }));
       }
     });
     await new Promise<void>((r) => silent.listen(0, "127.0.0.1", r));
