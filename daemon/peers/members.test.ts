@@ -80,6 +80,19 @@ describe("Members", () => {
     expect(m.pending()).toEqual(["http://b:1"]);
   });
 
+  it("a leave travels with the gossip, for the run it was said in (not an earlier one)", () => {
+    const m = new Members("me", 100);
+    m.heard(info("a", 7), 0, true);
+    m.rumors([rumor("a", 3, "left", 50)], 10); // a leave of an earlier run of a: no news
+    expect(m.get("a")?.state).toBe("up");
+    m.rumors([rumor("a", 7, "left")], 20);
+    expect([m.get("a")?.state, m.get("a")?.lastSeen]).toEqual(["left", 20]);
+    m.heard(info("a", 1, undefined, 200), 30, true); // a restarted a speaks for itself
+    expect(m.get("a")?.state).toBe("up");
+    m.rumors([rumor("a", 7, "left", 100)], 40); // the old run's leave, heard late
+    expect(m.get("a")?.state).toBe("up");
+  });
+
   it("an answer cannot move a known member to another URL; a signed request can", () => {
     const m = new Members("me", 100);
     m.heard(info("a", 1, "http://a:1"), 0, true);

@@ -131,9 +131,10 @@ export class Members {
   }
 
   /**
-   * Others' view: a member whose (startedAt, beat) they saw rise is alive (heard of now); up
-   * members this daemon does not know yet become candidates. Only a member's own word brings
-   * it back from `left`.
+   * Others' view: a member whose (startedAt, beat) they saw rise is alive (heard of now); one
+   * they saw leave in the run this daemon knows of, or a later one, has left (a leave reaches
+   * the members the leaver saw up; the others learn it here); up members this daemon does not
+   * know yet become candidates. Only a member's own word brings it back from `left`.
    */
   rumors(list: Rumor[], now: number): void {
     for (const r of list) {
@@ -141,6 +142,9 @@ export class Members {
       const m = this.byId.get(r.nodeId);
       if (!m) {
         if (r.state === "up") this.propose(r.url);
+      } else if (r.state === "left" && m.state !== "left" && !newer(m.info, r)) {
+        m.state = "left";
+        m.lastSeen = now;
       } else if (m.state !== "left" && r.state !== "left" && newer(r, m.info)) {
         m.info = { ...m.info, startedAt: r.startedAt, beat: r.beat };
         m.lastSeen = now;
