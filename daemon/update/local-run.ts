@@ -203,16 +203,14 @@ export class LocalRun {
     return this.engines
       .filter((run) => run.driven)
       .map((run) => {
-        const mine = this.record.receivers.filter((r) => run.engine.gpus.includes(r.gpu));
-        const acked = mine.map((r) => r.bucketsAcked);
-        const took =
-          mine.length > 0 && mine.every((r) => r.state === "applied")
-            ? "all of the update"
-            : acked.every((n) => n === 0)
-              ? "none of the update"
-              : `part of the update (${span(acked)} of ${buckets} buckets acked per rank)`;
+        const took = this.took(run.engine);
+        const acked = this.receivers.filter((r) => run.engine.gpus.includes(r.gpu)).map((r) => this.acked.get(r) ?? 0);
+        const what =
+          took === "part"
+            ? `part of the update (${span(acked)} of ${buckets} buckets acked per rank)`
+            : `${took} of the update`;
         const paused = run.describe();
-        return `engine ${run.engine.name} took ${took}${paused ? `, ${paused}` : ""}`;
+        return `engine ${run.engine.name} took ${what}${paused ? `, ${paused}` : ""}`;
       })
       .join("; ");
   }

@@ -35,6 +35,16 @@ def buckets_of(ckpt, per_bucket=3, seed=0):
     return [entries[i:i + per_bucket] for i in range(0, len(entries), per_bucket)]
 
 
+def fails_then_succeeds(buckets):
+    """A fake daemon's script: u-1, which the receiver fails at bucket 0 and the daemon aborts, then u-2."""
+    def script(d):
+        d.push("u-1", buckets, stop_after=0)
+        assert d.recv()["op"] == "error"
+        d.send({"op": "abort", "update": "u-1", "reason": "an engine failed"})
+        d.push("u-2", buckets)
+    return script
+
+
 def cpu_receiver(path, timeout_s):
     return cr.Receiver(path, timeout=timeout_s, mapper=cr.Mapper("cpu", use_torch=True))
 
@@ -162,14 +172,8 @@ class TransferEngineTest(unittest.TestCase):
         ckpt = vs.checkpoint()
         buckets = buckets_of(ckpt)
 
-        def script(d):
-            d.push("u-1", buckets, stop_after=0)
-            assert d.recv()["op"] == "error"
-            d.send({"op": "abort", "update": "u-1", "reason": "an engine failed"})
-            d.push("u-2", buckets)
-
         d = self.daemon()
-        d.start(script)
+        d.start(fails_then_succeeds(buckets))
         model = vs.LlamaLike()
         w = self.worker(d, model)
         real = model.load_weights
@@ -189,14 +193,8 @@ class TransferEngineTest(unittest.TestCase):
         ckpt = vs.checkpoint(seed=6)
         buckets = buckets_of(ckpt)
 
-        def script(d):
-            d.push("u-1", buckets, stop_after=0)
-            assert d.recv()["op"] == "error"
-            d.send({"op": "abort", "update": "u-1", "reason": "an engine failed"})
-            d.push("u-2", buckets)
-
         d = self.daemon()
-        d.start(script)
+        d.start(fails_then_succeeds(buckets))
         model = vs.LlamaLike()
         w = self.worker(d, model, QUANTIZED)
         real = model.load_weights
