@@ -180,6 +180,9 @@ describe("engines", () => {
     [{ kind: "sglang", reload: "direct" }, 'engine "e" of kind sglang takes no "reload"'],
     [{ kind: "vllm", loadFormat: "x.y" }, 'engine "e" of kind vllm takes no "loadFormat"'],
     [{ kind: "vllm", body: {} }, 'engine "e" of kind vllm takes no "body"'],
+    [{ kind: "http", pauseTimeoutMs: 1000 }, 'engine "e" of kind http takes no "pauseTimeoutMs"'],
+    [{ kind: "vllm", pause: "none" }, 'engine "e": pause "none" needs reload "direct"'],
+    [{ kind: "sglang", loadFormat: "direct" }, "must be a dotted path to a loader function"],
   ])("refuses %o", (extra, message) => {
     const engines = [{ name: "e", url: "http://h:1", gpus: [0], ...extra }];
     expect(() => resolveConfig({ file: { engines }, env: {}, flags: {} }, env)).toThrow(message);
