@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { type Context, openBackend } from "../ffi/index.ts";
 import { Keyring } from "./auth/credentials.ts";
 import { Registry } from "./checkpoints/registry.ts";
-import { checkpointRoutes } from "./checkpoints/routes.ts";
+import { checkpointRoutes, type PullSpec } from "./checkpoints/routes.ts";
 import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints/store.ts";
 import { openUploadArea, removeOrphans, type UploadArea } from "./checkpoints/upload-dir.ts";
 import { uploadRoutes } from "./checkpoints/upload-routes.ts";
@@ -17,6 +17,10 @@ import { Gossip } from "./peers/gossip.ts";
 import { Members, type SelfInfo } from "./peers/members.ts";
 import { peerRoutes } from "./peers/routes.ts";
 import { updateSpan } from "./peers/select.ts";
+import { startPull } from "./pull/pull.ts";
+import { pullRoutes } from "./pull/routes.ts";
+import { PullSource } from "./pull/serve.ts";
+import { PullTransport } from "./pull/transport.ts";
 import type { Runtime } from "./runtime/index.ts";
 import { type NcclStatus, ncclStatus, statusOf } from "./status.ts";
 import { DataPath } from "./update/data-path.ts";
@@ -59,9 +63,15 @@ interface Parts {
   updates: Updates;
   uploads: UploadArea;
   members: Members;
+  transport: PullTransport;
+  source: PullSource;
 }
 
-async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: PeerSigner): Promise<Parts> {
+async function openParts(
+  { config, log, nodeId, libDir }: StartOptions,
+  sign: PeerSigner,
+  advertisedHost: () => string,
+): Promise<Parts> {
   // Before the data plane: an upload directory that is not the daemon's own stops the start.
   const uploads = await openUploadArea(config, nodeId);
   const sockets = await openSocketDir(config, uploads.uid);
@@ -117,7 +127,19 @@ async function openParts({ config, log, nodeId, libDir }: StartOptions, sign: Pe
       bucketOrder: bucketOrderFor(config.bucketOrder, engines),
     });
     log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
-    return { context, nccl, registry, restore, path, hub, updates, uploads, members };
+    const transport = new PullTransport({
+      ctx: context,
+      log,
+      host: config.host,
+      port: config.ucxPort,
+      advertisedHost,
+      ucpPath: config.ucxPath,
+      transports: config.ucxTransports,
+      corrupt: config.testFaults.includes("corrupt-serve"),
+    });
+    undo.splice(undo.length - 1, 0, () => transport.close()); // after the registry (which stops serving), before the context
+    const source = new PullSource({ nodeId, ctx: context, registry, transport, threads: config.ioThreads });
+    return { context, nccl, registry, restore, path, hub, updates, uploads, members, transport, source };
   } catch (err) {
     for (const close of undo) await close().catch(() => undefined);
     throw err;
@@ -137,7 +159,8 @@ function selfInfo(p: Parts, nodeId: string, url: string): Omit<SelfInfo, "beat" 
       registeredAt: v.createdAt,
     }));
   const delivered = p.updates.delivered;
-  return { nodeId, url, backend: p.context.backend, gpus: p.path.gpus, versions, ...(delivered ? { delivered } : {}) };
+  const last = delivered ? { delivered: delivered.fingerprint, deliveredAt: delivered.at } : {};
+  return { nodeId, url, backend: p.context.backend, gpus: p.path.gpus, versions, ...last };
 }
 
 function appOf(
@@ -164,7 +187,20 @@ function appOf(
     maxBodyBytes: config.maxBodyBytes,
     auth: auth({ credentials: () => keyring.credentials(), nodeId, maxBodyBytes: config.maxBodyBytes }),
   });
-  checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files);
+  const pullDeps = {
+    ctx: p.context,
+    log,
+    registry: p.registry,
+    transport: p.transport,
+    sign: keyring.sign,
+    holders: () => p.members.up().map((m) => m.info),
+    stallMs: config.pullStallMs,
+    chunkBytes: config.pullChunkBytes,
+    threads: config.ioThreads,
+  };
+  const pull = (name: string, spec: PullSpec) => startPull({ name, ...spec }, pullDeps);
+  checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files, pull);
+  pullRoutes(app, p.source, p.registry);
   uploadRoutes(app, p.registry, p.uploads.dir);
   updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus });
   peerRoutes(app, p.members, gossip, self);
@@ -181,6 +217,7 @@ async function release(p: Parts): Promise<void> {
   await p.hub.close();
   await p.path.close();
   await p.registry.close();
+  await p.transport.close();
   await p.context.destroy();
 }
 
@@ -191,10 +228,10 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
   // First: a bad tokens file or secret stops the start before anything is opened.
   const keyring = new Keyring(config, log);
   const tls = loadTls(config);
-  const parts = await openParts(opts, keyring.sign);
+  let advertised = config.advertiseUrl.replace(/\/+$/, "");
+  const parts = await openParts(opts, keyring.sign, () => new URL(advertised).hostname);
   let server: Awaited<ReturnType<Runtime["serve"]>>;
   const { host: hostname, port } = config;
-  let advertised = config.advertiseUrl.replace(/\/+$/, "");
   const self = (): SelfInfo => ({ ...selfInfo(parts, opts.nodeId, advertised), startedAt, beat: gossip.beats });
   const gossip = new Gossip({
     members: parts.members,

@@ -32,6 +32,10 @@ export const ERROR_CODES = [
   "update_failed",
   "receiver_failed",
   "peer_unreachable",
+  "bad_answer",
+  "no_source",
+  "pull_failed",
+  "ucx_unavailable",
   "data_plane",
   "internal",
 ] as const;

@@ -59,7 +59,7 @@ type Ptr = bigint;
 /** The arguments of async calls in flight: memory they pass by pointer stays alive until the call returns. */
 const inFlight = new Set<unknown[]>();
 
-function promisify<T>(fn: Native[keyof Native], args: unknown[]): Promise<T> {
+export function promisify<T>(fn: Native[keyof Native], args: unknown[]): Promise<T> {
   return new Promise((resolve, reject) => {
     inFlight.add(args);
     fn.async(...args, (err: unknown, res: T) => {

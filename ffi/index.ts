@@ -12,7 +12,8 @@ export {
   type PeerCred,
   Stream,
 } from "./ckpt.ts";
-export { CKPT_EFAULT } from "./constants.ts";
+export { CKPT_EBUSY, CKPT_ECANCELED, CKPT_EFAULT, CKPT_EHANDLE, CKPT_ERANGE, CKPT_EUCX } from "./constants.ts";
 export { CkptError } from "./errors.ts";
 export { viewMemory } from "./library.ts";
 export { type BackendChoice, libraryPath, type OpenedBackend, openBackend } from "./select.ts";
+export { type Completion, type Exposed, Ucx, type UcxConfig, UcxPeer } from "./ucx.ts";

@@ -9,7 +9,7 @@ import { CKPT_DEVICE_NAME_BYTES, CKPT_IPC_DATA_BYTES, CKPT_UUID_BYTES } from "./
  * The ABI these declarations are written for, by hand: when ckpt.h's CKPT_ABI_VERSION moves,
  * a test fails until the declarations below are brought up to date and this is raised.
  */
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 
 export const CtxOptions = koffi.struct("ckpt_ctx_options", {
   size: "uint32_t",
@@ -39,7 +39,17 @@ export const IpcHandle = koffi.struct("ckpt_ipc_handle", {
   data: koffi.array("uint8_t", CKPT_IPC_DATA_BYTES, "Typed"),
 });
 
-for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event", "ckpt_comm"]) {
+export const UcxOptions = koffi.struct("ckpt_ucx_options", {
+  size: "uint32_t",
+  flags: "uint32_t",
+  ucp_path: "const char *",
+  transports: "const char *",
+  listen: "const char *",
+  max_inflight: "uint32_t",
+  reserved: "uint32_t",
+});
+
+for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event", "ckpt_comm", "ckpt_ucx", "ckpt_ucx_peer"]) {
   koffi.pointer(name, koffi.opaque());
 }
 
@@ -87,6 +97,18 @@ const SIGNATURES = {
   hash64:
     "int ckpt_hash64(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads, void *done_bytes)",
   ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",
+  ucxCreate: "int ckpt_ucx_create(ckpt_ctx ctx, const ckpt_ucx_options *opts, _Out_ ckpt_ucx *out)",
+  ucxDestroy: "int ckpt_ucx_destroy(ckpt_ucx ucx)",
+  ucxInfo: "int ckpt_ucx_info(ckpt_ucx ucx, char *address, size_t len, _Out_ uint32_t *version)",
+  ucxExpose: "int ckpt_ucx_expose(ckpt_ucx ucx, void *ptr, uint64_t len, _Out_ uint64_t *id, _Out_ uint8_t *key)",
+  ucxUnexpose: "int ckpt_ucx_unexpose(ckpt_ucx ucx, uint64_t id, int64_t timeout_ms)",
+  ucxConnect: "int ckpt_ucx_connect(ckpt_ucx ucx, const char *address, _Out_ ckpt_ucx_peer *out)",
+  ucxDisconnect: "int ckpt_ucx_disconnect(ckpt_ucx_peer peer)",
+  ucxPeerError: "int ckpt_ucx_peer_error(ckpt_ucx_peer peer, char *buf, size_t len)",
+  ucxFetch:
+    "int ckpt_ucx_fetch(ckpt_ucx_peer peer, uint64_t id, const uint8_t *key, uint64_t offset, uint64_t len, void *dst, _Out_ uint64_t *op)",
+  ucxWait:
+    "int ckpt_ucx_wait(ckpt_ucx ucx, int64_t timeout_ms, _Out_ uint64_t *ops, _Out_ int32_t *statuses, int32_t max, _Out_ int32_t *n)",
   sdNotify: "int ckpt_sd_notify(const char *state)",
   peerCred: "int ckpt_peer_cred(int32_t fd, _Out_ int32_t *pid, _Out_ uint32_t *uid, _Out_ uint32_t *gid)",
   peerGroups: "int ckpt_peer_groups(int32_t fd, uint32_t *groups, _Inout_ int32_t *n)",
@@ -140,6 +162,6 @@ export class NativeCounter {
 }
 
 /** Size in bytes of a declared struct, to check against the library at load. */
-export function sizeOf(type: typeof CtxOptions): number {
+export function sizeOf(type: typeof CtxOptions | typeof UcxOptions): number {
   return koffi.sizeof(type);
 }

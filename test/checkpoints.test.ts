@@ -188,8 +188,8 @@ describe("bad registrations register nothing", () => {
   });
 
   it.each([
-    [{ name: "x" }, /give exactly one of dir and files/],
-    [{ name: "x", dir: "/a", files: ["/b"] }, /give exactly one of dir and files/],
+    [{ name: "x" }, /give exactly one of dir, files and pull/],
+    [{ name: "x", dir: "/a", files: ["/b"] }, /give exactly one of dir, files and pull/],
     [{ name: "bad name", dir: "/tmp" }, /checkpoint name "bad name" must match/],
     [{ name: "x", dir: "relative" }, /dir must be an absolute path/],
     [{ name: "x", files: ["/dev/shm/nonexistent.safetensors"] }, /\/nonexistent.safetensors: no such file/],

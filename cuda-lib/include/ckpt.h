@@ -37,7 +37,7 @@
 extern "C" {
 #endif
 
-#define CKPT_ABI_VERSION 3
+#define CKPT_ABI_VERSION 4
 
 /* X(name, value, message): the one table of errors; names and messages derive from it. */
 #define CKPT_STATUS_MAP(X)                                                        \
@@ -56,7 +56,9 @@ extern "C" {
   X(EHANDLE, -12, "invalid, foreign or stale handle")                             \
   X(ENCCL, -13, "NCCL unavailable or failed")                                     \
   X(EUNSUPPORTED, -14, "not supported by this backend")                         \
-  X(EFAULT, -15, "bus error reading mapped memory: its file was truncated under the mapping")
+  X(EFAULT, -15, "bus error reading mapped memory: its file was truncated under the mapping") \
+  X(EUCX, -16, "UCX unavailable or failed")                                       \
+  X(ECANCELED, -17, "cancelled")
 
 typedef enum ckpt_status {
 #define CKPT_X_ENUM(name, value, msg) CKPT_##name = value,
@@ -297,6 +299,61 @@ int ckpt_broadcast(ckpt_comm *comm, int32_t root, ckpt_buf *const *bufs, ckpt_st
  * (2.28.3 = 22803). CKPT_ENCCL with the loader's message when it is absent;
  * CKPT_EUNSUPPORTED on the host backend, whose collectives run over TCP. */
 int ckpt_nccl_version(ckpt_ctx *ctx, int32_t *version);
+
+/* ---- pulls between daemons over UCX --------------------------------------------------- */
+
+typedef struct ckpt_ucx ckpt_ucx;           /* a UCX worker with its progress thread */
+typedef struct ckpt_ucx_peer ckpt_ucx_peer; /* a connection to another process's ckpt_ucx */
+
+#define CKPT_UCX_KEY_BYTES 16
+#define CKPT_UCX_FAULT_CORRUPT 1u /* tests only: every range served has one byte changed */
+
+typedef struct ckpt_ucx_options {
+  uint32_t size;            /* sizeof(ckpt_ucx_options) */
+  uint32_t flags;           /* CKPT_UCX_FAULT_CORRUPT or 0 */
+  const char *ucp_path;     /* UCX's libucp to dlopen; NULL: "libucp.so.0" */
+  const char *transports;   /* UCX_TLS-style list ("tcp", "rc,sm"...); NULL or "": UCX picks */
+  const char *listen;       /* "ip:port" to serve exposed regions on (port 0: any); NULL: fetch only */
+  uint32_t max_inflight;    /* requests served at once per connection (more are refused with
+                             * CKPT_EBUSY); 0: 64 */
+  uint32_t reserved;
+} ckpt_ucx_options;
+
+/* Loads UCX (dlopen; CKPT_EUCX naming the library when it is absent), makes a worker and
+ * its progress thread, and listens when opts->listen is set. UCX reads its UCX_* variables.
+ * Every UCX call runs on the progress thread; the calls below queue work for it. */
+int ckpt_ucx_create(ckpt_ctx *ctx, const ckpt_ucx_options *opts, ckpt_ucx **out);
+/* Drops every peer (their fetches fail with CKPT_ECANCELED), closes every connection and the
+ * listener, and frees the worker. No other call on it or its peers may be running. */
+int ckpt_ucx_destroy(ckpt_ucx *ucx);
+/* The listener's address as "ip:port" ("" without one) and UCX's version (1.13.1 = 11301). */
+int ckpt_ucx_info(ckpt_ucx *ucx, char *address, size_t len, uint32_t *version);
+
+/* Serves [ptr, ptr+len), which must lie in pinned memory of the context, to any peer that
+ * names its id and key (16 random bytes, made here): hand both out only to whom may read it.
+ * Requests outside it fail with CKPT_ERANGE, a wrong key with CKPT_EHANDLE. */
+int ckpt_ucx_expose(ckpt_ucx *ucx, const void *ptr, uint64_t len, uint64_t *id, uint8_t key[CKPT_UCX_KEY_BYTES]);
+/* Stops serving region `id` and returns once no send reads it any longer; sends still
+ * reading after timeout_ms lose their connection. Then the memory may be freed. Blocking. */
+int ckpt_ucx_unexpose(ckpt_ucx *ucx, uint64_t id, int64_t timeout_ms);
+
+/* Connects to the ckpt_ucx listening at "ip:port" ("[ip6]:port"). Returns at once; a
+ * failure to connect fails the peer's fetches with CKPT_EUCX (see ckpt_ucx_peer_error). */
+int ckpt_ucx_connect(ckpt_ucx *ucx, const char *address, ckpt_ucx_peer **out);
+/* Closes the connection: fetches in flight complete with CKPT_ECANCELED (a range being
+ * received completes once UCX has stopped writing it). The handle is freed once they have;
+ * do not use it after this call. */
+int ckpt_ucx_disconnect(ckpt_ucx_peer *peer);
+/* CKPT_OK while the peer works; else its status, with why in buf ("connection to ... failed: ..."). */
+int ckpt_ucx_peer_error(ckpt_ucx_peer *peer, char *buf, size_t len);
+/* Fetches len bytes at `offset` of the peer's region `id` into dst (inside pinned memory of
+ * the context), and returns at once with the op's id; its outcome comes from ckpt_ucx_wait.
+ * dst must stay valid until then. */
+int ckpt_ucx_fetch(ckpt_ucx_peer *peer, uint64_t id, const uint8_t key[CKPT_UCX_KEY_BYTES], uint64_t offset,
+                   uint64_t len, void *dst, uint64_t *op);
+/* Waits up to timeout_ms (0: not at all) for fetches to complete; writes up to max of them
+ * (op id, status: CKPT_OK, or why it failed) and their count to *n (0 on timeout). */
+int ckpt_ucx_wait(ckpt_ucx *ucx, int64_t timeout_ms, uint64_t *ops, int32_t *statuses, int32_t max, int32_t *n);
 
 /* ---- service manager ----------------------------------------------------------------- */
 

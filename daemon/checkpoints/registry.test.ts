@@ -233,6 +233,7 @@ describe("CheckpointVersion", () => {
       tensorCount: 0,
       createdAt: at,
       inUse: false,
+      origin: "files",
       progress: { bytesTotal: 100, bytesPinned: 0, bytesHashed: 0 },
     });
     expect(v.manifest()).toMatchObject({ files: [], tensors: [] });

@@ -112,6 +112,8 @@ export class CheckpointVersion {
   /** Seconds spent pinning and hashing, once ready. */
   timings?: { pinSeconds: number; hashSeconds: number };
   leases = 0;
+  /** Where its bytes came from: files registered here, or a pull from peers (never saved: pulled again). */
+  origin: "files" | "pull" = "files";
   /** Set once a delete has begun: no new lease may be taken. */
   deleting = false;
   pinned: PinnedFile[] = [];
@@ -145,6 +147,7 @@ export class CheckpointVersion {
       tensorCount: this.tensors.length,
       createdAt: this.createdAt,
       inUse: this.leases > 0,
+      origin: this.origin,
       progress: { ...this.progress },
       ...(this.timings ? { timings: this.timings } : {}),
       ...(this.error ? { error: this.error } : {}),
@@ -188,8 +191,20 @@ export interface RegistryOptions {
 export class Registry {
   private readonly versions = new Map<string, CheckpointVersion[]>();
   private readonly next = new Map<string, number>();
+  /** Called with each version about to be dropped, before its memory is released. */
+  private readonly dropHooks: ((v: CheckpointVersion) => Promise<void>)[] = [];
 
   constructor(private readonly opts: RegistryOptions) {}
+
+  /** Runs `hook` before any version's memory is released (one that serves it stops first). */
+  beforeDrop(hook: (v: CheckpointVersion) => Promise<void>): void {
+    this.dropHooks.push(hook);
+  }
+
+  private async dropped(version: CheckpointVersion): Promise<void> {
+    for (const hook of this.dropHooks)
+      await hook(version).catch((err) => this.opts.log.error({ err }, "before a drop"));
+  }
 
   /** Pinned bytes held or reserved by registering and ready versions. */
   pinnedBytes(): number {
@@ -310,6 +325,60 @@ export class Registry {
     return version;
   }
 
+  /**
+   * Registers a version whose bytes `fill` brings (a pull): the budget is checked and the
+   * number taken now; `fill` pins into version.pinned as it goes and sets the tensors. A
+   * failure or cancel (version.abort) releases what it pinned and records why.
+   */
+  async reserve(
+    name: string,
+    files: FileRecord[],
+    fill: (version: CheckpointVersion) => Promise<void>,
+  ): Promise<CheckpointVersion> {
+    checkName(name);
+    const bytes = files.reduce((sum, f) => sum + f.size, 0);
+    this.checkBudget(bytes, "pulling");
+    const number = this.next.get(name) ?? 1;
+    this.next.set(name, number + 1);
+    const version = new CheckpointVersion(name, number, bytes, new Date().toISOString());
+    version.origin = "pull";
+    version.files = files;
+    const list = this.versions.get(name) ?? [];
+    list.push(version);
+    this.versions.set(name, list);
+    version.done = this.settle(version, () => fill(version));
+    await this.opts.onChange?.(this).catch((err) => this.opts.log.error({ err }, "saving the registry"));
+    return version;
+  }
+
+  /** Runs a pull's fill to a ready version, or unwinds it to nothing pinned. */
+  private async settle(version: CheckpointVersion, fill: () => Promise<void>): Promise<void> {
+    const { ctx, log } = this.opts;
+    const started = performance.now();
+    try {
+      await fill();
+      if (version.abort.signal.aborted) throw new DaemonError("cancelled", "the pull was cancelled");
+      version.state = "ready";
+      version.timings = { pinSeconds: (performance.now() - started) / 1000, hashSeconds: 0 };
+      log.info(
+        { checkpoint: version.id, bytes: version.bytes, seconds: version.timings.pinSeconds },
+        "checkpoint pulled",
+      );
+    } catch (err) {
+      await unpinFiles(ctx, version.pinned).catch((e) => log.error({ err: e }, "unpinning a failed pull"));
+      version.pinned = [];
+      version.state = "failed";
+      version.error =
+        err instanceof DaemonError
+          ? { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) }
+          : { code: "pull_failed", message: (err as Error).message };
+      log.warn({ checkpoint: version.id, error: version.error }, "pull failed");
+      return;
+    }
+    await this.evictOld(version.name).catch((err) => log.error({ err }, "dropping old versions"));
+    await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
+  }
+
   /** Bytes the pinned-memory budget leaves (Infinity without a budget). */
   budgetLeft(): number {
     const budget = this.opts.budgetBytes;
@@ -411,6 +480,7 @@ export class Registry {
       list.filter((v) => v !== version),
     );
     version.unwatch();
+    await this.dropped(version);
     await unpinFiles(this.opts.ctx, version.pinned);
     version.pinned = [];
     for (const file of version.files) {
@@ -462,6 +532,7 @@ export class Registry {
         list.filter((x) => x !== v),
       );
       v.unwatch();
+      await this.dropped(v);
       await unpinFiles(this.opts.ctx, v.pinned);
     }
   }

@@ -44,11 +44,11 @@ async function writeRegistry(stateDir: string, registry: Registry): Promise<void
     next: registry.nextVersions(),
     versions: registry
       .list()
-      .filter((v) => v.state === "ready")
+      .filter((v) => v.state === "ready" && v.origin === "files")
       .map((v) => ({ name: v.name, version: v.version, createdAt: v.createdAt, files: v.files, tensors: v.tensors })),
     registering: registry
       .list()
-      .filter((v) => v.state === "registering")
+      .filter((v) => v.state === "registering" && v.origin === "files")
       .map((v) => v.id),
   };
   const path = registryFile(stateDir);

@@ -37,6 +37,10 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   update_failed: 502,
   receiver_failed: 502,
   peer_unreachable: 502,
+  bad_answer: 502,
+  no_source: 409,
+  pull_failed: 502,
+  ucx_unavailable: 503,
   data_plane: 500,
   internal: 500,
 };

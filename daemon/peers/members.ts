@@ -20,8 +20,9 @@ export interface SelfInfo {
   gpus: number;
   /** Its ready checkpoint versions. */
   versions: { name: string; version: number; fingerprint: string; bytes: number; registeredAt: string }[];
-  /** The fingerprint its engines last received in a successful update, if any. */
+  /** The fingerprint its engines last received in a successful update, if any, and when. */
   delivered?: string;
+  deliveredAt?: string;
   /** When its current run began (ms since the epoch): a restarted daemon counts beats anew. */
   startedAt: number;
   /** Its heartbeat count in this run. */

@@ -32,6 +32,7 @@ const SelfSchema = v.object({
     v.maxLength(10_000),
   ),
   delivered: v.optional(v.pipe(v.string(), v.maxLength(128))),
+  deliveredAt: v.optional(v.pipe(v.string(), v.maxLength(64))),
   startedAt: v.pipe(v.number(), v.integer(), v.minValue(0)),
   beat: v.pipe(v.number(), v.integer(), v.minValue(0)),
 });

@@ -1,6 +1,6 @@
 /** Fingerprints: how daemons tell that they hold the same checkpoint, whatever its version number. */
 import { createHash } from "node:crypto";
-import type { CheckpointVersion } from "../checkpoints/registry.ts";
+import type { CheckpointVersion, TensorRecord } from "../checkpoints/registry.ts";
 
 const fingerprints = new WeakMap<CheckpointVersion, string>();
 
@@ -9,12 +9,20 @@ export function fingerprint(v: CheckpointVersion): string {
   // A ready version never changes, so its fingerprint is computed once.
   const known = v.state === "ready" ? fingerprints.get(v) : undefined;
   if (known) return known;
-  const h = createHash("sha256");
-  h.update(JSON.stringify(v.files.map((f) => f.size)));
-  for (const t of v.tensors) h.update(JSON.stringify([t.name, t.dtype, t.shape, t.bytes, t.file, t.offset, t.hash]));
-  const fp = h.digest("hex");
+  const fp = fingerprintOf(
+    v.files.map((f) => f.size),
+    v.tensors,
+  );
   if (v.state === "ready") fingerprints.set(v, fp);
   return fp;
+}
+
+/** The fingerprint of files of these sizes holding these tensors: pure. */
+export function fingerprintOf(sizes: readonly number[], tensors: readonly TensorRecord[]): string {
+  const h = createHash("sha256");
+  h.update(JSON.stringify(sizes));
+  for (const t of tensors) h.update(JSON.stringify([t.name, t.dtype, t.shape, t.bytes, t.file, t.offset, t.hash]));
+  return h.digest("hex");
 }
 
 /** The engines' weight version after an update: the checkpoint's name@N and its fingerprint's first 16 digits. */

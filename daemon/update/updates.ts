@@ -58,7 +58,7 @@ export class Updates {
   private seq = 0;
   /** The last plan: the same version over the same GPUs and slots is planned once. */
   private lastPlan?: { key: string; buckets: Bucket[] };
-  private lastDelivered?: string;
+  private lastDelivered?: { fingerprint: string; at: string };
 
   constructor(private readonly opts: UpdateOptions) {}
 
@@ -89,7 +89,7 @@ export class Updates {
     const deps = { ...o, peers: span.urls, plan: (v: CheckpointVersion, p: PlanOptions) => this.plan(v, p) };
     const done = this.launch(record, lease, (abort) => new Coordination(deps, record, lease.version, abort)).then(
       () => {
-        if (record.state === "succeeded") this.lastDelivered = fp;
+        if (record.state === "succeeded") this.lastDelivered = { fingerprint: fp, at: new Date().toISOString() };
       },
     );
     return { record, done };
@@ -111,7 +111,8 @@ export class Updates {
     record.weightVersion = plan.weightVersion ?? weightVersion(plan.checkpoint.name, plan.checkpoint.fingerprint);
     const timeout = this.opts.receiverTimeoutMs;
     await this.launch(record, lease, () => new Participation(path, plan, version, timeout), plan.update);
-    if (record.state === "succeeded") this.lastDelivered = plan.checkpoint.fingerprint;
+    if (record.state === "succeeded")
+      this.lastDelivered = { fingerprint: plan.checkpoint.fingerprint, at: new Date().toISOString() };
     return record;
   }
 
@@ -177,8 +178,8 @@ export class Updates {
     for (const id of [...this.records.keys()].slice(0, Math.max(0, this.records.size - keep))) this.records.delete(id);
   }
 
-  /** The fingerprint this daemon's engines last received in a successful update. */
-  get delivered(): string | undefined {
+  /** The fingerprint this daemon's engines last received in a successful update, and when. */
+  get delivered(): { fingerprint: string; at: string } | undefined {
     return this.lastDelivered;
   }
 

@@ -1,0 +1,82 @@
+/**
+ * What a source tells a puller (POST /v1/peer/pull, signed both ways): the version's layout
+ * and hashes, the bytes between its tensors with theirs, and where and how to fetch each file
+ * over UCX. The puller trusts none of it beyond the fingerprint it asked for: the manifest
+ * must hash to that fingerprint and cover every byte of every file (checkManifest).
+ */
+import * as v from "valibot";
+import type { TensorRecord } from "../checkpoints/registry.ts";
+import { DaemonError } from "../errors.ts";
+import { fingerprintOf } from "../update/fingerprint.ts";
+import { type Piece, tilingError } from "./stripe.ts";
+
+const count = v.pipe(v.number(), v.integer(), v.minValue(0));
+const hex16 = v.pipe(v.string(), v.regex(/^[0-9a-f]{16}$/));
+
+export const ManifestSchema = v.object({
+  nodeId: v.pipe(v.string(), v.maxLength(200)),
+  name: v.pipe(v.string(), v.maxLength(200)),
+  version: count,
+  fingerprint: v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/)),
+  /** Where the source's UCX listens: "host:port". */
+  address: v.pipe(v.string(), v.maxLength(300)),
+  files: v.pipe(
+    v.array(
+      v.object({
+        size: count,
+        /** The UCX region of the file: its id (decimal) and key (32 hex digits). */
+        region: v.object({
+          id: v.pipe(v.string(), v.regex(/^\d{1,20}$/)),
+          key: v.pipe(v.string(), v.regex(/^[0-9a-f]{32}$/)),
+        }),
+      }),
+    ),
+    v.minLength(1),
+    v.maxLength(100_000),
+  ),
+  tensors: v.pipe(
+    v.array(
+      v.object({
+        name: v.pipe(v.string(), v.maxLength(1000)),
+        dtype: v.pipe(v.string(), v.maxLength(20)),
+        shape: v.pipe(v.array(count), v.maxLength(16)),
+        bytes: count,
+        file: count,
+        offset: count,
+        hash: hex16,
+      }),
+    ),
+    v.maxLength(10_000_000),
+  ),
+  /** The bytes no tensor covers (headers, padding), with their XXH64. */
+  gaps: v.array(v.object({ file: count, begin: count, end: count, hash: hex16 })),
+});
+
+export type Manifest = v.InferOutput<typeof ManifestSchema>;
+
+/** Every byte of the version as pieces to verify: tensors, then the gaps. */
+export function piecesOf(m: Pick<Manifest, "tensors" | "gaps">): Piece[] {
+  return [
+    ...m.tensors.map((t) => ({ name: t.name, file: t.file, begin: t.offset, end: t.offset + t.bytes, hash: t.hash })),
+    ...m.gaps.map((g) => ({ name: `bytes ${g.begin}..${g.end} of file ${g.file}`, ...g })),
+  ];
+}
+
+/** A source's answer as a manifest of `fingerprint`, or why it is not one. */
+export function checkManifest(body: unknown, fingerprint: string): Manifest {
+  const parsed = v.safeParse(ManifestSchema, body);
+  if (!parsed.success)
+    throw new DaemonError("bad_answer", `not a pull manifest: ${v.summarize(parsed.issues).slice(0, 300)}`);
+  const m = parsed.output;
+  const sizes = m.files.map((f) => f.size);
+  if (m.fingerprint !== fingerprint || fingerprintOf(sizes, m.tensors as TensorRecord[]) !== fingerprint) {
+    throw new DaemonError(
+      "bad_answer",
+      `the manifest of ${m.name}@${m.version} is not that of fingerprint ${fingerprint.slice(0, 16)}`,
+    );
+  }
+  const why = tilingError(sizes, piecesOf(m));
+  if (why)
+    throw new DaemonError("bad_answer", `the manifest of ${m.name}@${m.version} does not cover its files: ${why}`);
+  return m;
+}

@@ -1,0 +1,385 @@
+/**
+ * A pull: a version registered here by fetching its bytes from the pinned memory of every
+ * source that holds it, striped over them (pull/stripe.ts), each piece checked against the
+ * source's hash as soon as all of its bytes are here. A source that fails or lands nothing
+ * for `stallMs` is dropped and its ranges go to the others; the pull fails, naming what is
+ * missing, only when no live source can give it. Nothing stays pinned after a failure: the
+ * registry releases what the pull pinned, once no fetch can write into it any longer.
+ */
+import type { Logger } from "pino";
+import { CKPT_EBUSY, type Context, type Exposed, type UcxPeer } from "../../ffi/index.ts";
+import { ANY_NODE } from "../auth/signature.ts";
+import type { CheckpointVersion, FileRecord, Registry, TensorRecord } from "../checkpoints/registry.ts";
+import { DaemonError } from "../errors.ts";
+import { type PeerSigner, peerCall } from "../update/peers.ts";
+import { chooseVersion, type Holder } from "./choose.ts";
+import { checkManifest, type Manifest, piecesOf } from "./manifest.ts";
+import { type Piece, type Range, Stripe } from "./stripe.ts";
+import type { PullTransport } from "./transport.ts";
+
+export interface PullRequest {
+  name: string;
+  fingerprint?: string;
+  /** The up peers that hold it, or these daemons' URLs. */
+  from: "peers" | string[];
+}
+
+export interface PullDeps {
+  ctx: Context;
+  log: Logger;
+  registry: Registry;
+  transport: PullTransport;
+  sign: PeerSigner;
+  /** The up members, as they describe themselves. */
+  holders: () => Holder[];
+  stallMs: number;
+  chunkBytes: number;
+  threads: number;
+}
+
+/** Ranges in flight per source: enough to keep one connection busy. */
+export const DEPTH = 4;
+const MANIFEST_TIMEOUT_MS = 10_000;
+
+export interface SourceProgress {
+  nodeId: string;
+  url: string;
+  state: "pulling" | "done" | "failed";
+  bytes: number;
+  error?: string;
+}
+
+export interface PullProgress {
+  fingerprint: string;
+  sources: SourceProgress[];
+  bytesFetched: number;
+  bytesVerified: number;
+  gbps: number;
+  etaSeconds: number | null;
+}
+
+interface Source {
+  progress: SourceProgress;
+  address: string;
+  regions: Exposed[];
+  peer?: UcxPeer;
+  inflight: number;
+  lastLanded: number;
+}
+
+/** The sources to ask, with the node id each request is signed for. */
+async function candidates(
+  req: PullRequest,
+  deps: PullDeps,
+): Promise<{ fp?: string; asks: { nodeId: string; url: string }[] }> {
+  if (req.from === "peers") {
+    const choice = chooseVersion(deps.holders(), req.name, req.fingerprint);
+    if ("why" in choice) throw new DaemonError("no_source", choice.why);
+    return { fp: choice.fingerprint, asks: choice.sources.map((h) => ({ nodeId: h.nodeId, url: h.url })) };
+  }
+  const asks = await Promise.all(
+    req.from.map(async (url) => {
+      const base = url.replace(/\/+$/, "");
+      const info = await peerCall<{ nodeId?: string }>(
+        deps.sign,
+        `${base}/v1/peer/info`,
+        { to: ANY_NODE },
+        MANIFEST_TIMEOUT_MS,
+      ).catch(() => undefined);
+      return info?.status === 200 && typeof info.body.nodeId === "string"
+        ? { nodeId: info.body.nodeId, url: base }
+        : undefined;
+    }),
+  );
+  return { fp: req.fingerprint, asks: asks.filter((a) => a !== undefined) };
+}
+
+/** Asks every candidate for its manifest; keeps those of the one fingerprint (the first answer's, unless asked). */
+async function manifests(req: PullRequest, deps: PullDeps): Promise<Manifest[]> {
+  const { fp, asks } = await candidates(req, deps);
+  const why: string[] = [];
+  const answers = await Promise.all(
+    asks.map(async (a) => {
+      try {
+        const res = await peerCall<unknown>(
+          deps.sign,
+          `${a.url}/v1/peer/pull`,
+          { method: "POST", to: a.nodeId, json: { name: req.name, ...(fp ? { fingerprint: fp } : {}) } },
+          MANIFEST_TIMEOUT_MS,
+        );
+        if (res.status !== 200)
+          throw new Error((res.body as { error?: { message?: string } }).error?.message ?? `HTTP ${res.status}`);
+        const claimed = (res.body as { fingerprint?: unknown }).fingerprint;
+        return { url: a.url, manifest: checkManifest(res.body, fp ?? (typeof claimed === "string" ? claimed : "")) };
+      } catch (err) {
+        why.push(`${a.url}: ${(err as Error).message}`);
+        return undefined;
+      }
+    }),
+  );
+  const ok = answers.filter((a) => a !== undefined);
+  const chosen = ok[0]?.manifest.fingerprint;
+  const same = ok.filter((a) => a.manifest.fingerprint === chosen);
+  for (const a of ok) if (a.manifest.fingerprint !== chosen) why.push(`${a.url}: holds another version`);
+  if (same.length === 0) {
+    throw new DaemonError("no_source", `no source could give "${req.name}": ${why.join("; ") || "none was found"}`);
+  }
+  for (const w of why) deps.log.warn({ checkpoint: req.name, source: w }, "pull source left out");
+  return same.map((a) => ({ ...a.manifest, url: a.url }) as Manifest & { url: string });
+}
+
+const keyOf = (r: Manifest["files"][number]["region"]): Exposed => ({
+  id: BigInt(r.id),
+  key: Buffer.from(r.key, "hex"),
+});
+
+/**
+ * Starts a pull of `req`: resolves with the version in state "registering" once its sources
+ * answered and its memory is reserved; `version.done` settles when it is ready or failed.
+ */
+export async function startPull(req: PullRequest, deps: PullDeps): Promise<CheckpointVersion> {
+  const found = (await manifests(req, deps)) as (Manifest & { url: string })[];
+  const first = found[0] as Manifest;
+  const files: FileRecord[] = first.files.map((f, i) => ({
+    path: `pull:${first.fingerprint.slice(0, 16)}/${i}`,
+    size: f.size,
+    mtimeMs: 0,
+    ctimeMs: 0,
+    ino: 0,
+    dev: 0,
+    inPlace: false,
+    adopted: false,
+  }));
+  return deps.registry.reserve(req.name, files, (version) => new PullRun(version, found, deps).run());
+}
+
+/** One pull in progress: the sources, the stripe, the pump that keeps every source busy. */
+class PullRun {
+  private readonly stripe: Stripe;
+  private readonly pieces: Piece[];
+  private readonly sources: Source[];
+  private readonly progress: PullProgress;
+  private hashing = 0;
+  private error?: Error;
+  private settle?: { resolve: () => void; reject: (err: Error) => void };
+  private readonly started = performance.now();
+
+  constructor(
+    private readonly version: CheckpointVersion,
+    private readonly manifests: (Manifest & { url: string })[],
+    private readonly deps: PullDeps,
+  ) {
+    const first = manifests[0] as Manifest;
+    this.pieces = piecesOf(first);
+    this.stripe = new Stripe(
+      first.files.map((f) => f.size),
+      this.pieces,
+      deps.chunkBytes,
+    );
+    this.sources = manifests.map((m) => ({
+      progress: { nodeId: m.nodeId, url: m.url, state: "pulling", bytes: 0 },
+      address: m.address,
+      regions: m.files.map((f) => keyOf(f.region)),
+      inflight: 0,
+      lastLanded: performance.now(),
+    }));
+    this.progress = {
+      fingerprint: first.fingerprint,
+      sources: this.sources.map((s) => s.progress),
+      bytesFetched: 0,
+      bytesVerified: 0,
+      gbps: 0,
+      etaSeconds: null,
+    };
+    (version.progress as { pull?: PullProgress }).pull = this.progress;
+  }
+
+  async run(): Promise<void> {
+    const { ctx } = this.deps;
+    const first = this.manifests[0] as Manifest;
+    for (const f of first.files) {
+      if (this.version.abort.signal.aborted) throw new DaemonError("cancelled", "the pull was cancelled");
+      const mem = await ctx.hostAlloc(f.size);
+      this.version.pinned.push({
+        path: `pull/${this.version.pinned.length}`,
+        size: f.size,
+        mtimeMs: 0,
+        inPlace: false,
+        mem,
+      });
+      this.version.progress.bytesPinned += f.size;
+    }
+    for (const s of this.sources) {
+      try {
+        s.peer = await this.deps.transport.connect(s.address);
+      } catch (err) {
+        this.drop(s, `cannot connect to ${s.address}: ${(err as Error).message}`);
+      }
+    }
+    const stall = setInterval(() => this.checkStalls(), Math.max(5, Math.floor(this.deps.stallMs / 4)));
+    const onAbort = () => this.fail(new DaemonError("cancelled", "the pull was cancelled"));
+    this.version.abort.signal.addEventListener("abort", onAbort);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        this.settle = { resolve, reject };
+        this.pump();
+      });
+    } finally {
+      clearInterval(stall);
+      this.version.abort.signal.removeEventListener("abort", onAbort);
+      for (const s of this.sources) s.peer?.disconnect();
+    }
+    this.version.tensors = first.tensors as TensorRecord[];
+    this.version.progress.bytesHashed = this.version.bytes;
+  }
+
+  /** Keeps DEPTH ranges in flight on every live source; ends the run when nothing more can happen. */
+  private pump(): void {
+    if (!this.settle) return;
+    if (!this.error && !this.stripe.done()) {
+      for (const s of this.live()) {
+        while (s.inflight < DEPTH) {
+          const r = this.stripe.take(s.progress.nodeId);
+          if (!r) break;
+          this.launch(s, r);
+        }
+      }
+    }
+    const busy = this.sources.some((s) => s.inflight > 0) || this.hashing > 0;
+    if (busy) return;
+    const { resolve, reject } = this.settle;
+    if (this.error) {
+      this.settle = undefined;
+      reject(this.error);
+    } else if (this.stripe.done()) {
+      for (const s of this.live()) s.progress.state = "done";
+      this.settle = undefined;
+      resolve();
+    } else {
+      this.fail(this.missing());
+      this.pump();
+    }
+  }
+
+  private live(): Source[] {
+    return this.sources.filter((s) => s.progress.state === "pulling" && s.peer);
+  }
+
+  private launch(s: Source, r: Range & { pieces: number[] }): void {
+    const peer = s.peer as UcxPeer;
+    const region = s.regions[r.file] as Exposed;
+    const dst = (this.version.pinned[r.file]?.mem.address as bigint) + BigInt(r.offset);
+    s.inflight++;
+    this.deps.transport
+      .fetch(peer, region, r.offset, r.len, dst)
+      .catch(() => -1)
+      .then((status) => {
+        s.inflight--;
+        this.landed(s, r, status);
+        this.pump();
+      });
+  }
+
+  private landed(s: Source, r: Range & { pieces: number[] }, status: number): void {
+    if (status === 0) {
+      s.progress.bytes += r.len;
+      s.lastLanded = performance.now();
+      this.progress.bytesFetched += r.len;
+      this.rate();
+      const ready = this.stripe.landed(r, s.progress.nodeId);
+      if (ready.length > 0 && !this.error) this.verify(ready);
+      return;
+    }
+    if (status === CKPT_EBUSY) {
+      this.stripe.failed(r); // the source is busy with others: another try, anywhere
+      return;
+    }
+    this.stripe.failed(r, s.progress.nodeId);
+    if (s.progress.state === "pulling") this.drop(s, s.peer?.error() ?? `range refused (status ${status})`);
+  }
+
+  /** Hashes pieces whose bytes are all here; a mismatch sends them back to other sources. */
+  private verify(ready: number[]): void {
+    const ranges = new BigUint64Array(ready.length * 2);
+    ready.forEach((i, k) => {
+      const p = this.pieces[i] as Piece;
+      ranges[2 * k] = (this.version.pinned[p.file]?.mem.address as bigint) + BigInt(p.begin);
+      ranges[2 * k + 1] = BigInt(p.end - p.begin);
+    });
+    this.hashing++;
+    this.deps.ctx
+      .hash64(ranges, this.deps.threads)
+      .then((hashes) => {
+        ready.forEach((i, k) => {
+          const p = this.pieces[i] as Piece;
+          if ((hashes[k] as bigint).toString(16).padStart(16, "0") === p.hash) {
+            this.stripe.verified(i);
+            return;
+          }
+          const served = this.stripe.mismatch(i);
+          this.deps.log.warn(
+            { checkpoint: this.version.id, piece: p.name, servedBy: served },
+            "pulled bytes hashed wrong: fetched again",
+          );
+        });
+        this.progress.bytesVerified = this.stripe.verifiedBytes;
+        this.version.progress.bytesHashed = this.stripe.verifiedBytes;
+      })
+      .catch((err: Error) => this.fail(new DaemonError("pull_failed", `${this.version.id}: ${err.message}`)))
+      .finally(() => {
+        this.hashing--;
+        this.pump();
+      });
+  }
+
+  private checkStalls(): void {
+    const now = performance.now();
+    for (const s of this.live()) {
+      if (s.inflight > 0 && now - s.lastLanded > this.deps.stallMs) {
+        this.drop(s, `landed nothing for ${this.deps.stallMs} ms`);
+      }
+    }
+    this.pump();
+  }
+
+  /** Stops using a source: its ranges in flight come back cancelled and go to the others. */
+  private drop(s: Source, why: string): void {
+    if (s.progress.state !== "pulling") return;
+    s.progress.state = "failed";
+    s.progress.error = why;
+    this.deps.log.warn({ checkpoint: this.version.id, source: s.progress.nodeId, why }, "pull source dropped");
+    s.peer?.disconnect();
+    s.peer = undefined;
+    if (s.inflight === 0) return;
+    // Its completions still arrive (cancelled); the handle is gone, so only the count matters.
+  }
+
+  private fail(err: Error): void {
+    this.error ??= err;
+    for (const s of this.sources) this.drop(s, "the pull ended");
+  }
+
+  /** Why the pull cannot complete: what is missing, and what became of each source. */
+  private missing(): DaemonError {
+    const missing = this.stripe.missing();
+    const bytes = missing.reduce((n, p) => n + p.end - p.begin, 0);
+    const names = missing
+      .slice(0, 3)
+      .map((p) => `"${p.name}"`)
+      .join(", ");
+    const more = missing.length > 3 ? ` and ${missing.length - 3} more` : "";
+    const sources = this.sources.map((s) => `${s.progress.nodeId}: ${s.progress.error ?? s.progress.state}`).join("; ");
+    return new DaemonError(
+      "pull_failed",
+      `${this.version.id}: no live source can give ${bytes} of ${this.version.bytes} bytes (${names}${more}); sources: ${sources}`,
+      { missingBytes: bytes, missing: missing.slice(0, 100).map((p) => p.name), sources: this.progress.sources },
+    );
+  }
+
+  private rate(): void {
+    const s = (performance.now() - this.started) / 1000;
+    this.progress.gbps = s > 0 ? this.progress.bytesFetched / s / 1e9 : 0;
+    const left = this.version.bytes - this.progress.bytesFetched;
+    this.progress.etaSeconds = this.progress.gbps > 0 ? Math.max(0, left / (this.progress.gbps * 1e9)) : null;
+  }
+}

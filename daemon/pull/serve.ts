@@ -1,0 +1,99 @@
+/**
+ * The source side of a pull: a ready version's pinned files exposed over UCX (once, on the
+ * first manifest asked of it; until it is dropped), and the manifest that says how to fetch
+ * and check them. Serving takes no GPU and no per-byte JavaScript: the progress thread of
+ * the library sends straight from the pinned memory.
+ */
+
+import type { Context, Exposed } from "../../ffi/index.ts";
+import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
+import { DaemonError } from "../errors.ts";
+import { fingerprint, withFingerprint } from "../update/fingerprint.ts";
+import type { Manifest } from "./manifest.ts";
+import { gapsOf } from "./stripe.ts";
+import type { PullTransport } from "./transport.ts";
+
+interface Served {
+  regions: Exposed[];
+  gaps: Manifest["gaps"];
+}
+
+export interface SourceDeps {
+  nodeId: string;
+  ctx: Context;
+  registry: Registry;
+  transport: PullTransport;
+  threads: number;
+}
+
+const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
+
+export class PullSource {
+  private readonly served = new Map<CheckpointVersion, Promise<Served>>();
+
+  constructor(private readonly deps: SourceDeps) {
+    deps.registry.beforeDrop((v) => this.forget(v));
+  }
+
+  /** The manifest of the ready version `name` with fingerprint `fp`; 404 when this daemon has none. */
+  async manifest(name: string, fp: string): Promise<Manifest> {
+    const v = withFingerprint(this.deps.registry.list(), name, fp);
+    if (!v || v.deleting) {
+      throw new DaemonError("not_found", `no ready version of "${name}" with fingerprint ${fp.slice(0, 16)} here`);
+    }
+    let served = this.served.get(v);
+    if (!served) {
+      served = this.serve(v);
+      this.served.set(v, served);
+      served.catch(() => this.served.delete(v));
+    }
+    const { regions, gaps } = await served;
+    return {
+      nodeId: this.deps.nodeId,
+      name: v.name,
+      version: v.version,
+      fingerprint: fingerprint(v),
+      address: await this.deps.transport.address(),
+      files: v.files.map((f, i) => {
+        const r = regions[i] as Exposed;
+        return { size: f.size, region: { id: r.id.toString(), key: hex(r.key) } };
+      }),
+      tensors: v.tensors,
+      gaps,
+    };
+  }
+
+  /** Exposes every file of v and hashes the bytes between its tensors. */
+  private async serve(v: CheckpointVersion): Promise<Served> {
+    const spans = v.files.flatMap((f, file) =>
+      gapsOf(
+        f.size,
+        v.tensors.filter((t) => t.file === file).map((t) => ({ begin: t.offset, end: t.offset + t.bytes })),
+      ).map(([begin, end]) => ({ file, begin, end })),
+    );
+    const ranges = new BigUint64Array(spans.length * 2);
+    spans.forEach((s, k) => {
+      ranges[2 * k] = (v.pinned[s.file]?.mem.address ?? 0n) + BigInt(s.begin);
+      ranges[2 * k + 1] = BigInt(s.end - s.begin);
+    });
+    const hashes = await this.deps.ctx.hash64(ranges, this.deps.threads);
+    const gaps = spans.map((s, k) => ({ ...s, hash: (hashes[k] as bigint).toString(16).padStart(16, "0") }));
+    const regions: Exposed[] = [];
+    try {
+      for (const p of v.pinned) regions.push(await this.deps.transport.expose(p.mem));
+    } catch (err) {
+      for (const r of regions) await this.deps.transport.unexpose(r);
+      throw err;
+    }
+    return { regions, gaps };
+  }
+
+  /** Stops serving v (before its memory is released). */
+  async forget(v: CheckpointVersion): Promise<void> {
+    const served = this.served.get(v);
+    if (!served) return;
+    this.served.delete(v);
+    const s = await served.catch(() => undefined);
+    for (const r of s?.regions ?? []) await this.deps.transport.unexpose(r);
+  }
+}

@@ -1,0 +1,196 @@
+/**
+ * What a pull still has to fetch and verify, as a pure state machine. A version's files are
+ * cut into ranges of `chunkBytes`, handed to sources one at a time as they ask (a fast source
+ * asks more often, so it takes more); every byte belongs to exactly one piece (a tensor, or
+ * the bytes between them: the header, padding), each with the source's XXH64. A piece is
+ * hashed once every range over it has landed; a mismatch sends its bytes back as new ranges
+ * that the sources which served it may not take, while any other can. A range that failed on
+ * a source goes back too, and that source does not get it again.
+ */
+
+export interface Piece {
+  /** The tensor's name, or "header and padding of file N". */
+  name: string;
+  file: number;
+  begin: number;
+  end: number;
+  /** XXH64, 16 hex digits. */
+  hash: string;
+}
+
+export interface Range {
+  file: number;
+  offset: number;
+  len: number;
+}
+
+interface Pending extends Range {
+  /** Sources that must not get it: they failed it, or served bytes that did not hash. */
+  avoid: Set<string>;
+  /** Indexes of the pieces it overlaps. */
+  pieces: number[];
+}
+
+/** Pieces that hashed wrong this often fail the pull: no source has them right. */
+export const MAX_MISMATCHES = 3;
+
+/** The byte ranges of [0, size) that no tensor covers (header, padding): pure. */
+export function gapsOf(size: number, tensors: readonly { begin: number; end: number }[]): [number, number][] {
+  const sorted = [...tensors].filter((t) => t.end > t.begin).sort((a, b) => a.begin - b.begin);
+  const gaps: [number, number][] = [];
+  let at = 0;
+  for (const t of sorted) {
+    if (t.begin > at) gaps.push([at, t.begin]);
+    at = Math.max(at, t.end);
+  }
+  if (at < size) gaps.push([at, size]);
+  return gaps;
+}
+
+/** Why `pieces` do not cover every byte of the files exactly once, if they do not: pure. */
+export function tilingError(sizes: readonly number[], pieces: readonly Piece[]): string | undefined {
+  for (let file = 0; file < sizes.length; file++) {
+    const mine = pieces.filter((p) => p.file === file && p.end > p.begin).sort((a, b) => a.begin - b.begin);
+    let at = 0;
+    for (const p of mine) {
+      if (p.begin !== at)
+        return `file ${file}: bytes ${Math.min(at, p.begin)}..${Math.max(at, p.begin)} are ${p.begin > at ? "in no piece" : "in two pieces"}`;
+      at = p.end;
+    }
+    if (at !== sizes[file]) return `file ${file}: bytes ${at}..${sizes[file]} are in no piece`;
+  }
+  if (pieces.some((p) => p.file < 0 || p.file >= sizes.length)) return "a piece names a file that does not exist";
+  return undefined;
+}
+
+export class Stripe {
+  private readonly pending: Pending[] = [];
+  /** Per piece: ranges over it not landed yet; the sources that served its bytes; mismatches. */
+  private readonly outstanding: number[];
+  private readonly servedBy: Set<string>[];
+  private readonly mismatches: number[];
+  private readonly isVerified: boolean[];
+  private readonly byFile: number[][];
+  verifiedBytes = 0;
+
+  constructor(
+    sizes: readonly number[],
+    readonly pieces: readonly Piece[],
+    private readonly chunkBytes: number,
+  ) {
+    this.outstanding = pieces.map(() => 0);
+    this.servedBy = pieces.map(() => new Set());
+    this.mismatches = pieces.map(() => 0);
+    this.isVerified = pieces.map((p) => p.end === p.begin);
+    this.byFile = sizes.map((_, f) =>
+      pieces
+        .map((p, i) => ({ p, i }))
+        .filter(({ p }) => p.file === f && p.end > p.begin)
+        .sort((a, b) => a.p.begin - b.p.begin)
+        .map(({ i }) => i),
+    );
+    sizes.forEach((size, file) => {
+      this.queue(file, 0, size, new Set());
+    });
+  }
+
+  /** Cuts [begin, end) of a file into ranges, each knowing the pieces it overlaps. */
+  private queue(file: number, begin: number, end: number, avoid: Set<string>): void {
+    for (let offset = begin; offset < end; offset += this.chunkBytes) {
+      const len = Math.min(this.chunkBytes, end - offset);
+      const pieces = this.overlapping(file, offset, offset + len);
+      for (const i of pieces) this.outstanding[i] = (this.outstanding[i] ?? 0) + 1;
+      this.pending.push({ file, offset, len, avoid: new Set(avoid), pieces });
+    }
+  }
+
+  private overlapping(file: number, begin: number, end: number): number[] {
+    const order = this.byFile[file] ?? [];
+    let lo = 0;
+    let hi = order.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if ((this.pieces[order[mid] as number] as Piece).end <= begin) lo = mid + 1;
+      else hi = mid;
+    }
+    const out: number[] = [];
+    for (let k = lo; k < order.length; k++) {
+      const i = order[k] as number;
+      if ((this.pieces[i] as Piece).begin >= end) break;
+      out.push(i);
+    }
+    return out;
+  }
+
+  /** The next range for `source`, or undefined when none is left that it may take. */
+  take(source: string): (Range & { pieces: number[] }) | undefined {
+    const k = this.pending.findIndex((r) => !r.avoid.has(source));
+    if (k < 0) return undefined;
+    const [r] = this.pending.splice(k, 1) as [Pending];
+    return r;
+  }
+
+  /** A range landed from `source`: the pieces whose every byte is now here, to hash. */
+  landed(range: { pieces: number[] }, source: string): number[] {
+    const ready: number[] = [];
+    for (const i of range.pieces) {
+      this.servedBy[i]?.add(source);
+      this.outstanding[i] = (this.outstanding[i] ?? 1) - 1;
+      if (this.outstanding[i] === 0 && !this.isVerified[i]) ready.push(i);
+    }
+    return ready;
+  }
+
+  /** A range was not fetched: it goes back, and `avoid` (the source it failed on) never gets it again. */
+  failed(range: Range & { pieces: number[] }, avoid?: string): void {
+    const r = range as Pending;
+    const set = new Set(r.avoid ?? []);
+    if (avoid !== undefined) set.add(avoid);
+    this.pending.push({ file: r.file, offset: r.offset, len: r.len, pieces: r.pieces, avoid: set });
+  }
+
+  /** Piece i hashed right. */
+  verified(i: number): void {
+    if (this.isVerified[i]) return;
+    this.isVerified[i] = true;
+    const p = this.pieces[i] as Piece;
+    this.verifiedBytes += p.end - p.begin;
+  }
+
+  /**
+   * Piece i hashed wrong: its bytes are fetched again from a source that served none of them.
+   * Returns the sources that served it, or throws once it failed MAX_MISMATCHES times.
+   */
+  mismatch(i: number): string[] {
+    const p = this.pieces[i] as Piece;
+    const count = (this.mismatches[i] ?? 0) + 1;
+    this.mismatches[i] = count;
+    const served = [...(this.servedBy[i] ?? [])];
+    if (count >= MAX_MISMATCHES) {
+      throw new Error(`"${p.name}" hashed wrong ${count} times (served by ${served.join(", ")})`);
+    }
+    this.servedBy[i] = new Set();
+    this.queue(p.file, p.begin, p.end, new Set(served));
+    return served;
+  }
+
+  /** Every piece verified. */
+  done(): boolean {
+    return this.isVerified.every(Boolean);
+  }
+
+  /** Ranges still waiting for a source. */
+  waiting(): number {
+    return this.pending.length;
+  }
+
+  /** Whether some waiting range may go to none of `sources`. */
+  stuck(sources: readonly string[]): boolean {
+    return this.pending.some((r) => sources.every((s) => r.avoid.has(s)));
+  }
+
+  /** The pieces not verified yet (for a failure's message). */
+  missing(): Piece[] {
+    return this.pieces.filter((_, i) => !this.isVerified[i]);
+  }
+}

