@@ -67,7 +67,8 @@ describe("pull over UCX", () => {
     expect(res.status, JSON.stringify(res.body)).toBe(201);
     expect(res.body).toMatchObject({ name: "m", version: 1, state: "ready", origin: "pull" });
     const pulled = c.d.registry.get("m");
-    for (const [i, p] of pulled.pinned.entries()) expect(Buffer.compare(Buffer.from(p.mem.view()), m.bytes[i] as Buffer)).toBe(0);
+    for (const [i, p] of pulled.pinned.entries())
+      expect(Buffer.compare(Buffer.from(p.mem.view()), m.bytes[i] as Buffer)).toBe(0);
     const pull = (await c.api("GET", "/v1/checkpoints/m@1")).body.progress.pull;
     expect(pull.sources.map((s: { nodeId: string }) => s.nodeId).sort()).toEqual(["node-a", "node-b"]);
     expect(pull.sources.every((s: { bytes: number }) => s.bytes > 0)).toBe(true);
@@ -75,5 +76,72 @@ describe("pull over UCX", () => {
     const fpA = (await a.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
     const fpC = (await c.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
     expect(fpC).toBe(fpA);
+  });
+});
+
+describe("pull failures", () => {
+  it("refetches what a corrupting source served from the other source, and completes verified", async () => {
+    const m = model();
+    const a = await daemon("node-a", { testFaults: ["corrupt-serve"] });
+    const b = await daemon("node-b", { peers: [a.url] });
+    for (const x of [a, b])
+      expect((await x.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url] });
+    await seesUp(c, ["node-a", "node-b"]);
+    const res = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    expect(res.status, JSON.stringify(res.body)).toBe(201);
+    const pull = res.body.progress.pull;
+    expect(pull.mismatches).toBeGreaterThan(0);
+    const pulled = c.d.registry.get("m");
+    for (const [i, p] of pulled.pinned.entries())
+      expect(Buffer.compare(Buffer.from(p.mem.view()), m.bytes[i] as Buffer)).toBe(0);
+  });
+
+  it("fails naming what is missing when only a corrupting source has it, leaves nothing pinned, and the next pull works", async () => {
+    const m = model(1, 4, 128);
+    const a = await daemon("node-a", { testFaults: ["corrupt-serve"] });
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url] });
+    await seesUp(c, ["node-a"]);
+    const res = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    expect(res.status).toBe(502);
+    expect(res.body.error.code).toBe("pull_failed");
+    expect(res.body.error.message).toMatch(/no live source can give \d+ of \d+ bytes \("model\./);
+    const list = (await c.api("GET", "/v1/checkpoints")).body;
+    expect(list.pinnedBytes).toBe(0);
+    expect(list.checkpoints.map((x: { state: string }) => x.state)).toEqual(["failed"]);
+    const b = await daemon("node-b", { peers: [a.url] });
+    expect((await b.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    await seesUp(c, ["node-b"]);
+    const again = await c.api("POST", "/v1/checkpoints", { name: "m", pull: { from: [b.url] } });
+    expect(again.status, JSON.stringify(again.body)).toBe(201);
+    expect(again.body.progress.pull.sources.map((s: { nodeId: string }) => s.nodeId)).toEqual(["node-b"]);
+  });
+
+  it("says clearly when no peer holds what is asked, and refuses a pull beside files", async () => {
+    const a = await daemon("node-a");
+    const c = await daemon("node-c", { peers: [a.url] });
+    const none = await c.api("POST", "/v1/checkpoints", { name: "nope", pull: {} });
+    expect(none.status).toBe(409);
+    expect(none.body.error).toMatchObject({ code: "no_source", message: 'no up peer holds a version of "nope"' });
+    const fp = "ab".repeat(32);
+    const byFp = await c.api("POST", "/v1/checkpoints", { name: "nope", pull: { fingerprint: fp } });
+    expect(byFp.body.error.message).toBe(`no up peer holds "nope" with fingerprint ${fp.slice(0, 16)}`);
+    const gone = await c.api("POST", "/v1/checkpoints", { name: "m", pull: { from: ["http://127.0.0.1:1"] } });
+    expect(gone.status).toBe(409);
+    expect(gone.body.error.message).toMatch(/no source could give "m"/);
+    const both = await c.api("POST", "/v1/checkpoints", { name: "m", dir: "/dev/shm", pull: {} });
+    expect(both.status).toBe(400);
+    expect((await c.api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
+  });
+
+  it("answers a pull manifest only to a request signed with the cluster secret", async () => {
+    const a = await daemon("node-a");
+    const res = await fetch(`${a.url}/v1/peer/pull`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name: "m" }),
+    });
+    expect(res.status).toBe(401);
   });
 });

@@ -54,6 +54,8 @@ export interface PullProgress {
   sources: SourceProgress[];
   bytesFetched: number;
   bytesVerified: number;
+  /** Pieces that hashed wrong and were fetched again. */
+  mismatches: number;
   gbps: number;
   etaSeconds: number | null;
 }
@@ -188,6 +190,7 @@ class PullRun {
       sources: this.sources.map((s) => s.progress),
       bytesFetched: 0,
       bytesVerified: 0,
+      mismatches: 0,
       gbps: 0,
       etaSeconds: null,
     };
@@ -316,11 +319,15 @@ class PullRun {
             this.stripe.verified(i);
             return;
           }
-          const served = this.stripe.mismatch(i);
-          this.deps.log.warn(
-            { checkpoint: this.version.id, piece: p.name, servedBy: served },
-            "pulled bytes hashed wrong: fetched again",
+          this.progress.mismatches++;
+          const { served, guilty } = this.stripe.mismatch(
+            i,
+            this.live().map((s) => s.progress.nodeId),
           );
+          const at = { checkpoint: this.version.id, piece: p.name, servedBy: served };
+          this.deps.log.warn(at, "pulled bytes hashed wrong: fetched again");
+          const culprit = this.sources.find((s) => s.progress.nodeId === guilty);
+          if (culprit) this.drop(culprit, `served bytes of "${p.name}" that do not match its hash`);
         });
         this.progress.bytesVerified = this.stripe.verifiedBytes;
         this.version.progress.bytesHashed = this.stripe.verifiedBytes;
@@ -348,10 +355,9 @@ class PullRun {
     s.progress.state = "failed";
     s.progress.error = why;
     this.deps.log.warn({ checkpoint: this.version.id, source: s.progress.nodeId, why }, "pull source dropped");
-    s.peer?.disconnect();
+    s.peer?.disconnect(); // its fetches in flight come back cancelled, and their ranges go back
     s.peer = undefined;
-    if (s.inflight === 0) return;
-    // Its completions still arrive (cancelled); the handle is gone, so only the count matters.
+    this.stripe.release(s.progress.nodeId);
   }
 
   private fail(err: Error): void {

@@ -3,9 +3,11 @@
  * cut into ranges of `chunkBytes`, handed to sources one at a time as they ask (a fast source
  * asks more often, so it takes more); every byte belongs to exactly one piece (a tensor, or
  * the bytes between them: the header, padding), each with the source's XXH64. A piece is
- * hashed once every range over it has landed; a mismatch sends its bytes back as new ranges
- * that the sources which served it may not take, while any other can. A range that failed on
- * a source goes back too, and that source does not get it again.
+ * hashed once every range over it has landed. A mismatch sends its bytes back as new ranges,
+ * all for one source (so that a second mismatch names the culprit): one that served none of
+ * it if there is one. A source that alone served a piece that hashed wrong is guilty: it gets
+ * none of it again (and the pull drops it). A range that failed on a source goes back too,
+ * free for any other.
  */
 
 export interface Piece {
@@ -27,6 +29,8 @@ export interface Range {
 interface Pending extends Range {
   /** Sources that must not get it: they failed it, or served bytes that did not hash. */
   avoid: Set<string>;
+  /** The one source that may take it (a piece fetched again), if any. */
+  only?: string;
   /** Indexes of the pieces it overlaps. */
   pieces: number[];
 }
@@ -69,6 +73,8 @@ export class Stripe {
   private readonly outstanding: number[];
   private readonly servedBy: Set<string>[];
   private readonly mismatches: number[];
+  /** Per piece: sources that alone served it wrong. */
+  private readonly guilty: (Set<string> | undefined)[] = [];
   private readonly isVerified: boolean[];
   private readonly byFile: number[][];
   verifiedBytes = 0;
@@ -95,12 +101,12 @@ export class Stripe {
   }
 
   /** Cuts [begin, end) of a file into ranges, each knowing the pieces it overlaps. */
-  private queue(file: number, begin: number, end: number, avoid: Set<string>): void {
+  private queue(file: number, begin: number, end: number, avoid: Set<string>, only?: string): void {
     for (let offset = begin; offset < end; offset += this.chunkBytes) {
       const len = Math.min(this.chunkBytes, end - offset);
       const pieces = this.overlapping(file, offset, offset + len);
       for (const i of pieces) this.outstanding[i] = (this.outstanding[i] ?? 0) + 1;
-      this.pending.push({ file, offset, len, avoid: new Set(avoid), pieces });
+      this.pending.push({ file, offset, len, avoid: new Set(avoid), pieces, ...(only ? { only } : {}) });
     }
   }
 
@@ -124,7 +130,7 @@ export class Stripe {
 
   /** The next range for `source`, or undefined when none is left that it may take. */
   take(source: string): (Range & { pieces: number[] }) | undefined {
-    const k = this.pending.findIndex((r) => !r.avoid.has(source));
+    const k = this.pending.findIndex((r) => !r.avoid.has(source) && (r.only === undefined || r.only === source));
     if (k < 0) return undefined;
     const [r] = this.pending.splice(k, 1) as [Pending];
     return r;
@@ -141,12 +147,20 @@ export class Stripe {
     return ready;
   }
 
-  /** A range was not fetched: it goes back, and `avoid` (the source it failed on) never gets it again. */
+  /**
+   * A range was not fetched: it goes back, and `avoid` (the source it failed on) never gets it
+   * again; a range kept for one source is free for any once that source failed it.
+   */
   failed(range: Range & { pieces: number[] }, avoid?: string): void {
     const r = range as Pending;
     const set = new Set(r.avoid ?? []);
     if (avoid !== undefined) set.add(avoid);
     this.pending.push({ file: r.file, offset: r.offset, len: r.len, pieces: r.pieces, avoid: set });
+  }
+
+  /** A source is gone: the ranges kept for it are free for any. */
+  release(source: string): void {
+    for (const r of this.pending) if (r.only === source) r.only = undefined;
   }
 
   /** Piece i hashed right. */
@@ -158,10 +172,11 @@ export class Stripe {
   }
 
   /**
-   * Piece i hashed wrong: its bytes are fetched again from a source that served none of them.
-   * Returns the sources that served it, or throws once it failed MAX_MISMATCHES times.
+   * Piece i hashed wrong: its bytes go back, for one of the `live` sources (one that served
+   * none of them, if any). Returns who served them, and the guilty source if one did alone;
+   * throws once the piece failed MAX_MISMATCHES times.
    */
-  mismatch(i: number): string[] {
+  mismatch(i: number, live: readonly string[]): { served: string[]; guilty?: string } {
     const p = this.pieces[i] as Piece;
     const count = (this.mismatches[i] ?? 0) + 1;
     this.mismatches[i] = count;
@@ -169,9 +184,14 @@ export class Stripe {
     if (count >= MAX_MISMATCHES) {
       throw new Error(`"${p.name}" hashed wrong ${count} times (served by ${served.join(", ")})`);
     }
+    const guilty = served.length === 1 ? served[0] : undefined;
+    if (guilty !== undefined) (this.guilty[i] ??= new Set()).add(guilty);
+    const avoid = this.guilty[i] ?? new Set<string>();
+    const allowed = live.filter((s) => !avoid.has(s));
+    const only = allowed.find((s) => !served.includes(s)) ?? allowed[0];
     this.servedBy[i] = new Set();
-    this.queue(p.file, p.begin, p.end, new Set(served));
-    return served;
+    this.queue(p.file, p.begin, p.end, new Set(avoid), only);
+    return guilty === undefined ? { served } : { served, guilty };
   }
 
   /** Every piece verified. */
@@ -182,11 +202,6 @@ export class Stripe {
   /** Ranges still waiting for a source. */
   waiting(): number {
     return this.pending.length;
-  }
-
-  /** Whether some waiting range may go to none of `sources`. */
-  stuck(sources: readonly string[]): boolean {
-    return this.pending.some((r) => sources.every((s) => r.avoid.has(s)));
   }
 
   /** The pieces not verified yet (for a failure's message). */
