@@ -98,6 +98,8 @@ export interface DaemonOptions {
   logLevel?: string;
   /** Added to the daemon's environment (e.g. NODE_OPTIONS for a diagnosis). */
   env?: Record<string, string>;
+  /** More flags (peers, UCX settings). */
+  args?: string[];
 }
 
 /** A daemon child process (`node --import tsx daemon/main.ts --backend host`). */
@@ -143,6 +145,7 @@ export class DaemonProcess {
       ...["--bucket-bytes", String(opts.bucketBytes ?? 1 << 20), "--bucket-slots", String(opts.bucketSlots ?? 2)],
       ...["--receiver-timeout-ms", String(opts.receiverTimeoutMs ?? 2000), "--io-threads", "2"],
       ...["--log-level", opts.logLevel ?? "info"],
+      ...(opts.args ?? []),
     ];
     return DaemonProcess.spawn(scratch, stateDir, uploadDir, args, opts.env);
   }

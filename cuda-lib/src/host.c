@@ -137,7 +137,8 @@ CKPT_API int ckpt_host_alloc(ckpt_ctx *ctx, size_t len, void **out) {
   CHECK_ARG(ctx, out != NULL);
   *out = NULL;
   CHECK_ARG(ctx, len > 0);
-  void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  /* Resident at once, as cudaHostAlloc's pages are: a copy into it never waits on page faults. */
+  void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   if (p == MAP_FAILED)
     return FAIL(ctx, CKPT_ENOMEM, "ckpt_host_alloc of %zu bytes: mmap: %s", len, strerror(errno));
   int st = ckpt__region_add(ctx, p, len, 1);

@@ -58,6 +58,8 @@ export interface PullProgress {
   mismatches: number;
   gbps: number;
   etaSeconds: number | null;
+  /** Seconds from the first fetch to the last piece verified, once done. */
+  seconds?: number;
 }
 
 interface Source {
@@ -164,7 +166,8 @@ class PullRun {
   private hashing = 0;
   private error?: Error;
   private settle?: { resolve: () => void; reject: (err: Error) => void };
-  private readonly started = performance.now();
+  /** When the first fetch went out (memory pinned, sources connected). */
+  private started = performance.now();
 
   constructor(
     private readonly version: CheckpointVersion,
@@ -219,6 +222,7 @@ class PullRun {
         this.drop(s, `cannot connect to ${s.address}: ${(err as Error).message}`);
       }
     }
+    this.started = performance.now();
     const stall = setInterval(() => this.checkStalls(), Math.max(5, Math.floor(this.deps.stallMs / 4)));
     const onAbort = () => this.fail(new DaemonError("cancelled", "the pull was cancelled"));
     this.version.abort.signal.addEventListener("abort", onAbort);
@@ -232,6 +236,9 @@ class PullRun {
       this.version.abort.signal.removeEventListener("abort", onAbort);
       for (const s of this.sources) s.peer?.disconnect();
     }
+    this.progress.seconds = (performance.now() - this.started) / 1000;
+    this.progress.gbps = this.version.bytes / this.progress.seconds / 1e9;
+    this.progress.etaSeconds = 0;
     this.version.tensors = first.tensors as TensorRecord[];
     this.version.progress.bytesHashed = this.version.bytes;
   }
