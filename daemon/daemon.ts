@@ -202,7 +202,9 @@ function appOf(
   checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files, pull);
   pullRoutes(app, p.source, p.registry);
   uploadRoutes(app, p.registry, p.uploads.dir);
-  updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus });
+  const pullFor = (name: string, fingerprint?: string) =>
+    startPull({ name, from: "peers", ...(fingerprint ? { fingerprint } : {}) }, pullDeps);
+  updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus }, pullFor);
   peerRoutes(app, p.members, gossip, self);
   app.get("/metrics", (c) =>
     c.text(metricsOf(p.registry, p.updates, p.hub, p.path.gpus), 200, {

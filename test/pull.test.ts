@@ -11,6 +11,7 @@ import type { Config } from "../daemon/config/index.ts";
 import { writeModel } from "./checkpoint-files.ts";
 import { tempDir } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
+import { ReferenceReceiver } from "./reference-receiver.ts";
 
 const cleanup: (() => Promise<void>)[] = [];
 afterEach(async () => {
@@ -28,7 +29,7 @@ async function daemon(nodeId: string, extra: Partial<Config> = {}) {
     stopped = true;
   };
   cleanup.push(stop);
-  return { d, api: apiOf(d.port), url: `http://127.0.0.1:${d.port}`, stop };
+  return { d, api: apiOf(d.port), url: `http://127.0.0.1:${d.port}`, stateDir, stop };
 }
 
 /** Waits until `x` sees every one of `ids` up. */
@@ -143,5 +144,54 @@ describe("pull failures", () => {
       body: JSON.stringify({ name: "m" }),
     });
     expect(res.status).toBe(401);
+  });
+});
+
+describe("updates with pull", () => {
+  async function receiverOn(stateDir: string, name: string) {
+    const r = new ReferenceReceiver(join(stateDir, "sockets", "gpu-0.sock"), name);
+    await r.connect();
+    cleanup.push(() => r.close());
+    return r;
+  }
+
+  it("pulls what this daemon lacks and gives each bucket to its engines once verified", async () => {
+    const m = model();
+    const a = await daemon("node-a");
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url], bucketBytes: 1 << 20 });
+    await seesUp(c, ["node-a"]);
+    const r = await receiverOn(c.stateDir, "engine-c");
+    const res = await c.api("POST", "/v1/updates", { checkpoint: "m", pull: true });
+    expect(res.status, JSON.stringify(res.body)).toBe(200);
+    expect(res.body).toMatchObject({ state: "succeeded", checkpoint: "m@1" });
+    const source = (await a.api("GET", "/v1/checkpoints/m")).body.tensors as { name: string; hash: string }[];
+    expect(Object.fromEntries(r.hashes.get(res.body.id) ?? [])).toEqual(
+      Object.fromEntries(source.map((t) => [t.name, t.hash])),
+    );
+    expect((await c.api("GET", "/v1/checkpoints/m@1")).body).toMatchObject({ state: "ready", origin: "pull" });
+    // held now: the next update with pull sends it without pulling again
+    const next = await c.api("POST", "/v1/updates", { checkpoint: "m", pull: true });
+    expect(next.body).toMatchObject({ state: "succeeded", checkpoint: "m@1" });
+    expect((await c.api("GET", "/v1/checkpoints")).body.checkpoints).toHaveLength(1);
+  });
+
+  it("fails the update with the pull's reason when the pull fails, and keeps nothing pinned", async () => {
+    const m = model(1, 4, 128);
+    const a = await daemon("node-a", { testFaults: ["corrupt-serve"] });
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url], bucketBytes: 1 << 20 });
+    await seesUp(c, ["node-a"]);
+    await receiverOn(c.stateDir, "engine-c");
+    const res = await c.api("POST", "/v1/updates", { checkpoint: "m", pull: true });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(/no live source can give/);
+    const end = Date.now() + 3000;
+    while ((await c.api("GET", "/v1/checkpoints")).body.pinnedBytes !== 0 && Date.now() < end)
+      await new Promise((x) => setTimeout(x, 20));
+    expect((await c.api("GET", "/v1/checkpoints")).body.pinnedBytes).toBe(0);
+    const bad = await c.api("POST", "/v1/updates", { checkpoint: "m", pull: true, peers: [] });
+    expect(bad.status).toBe(400);
+    expect(bad.body.error.message).toMatch(/give no peers/);
   });
 });

@@ -114,6 +114,11 @@ export class CheckpointVersion {
   leases = 0;
   /** Where its bytes came from: files registered here, or a pull from peers (never saved: pulled again). */
   origin: "files" | "pull" = "files";
+  /**
+   * While a pull fills it: resolves once every byte of these file spans is verified (rejects
+   * if the pull fails), so that an update can send each bucket as soon as its bytes are good.
+   */
+  gate?: (spans: readonly { file: number; begin: number; end: number }[]) => Promise<void>;
   /** Set once a delete has begun: no new lease may be taken. */
   deleting = false;
   pinned: PinnedFile[] = [];
@@ -249,8 +254,10 @@ export class Registry {
    * files are checked first: one that changed makes it stale, a 409 naming the file ("name"
    * whose newest version is stale is refused too, rather than falling back to an older one).
    */
-  acquire(ref: string): { version: CheckpointVersion; release: () => void } {
+  acquire(ref: string, filling = false): { version: CheckpointVersion; release: () => void } {
     const version = this.get(ref, ["ready", "stale"]);
+    // A version still being pulled may be leased by an update that waits on its gate.
+    if (filling && version.state === "registering" && version.gate && !version.deleting) return this.lease(version);
     this.recheck(version);
     if (version.state === "stale") {
       const why = version.error?.message ?? "a file changed";
@@ -259,6 +266,10 @@ export class Registry {
     if (version.state !== "ready" || version.deleting) {
       throw new DaemonError("not_ready", `${version.id} is ${version.deleting ? "being deleted" : version.state}`);
     }
+    return this.lease(version);
+  }
+
+  private lease(version: CheckpointVersion): { version: CheckpointVersion; release: () => void } {
     version.leases++;
     let released = false;
     return {
@@ -365,6 +376,8 @@ export class Registry {
         "checkpoint pulled",
       );
     } catch (err) {
+      // An update may have leased it while it filled: its copies read this memory until it ends.
+      while (version.leases > 0) await new Promise((r) => setTimeout(r, 20));
       await unpinFiles(ctx, version.pinned).catch((e) => log.error({ err: e }, "unpinning a failed pull"));
       version.pinned = [];
       version.state = "failed";

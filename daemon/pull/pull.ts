@@ -62,6 +62,8 @@ export interface PullProgress {
   seconds?: number;
 }
 
+type Span = { file: number; begin: number; end: number };
+
 interface Source {
   progress: SourceProgress;
   address: string;
@@ -164,6 +166,8 @@ class PullRun {
   private readonly sources: Source[];
   private readonly progress: PullProgress;
   private hashing = 0;
+  /** Updates waiting for spans of bytes to be verified (version.gate). */
+  private waiters: { spans: readonly Span[]; resolve: () => void; reject: (err: Error) => void }[] = [];
   private error?: Error;
   private settle?: { resolve: () => void; reject: (err: Error) => void };
   /** When the first fetch went out (memory pinned, sources connected). */
@@ -198,6 +202,30 @@ class PullRun {
       etaSeconds: null,
     };
     (version.progress as { pull?: PullProgress }).pull = this.progress;
+    version.tensors = first.tensors as TensorRecord[];
+    version.gate = (spans) => this.gate(spans);
+  }
+
+  /** Resolves once every byte of `spans` is verified; rejects if the pull fails first. */
+  private gate(spans: readonly Span[]): Promise<void> {
+    if (this.error) return Promise.reject(this.error);
+    if (this.covered(spans)) return Promise.resolve();
+    return new Promise((resolve, reject) => this.waiters.push({ spans, resolve, reject }));
+  }
+
+  private covered(spans: readonly Span[]): boolean {
+    return spans.every((s) => this.stripe.verifiedSpan(s.file, s.begin, s.end));
+  }
+
+  /** Wakes the updates whose spans are all verified now, or all of them with the pull's error. */
+  private wake(): void {
+    const waiting = this.waiters;
+    this.waiters = [];
+    for (const w of waiting) {
+      if (this.error) w.reject(this.error);
+      else if (this.covered(w.spans)) w.resolve();
+      else this.waiters.push(w);
+    }
   }
 
   async run(): Promise<void> {
@@ -235,11 +263,11 @@ class PullRun {
       clearInterval(stall);
       this.version.abort.signal.removeEventListener("abort", onAbort);
       for (const s of this.sources) s.peer?.disconnect();
+      this.version.gate = undefined;
     }
     this.progress.seconds = (performance.now() - this.started) / 1000;
     this.progress.gbps = this.version.bytes / this.progress.seconds / 1e9;
     this.progress.etaSeconds = 0;
-    this.version.tensors = first.tensors as TensorRecord[];
     this.version.progress.bytesHashed = this.version.bytes;
   }
 
@@ -260,6 +288,7 @@ class PullRun {
     const { resolve, reject } = this.settle;
     if (this.error) {
       this.settle = undefined;
+      this.wake();
       reject(this.error);
     } else if (this.stripe.done()) {
       for (const s of this.live()) s.progress.state = "done";
@@ -338,6 +367,7 @@ class PullRun {
         });
         this.progress.bytesVerified = this.stripe.verifiedBytes;
         this.version.progress.bytesHashed = this.stripe.verifiedBytes;
+        this.wake();
       })
       .catch((err: Error) => this.fail(new DaemonError("pull_failed", `${this.version.id}: ${err.message}`)))
       .finally(() => {

@@ -194,6 +194,11 @@ export class Stripe {
     return guilty === undefined ? { served } : { served, guilty };
   }
 
+  /** Whether every piece over [begin, end) of a file is verified. */
+  verifiedSpan(file: number, begin: number, end: number): boolean {
+    return this.overlapping(file, begin, end).every((i) => this.isVerified[i]);
+  }
+
   /** Every piece verified. */
   done(): boolean {
     return this.isVerified.every(Boolean);

@@ -72,6 +72,7 @@ export async function transmit(o: TransmitOptions): Promise<void> {
       return false;
     }
     try {
+      await bytesReady(o, b);
       await issue(o, b);
     } catch (err) {
       failure ??= err as Error;
@@ -99,6 +100,15 @@ export async function transmit(o: TransmitOptions): Promise<void> {
   await Promise.all(slots);
   if (failure) throw o.version ? changedUnderneath(o.version, failure) : failure;
   if (o.version) assertUnchanged(o.version);
+}
+
+/** A version still being pulled: waits until the bytes of the bucket's pieces owned here are verified. */
+async function bytesReady(o: TransmitOptions, b: Bucket): Promise<void> {
+  const gate = o.version?.gate;
+  if (!gate || !o.buffers.gpus[b.owner - o.group.firstRank]) return;
+  const waited = performance.now();
+  await gate(b.pieces.map((p) => ({ file: p.file, begin: p.fileOffset, end: p.fileOffset + p.range[1] - p.range[0] })));
+  o.record.timings.stallSeconds += (performance.now() - waited) / 1000;
 }
 
 /** Communicators across processes that have run a collective (their ranks are connected). */

@@ -1,6 +1,6 @@
 import type { Hono } from "hono";
 import * as v from "valibot";
-import type { Registry } from "../checkpoints/registry.ts";
+import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
 import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
 import { parseBody } from "../http/validate.ts";
@@ -15,7 +15,14 @@ const UpdateBody = v.strictObject({
   wait: v.optional(v.boolean(), true),
   /** Node ids or URLs of the peers to span (default: every peer that is up, and the seeds). */
   peers: v.optional(v.pipe(v.array(v.pipe(v.string(), v.minLength(1), v.maxLength(500))), v.maxLength(10_000))),
+  /** Pull the checkpoint from the peers first when this daemon lacks it: each bucket goes to the local engines once verified. */
+  pull: v.optional(v.boolean(), false),
+  /** With pull: the version to pull (default: the one the peers' engines got last, else the newest). */
+  fingerprint: v.optional(v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/, "must be 64 hex digits"))),
 });
+
+/** Starts a pull of `name` (optionally of fingerprint `fp`), resolving once it is under way. */
+export type StartPull = (name: string, fp?: string) => Promise<CheckpointVersion>;
 
 const Piece = v.object({
   name: v.string(),
@@ -47,10 +54,34 @@ export function updateRoutes(
   updates: Updates,
   registry: Registry,
   self: { nodeId: string; gpus: number },
+  pull: StartPull,
 ) {
+  /** The version a pull:true update sends: one held here, else one pulled now (still filling). */
+  const pulled = async (name: string, fp?: string): Promise<string> => {
+    if (name.includes("@"))
+      throw new DaemonError(
+        "invalid_request",
+        "with pull, name the checkpoint without @N (numbers are each daemon's own)",
+      );
+    const held = fp
+      ? withFingerprint(registry.list(), name, fp)
+      : registry
+          .list()
+          .filter((x) => x.name === name && x.state === "ready")
+          .at(-1);
+    if (held) return held.id;
+    updates.assertIdle();
+    return (await pull(name, fp)).id;
+  };
+
   app.post("/v1/updates", async (c) => {
     const body = parseBody(UpdateBody, c.get("body"));
-    const { record, done } = updates.start(body.checkpoint, body.peers);
+    if (body.pull && body.peers)
+      throw new DaemonError("invalid_request", "an update with pull goes to this daemon's engines only: give no peers");
+    if (!body.pull && body.fingerprint)
+      throw new DaemonError("invalid_request", "fingerprint is for updates with pull");
+    const ref = body.pull ? await pulled(body.checkpoint, body.fingerprint) : body.checkpoint;
+    const { record, done } = updates.start(ref, body.pull ? [] : body.peers, body.pull);
     c.header("location", `/v1/updates/${record.id}`);
     if (!body.wait) return reply(c, record.toJSON(), 202);
     await done;

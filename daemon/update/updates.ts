@@ -73,11 +73,11 @@ export class Updates {
   }
 
   /** Checks and starts an update this daemon coordinates; returns its record and a promise of its end. */
-  start(ref: string, asked?: string[]): { record: UpdateRecord; done: Promise<void> } {
+  start(ref: string, asked?: string[], filling = false): { record: UpdateRecord; done: Promise<void> } {
     this.assertIdle();
     const o = this.opts;
     const span = o.peers(asked);
-    const lease = o.registry.acquire(ref);
+    const lease = o.registry.acquire(ref, filling);
     if (o.engines.length === 0 && span.urls.length === 0 && o.hub.connected().length === 0) {
       lease.release();
       throw new DaemonError("no_receivers", "no engine receiver is connected to this daemon");
@@ -147,7 +147,8 @@ export class Updates {
     await this.inFlight?.done;
   }
 
-  private assertIdle(): void {
+  /** 409 naming the update in flight, if any. */
+  assertIdle(): void {
     const running = this.inFlight?.record;
     if (!running) return;
     throw new DaemonError("update_running", `update ${running.id} of ${running.checkpoint} is running`, {
