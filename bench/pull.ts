@@ -15,7 +15,9 @@ import { arg, DaemonProcess, type Json, leftovers, Scratch, sleep, table } from 
 
 const GB = arg("gb", 4);
 const FILES = arg("files", 8);
-const TRANSPORTS = process.argv.includes("--transports") ? (process.argv[process.argv.indexOf("--transports") + 1] as string) : "tcp";
+const TRANSPORTS = process.argv.includes("--transports")
+  ? (process.argv[process.argv.indexOf("--transports") + 1] as string)
+  : "tcp";
 const TENSOR = 64 << 20;
 
 /** FILES safetensors files of random bf16 tensors of 64 MiB, GB in all. */
@@ -79,32 +81,46 @@ async function main() {
     const dir = scratch.dir("/dev/shm");
     const bytes = writeCheckpoint(dir);
     const ucx = ["--ucx-transports", TRANSPORTS, "--pull-chunk-bytes", String(16 << 20)];
-    const s1 = await DaemonProcess.start(scratch, { args: ucx});
-    const s2 = await DaemonProcess.start(scratch, { args: [...ucx, "--peers", s1.url]});
+    const s1 = await DaemonProcess.start(scratch, { args: ucx });
+    const s2 = await DaemonProcess.start(scratch, { args: [...ucx, "--peers", s1.url] });
     for (const s of [s1, s2]) {
       const r = await s.api("POST", "/v1/checkpoints", { name: "big", dir });
       if (r.status !== 201) throw new Error(JSON.stringify(r.body));
     }
     const fingerprint = (await s1.api("GET", "/v1/peers")).body.self.versions[0].fingerprint as string;
-    const r = await DaemonProcess.start(scratch, { args: [...ucx, "--peers", s1.url]});
+    const r = await DaemonProcess.start(scratch, { args: [...ucx, "--peers", s1.url] });
     await seesUp(r, 2);
     const floor = await iperf3();
     await pull(r, [s1.url], fingerprint); // warm: UCX's first connection, page faults of the first pinning
     const one = await pull(r, [s1.url], fingerprint);
     const two = await pull(r, [s1.url, s2.url], fingerprint);
     const rate = (x: { v: Json }) => x.v.progress.pull.gbps as number;
-    console.log(`pull of ${(bytes / 1e9).toFixed(2)} GB over UCX (${TRANSPORTS}) on loopback; ${FILES} files, ranges of 16 MiB`);
+    console.log(
+      `pull of ${(bytes / 1e9).toFixed(2)} GB over UCX (${TRANSPORTS}) on loopback; ${FILES} files, ranges of 16 MiB`,
+    );
     console.log(
       table(
         ["what", "GB/s", "ratio", "wall s (with pinning)"],
         [
           ["iperf3, one TCP stream", floor.toFixed(2), "1.00 (floor)", ""],
-          ["pull from one source", rate(one).toFixed(2), `${(rate(one) / floor).toFixed(2)} of iperf3`, one.wall.toFixed(2)],
-          ["pull from two sources", rate(two).toFixed(2), `${(rate(two) / rate(one)).toFixed(2)} of one source`, two.wall.toFixed(2)],
+          [
+            "pull from one source",
+            rate(one).toFixed(2),
+            `${(rate(one) / floor).toFixed(2)} of iperf3`,
+            one.wall.toFixed(2),
+          ],
+          [
+            "pull from two sources",
+            rate(two).toFixed(2),
+            `${(rate(two) / rate(one)).toFixed(2)} of one source`,
+            two.wall.toFixed(2),
+          ],
         ],
       ),
     );
-    const split = two.v.progress.pull.sources.map((s: Json) => `${s.nodeId.slice(0, 8)} ${(s.bytes / 1e9).toFixed(2)} GB`);
+    const split = two.v.progress.pull.sources.map(
+      (s: Json) => `${s.nodeId.slice(0, 8)} ${(s.bytes / 1e9).toFixed(2)} GB`,
+    );
     console.log(`two sources took: ${split.join(", ")}; every piece verified (XXH64), fingerprint equal`);
   } finally {
     scratch.cleanup();

@@ -185,8 +185,9 @@ export class Stripe {
       throw new Error(`"${p.name}" hashed wrong ${count} times (served by ${served.join(", ")})`);
     }
     const guilty = served.length === 1 ? served[0] : undefined;
-    if (guilty !== undefined) (this.guilty[i] ??= new Set()).add(guilty);
     const avoid = this.guilty[i] ?? new Set<string>();
+    if (guilty !== undefined) avoid.add(guilty);
+    this.guilty[i] = avoid;
     const allowed = live.filter((s) => !avoid.has(s));
     const only = allowed.find((s) => !served.includes(s)) ?? allowed[0];
     this.servedBy[i] = new Set();
