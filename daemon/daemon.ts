@@ -17,7 +17,8 @@ import { Gossip } from "./peers/gossip.ts";
 import { Members, type SelfInfo } from "./peers/members.ts";
 import { peerRoutes } from "./peers/routes.ts";
 import { updateSpan } from "./peers/select.ts";
-import { startPull } from "./pull/pull.ts";
+import { Join } from "./pull/join.ts";
+import { type PullDeps, startPull } from "./pull/pull.ts";
 import { pullRoutes } from "./pull/routes.ts";
 import { PullSource } from "./pull/serve.ts";
 import { PullTransport } from "./pull/transport.ts";
@@ -28,7 +29,7 @@ import { openSocketDir } from "./update/engine-access.ts";
 import { checkEngineGpus } from "./update/engines.ts";
 import { fingerprint } from "./update/fingerprint.ts";
 import type { PeerSigner } from "./update/peers.ts";
-import { ReceiverHub } from "./update/receivers.ts";
+import { type Receiver, ReceiverHub } from "./update/receivers.ts";
 import { updateRoutes } from "./update/routes.ts";
 import { Updates } from "./update/updates.ts";
 import { VERSION } from "./version.ts";
@@ -65,6 +66,8 @@ interface Parts {
   members: Members;
   transport: PullTransport;
   source: PullSource;
+  /** Called after a receiver said hello and was greeted. */
+  greeted: ((r: Receiver) => void)[];
 }
 
 async function openParts(
@@ -106,7 +109,12 @@ async function openParts(
     undo.unshift(() => path.close());
     const socketDir = sockets.dir;
     const peerCred = (fd: number) => context.lib.peerCred(fd);
-    const hub = new ReceiverHub(socketDir, path.gpus, log, (r) => path.greet(r), { ...sockets.access, peerCred });
+    const greeted: ((r: Receiver) => void)[] = [];
+    const greet = (r: Receiver) => {
+      path.greet(r);
+      for (const f of greeted) f(r);
+    };
+    const hub = new ReceiverHub(socketDir, path.gpus, log, greet, { ...sockets.access, peerCred });
     undo.unshift(() => hub.close());
     await hub.listen(context.devices().map((d) => d.uuid));
     const members = new Members(nodeId, config.peerDownMs);
@@ -139,7 +147,7 @@ async function openParts(
     });
     undo.splice(undo.length - 1, 0, () => transport.close()); // after the registry (which stops serving), before the context
     const source = new PullSource({ nodeId, ctx: context, registry, transport, threads: config.ioThreads });
-    return { context, nccl, registry, restore, path, hub, updates, uploads, members, transport, source };
+    return { context, nccl, registry, restore, path, hub, updates, uploads, members, transport, source, greeted };
   } catch (err) {
     for (const close of undo) await close().catch(() => undefined);
     throw err;
@@ -169,6 +177,8 @@ function appOf(
   keyring: Keyring,
   startedAt: number,
   peers: { gossip: Gossip; self: () => SelfInfo },
+  pullDeps: PullDeps,
+  join: Join | undefined,
 ) {
   const { gossip, self } = peers;
   const { config, runtime, log, nodeId } = opts;
@@ -180,6 +190,7 @@ function appOf(
       startedAt,
       budgetBytes: config.pinnedBudgetBytes,
       buckets: p.path.geometry,
+      ...(join ? { join: join.status() } : {}),
     });
   const app = createApp({
     log,
@@ -187,17 +198,6 @@ function appOf(
     maxBodyBytes: config.maxBodyBytes,
     auth: auth({ credentials: () => keyring.credentials(), nodeId, maxBodyBytes: config.maxBodyBytes }),
   });
-  const pullDeps = {
-    ctx: p.context,
-    log,
-    registry: p.registry,
-    transport: p.transport,
-    sign: keyring.sign,
-    holders: () => p.members.up().map((m) => m.info),
-    stallMs: config.pullStallMs,
-    chunkBytes: config.pullChunkBytes,
-    threads: config.ioThreads,
-  };
   const pull = (name: string, spec: PullSpec) => startPull({ name, ...spec }, pullDeps);
   checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files, pull);
   pullRoutes(app, p.source, p.registry);
@@ -212,6 +212,38 @@ function appOf(
     }),
   );
   return app;
+}
+
+/** What pulls need of the daemon's parts. */
+function pullDepsOf(p: Parts, config: Config, log: Logger, sign: PeerSigner): PullDeps {
+  return {
+    ctx: p.context,
+    log,
+    registry: p.registry,
+    transport: p.transport,
+    sign,
+    holders: () => p.members.up().map((m) => m.info),
+    stallMs: config.pullStallMs,
+    chunkBytes: config.pullChunkBytes,
+    threads: config.ioThreads,
+  };
+}
+
+/** The elastic start of config `join`, if any: its engines get the fleet's version as they connect. */
+function joinOf(p: Parts, config: Config, log: Logger, pullDeps: PullDeps): Join | undefined {
+  if (!config.join) return undefined;
+  const name = config.join.checkpoint;
+  const join = new Join({
+    name,
+    registry: p.registry,
+    updates: p.updates,
+    log,
+    pull: () => startPull({ name, from: "peers" }, pullDeps),
+    receivers: () => p.hub.connected().length,
+    retryMs: Math.max(config.heartbeatMs, 100),
+  });
+  p.greeted.push(() => join.connected());
+  return join;
 }
 
 /** Frees the parts, in the reverse order of their making. */
@@ -244,9 +276,11 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     dns: config.peerDns,
   });
   for (const seed of config.peers) parts.members.propose(seed, true);
+  const pullDeps = pullDepsOf(parts, config, log, keyring.sign);
+  const join = joinOf(parts, config, log, pullDeps);
   try {
     const certificate = tls && { cert: tls.cert, key: tls.key };
-    const app = appOf(opts, parts, keyring, startedAt, { gossip, self });
+    const app = appOf(opts, parts, keyring, startedAt, { gossip, self }, pullDeps, join);
     server = await runtime.serve(app.fetch, { hostname, port, tls: certificate });
   } catch (err) {
     await release(parts);
@@ -265,6 +299,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     );
   }
   gossip.start();
+  join?.start();
   const expiry = tls && validityWarning(tls, new Date());
   if (expiry) log.warn({ tlsCertFile: config.tlsCertFile }, expiry);
   if (!tls && !isLoopback(hostname)) {
@@ -285,6 +320,7 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
         // server.close() would wait for.
         // The update in flight is aborted first, then the peers are told this daemon leaves.
         gossip.stop();
+        join?.stop();
         const closing = server.close();
         await parts.updates.close();
         await gossip.leave();

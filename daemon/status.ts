@@ -30,6 +30,8 @@ export interface StatusSources {
   restore: RestoreReport;
   buckets: Geometry;
   uploads: UploadArea;
+  /** The elastic start (config join), if configured. */
+  join?: { checkpoint: string; state: string; version?: string; lastError?: string };
 }
 
 /** The daemon's status now. */
@@ -62,5 +64,6 @@ export function statusOf(s: StatusSources) {
     },
     buckets: { slots: s.buckets.slots, slotBytes: s.buckets.slotBytes },
     uploads: { dir: s.uploads.dir, orphansRemoved: s.uploads.orphansRemoved },
+    ...(s.join ? { join: s.join } : {}),
   };
 }

@@ -195,3 +195,28 @@ describe("updates with pull", () => {
     expect(bad.body.error.message).toMatch(/give no peers/);
   });
 });
+
+describe("elastic start (join)", () => {
+  it("pulls the fleet's version at start, and every engine that connects gets it without a call", async () => {
+    const m = model();
+    const a = await daemon("node-a");
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    const source = (await a.api("GET", "/v1/checkpoints/m")).body.tensors as { name: string; hash: string }[];
+    const expected = Object.fromEntries(source.map((t) => [t.name, t.hash]));
+    const c = await daemon("node-c", { peers: [a.url], join: { checkpoint: "m" }, bucketBytes: 1 << 20 });
+    const first = new ReferenceReceiver(join(c.stateDir, "sockets", "gpu-0.sock"), "engine-1");
+    await first.connect();
+    cleanup.push(() => first.close());
+    const got = async (r: ReferenceReceiver) => {
+      const end = Date.now() + 10_000;
+      while (r.hashes.size === 0 && Date.now() < end) await new Promise((x) => setTimeout(x, 25));
+      return Object.fromEntries([...r.hashes.values()].at(-1) ?? []);
+    };
+    expect(await got(first)).toEqual(expected);
+    expect((await c.api("GET", "/v1/status")).body.join).toMatchObject({ checkpoint: "m", state: "ready", version: "m@1" });
+    const later = new ReferenceReceiver(join(c.stateDir, "sockets", "gpu-0.sock"), "engine-2");
+    await later.connect();
+    cleanup.push(() => later.close());
+    expect(await got(later)).toEqual(expected);
+  });
+});
