@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Config } from "../daemon/config/index.ts";
 import { writeModel } from "./checkpoint-files.ts";
-import { tempDir } from "./helpers.ts";
+import { AUTH, tempDir } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
 
@@ -77,6 +77,9 @@ describe("pull over UCX", () => {
     const fpA = (await a.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
     const fpC = (await c.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
     expect(fpC).toBe(fpA);
+    const metrics = await (await fetch(`${c.url}/metrics`, { headers: AUTH })).text();
+    expect(metrics).toMatch(/ckptd_pull_source_bytes\{checkpoint="m@1",source="node-a",state="done"\} [1-9]\d*/);
+    expect(metrics).toContain(`ckptd_pull_verified_bytes{checkpoint="m@1",state="ready"} ${pulled.bytes}`);
   });
 });
 
@@ -213,7 +216,11 @@ describe("elastic start (join)", () => {
       return Object.fromEntries([...r.hashes.values()].at(-1) ?? []);
     };
     expect(await got(first)).toEqual(expected);
-    expect((await c.api("GET", "/v1/status")).body.join).toMatchObject({ checkpoint: "m", state: "ready", version: "m@1" });
+    expect((await c.api("GET", "/v1/status")).body.join).toMatchObject({
+      checkpoint: "m",
+      state: "ready",
+      version: "m@1",
+    });
     const later = new ReferenceReceiver(join(c.stateDir, "sockets", "gpu-0.sock"), "engine-2");
     await later.connect();
     cleanup.push(() => later.close());

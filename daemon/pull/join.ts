@@ -7,8 +7,8 @@
  */
 import type { Logger } from "pino";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
-import type { Updates } from "../update/updates.ts";
 import { withFingerprint } from "../update/fingerprint.ts";
+import type { Updates } from "../update/updates.ts";
 
 export interface JoinDeps {
   name: string;
@@ -123,7 +123,10 @@ export class Join {
           await new Promise((r) => setTimeout(r, retryMs));
         }
       }
-      log.warn({ checkpoint: this.target()?.id }, "joining: the update path stayed busy; engines connected meanwhile wait for the next update");
+      log.warn(
+        { checkpoint: this.target()?.id },
+        "joining: the update path stayed busy; engines connected meanwhile wait for the next update",
+      );
     } finally {
       this.delivering = false;
     }
