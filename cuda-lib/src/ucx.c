@@ -94,6 +94,7 @@ struct ckpt_ucx_peer {
   char error[DETAIL];  /* why, under ucx->mu */
   int dropped;         /* ckpt_ucx_disconnect was called */
   int64_t ops;         /* outstanding */
+  int64_t queued;      /* commands naming it, not run yet: it is not freed before they ran */
   void *closing;
   struct ckpt_ucx_peer *next;
 };
@@ -574,7 +575,7 @@ static void reap_peers(struct ckpt_ucx *u) {
     if (failed) peer_fail_ops(u, p);
     if ((failed || p->dropped) && p->ep && p->closing == NULL) close_ep(u, p->ep, &p->closing);
     pthread_mutex_lock(&u->mu);
-    int gone = p->dropped && p->ops == 0 && (p->ep == NULL || closed(u, &p->closing));
+    int gone = p->dropped && p->ops == 0 && p->queued == 0 && (p->ep == NULL || closed(u, &p->closing));
     if (gone) *pp = p->next;
     pthread_mutex_unlock(&u->mu);
     if (gone) free(p);
@@ -610,7 +611,13 @@ static void *progress_main(void *arg) {
     pthread_mutex_unlock(&u->mu);
     while (c) {
       cmd *next = c->next;
+      struct ckpt_ucx_peer *p = c->peer;
       run_cmd(u, c);
+      if (p) {
+        pthread_mutex_lock(&u->mu);
+        p->queued--;
+        pthread_mutex_unlock(&u->mu);
+      }
       c = next;
     }
     while (u->api.worker_progress(u->worker)) {
@@ -633,6 +640,7 @@ static int enqueue(struct ckpt_ucx *u, int kind, struct ckpt_ucx_peer *p, op *o)
   if (c == NULL) return FAIL(u->ctx, CKPT_ENOMEM, "UCX command");
   *c = (cmd){.kind = kind, .peer = p, .o = o};
   pthread_mutex_lock(&u->mu);
+  if (p) p->queued++;
   if (u->cmds_tail) u->cmds_tail->next = c;
   else u->cmds = c;
   u->cmds_tail = c;
