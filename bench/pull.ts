@@ -4,7 +4,7 @@
  * one source, then from both. iperf3 (Debian's package) measures loopback TCP in the same run:
  * the one-source pull is reported as a ratio to it (target 0.8), the two-source pull as a
  * ratio to one source. Every pull is checked whole (every piece's XXH64, and the fingerprint).
- *   node --import tsx bench/pull.ts [--gb 4] [--files 8] [--transports tcp]
+ *   node --import tsx bench/pull.ts [--gb 4] [--files 8] [--transports tcp] [--ucx-path libucp.so.0]
  */
 import { execFileSync, spawn } from "node:child_process";
 import { randomFillSync } from "node:crypto";
@@ -15,9 +15,13 @@ import { arg, DaemonProcess, type Json, leftovers, Scratch, sleep, table } from 
 
 const GB = arg("gb", 4);
 const FILES = arg("files", 8);
-const TRANSPORTS = process.argv.includes("--transports")
-  ? (process.argv[process.argv.indexOf("--transports") + 1] as string)
-  : "tcp";
+/** The value after --name, or the fallback. */
+function option(name: string, fallback: string): string {
+  const at = process.argv.indexOf(`--${name}`);
+  return at >= 0 ? (process.argv[at + 1] ?? fallback) : fallback;
+}
+const TRANSPORTS = option("transports", "tcp");
+const UCX_PATH = option("ucx-path", "libucp.so.0");
 const TENSOR = 64 << 20;
 
 /** FILES safetensors files of random bf16 tensors of 64 MiB, GB in all. */
@@ -80,7 +84,7 @@ async function main() {
   try {
     const dir = scratch.dir("/dev/shm");
     const bytes = writeCheckpoint(dir);
-    const ucx = ["--ucx-transports", TRANSPORTS, "--pull-chunk-bytes", String(16 << 20)];
+    const ucx = ["--ucx-transports", TRANSPORTS, "--ucx-path", UCX_PATH, "--pull-chunk-bytes", String(16 << 20)];
     const s1 = await DaemonProcess.start(scratch, { args: ucx });
     const s2 = await DaemonProcess.start(scratch, { args: [...ucx, "--peers", s1.url] });
     for (const s of [s1, s2]) {
