@@ -54,7 +54,7 @@ done
 
 : >"$out/joins.jsonl"
 for i in $(seq 1 "$n"); do
-  api "$tj" 8481 /v1/updates -X POST -d '{"checkpoint":"q8b","pull":true}' >"$out/join-$i.txt"
+  api "$tj" 8481 /v1/updates -X POST -d '{"checkpoint":"q8b","pull":true}' --max-time 120 >"$out/join-$i.txt"
   api "$tj" 8481 /v1/checkpoints/q8b >"$out/pulled-$i.txt"
   python3 - "$out/join-$i.txt" "$out/pulled-$i.txt" "$i" >>"$out/joins.jsonl" <<'PY'
 import json, sys
@@ -68,7 +68,9 @@ PY
   id=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().rsplit("\n",1)[0]).get("id",""))' "$out/pulled-$i.txt")
   api "$tj" 8481 "/v1/checkpoints/$id" -X DELETE >/dev/null
 done
-wait "$epid"
+# The consumer stops after n updates; one that never got them is stopped here.
+for _ in $(seq 100); do kill -0 "$epid" 2>/dev/null || break; sleep 0.1; done
+kill "$epid" 2>/dev/null; wait "$epid"
 grep -E '"pulled|UCX ready|pull source' "$out/joiner.log" "$out/source.log" | tail -5 >"$out/ucx-lines.txt"
 kill -TERM "$spid" "$jpid"; wait "$spid" "$jpid"
 rm -rf "$secret" "$src" "$joiner"

@@ -815,6 +815,16 @@ int CKPT_API ckpt_ucx_destroy(ckpt_ucx *u) {
   return CKPT_OK;
 }
 
+/* 16 random bytes without ever blocking the caller (the API's thread): getrandom, else
+ * /dev/urandom while the kernel's pool is still starting (early after boot). */
+static int random_key(uint8_t key[CKPT_UCX_KEY_BYTES]) {
+  if (getrandom(key, CKPT_UCX_KEY_BYTES, GRND_NONBLOCK) == CKPT_UCX_KEY_BYTES) return CKPT_OK;
+  FILE *f = fopen("/dev/urandom", "rb");
+  size_t got = f ? fread(key, 1, CKPT_UCX_KEY_BYTES, f) : 0;
+  if (f) fclose(f);
+  return got == CKPT_UCX_KEY_BYTES ? CKPT_OK : CKPT_ESYS;
+}
+
 /* Checks that [p, p+len) lies inside pinned memory of ctx. */
 static int check_pinned(ckpt_ctx *ctx, const void *p, uint64_t len) {
   ckpt_range r = {(uint64_t)(uintptr_t)p, 0, len};
@@ -828,9 +838,9 @@ int CKPT_API ckpt_ucx_expose(ckpt_ucx *u, const void *ptr, uint64_t len, uint64_
   CHECK(check_pinned(u->ctx, ptr, len));
   region *r = (region *)calloc(1, sizeof *r);
   if (r == NULL) return FAIL(u->ctx, CKPT_ENOMEM, "UCX region");
-  if (getrandom(r->key, sizeof r->key, 0) != (ssize_t)sizeof r->key) {
+  if (random_key(r->key) != CKPT_OK) {
     free(r);
-    return FAIL(u->ctx, CKPT_ESYS, "getrandom: %s", strerror(errno));
+    return FAIL(u->ctx, CKPT_ESYS, "no random bytes for a region key: %s", strerror(errno));
   }
   r->base = (uintptr_t)ptr;
   r->len = len;

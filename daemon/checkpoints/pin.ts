@@ -126,7 +126,8 @@ async function release(ctx: Context, file: PinnedFile): Promise<void> {
 /** Releases what pinFiles pinned; one file's failure does not keep the others pinned. */
 export async function unpinFiles(ctx: Context, files: PinnedFile[]): Promise<void> {
   let first: unknown;
-  for (const file of files) await release(ctx, file).catch((err) => (first ??= err));
+  // A pull pins its files in parallel: one that failed leaves a hole.
+  for (const file of files) if (file) await release(ctx, file).catch((err) => (first ??= err));
   if (first) throw first;
 }
 

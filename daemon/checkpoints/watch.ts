@@ -98,7 +98,7 @@ export function faultedFile(
   if (!m) return undefined;
   const addr = BigInt(m[1] as string);
   for (const f of files) {
-    if (addr >= f.mem.address && addr < f.mem.address + BigInt(f.mem.len)) {
+    if (f && addr >= f.mem.address && addr < f.mem.address + BigInt(f.mem.len)) {
       return { file: f.path, offset: Number(addr - f.mem.address), detail: err.detail };
     }
   }

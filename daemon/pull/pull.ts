@@ -166,6 +166,8 @@ class PullRun {
   private readonly sources: Source[];
   private readonly progress: PullProgress;
   private hashing = 0;
+  /** Files whose memory is still being pinned. */
+  private allocating = 0;
   /** Updates waiting for spans of bytes to be verified (version.gate). */
   private waiters: { spans: readonly Span[]; resolve: () => void; reject: (err: Error) => void }[] = [];
   private error?: Error;
@@ -229,20 +231,9 @@ class PullRun {
   }
 
   async run(): Promise<void> {
-    const { ctx } = this.deps;
-    const first = this.manifests[0] as Manifest;
-    for (const f of first.files) {
-      if (this.version.abort.signal.aborted) throw new DaemonError("cancelled", "the pull was cancelled");
-      const mem = await ctx.hostAlloc(f.size);
-      this.version.pinned.push({
-        path: `pull/${this.version.pinned.length}`,
-        size: f.size,
-        mtimeMs: 0,
-        inPlace: false,
-        mem,
-      });
-      this.version.progress.bytesPinned += f.size;
-    }
+    // Every file's memory is pinned at once, in parallel, and fetching into a file starts as
+    // soon as its memory is there: pinning fresh memory overlaps the transfer.
+    const allocated = Promise.all(this.manifests[0]?.files.map((f, i) => this.allocate(i, f.size)) ?? []);
     for (const s of this.sources) {
       try {
         s.peer = await this.deps.transport.connect(s.address);
@@ -260,6 +251,7 @@ class PullRun {
         this.pump();
       });
     } finally {
+      await allocated; // nothing is pinned after the run has ended
       clearInterval(stall);
       this.version.abort.signal.removeEventListener("abort", onAbort);
       for (const s of this.sources) s.peer?.disconnect();
@@ -271,19 +263,39 @@ class PullRun {
     this.version.progress.bytesHashed = this.version.bytes;
   }
 
+  /** Pins file i's memory (failing the pull if it cannot), then lets the pump fetch into it. */
+  private async allocate(i: number, size: number): Promise<void> {
+    this.allocating++;
+    try {
+      if (this.version.abort.signal.aborted) throw new DaemonError("cancelled", "the pull was cancelled");
+      const mem = await this.deps.ctx.hostAlloc(size);
+      this.version.pinned[i] = { path: `pull/${i}`, size, mtimeMs: 0, inPlace: false, mem };
+      this.version.progress.bytesPinned += size;
+    } catch (err) {
+      this.fail(
+        err instanceof DaemonError
+          ? err
+          : new DaemonError("pull_failed", `pinning ${size} bytes: ${(err as Error).message}`),
+      );
+    } finally {
+      this.allocating--;
+      this.pump();
+    }
+  }
+
   /** Keeps DEPTH ranges in flight on every live source; ends the run when nothing more can happen. */
   private pump(): void {
     if (!this.settle) return;
     if (!this.error && !this.stripe.done()) {
       for (const s of this.live()) {
         while (s.inflight < DEPTH) {
-          const r = this.stripe.take(s.progress.nodeId);
+          const r = this.stripe.take(s.progress.nodeId, (file) => this.version.pinned[file] !== undefined);
           if (!r) break;
           this.launch(s, r);
         }
       }
     }
-    const busy = this.sources.some((s) => s.inflight > 0) || this.hashing > 0;
+    const busy = this.sources.some((s) => s.inflight > 0) || this.hashing > 0 || this.allocating > 0;
     if (busy) return;
     const { resolve, reject } = this.settle;
     if (this.error) {

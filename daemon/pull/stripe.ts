@@ -128,9 +128,11 @@ export class Stripe {
     return out;
   }
 
-  /** The next range for `source`, or undefined when none is left that it may take. */
-  take(source: string): (Range & { pieces: number[] }) | undefined {
-    const k = this.pending.findIndex((r) => !r.avoid.has(source) && (r.only === undefined || r.only === source));
+  /** The next range for `source` (of a file `usable` allows), or undefined when none is left that it may take. */
+  take(source: string, usable: (file: number) => boolean = () => true): (Range & { pieces: number[] }) | undefined {
+    const k = this.pending.findIndex(
+      (r) => !r.avoid.has(source) && (r.only === undefined || r.only === source) && usable(r.file),
+    );
     if (k < 0) return undefined;
     const [r] = this.pending.splice(k, 1) as [Pending];
     return r;
