@@ -17,8 +17,11 @@ static double now_s(void) {
 
 static int have_ucx = 1;
 
+static uint32_t g_inflight; /* the next servers' max_inflight (0: the default) */
+
 static ckpt_ucx *new_ucx(ckpt_ctx *ctx, const char *listen, uint32_t flags) {
-  ckpt_ucx_options o = {.size = sizeof o, .flags = flags, .transports = "tcp", .listen = listen};
+  ckpt_ucx_options o = {.size = sizeof o, .flags = flags, .transports = "tcp", .listen = listen,
+                        .max_inflight = g_inflight};
   ckpt_ucx *u = NULL;
   return ckpt_ucx_create(ctx, &o, &u) == CKPT_OK ? u : NULL;
 }
@@ -232,6 +235,33 @@ static int test_unexpose_in_flight(void) {
   return rig_close(&r);
 }
 
+/* A connection asking more than max_inflight at once has the excess refused with CKPT_EBUSY
+ * (nothing written); the rest land whole. */
+static int test_busy(void) {
+  g_inflight = 1;
+  rig r;
+  int opened = rig_open(&r, 64 * MiB, 0);
+  g_inflight = 0;
+  if (!opened) return 0;
+  ckpt_ucx_peer *p;
+  EXPECT_OK(r.ctx, ckpt_ucx_connect(r.client, r.address, &p));
+  uint64_t ids[16];
+  int32_t st[16];
+  for (int i = 0; i < 16; i++)
+    EXPECT_OK(r.ctx, ckpt_ucx_fetch(p, r.region, r.key, i * 4 * MiB, 4 * MiB, r.dst + i * 4 * MiB, &ids[i]));
+  EXPECT(wait_all(r.client, 16, ids, st));
+  int busy = 0;
+  for (int i = 0; i < 16; i++) {
+    EXPECT(st[i] == CKPT_OK || st[i] == CKPT_EBUSY);
+    if (st[i] == CKPT_EBUSY) busy++;
+    else EXPECT(memcmp(r.dst + i * 4 * MiB, r.src + i * 4 * MiB, 4 * MiB) == 0);
+  }
+  EXPECT(busy > 0 && busy < 16);
+  EXPECT(ckpt_ucx_peer_error(p, NULL, 0) == CKPT_OK); /* refusals are not a failed connection */
+  EXPECT_OK(r.ctx, ckpt_ucx_disconnect(p));
+  return rig_close(&r);
+}
+
 /* Throughput of one connection, for the record (not a pass condition). */
 static int test_throughput(void) {
   rig r;
@@ -271,7 +301,7 @@ static int test_missing_library(void) {
 static const harness_test tests[] = {
     TEST(test_missing_library), TEST(test_fetch),       TEST(test_refused),      TEST(test_unreachable),
     TEST(test_disconnect_in_flight), TEST(test_fault_corrupt), TEST(test_unexpose), TEST(test_unexpose_in_flight),
-    TEST(test_throughput),
+    TEST(test_busy),           TEST(test_throughput),
 };
 
 int main(void) {
