@@ -8,7 +8,7 @@
  */
 import { execFileSync } from "node:child_process";
 import { createSocket, type Socket } from "node:dgram";
-import { mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
@@ -79,6 +79,7 @@ describe.skipIf(!can)("discovery through a DNS name (namespaces, a DNS server of
   const running: Running[] = [];
   let server: Socket | undefined;
   const asked: string[] = [];
+  const hadNetnsDir = existsSync("/etc/netns");
 
   beforeAll(async () => {
     ip("link", "add", bridge, "type", "bridge");
@@ -118,6 +119,7 @@ describe.skipIf(!can)("discovery through a DNS name (namespaces, a DNS server of
     try {
       ip("link", "del", bridge);
     } catch {}
+    if (!hadNetnsDir) rmSync("/etc/netns", { recursive: true, force: true });
   });
 
   it("finds every daemon the name resolves to, with no seed, and pulls from them", async () => {
