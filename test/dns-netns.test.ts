@@ -105,6 +105,7 @@ describe.skipIf(!can)("discovery through a DNS name (namespaces, a DNS server of
   });
 
   afterAll(async () => {
+    if (process.env.DNS_TEST_LOGS) for (const p of running) console.log(p.logs.slice(-15).join("\n"));
     for (const p of running) {
       p.proc.kill("SIGKILL");
       await p.exited;
@@ -156,11 +157,16 @@ describe.skipIf(!can)("discovery through a DNS name (namespaces, a DNS server of
     for (const u of urls.slice(0, 2))
       expect((await api(u, "POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
     const end = Date.now() + 10_000;
+    for (;;) {
+      const peers = (await api(urls[2] as string, "GET", "/v1/peers")).body.peers as { versions: unknown[] }[];
+      if (peers.filter((p) => p.versions.length > 0).length === 2 || Date.now() > end) break;
+      await new Promise((r) => setTimeout(r, 50)); // until the heartbeats say who holds it
+    }
     let pulled: { status: number; body: { progress?: { pull?: { sources: { nodeId: string }[] } } } };
     for (;;) {
       pulled = await api(urls[2] as string, "POST", "/v1/checkpoints", { name: "m", pull: {} });
       if (pulled.status === 201 || Date.now() > end) break;
-      await new Promise((r) => setTimeout(r, 100)); // until the heartbeats say who holds it
+      await new Promise((r) => setTimeout(r, 100));
     }
     expect(pulled.status, JSON.stringify(pulled.body)).toBe(201);
     expect(pulled.body.progress?.pull?.sources.map((s) => s.nodeId).sort()).toEqual([ids[0], ids[1]].sort());
