@@ -314,8 +314,8 @@ typedef struct ckpt_ucx_options {
   const char *ucp_path;     /* UCX's libucp to dlopen; NULL: "libucp.so.0" */
   const char *transports;   /* UCX_TLS-style list ("tcp", "rc,sm"...); NULL or "": UCX picks */
   const char *listen;       /* "ip:port" to serve exposed regions on (port 0: any); NULL: fetch only */
-  uint32_t max_inflight;    /* requests served at once per connection (more are refused with
-                             * CKPT_EBUSY); 0: 64 */
+  uint32_t max_inflight;    /* requests served at once per connection: a peer asking more at
+                             * once is disconnected; 0: 64 */
   uint32_t reserved;
 } ckpt_ucx_options;
 
@@ -333,12 +333,13 @@ int ckpt_ucx_info(ckpt_ucx *ucx, char *address, size_t len, uint32_t *version);
  * names its id and key (16 random bytes, made here): hand both out only to whom may read it.
  * Requests outside it fail with CKPT_ERANGE, a wrong key with CKPT_EHANDLE. */
 int ckpt_ucx_expose(ckpt_ucx *ucx, const void *ptr, uint64_t len, uint64_t *id, uint8_t key[CKPT_UCX_KEY_BYTES]);
-/* Stops serving region `id` and returns once no send reads it any longer; sends still
- * reading after timeout_ms lose their connection. Then the memory may be freed. Blocking. */
+/* Stops serving region `id` and returns once no send reads it any longer; the connections
+ * of sends still reading it after timeout_ms are cut. Then the memory may be freed. Blocking. */
 int ckpt_ucx_unexpose(ckpt_ucx *ucx, uint64_t id, int64_t timeout_ms);
 
 /* Connects to the ckpt_ucx listening at "ip:port" ("[ip6]:port"). Returns at once; a
- * failure to connect fails the peer's fetches with CKPT_EUCX (see ckpt_ucx_peer_error). */
+ * failure to connect fails the peer's fetches with CKPT_EUCX (see ckpt_ucx_peer_error).
+ * Answers are taken only from this connection (another peer cannot answer its fetches). */
 int ckpt_ucx_connect(ckpt_ucx *ucx, const char *address, ckpt_ucx_peer **out);
 /* Closes the connection: fetches in flight complete with CKPT_ECANCELED (a range being
  * received completes once UCX has stopped writing it). The handle is freed once they have;

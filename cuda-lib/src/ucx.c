@@ -69,6 +69,7 @@ typedef struct send_rec {
   conn *via;
   rep_hdr hdr;
   void *bounce; /* the test fault's corrupted copy */
+  struct send_rec *prev, *next; /* ucx->sends: every send in flight (progress thread only) */
 } send_rec;
 
 enum { OP_QUEUED, OP_REQUESTED, OP_LANDING, OP_RECEIVING };
@@ -104,6 +105,7 @@ typedef struct cmd {
   int kind;
   struct ckpt_ucx_peer *peer;
   op *o;
+  uint64_t region; /* CMD_KILL_READERS: the region whose readers are cut (0: every connection sending) */
   struct cmd *next;
 } cmd;
 
@@ -127,6 +129,7 @@ struct ckpt_ucx {
   pthread_t thread;
   /* progress thread only */
   op *ops; /* outstanding, requested or receiving */
+  struct send_rec *sends; /* replies in flight */
   conn *conns;
   int nconns;
   /* under mu */
@@ -136,6 +139,7 @@ struct ckpt_ucx {
   cmd *cmds, *cmds_tail;
   done_rec *done;
   size_t ndone, cap_done;
+  size_t reserved; /* fetches not finished: done has room for each of them */
   region *regions;
   uint64_t next_region, next_op;
   struct ckpt_ucx_peer *peers;
@@ -245,13 +249,8 @@ static void op_finish(struct ckpt_ucx *u, op *o, int status) {
     if (o->next) o->next->prev = o->prev;
   }
   pthread_mutex_lock(&u->mu);
-  if (u->ndone == u->cap_done) {
-    size_t cap = u->cap_done ? u->cap_done * 2 : 64;
-    done_rec *d = (done_rec *)realloc(u->done, cap * sizeof *d);
-    if (d) u->done = d, u->cap_done = cap;
-  }
-  /* Out of memory for the record: the op is still finished; its waiter sees it never. */
-  if (u->ndone < u->cap_done) u->done[u->ndone++] = (done_rec){o->id, status};
+  u->done[u->ndone++] = (done_rec){o->id, status}; /* room reserved by ckpt_ucx_fetch */
+  u->reserved--;
   o->peer->ops--;
   pthread_cond_broadcast(&u->cv);
   pthread_mutex_unlock(&u->mu);
@@ -302,6 +301,9 @@ static int closed(struct ckpt_ucx *u, void **closing) {
 
 static void send_release(send_rec *s) {
   struct ckpt_ucx *u = s->ucx;
+  if (s->prev) s->prev->next = s->next;
+  else if (u->sends == s) u->sends = s->next;
+  if (s->next) s->next->prev = s->prev;
   if (s->via) s->via->inflight--;
   if (s->reg) {
     pthread_mutex_lock(&u->mu);
@@ -343,8 +345,14 @@ static void reply(struct ckpt_ucx *u, conn *c, uint64_t op_id, int status, regio
     }
   }
   c->inflight++;
+  s->next = u->sends;
+  if (u->sends) u->sends->prev = s;
+  u->sends = s;
+  /* REPLY: the puller learns which connection the answer came on, and takes answers to its
+   * requests only from the connection it asked on. */
   ux_request_param prm = {.op_attr_mask = UX_OP_ATTR_FIELD_CALLBACK | UX_OP_ATTR_FIELD_USER_DATA |
-                                          UX_OP_ATTR_FIELD_MEMORY_TYPE,
+                                          UX_OP_ATTR_FIELD_MEMORY_TYPE | UX_OP_ATTR_FIELD_FLAGS,
+                          .flags = UX_AM_SEND_FLAG_REPLY,
                           .cb = {.send = send_done},
                           .user_data = s,
                           .memory_type = UX_MEMORY_TYPE_HOST};
@@ -387,7 +395,9 @@ static ux_status on_request(void *arg, const void *header, size_t header_len, vo
     return UX_OK;
   }
   if (c->inflight >= u->max_inflight) {
-    reply(u, c, h.op, CKPT_EBUSY, NULL, NULL, 0);
+    /* More at once than any ckpt puller asks (answers to refused requests count too): a peer
+     * that floods is cut off rather than answered, so it cannot make this worker queue sends. */
+    c->broken = 1;
     return UX_OK;
   }
   pthread_mutex_lock(&u->mu);
@@ -477,9 +487,11 @@ static ux_status on_reply(void *arg, const void *header, size_t header_len, void
   memcpy(&h, header, sizeof h);
   op *o = h.magic == WIRE_MAGIC ? op_by_id(u, h.op) : NULL;
   if (o == NULL) return UX_OK; /* an op that was cancelled: its bytes are dropped */
+  /* Only the source asked may answer: not another peer connected to this worker's listener. */
+  if (!(param->recv_attr & UX_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep != o->peer->ep) return UX_OK;
   if (h.status != CKPT_OK) {
     /* Only this op failed (the source refused it); the peer stays usable. */
-    int known = h.status == CKPT_EHANDLE || h.status == CKPT_ERANGE || h.status == CKPT_EBUSY;
+    int known = h.status == CKPT_EHANDLE || h.status == CKPT_ERANGE;
     op_finish(u, o, known ? h.status : CKPT_EUCX);
     return UX_OK;
   }
@@ -594,8 +606,8 @@ static void run_cmd(struct ckpt_ucx *u, cmd *c) {
       c->peer->dropped = 1;
       break;
     case CMD_KILL_READERS:
-      for (conn *k = u->conns; k; k = k->next)
-        if (k->inflight > 0) k->broken = 1;
+      for (send_rec *r = u->sends; r; r = r->next)
+        if (r->via && (c->region == 0 || (r->reg && r->reg->id == c->region))) r->via->broken = 1;
       break;
   }
   free(c);
@@ -635,10 +647,10 @@ static void *progress_main(void *arg) {
 }
 
 /* Queues a command for the progress thread and wakes it. */
-static int enqueue(struct ckpt_ucx *u, int kind, struct ckpt_ucx_peer *p, op *o) {
+static int enqueue(struct ckpt_ucx *u, int kind, struct ckpt_ucx_peer *p, op *o, uint64_t region) {
   cmd *c = (cmd *)calloc(1, sizeof *c);
   if (c == NULL) return FAIL(u->ctx, CKPT_ENOMEM, "UCX command");
-  *c = (cmd){.kind = kind, .peer = p, .o = o};
+  *c = (cmd){.kind = kind, .peer = p, .o = o, .region = region};
   pthread_mutex_lock(&u->mu);
   if (p) p->queued++;
   if (u->cmds_tail) u->cmds_tail->next = c;
@@ -782,7 +794,7 @@ int CKPT_API ckpt_ucx_destroy(ckpt_ucx *u) {
     p->dropped = 1;
   }
   pthread_mutex_unlock(&u->mu);
-  enqueue(u, CMD_KILL_READERS, NULL, NULL);
+  enqueue(u, CMD_KILL_READERS, NULL, NULL, 0);
   for (int i = 0; i < 200; i++) {
     pthread_mutex_lock(&u->mu);
     int busy = u->peers != NULL;
@@ -887,7 +899,7 @@ int CKPT_API ckpt_ucx_unexpose(ckpt_ucx *u, uint64_t id, int64_t timeout_ms) {
   if (!wait_unread(u, r, &deadline)) {
     /* Readers that take too long lose their connection; their sends then end. */
     pthread_mutex_unlock(&u->mu);
-    enqueue(u, CMD_KILL_READERS, NULL, NULL);
+    enqueue(u, CMD_KILL_READERS, NULL, NULL, id);
     pthread_mutex_lock(&u->mu);
     wait_unread(u, r, NULL);
   }
@@ -916,7 +928,7 @@ int CKPT_API ckpt_ucx_connect(ckpt_ucx *u, const char *address, ckpt_ucx_peer **
   u->peers = p;
   pthread_mutex_unlock(&u->mu);
   /* The peer is listed first: a failed enqueue leaves it to be reaped as dropped. */
-  st = enqueue(u, CMD_CONNECT, p, NULL);
+  st = enqueue(u, CMD_CONNECT, p, NULL, 0);
   if (st != CKPT_OK) {
     pthread_mutex_lock(&u->mu);
     p->dropped = 1;
@@ -929,7 +941,7 @@ int CKPT_API ckpt_ucx_connect(ckpt_ucx *u, const char *address, ckpt_ucx_peer **
 
 int CKPT_API ckpt_ucx_disconnect(ckpt_ucx_peer *p) {
   if (p == NULL) return CKPT_EINVAL;
-  return enqueue(p->ucx, CMD_DISCONNECT, p, NULL);
+  return enqueue(p->ucx, CMD_DISCONNECT, p, NULL, 0);
 }
 
 int CKPT_API ckpt_ucx_peer_error(ckpt_ucx_peer *p, char *buf, size_t len) {
@@ -950,6 +962,17 @@ int CKPT_API ckpt_ucx_fetch(ckpt_ucx_peer *p, uint64_t region_id, const uint8_t 
   op *o = (op *)calloc(1, sizeof *o);
   if (o == NULL) return FAIL(u->ctx, CKPT_ENOMEM, "UCX fetch");
   pthread_mutex_lock(&u->mu);
+  if (u->ndone + u->reserved + 1 > u->cap_done) {
+    size_t cap = u->cap_done ? u->cap_done * 2 : 64;
+    done_rec *d = (done_rec *)realloc(u->done, cap * sizeof *d);
+    if (d == NULL) {
+      pthread_mutex_unlock(&u->mu);
+      free(o);
+      return FAIL(u->ctx, CKPT_ENOMEM, "UCX completions");
+    }
+    u->done = d, u->cap_done = cap;
+  }
+  u->reserved++;
   o->id = u->next_op++;
   p->ops++;
   pthread_mutex_unlock(&u->mu);
@@ -960,10 +983,11 @@ int CKPT_API ckpt_ucx_fetch(ckpt_ucx_peer *p, uint64_t region_id, const uint8_t 
                      .offset = offset, .len = len};
   memcpy(o->hdr.key, key, CKPT_UCX_KEY_BYTES);
   *op_id = o->id;
-  int st = enqueue(u, CMD_FETCH, p, o);
+  int st = enqueue(u, CMD_FETCH, p, o, 0);
   if (st != CKPT_OK) {
     pthread_mutex_lock(&u->mu);
     p->ops--;
+    u->reserved--;
     pthread_mutex_unlock(&u->mu);
     free(o);
   }

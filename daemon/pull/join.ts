@@ -25,6 +25,9 @@ export interface JoinDeps {
 
 export type JoinState = "waiting" | "pulling" | "ready";
 
+/** The longest wait between tries. */
+export const MAX_RETRY_MS = 30_000;
+
 export class Join {
   state: JoinState = "waiting";
   version?: CheckpointVersion;
@@ -60,7 +63,8 @@ export class Join {
   }
 
   private async fetch(): Promise<void> {
-    const { log, name, retryMs } = this.deps;
+    const { log, name, registry, retryMs } = this.deps;
+    let wait = retryMs;
     while (!this.stopped) {
       try {
         const v = await this.deps.pull();
@@ -75,13 +79,17 @@ export class Join {
         }
         throw new Error(v.error?.message ?? v.state);
       } catch (err) {
+        // A failed try leaves nothing behind: its version is forgotten, not listed as failed.
+        const failed = this.version;
+        if (failed && failed.state === "failed") await registry.delete(failed.id).catch(() => undefined);
         this.version = undefined;
         this.state = "waiting";
         this.lastError = (err as Error).message;
-        log.warn({ checkpoint: name, why: this.lastError }, "joining: no version pulled yet; trying again");
+        log.warn({ checkpoint: name, why: this.lastError, retryMs: wait }, "joining: no version pulled yet; trying again");
         await new Promise((r) => {
-          this.retry = setTimeout(r, retryMs);
+          this.retry = setTimeout(r, wait);
         });
+        wait = Math.min(wait * 2, MAX_RETRY_MS); // a fleet that lacks it is not asked every heartbeat
       }
     }
   }

@@ -7,9 +7,17 @@
  * registry releases what the pull pinned, once no fetch can write into it any longer.
  */
 import type { Logger } from "pino";
-import { CKPT_EBUSY, type Context, type Exposed, type UcxPeer } from "../../ffi/index.ts";
+import {
+  CKPT_ECANCELED,
+  CKPT_EHANDLE,
+  CKPT_ERANGE,
+  type Context,
+  type Exposed,
+  type UcxPeer,
+} from "../../ffi/index.ts";
 import { ANY_NODE } from "../auth/signature.ts";
 import type { CheckpointVersion, FileRecord, Registry, TensorRecord } from "../checkpoints/registry.ts";
+import { parseHeader } from "../checkpoints/safetensors.ts";
 import { DaemonError } from "../errors.ts";
 import { type PeerSigner, peerCall } from "../update/peers.ts";
 import { chooseVersion, type Holder } from "./choose.ts";
@@ -97,7 +105,8 @@ async function candidates(
         : undefined;
     }),
   );
-  return { fp: req.fingerprint, asks: asks.filter((a) => a !== undefined) };
+  const unique = new Map(asks.filter((a) => a !== undefined).map((a) => [a.nodeId, a]));
+  return { fp: req.fingerprint, asks: [...unique.values()] };
 }
 
 /** Asks every candidate for its manifest; keeps those of the one fingerprint (the first answer's, unless asked). */
@@ -116,7 +125,10 @@ async function manifests(req: PullRequest, deps: PullDeps): Promise<Manifest[]> 
         if (res.status !== 200)
           throw new Error((res.body as { error?: { message?: string } }).error?.message ?? `HTTP ${res.status}`);
         const claimed = (res.body as { fingerprint?: unknown }).fingerprint;
-        return { url: a.url, manifest: checkManifest(res.body, fp ?? (typeof claimed === "string" ? claimed : "")) };
+        const manifest = checkManifest(res.body, fp ?? (typeof claimed === "string" ? claimed : ""));
+        // Who answered is the daemon the request was signed for, whatever its manifest says.
+        if (manifest.nodeId !== a.nodeId) throw new Error(`answered as ${manifest.nodeId}, not ${a.nodeId}`);
+        return { url: a.url, manifest };
       } catch (err) {
         why.push(`${a.url}: ${(err as Error).message}`);
         return undefined;
@@ -124,14 +136,30 @@ async function manifests(req: PullRequest, deps: PullDeps): Promise<Manifest[]> 
     }),
   );
   const ok = answers.filter((a) => a !== undefined);
-  const chosen = ok[0]?.manifest.fingerprint;
-  const same = ok.filter((a) => a.manifest.fingerprint === chosen);
-  for (const a of ok) if (a.manifest.fingerprint !== chosen) why.push(`${a.url}: holds another version`);
+  const first = ok[0]?.manifest;
+  // The fingerprint binds the tensors; the bytes between them (headers) only the sources'
+  // word: every source kept must say the same of them.
+  const gaps = JSON.stringify(first?.gaps);
+  const same = ok.filter(
+    (a) => a.manifest.fingerprint === first?.fingerprint && JSON.stringify(a.manifest.gaps) === gaps,
+  );
+  for (const a of ok) {
+    if (a.manifest.fingerprint !== first?.fingerprint) why.push(`${a.url}: holds another version`);
+    else if (!same.includes(a)) why.push(`${a.url}: its headers differ from those of ${ok[0]?.url}`);
+  }
   if (same.length === 0) {
     throw new DaemonError("no_source", `no source could give "${req.name}": ${why.join("; ") || "none was found"}`);
   }
   for (const w of why) deps.log.warn({ checkpoint: req.name, source: w }, "pull source left out");
   return same.map((a) => ({ ...a.manifest, url: a.url }) as Manifest & { url: string });
+}
+
+/** Why a source failed a range, in words. */
+function refusal(status: number): string {
+  if (status === CKPT_EHANDLE) return "it no longer serves this version (dropped there, or the key is wrong)";
+  if (status === CKPT_ERANGE) return "its memory is smaller than its manifest says";
+  if (status === CKPT_ECANCELED) return "cancelled";
+  return `the transfer failed (status ${status})`;
 }
 
 const keyOf = (r: Manifest["files"][number]["region"]): Exposed => ({
@@ -231,6 +259,8 @@ class PullRun {
   }
 
   async run(): Promise<void> {
+    const onAbort = () => this.fail(new DaemonError("cancelled", "the pull was cancelled"));
+    this.version.abort.signal.addEventListener("abort", onAbort);
     // Every file's memory is pinned at once, in parallel, and fetching into a file starts as
     // soon as its memory is there: pinning fresh memory overlaps the transfer.
     const allocated = Promise.all(this.manifests[0]?.files.map((f, i) => this.allocate(i, f.size)) ?? []);
@@ -243,8 +273,7 @@ class PullRun {
     }
     this.started = performance.now();
     const stall = setInterval(() => this.checkStalls(), Math.max(5, Math.floor(this.deps.stallMs / 4)));
-    const onAbort = () => this.fail(new DaemonError("cancelled", "the pull was cancelled"));
-    this.version.abort.signal.addEventListener("abort", onAbort);
+    if (this.version.abort.signal.aborted) onAbort();
     try {
       await new Promise<void>((resolve, reject) => {
         this.settle = { resolve, reject };
@@ -257,6 +286,7 @@ class PullRun {
       for (const s of this.sources) s.peer?.disconnect();
       this.version.gate = undefined;
     }
+    await this.checkHeaders();
     this.progress.seconds = (performance.now() - this.started) / 1000;
     this.progress.gbps = this.version.bytes / this.progress.seconds / 1e9;
     this.progress.etaSeconds = 0;
@@ -280,6 +310,33 @@ class PullRun {
     } finally {
       this.allocating--;
       this.pump();
+    }
+  }
+
+  /** Each pulled file's safetensors header must describe exactly the manifest's tensors of that file. */
+  private async checkHeaders(): Promise<void> {
+    const first = this.manifests[0] as Manifest;
+    for (const [file, p] of this.version.pinned.entries()) {
+      const head = await this.deps.ctx.hostRead(p.mem, 8);
+      const len = Number(Buffer.from(head).readBigUInt64LE(0));
+      const name = `file ${file} of ${this.version.id}`;
+      let parsed: ReturnType<typeof parseHeader>;
+      try {
+        parsed = parseHeader(await this.deps.ctx.hostRead(p.mem, Math.min(8 + len, p.size)), p.size, name);
+      } catch (err) {
+        throw new DaemonError("pull_failed", `the pulled header of ${name} is not valid: ${(err as Error).message}`);
+      }
+      const said = (ts: { name: string; dtype: string; shape: number[]; begin: number; end: number }[]) =>
+        JSON.stringify(ts.map((t) => [t.name, t.dtype, t.shape, t.begin, t.end]).sort());
+      const expected = first.tensors
+        .filter((t) => t.file === file)
+        .map((t) => ({ ...t, begin: t.offset, end: t.offset + t.bytes }));
+      if (said(parsed.tensors) !== said(expected)) {
+        throw new DaemonError(
+          "pull_failed",
+          `the pulled header of ${name} does not describe the tensors of its manifest`,
+        );
+      }
     }
   }
 
@@ -320,6 +377,7 @@ class PullRun {
     const peer = s.peer as UcxPeer;
     const region = s.regions[r.file] as Exposed;
     const dst = (this.version.pinned[r.file]?.mem.address as bigint) + BigInt(r.offset);
+    if (s.inflight === 0) s.lastLanded = performance.now(); // an idle source's clock starts with its first range
     s.inflight++;
     this.deps.transport
       .fetch(peer, region, r.offset, r.len, dst)
@@ -341,12 +399,8 @@ class PullRun {
       if (ready.length > 0 && !this.error) this.verify(ready);
       return;
     }
-    if (status === CKPT_EBUSY) {
-      this.stripe.failed(r); // the source is busy with others: another try, anywhere
-      return;
-    }
     this.stripe.failed(r, s.progress.nodeId);
-    if (s.progress.state === "pulling") this.drop(s, s.peer?.error() ?? `range refused (status ${status})`);
+    if (s.progress.state === "pulling") this.drop(s, s.peer?.error() ?? refusal(status));
   }
 
   /** Hashes pieces whose bytes are all here; a mismatch sends them back to other sources. */

@@ -8,7 +8,7 @@ import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
 import type { Logger } from "pino";
 import type { Context } from "../../ffi/index.ts";
-import { CKPT_EUCX, type Exposed, Ucx, type UcxPeer } from "../../ffi/index.ts";
+import { type Exposed, Ucx, type UcxPeer } from "../../ffi/index.ts";
 import { DaemonError } from "../errors.ts";
 
 export interface TransportOptions {
@@ -90,7 +90,12 @@ export class PullTransport {
 
   /** Fetches a range of the source's region into dst; resolves with its status (CKPT_OK is 0). */
   fetch(peer: UcxPeer, region: Exposed, offset: number, len: number, dst: bigint): Promise<number> {
-    const op = peer.fetch(region, offset, len, dst);
+    let op: bigint;
+    try {
+      op = peer.fetch(region, offset, len, dst);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const done = new Promise<number>((resolve) => this.waiting.set(op, resolve));
     this.pumping ??= this.pump(peer.ucx);
     return done;
@@ -103,13 +108,14 @@ export class PullTransport {
         this.pumping = undefined;
         return;
       }
-      let done: { op: bigint; status: number }[];
+      let done: { op: bigint; status: number }[] = [];
       try {
         done = await ucx.wait(100);
       } catch (err) {
-        // Cannot happen with valid arguments; if it does, every fetch ends failed rather than hangs.
+        // Cannot happen with valid arguments. A fetch is never said done while the library may
+        // still write its memory, so this only waits and tries again.
         this.opts.log.error({ err }, "waiting for UCX completions");
-        done = [...this.waiting.keys()].map((op) => ({ op, status: CKPT_EUCX }));
+        await new Promise((r) => setTimeout(r, 100));
       }
       for (const c of done) {
         this.waiting.get(c.op)?.(c.status);
