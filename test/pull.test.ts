@@ -98,7 +98,10 @@ describe("pull failures", () => {
     expect(pull.mismatches).toBeGreaterThan(0);
     // a piece that only it served hashed wrong: it is dropped, and the rest came from node-b
     const byId = Object.fromEntries(pull.sources.map((s: { nodeId: string }) => [s.nodeId, s]));
-    expect(byId["node-a"]).toMatchObject({ state: "failed", error: expect.stringMatching(/that do not match its hash/) });
+    expect(byId["node-a"]).toMatchObject({
+      state: "failed",
+      error: expect.stringMatching(/that do not match its hash/),
+    });
     expect(byId["node-b"].state).toBe("done");
     const pulled = c.d.registry.get("m");
     for (const [i, p] of pulled.pinned.entries())

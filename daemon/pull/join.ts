@@ -85,7 +85,10 @@ export class Join {
         this.version = undefined;
         this.state = "waiting";
         this.lastError = (err as Error).message;
-        log.warn({ checkpoint: name, why: this.lastError, retryMs: wait }, "joining: no version pulled yet; trying again");
+        log.warn(
+          { checkpoint: name, why: this.lastError, retryMs: wait },
+          "joining: no version pulled yet; trying again",
+        );
         await new Promise((r) => {
           this.retry = setTimeout(r, wait);
         });
