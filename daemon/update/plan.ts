@@ -162,15 +162,16 @@ const OPEN_BUCKETS = 64;
  */
 function packBuckets(segments: Segment[], bucketBytes: number, align: number): Packed[] {
   const buckets: Packed[] = [];
-  const items: Segment[] = [];
+  const items: { s: Segment; len: number; file: number; at: number }[] = [];
   for (const s of segments) {
     let begin = s.begin;
     for (; s.end - begin > bucketBytes; begin += bucketBytes) {
       buckets.push({ index: 0, bytes: bucketBytes, pieces: [piece(s, begin, begin + bucketBytes, 0)] });
     }
-    items.push(begin === s.begin ? s : { ...s, begin });
+    const rest = begin === s.begin ? s : { ...s, begin };
+    items.push({ s: rest, len: s.end - begin, file: s.t.file, at: s.t.offset + begin });
   }
-  const order = largestFirst(items);
+  items.sort((a, b) => b.len - a.len || a.file - b.file || a.at - b.at);
   // The open buckets in the order they were opened, and where the next piece of each would go
   // (its aligned end), kept apart as plain numbers: this loop runs once per tensor. `least` is
   // the smallest of those ends: a piece that does not fit there fits nowhere, and opens a
@@ -179,9 +180,7 @@ function packBuckets(segments: Segment[], bucketBytes: number, align: number): P
   const ends: number[] = [];
   let least = Number.POSITIVE_INFINITY;
   const alignUp = (n: number) => Math.ceil(n / align) * align;
-  for (const i of order) {
-    const s = items[i] as Segment;
-    const len = s.end - s.begin;
+  for (const { s, len } of items) {
     let k = open.length;
     if (least + len <= bucketBytes) {
       k = 0;
@@ -210,44 +209,6 @@ function packBuckets(segments: Segment[], bucketBytes: number, align: number): P
     b.index = index;
   });
   return buckets;
-}
-
-/**
- * The items' indexes, largest first, then in file and offset order. One numeric sort of keys
- * (length descending, then the item's rank by place, packed into one float) where they fit in
- * 53 bits: a comparator called a few million times was the planner's largest cost.
- */
-function largestFirst(items: Segment[]): Uint32Array | number[] {
-  const byPlace = (a: Segment, b: Segment) => a.t.file - b.t.file || a.t.offset + a.begin - (b.t.offset + b.begin);
-  const n = items.length;
-  const placed = items.every((s, i) => i === 0 || byPlace(items[i - 1] as Segment, s) <= 0);
-  const rank = placed ? null : [...items.keys()].sort((a, b) => byPlace(items[a] as Segment, items[b] as Segment));
-  const longest = items.reduce((m, s) => Math.max(m, s.end - s.begin), 0);
-  const SHIFT = 2 ** 21;
-  if (n >= SHIFT || longest * SHIFT >= 2 ** 53) {
-    const slow = [...items.keys()].sort(
-      (a, b) =>
-        (items[b] as Segment).end -
-          (items[b] as Segment).begin -
-          ((items[a] as Segment).end - (items[a] as Segment).begin) ||
-        byPlace(items[a] as Segment, items[b] as Segment),
-    );
-    return slow;
-  }
-  // keys: (longest - len) * SHIFT + rank: ascending = length descending, then by place
-  const keys = new Float64Array(n);
-  for (let r = 0; r < n; r++) {
-    const i = rank ? (rank[r] as number) : r;
-    const s = items[i] as Segment;
-    keys[r] = (longest - (s.end - s.begin)) * SHIFT + r;
-  }
-  keys.sort();
-  const out = new Uint32Array(n);
-  for (let k = 0; k < n; k++) {
-    const r = (keys[k] as number) % SHIFT;
-    out[k] = rank ? (rank[r] as number) : r;
-  }
-  return out;
 }
 
 /** The layer number in a tensor's name ("model.layers.12.mlp.up_proj.weight": 12), or -1. */
