@@ -61,6 +61,13 @@ export function metricsOf(registry: Registry, updates: Updates, hub: ReceiverHub
     gauge("ckptd_up", "1 while the daemon serves", 1),
     gauge("ckptd_checkpoint_versions", "Registered versions", registry.list().length),
     gauge("ckptd_pinned_bytes", "Pinned host memory held by checkpoints", registry.pinnedBytes()),
+    gauge("ckptd_pinned_pool_bytes", "Pinned host memory of dropped versions, kept for reuse", registry.pool.bytes()),
+    {
+      name: "ckptd_pinned_pool_takes",
+      help: "Pinned blocks asked of the pool, reused or pinned fresh",
+      type: "counter",
+      samples: (["reused", "fresh"] as const).map((how) => ({ labels: { how }, value: registry.pool.status()[how] })),
+    },
     {
       name: "ckptd_updates",
       help: "Updates kept in history, by state",

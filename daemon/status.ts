@@ -60,6 +60,8 @@ export function statusOf(s: StatusSources) {
       versions: s.registry.list().length,
       pinnedBytes: s.registry.pinnedBytes(),
       budgetBytes: s.budgetBytes,
+      /** Pinned memory of dropped versions, kept for the next ones (within the budget). */
+      pool: s.registry.pool.status(),
       restore: s.restore,
     },
     buckets: { slots: s.buckets.slots, slotBytes: s.buckets.slotBytes },

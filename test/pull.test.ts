@@ -83,9 +83,30 @@ describe("pull over UCX", () => {
   });
 });
 
+describe("pulls into pooled memory", () => {
+  it("pins nothing new for a pull after a version of the same layout was dropped", async () => {
+    const m = model();
+    const a = await daemon("node-a");
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url] });
+    await seesUp(c, ["node-a"]);
+    const first = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    expect(first.status).toBe(201);
+    expect((await c.api("DELETE", `/v1/checkpoints/${first.body.id}`)).status).toBe(200);
+    const pooled = (await c.api("GET", "/v1/status")).body.checkpoints.pool;
+    expect(pooled).toMatchObject({ blocks: 2, fresh: 2, reused: 0 });
+    const second = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    expect(second.status).toBe(201);
+    expect((await c.api("GET", "/v1/status")).body.checkpoints.pool).toMatchObject({ blocks: 0, fresh: 2, reused: 2 });
+    const pulled = c.d.registry.get("m");
+    for (const [i, p] of pulled.pinned.entries())
+      expect(Buffer.compare(Buffer.from(p.mem.view()), m.bytes[i] as Buffer)).toBe(0);
+  });
+});
+
 describe("pull failures", () => {
   it("refetches what a corrupting source served from the other source, and completes verified", async () => {
-    const m = model();
+    const m = model(2, 16, 64); // tensors of 16 KiB or less: every range holds whole ones, so a source alone serves some
     const a = await daemon("node-a", { testFaults: ["corrupt-serve"] });
     const b = await daemon("node-b", { peers: [a.url] });
     for (const x of [a, b])
@@ -120,6 +141,7 @@ describe("pull failures", () => {
     expect(res.body.error.message).toMatch(/no live source can give \d+ of \d+ bytes \("model\./);
     const list = (await c.api("GET", "/v1/checkpoints")).body;
     expect(list.pinnedBytes).toBe(0);
+    expect((await c.api("GET", "/v1/status")).body.checkpoints.pool).toMatchObject({ bytes: 0, blocks: 0 });
     expect(list.checkpoints.map((x: { state: string }) => x.state)).toEqual(["failed"]);
     const b = await daemon("node-b", { peers: [a.url] });
     expect((await b.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);

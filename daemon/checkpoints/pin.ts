@@ -4,7 +4,7 @@
  * this file decides what and in which order, reports progress and unwinds on failure.
  */
 import { type FileHandle, open, statfs } from "node:fs/promises";
-import type { Context, HostMemory } from "../../ffi/index.ts";
+import { type Context, HostMemory } from "../../ffi/index.ts";
 import { DaemonError } from "../errors.ts";
 import { type Header, headerLength, parseHeader, SafetensorsError } from "./safetensors.ts";
 
@@ -32,7 +32,21 @@ export interface PinnedFile {
   size: number;
   mtimeMs: number;
   inPlace: boolean;
+  /** The file's bytes (its size; a pooled block may be larger). */
   mem: HostMemory;
+  /** The pooled block holding them, when not in place: it goes back to the pool. */
+  block?: HostMemory;
+}
+
+/** Where copies get pinned memory and give it back (checkpoints/pool.ts). */
+export interface Blocks {
+  take(len: number): Promise<HostMemory>;
+  give(block: HostMemory): Promise<void> | void;
+}
+
+/** Blocks pinned for each copy and unpinned after it (no pool). */
+export function unpooled(ctx: Context): Blocks {
+  return { take: (len) => ctx.hostAlloc(len), give: (block) => ctx.hostFree(block) };
 }
 
 /** How far a registration has come, in bytes; reported while it runs. */
@@ -69,6 +83,8 @@ async function withOpened<T>(
 export interface PinOptions {
   /** Copy into pinned memory even when the file is on tmpfs. */
   copy: boolean;
+  /** Where copies' pinned memory comes from (default: pinned for each copy, unpinned after). */
+  blocks?: Blocks;
   /** Where opened files may be (the registry's FilePolicy). */
   confine?: Confine;
   threads: number;
@@ -117,17 +133,17 @@ function checkAborted(signal: AbortSignal): void {
   if (signal.aborted) throw new DaemonError("cancelled", "registration was cancelled");
 }
 
-async function release(ctx: Context, file: PinnedFile): Promise<void> {
+async function release(ctx: Context, file: PinnedFile, blocks: Blocks): Promise<void> {
+  if (file.block) return await blocks.give(file.block);
   await ctx.hostUnregister(file.mem).catch(() => undefined);
-  if (file.inPlace) await ctx.fileUnmap(file.mem);
-  else await ctx.hostFree(file.mem);
+  await ctx.fileUnmap(file.mem);
 }
 
-/** Releases what pinFiles pinned; one file's failure does not keep the others pinned. */
-export async function unpinFiles(ctx: Context, files: PinnedFile[]): Promise<void> {
+/** Releases what pinFiles pinned (copies' blocks go back to the pool); one failure does not keep the others. */
+export async function unpinFiles(ctx: Context, files: PinnedFile[], blocks = unpooled(ctx)): Promise<void> {
   let first: unknown;
   // A pull pins its files in parallel: one that failed leaves a hole.
-  for (const file of files) if (file) await release(ctx, file).catch((err) => (first ??= err));
+  for (const file of files) if (file) await release(ctx, file, blocks).catch((err) => (first ??= err));
   if (first) throw first;
 }
 
@@ -154,7 +170,9 @@ async function pinOpened(ctx: Context, file: InspectedFile, fdPath: string, opts
     opts.progress.bytesPinned += file.size;
     return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem };
   }
-  const mem = await ctx.hostAlloc(file.size);
+  const blocks = opts.blocks ?? unpooled(ctx);
+  const block = await blocks.take(file.size);
+  const mem = new HostMemory(block.address, file.size);
   try {
     for (let offset = 0; offset < file.size; offset += READ_CHUNK) {
       checkAborted(opts.signal);
@@ -163,10 +181,10 @@ async function pinOpened(ctx: Context, file: InspectedFile, fdPath: string, opts
       opts.progress.bytesPinned += len;
     }
   } catch (err) {
-    await ctx.hostFree(mem);
+    await ctx.hostFree(block); // a failure leaves nothing pinned, not even in the pool
     throw err;
   }
-  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem };
+  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem, block };
 }
 
 /** Pins every file, in order; on failure or cancel releases what it pinned and rethrows. */
@@ -186,7 +204,7 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
     }
     return pinned;
   } catch (err) {
-    await unpinFiles(ctx, pinned);
+    await unpinFiles(ctx, pinned); // unpinned, not pooled: a failure leaves nothing pinned
     throw err;
   }
 }

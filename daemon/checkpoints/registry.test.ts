@@ -769,3 +769,54 @@ describe("closing", () => {
     expect(ctx.registered.size).toBe(0);
   });
 });
+
+describe("the pinned pool", () => {
+  it("gives a dropped copy's pinned memory to the next version of its size, pinning nothing new", async () => {
+    const { registry, ctx } = newRegistry();
+    let allocated = 0;
+    ctx.before.hostAlloc = () => {
+      allocated++;
+    };
+    const first = await ready(registry, request("m", [model("disk")], { copy: true }));
+    const allocs = () => allocated;
+    const before = allocs();
+    await registry.delete(first.id);
+    expect(registry.pool.status()).toMatchObject({ blocks: 1, bytes: expect.any(Number), fresh: 1 });
+    expect(registry.pool.bytes()).toBeGreaterThanOrEqual(first.bytes);
+    const second = await ready(registry, request("m", [model("disk", "x.")], { copy: true }));
+    expect(allocs()).toBe(before); // reused: no allocation
+    expect(registry.pool.status()).toMatchObject({ blocks: 0, bytes: 0, reused: 1 });
+    expect(second.pinned[0]?.mem.len).toBe(second.bytes);
+    const bytes = Buffer.from(second.pinned[0]?.mem.view() as Uint8Array);
+    expect(bytes.subarray(8).toString()).toContain('"x.'); // the new file's bytes, not the old ones
+  });
+
+  it("unpins pooled memory when a version needs the room under the budget", async () => {
+    const probe = newRegistry();
+    const size = (await ready(probe.registry, request("p", [model("disk")], { copy: true }))).bytes;
+    const { registry, ctx } = newRegistry({ budgetBytes: size + 1000 });
+    let freed = 0;
+    ctx.before.hostFree = () => {
+      freed++;
+    };
+    const first = await ready(registry, request("m", [model("disk")], { copy: true }));
+    await registry.delete(first.id);
+    expect(registry.pool.bytes()).toBe(size);
+    expect(freed).toBe(0);
+    // in place (no block from the pool): the pool is trimmed to make room
+    await ready(registry, request("n", [model("tmpfs")]));
+    expect(registry.pool.bytes()).toBe(0);
+    expect(freed).toBe(1);
+  });
+
+  it("keeps nothing of a failed registration, not even in the pool", async () => {
+    const { registry, ctx } = newRegistry();
+    ctx.before.hash64 = () => {
+      throw new Error("boom");
+    };
+    const v = await settled(registry, request("m", [model("disk")], { copy: true }));
+    expect(v.state).toBe("failed");
+    expect(registry.pool.bytes()).toBe(0);
+    expect(ctx.live.size).toBe(0);
+  });
+});

@@ -19,6 +19,7 @@ import {
   type RegistrationProgress,
   unpinFiles,
 } from "./pin.ts";
+import { PinnedPool } from "./pool.ts";
 import { checkUniqueNames, SafetensorsError } from "./safetensors.ts";
 import { checkWeightMap, type ResolvedSource } from "./sources.ts";
 import { checkFiles, faultedFile, type RegisteredFile, replaced, watchFiles } from "./watch.ts";
@@ -199,7 +200,12 @@ export class Registry {
   /** Called with each version about to be dropped, before its memory is released. */
   private readonly dropHooks: ((v: CheckpointVersion) => Promise<void>)[] = [];
 
-  constructor(private readonly opts: RegistryOptions) {}
+  /** Pinned memory kept for reuse across versions: copies and pulls take from it. */
+  readonly pool: PinnedPool;
+
+  constructor(private readonly opts: RegistryOptions) {
+    this.pool = new PinnedPool(opts.ctx);
+  }
 
   /** Runs `hook` before any version's memory is released (one that serves it stops first). */
   beforeDrop(hook: (v: CheckpointVersion) => Promise<void>): void {
@@ -310,7 +316,7 @@ export class Registry {
       checkWeightMap(req.source.weightMap, found);
     }
     const bytes = inspected.reduce((sum, f) => sum + f.size, 0);
-    this.checkBudget(bytes);
+    await this.makeRoom(bytes);
 
     if (req.restore) checkUnchanged(inspected, req.restore.files);
     const number = req.restore?.version ?? this.next.get(req.name) ?? 1;
@@ -348,7 +354,7 @@ export class Registry {
   ): Promise<CheckpointVersion> {
     checkName(name);
     const bytes = files.reduce((sum, f) => sum + f.size, 0);
-    this.checkBudget(bytes, "pulling");
+    await this.makeRoom(bytes, "pulling");
     const number = this.next.get(name) ?? 1;
     this.next.set(name, number + 1);
     const version = new CheckpointVersion(name, number, bytes, new Date().toISOString());
@@ -404,6 +410,16 @@ export class Registry {
     await this.opts.files.checkReadable(fdPath, path, st);
   };
 
+  /**
+   * Unpins pooled blocks until `bytes` more fit the budget beside the versions and the pool;
+   * then 507 if they still do not (checkBudget).
+   */
+  async makeRoom(bytes: number, what = "registering"): Promise<void> {
+    this.checkBudget(bytes, what);
+    const budget = this.opts.budgetBytes;
+    if (budget > 0) await this.pool.trim(Math.max(0, budget - this.pinnedBytes() - bytes));
+  }
+
   /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
   checkBudget(bytes: number, what = "registering"): void {
     const budget = this.opts.budgetBytes;
@@ -429,7 +445,15 @@ export class Registry {
     const started = performance.now();
     try {
       const confine = this.confineOpened;
-      version.pinned = await pinFiles(ctx, inspected, { copy, threads, signal, progress: version.progress, confine });
+      const blocks = this.pool;
+      version.pinned = await pinFiles(ctx, inspected, {
+        copy,
+        blocks,
+        threads,
+        signal,
+        progress: version.progress,
+        confine,
+      });
       const pinnedAt = performance.now();
       const hashes = await hashTensors(
         ctx,
@@ -494,7 +518,7 @@ export class Registry {
     );
     version.unwatch();
     await this.dropped(version);
-    await unpinFiles(this.opts.ctx, version.pinned);
+    await unpinFiles(this.opts.ctx, version.pinned, this.pool);
     version.pinned = [];
     for (const file of version.files) {
       if (file.adopted && !replaced(file)) await this.removeAdopted(file.path);
@@ -548,5 +572,6 @@ export class Registry {
       await this.dropped(v);
       await unpinFiles(this.opts.ctx, v.pinned);
     }
+    await this.pool.close();
   }
 }

@@ -13,6 +13,7 @@ import {
   CKPT_ERANGE,
   type Context,
   type Exposed,
+  HostMemory,
   type UcxPeer,
 } from "../../ffi/index.ts";
 import { ANY_NODE } from "../auth/signature.ts";
@@ -298,8 +299,9 @@ class PullRun {
     this.allocating++;
     try {
       if (this.version.abort.signal.aborted) throw new DaemonError("cancelled", "the pull was cancelled");
-      const mem = await this.deps.ctx.hostAlloc(size);
-      this.version.pinned[i] = { path: `pull/${i}`, size, mtimeMs: 0, inPlace: false, mem };
+      const block = await this.deps.registry.pool.take(size);
+      const mem = new HostMemory(block.address, size);
+      this.version.pinned[i] = { path: `pull/${i}`, size, mtimeMs: 0, inPlace: false, mem, block };
       this.version.progress.bytesPinned += size;
     } catch (err) {
       this.fail(

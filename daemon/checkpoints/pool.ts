@@ -1,0 +1,69 @@
+/**
+ * Pinned host memory that outlives versions: what a dropped version held (copied files,
+ * pulls) comes back here instead of being unpinned, and the next version of a similar size
+ * takes it, so an RL loop that keeps a few versions pins nothing new in steady state. Pinning
+ * fresh memory costs about 0.4 s per GB on an H200 host (cudaHostAlloc, serialized by the
+ * driver); taking a pooled block costs nothing. The pool's blocks count against the
+ * pinned-memory budget, and the registry trims them when a version needs the room.
+ */
+import type { Context, HostMemory } from "../../ffi/index.ts";
+
+/** A block is reused for a request of `len` when it is at most this much larger. */
+export const SLACK = (len: number) => Math.floor(len / 8) + (64 << 20);
+
+export interface PoolStats {
+  /** Bytes in blocks waiting to be reused. */
+  bytes: number;
+  blocks: number;
+  /** Requests served from the pool, and those that pinned fresh memory. */
+  reused: number;
+  fresh: number;
+}
+
+export class PinnedPool {
+  /** Free blocks, smallest first. */
+  private readonly free: HostMemory[] = [];
+  private readonly stats = { reused: 0, fresh: 0 };
+
+  constructor(private readonly ctx: Context) {}
+
+  /** A pinned block of at least `len` bytes: a pooled one that fits closely, else fresh. */
+  async take(len: number): Promise<HostMemory> {
+    const k = this.free.findIndex((b) => b.len >= len);
+    const b = this.free[k];
+    if (b && b.len <= len + SLACK(len)) {
+      this.free.splice(k, 1);
+      this.stats.reused++;
+      return b;
+    }
+    this.stats.fresh++;
+    return this.ctx.hostAlloc(len);
+  }
+
+  /** Takes a block back for reuse. Its contents stay as they were until it is taken again. */
+  give(block: HostMemory): void {
+    const k = this.free.findIndex((b) => b.len > block.len);
+    this.free.splice(k < 0 ? this.free.length : k, 0, block);
+  }
+
+  /** Unpins pooled blocks (largest first) until at most `keep` bytes stay pooled. */
+  async trim(keep: number): Promise<void> {
+    while (this.bytes() > keep) {
+      const b = this.free.pop() as HostMemory;
+      await this.ctx.hostFree(b);
+    }
+  }
+
+  bytes(): number {
+    return this.free.reduce((n, b) => n + b.len, 0);
+  }
+
+  status(): PoolStats {
+    return { bytes: this.bytes(), blocks: this.free.length, ...this.stats };
+  }
+
+  /** Unpins everything pooled (shutdown). */
+  close(): Promise<void> {
+    return this.trim(0);
+  }
+}
