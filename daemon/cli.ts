@@ -21,7 +21,14 @@ export function fail(message: string, code: number): never {
 }
 
 /** Runs the daemon until SIGTERM or SIGINT. Exit 2: bad configuration; 1: failed start. */
+/** libuv threads for the data plane's blocking calls, unless UV_THREADPOOL_SIZE says otherwise. */
+export const THREAD_POOL_SIZE = 16;
+
 export async function main(argv: readonly string[], env: Record<string, string | undefined>): Promise<void> {
+  // Every blocking data-plane call (pinning, hashing, waits for copies and pulls) takes one of
+  // libuv's threads while it runs: Node's 4 let a pull's pinning hold up its completions. Read
+  // by libuv when its pool starts, at the first such call.
+  process.env.UV_THREADPOOL_SIZE ??= String(THREAD_POOL_SIZE);
   let loaded: ReturnType<typeof loadConfig>;
   let nodeId: string;
   try {
