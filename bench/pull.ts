@@ -4,7 +4,7 @@
  * one source, then from both. iperf3 (Debian's package) measures loopback TCP in the same run:
  * the one-source pull is reported as a ratio to it (target 0.8), the two-source pull as a
  * ratio to one source. Every pull is checked whole (every piece's XXH64, and the fingerprint).
- *   node --import tsx bench/pull.ts [--gb 4] [--files 8] [--transports tcp] [--ucx-path libucp.so.0]
+ *   node --import tsx bench/pull.ts [--gb 4] [--files 8] [--transports tcp] [--ucx-path libucp.so.0] [--lanes 4]
  */
 import { execFileSync, spawn } from "node:child_process";
 import { randomFillSync } from "node:crypto";
@@ -22,6 +22,7 @@ function option(name: string, fallback: string): string {
 }
 const TRANSPORTS = option("transports", "tcp");
 const UCX_PATH = option("ucx-path", "libucp.so.0");
+const LANES = arg("lanes", 4);
 const TENSOR = 64 << 20;
 
 /** FILES safetensors files of random bf16 tensors of 64 MiB, GB in all. */
@@ -46,13 +47,14 @@ function writeCheckpoint(dir: string): number {
   return total;
 }
 
-/** Loopback TCP throughput by iperf3, GB/s (one stream, 5 s). */
+/** Loopback TCP throughput by iperf3, GB/s (as many streams as lanes, 5 s). */
 async function iperf3(): Promise<number> {
   const port = String(15201 + (process.pid % 1000));
   const server = spawn("iperf3", ["-s", "-1", "-p", port], { stdio: "ignore" });
   await sleep(300);
   try {
-    const out = JSON.parse(execFileSync("iperf3", ["-c", "127.0.0.1", "-p", port, "-t", "5", "-J"]).toString());
+    const args = ["-c", "127.0.0.1", "-p", port, "-t", "5", "-P", String(LANES), "-J"];
+    const out = JSON.parse(execFileSync("iperf3", args).toString());
     return out.end.sum_received.bits_per_second / 8 / 1e9;
   } finally {
     server.kill();
@@ -81,18 +83,31 @@ async function pull(d: DaemonProcess, from: string[], fingerprint: string): Prom
 
 async function main() {
   const scratch = new Scratch();
+  const daemons: DaemonProcess[] = [];
   try {
     const dir = scratch.dir("/dev/shm");
     const bytes = writeCheckpoint(dir);
-    const ucx = ["--ucx-transports", TRANSPORTS, "--ucx-path", UCX_PATH, "--pull-chunk-bytes", String(16 << 20)];
+    const ucx = [
+      "--ucx-lanes",
+      String(LANES),
+      "--ucx-transports",
+      TRANSPORTS,
+      "--ucx-path",
+      UCX_PATH,
+      "--pull-chunk-bytes",
+      String(16 << 20),
+    ];
     const s1 = await DaemonProcess.start(scratch, { args: ucx });
+    daemons.push(s1);
     const s2 = await DaemonProcess.start(scratch, { args: [...ucx, "--peers", s1.url] });
+    daemons.push(s2);
     for (const s of [s1, s2]) {
       const r = await s.api("POST", "/v1/checkpoints", { name: "big", dir });
       if (r.status !== 201) throw new Error(JSON.stringify(r.body));
     }
     const fingerprint = (await s1.api("GET", "/v1/peers")).body.self.versions[0].fingerprint as string;
     const r = await DaemonProcess.start(scratch, { args: [...ucx, "--peers", s1.url] });
+    daemons.push(r);
     await seesUp(r, 2);
     const floor = await iperf3();
     await pull(r, [s1.url], fingerprint); // warm: UCX's first connection, page faults of the first pinning
@@ -100,13 +115,13 @@ async function main() {
     const two = await pull(r, [s1.url, s2.url], fingerprint);
     const rate = (x: { v: Json }) => x.v.progress.pull.gbps as number;
     console.log(
-      `pull of ${(bytes / 1e9).toFixed(2)} GB over UCX (${TRANSPORTS}) on loopback; ${FILES} files, ranges of 16 MiB`,
+      `pull of ${(bytes / 1e9).toFixed(2)} GB over UCX (${TRANSPORTS}) on loopback; ${FILES} files, ranges of 16 MiB, ${LANES} lane(s) per daemon`,
     );
     console.log(
       table(
         ["what", "GB/s", "ratio", "wall s (with pinning)"],
         [
-          ["iperf3, one TCP stream", floor.toFixed(2), "1.00 (floor)", ""],
+          [`iperf3, ${LANES} TCP stream(s)`, floor.toFixed(2), "1.00 (floor)", ""],
           [
             "pull from one source",
             rate(one).toFixed(2),
@@ -126,6 +141,10 @@ async function main() {
       (s: Json) => `${s.nodeId.slice(0, 8)} ${(s.bytes / 1e9).toFixed(2)} GB`,
     );
     console.log(`two sources took: ${split.join(", ")}; every piece verified (XXH64), fingerprint equal`);
+  } catch (err) {
+    // A daemon that died says why in its log (a crash, a backtrace): print what each kept.
+    for (const d of daemons) console.error(`--- daemon ${d.url} (exit ${d.proc.exitCode ?? d.proc.signalCode}):\n${d.logs.slice(-20).join("\n")}`);
+    throw err;
   } finally {
     scratch.cleanup();
     const left = leftovers();

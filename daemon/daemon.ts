@@ -144,6 +144,7 @@ async function openParts(
       ucpPath: config.ucxPath,
       transports: config.ucxTransports,
       corrupt: config.testFaults.includes("corrupt-serve"),
+      lanes: config.ucxLanes,
     });
     undo.splice(undo.length - 1, 0, () => transport.close()); // after the registry (which stops serving), before the context
     const source = new PullSource({ nodeId, ctx: context, registry, transport, threads: config.ioThreads });

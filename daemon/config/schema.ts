@@ -118,6 +118,7 @@ export const ConfigSchema = v.strictObject({
   ucxPath: text,
   ucxTransports: v.pipe(v.string(), v.regex(/^[a-z0-9_,:^-]*$/, "must be a UCX transport list such as tcp or rc,sm")),
   ucxPort: port,
+  ucxLanes: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(16)),
   pullStallMs: v.pipe(v.number(), v.integer(), v.minValue(10)),
   pullChunkBytes: v.pipe(v.number(), v.integer(), v.minValue(4096), v.maxValue(1 << 30)),
   join: v.union([v.null(), v.strictObject({ checkpoint: v.pipe(v.string(), v.minLength(1)) })]),
@@ -313,6 +314,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     kind: "integer",
     help: "port peers pull from, on the API's host (0: any; peers learn it over the signed peer API)",
   },
+  ucxLanes: {
+    flag: "--ucx-lanes",
+    env: "CKPTD_UCX_LANES",
+    kind: "integer",
+    help: "UCX workers (each a thread and a port) that serve and pull: a pull is spread over that many cores on each side",
+  },
   pullStallMs: {
     flag: "--pull-stall-ms",
     env: "CKPTD_PULL_STALL_MS",
@@ -400,6 +407,7 @@ export function defaults(env: Record<string, string | undefined>): Config {
     ucxPath: "libucp.so.0",
     ucxTransports: "",
     ucxPort: 0,
+    ucxLanes: 4,
     pullStallMs: 10000,
     pullChunkBytes: 16 << 20,
     join: null,

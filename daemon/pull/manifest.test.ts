@@ -7,14 +7,14 @@ const tensors: TensorRecord[] = [
   { name: "a", dtype: "BF16", shape: [4], bytes: 8, file: 0, offset: 16, hash: "1".repeat(16) },
   { name: "b", dtype: "BF16", shape: [8], bytes: 16, file: 0, offset: 24, hash: "2".repeat(16) },
 ];
-const files = [{ size: 40, region: { id: "7", key: "ab".repeat(16) } }];
+const files = [{ size: 40, regions: [{ id: "7", key: "ab".repeat(16) }] }];
 const fp = fingerprintOf([40], tensors);
 const manifest = {
   nodeId: "src",
   name: "m",
   version: 3,
   fingerprint: fp,
-  address: "10.0.0.2:4000",
+  addresses: ["10.0.0.2:4000"],
   files,
   tensors,
   gaps: [{ file: 0, begin: 0, end: 16, hash: "3".repeat(16) }],
@@ -38,8 +38,9 @@ describe("checkManifest", () => {
     expect(() => checkManifest({ ...manifest, gaps: [] }, fp)).toThrow(
       "the manifest of m@3 does not cover its files: file 0: bytes 0..16 are in no piece",
     );
-    expect(() => checkManifest({ ...manifest, files: [{ size: 40, region: { id: "x", key: "00" } }] }, fp)).toThrow(
+    expect(() => checkManifest({ ...manifest, files: [{ size: 40, regions: [{ id: "x", key: "00" }] }] }, fp)).toThrow(
       /not a pull manifest/,
     );
+    expect(() => checkManifest({ ...manifest, addresses: ["a:1", "b:2"] }, fp)).toThrow(/a region per lane/);
   });
 });

@@ -18,17 +18,23 @@ export const ManifestSchema = v.object({
   name: v.pipe(v.string(), v.maxLength(200)),
   version: count,
   fingerprint: v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/)),
-  /** Where the source's UCX listens: "host:port". */
-  address: v.pipe(v.string(), v.maxLength(300)),
+  /** Where the source's UCX lanes listen: "host:port" each. */
+  addresses: v.pipe(v.array(v.pipe(v.string(), v.maxLength(300))), v.minLength(1), v.maxLength(16)),
   files: v.pipe(
     v.array(
       v.object({
         size: count,
-        /** The UCX region of the file: its id (decimal) and key (32 hex digits). */
-        region: v.object({
-          id: v.pipe(v.string(), v.regex(/^\d{1,20}$/)),
-          key: v.pipe(v.string(), v.regex(/^[0-9a-f]{32}$/)),
-        }),
+        /** The file's UCX region on each lane: its id (decimal) and key (32 hex digits). */
+        regions: v.pipe(
+          v.array(
+            v.object({
+              id: v.pipe(v.string(), v.regex(/^\d{1,20}$/)),
+              key: v.pipe(v.string(), v.regex(/^[0-9a-f]{32}$/)),
+            }),
+          ),
+          v.minLength(1),
+          v.maxLength(16),
+        ),
       }),
     ),
     v.minLength(1),
@@ -68,6 +74,12 @@ export function checkManifest(body: unknown, fingerprint: string): Manifest {
   if (!parsed.success)
     throw new DaemonError("bad_answer", `not a pull manifest: ${v.summarize(parsed.issues).slice(0, 300)}`);
   const m = parsed.output;
+  if (m.files.some((f) => f.regions.length !== m.addresses.length)) {
+    throw new DaemonError(
+      "bad_answer",
+      `the manifest of ${m.name}@${m.version} gives a region per lane for some files only`,
+    );
+  }
   const sizes = m.files.map((f) => f.size);
   if (m.fingerprint !== fingerprint || fingerprintOf(sizes, m.tensors as TensorRecord[]) !== fingerprint) {
     throw new DaemonError(

@@ -46,7 +46,7 @@ export interface PullDeps {
   threads: number;
 }
 
-/** Ranges in flight per source: enough to keep one connection busy. */
+/** Ranges in flight per lane of a source: enough to keep one connection busy. */
 export const DEPTH = 4;
 const MANIFEST_TIMEOUT_MS = 10_000;
 
@@ -73,11 +73,19 @@ export interface PullProgress {
 
 type Span = { file: number; begin: number; end: number };
 
-interface Source {
-  progress: SourceProgress;
+/** One of a source's lanes: a connection, the regions of every file on it, the ranges in flight. */
+interface Lane {
   address: string;
   regions: Exposed[];
   peer?: UcxPeer;
+  inflight: number;
+}
+
+interface Source {
+  progress: SourceProgress;
+  lanes: Lane[];
+  /** Set once connected, cleared when dropped. */
+  connected: boolean;
   inflight: number;
   lastLanded: number;
 }
@@ -163,7 +171,7 @@ function refusal(status: number): string {
   return `the transfer failed (status ${status})`;
 }
 
-const keyOf = (r: Manifest["files"][number]["region"]): Exposed => ({
+const keyOf = (r: Manifest["files"][number]["regions"][number]): Exposed => ({
   id: BigInt(r.id),
   key: Buffer.from(r.key, "hex"),
 });
@@ -218,8 +226,12 @@ class PullRun {
     );
     this.sources = manifests.map((m) => ({
       progress: { nodeId: m.nodeId, url: m.url, state: "pulling", bytes: 0 },
-      address: m.address,
-      regions: m.files.map((f) => keyOf(f.region)),
+      lanes: m.addresses.map((address, j) => ({
+        address,
+        regions: m.files.map((f) => keyOf(f.regions[j] as Manifest["files"][number]["regions"][number])),
+        inflight: 0,
+      })),
+      connected: false,
       inflight: 0,
       lastLanded: performance.now(),
     }));
@@ -267,9 +279,11 @@ class PullRun {
     const allocated = Promise.all(this.manifests[0]?.files.map((f, i) => this.allocate(i, f.size)) ?? []);
     for (const s of this.sources) {
       try {
-        s.peer = await this.deps.transport.connect(s.address);
+        const peers = await this.deps.transport.connect(s.lanes.map((l) => l.address));
+        for (const [j, l] of s.lanes.entries()) l.peer = peers[j];
+        s.connected = true;
       } catch (err) {
-        this.drop(s, `cannot connect to ${s.address}: ${(err as Error).message}`);
+        this.drop(s, `cannot connect to ${s.lanes[0]?.address}: ${(err as Error).message}`);
       }
     }
     this.started = performance.now();
@@ -284,7 +298,7 @@ class PullRun {
       await allocated; // nothing is pinned after the run has ended
       clearInterval(stall);
       this.version.abort.signal.removeEventListener("abort", onAbort);
-      for (const s of this.sources) s.peer?.disconnect();
+      for (const s of this.sources) this.disconnect(s);
       this.version.gate = undefined;
     }
     await this.checkHeaders();
@@ -347,10 +361,12 @@ class PullRun {
     if (!this.settle) return;
     if (!this.error && !this.stripe.done()) {
       for (const s of this.live()) {
-        while (s.inflight < DEPTH) {
-          const r = this.stripe.take(s.progress.nodeId, (file) => this.version.pinned[file] !== undefined);
-          if (!r) break;
-          this.launch(s, r);
+        for (const lane of s.lanes) {
+          while (lane.inflight < DEPTH) {
+            const r = this.stripe.take(s.progress.nodeId, (file) => this.version.pinned[file] !== undefined);
+            if (!r) break;
+            this.launch(s, lane, r);
+          }
         }
       }
     }
@@ -372,26 +388,28 @@ class PullRun {
   }
 
   private live(): Source[] {
-    return this.sources.filter((s) => s.progress.state === "pulling" && s.peer);
+    return this.sources.filter((s) => s.progress.state === "pulling" && s.connected);
   }
 
-  private launch(s: Source, r: Range & { pieces: number[] }): void {
-    const peer = s.peer as UcxPeer;
-    const region = s.regions[r.file] as Exposed;
+  private launch(s: Source, lane: Lane, r: Range & { pieces: number[] }): void {
+    const peer = lane.peer as UcxPeer;
+    const region = lane.regions[r.file] as Exposed;
     const dst = (this.version.pinned[r.file]?.mem.address as bigint) + BigInt(r.offset);
     if (s.inflight === 0) s.lastLanded = performance.now(); // an idle source's clock starts with its first range
     s.inflight++;
+    lane.inflight++;
     this.deps.transport
       .fetch(peer, region, r.offset, r.len, dst)
       .catch(() => -1)
       .then((status) => {
         s.inflight--;
-        this.landed(s, r, status);
+        lane.inflight--;
+        this.landed(s, lane, r, status);
         this.pump();
       });
   }
 
-  private landed(s: Source, r: Range & { pieces: number[] }, status: number): void {
+  private landed(s: Source, lane: Lane, r: Range & { pieces: number[] }, status: number): void {
     if (status === 0) {
       s.progress.bytes += r.len;
       s.lastLanded = performance.now();
@@ -402,7 +420,7 @@ class PullRun {
       return;
     }
     this.stripe.failed(r, s.progress.nodeId);
-    if (s.progress.state === "pulling") this.drop(s, s.peer?.error() ?? refusal(status));
+    if (s.progress.state === "pulling") this.drop(s, lane.peer?.error() ?? refusal(status));
   }
 
   /** Hashes pieces whose bytes are all here; a mismatch sends them back to other sources. */
@@ -460,9 +478,14 @@ class PullRun {
     s.progress.state = "failed";
     s.progress.error = why;
     this.deps.log.warn({ checkpoint: this.version.id, source: s.progress.nodeId, why }, "pull source dropped");
-    s.peer?.disconnect(); // its fetches in flight come back cancelled, and their ranges go back
-    s.peer = undefined;
+    this.disconnect(s); // its fetches in flight come back cancelled, and their ranges go back
     this.stripe.release(s.progress.nodeId);
+  }
+
+  private disconnect(s: Source): void {
+    for (const l of s.lanes) l.peer?.disconnect();
+    for (const l of s.lanes) l.peer = undefined;
+    s.connected = false;
   }
 
   private fail(err: Error): void {

@@ -14,7 +14,8 @@ import { gapsOf } from "./stripe.ts";
 import type { PullTransport } from "./transport.ts";
 
 interface Served {
-  regions: Exposed[];
+  /** Per file, its region on each lane. */
+  regions: Exposed[][];
   gaps: Manifest["gaps"];
 }
 
@@ -53,11 +54,11 @@ export class PullSource {
       name: v.name,
       version: v.version,
       fingerprint: fingerprint(v),
-      address: await this.deps.transport.address(),
-      files: v.files.map((f, i) => {
-        const r = regions[i] as Exposed;
-        return { size: f.size, region: { id: r.id.toString(), key: hex(r.key) } };
-      }),
+      addresses: await this.deps.transport.addresses(),
+      files: v.files.map((f, i) => ({
+        size: f.size,
+        regions: (regions[i] ?? []).map((r) => ({ id: r.id.toString(), key: hex(r.key) })),
+      })),
       tensors: v.tensors,
       gaps,
     };
@@ -78,7 +79,7 @@ export class PullSource {
     });
     const hashes = await this.deps.ctx.hash64(ranges, this.deps.threads);
     const gaps = spans.map((s, k) => ({ ...s, hash: (hashes[k] as bigint).toString(16).padStart(16, "0") }));
-    const regions: Exposed[] = [];
+    const regions: Exposed[][] = [];
     try {
       for (const p of v.pinned) regions.push(await this.deps.transport.expose(p.mem));
     } catch (err) {
