@@ -143,7 +143,10 @@ async function main() {
     console.log(`two sources took: ${split.join(", ")}; every piece verified (XXH64), fingerprint equal`);
   } catch (err) {
     // A daemon that died says why in its log (a crash, a backtrace): print what each kept.
-    for (const d of daemons) console.error(`--- daemon ${d.url} (exit ${d.proc.exitCode ?? d.proc.signalCode}):\n${d.logs.slice(-20).join("\n")}`);
+    for (const d of daemons)
+      console.error(
+        `--- daemon ${d.url} (exit ${d.proc.exitCode ?? d.proc.signalCode}):\n${d.logs.slice(-20).join("\n")}`,
+      );
     throw err;
   } finally {
     scratch.cleanup();

@@ -106,12 +106,15 @@ describe("pulls into pooled memory", () => {
 
 describe("pull failures", () => {
   it("refetches what a corrupting source served from the other source, and completes verified", async () => {
-    const m = model(2, 16, 64); // tensors of 16 KiB or less: every range holds whole ones, so a source alone serves some
-    const a = await daemon("node-a", { testFaults: ["corrupt-serve"] });
-    const b = await daemon("node-b", { peers: [a.url] });
+    // Tensors of 16 KiB or less: every range holds whole ones, so a source alone serves some;
+    // one lane of four ranges each, so that both sources get some of the few ranges there are.
+    const m = model(2, 16, 64);
+    const one = { ucxLanes: 1 };
+    const a = await daemon("node-a", { testFaults: ["corrupt-serve"], ...one });
+    const b = await daemon("node-b", { peers: [a.url], ...one });
     for (const x of [a, b])
       expect((await x.api("POST", "/v1/checkpoints", { name: "m", dir: m.dir })).status).toBe(201);
-    const c = await daemon("node-c", { peers: [a.url] });
+    const c = await daemon("node-c", { peers: [a.url], ...one });
     await seesUp(c, ["node-a", "node-b"]);
     const res = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
     expect(res.status, JSON.stringify(res.body)).toBe(201);

@@ -599,7 +599,13 @@ static void reap_peers(struct ckpt_ucx *u) {
 
 static void run_cmd(struct ckpt_ucx *u, cmd *c) {
   switch (c->kind) {
-    case CMD_CONNECT: do_connect(u, c->peer); break;
+    case CMD_CONNECT:
+      pthread_mutex_lock(&u->mu);
+      c->peer->next = u->peers;
+      u->peers = c->peer;
+      pthread_mutex_unlock(&u->mu);
+      do_connect(u, c->peer);
+      break;
     case CMD_FETCH: do_fetch(u, c->o); break;
     case CMD_DISCONNECT:
       peer_fail(c->peer, CKPT_ECANCELED, "disconnected from %s", c->peer->name);
@@ -818,7 +824,12 @@ int CKPT_API ckpt_ucx_destroy(ckpt_ucx *u) {
   }
   close_worker(u);
   for (region *r = u->regions, *n; r; r = n) n = r->next, free(r);
-  for (cmd *c = u->cmds, *n; c; c = n) n = c->next, free(c->o), free(c);
+  for (cmd *c = u->cmds, *n; c; c = n) {
+    n = c->next;
+    if (c->kind == CMD_CONNECT) free(c->peer); /* never listed */
+    free(c->o);
+    free(c);
+  }
   free(u->done);
   pthread_cond_destroy(&u->cv);
   pthread_mutex_destroy(&u->mu);
@@ -923,16 +934,10 @@ int CKPT_API ckpt_ucx_connect(ckpt_ucx *u, const char *address, ckpt_ucx_peer **
   }
   p->ucx = u;
   snprintf(p->name, sizeof p->name, "%s", address);
-  pthread_mutex_lock(&u->mu);
-  p->next = u->peers;
-  u->peers = p;
-  pthread_mutex_unlock(&u->mu);
-  /* The peer is listed first: a failed enqueue leaves it to be reaped as dropped. */
+  /* The progress thread lists it (CMD_CONNECT): only that thread changes the list of peers. */
   st = enqueue(u, CMD_CONNECT, p, NULL, 0);
   if (st != CKPT_OK) {
-    pthread_mutex_lock(&u->mu);
-    p->dropped = 1;
-    pthread_mutex_unlock(&u->mu);
+    free(p);
     return st;
   }
   *out = p;
