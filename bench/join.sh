@@ -8,7 +8,7 @@
 # join's time from the API next to the host-to-device floor of the whole checkpoint measured in
 # the same run; the consumer checks every update bit for bit. Between joins the pulled version
 # is deleted, so each join pulls (and pins) afresh. UCX_TRANSPORTS picks UCX's transports
-# (default tcp; "" lets UCX choose, shared memory included).
+# (default tcp; "" lets UCX choose, shared memory included); UCX_LANES the lanes of each daemon (4).
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -30,7 +30,8 @@ fi
 secret=$(mktemp)
 od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$secret"
 src=$(mktemp -d) joiner=$(mktemp -d)
-common=(--cluster-secret-file "$secret" --ucx-path "$ucx/libucp.so.0" --ucx-transports "$tls" --heartbeat-ms 200 --log-level info)
+common=(--cluster-secret-file "$secret" --ucx-path "$ucx/libucp.so.0" --ucx-transports "$tls" --ucx-lanes "${UCX_LANES:-4}"
+  --heartbeat-ms 200 --log-level info)
 node --import tsx daemon/main.ts --backend host --port 8480 --state-dir "$src" "${common[@]}" >"$out/source.log" 2>&1 &
 spid=$!
 node --import tsx daemon/main.ts --backend cuda --port 8481 --state-dir "$joiner" --peers http://127.0.0.1:8480 \
@@ -75,7 +76,7 @@ grep -E '"pulled|UCX ready|pull source' "$out/joiner.log" "$out/source.log" | ta
 kill -TERM "$spid" "$jpid"; wait "$spid" "$jpid"
 rm -rf "$secret" "$src" "$joiner"
 
-python3 - "$out" "$tls" <<'PY'
+python3 - "$out" "$tls" "${UCX_LANES:-4}" <<'PY'
 import json, re, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 floor_txt = out.joinpath("floor.txt").read_text()
@@ -84,7 +85,7 @@ q = json.loads(out.joinpath("q8b.json").read_text().strip().splitlines()[-1])
 floor = q["bytes"] / (bw * 1e9)
 joins = [json.loads(l) for l in out.joinpath("joins.jsonl").read_text().splitlines()]
 checks = [json.loads(l) for l in out.joinpath("engine.jsonl").read_text().splitlines() if l.startswith("{")]
-print(f"join over UCX ({sys.argv[2] or 'UCX chooses'}): q8b {q['tensors']} tensors, {q['bytes']} bytes, one H2D floor {bw:.2f} GB/s -> {floor:.3f} s")
+print(f"join over UCX ({sys.argv[2] or 'UCX chooses'}, {sys.argv[3]} lanes): q8b {q['tensors']} tensors, {q['bytes']} bytes, one H2D floor {bw:.2f} GB/s -> {floor:.3f} s")
 for j in joins:
     ratio = j["wall"] / floor
     p = j["pull"]
