@@ -823,6 +823,10 @@ int CKPT_API ckpt_ucx_destroy(ckpt_ucx *u) {
     reap_conns(u);
   }
   close_worker(u);
+  /* What the thread left: peers it listed after the drop above (a connect queued just before
+   * destroy), and their ops; their endpoints went with the worker. */
+  for (op *o = u->ops, *n; o; o = n) n = o->next, free(o);
+  for (struct ckpt_ucx_peer *p = u->peers, *n; p; p = n) n = p->next, free(p);
   for (region *r = u->regions, *n; r; r = n) n = r->next, free(r);
   for (cmd *c = u->cmds, *n; c; c = n) {
     n = c->next;

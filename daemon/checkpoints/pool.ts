@@ -27,23 +27,54 @@ export class PinnedPool {
 
   constructor(private readonly ctx: Context) {}
 
+  /** The index of the block `take(len)` would reuse among `free`, or -1. */
+  private fit(free: readonly HostMemory[], len: number): number {
+    const k = free.findIndex((b) => b.len >= len);
+    const b = free[k];
+    return b && b.len <= len + SLACK(len) ? k : -1;
+  }
+
   /** A pinned block of at least `len` bytes: a pooled one that fits closely, else fresh. */
   async take(len: number): Promise<HostMemory> {
-    const k = this.free.findIndex((b) => b.len >= len);
-    const b = this.free[k];
-    if (b && b.len <= len + SLACK(len)) {
-      this.free.splice(k, 1);
+    const k = this.fit(this.free, len);
+    if (k >= 0) {
       this.stats.reused++;
-      return b;
+      return this.free.splice(k, 1)[0] as HostMemory;
     }
     this.stats.fresh++;
-    return this.ctx.hostAlloc(len);
+    try {
+      return await this.ctx.hostAlloc(len);
+    } catch {
+      await this.trim(0); // the pool's blocks may be what stands in the way
+      return this.ctx.hostAlloc(len);
+    }
   }
 
   /** Takes a block back for reuse. Its contents stay as they were until it is taken again. */
   give(block: HostMemory): void {
     const k = this.free.findIndex((b) => b.len > block.len);
     this.free.splice(k < 0 ? this.free.length : k, 0, block);
+  }
+
+  /**
+   * Unpins pooled blocks, largest first but not those that requests of `sizes` would take,
+   * until the others hold at most `keep` bytes.
+   */
+  async trimKeeping(sizes: readonly number[], keep: number): Promise<void> {
+    const spared = new Set<HostMemory>();
+    const rest = [...this.free];
+    for (const len of sizes) {
+      const k = this.fit(rest, len);
+      if (k >= 0) spared.add(rest.splice(k, 1)[0] as HostMemory);
+    }
+    let others = rest.reduce((n, b) => n + b.len, 0);
+    for (let i = this.free.length - 1; i >= 0 && others > keep; i--) {
+      const b = this.free[i] as HostMemory;
+      if (spared.has(b)) continue;
+      this.free.splice(i, 1);
+      others -= b.len;
+      await this.ctx.hostFree(b);
+    }
   }
 
   /** Unpins pooled blocks (largest first) until at most `keep` bytes stay pooled. */

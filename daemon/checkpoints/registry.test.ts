@@ -809,6 +809,39 @@ describe("the pinned pool", () => {
     expect(freed).toBe(1);
   });
 
+  it("does not unpin the block a copy of the same size will take, even under a tight budget", async () => {
+    const probe = newRegistry();
+    const size = (await ready(probe.registry, request("p", [model("disk")], { copy: true }))).bytes;
+    const { registry, ctx } = newRegistry({ budgetBytes: size + 1000 });
+    let freed = 0;
+    let allocated = 0;
+    ctx.before.hostFree = () => {
+      freed++;
+    };
+    ctx.before.hostAlloc = () => {
+      allocated++;
+    };
+    const first = await ready(registry, request("m", [model("disk")], { copy: true }));
+    await registry.delete(first.id);
+    await ready(registry, request("m", [model("disk", "y.")], { copy: true }));
+    expect({ allocated, freed }).toEqual({ allocated: 1, freed: 0 });
+    expect(registry.pool.status()).toMatchObject({ reused: 1, fresh: 1 });
+  });
+
+  it("lets no two registrations arriving together take the same room in the budget", async () => {
+    const probe = newRegistry();
+    const size = (await ready(probe.registry, request("p", [model("tmpfs")]))).bytes;
+    const { registry } = newRegistry({ budgetBytes: size * 2 - 1 });
+    const both = await Promise.allSettled([
+      registry.register(request("a", [model("tmpfs")])),
+      registry.register(request("b", [model("tmpfs")])),
+    ]);
+    expect(both.map((r) => r.status).sort()).toEqual(["fulfilled", "rejected"]);
+    expect((both.find((r) => r.status === "rejected") as PromiseRejectedResult).reason.code).toBe("over_budget");
+    for (const v of registry.list()) await v.done;
+    expect(registry.pinnedBytes()).toBeLessThanOrEqual(size * 2 - 1);
+  });
+
   it("keeps nothing of a failed registration, not even in the pool", async () => {
     const { registry, ctx } = newRegistry();
     ctx.before.hash64 = () => {

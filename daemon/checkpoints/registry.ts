@@ -202,6 +202,10 @@ export class Registry {
 
   /** Pinned memory kept for reuse across versions: copies and pulls take from it. */
   readonly pool: PinnedPool;
+  /** Bytes of registrations checked against the budget and not listed yet. */
+  private reservedBytes = 0;
+  /** The largest version seen: without a budget, the pool keeps at most this much. */
+  private largest = 0;
 
   constructor(private readonly opts: RegistryOptions) {
     this.pool = new PinnedPool(opts.ctx);
@@ -219,9 +223,13 @@ export class Registry {
 
   /** Pinned bytes held or reserved by registering and ready versions. */
   pinnedBytes(): number {
-    let sum = 0;
+    let sum = this.reservedBytes;
     for (const list of this.versions.values()) {
-      for (const v of list) if (v.state !== "failed") sum += v.bytes;
+      for (const v of list) {
+        // A pooled block may be larger than its file: what is pinned is the block.
+        const blocks = v.pinned.reduce((n, p) => n + (p?.block?.len ?? p?.size ?? 0), 0);
+        if (v.state !== "failed") sum += Math.max(v.bytes, blocks);
+      }
     }
     return sum;
   }
@@ -316,9 +324,16 @@ export class Registry {
       checkWeightMap(req.source.weightMap, found);
     }
     const bytes = inspected.reduce((sum, f) => sum + f.size, 0);
-    await this.makeRoom(bytes);
-
-    if (req.restore) checkUnchanged(inspected, req.restore.files);
+    const reserved = await this.makeRoom(
+      inspected.filter((f) => req.copy || !f.tmpfs).map((f) => f.size),
+      bytes,
+    );
+    try {
+      if (req.restore) checkUnchanged(inspected, req.restore.files);
+    } catch (err) {
+      reserved();
+      throw err;
+    }
     const number = req.restore?.version ?? this.next.get(req.name) ?? 1;
     this.next.set(req.name, Math.max(number + 1, this.next.get(req.name) ?? 1));
     const version = new CheckpointVersion(req.name, number, bytes, req.restore?.createdAt ?? new Date().toISOString());
@@ -335,6 +350,7 @@ export class Registry {
     const list = this.versions.get(req.name) ?? [];
     list.push(version);
     this.versions.set(req.name, list);
+    reserved(); // listed: its bytes count from here
     version.done = this.load(version, inspected, req.copy, req.restore?.tensors);
     // Saved before the caller hears the number: a restart never hands it out again.
     if (!req.restore)
@@ -354,7 +370,11 @@ export class Registry {
   ): Promise<CheckpointVersion> {
     checkName(name);
     const bytes = files.reduce((sum, f) => sum + f.size, 0);
-    await this.makeRoom(bytes, "pulling");
+    const reserved = await this.makeRoom(
+      files.map((f) => f.size),
+      bytes,
+      "pulling",
+    );
     const number = this.next.get(name) ?? 1;
     this.next.set(name, number + 1);
     const version = new CheckpointVersion(name, number, bytes, new Date().toISOString());
@@ -363,6 +383,7 @@ export class Registry {
     const list = this.versions.get(name) ?? [];
     list.push(version);
     this.versions.set(name, list);
+    reserved();
     version.done = this.settle(version, () => fill(version));
     await this.opts.onChange?.(this).catch((err) => this.opts.log.error({ err }, "saving the registry"));
     return version;
@@ -411,13 +432,29 @@ export class Registry {
   };
 
   /**
-   * Unpins pooled blocks until `bytes` more fit the budget beside the versions and the pool;
-   * then 507 if they still do not (checkBudget).
+   * Checks that `bytes` more fit the budget (507 otherwise) and reserves them at once, before
+   * anything is awaited, so that requests arriving together cannot both take the same room;
+   * then unpins pooled blocks, other than those the new files (`sizes`, copied or pulled) will
+   * take, until the pool fits beside the versions. Returns the release of the reservation,
+   * called once the version is listed (or its registration refused).
    */
-  async makeRoom(bytes: number, what = "registering"): Promise<void> {
+  async makeRoom(sizes: number[], bytes: number, what = "registering"): Promise<() => void> {
     this.checkBudget(bytes, what);
+    this.reservedBytes += bytes;
+    this.largest = Math.max(this.largest, bytes);
+    let held = true;
+    const release = () => {
+      if (held) this.reservedBytes -= bytes;
+      held = false;
+    };
     const budget = this.opts.budgetBytes;
-    if (budget > 0) await this.pool.trim(Math.max(0, budget - this.pinnedBytes() - bytes));
+    try {
+      if (budget > 0) await this.pool.trimKeeping(sizes, Math.max(0, budget - this.pinnedBytes()));
+    } catch (err) {
+      release();
+      throw err;
+    }
+    return release;
   }
 
   /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
@@ -519,6 +556,8 @@ export class Registry {
     version.unwatch();
     await this.dropped(version);
     await unpinFiles(this.opts.ctx, version.pinned, this.pool);
+    // Without a budget the pool keeps one version's worth (the largest seen), no more.
+    if (this.opts.budgetBytes === 0) await this.pool.trim(this.largest);
     version.pinned = [];
     for (const file of version.files) {
       if (file.adopted && !replaced(file)) await this.removeAdopted(file.path);

@@ -312,7 +312,7 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     flag: "--ucx-port",
     env: "CKPTD_UCX_PORT",
     kind: "integer",
-    help: "port peers pull from, on the API's host (0: any; peers learn it over the signed peer API)",
+    help: "port of the first UCX lane peers pull from, on the API's host; lane i listens on ucxPort + i (0: any ports; peers learn them over the signed peer API)",
   },
   ucxLanes: {
     flag: "--ucx-lanes",

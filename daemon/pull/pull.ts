@@ -125,12 +125,16 @@ async function manifests(req: PullRequest, deps: PullDeps): Promise<Manifest[]> 
   const answers = await Promise.all(
     asks.map(async (a) => {
       try {
-        const res = await peerCall<unknown>(
-          deps.sign,
-          `${a.url}/v1/peer/pull`,
-          { method: "POST", to: a.nodeId, json: { name: req.name, ...(fp ? { fingerprint: fp } : {}) } },
-          MANIFEST_TIMEOUT_MS,
-        );
+        const ask = () =>
+          peerCall<unknown>(
+            deps.sign,
+            `${a.url}/v1/peer/pull`,
+            { method: "POST", to: a.nodeId, json: { name: req.name, ...(fp ? { fingerprint: fp } : {}) } },
+            MANIFEST_TIMEOUT_MS,
+          );
+        // A kept-alive connection the source closed as this request went out fails it at once:
+        // asking for a manifest changes nothing there, so it is asked once more.
+        const res = await ask().catch((err) => (closedUnderneath(err) ? ask() : Promise.reject(err)));
         if (res.status !== 200)
           throw new Error((res.body as { error?: { message?: string } }).error?.message ?? `HTTP ${res.status}`);
         const claimed = (res.body as { fingerprint?: unknown }).fingerprint;
@@ -139,7 +143,7 @@ async function manifests(req: PullRequest, deps: PullDeps): Promise<Manifest[]> 
         if (manifest.nodeId !== a.nodeId) throw new Error(`answered as ${manifest.nodeId}, not ${a.nodeId}`);
         return { url: a.url, manifest };
       } catch (err) {
-        why.push(`${a.url}: ${(err as Error).message}`);
+        why.push(`${a.url}: ${reason(err)}`);
         return undefined;
       }
     }),
@@ -161,6 +165,19 @@ async function manifests(req: PullRequest, deps: PullDeps): Promise<Manifest[]> 
   }
   for (const w of why) deps.log.warn({ checkpoint: req.name, source: w }, "pull source left out");
   return same.map((a) => ({ ...a.manifest, url: a.url }) as Manifest & { url: string });
+}
+
+/** A request that failed because its connection was closed under it (not for a reason of the peer's). */
+function closedUnderneath(err: unknown): boolean {
+  const code = (err as { cause?: { code?: string } }).cause?.code;
+  return code === "UND_ERR_SOCKET" || code === "ECONNRESET";
+}
+
+/** An error's message, with its cause's when it has one ("fetch failed" says little alone). */
+function reason(err: unknown): string {
+  const e = err as Error & { cause?: { code?: string; message?: string } };
+  const cause = e.cause?.code ?? e.cause?.message;
+  return cause ? `${e.message} (${cause})` : e.message;
 }
 
 /** Why a source failed a range, in words. */
@@ -283,7 +300,7 @@ class PullRun {
         for (const [j, l] of s.lanes.entries()) l.peer = peers[j];
         s.connected = true;
       } catch (err) {
-        this.drop(s, `cannot connect to ${s.lanes[0]?.address}: ${(err as Error).message}`);
+        this.drop(s, `cannot connect: ${(err as Error).message}`);
       }
     }
     this.started = performance.now();

@@ -64,14 +64,14 @@ export class PullTransport {
     return this.opening;
   }
 
-  /** `lanes` workers, each with its own progress thread and listener (the first on `port`). */
+  /** `lanes` workers, each with its own progress thread and listener (on port, port + 1, ...; any when 0). */
   private async make(): Promise<Lane[]> {
     const { ctx, log, host, port, ucpPath, transports, corrupt, lanes } = this.opts;
     const ip = await numericHost(host);
     const made: Lane[] = [];
     try {
       for (let i = 0; i < lanes; i++) {
-        const listen = hostPort(ip, i === 0 ? port : 0);
+        const listen = hostPort(ip, port === 0 ? 0 : port + i);
         made.push({ ucx: await Ucx.create(ctx, { ucpPath, transports, listen, corrupt }), waiting: new Map() });
       }
     } catch (err) {
@@ -96,11 +96,19 @@ export class PullTransport {
 
   /** Serves `mem` on every lane; a region (id and key) per lane. */
   async expose(mem: { address: bigint; len: number }): Promise<Exposed[]> {
-    return (await this.open()).map((l) => l.ucx.expose(mem));
+    const regions: Exposed[] = [];
+    try {
+      for (const l of await this.open()) regions.push(l.ucx.expose(mem));
+    } catch (err) {
+      await this.unexpose(regions);
+      throw err;
+    }
+    return regions;
   }
 
+  /** Stops serving the regions, on every lane at once (each waits for its readers). */
   async unexpose(regions: Exposed[]): Promise<void> {
-    for (const [i, r] of regions.entries()) await this.lanes[i]?.ucx.unexpose(r.id, 5000);
+    await Promise.all(regions.map((r, i) => this.lanes[i]?.ucx.unexpose(r.id, 5000)));
   }
 
   /** Connections to a source's lanes (host names resolved first), spread over this daemon's lanes. */
@@ -110,7 +118,9 @@ export class PullTransport {
     try {
       for (const [i, address] of addresses.entries()) {
         const colon = address.lastIndexOf(":");
-        const ip = await numericHost(address.slice(0, colon));
+        const ip = await numericHost(address.slice(0, colon)).catch((err: Error) => {
+          throw new Error(`${address}: ${err.message}`);
+        });
         peers.push((lanes[i % lanes.length] as Lane).ucx.connect(hostPort(ip, Number(address.slice(colon + 1)))));
       }
     } catch (err) {
