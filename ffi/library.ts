@@ -46,7 +46,7 @@ export const UcxOptions = koffi.struct("ckpt_ucx_options", {
   transports: "const char *",
   listen: "const char *",
   max_inflight: "uint32_t",
-  reserved: "uint32_t",
+  idle_ms: "uint32_t",
 });
 
 for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event", "ckpt_comm", "ckpt_ucx", "ckpt_ucx_peer"]) {

@@ -20,6 +20,8 @@ export interface UcxConfig {
   listen?: string;
   /** Requests served at once per connection (default 64). */
   maxInflight?: number;
+  /** A connection naming no region with its key for this long is closed (default 60 s). */
+  idleMs?: number;
   /** Tests only: every range served has a byte changed. */
   corrupt?: boolean;
 }
@@ -55,7 +57,7 @@ export class Ucx {
       transports: config.transports || null,
       listen: config.listen ?? null,
       max_inflight: config.maxInflight ?? 0,
-      reserved: 0,
+      idle_ms: config.idleMs ?? 0,
     };
     const out: Ptr[] = [0n];
     ctx.lib.check("ckpt_ucx_create", await promisify<number>(native.ucxCreate, [ctx.ptr, opts, out]), ctx.ptr);

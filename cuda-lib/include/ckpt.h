@@ -316,7 +316,9 @@ typedef struct ckpt_ucx_options {
   const char *listen;       /* "ip:port" to serve exposed regions on (port 0: any); NULL: fetch only */
   uint32_t max_inflight;    /* requests served at once per connection: a peer asking more at
                              * once is disconnected; 0: 64 */
-  uint32_t reserved;
+  uint32_t idle_ms;         /* a connection that names no region with its key for this long
+                             * is closed, as is one refused (a wrong key or range) once told
+                             * why; 0: 60000 */
 } ckpt_ucx_options;
 
 /* Loads UCX (dlopen; CKPT_EUCX naming the library when it is absent), makes a worker and

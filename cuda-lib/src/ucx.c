@@ -29,6 +29,7 @@
 #define WIRE_VERSION 1u
 #define MAX_CONNS 256
 #define DEFAULT_INFLIGHT 64
+#define DEFAULT_IDLE_MS 60000
 #define DETAIL 256
 
 typedef struct req_hdr {
@@ -56,7 +57,9 @@ typedef struct region {
 /* A connection a peer opened to this process's listener (progress thread only). */
 typedef struct conn {
   ux_ep_h ep;
-  int broken;
+  int broken;       /* close now (an error, a flood): sends in flight are cut */
+  int done;         /* close once its sends are out (it was refused, or stayed idle) */
+  int64_t last_ms;  /* its last request that named a region and its key */
   int64_t inflight;
   void *closing; /* the close request, once closed */
   struct conn *next;
@@ -124,6 +127,7 @@ struct ckpt_ucx {
   int efd;
   uint32_t flags;
   int64_t max_inflight;
+  int64_t idle_ms;
   char address[80];
   unsigned version[3];
   pthread_t thread;
@@ -281,8 +285,15 @@ static void peer_fail_ops(struct ckpt_ucx *u, struct ckpt_ucx_peer *p) {
   }
 }
 
-static void close_ep(struct ckpt_ucx *u, ux_ep_h ep, void **closing) {
-  ux_request_param prm = {.op_attr_mask = UX_OP_ATTR_FIELD_FLAGS, .flags = UX_EP_CLOSE_FLAG_FORCE};
+static int64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Closes an endpoint: forced (what is in flight is dropped), or flushed first. */
+static void close_ep(struct ckpt_ucx *u, ux_ep_h ep, void **closing, int force) {
+  ux_request_param prm = {.op_attr_mask = UX_OP_ATTR_FIELD_FLAGS, .flags = force ? UX_EP_CLOSE_FLAG_FORCE : 0};
   void *r = u->api.ep_close_nbx(ep, &prm);
   *closing = (r == NULL || UX_PTR_IS_ERR(r)) ? (void *)1 : r;
 }
@@ -408,8 +419,14 @@ static ux_status on_request(void *arg, const void *header, size_t header_len, vo
   else if (h.offset > r->len || h.len > r->len - h.offset) status = CKPT_ERANGE;
   else r->refs++;
   pthread_mutex_unlock(&u->mu);
-  if (status != CKPT_OK) reply(u, c, h.op, status, NULL, NULL, 0);
-  else reply(u, c, h.op, CKPT_OK, r, (const void *)(r->base + h.offset), h.len);
+  if (status != CKPT_OK) {
+    /* Told why, then let go: a puller with a wrong key or range has nothing more to ask here. */
+    reply(u, c, h.op, status, NULL, NULL, 0);
+    c->done = 1;
+  } else {
+    c->last_ms = now_ms();
+    reply(u, c, h.op, CKPT_OK, r, (const void *)(r->base + h.offset), h.len);
+  }
   return UX_OK;
 }
 
@@ -436,6 +453,7 @@ static void on_conn_request(ux_conn_request_h req, void *arg) {
     free(c);
     return;
   }
+  c->last_ms = now_ms();
   c->next = u->conns;
   u->conns = c;
   u->nconns++;
@@ -445,7 +463,11 @@ static void on_conn_request(ux_conn_request_h req, void *arg) {
 static void reap_conns(struct ckpt_ucx *u) {
   for (conn **pc = &u->conns; *pc;) {
     conn *c = *pc;
-    if (c->broken && c->closing == NULL) close_ep(u, c->ep, &c->closing);
+    /* A connection that names no region with its key for idle_ms is closed: a stranger cannot
+     * keep one of the MAX_CONNS slots (pullers disconnect after each pull). */
+    if (!c->broken && !c->done && c->inflight == 0 && now_ms() - c->last_ms > u->idle_ms) c->done = 1;
+    if (c->closing == NULL && c->broken) close_ep(u, c->ep, &c->closing, 1);
+    else if (c->closing == NULL && c->done && c->inflight == 0) close_ep(u, c->ep, &c->closing, 0);
     if (c->closing && c->inflight == 0 && closed(u, &c->closing)) {
       *pc = c->next;
       u->nconns--;
@@ -585,7 +607,7 @@ static void reap_peers(struct ckpt_ucx *u) {
     int failed = p->status != CKPT_OK;
     pthread_mutex_unlock(&u->mu);
     if (failed) peer_fail_ops(u, p);
-    if ((failed || p->dropped) && p->ep && p->closing == NULL) close_ep(u, p->ep, &p->closing);
+    if ((failed || p->dropped) && p->ep && p->closing == NULL) close_ep(u, p->ep, &p->closing, 1);
     pthread_mutex_lock(&u->mu);
     int gone = p->dropped && p->ops == 0 && p->queued == 0 && (p->ep == NULL || closed(u, &p->closing));
     if (gone) *pp = p->next;
@@ -758,6 +780,7 @@ int CKPT_API ckpt_ucx_create(ckpt_ctx *ctx, const ckpt_ucx_options *opts, ckpt_u
   u->ctx = ctx;
   u->flags = opts->flags;
   u->max_inflight = opts->max_inflight ? opts->max_inflight : DEFAULT_INFLIGHT;
+  u->idle_ms = opts->idle_ms ? opts->idle_ms : DEFAULT_IDLE_MS;
   u->next_region = 1;
   u->next_op = 1;
   pthread_mutex_init(&u->mu, NULL);
@@ -816,7 +839,7 @@ int CKPT_API ckpt_ucx_destroy(ckpt_ucx *u) {
   u->api.worker_signal(u->worker);
   pthread_join(u->thread, NULL);
   for (conn *c = u->conns; c; c = c->next) {
-    if (c->closing == NULL) close_ep(u, c->ep, &c->closing);
+    if (c->closing == NULL) close_ep(u, c->ep, &c->closing, 1);
   }
   for (int i = 0; i < 100 && u->conns; i++) {
     u->api.worker_progress(u->worker);

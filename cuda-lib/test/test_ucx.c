@@ -18,10 +18,11 @@ static double now_s(void) {
 static int have_ucx = 1;
 
 static uint32_t g_inflight; /* the next servers' max_inflight (0: the default) */
+static uint32_t g_idle;     /* the next servers' idle_ms (0: the default) */
 
 static ckpt_ucx *new_ucx(ckpt_ctx *ctx, const char *listen, uint32_t flags) {
   ckpt_ucx_options o = {.size = sizeof o, .flags = flags, .transports = "tcp", .listen = listen,
-                        .max_inflight = g_inflight};
+                        .max_inflight = g_inflight, .idle_ms = g_idle};
   ckpt_ucx *u = NULL;
   return ckpt_ucx_create(ctx, &o, &u) == CKPT_OK ? u : NULL;
 }
@@ -106,30 +107,67 @@ static int test_fetch(void) {
   return rig_close(&r);
 }
 
-/* A wrong key, an unknown region and a range past the end fail that op only. */
+/* Fetches one range on a fresh connection; its status. */
+static int32_t fetch_one(rig *r, uint64_t region, const uint8_t *key, uint64_t offset, uint64_t len, ckpt_ucx_peer **out) {
+  ckpt_ucx_peer *p;
+  uint64_t id;
+  int32_t st = 99;
+  if (ckpt_ucx_connect(r->client, r->address, &p) != CKPT_OK) return 98;
+  if (ckpt_ucx_fetch(p, region, key, offset, len, r->dst, &id) != CKPT_OK) return 97;
+  if (!wait_all(r->client, 1, &id, &st)) return 96;
+  *out = p;
+  return st;
+}
+
+/* A wrong key, an unknown region and a range past the end are refused (the source says which),
+ * and the source then closes that connection: a puller refused has nothing more to ask. */
 static int test_refused(void) {
   rig r;
   if (!rig_open(&r, 1 * MiB, 0)) return 0;
-  ckpt_ucx_peer *p;
-  EXPECT_OK(r.ctx, ckpt_ucx_connect(r.client, r.address, &p));
   uint8_t bad[CKPT_UCX_KEY_BYTES];
   memcpy(bad, r.key, sizeof bad);
   bad[15] ^= 1;
-  uint64_t ids[4];
-  int32_t st[4];
-  EXPECT_OK(r.ctx, ckpt_ucx_fetch(p, r.region, bad, 0, 100, r.dst, &ids[0]));
-  EXPECT_OK(r.ctx, ckpt_ucx_fetch(p, r.region + 99, r.key, 0, 100, r.dst, &ids[1]));
-  EXPECT_OK(r.ctx, ckpt_ucx_fetch(p, r.region, r.key, r.len - 10, 11, r.dst, &ids[2]));
-  EXPECT_OK(r.ctx, ckpt_ucx_fetch(p, r.region, r.key, r.len - 10, 10, r.dst, &ids[3]));
-  EXPECT(wait_all(r.client, 4, ids, st));
-  EXPECT(st[0] == CKPT_EHANDLE && st[1] == CKPT_EHANDLE && st[2] == CKPT_ERANGE && st[3] == CKPT_OK);
+  ckpt_ucx_peer *p[4];
+  EXPECT(fetch_one(&r, r.region, bad, 0, 100, &p[0]) == CKPT_EHANDLE);
+  EXPECT(fetch_one(&r, r.region + 99, r.key, 0, 100, &p[1]) == CKPT_EHANDLE);
+  EXPECT(fetch_one(&r, r.region, r.key, r.len - 10, 11, &p[2]) == CKPT_ERANGE);
+  EXPECT(memcmp(r.dst, (uint8_t[100]){0}, 100) == 0); /* the refused ones wrote nothing */
+  EXPECT(fetch_one(&r, r.region, r.key, r.len - 10, 10, &p[3]) == CKPT_OK);
   EXPECT(memcmp(r.dst, r.src + r.len - 10, 10) == 0);
-  EXPECT(memcmp(r.dst + 10, (uint8_t[90]){0}, 90) == 0); /* the refused ones wrote nothing */
+  /* The refused connection is closed by the source: a later fetch on it fails. */
+  uint64_t id;
+  int32_t st = 0;
+  for (int i = 0; i < 100 && ckpt_ucx_peer_error(p[0], NULL, 0) == CKPT_OK; i++) {
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  EXPECT(ckpt_ucx_peer_error(p[0], NULL, 0) == CKPT_EUCX);
+  EXPECT_OK(r.ctx, ckpt_ucx_fetch(p[0], r.region, r.key, 0, 10, r.dst, &id));
+  EXPECT(wait_all(r.client, 1, &id, &st));
+  EXPECT(st == CKPT_EUCX);
+  EXPECT(ckpt_ucx_peer_error(p[3], NULL, 0) == CKPT_OK); /* the good one stays */
   /* The destination must be pinned memory of the context. */
   uint8_t plain[64];
-  uint64_t id;
-  EXPECT_ST(r.ctx, ckpt_ucx_fetch(p, r.region, r.key, 0, sizeof plain, plain, &id), CKPT_ERANGE);
+  EXPECT_ST(r.ctx, ckpt_ucx_fetch(p[3], r.region, r.key, 0, sizeof plain, plain, &id), CKPT_ERANGE);
   EXPECT_ST(r.ctx, ckpt_ucx_expose(r.server, plain, sizeof plain, &id, bad), CKPT_ERANGE);
+  for (int i = 0; i < 4; i++) EXPECT_OK(r.ctx, ckpt_ucx_disconnect(p[i]));
+  return rig_close(&r);
+}
+
+/* A connection that asks nothing for idle_ms is closed by the source. */
+static int test_idle(void) {
+  g_idle = 200;
+  rig r;
+  int opened = rig_open(&r, 1 * MiB, 0);
+  g_idle = 0;
+  if (!opened) return 0;
+  ckpt_ucx_peer *p;
+  EXPECT(fetch_one(&r, r.region, r.key, 0, 100, &p) == CKPT_OK); /* connected and used */
+  for (int i = 0; i < 300 && ckpt_ucx_peer_error(p, NULL, 0) == CKPT_OK; i++) {
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  EXPECT(ckpt_ucx_peer_error(p, NULL, 0) == CKPT_EUCX);
   EXPECT_OK(r.ctx, ckpt_ucx_disconnect(p));
   return rig_close(&r);
 }
@@ -300,7 +338,7 @@ static int test_missing_library(void) {
 static const harness_test tests[] = {
     TEST(test_missing_library), TEST(test_fetch),       TEST(test_refused),      TEST(test_unreachable),
     TEST(test_disconnect_in_flight), TEST(test_fault_corrupt), TEST(test_unexpose), TEST(test_unexpose_in_flight),
-    TEST(test_flood),           TEST(test_throughput),
+    TEST(test_flood),          TEST(test_idle),           TEST(test_throughput),
 };
 
 int main(void) {
