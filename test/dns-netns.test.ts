@@ -6,32 +6,21 @@
  * place), which answers the name with every daemon's address: each finds the two others up.
  * Then one of them pulls a version from the peers it found that way.
  */
-import { execFileSync } from "node:child_process";
 import { createSocket, type Socket } from "node:dgram";
 import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
+import { ip, netnsUsable, runTag } from "./netns.ts";
 
-const root = process.getuid?.() === 0;
-const hasIp = (() => {
-  try {
-    execFileSync("ip", ["-V"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-})();
-const can = root && hasIp;
-if (!can && process.env.CI === "true") throw new Error("CI=true, but network namespaces need root and iproute2 here");
+const can = netnsUsable();
 
-const tag = `${process.env.TEST_RUN_TAG ?? "0"}`.slice(-5);
+const tag = runTag(5);
 const bridge = `ckdb${tag}`;
 const nsOf = (i: number) => `ckd${tag}-${i}`;
 const addrOf = (i: number) => `10.80.0.${i + 1}`;
 const SERVER = "10.80.0.254";
 const NAME = "fleet.ckptd.test";
-const ip = (...args: string[]) => execFileSync("ip", args, { stdio: "pipe" });
 const inNs = (i: number, ...args: string[]) => ip("netns", "exec", nsOf(i), "ip", ...args);
 
 /** A DNS answer to `query`: A records of `addresses` for NAME, nothing for other types, NXDOMAIN for other names. */

@@ -4,26 +4,15 @@
  * without them, unless CI=true). The link is taken down: each daemon finds the other down
  * within peerDownMs; brought up again: each finds the other up.
  */
-import { execFileSync } from "node:child_process";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
+import { ip, netnsUsable, runTag } from "./netns.ts";
 
-const root = process.getuid?.() === 0;
-const hasIp = (() => {
-  try {
-    execFileSync("ip", ["-V"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-})();
-const can = root && hasIp;
-if (!can && process.env.CI === "true") throw new Error("CI=true, but network namespaces need root and iproute2 here");
+const can = netnsUsable();
 
-const tag = `${process.env.TEST_RUN_TAG ?? "0"}`.slice(-6);
+const tag = runTag(6);
 const ns = [`ckptd-a-${tag}`, `ckptd-b-${tag}`];
 const addr = ["10.77.0.1", "10.77.0.2"];
-const ip = (...args: string[]) => execFileSync("ip", args, { stdio: "pipe" });
 const inNs = (n: string, ...args: string[]) => ip("netns", "exec", n, "ip", ...args);
 
 describe.skipIf(!can)("membership across a network link (namespaces, veth)", () => {

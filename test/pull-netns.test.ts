@@ -13,25 +13,15 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
+import { ip, netnsUsable, runTag } from "./netns.ts";
 
-const root = process.getuid?.() === 0;
-const has = (cmd: string, ...args: string[]) => {
-  try {
-    execFileSync(cmd, args, { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-};
-const can = root && has("ip", "-V") && has("tc", "-V");
-if (!can && process.env.CI === "true") throw new Error("CI=true, but these tests need root, iproute2 and tc here");
+const can = netnsUsable("tc");
 
-const tag = `${process.env.TEST_RUN_TAG ?? "0"}`.slice(-5);
+const tag = runTag(5);
 const bridge = `ckpb${tag}`;
 const nsOf = (i: number) => `ckp${tag}-${i}`;
 const hostEnd = (i: number) => `ckq${tag}-${i}`;
 const addrOf = (i: number) => `10.79.0.${i + 1}`;
-const ip = (...args: string[]) => execFileSync("ip", args, { stdio: "pipe" });
 const inNs = (i: number, ...args: string[]) =>
   execFileSync("ip", ["netns", "exec", nsOf(i), ...args], { stdio: "pipe" });
 /** Each source sends at this rate: a 40 MB pull from two takes about a second. */
