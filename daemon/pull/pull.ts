@@ -16,13 +16,13 @@ import {
   HostMemory,
   type UcxPeer,
 } from "../../ffi/index.ts";
-import { ANY_NODE } from "../auth/signature.ts";
 import type { CheckpointVersion, FileRecord, Registry, TensorRecord } from "../checkpoints/registry.ts";
 import { parseHeader } from "../checkpoints/safetensors.ts";
 import { DaemonError } from "../errors.ts";
-import { type PeerSigner, peerCall } from "../update/peers.ts";
-import { chooseVersion, type Holder } from "./choose.ts";
-import { checkManifest, type Manifest, piecesOf } from "./manifest.ts";
+import type { PeerSigner } from "../update/peers.ts";
+import type { Holder } from "./choose.ts";
+import { type Manifest, piecesOf } from "./manifest.ts";
+import { type Found, findSources } from "./sources.ts";
 import { type Piece, type Range, Stripe } from "./stripe.ts";
 import type { PullTransport } from "./transport.ts";
 
@@ -48,7 +48,6 @@ export interface PullDeps {
 
 /** Ranges in flight per lane of a source: enough to keep one connection busy. */
 export const DEPTH = 4;
-const MANIFEST_TIMEOUT_MS = 10_000;
 
 export interface SourceProgress {
   nodeId: string;
@@ -90,96 +89,6 @@ interface Source {
   lastLanded: number;
 }
 
-/** The sources to ask, with the node id each request is signed for. */
-async function candidates(
-  req: PullRequest,
-  deps: PullDeps,
-): Promise<{ fp?: string; asks: { nodeId: string; url: string }[] }> {
-  if (req.from === "peers") {
-    const choice = chooseVersion(deps.holders(), req.name, req.fingerprint);
-    if ("why" in choice) throw new DaemonError("no_source", choice.why);
-    return { fp: choice.fingerprint, asks: choice.sources.map((h) => ({ nodeId: h.nodeId, url: h.url })) };
-  }
-  const asks = await Promise.all(
-    req.from.map(async (url) => {
-      const base = url.replace(/\/+$/, "");
-      const info = await peerCall<{ nodeId?: string }>(
-        deps.sign,
-        `${base}/v1/peer/info`,
-        { to: ANY_NODE },
-        MANIFEST_TIMEOUT_MS,
-      ).catch(() => undefined);
-      return info?.status === 200 && typeof info.body.nodeId === "string"
-        ? { nodeId: info.body.nodeId, url: base }
-        : undefined;
-    }),
-  );
-  const unique = new Map(asks.filter((a) => a !== undefined).map((a) => [a.nodeId, a]));
-  return { fp: req.fingerprint, asks: [...unique.values()] };
-}
-
-/** Asks every candidate for its manifest; keeps those of the one fingerprint (the first answer's, unless asked). */
-async function manifests(req: PullRequest, deps: PullDeps): Promise<Manifest[]> {
-  const { fp, asks } = await candidates(req, deps);
-  const why: string[] = [];
-  const answers = await Promise.all(
-    asks.map(async (a) => {
-      try {
-        const ask = () =>
-          peerCall<unknown>(
-            deps.sign,
-            `${a.url}/v1/peer/pull`,
-            { method: "POST", to: a.nodeId, json: { name: req.name, ...(fp ? { fingerprint: fp } : {}) } },
-            MANIFEST_TIMEOUT_MS,
-          );
-        // A kept-alive connection the source closed as this request went out fails it at once:
-        // asking for a manifest changes nothing there, so it is asked once more.
-        const res = await ask().catch((err) => (closedUnderneath(err) ? ask() : Promise.reject(err)));
-        if (res.status !== 200)
-          throw new Error((res.body as { error?: { message?: string } }).error?.message ?? `HTTP ${res.status}`);
-        const claimed = (res.body as { fingerprint?: unknown }).fingerprint;
-        const manifest = checkManifest(res.body, fp ?? (typeof claimed === "string" ? claimed : ""));
-        // Who answered is the daemon the request was signed for, whatever its manifest says.
-        if (manifest.nodeId !== a.nodeId) throw new Error(`answered as ${manifest.nodeId}, not ${a.nodeId}`);
-        return { url: a.url, manifest };
-      } catch (err) {
-        why.push(`${a.url}: ${reason(err)}`);
-        return undefined;
-      }
-    }),
-  );
-  const ok = answers.filter((a) => a !== undefined);
-  const first = ok[0]?.manifest;
-  // The fingerprint binds the tensors; the bytes between them (headers) only the sources'
-  // word: every source kept must say the same of them.
-  const gaps = JSON.stringify(first?.gaps);
-  const same = ok.filter(
-    (a) => a.manifest.fingerprint === first?.fingerprint && JSON.stringify(a.manifest.gaps) === gaps,
-  );
-  for (const a of ok) {
-    if (a.manifest.fingerprint !== first?.fingerprint) why.push(`${a.url}: holds another version`);
-    else if (!same.includes(a)) why.push(`${a.url}: its headers differ from those of ${ok[0]?.url}`);
-  }
-  if (same.length === 0) {
-    throw new DaemonError("no_source", `no source could give "${req.name}": ${why.join("; ") || "none was found"}`);
-  }
-  for (const w of why) deps.log.warn({ checkpoint: req.name, source: w }, "pull source left out");
-  return same.map((a) => ({ ...a.manifest, url: a.url }) as Manifest & { url: string });
-}
-
-/** A request that failed because its connection was closed under it (not for a reason of the peer's). */
-function closedUnderneath(err: unknown): boolean {
-  const code = (err as { cause?: { code?: string } }).cause?.code;
-  return code === "UND_ERR_SOCKET" || code === "ECONNRESET";
-}
-
-/** An error's message, with its cause's when it has one ("fetch failed" says little alone). */
-function reason(err: unknown): string {
-  const e = err as Error & { cause?: { code?: string; message?: string } };
-  const cause = e.cause?.code ?? e.cause?.message;
-  return cause ? `${e.message} (${cause})` : e.message;
-}
-
 /** Why a source failed a range, in words. */
 function refusal(status: number): string {
   if (status === CKPT_EHANDLE) return "it no longer serves this version (dropped there, or the key is wrong)";
@@ -198,7 +107,7 @@ const keyOf = (r: Manifest["files"][number]["regions"][number]): Exposed => ({
  * answered and its memory is reserved; `version.done` settles when it is ready or failed.
  */
 export async function startPull(req: PullRequest, deps: PullDeps): Promise<CheckpointVersion> {
-  const found = (await manifests(req, deps)) as (Manifest & { url: string })[];
+  const found = await findSources(req, deps);
   const first = found[0] as Manifest;
   const files: FileRecord[] = first.files.map((f, i) => ({
     path: `pull:${first.fingerprint.slice(0, 16)}/${i}`,
@@ -231,7 +140,7 @@ class PullRun {
 
   constructor(
     private readonly version: CheckpointVersion,
-    private readonly manifests: (Manifest & { url: string })[],
+    private readonly manifests: Found[],
     private readonly deps: PullDeps,
   ) {
     const first = manifests[0] as Manifest;

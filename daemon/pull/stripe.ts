@@ -207,11 +207,6 @@ export class Stripe {
     return this.isVerified.every(Boolean);
   }
 
-  /** Ranges still waiting for a source. */
-  waiting(): number {
-    return this.pending.length;
-  }
-
   /** The pieces not verified yet (for a failure's message). */
   missing(): Piece[] {
     return this.pieces.filter((_, i) => !this.isVerified[i]);
