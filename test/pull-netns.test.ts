@@ -109,16 +109,30 @@ describe.skipIf(!can)("pulls across network links (namespaces, veth, tc)", () =>
 
   const nodeIdOf = async (url: string) => (await api(url, "GET", "/v1/status")).body.nodeId as string;
 
-  /** Starts a pull on `c` and waits until `over` bytes landed; returns the version's id. */
+  /**
+   * Starts a pull on `c` from both sources and waits until `over` bytes landed; returns the
+   * version's id. A source left out at the start (its manifest not answered in time on this
+   * loaded machine: the answer says why) is a pull not worth breaking: it is started again.
+   */
   async function pullUntil(c: string, over: number, from?: string[]): Promise<string> {
-    const started = await api(c, "POST", "/v1/checkpoints", { name: "m", wait: false, pull: from ? { from } : {} });
-    expect(started.status, JSON.stringify(started.body)).toBe(202);
-    const end = Date.now() + 10_000;
-    for (;;) {
-      const v = (await api(c, "GET", `/v1/checkpoints/${started.body.id}`)).body;
-      if (v.progress.pull.bytesFetched > over) return started.body.id;
-      if (v.state !== "registering" || Date.now() > end) throw new Error(`pull ended early: ${JSON.stringify(v)}`);
-      await new Promise((r) => setTimeout(r, 20));
+    for (let attempt = 0; ; attempt++) {
+      const started = await api(c, "POST", "/v1/checkpoints", { name: "m", wait: false, pull: from ? { from } : {} });
+      expect(started.status, JSON.stringify(started.body)).toBe(202);
+      const leftOut = started.body.progress.pull.leftOut as string[];
+      if (leftOut.length > 0 && attempt < 3) {
+        console.warn(`pull started without a source, again: ${leftOut.join("; ")}`);
+        await settled(c, started.body.id);
+        await api(c, "DELETE", `/v1/checkpoints/${started.body.id}`);
+        continue;
+      }
+      expect(leftOut).toEqual([]);
+      const end = Date.now() + 10_000;
+      for (;;) {
+        const v = (await api(c, "GET", `/v1/checkpoints/${started.body.id}`)).body;
+        if (v.progress.pull.bytesFetched > over) return started.body.id;
+        if (v.state !== "registering" || Date.now() > end) throw new Error(`pull ended early: ${JSON.stringify(v)}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
     }
   }
 

@@ -74,6 +74,7 @@ describe("pull over UCX", () => {
     expect(pull.sources.map((s: { nodeId: string }) => s.nodeId).sort()).toEqual(["node-a", "node-b"]);
     expect(pull.sources.every((s: { bytes: number }) => s.bytes > 0)).toBe(true);
     expect(pull.bytesVerified).toBe(pulled.bytes);
+    expect(pull.leftOut).toEqual([]);
     const fpA = (await a.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
     const fpC = (await c.api("GET", "/v1/peers")).body.self.versions[0].fingerprint;
     expect(fpC).toBe(fpA);

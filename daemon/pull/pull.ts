@@ -60,6 +60,8 @@ export interface SourceProgress {
 export interface PullProgress {
   fingerprint: string;
   sources: SourceProgress[];
+  /** Daemons asked that were not used, and why ("<url>: <reason>"). */
+  leftOut: string[];
   bytesFetched: number;
   bytesVerified: number;
   /** Pieces that hashed wrong and were fetched again. */
@@ -107,7 +109,7 @@ const keyOf = (r: Manifest["files"][number]["regions"][number]): Exposed => ({
  * answered and its memory is reserved; `version.done` settles when it is ready or failed.
  */
 export async function startPull(req: PullRequest, deps: PullDeps): Promise<CheckpointVersion> {
-  const found = await findSources(req, deps);
+  const { found, leftOut } = await findSources(req, deps);
   const first = found[0] as Manifest;
   const files: FileRecord[] = first.files.map((f, i) => ({
     path: `pull:${first.fingerprint.slice(0, 16)}/${i}`,
@@ -119,7 +121,7 @@ export async function startPull(req: PullRequest, deps: PullDeps): Promise<Check
     inPlace: false,
     adopted: false,
   }));
-  return deps.registry.reserve(req.name, files, (version) => new PullRun(version, found, deps).run());
+  return deps.registry.reserve(req.name, files, (version) => new PullRun(version, found, leftOut, deps).run());
 }
 
 /** One pull in progress: the sources, the stripe, the pump that keeps every source busy. */
@@ -141,6 +143,7 @@ class PullRun {
   constructor(
     private readonly version: CheckpointVersion,
     private readonly manifests: Found[],
+    leftOut: string[],
     private readonly deps: PullDeps,
   ) {
     const first = manifests[0] as Manifest;
@@ -164,6 +167,7 @@ class PullRun {
     this.progress = {
       fingerprint: first.fingerprint,
       sources: this.sources.map((s) => s.progress),
+      leftOut,
       bytesFetched: 0,
       bytesVerified: 0,
       mismatches: 0,

@@ -45,7 +45,7 @@ async function candidates(
 }
 
 /** Asks every candidate for its manifest; keeps those of the one fingerprint (the first answer's, unless asked). */
-export async function findSources(req: PullRequest, deps: PullDeps): Promise<Found[]> {
+export async function findSources(req: PullRequest, deps: PullDeps): Promise<{ found: Found[]; leftOut: string[] }> {
   const { fp, asks } = await candidates(req, deps);
   const why: string[] = [];
   const answers = await Promise.all(
@@ -90,7 +90,7 @@ export async function findSources(req: PullRequest, deps: PullDeps): Promise<Fou
     throw new DaemonError("no_source", `no source could give "${req.name}": ${why.join("; ") || "none was found"}`);
   }
   for (const w of why) deps.log.warn({ checkpoint: req.name, source: w }, "pull source left out");
-  return same.map((a) => ({ ...a.manifest, url: a.url }));
+  return { found: same.map((a) => ({ ...a.manifest, url: a.url })), leftOut: why };
 }
 
 /** A request that failed because its connection was closed under it (not for a reason of the peer's). */
