@@ -10,7 +10,8 @@ import { createSocket, type Socket } from "node:dgram";
 import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
-import { AUTH, daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
+import { daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
+import { apiAt } from "./in-process.ts";
 import { ip, netnsUsable, runTag } from "./netns.ts";
 
 const can = netnsUsable();
@@ -54,15 +55,7 @@ function answer(query: Buffer, addresses: string[]): Buffer {
   return Buffer.concat([head, question, ...rrs]);
 }
 
-async function api(url: string, method: string, path: string, body?: unknown) {
-  const res = await fetch(`${url}${path}`, {
-    method,
-    headers: body ? { ...AUTH, "content-type": "application/json" } : AUTH,
-    body: body ? JSON.stringify(body) : undefined,
-  });
-  // biome-ignore lint/suspicious/noExplicitAny: checked field by field
-  return { status: res.status, body: (await res.json()) as any };
-}
+const api = (url: string, method: string, path: string, body?: unknown) => apiAt(url)(method, path, body);
 
 describe.skipIf(!can)("discovery through a DNS name (namespaces, a DNS server of the test's)", () => {
   const running: Running[] = [];

@@ -26,10 +26,15 @@ export function startInProcess(config: Config, nodeId = "t"): Promise<Daemon> {
   return startDaemon({ config, runtime: nodeRuntime, log: pino({ level: "silent" }), nodeId, libDir: LIB_DIR });
 }
 
-/** JSON calls to the daemon on `port` with the tests' admin token. */
+/** JSON calls to the daemon on `port` of loopback with the tests' admin token. */
 export function apiOf(port: number) {
+  return apiAt(`http://127.0.0.1:${port}`);
+}
+
+/** JSON calls to the daemon at `base` ("http://10.0.0.2:8470") with the tests' admin token. */
+export function apiAt(base: string) {
   return async (method: string, path: string, body?: unknown) => {
-    const res = await fetch(`http://127.0.0.1:${port}${path}`, {
+    const res = await fetch(`${base}${path}`, {
       method,
       headers: body ? { ...AUTH, "content-type": "application/json" } : AUTH,
       body: body ? JSON.stringify(body) : undefined,

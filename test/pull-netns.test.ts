@@ -12,7 +12,8 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
-import { AUTH, daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
+import { daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
+import { apiAt } from "./in-process.ts";
 import { ip, netnsUsable, runTag } from "./netns.ts";
 
 const can = netnsUsable("tc");
@@ -27,15 +28,7 @@ const inNs = (i: number, ...args: string[]) =>
 /** Each source sends at this rate: a 40 MB pull from two takes about a second. */
 const RATE = "160mbit";
 
-async function api(url: string, method: string, path: string, body?: unknown) {
-  const res = await fetch(`${url}${path}`, {
-    method,
-    headers: body ? { ...AUTH, "content-type": "application/json" } : AUTH,
-    body: body ? JSON.stringify(body) : undefined,
-  });
-  // biome-ignore lint/suspicious/noExplicitAny: checked field by field
-  return { status: res.status, body: (await res.json()) as any };
-}
+const api = (url: string, method: string, path: string, body?: unknown) => apiAt(url)(method, path, body);
 
 describe.skipIf(!can)("pulls across network links (namespaces, veth, tc)", () => {
   const running: Running[] = [];
@@ -155,13 +148,19 @@ describe.skipIf(!can)("pulls across network links (namespaces, veth, tc)", () =>
     expect(mine.bytes).toBe(bytes.reduce((n, b) => n + b.length, 0));
   }
 
-  it("completes from the other source when one is killed mid-pull, and the next pull works", async () => {
+  /** Two sources holding the model, and a third daemon that sees both up with it. */
+  async function fleet() {
     const a = await start(0, []);
     const b = await start(1, [a.at]);
     for (const s of [a, b]) expect((await api(s.at, "POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
     const c = await start(2, [a.at]);
     const [idA, idB] = [await nodeIdOf(a.at), await nodeIdOf(b.at)];
     await seesUp(c.at, [idA, idB]);
+    return { a, b, c, idA, idB };
+  }
+
+  it("completes from the other source when one is killed mid-pull, and the next pull works", async () => {
+    const { a, b, c, idA, idB } = await fleet();
     const id = await pullUntil(c.at, 4 << 20);
     a.proc.kill("SIGKILL");
     const v = await settled(c.at, id);
@@ -178,12 +177,7 @@ describe.skipIf(!can)("pulls across network links (namespaces, veth, tc)", () =>
   }, 60_000);
 
   it("completes from the other source when one is partitioned mid-pull, and pulls from it once healed", async () => {
-    const a = await start(0, []);
-    const b = await start(1, [a.at]);
-    for (const s of [a, b]) expect((await api(s.at, "POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
-    const c = await start(2, [a.at]);
-    const [idA, idB] = [await nodeIdOf(a.at), await nodeIdOf(b.at)];
-    await seesUp(c.at, [idA, idB]);
+    const { a, b, c, idA, idB } = await fleet();
     const id = await pullUntil(c.at, 4 << 20);
     ip("link", "set", hostEnd(1), "down");
     const v = await settled(c.at, id);
