@@ -63,14 +63,14 @@ describe("planBuckets", () => {
       tensors: [t("big", 96, 0, 0), t("small", 32, 1, 0)],
       bucketBytes: 64,
       gpus: 2,
-      want: ["0:big[0,64)@0", "1:big[64,96)@0 small[0,32)@32"],
+      want: ["0:big[0,64)@0", "1:small[0,32)@0 big[64,96)@32"],
     },
     {
       name: "cuts a tensor only at a multiple of the alignment from its start",
       tensors: [t("a", 40, 0, 0), t("b", 8, 1, 0)],
       bucketBytes: 64,
       gpus: 2,
-      want: ["0:a[0,32)@0", "1:a[32,40)@0 b[0,8)@16"],
+      want: ["0:a[0,32)@0", "1:b[0,8)@0 a[32,40)@16"],
     },
     {
       name: "orders by file and offset, whatever the input order",
@@ -181,20 +181,16 @@ describe("planBuckets", () => {
     for (const order of orders(tensors)) expect(view(order, 64, 2)).toEqual(want);
   });
 
-  it("puts a tensor into the first of the 64 most recently opened buckets with room", () => {
-    const fill = (k: number) => Array.from({ length: k }, (_, i) => t(`f${i}`, 48, 0, i * 48));
-    const where = (k: number) => {
-      const buckets = planBuckets([...fill(k), t("small", 16, 0, k * 48)], {
-        bucketBytes: 64,
-        owners: [0],
-        slots: 2,
-        align: 16,
-      });
-      return buckets.findIndex((b) => b.pieces.some((p) => p.name === "small"));
-    };
-    expect(where(64)).toBe(0);
-    // The oldest bucket is no longer searched: the search stays bounded.
-    expect(where(65)).toBe(1);
+  it("puts a tensor into the first bucket with room, however many are open", () => {
+    // 1000 buckets of 48 bytes (16 left each), then bucket 700 takes 8 more: a 16-byte tensor goes
+    // to bucket 0, a 12-byte one too (it has 16 left), and once 0 is full, the next to 1.
+    const fill = Array.from({ length: 1000 }, (_, i) => t(`f${i}`, 48, 0, i * 48));
+    const smalls = [t("s1", 16, 0, 48_000), t("s2", 16, 0, 48_016)];
+    const buckets = planBuckets([...fill, ...smalls], { bucketBytes: 64, owners: [0], slots: 2, align: 16 });
+    expect(buckets).toHaveLength(1000);
+    const where = (name: string) => buckets.findIndex((b) => b.pieces.some((p) => p.name === name));
+    expect([where("s1"), where("s2")]).toEqual([0, 1]);
+    expect(buckets.every((b) => b.bytes <= 64)).toBe(true);
   });
 
   it.each([

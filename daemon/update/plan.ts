@@ -7,6 +7,7 @@
  */
 
 import type { TensorRecord } from "../checkpoints/registry.ts";
+import { FirstFit } from "./first-fit.ts";
 
 /** What planning needs of a registered tensor: its size, its file and its offset there. */
 export type PlanTensor = Pick<TensorRecord, "name" | "dtype" | "shape" | "bytes" | "file" | "offset">;
@@ -72,17 +73,20 @@ export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] 
   const perOwner = shares(tensors, n, align).map((segments, j) => {
     const mine = Array.from({ length: opts.slots }, (_, s) => s).filter((s) => s % n === j);
     const pack = opts.order === "layers" ? packInLayerOrder : packBuckets;
-    return pack(segments, opts.bucketBytes, align).map((b, k) => ({
-      ...b,
-      owner: opts.owners[j] as number,
-      slot: mine[k % mine.length] as number,
-    }));
+    const owner = opts.owners[j] as number;
+    return pack(segments, opts.bucketBytes, align).map((b, k): Bucket => {
+      b.owner = owner;
+      b.slot = mine[k % mine.length] as number;
+      return b;
+    });
   });
   const out: Bucket[] = [];
   for (let i = 0; perOwner.some((list) => i < list.length); i++) {
     for (const list of perOwner) {
       const b = list[i];
-      if (b) out.push({ ...b, index: out.length });
+      if (!b) continue;
+      b.index = out.length;
+      out.push(b);
     }
   }
   return out;
@@ -95,7 +99,8 @@ interface Segment {
   end: number;
 }
 
-const size = (list: Segment[]) => list.reduce((sum, s) => sum + s.end - s.begin, 0);
+const len = (s: Segment) => s.end - s.begin;
+const size = (list: Segment[]) => list.reduce((sum, s) => sum + len(s), 0);
 
 /**
  * What each of n owners copies: file f belongs to owner f mod n, in file order; an owner
@@ -110,7 +115,8 @@ function shares(tensors: PlanTensor[], n: number, align: number): Segment[][] {
   const ordered = sorted ? tensors : [...tensors].sort(byPlace);
   const lists: Segment[][] = Array.from({ length: n }, () => []);
   for (const t of ordered) lists[t.file % n]?.push({ t, begin: 0, end: t.bytes });
-  const quota = Math.ceil(size(lists.flat()) / n / align) * align;
+  const total = tensors.reduce((sum, t) => sum + t.bytes, 0);
+  const quota = Math.ceil(total / n / align) * align;
   // (concat, not push(...x): a spread of 100k+ segments overflows the stack)
   let excess: Segment[] = [];
   for (const [j, list] of lists.entries()) {
@@ -133,82 +139,76 @@ function shares(tensors: PlanTensor[], n: number, align: number): Segment[][] {
 
 /** The first `bytes` (rounded down to `align` inside a tensor) of a list, and the rest. */
 function take(list: Segment[], bytes: number, align: number): { head: Segment[]; rest: Segment[] } {
-  const head: Segment[] = [];
   let left = bytes;
   let i = 0;
-  for (; i < list.length; i++) {
-    const s = list[i] as Segment;
-    if (s.end - s.begin <= left) {
-      head.push(s);
-      left -= s.end - s.begin;
-      continue;
-    }
-    const cut = s.begin + Math.floor(left / align) * align;
-    if (cut > s.begin) head.push({ ...s, end: cut });
-    return { head, rest: [cut > s.begin ? { ...s, begin: cut } : s].concat(list.slice(i + 1)) };
-  }
-  return { head, rest: [] };
+  for (; i < list.length && len(list[i] as Segment) <= left; i++) left -= len(list[i] as Segment);
+  const s = list[i];
+  if (!s) return { head: list, rest: [] };
+  const cut = s.begin + Math.floor(left / align) * align;
+  if (cut === s.begin) return { head: list.slice(0, i), rest: list.slice(i) };
+  const head = list.slice(0, i + 1);
+  const rest = list.slice(i);
+  head[i] = { ...s, end: cut };
+  rest[0] = { ...s, begin: cut };
+  return { head, rest };
 }
 
-type Packed = Omit<Bucket, "owner" | "slot">;
-
-/** How many of the most recently opened buckets a segment may go into (bounds the search). */
-const OPEN_BUCKETS = 64;
+/** A bucket as packed; planBuckets gives it its owner, slot and index. */
+function bucket(bytes: number, pieces: BucketPiece[]): Bucket {
+  return { index: 0, owner: 0, slot: 0, bytes, pieces };
+}
 
 /**
  * Packs one owner's segments into buckets: a segment larger than a bucket is cut into full
- * buckets and a remainder; the others go, largest first, into the first open bucket with room
+ * buckets and a remainder; the others go, largest first, into the first bucket with room
  * (offsets aligned), so buckets come out nearly full without cutting tensors that fit one.
  */
-function packBuckets(segments: Segment[], bucketBytes: number, align: number): Packed[] {
-  const buckets: Packed[] = [];
-  const items: { s: Segment; len: number; file: number; at: number }[] = [];
+function packBuckets(segments: Segment[], bucketBytes: number, align: number): Bucket[] {
+  const buckets: Bucket[] = [];
+  const items: Segment[] = [];
   for (const s of segments) {
     let begin = s.begin;
     for (; s.end - begin > bucketBytes; begin += bucketBytes) {
-      buckets.push({ index: 0, bytes: bucketBytes, pieces: [piece(s, begin, begin + bucketBytes, 0)] });
+      buckets.push(bucket(bucketBytes, [piece(s, begin, begin + bucketBytes, 0)]));
     }
-    const rest = begin === s.begin ? s : { ...s, begin };
-    items.push({ s: rest, len: s.end - begin, file: s.t.file, at: s.t.offset + begin });
+    items.push(begin === s.begin ? s : { ...s, begin });
   }
-  items.sort((a, b) => b.len - a.len || a.file - b.file || a.at - b.at);
-  // The open buckets in the order they were opened, and where the next piece of each would go
-  // (its aligned end), kept apart as plain numbers: this loop runs once per tensor. `least` is
-  // the smallest of those ends: a piece that does not fit there fits nowhere, and opens a
-  // bucket without looking at the others (most pieces, as they come largest first).
-  const open: Packed[] = [];
-  const ends: number[] = [];
-  let least = Number.POSITIVE_INFINITY;
+  const bins = new FirstFit(bucketBytes);
+  const open: Bucket[] = [];
   const alignUp = (n: number) => Math.ceil(n / align) * align;
-  for (const { s, len } of items) {
-    let k = open.length;
-    if (least + len <= bucketBytes) {
-      k = 0;
-      while ((ends[k] as number) + len > bucketBytes) k++;
-    } else {
-      const fresh: Packed = { index: 0, bytes: 0, pieces: [] };
-      buckets.push(fresh);
-      open.push(fresh);
-      ends.push(0);
-      if (open.length > OPEN_BUCKETS) {
-        open.shift();
-        ends.shift();
-        k--;
-      }
-      least = 0;
+  for (const s of largestFirst(items)) {
+    const len = s.end - s.begin;
+    let k = bins.find(len);
+    if (k < 0) {
+      k = bins.open();
+      open.push(bucket(0, []));
+      buckets.push(open[k] as Bucket);
     }
-    const b = open[k] as Packed;
-    const at = ends[k] as number;
+    const b = open[k] as Bucket;
+    const at = alignUp(b.bytes);
     b.pieces.push(piece(s, s.begin, s.end, at));
     b.bytes = at + len;
-    ends[k] = alignUp(b.bytes);
-    // Ends only grow: the least changes only when the least bucket grew, or one was opened or dropped.
-    if (at <= least) least = Math.min(...ends);
+    bins.set(k, bucketBytes - alignUp(b.bytes));
   }
-  buckets.forEach((b, index) => {
-    b.index = index;
-  });
   return buckets;
+}
+
+/**
+ * Segments largest first, those of equal size in list order: grouped by size, then the groups
+ * in order. A checkpoint's tensors come in few sizes (its layers repeat), so this takes a few
+ * milliseconds where a comparison sort of 100k+ segments takes tens.
+ */
+function largestFirst(items: Segment[]): Segment[] {
+  const bySize = new Map<number, Segment[]>();
+  for (const s of items) {
+    const group = bySize.get(len(s));
+    if (group) group.push(s);
+    else bySize.set(len(s), [s]);
+  }
+  const sizes = Float64Array.from(bySize.keys()).sort().reverse();
+  const out: Segment[] = [];
+  for (const size of sizes) for (const s of bySize.get(size) as Segment[]) out.push(s);
+  return out;
 }
 
 /** The layer number in a tensor's name ("model.layers.12.mlp.up_proj.weight": 12), or -1. */
@@ -222,30 +222,30 @@ export function layerOf(name: string): number {
  * it fits, else into a new one; a segment larger than a bucket fills whole buckets and its
  * remainder opens the next.
  */
-function packInLayerOrder(segments: Segment[], bucketBytes: number, align: number): Packed[] {
+function packInLayerOrder(segments: Segment[], bucketBytes: number, align: number): Bucket[] {
   const items = [...segments].sort(
     (a, b) =>
       layerOf(a.t.name) - layerOf(b.t.name) ||
       (a.t.name < b.t.name ? -1 : a.t.name > b.t.name ? 1 : 0) ||
       a.begin - b.begin,
   );
-  const buckets: Packed[] = [];
+  const buckets: Bucket[] = [];
   const alignUp = (n: number) => Math.ceil(n / align) * align;
-  let current: Packed | undefined;
+  let current: Bucket | undefined;
   for (const s of items) {
     let begin = s.begin;
     if (!current || alignUp(current.bytes) + s.end - begin > bucketBytes) {
       for (; s.end - begin > bucketBytes; begin += bucketBytes) {
-        buckets.push({ index: 0, bytes: bucketBytes, pieces: [piece(s, begin, begin + bucketBytes, 0)] });
+        buckets.push(bucket(bucketBytes, [piece(s, begin, begin + bucketBytes, 0)]));
       }
-      current = { index: 0, bytes: 0, pieces: [] };
+      current = bucket(0, []);
       buckets.push(current);
     }
     const at = alignUp(current.bytes);
     current.pieces.push(piece(s, begin, s.end, at));
     current.bytes = at + s.end - begin;
   }
-  return buckets.map((b, index) => ({ ...b, index }));
+  return buckets;
 }
 
 function piece({ t }: Segment, begin: number, end: number, slotOffset: number): BucketPiece {
