@@ -4,7 +4,7 @@
  * checked; a source serving corrupted bytes, one that dies and one that was never there leave
  * the pull complete from the others, or failed naming what is missing, with nothing pinned.
  */
-import { readFileSync } from "node:fs";
+import { readFileSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Config } from "../daemon/config/index.ts";
@@ -153,6 +153,35 @@ describe("pull failures", () => {
     const again = await c.api("POST", "/v1/checkpoints", { name: "m", pull: { from: [b.url] } });
     expect(again.status, JSON.stringify(again.body)).toBe(201);
     expect(again.body.progress.pull.sources.map((s: { nodeId: string }) => s.nodeId)).toEqual(["node-b"]);
+  });
+
+  it("survives a source file truncated while it is served: the source turns stale, the pull fails naming it", async () => {
+    // 256 MiB in ranges of 64 KiB: the file is cut while the source is still sending. UCX's tcp
+    // sends from the file's pages with the kernel, which answers EIO for the pages cut, not a
+    // SIGBUS: the connection fails, the daemon does not.
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    writeModel(dir, 1, 64, 1024);
+    const a = await daemon("node-a", { ucxLanes: 1 });
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url], ucxLanes: 1 });
+    await seesUp(c, ["node-a"]);
+    const pull = c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    for (let verified = 0; verified === 0; await new Promise((r) => setTimeout(r, 2))) {
+      verified = (await c.api("GET", "/v1/checkpoints/m@1")).body.progress?.pull?.bytesVerified ?? 0;
+    }
+    truncateSync(join(dir, "model-1-of-1.safetensors"), 4096);
+    const res = await pull;
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(/no live source can give \d+ of \d+ bytes .*node-a: /);
+    const served = (await a.api("GET", "/v1/checkpoints")).body.checkpoints;
+    expect(served.map((x: { state: string }) => x.state)).toEqual(["stale"]);
+    expect((await c.api("GET", "/v1/checkpoints")).body.pinnedBytes).toBe(0);
+    // The source still answers, and serves what is registered again.
+    writeModel(dir, 1, 4, 64);
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+    await seesUp(c, ["node-a"]);
+    const again = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    expect(again.status, JSON.stringify(again.body)).toBe(201);
   });
 
   it("says clearly when no peer holds what is asked, and refuses a pull beside files", async () => {
