@@ -3,6 +3,8 @@ import { type Context, openBackend } from "../ffi/index.ts";
 import { Keyring } from "./auth/credentials.ts";
 import { Registry } from "./checkpoints/registry.ts";
 import { checkpointRoutes, type PullSpec } from "./checkpoints/routes.ts";
+import { StagingAreas } from "./checkpoints/staging.ts";
+import { stagingRoutes } from "./checkpoints/staging-routes.ts";
 import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints/store.ts";
 import { openUploadArea, removeOrphans, type UploadArea } from "./checkpoints/upload-dir.ts";
 import { uploadRoutes } from "./checkpoints/upload-routes.ts";
@@ -63,6 +65,7 @@ interface Parts {
   hub: ReceiverHub;
   updates: Updates;
   uploads: UploadArea;
+  staging: StagingAreas;
   members: Members;
   transport: PullTransport;
   source: PullSource;
@@ -98,6 +101,8 @@ async function openParts(
       onChange: (r) => saveRegistry(config.stateDir, r),
     });
     undo.unshift(() => registry.close());
+    const staging = new StagingAreas(registry, uploads.dir, uploads.group);
+    undo.unshift(() => staging.close());
     const restore = await restoreRegistry(config.stateDir, registry, log);
     const kept = new Set(registry.list().flatMap((v) => v.files.map((f) => f.path)));
     uploads.orphansRemoved = await removeOrphans(uploads.dir, uploads.uid, kept);
@@ -148,7 +153,21 @@ async function openParts(
     });
     undo.splice(undo.length - 1, 0, () => transport.close()); // after the registry (which stops serving), before the context
     const source = new PullSource({ nodeId, ctx: context, registry, transport, threads: config.ioThreads });
-    return { context, nccl, registry, restore, path, hub, updates, uploads, members, transport, source, greeted };
+    return {
+      context,
+      nccl,
+      registry,
+      restore,
+      path,
+      hub,
+      updates,
+      uploads,
+      staging,
+      members,
+      transport,
+      source,
+      greeted,
+    };
   } catch (err) {
     for (const close of undo) await close().catch(() => undefined);
     throw err;
@@ -203,6 +222,7 @@ function appOf(
   checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files, pull);
   pullRoutes(app, p.source, p.registry);
   uploadRoutes(app, p.registry, p.uploads.dir);
+  stagingRoutes(app, p.staging);
   const pullFor = (name: string, fingerprint?: string) =>
     startPull({ name, from: "peers", ...(fingerprint ? { fingerprint } : {}) }, pullDeps);
   updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus }, pullFor);
@@ -251,6 +271,7 @@ function joinOf(p: Parts, config: Config, log: Logger, pullDeps: PullDeps): Join
 async function release(p: Parts): Promise<void> {
   await p.hub.close();
   await p.path.close();
+  await p.staging.close();
   await p.registry.close();
   await p.transport.close();
   await p.context.destroy();

@@ -1,6 +1,6 @@
 """The trainer helpers' old home: `ckptd.trainer` (installed) or `integrations.ckptd.trainer`.
 
-    python3 integrations/trainer_push.py http://127.0.0.1:8470 demo [http|shm] [TOKENS_FILE]
+    python3 integrations/trainer_push.py http://127.0.0.1:8470 demo [http|shm|staged] [TOKENS_FILE]
 """
 import os
 import sys
@@ -10,14 +10,16 @@ if not __package__:  # run as a script, or imported with integrations/ on sys.pa
 
 from integrations.ckptd.trainer import (  # noqa: E402
     DTYPES,
+    StagingArea,
     main,
     push_http,
     push_shm,
+    push_staged,
     token_from,
     write_safetensors,
 )
 
-__all__ = ["DTYPES", "main", "push_http", "push_shm", "token_from", "write_safetensors"]
+__all__ = ["DTYPES", "StagingArea", "main", "push_http", "push_shm", "push_staged", "token_from", "write_safetensors"]
 
 if __name__ == "__main__":
     main()

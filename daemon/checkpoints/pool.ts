@@ -50,6 +50,18 @@ export class PinnedPool {
     }
   }
 
+  /** Pins blocks until `count` of those pooled would serve take(len); how many it pinned. */
+  async stock(len: number, count: number): Promise<number> {
+    const rest = [...this.free];
+    let have = 0;
+    for (let k = this.fit(rest, len); k >= 0 && have < count; k = this.fit(rest, len)) {
+      rest.splice(k, 1);
+      have++;
+    }
+    for (let i = have; i < count; i++) this.give(await this.ctx.hostAlloc(len));
+    return count - have;
+  }
+
   /** Takes a block back for reuse. Its contents stay as they were until it is taken again. */
   give(block: HostMemory): void {
     const k = this.free.findIndex((b) => b.len > block.len);

@@ -457,6 +457,17 @@ export class Registry {
     return release;
   }
 
+  /**
+   * Has the pool keep `count` blocks for copies of `len` bytes ready (a staging area's next
+   * commits), as far as the budget leaves room beside the versions and the pool.
+   */
+  async stock(len: number, count: number): Promise<void> {
+    const budget = this.opts.budgetBytes;
+    const room = budget > 0 ? budget - this.pinnedBytes() - this.pool.bytes() : Number.POSITIVE_INFINITY;
+    this.largest = Math.max(this.largest, len);
+    await this.pool.stock(len, Math.min(count, Math.floor(Math.max(0, room) / len)));
+  }
+
   /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */
   checkBudget(bytes: number, what = "registering"): void {
     const budget = this.opts.budgetBytes;

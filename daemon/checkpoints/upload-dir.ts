@@ -58,6 +58,8 @@ export interface UploadArea {
   /** The daemon's user: the owner of the directory and of its staging files. */
   uid: number;
   files: FilePolicy;
+  /** The upload group, whose members may write the staging areas' files. */
+  group?: Group;
   orphansRemoved: Orphan[];
 }
 
@@ -81,5 +83,5 @@ export async function openUploadArea(
   // Adopted files must be named by their real path (confine.ts): the directory's is used.
   const dir = await realpath(wanted);
   const files = new FilePolicy({ roots: config.registerRoots, uploadDir: dir, uploadGroup: group, uid });
-  return { dir, uid, files, orphansRemoved: [] };
+  return { dir, uid, files, ...(group ? { group } : {}), orphansRemoved: [] };
 }

@@ -7,7 +7,7 @@ import type { Registry } from "./registry.ts";
 import { DTYPE_BITS } from "./safetensors.ts";
 import { Uploads } from "./uploads.ts";
 
-const TensorDecl = v.strictObject({
+export const TensorDecl = v.strictObject({
   name: v.pipe(v.string(), v.minLength(1)),
   dtype: v.picklist(Object.keys(DTYPE_BITS)),
   shape: v.array(v.pipe(v.number(), v.integer(), v.minValue(0))),

@@ -7,15 +7,9 @@ import { randomBytes } from "node:crypto";
 import { type FileHandle, mkdir, open, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { DaemonError } from "../errors.ts";
+import { type Layout, layOut, sized, type TensorDeclaration } from "./declared.ts";
 import { type CheckpointVersion, checkName, type Registry } from "./registry.ts";
-import { DTYPE_BITS, encodeHeader } from "./safetensors.ts";
 import { resolveFiles } from "./sources.ts";
-
-export interface TensorDeclaration {
-  name: string;
-  dtype: string;
-  shape: number[];
-}
 
 export interface UploadRequest {
   name: string;
@@ -46,19 +40,18 @@ export type Body = ReadableStream<Uint8Array> | null;
 
 const FILE_NAME = /^[A-Za-z0-9._-]+\.safetensors$/;
 
-function bytesOf(dtype: string, shape: number[]): number {
-  const bits = shape.reduce((a, d) => a * BigInt(d), BigInt(DTYPE_BITS[dtype] as number));
-  if (bits % 8n !== 0n)
-    throw new DaemonError("invalid_request", `shape ${JSON.stringify(shape)} of ${dtype} is not whole bytes`);
-  return safeBytes(bits / 8n, `shape ${JSON.stringify(shape)} of ${dtype}`);
-}
-
-/** A byte count as a number, when it is one exactly (at most 2^53 - 1); else a 400 naming what. */
-function safeBytes(bytes: bigint, what: string): number {
-  if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new DaemonError("invalid_request", `${what} is ${bytes} bytes, more than 2^53 - 1`);
+/** Makes a new file at `path` (none may be there) holding a layout's header, at its full size. */
+export async function writeLayout(path: string, layout: Layout, mode: number): Promise<void> {
+  const file = await open(path, "wx", mode);
+  try {
+    await file.write(layout.header, 0, layout.header.byteLength, 0);
+    await file.truncate(layout.size);
+  } catch (err) {
+    await file.close();
+    await unlink(path).catch(() => undefined); // no one owns the file yet: nothing may stay behind
+    throw err;
   }
-  return Number(bytes);
+  await file.close();
 }
 
 /** Streams a body into a file at `position`; returns the bytes written, or `limit + 1` if it held more. */
@@ -111,41 +104,21 @@ export class Uploads {
   /** Starts an upload; declared tensors get their places in one file, laid out back to back. */
   async create(req: UploadRequest): Promise<ReturnType<typeof summary>> {
     checkName(req.name);
-    const seen = new Set<string>();
-    const layout = req.tensors.map((t) => {
-      if (seen.has(t.name)) throw new DaemonError("invalid_request", `tensor "${t.name}" is declared twice`);
-      seen.add(t.name);
-      return { ...t, bytes: bytesOf(t.dtype, t.shape) };
-    });
+    const declared = req.tensors.length > 0 ? sized(req.tensors) : [];
     // Refused now rather than at commit: staging files on tmpfs take memory as they fill.
     this.registry.checkBudget(
-      layout.reduce((sum, t) => sum + t.bytes, 0),
+      declared.reduce((sum, t) => sum + t.bytes, 0),
       "declaring tensors of",
     );
-    const header = layout.length > 0 ? encodeHeader(layout, req.metadata) : undefined;
-    const total = layout.reduce((sum, t) => sum + BigInt(t.bytes), BigInt(header?.byteLength ?? 0));
-    safeBytes(total, "the upload");
+    const layout = declared.length > 0 ? layOut(declared, req.metadata, "the upload") : undefined;
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
     const id = randomBytes(8).toString("hex");
     const upload: Upload = { id, name: req.name, placements: new Map(), files: new Map(), busy: false };
-    if (header) {
+    if (layout) {
       const path = join(this.dir, `${id}-tensors.safetensors`);
-      const file = await open(path, "wx", 0o600);
-      try {
-        await file.write(header, 0, header.byteLength, 0);
-        let offset = header.byteLength;
-        for (const t of layout) {
-          upload.placements.set(t.name, { offset, bytes: t.bytes, written: false });
-          offset += t.bytes;
-        }
-        await file.truncate(offset);
-      } catch (err) {
-        // No upload owns the file yet: nothing may stay behind.
-        await file.close();
-        await unlink(path).catch(() => undefined);
-        throw err;
-      }
-      await file.close();
+      await writeLayout(path, layout, 0o600);
+      for (const t of layout.tensors)
+        upload.placements.set(t.name, { offset: t.offset, bytes: t.bytes, written: false });
       upload.tensorsFile = path;
     }
     this.uploads.set(id, upload);

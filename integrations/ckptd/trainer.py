@@ -1,16 +1,20 @@
 """Push a trainer's tensors into ckptd as a new checkpoint version.
 
-Needs only the standard library and torch. Two ways, same result (name@N, pinned, hashed):
+Needs only the standard library and torch. Three ways, same result (name@N, pinned, hashed):
 
+  StagingArea(url, name, tensors)    the daemon lays out a file for these tensors in its upload
+    .write(tensors); .commit()       directory; they are written straight into it (mapped
+                                     here) and each commit copies it into pooled pinned memory:
+                                     the fast path for a loop that pushes every step
   push_http(url, name, tensors)      streams each tensor's raw bytes over HTTP
   push_shm(url, name, tensors)       writes one safetensors file to /dev/shm, and the daemon
                                      adopts it (pins it in place, deletes it when the version
-                                     is dropped): no copy through HTTP, the fast path
+                                     is dropped): no copy through HTTP
 
 Both take `token=`, an admin token of the daemon; without one, the first admin token of
 the daemon's default tokens file (~/.local/state/ckptd/tokens) is used when it is readable.
 
-    python3 -m ckptd.trainer http://127.0.0.1:8470 demo [http|shm] [TOKENS_FILE]
+    python3 -m ckptd.trainer http://127.0.0.1:8470 demo [http|shm|staged] [TOKENS_FILE]
     (or `ckptd-push ...` once installed; `python3 integrations/trainer_push.py ...` from the
     repository)
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import sys
 import tempfile
@@ -81,6 +86,77 @@ def push_http(url: str, name: str, tensors: Tensors, token: str | None = None) -
     return _call("POST", f"{url}/v1/uploads/{upload['id']}/commit", {"wait": True}, token=token)
 
 
+class StagingArea:
+    """A staging area of the daemon (POST /v1/staging): the file it laid out for the declared
+    tensors, mapped here. write() copies tensors into it (any device; the trainer may change
+    them as soon as it returns), commit() makes the next version from it. Reuse it every step;
+    close() (or a `with` block) deletes it. The file must be writable here: run as the daemon's
+    user, or as a member of its uploadGroup."""
+
+    def __init__(self, url: str, name: str, tensors: Tensors, token: str | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        decl = [{"name": k, "dtype": DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()]
+        body: dict[str, Any] = {"name": name, "tensors": decl}
+        if metadata:
+            body["metadata"] = dict(metadata)
+        self.url, self.token = url, token
+        self.info = _call("POST", f"{url}/v1/staging", body, token=token)
+        self._places = {t["name"]: t for t in self.info["tensors"]}
+        try:
+            fd = os.open(self.info["path"], os.O_RDWR)
+            try:
+                self._map: mmap.mmap | None = mmap.mmap(fd, self.info["bytes"])
+            finally:
+                os.close(fd)
+        except OSError:
+            self._delete()
+            raise
+
+    def write(self, tensors: Tensors) -> None:
+        """Copies each tensor into its place; one not declared, or of another dtype or shape, is
+        a ValueError naming it (the tensors before it are written)."""
+        if self._map is None:
+            raise ValueError("the staging area is closed")
+        for k, t in tensors.items():
+            place = self._places.get(k)
+            if place is None:
+                raise ValueError(f"tensor {k!r} is not declared in staging area {self.info['id']}")
+            if DTYPES.get(t.dtype) != place["dtype"] or list(t.shape) != place["shape"]:
+                raise ValueError(f"tensor {k!r} is {DTYPES.get(t.dtype, t.dtype)} {list(t.shape)}, "
+                                 f"declared {place['dtype']} {place['shape']}")
+            if t.numel() == 0:
+                continue
+            dst = torch.frombuffer(self._map, dtype=t.dtype, count=t.numel(), offset=place["offset"])
+            dst.copy_(t.detach().reshape(-1))
+            del dst  # the mapping can be closed only once no tensor views it
+
+    def commit(self) -> Any:
+        """Makes the next version of the checkpoint from what was written; returns its summary."""
+        return _call("POST", f"{self.url}/v1/staging/{self.info['id']}/commit", {}, token=self.token)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+            self._delete()
+
+    def _delete(self) -> None:
+        _call("DELETE", f"{self.url}/v1/staging/{self.info['id']}", token=self.token)
+
+    def __enter__(self) -> StagingArea:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def push_staged(url: str, name: str, tensors: Tensors, token: str | None = None) -> Any:
+    """One push through a staging area made for it (a loop keeps a StagingArea instead)."""
+    with StagingArea(url, name, tensors, token=token) as area:
+        area.write(tensors)
+        return area.commit()
+
+
 def write_safetensors(path: str, tensors: Tensors) -> None:
     """A safetensors file: 8-byte header length, JSON header, tensor bytes back to back."""
     header: dict[str, Any] = {}
@@ -111,10 +187,10 @@ def push_shm(url: str, name: str, tensors: Tensors, shm_dir: str = "/dev/shm", t
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Pushes a small demo checkpoint: URL NAME [http|shm] [TOKENS_FILE]."""
+    """Pushes a small demo checkpoint: URL NAME [http|shm|staged] [TOKENS_FILE]."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2 or len(args) > 4 or (len(args) > 2 and args[2] not in ("http", "shm")):
-        sys.exit("usage: ckptd-push URL NAME [http|shm] [TOKENS_FILE]")
+    if len(args) < 2 or len(args) > 4 or (len(args) > 2 and args[2] not in ("http", "shm", "staged")):
+        sys.exit("usage: ckptd-push URL NAME [http|shm|staged] [TOKENS_FILE]")
     url, name = args[0], args[1]
     how = args[2] if len(args) > 2 else "shm"
     token = token_from(args[3] if len(args) > 3 else None)
@@ -123,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         "model.embed_tokens.weight": torch.randn(1000, 64, generator=g).to(torch.bfloat16),
         "model.norm.weight": torch.ones(64),
     }
-    print(json.dumps((push_http if how == "http" else push_shm)(url, name, tensors, token=token)))
+    push = {"http": push_http, "shm": push_shm, "staged": push_staged}[how]
+    print(json.dumps(push(url, name, tensors, token=token)))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class PackageTest(unittest.TestCase):
         script = os.path.join(self.venv, "bin", "ckptd-push")
         res = subprocess.run([script], capture_output=True, text=True, timeout=120, cwd=self.tmp, env=self.env())
         self.assertEqual(res.returncode, 1)
-        self.assertIn("usage: ckptd-push URL NAME [http|shm] [TOKENS_FILE]", res.stderr)
+        self.assertIn("usage: ckptd-push URL NAME [http|shm|staged] [TOKENS_FILE]", res.stderr)
 
     def test_the_repository_paths_still_work(self):
         code = ("from integrations.ckptd_receiver import Receiver; from integrations import vllm_extension, "
