@@ -1,10 +1,10 @@
 import type { Logger } from "pino";
 import { type Context, openBackend } from "../ffi/index.ts";
 import { Keyring } from "./auth/credentials.ts";
+import { pushRoutes } from "./checkpoints/push-routes.ts";
 import { Registry } from "./checkpoints/registry.ts";
 import { checkpointRoutes, type PullSpec } from "./checkpoints/routes.ts";
 import { StagingAreas } from "./checkpoints/staging.ts";
-import { stagingRoutes } from "./checkpoints/staging-routes.ts";
 import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints/store.ts";
 import { openUploadArea, removeOrphans, type UploadArea } from "./checkpoints/upload-dir.ts";
 import { uploadRoutes } from "./checkpoints/upload-routes.ts";
@@ -222,7 +222,7 @@ function appOf(
   checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files, pull);
   pullRoutes(app, p.source, p.registry);
   uploadRoutes(app, p.registry, p.uploads.dir);
-  stagingRoutes(app, p.staging);
+  pushRoutes(app, p.staging, { ctx: p.context, registry: p.registry, threads: config.ioThreads });
   const pullFor = (name: string, fingerprint?: string) =>
     startPull({ name, from: "peers", ...(fingerprint ? { fingerprint } : {}) }, pullDeps);
   updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus }, pullFor);

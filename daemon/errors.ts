@@ -35,6 +35,7 @@ export const ERROR_CODES = [
   "bad_answer",
   "no_source",
   "pull_failed",
+  "push_failed",
   "ucx_unavailable",
   "data_plane",
   "internal",

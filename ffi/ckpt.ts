@@ -314,12 +314,18 @@ export class Context {
   }
 
   /**
-   * Queues host-to-device copies; `ranges` holds (src address, dst offset, len) triples.
+   * Queues host-to-device copies; `ranges` holds (host address, buffer offset, len) triples.
    * Returns at once; record an event to learn when the bytes arrived.
    */
   h2dAsync(stream: Stream, dst: DeviceBuffer, ranges: BigUint64Array): void {
-    if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (src, dst_offset, len) triples");
+    if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (host, offset, len) triples");
     this.check("ckpt_h2d_async", this.lib.native.h2dAsync(stream.handle, dst.handle, ranges, ranges.length / 3));
+  }
+
+  /** Queues device-to-host copies out of `src`, over the same (host address, buffer offset, len) triples. */
+  d2hAsync(stream: Stream, src: DeviceBuffer, ranges: BigUint64Array): void {
+    if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (host, offset, len) triples");
+    this.check("ckpt_d2h_async", this.lib.native.d2hAsync(stream.handle, src.handle, ranges, ranges.length / 3));
   }
 
   eventCreate(device: number): Event {

@@ -12,7 +12,16 @@ export {
   type PeerCred,
   Stream,
 } from "./ckpt.ts";
-export { CKPT_EBUSY, CKPT_ECANCELED, CKPT_EFAULT, CKPT_EHANDLE, CKPT_ERANGE, CKPT_EUCX } from "./constants.ts";
+export {
+  CKPT_EBUSY,
+  CKPT_ECANCELED,
+  CKPT_EFAULT,
+  CKPT_EHANDLE,
+  CKPT_ERANGE,
+  CKPT_EUCX,
+  CKPT_IPC_CUDA,
+  CKPT_IPC_HOST,
+} from "./constants.ts";
 export { CkptError } from "./errors.ts";
 export { viewMemory } from "./library.ts";
 export { type BackendChoice, libraryPath, type OpenedBackend, openBackend } from "./select.ts";

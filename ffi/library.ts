@@ -76,6 +76,7 @@ const SIGNATURES = {
   streamCreate: "int ckpt_stream_create(ckpt_ctx ctx, int32_t device, _Out_ ckpt_stream *out)",
   streamDestroy: "int ckpt_stream_destroy(ckpt_stream stream)",
   h2dAsync: "int ckpt_h2d_async(ckpt_stream stream, ckpt_buf dst, const void *ranges, size_t n)",
+  d2hAsync: "int ckpt_d2h_async(ckpt_stream stream, ckpt_buf src, const void *ranges, size_t n)",
   eventCreate: "int ckpt_event_create(ckpt_ctx ctx, int32_t device, _Out_ ckpt_event *out)",
   eventDestroy: "int ckpt_event_destroy(ckpt_event event)",
   eventRecord: "int ckpt_event_record(ckpt_event event, ckpt_stream stream)",

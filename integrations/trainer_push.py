@@ -10,8 +10,10 @@ if not __package__:  # run as a script, or imported with integrations/ on sys.pa
 
 from integrations.ckptd.trainer import (  # noqa: E402
     DTYPES,
+    HostDeviceMemory,
     StagingArea,
     main,
+    push_cuda,
     push_http,
     push_shm,
     push_staged,
@@ -19,7 +21,7 @@ from integrations.ckptd.trainer import (  # noqa: E402
     write_safetensors,
 )
 
-__all__ = ["DTYPES", "StagingArea", "main", "push_http", "push_shm", "push_staged", "token_from", "write_safetensors"]
+__all__ = ["DTYPES", "HostDeviceMemory", "StagingArea", "main", "push_cuda", "push_http", "push_shm", "push_staged", "token_from", "write_safetensors"]
 
 if __name__ == "__main__":
     main()

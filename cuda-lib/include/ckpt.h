@@ -185,12 +185,13 @@ int ckpt_buf_import(ckpt_ctx *ctx, const ckpt_ipc_handle *handle, ckpt_buf **out
 
 /* ---- streams, events, copies --------------------------------------------------------- */
 
-/* One copy: len bytes from host address src (inside memory pinned by ckpt_host_alloc or
- * ckpt_host_register) to byte dst_offset of the destination buffer. 24 bytes, fixed
+/* One copy between host memory and a device buffer: len bytes at host address `host` (inside
+ * memory pinned by ckpt_host_alloc or ckpt_host_register) and at byte `offset` of the buffer;
+ * ckpt_h2d_async copies host to buffer, ckpt_d2h_async buffer to host. 24 bytes, fixed
  * layout, so callers can build arrays of them as packed little-endian uint64 triples. */
 typedef struct ckpt_range {
-  uint64_t src;
-  uint64_t dst_offset;
+  uint64_t host;
+  uint64_t offset;
   uint64_t len;
 } ckpt_range;
 
@@ -207,6 +208,11 @@ int ckpt_stream_destroy(ckpt_stream *stream);
  * DMA from the pages pinned by ckpt_host_register, which stay alive after a truncation, so
  * the device gets the bytes the pages held (see ckpt_host_register). */
 int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges, size_t n);
+/* Queues device-to-host copies of n ranges out of src (a buffer of this process or one
+ * imported from another) into pinned host memory, on the stream, and returns without
+ * waiting; every range is checked first, as for ckpt_h2d_async. Record an event after it to
+ * learn when the bytes are in host memory. */
+int ckpt_d2h_async(ckpt_stream *stream, ckpt_buf *src, const ckpt_range *ranges, size_t n);
 
 int ckpt_event_create(ckpt_ctx *ctx, int32_t device, ckpt_event **out);
 int ckpt_event_destroy(ckpt_event *event);

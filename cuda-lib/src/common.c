@@ -171,17 +171,17 @@ int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t ds
   if (n > 0 && r == NULL) return FAIL(ctx, CKPT_EINVAL, "ranges is NULL with n=%zu", n);
   pthread_mutex_lock(&ctx->mu);
   for (size_t k = 0; k < n; k++) {
-    uint64_t src = r[k].src, off = r[k].dst_offset, len = r[k].len;
+    uint64_t src = r[k].host, off = r[k].offset, len = r[k].len;
     int dst_ok = off <= dst_len && len <= dst_len - off;
     size_t i = region_upper(ctx, (uintptr_t)src);
     int src_ok = src + len >= src && i > 0 && src + len <= ctx->regions[i - 1].base + ctx->regions[i - 1].len;
     if (!dst_ok || !src_ok) {
       pthread_mutex_unlock(&ctx->mu);
       return FAIL(ctx, CKPT_ERANGE,
-                  "range %zu (src 0x%llx, dst_offset %llu, len %llu): %s", k,
+                  "range %zu (host 0x%llx, offset %llu, len %llu): %s", k,
                   (unsigned long long)src, (unsigned long long)off, (unsigned long long)len,
-                  !dst_ok ? "destination past the end of the buffer"
-                          : "source not inside pinned or registered host memory");
+                  !dst_ok ? "past the end of the buffer"
+                          : "host memory not inside pinned or registered host memory");
     }
   }
   pthread_mutex_unlock(&ctx->mu);

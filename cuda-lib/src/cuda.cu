@@ -406,24 +406,25 @@ CKPT_API int ckpt_stream_destroy(ckpt_stream *stream) {
   return st;
 }
 
-CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges,
-                            size_t n) {
+static int copy_async(ckpt_stream *stream, ckpt_buf *buf, const ckpt_range *ranges, size_t n, int to_host) {
   CHECK_ARG(NULL, stream != NULL);
   ckpt_ctx *ctx = stream->ctx;
-  CHECK_HANDLE(ctx, dst);
+  CHECK_HANDLE(ctx, buf);
   /* Every range before any copy, so that one bad range queues nothing. */
-  CHECK(ckpt__ranges_check(ctx, ranges, n, dst->len));
-  if (dst->device != stream->device)
-    return FAIL(ctx, CKPT_EINVAL, "buffer on device %d, stream on device %d", dst->device,
+  CHECK(ckpt__ranges_check(ctx, ranges, n, buf->len));
+  if (buf->device != stream->device)
+    return FAIL(ctx, CKPT_EINVAL, "buffer on device %d, stream on device %d", buf->device,
                 stream->device);
   if (n == 0) return CKPT_OK;
   CHECK(set_device(ctx, stream->device));
-  char *base = (char *)dst->ptr;
+  char *base = (char *)buf->ptr;
   for (size_t k = 0; k < n; k++) {
     if (ranges[k].len == 0) continue;
-    const void *src = (const void *)(uintptr_t)ranges[k].src;
-    cudaError_t err = cudaMemcpyAsync(base + ranges[k].dst_offset, src, (size_t)ranges[k].len,
-                                      cudaMemcpyHostToDevice, stream->stream);
+    char *host = (char *)(uintptr_t)ranges[k].host;
+    cudaError_t err = to_host ? cudaMemcpyAsync(host, base + ranges[k].offset, (size_t)ranges[k].len,
+                                                cudaMemcpyDeviceToHost, stream->stream)
+                              : cudaMemcpyAsync(base + ranges[k].offset, host, (size_t)ranges[k].len,
+                                                cudaMemcpyHostToDevice, stream->stream);
     if (err != cudaSuccess) {
       char what[96];
       snprintf(what, sizeof what, "cudaMemcpyAsync of range %zu of %zu", k, n);
@@ -431,6 +432,16 @@ CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range
     }
   }
   return CKPT_OK;
+}
+
+CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges,
+                            size_t n) {
+  return copy_async(stream, dst, ranges, n, 0);
+}
+
+CKPT_API int ckpt_d2h_async(ckpt_stream *stream, ckpt_buf *src, const ckpt_range *ranges,
+                            size_t n) {
+  return copy_async(stream, src, ranges, n, 1);
 }
 
 /* ---- events -------------------------------------------------------------------------- */

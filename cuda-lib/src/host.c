@@ -289,10 +289,11 @@ fail:
 }
 
 /* ---- streams ------------------------------------------------------------------------ */
-/* Copies ranges into a buffer (ckpt_h2d_async). */
+/* Copies ranges into a buffer (ckpt_h2d_async) or out of one (ckpt_d2h_async). */
 typedef struct copy_op {
   stream_op op;
-  uint8_t *dst;
+  uint8_t *buf;
+  int to_host;
   size_t n;
   ckpt_range ranges[];
 } copy_op;
@@ -323,15 +324,17 @@ static void run_copy(stream_op *op) {
   const copy_op *c = (const copy_op *)op;
   for (size_t i = 0; i < c->n; i++) {
     const ckpt_range *r = &c->ranges[i];
-    copy_one x = {c->dst + r->dst_offset, (const uint8_t *)(uintptr_t)r->src, (size_t)r->len};
+    uint8_t *host = (uint8_t *)(uintptr_t)r->host;
+    copy_one x = c->to_host ? (copy_one){host, c->buf + r->offset, (size_t)r->len}
+                            : (copy_one){c->buf + r->offset, host, (size_t)r->len};
     uintptr_t fault = 0;
-    if (ckpt__guarded(run_copy_one, &x, x.src, x.len, &fault) == CKPT_OK) continue;
+    if (ckpt__guarded(run_copy_one, &x, host, x.len, &fault) == CKPT_OK) continue;
     char detail[320];
     snprintf(detail, sizeof detail,
              "copy of range %zu of %zu (src 0x%llx, %llu bytes): bus error at 0x%llx, offset %llu "
              "of the range: the file mapped there was truncated", i, c->n,
-             (unsigned long long)r->src, (unsigned long long)r->len, (unsigned long long)fault,
-             (unsigned long long)(fault - r->src));
+             (unsigned long long)r->host, (unsigned long long)r->len, (unsigned long long)fault,
+             (unsigned long long)(fault - r->host));
     stream_fail(op->stream, CKPT_EFAULT, detail);
     return;
   }
@@ -437,22 +440,31 @@ CKPT_API int ckpt_stream_destroy(ckpt_stream *stream) {
   return CKPT_OK;
 }
 
-CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges,
-                            size_t n) {
+static int copy_async(ckpt_stream *stream, ckpt_buf *buf, const ckpt_range *ranges, size_t n, int to_host) {
   CHECK_ARG(NULL, stream != NULL);
   ckpt_ctx *ctx = stream->ctx;
-  CHECK_ARG(ctx, dst != NULL);
-  CHECK(ckpt__ranges_check(ctx, ranges, n, dst->len));
-  if (dst->device != stream->device)
-    return FAIL(ctx, CKPT_EINVAL, "buffer on device %d, stream on device %d", dst->device,
+  CHECK_ARG(ctx, buf != NULL);
+  CHECK(ckpt__ranges_check(ctx, ranges, n, buf->len));
+  if (buf->device != stream->device)
+    return FAIL(ctx, CKPT_EINVAL, "buffer on device %d, stream on device %d", buf->device,
                 stream->device);
   if (n == 0) return CKPT_OK;
   copy_op *op = malloc(sizeof *op + n * sizeof *ranges);
   if (op == NULL) return FAIL(ctx, CKPT_ENOMEM, "copy batch of %zu ranges", n);
-  *op = (copy_op){.op.run = run_copy, .dst = dst->address, .n = n};
+  *op = (copy_op){.op.run = run_copy, .buf = buf->address, .to_host = to_host, .n = n};
   memcpy(op->ranges, ranges, n * sizeof *ranges);
   stream_push(stream, &op->op);
   return CKPT_OK;
+}
+
+CKPT_API int ckpt_h2d_async(ckpt_stream *stream, ckpt_buf *dst, const ckpt_range *ranges,
+                            size_t n) {
+  return copy_async(stream, dst, ranges, n, 0);
+}
+
+CKPT_API int ckpt_d2h_async(ckpt_stream *stream, ckpt_buf *src, const ckpt_range *ranges,
+                            size_t n) {
+  return copy_async(stream, src, ranges, n, 1);
 }
 
 /* ---- events ------------------------------------------------------------------------- */

@@ -110,7 +110,7 @@ static int proc_join(proc *p) {
 }
 
 static int h2d(proc *p, int32_t i, const uint8_t *src, uint64_t off, size_t len) {
-  ckpt_range r = {.src = (uint64_t)(uintptr_t)src, .dst_offset = off, .len = len};
+  ckpt_range r = {.host = (uint64_t)(uintptr_t)src, .offset = off, .len = len};
   return ckpt_h2d_async(p->s[i], p->buf[i], &r, 1);
 }
 

@@ -95,7 +95,7 @@ static int test_range_wraps(void) {
   ckpt_range wrap = {UINT64_MAX - 10, 0, 100};
   EXPECT_ST(ctx, ckpt_h2d_async(s, b, &wrap, 1), CKPT_ERANGE);
   EXPECT_DETAIL(ctx, "range 0");
-  EXPECT_DETAIL(ctx, "source not inside pinned");
+  EXPECT_DETAIL(ctx, "host memory not inside pinned");
   EXPECT_OK(ctx, ckpt_stream_destroy(s));
   EXPECT_OK(ctx, ckpt_buf_free(b));
   EXPECT_OK(ctx, ckpt_host_free(ctx, a));
@@ -225,7 +225,7 @@ static int test_copies(void) {
   };
   size_t n = sizeof rg / sizeof rg[0];
   for (size_t i = 0; i < n; i++)
-    memcpy(want + rg[i].dst_offset, (const void *)(uintptr_t)rg[i].src, rg[i].len);
+    memcpy(want + rg[i].offset, (const void *)(uintptr_t)rg[i].host, rg[i].len);
   EXPECT_OK(ctx, ckpt_h2d_async(s, b, rg, n));
   EXPECT_OK(ctx, ckpt_event_record(ev, s));
   EXPECT_OK(ctx, ckpt_event_wait(ev, -1));
@@ -257,6 +257,22 @@ static int test_copies(void) {
   EXPECT_ST(ctx, ckpt_buf_read(b, blen - 1, got, 2), CKPT_ERANGE);
   EXPECT_ST(ctx, ckpt_buf_read(b, UINT64_MAX, got, 2), CKPT_ERANGE);
   EXPECT_OK(ctx, ckpt_buf_read(b, blen, got, 0));
+
+  /* Device to host: the buffer's bytes back into the allocation, in unaligned pieces. */
+  const ckpt_range back[] = {
+      {(uintptr_t)a + 3, 5 << 20, 1 << 20},
+      {(uintptr_t)a + (2 << 20), blen - 999, 999},
+  };
+  EXPECT_OK(ctx, ckpt_d2h_async(s, b, back, 2));
+  EXPECT_OK(ctx, sync_stream(ctx, s));
+  EXPECT(memcmp(a + 3, want + (5 << 20), 1 << 20) == 0);
+  EXPECT(memcmp(a + (2 << 20), want + blen - 999, 999) == 0);
+  ckpt_range out_bad[] = {{(uintptr_t)a, 0, 16}, {(uintptr_t)outside, 0, sizeof outside}};
+  EXPECT_ST(ctx, ckpt_d2h_async(s, b, out_bad, 2), CKPT_ERANGE); /* into memory not pinned */
+  EXPECT_DETAIL(ctx, "range 1");
+  out_bad[1] = (ckpt_range){(uintptr_t)a, blen - 10, 11};
+  EXPECT_ST(ctx, ckpt_d2h_async(s, b, out_bad, 2), CKPT_ERANGE); /* past the buffer */
+  EXPECT_DETAIL(ctx, "past the end of the buffer");
 
   free(zero), free(want), free(got);
   EXPECT_OK(ctx, ckpt_event_destroy(ev));

@@ -114,7 +114,8 @@ export class CheckpointVersion {
   timings?: { pinSeconds: number; hashSeconds: number };
   leases = 0;
   /** Where its bytes came from: files registered here, or a pull from peers (never saved: pulled again). */
-  origin: "files" | "pull" = "files";
+  /** files: registered from files (persisted); pull: from peers; push: from a trainer's GPUs. */
+  origin: "files" | "pull" | "push" = "files";
   /**
    * While a pull fills it: resolves once every byte of these file spans is verified (rejects
    * if the pull fails), so that an update can send each bucket as soon as its bytes are good.
@@ -359,7 +360,7 @@ export class Registry {
   }
 
   /**
-   * Registers a version whose bytes `fill` brings (a pull): the budget is checked and the
+   * Registers a version whose bytes `fill` brings (a pull, a push from GPUs): the budget is checked and the
    * number taken now; `fill` pins into version.pinned as it goes and sets the tensors. A
    * failure or cancel (version.abort) releases what it pinned and records why.
    */
@@ -367,18 +368,19 @@ export class Registry {
     name: string,
     files: FileRecord[],
     fill: (version: CheckpointVersion) => Promise<void>,
+    origin: "pull" | "push" = "pull",
   ): Promise<CheckpointVersion> {
     checkName(name);
     const bytes = files.reduce((sum, f) => sum + f.size, 0);
     const reserved = await this.makeRoom(
       files.map((f) => f.size),
       bytes,
-      "pulling",
+      origin === "pull" ? "pulling" : "pushing",
     );
     const number = this.next.get(name) ?? 1;
     this.next.set(name, number + 1);
     const version = new CheckpointVersion(name, number, bytes, new Date().toISOString());
-    version.origin = "pull";
+    version.origin = origin;
     version.files = files;
     const list = this.versions.get(name) ?? [];
     list.push(version);
@@ -395,12 +397,12 @@ export class Registry {
     const started = performance.now();
     try {
       await fill();
-      if (version.abort.signal.aborted) throw new DaemonError("cancelled", "the pull was cancelled");
+      if (version.abort.signal.aborted) throw new DaemonError("cancelled", `the ${version.origin} was cancelled`);
       version.state = "ready";
       version.timings = { pinSeconds: (performance.now() - started) / 1000, hashSeconds: 0 };
       log.info(
         { checkpoint: version.id, bytes: version.bytes, seconds: version.timings.pinSeconds },
-        "checkpoint pulled",
+        version.origin === "pull" ? "checkpoint pulled" : "checkpoint pushed",
       );
     } catch (err) {
       // An update may have leased it while it filled: its copies read this memory until it ends.

@@ -40,6 +40,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   bad_answer: 502,
   no_source: 409,
   pull_failed: 502,
+  push_failed: 422,
   ucx_unavailable: 503,
   data_plane: 500,
   internal: 500,

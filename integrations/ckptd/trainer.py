@@ -1,11 +1,13 @@
 """Push a trainer's tensors into ckptd as a new checkpoint version.
 
-Needs only the standard library and torch. Three ways, same result (name@N, pinned, hashed):
+Needs only the standard library and torch. Four ways, same result (name@N, pinned, hashed):
 
   StagingArea(url, name, tensors)    the daemon lays out a file for these tensors in its upload
     .write(tensors); .commit()       directory; they are written straight into it (mapped
                                      here) and each commit copies it into pooled pinned memory:
                                      the fast path for a loop that pushes every step
+  push_cuda(url, name, tensors)      GPU tensors by CUDA IPC: the daemon copies them device to
+                                     host itself, hashing as they land
   push_http(url, name, tensors)      streams each tensor's raw bytes over HTTP
   push_shm(url, name, tensors)       writes one safetensors file to /dev/shm, and the daemon
                                      adopts it (pins it in place, deletes it when the version
@@ -20,6 +22,7 @@ the daemon's default tokens file (~/.local/state/ckptd/tokens) is used when it i
 """
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import mmap
@@ -29,7 +32,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -155,6 +158,103 @@ def push_staged(url: str, name: str, tensors: Tensors, token: str | None = None)
     with StagingArea(url, name, tensors, token=token) as area:
         area.write(tensors)
         return area.commit()
+
+
+class HostDeviceMemory:
+    """Stand-in device memory for a daemon on the host backend (tests, CI, machines without a
+    GPU): a memfd mapped here. Tensors made by tensor() live in it, and push_cuda hands the
+    daemon its handle (/proc/<pid>/fd/<n>, which the daemon opens as root or as this user).
+    `device` is the daemon's device UUID ("HOST-..." in GET /v1/status)."""
+
+    def __init__(self, nbytes: int, device: str) -> None:
+        self.device, self.nbytes = device, nbytes
+        self.fd = os.memfd_create("ckptd-push")
+        os.ftruncate(self.fd, nbytes)
+        self._map = mmap.mmap(self.fd, nbytes)
+        self._used = 0
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    def tensor(self, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        """A new tensor in this memory (zeros), 256-byte aligned."""
+        n = torch.Size(shape).numel()
+        size = n * torch.empty(0, dtype=dtype).element_size()
+        at = -(-self._used // 256) * 256
+        if at + size > self.nbytes:
+            raise ValueError(f"{size} more bytes do not fit in {self.nbytes - at} left")
+        self._used = at + size
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)  # no bytes: push_cuda needs no memory for it
+        return torch.frombuffer(self._map, dtype=dtype, count=n, offset=at).view(shape)
+
+    def handle(self) -> dict[str, Any]:
+        path = f"/proc/{os.getpid()}/fd/{self.fd}".encode() + b"\0"
+        return {"kind": "host", "device": self.device, "len": self.nbytes, "pid": os.getpid(),
+                "handle": base64.b64encode(path).decode()}
+
+
+def _cuda_driver() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libcuda.so.1")
+    for f in ("cuMemGetAddressRange_v2", "cuIpcGetMemHandle", "cuDeviceGet", "cuDeviceGetUuid"):
+        getattr(lib, f).restype = ctypes.c_int
+    return lib
+
+
+def _cuda_buffer(drv: ctypes.CDLL, t: torch.Tensor) -> tuple[dict[str, Any], int]:
+    """The CUDA IPC handle of the allocation holding t, as /v1/pushes takes it, and t's offset there."""
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    rc = drv.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(t.data_ptr()))
+    handle = (ctypes.c_ubyte * 64)()
+    rc = rc or drv.cuIpcGetMemHandle(handle, ctypes.c_uint64(base.value))
+    dev, uuid = ctypes.c_int(), (ctypes.c_ubyte * 16)()
+    rc = rc or drv.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(t.device.index or 0))
+    rc = rc or drv.cuDeviceGetUuid(uuid, dev)
+    if rc:
+        raise RuntimeError(f"CUDA driver error {rc} while sharing a tensor on {t.device}")
+    u = bytes(uuid).hex()
+    name = f"GPU-{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+    return ({"kind": "cuda", "device": name, "len": size.value, "pid": os.getpid(),
+             "handle": base64.b64encode(bytes(handle)).decode()}, t.data_ptr() - base.value)
+
+
+def push_cuda(url: str, name: str, tensors: Tensors, token: str | None = None,
+              memory: Sequence[HostDeviceMemory] = (), metadata: Mapping[str, str] | None = None) -> Any:
+    """Pushes GPU tensors (CUDA IPC: the daemon copies them device-to-host itself, into pooled
+    pinned memory) as the next version; returns its summary. The tensors may change once this
+    returns. Tensors in one of `memory` (HostDeviceMemory) go the same way to a host-backend
+    daemon. A tensor neither on a GPU nor in `memory`, or not contiguous, is a ValueError naming it."""
+    buffers: list[dict[str, Any]] = []
+    index: dict[tuple[str, str], int] = {}
+    decl = []
+    drv = None
+    for k, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"tensor {k!r} is not contiguous")
+        if t.numel() == 0:  # no bytes to copy: any buffer holds it (the first, below)
+            decl.append({"name": k, "dtype": DTYPES[t.dtype], "shape": list(t.shape), "buffer": 0, "offset": 0})
+            continue
+        ptr = t.data_ptr()
+        home = next((m for m in memory if m.base <= ptr < m.base + m.nbytes), None)
+        if home is not None:
+            buf, offset = home.handle(), ptr - home.base
+        elif t.is_cuda:
+            drv = drv or _cuda_driver()
+            buf, offset = _cuda_buffer(drv, t)
+        else:
+            raise ValueError(f"tensor {k!r} is on {t.device}, not in device memory (use a StagingArea)")
+        key = (buf["device"], buf["handle"])
+        if key not in index:
+            index[key] = len(buffers)
+            buffers.append(buf)
+        decl.append({"name": k, "dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                     "buffer": index[key], "offset": offset})
+    if not buffers:
+        raise ValueError("no tensor has any bytes: nothing to push")
+    if drv is not None:
+        torch.cuda.synchronize()  # what the trainer queued on its streams is in place
+    body: dict[str, Any] = {"name": name, "buffers": buffers, "tensors": decl}
+    if metadata:
+        body["metadata"] = dict(metadata)
+    return _call("POST", f"{url}/v1/pushes", body, token=token)
 
 
 def write_safetensors(path: str, tensors: Tensors) -> None:

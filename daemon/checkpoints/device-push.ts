@@ -1,0 +1,207 @@
+/**
+ * Pushes straight from a trainer's GPUs: the trainer names its tensors by the IPC handles of
+ * the device memory holding them (CUDA IPC; on the host backend, a shared-memory buffer), and
+ * the daemon copies them device-to-host into a pooled pinned block laid out as safetensors,
+ * with its own streams, hashing each batch as it lands while the next ones copy. No byte goes
+ * through HTTP or through the trainer's host memory; the trainer may change its tensors once
+ * the push has answered. The version lives in memory, as a pulled one does.
+ */
+import type { Context, DeviceBuffer, Event, Stream } from "../../ffi/index.ts";
+import { CKPT_IPC_CUDA, CKPT_IPC_HOST, HostMemory } from "../../ffi/index.ts";
+import { DaemonError } from "../errors.ts";
+import { layOut, type Placed, sized, type TensorDeclaration } from "./declared.ts";
+import type { CheckpointVersion, Registry, TensorRecord } from "./registry.ts";
+
+/** A piece of device memory of the trainer's: its IPC handle, as ckpt_ipc_handle holds it. */
+export interface PushBuffer {
+  kind: "cuda" | "host";
+  /** The device's UUID ("GPU-..." as nvidia-smi -L says; the host backend's "HOST-..."). */
+  device: string;
+  /** Bytes of the allocation the handle maps, from its start. */
+  len: number;
+  pid: number;
+  /** The handle's bytes, base64: a cudaIpcMemHandle_t, or a "/proc/<pid>/fd/<n>" path. */
+  handle: string;
+}
+
+export interface PushRequest {
+  name: string;
+  metadata?: Record<string, string>;
+  buffers: PushBuffer[];
+  /** Each tensor: which buffer holds it, and where (bytes from the buffer's start). */
+  tensors: (TensorDeclaration & { buffer: number; offset: number })[];
+}
+
+/** Copies to queue between two events: each batch is hashed as soon as it has landed. */
+const BATCH_BYTES = 256 << 20;
+/** The longest one batch may take to land before the push fails (a hung device). */
+const BATCH_TIMEOUT_MS = 60_000;
+
+const normalUuid = (uuid: string) => uuid.toLowerCase().replace(/^gpu-/, "");
+
+/** Where each tensor lands in the version's block, checked against its buffer; a 400 names what is wrong. */
+export function planPush(req: PushRequest, devices: { uuid: string }[]) {
+  const declared = sized(req.tensors);
+  const layout = layOut(declared, req.metadata, "the push");
+  const deviceOf = req.buffers.map((b, i) => {
+    const k = devices.findIndex((d) => normalUuid(d.uuid) === normalUuid(b.device));
+    if (k < 0) {
+      throw new DaemonError(
+        "invalid_request",
+        `buffer ${i} is on device ${b.device}, which this daemon does not have (it has ${devices.map((d) => d.uuid).join(", ")})`,
+      );
+    }
+    return k;
+  });
+  const copies = req.tensors.map((t, i) => {
+    const buf = req.buffers[t.buffer];
+    const placed = layout.tensors[i] as Placed;
+    if (!buf)
+      throw new DaemonError("invalid_request", `tensor "${t.name}" names buffer ${t.buffer}, which is not given`);
+    if (t.offset + placed.bytes > buf.len) {
+      throw new DaemonError(
+        "invalid_request",
+        `tensor "${t.name}" (${placed.bytes} bytes at offset ${t.offset}) does not fit in buffer ${t.buffer} of ${buf.len} bytes`,
+      );
+    }
+    return { tensor: placed, buffer: t.buffer, device: deviceOf[t.buffer] as number, from: t.offset };
+  });
+  return { layout, copies, deviceOf };
+}
+
+type Copy = ReturnType<typeof planPush>["copies"][number];
+
+/** Consecutive copies of one device, about BATCH_BYTES each. */
+function batches(copies: Copy[]): Copy[][] {
+  const out: Copy[][] = [];
+  const open = new Map<number, Copy[]>();
+  for (const c of copies) {
+    let batch = open.get(c.device);
+    if (!batch || batch.reduce((n, x) => n + x.tensor.bytes, 0) >= BATCH_BYTES) {
+      batch = [];
+      open.set(c.device, batch);
+      out.push(batch);
+    }
+    batch.push(c);
+  }
+  return out;
+}
+
+export interface PushDeps {
+  ctx: Context;
+  registry: Registry;
+  threads: number;
+}
+
+/** Registers the pushed tensors as the next version of req.name, ready once copied and hashed. */
+export async function pushFromDevices(req: PushRequest, deps: PushDeps): Promise<CheckpointVersion> {
+  const plan = planPush(req, deps.ctx.devices());
+  const file = { path: "push/0", size: plan.layout.size, mtimeMs: 0, inPlace: false, adopted: false };
+  const version = await deps.registry.reserve(req.name, [file], (v) => fill(v, req, plan, deps), "push");
+  await version.finished();
+  return version;
+}
+
+async function fill(
+  version: CheckpointVersion,
+  req: PushRequest,
+  plan: ReturnType<typeof planPush>,
+  deps: PushDeps,
+): Promise<void> {
+  const { ctx, registry, threads } = deps;
+  const size = plan.layout.size;
+  const block = await registry.pool.take(size);
+  const mem = new HostMemory(block.address, size);
+  version.pinned[0] = { path: "push/0", size, mtimeMs: 0, inPlace: false, mem, block };
+  mem.view(plan.layout.header.byteLength).set(plan.layout.header);
+  version.progress.bytesPinned = plan.layout.header.byteLength;
+  version.progress.bytesHashed = plan.layout.header.byteLength;
+  const bufs: (DeviceBuffer | undefined)[] = [];
+  const streams = new Map<number, Stream>();
+  const events: Event[] = [];
+  try {
+    for (const [i, b] of req.buffers.entries()) bufs.push(await importBuffer(ctx, b, i, plan.deviceOf[i] as number));
+    const hashes = new Map<string, string>();
+    const landed: { batch: Copy[]; event: Event }[] = [];
+    for (const batch of batches(plan.copies)) {
+      const device = (batch[0] as Copy).device;
+      let stream = streams.get(device);
+      if (!stream) {
+        stream = ctx.streamCreate(device);
+        streams.set(device, stream);
+      }
+      for (const c of batch) {
+        const ranges = new BigUint64Array([
+          mem.address + BigInt(c.tensor.offset),
+          BigInt(c.from),
+          BigInt(c.tensor.bytes),
+        ]);
+        ctx.d2hAsync(stream, bufs[c.buffer] as DeviceBuffer, ranges);
+      }
+      const event = ctx.eventCreate(device);
+      events.push(event);
+      ctx.eventRecord(event, stream);
+      landed.push({ batch, event });
+    }
+    // Each batch is hashed once it has landed, while the later ones copy.
+    const hashing: Promise<void>[] = [];
+    for (const { batch, event } of landed) {
+      if (!(await ctx.eventWait(event, BATCH_TIMEOUT_MS))) {
+        throw new DaemonError(
+          "push_failed",
+          `copying from device ${(batch[0] as Copy).device} took over ${BATCH_TIMEOUT_MS} ms`,
+        );
+      }
+      version.progress.bytesPinned += batch.reduce((n, c) => n + c.tensor.bytes, 0);
+      hashing.push(hashBatch(ctx, mem, batch, threads, hashes, version));
+    }
+    await Promise.all(hashing);
+    version.tensors = plan.layout.tensors.map(
+      (t): TensorRecord => ({
+        name: t.name,
+        dtype: t.dtype,
+        shape: t.shape,
+        bytes: t.bytes,
+        file: 0,
+        offset: t.offset,
+        hash: hashes.get(t.name) as string,
+      }),
+    );
+  } finally {
+    for (const s of streams.values()) await ctx.streamDestroy(s).catch(() => undefined);
+    for (const e of events) ctx.eventDestroy(e);
+    for (const b of bufs) if (b) await ctx.bufFree(b).catch(() => undefined);
+  }
+}
+
+async function importBuffer(ctx: Context, b: PushBuffer, i: number, device: number): Promise<DeviceBuffer> {
+  const data = new Uint8Array(128);
+  data.set(Buffer.from(b.handle, "base64").subarray(0, 127));
+  const kind = b.kind === "cuda" ? CKPT_IPC_CUDA : CKPT_IPC_HOST;
+  try {
+    return await ctx.bufImport({ kind, len: b.len, device, pid: b.pid, data });
+  } catch (err) {
+    throw new DaemonError(
+      "push_failed",
+      `buffer ${i} (a ${b.kind} handle of process ${b.pid} on ${b.device}) cannot be opened: ${(err as Error).message} (freed, or of another machine?)`,
+    );
+  }
+}
+
+async function hashBatch(
+  ctx: Context,
+  mem: HostMemory,
+  batch: Copy[],
+  threads: number,
+  hashes: Map<string, string>,
+  version: CheckpointVersion,
+): Promise<void> {
+  const ranges = new BigUint64Array(batch.length * 2);
+  batch.forEach((c, k) => {
+    ranges[2 * k] = mem.address + BigInt(c.tensor.offset);
+    ranges[2 * k + 1] = BigInt(c.tensor.bytes);
+  });
+  const out = await ctx.hash64(ranges, threads);
+  for (const [k, c] of batch.entries()) hashes.set(c.tensor.name, (out[k] as bigint).toString(16).padStart(16, "0"));
+  version.progress.bytesHashed += batch.reduce((n, c) => n + c.tensor.bytes, 0);
+}

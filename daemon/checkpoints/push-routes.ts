@@ -1,0 +1,60 @@
+import type { Hono } from "hono";
+import * as v from "valibot";
+import { reply } from "../http/codec.ts";
+import { parseBody } from "../http/validate.ts";
+import { type PushDeps, pushFromDevices } from "./device-push.ts";
+import type { StagingAreas } from "./staging.ts";
+import { TensorDecl } from "./upload-routes.ts";
+
+const CreateBody = v.strictObject({
+  name: v.string(),
+  tensors: v.pipe(v.array(TensorDecl), v.minLength(1, "declare at least one tensor")),
+  metadata: v.optional(v.record(v.string(), v.string())),
+});
+
+const count = v.pipe(v.number(), v.integer(), v.minValue(0));
+
+const PushBody = v.strictObject({
+  name: v.string(),
+  metadata: v.optional(v.record(v.string(), v.string())),
+  buffers: v.pipe(
+    v.array(
+      v.strictObject({
+        kind: v.picklist(["cuda", "host"]),
+        device: v.pipe(v.string(), v.minLength(1)),
+        len: v.pipe(count, v.minValue(1)),
+        pid: count,
+        handle: v.pipe(v.string(), v.base64(), v.maxLength(172)),
+      }),
+    ),
+    v.minLength(1, "give at least one buffer"),
+  ),
+  tensors: v.pipe(
+    v.array(v.strictObject({ ...TensorDecl.entries, buffer: count, offset: count })),
+    v.minLength(1, "declare at least one tensor"),
+  ),
+});
+
+/**
+ * Trainer pushes without bytes through HTTP: staging areas (GET|POST /v1/staging,
+ * POST /v1/staging/{id}/commit, DELETE /v1/staging/{id}) and pushes from GPUs (POST /v1/pushes).
+ */
+export function pushRoutes(app: Hono<{ Variables: { body: unknown } }>, areas: StagingAreas, deps: PushDeps) {
+  app.post("/v1/pushes", async (c) => {
+    const version = await pushFromDevices(parseBody(PushBody, c.get("body")), deps);
+    c.header("location", `/v1/checkpoints/${version.id}`);
+    return reply(c, version.summary(), 201);
+  });
+
+  app.get("/v1/staging", (c) => reply(c, { areas: areas.list() }));
+
+  app.post("/v1/staging", async (c) => reply(c, await areas.create(parseBody(CreateBody, c.get("body"))), 201));
+
+  app.post("/v1/staging/:id/commit", async (c) => {
+    const version = await areas.commit(c.req.param("id"));
+    c.header("location", `/v1/checkpoints/${version.id}`);
+    return reply(c, version.summary(), 201);
+  });
+
+  app.delete("/v1/staging/:id", async (c) => reply(c, { deleted: await areas.delete(c.req.param("id")) }));
+}

@@ -1,0 +1,167 @@
+/**
+ * Pushes from a trainer's device memory (POST /v1/pushes through ckptd.trainer.push_cuda) on
+ * the host backend: the trainer's tensors live in shared-memory stand-ins for two GPUs, the
+ * daemon opens their handles and copies device-to-host into pooled pinned memory, hashing as
+ * batches land; a bad handle, a tensor past its buffer or a device the daemon lacks fail
+ * naming it, leaving nothing registered or pinned. Real torch, as torch-receiver.test.ts.
+ */
+import { spawn, spawnSync } from "node:child_process";
+import { createHash, randomFillSync } from "node:crypto";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { ADMIN_TOKEN, ROOT, tempDir } from "./helpers.ts";
+import { apiOf, startInProcess, testConfig } from "./in-process.ts";
+
+function torchPython(): string | undefined {
+  const candidates = process.env.TORCH_PYTHON ? [process.env.TORCH_PYTHON] : ["python3", "/usr/bin/python3"];
+  return candidates.find((py) => spawnSync(py, ["-c", "import torch"], { stdio: "ignore" }).status === 0);
+}
+const PYTHON = torchPython();
+const REQUIRED = process.env.REQUIRE_TORCH === "1";
+
+const cleanup: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const f of cleanup.splice(0).reverse()) await f();
+});
+
+// Tensors on two stand-in devices; the big one spans several of the daemon's 256 MiB batches.
+const TRAINER = `
+import hashlib, json, sys
+import torch
+from integrations.ckptd.trainer import HostDeviceMemory, push_cuda
+
+url, token, dev0, dev1 = sys.argv[1:5]
+g = torch.Generator().manual_seed(1)
+m0, m1 = HostDeviceMemory(300 << 20, dev0), HostDeviceMemory(1 << 20, dev1)
+tensors = {"big": m0.tensor(torch.bfloat16, [300, 1 << 19]), "bias": m1.tensor(torch.float32, [1000]),
+           "empty": m1.tensor(torch.float32, [0])}
+tensors["big"].copy_(torch.randn(300, 1 << 19, generator=g).to(torch.bfloat16))
+tensors["bias"].copy_(torch.arange(1000, dtype=torch.float32))
+def raw(t):
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+summary = push_cuda(url, "policy", tensors, token=token, memory=[m0, m1])
+out = {"first": summary, "sha": {k: hashlib.sha256(raw(t)).hexdigest() for k, t in tensors.items()}}
+errors = []
+try:
+    push_cuda(url, "policy", {"cpu": torch.zeros(3)}, token=token, memory=[m0])
+except ValueError as e:
+    errors.append(str(e))
+out["errors"] = errors
+print(json.dumps(out))
+`;
+
+describe.skipIf(!PYTHON && !REQUIRED)("pushes from device memory (host backend, real torch)", () => {
+  it("copies a trainer's tensors out of its device memory into a version, bit for bit", async () => {
+    const config = testConfig({ hostDevices: 2, bucketSlots: 4, maxVersions: 2 });
+    const d = await startInProcess(config);
+    cleanup.push(() => d.stop());
+    const api = apiOf(d.port);
+    const gpus = (await api("GET", "/v1/status")).body.gpus.map((g: { uuid: string }) => g.uuid);
+    const proc = spawn(PYTHON as string, ["-c", TRAINER, `http://127.0.0.1:${d.port}`, ADMIN_TOKEN, ...gpus], {
+      cwd: ROOT,
+    });
+    let stdout = "";
+    let stderr = "";
+    proc.stdout.on("data", (b) => (stdout += b));
+    proc.stderr.on("data", (b) => (stderr += b));
+    expect(await new Promise((r) => proc.on("close", r)), stderr).toBe(0);
+    const out = JSON.parse(stdout.trim().split("\n").at(-1) as string);
+    expect(out.first).toMatchObject({ id: "policy@1", state: "ready", origin: "push" });
+    const v = d.registry.get("policy@1");
+    const view = Buffer.from(v.pinned[0]?.mem.view() as Uint8Array);
+    expect(v.tensors.map((t) => t.name)).toEqual(["big", "bias", "empty"]);
+    for (const t of v.tensors) {
+      const bytes = view.subarray(t.offset, t.offset + t.bytes);
+      expect(createHash("sha256").update(bytes).digest("hex"), t.name).toBe(out.sha[t.name]);
+    }
+    expect(out.errors).toEqual(["tensor 'cpu' is on cpu, not in device memory (use a StagingArea)"]);
+  }, 60_000);
+});
+
+describe("pushes from device memory (API)", () => {
+  /** A daemon, and a "device buffer" of `len` random bytes: a file, which the host backend maps as it would a memfd. */
+  async function rig(extra = {}) {
+    const d = await startInProcess(testConfig({ hostDevices: 1, bucketSlots: 2, ...extra }));
+    cleanup.push(() => d.stop());
+    const api = apiOf(d.port);
+    const device = (await api("GET", "/v1/status")).body.gpus[0].uuid as string;
+    const path = join(tempDir("ckptd-test-", "/dev/shm"), "buffer");
+    const bytes = randomFillSync(Buffer.alloc(1 << 20));
+    writeFileSync(path, bytes);
+    const buffer = {
+      kind: "host",
+      device,
+      len: bytes.byteLength,
+      pid: process.pid,
+      handle: Buffer.from(`${path}\0`).toString("base64"),
+    };
+    return { d, api, bytes, buffer };
+  }
+  const tensor = (name: string, offset: number, n: number) => ({ name, dtype: "U8", shape: [n], buffer: 0, offset });
+
+  it("makes a version of the tensors' bytes, hashed as the registry hashes files", async () => {
+    const { d, api, bytes, buffer } = await rig();
+    const res = await api("POST", "/v1/pushes", {
+      name: "m",
+      buffers: [buffer],
+      tensors: [tensor("a", 100, 5000), tensor("b", 0, 100)],
+    });
+    expect(res.status, JSON.stringify(res.body)).toBe(201);
+    expect(res.body).toMatchObject({ id: "m@1", state: "ready", origin: "push" });
+    const v = d.registry.get("m");
+    const view = Buffer.from(v.pinned[0]?.mem.view() as Uint8Array);
+    const [a, b] = v.tensors;
+    expect(Buffer.compare(view.subarray(a?.offset, (a?.offset ?? 0) + 5000), bytes.subarray(100, 5100))).toBe(0);
+    expect(Buffer.compare(view.subarray(b?.offset, (b?.offset ?? 0) + 100), bytes.subarray(0, 100))).toBe(0);
+    // The same bytes registered from a file hash the same: the version is as good as a registered one.
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    writeFileSync(join(dir, "m.safetensors"), view);
+    const again = await api("POST", "/v1/checkpoints", { name: "n", files: [join(dir, "m.safetensors")] });
+    expect(again.status).toBe(201);
+    expect(d.registry.get("n").tensors.map((t) => t.hash)).toEqual(v.tensors.map((t) => t.hash));
+  });
+
+  it("refuses a tensor past its buffer, a buffer of a device it lacks, or one it cannot open, keeping nothing", async () => {
+    const { api, buffer } = await rig();
+    const past = await api("POST", "/v1/pushes", {
+      name: "m",
+      buffers: [buffer],
+      tensors: [tensor("a", 1 << 19, (1 << 19) + 1)],
+    });
+    expect(past.status).toBe(400);
+    expect(past.body.error.message).toMatch(
+      /^tensor "a" \(\d+ bytes at offset 524288\) does not fit in buffer 0 of 1048576 bytes$/,
+    );
+    const elsewhere = await api("POST", "/v1/pushes", {
+      name: "m",
+      buffers: [{ ...buffer, device: "GPU-00000000-0000-0000-0000-000000000000" }],
+      tensors: [tensor("a", 0, 1)],
+    });
+    expect(elsewhere.status).toBe(400);
+    expect(elsewhere.body.error.message).toMatch(
+      /^buffer 0 is on device GPU-0+-0000-0000-0000-0+, which this daemon does not have/,
+    );
+    const gone = await api("POST", "/v1/pushes", {
+      name: "m",
+      buffers: [{ ...buffer, handle: Buffer.from("/proc/1/fd/999999\0").toString("base64") }],
+      tensors: [tensor("a", 0, 1)],
+    });
+    expect(gone.status).toBe(422);
+    expect(gone.body.error.code).toBe("push_failed");
+    expect(gone.body.error.message).toMatch(
+      /^m@1: buffer 0 \(a host handle of process \d+ on HOST-.*\) cannot be opened: /,
+    );
+    const list = (await api("GET", "/v1/checkpoints")).body;
+    expect(list.pinnedBytes).toBe(0);
+    expect(list.checkpoints.map((c: { state: string }) => c.state)).toEqual(["failed"]);
+    expect((await api("GET", "/v1/status")).body.checkpoints.pool).toMatchObject({ bytes: 0 });
+  });
+
+  it("refuses a push larger than the pinned-memory budget leaves", async () => {
+    const { api, buffer } = await rig({ pinnedBudgetBytes: 4096 });
+    const res = await api("POST", "/v1/pushes", { name: "m", buffers: [buffer], tensors: [tensor("a", 0, 8192)] });
+    expect(res.status).toBe(507);
+    expect(res.body.error.message).toMatch(/^pushing \d+ bytes would exceed the pinned-memory budget/);
+  });
+});
