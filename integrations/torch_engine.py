@@ -49,15 +49,18 @@ def layout(layers: int) -> Iterator[tuple[str, list[int]]]:
     yield "lm_head.weight", [vocab, h]
 
 
-def expected(i: int, shape: list[int], device: torch.device | str) -> torch.Tensor:
+def expected(i: int, shape: list[int], device: torch.device | str, step: int = 0) -> torch.Tensor:
     """Tensor i of the checkpoint: float32 standard normal from a CUDA generator seeded
-    1000+i, as bf16."""
-    g = torch.Generator(device=device).manual_seed(1000 + i)
+    1000+i, as bf16. An RL step s changes every tensor: seed 1000 + i + STEP_SEED * s."""
+    g = torch.Generator(device=device).manual_seed(1000 + i + STEP_SEED * step)
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16)
 
 
+STEP_SEED = 100_003
+
+
 def check(params: dict[str, torch.Tensor], names: list[str], counts: collections.Counter[str],
-          unknown: list[str], check_every: int, device: torch.device | str,
+          unknown: list[str], check_every: int, device: torch.device | str, step: int = 0,
           ) -> tuple[bool, int, list[str], list[str], list[str]]:
     """The SPEC's correctness rule for one update; returns the report's fields."""
     missing = [n for n in names if counts[n] == 0]
@@ -67,7 +70,7 @@ def check(params: dict[str, torch.Tensor], names: list[str], counts: collections
     for i, name in enumerate(names):
         if i % check_every:
             continue
-        want = expected(i, list(params[name].shape), device)
+        want = expected(i, list(params[name].shape), device, step)
         # Compare bits (int16 views): NaN != NaN, and -0.0 == 0.0, would fool torch.equal.
         if not torch.equal(params[name].view(torch.int16), want.view(torch.int16)):
             mismatched.append(name)
@@ -84,6 +87,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--updates", type=int, default=0, help="stop after N updates (0: never)")
     ap.add_argument("--check-every", type=int, default=7)
+    ap.add_argument("--steps", action="store_true",
+                    help="update u carries RL step u's contents (bench/rl_step.sh), not the SPEC's")
     ap.add_argument("--name", default=None, help="receiver name in the daemon's logs")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds to wait for each daemon message (default: forever)")
@@ -116,7 +121,7 @@ def main() -> None:
                 # the daemon's buffers are its own; device-wide figures are the benchmark's.
                 peak = torch.cuda.max_memory_allocated(device) - base
                 ok, checked, mismatched, missing, repeated = check(
-                    params, names, counts, s["unknown"], args.check_every, device)
+                    params, names, counts, s["unknown"], args.check_every, device, done if args.steps else 0)
                 line.update(update=s["update"], checkpoint=s["checkpoint"], ok=ok,
                             applied=sum(counts.values()), checked=checked, mismatched=mismatched,
                             seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"],

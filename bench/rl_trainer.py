@@ -1,0 +1,101 @@
+"""The trainer of bench/rl_step.sh: q8b (../shared/bench/SPEC.md) on GPU 0, changed every step.
+
+    python3 bench/rl_trainer.py --url http://127.0.0.1:8470 --token T --layers 36 --steps 7 --warmup 2
+
+In one run, printing one JSON line per figure:
+- the device-to-host floor: a 4 GiB copy from the GPU into pinned host memory (median of 10);
+- staging-area commits of these tensors (StagingArea, written from the GPU before each commit,
+  the write outside the timing): commit seconds, and the daemon's copy and hash times;
+- RL steps: each step regenerates every tensor for that step (seed 1000 + i + 100003 * step,
+  the consumer's --steps rule; outside the timing), then push_cuda, then POST /v1/updates; the
+  push, update and total seconds of each step. The first --warmup steps pin the pool's blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from integrations.ckptd.trainer import StagingArea, push_cuda  # noqa: E402
+from integrations.torch_engine import STEP_SEED, layout  # noqa: E402
+
+
+def call(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+    with urllib.request.urlopen(req) as res:
+        return json.load(res)
+
+
+def fill(tensors: dict[str, torch.Tensor], step: int) -> None:
+    for i, t in enumerate(tensors.values()):
+        g = torch.Generator(device=t.device).manual_seed(1000 + i + STEP_SEED * step)
+        t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32))
+    torch.cuda.synchronize()
+
+
+def d2h_floor() -> float:
+    src = torch.empty(4 << 30, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(4 << 30, dtype=torch.uint8, pin_memory=True)
+    times = []
+    for _ in range(11):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return (4 << 30) / statistics.median(times[1:]) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--commits", type=int, default=4)
+    args = ap.parse_args()
+    url, token = args.url, args.token
+    torch.cuda.set_device(0)
+    tensors = {name: torch.empty(shape, dtype=torch.bfloat16, device="cuda:0") for name, shape in layout(args.layers)}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(json.dumps({"what": "checkpoint", "tensors": len(tensors), "bytes": nbytes}), flush=True)
+    print(json.dumps({"what": "d2h_floor", "gbps": d2h_floor()}), flush=True)
+
+    fill(tensors, 0)
+    area = StagingArea(url, "q8b-staged", tensors, token=token)
+    for k in range(args.commits):
+        area.write(tensors)
+        t0 = time.perf_counter()
+        v = area.commit()
+        wall = time.perf_counter() - t0
+        print(json.dumps({"what": "commit", "k": k, "seconds": wall, "timings": v.get("timings")}), flush=True)
+    area.close()
+    for v in call(url, token, "GET", "/v1/checkpoints")["checkpoints"]:
+        if v["name"] == "q8b-staged":
+            call(url, token, "DELETE", f"/v1/checkpoints/{v['id']}")  # its block goes to the pool
+
+    for step in range(args.steps):
+        fill(tensors, step)
+        time.sleep(1)  # the consumer's check of the last update is done
+        t0 = time.perf_counter()
+        pushed = push_cuda(url, "q8b", tensors, token=token)
+        t1 = time.perf_counter()
+        upd = call(url, token, "POST", "/v1/updates", {"checkpoint": pushed["id"]})
+        t2 = time.perf_counter()
+        print(json.dumps({"what": "step", "step": step, "warmup": step < args.warmup, "push": t1 - t0,
+                          "update": t2 - t1, "total": t2 - t0, "state": upd.get("state"),
+                          "version": pushed["id"], "pushTimings": pushed.get("timings")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
