@@ -222,7 +222,7 @@ function appOf(
   checkpointRoutes(app, p.registry, config.pinnedBudgetBytes, p.uploads.files, pull);
   pullRoutes(app, p.source, p.registry);
   uploadRoutes(app, p.registry, p.uploads.dir);
-  pushRoutes(app, p.staging, { ctx: p.context, registry: p.registry, threads: config.ioThreads });
+  pushRoutes(app, p.staging, { ctx: p.context, registry: p.registry, threads: config.ioThreads, log });
   const pullFor = (name: string, fingerprint?: string) =>
     startPull({ name, from: "peers", ...(fingerprint ? { fingerprint } : {}) }, pullDeps);
   updateRoutes(app, p.updates, p.registry, { nodeId, gpus: p.path.gpus }, pullFor);

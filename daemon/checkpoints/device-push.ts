@@ -6,6 +6,8 @@
  * through HTTP or through the trainer's host memory; the trainer may change its tensors once
  * the push has answered. The version lives in memory, as a pulled one does.
  */
+
+import type { Logger } from "pino";
 import type { Context, DeviceBuffer, Event, Stream } from "../../ffi/index.ts";
 import { CKPT_IPC_CUDA, CKPT_IPC_HOST, HostMemory } from "../../ffi/index.ts";
 import { DaemonError } from "../errors.ts";
@@ -71,11 +73,15 @@ export function planPush(req: PushRequest, devices: { uuid: string }[]) {
 
 type Copy = ReturnType<typeof planPush>["copies"][number];
 
-/** Consecutive copies of one device, about BATCH_BYTES each. */
+/**
+ * Copies of one device, about BATCH_BYTES a batch, largest tensor first: a tensor's hash runs
+ * on one thread, so the largest ones (embeddings, 1 GB and more) must land first for their
+ * hashes to finish while the rest still copies, rather than after the last batch.
+ */
 function batches(copies: Copy[]): Copy[][] {
   const out: Copy[][] = [];
   const open = new Map<number, Copy[]>();
-  for (const c of copies) {
+  for (const c of [...copies].sort((a, b) => b.tensor.bytes - a.tensor.bytes)) {
     let batch = open.get(c.device);
     if (!batch || batch.reduce((n, x) => n + x.tensor.bytes, 0) >= BATCH_BYTES) {
       batch = [];
@@ -91,6 +97,7 @@ export interface PushDeps {
   ctx: Context;
   registry: Registry;
   threads: number;
+  log: Logger;
 }
 
 /** Registers the pushed tensors as the next version of req.name, ready once copied and hashed. */
@@ -109,6 +116,7 @@ async function fill(
   deps: PushDeps,
 ): Promise<void> {
   const { ctx, registry, threads } = deps;
+  const started = performance.now();
   const size = plan.layout.size;
   const block = await registry.pool.take(size);
   const mem = new HostMemory(block.address, size);
@@ -121,6 +129,7 @@ async function fill(
   const events: Event[] = [];
   try {
     for (const [i, b] of req.buffers.entries()) bufs.push(await importBuffer(ctx, b, i, plan.deviceOf[i] as number));
+    const imported = performance.now();
     const hashes = new Map<string, string>();
     const landed: { batch: Copy[]; event: Event }[] = [];
     for (const batch of batches(plan.copies)) {
@@ -143,19 +152,34 @@ async function fill(
       ctx.eventRecord(event, stream);
       landed.push({ batch, event });
     }
-    // Each batch is hashed once it has landed, while the later ones copy.
-    const hashing: Promise<void>[] = [];
-    for (const { batch, event } of landed) {
-      if (!(await ctx.eventWait(event, BATCH_TIMEOUT_MS))) {
+    // What has landed is hashed in one call over every thread, while the later batches copy;
+    // then whatever landed meanwhile, and so on (one call at a time: the libuv threads stay free
+    // to see events, and the hash threads do not outnumber the cores).
+    for (let next = 0; next < landed.length; ) {
+      const first = landed[next] as (typeof landed)[number];
+      if (!(await ctx.eventWait(first.event, BATCH_TIMEOUT_MS))) {
         throw new DaemonError(
           "push_failed",
-          `copying from device ${(batch[0] as Copy).device} took over ${BATCH_TIMEOUT_MS} ms`,
+          `copying from device ${(first.batch[0] as Copy).device} took over ${BATCH_TIMEOUT_MS} ms`,
         );
       }
-      version.progress.bytesPinned += batch.reduce((n, c) => n + c.tensor.bytes, 0);
-      hashing.push(hashBatch(ctx, mem, batch, threads, hashes, version));
+      const group: Copy[] = [...first.batch];
+      for (next++; next < landed.length && ctx.eventQuery((landed[next] as (typeof landed)[number]).event); next++) {
+        group.push(...(landed[next] as (typeof landed)[number]).batch);
+      }
+      version.progress.bytesPinned += group.reduce((n, c) => n + c.tensor.bytes, 0);
+      await hashBatch(ctx, mem, group, threads, hashes, version);
     }
-    await Promise.all(hashing);
+    const s = (a: number, b: number) => Number(((b - a) / 1000).toFixed(4));
+    deps.log.debug(
+      {
+        checkpoint: version.id,
+        buffers: req.buffers.length,
+        importSeconds: s(started, imported),
+        copyAndHashSeconds: s(imported, performance.now()),
+      },
+      "push copied",
+    );
     version.tensors = plan.layout.tensors.map(
       (t): TensorRecord => ({
         name: t.name,
