@@ -233,11 +233,13 @@ int ckpt_event_wait(ckpt_event *event, int64_t timeout_ms);
 /* ---- files and hashing (both backends, CPU only) ------------------------------------- */
 
 /* Maps a whole file read-only and shared (the pages are the file's own: on tmpfs, no copy),
- * prefaulting them. *len gets the file size; an empty or non-regular file is CKPT_EINVAL.
+ * prefaulting them on the host backend (on CUDA, ckpt_host_register faults them in, faster).
+ * *len gets the file size; an empty or non-regular file is CKPT_EINVAL.
  * The file may be renamed or unlinked afterwards; the mapping lives until ckpt_file_unmap,
  * which refuses (CKPT_EBUSY) while the mapping is still registered. To copy from it at full
- * speed, pin it with ckpt_host_register(..., CKPT_REGISTER_READONLY). Blocking; about 0.1 s
- * per GiB on tmpfs (page-table setup); on disk it reads the whole file first. */
+ * speed, pin it with ckpt_host_register(..., CKPT_REGISTER_READONLY). Blocking: on the host
+ * backend about 0.05 s per GiB on tmpfs (page-table setup), and on disk it reads the whole
+ * file first; on CUDA it returns at once. */
 int ckpt_file_map(ckpt_ctx *ctx, const char *path, void **out, uint64_t *len);
 int ckpt_file_unmap(ckpt_ctx *ctx, void *ptr, uint64_t len);
 /* Reads len bytes at `offset` of the file at `path` into dst with up to `threads` threads

@@ -12,6 +12,8 @@
 #include <time.h>
 #include <unistd.h>
 
+extern "C" const int ckpt__map_populate = 0;
+
 static_assert(sizeof(cudaIpcMemHandle_t) <= sizeof(((ckpt_ipc_handle *)0)->data),
               "cudaIpcMemHandle_t must fit in ckpt_ipc_handle.data");
 

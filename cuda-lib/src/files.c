@@ -66,7 +66,7 @@ CKPT_API int ckpt_file_map(ckpt_ctx *ctx, const char *path, void **out, uint64_t
     close(fd);
     return FAIL(ctx, CKPT_EINVAL, "ckpt_file_map: %s is too large to map", path);
   }
-  void *p = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+  void *p = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED | (ckpt__map_populate ? MAP_POPULATE : 0), fd, 0);
   int err = errno;
   close(fd); /* the mapping keeps the file */
   if (p == MAP_FAILED)

@@ -18,6 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
+const int ckpt__map_populate = 1;
+
 /* Lifetime: ckpt_event_destroy waits until no queued marker or wait references the event
  * (pending == 0), so a stream worker never touches a freed event and no refcount is
  * needed. The wait is bounded by the work queued ahead of those operations (a wait only

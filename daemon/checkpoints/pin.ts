@@ -90,6 +90,13 @@ export interface PinOptions {
   threads: number;
   signal: AbortSignal;
   progress: RegistrationProgress;
+  /**
+   * Work to start on each file once it is pinned and its header checked (hashing it while the
+   * next files pin); pinFiles returns, or unwinds, only once every such work has settled.
+   */
+  onPinned?: (index: number, file: PinnedFile) => Promise<void>;
+  /** Told when releasing what a failed pinFiles pinned failed too (the first failure is what it throws). */
+  onReleaseFailure?: (err: unknown) => void;
 }
 
 async function onTmpfs(path: string): Promise<boolean> {
@@ -187,9 +194,13 @@ async function pinOpened(ctx: Context, file: InspectedFile, fdPath: string, opts
   return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem, block };
 }
 
-/** Pins every file, in order; on failure or cancel releases what it pinned and rethrows. */
+/**
+ * Pins every file, in order, starting opts.onPinned's work on each; on a failure or cancel of
+ * either, waits for that work, releases what it pinned and rethrows.
+ */
 export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOptions): Promise<PinnedFile[]> {
   const pinned: PinnedFile[] = [];
+  const started: Promise<void>[] = [];
   try {
     for (const file of files) {
       checkAborted(opts.signal);
@@ -201,10 +212,14 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
         throw new Error(`${file.path} was truncated while registering: ${err.message}`);
       });
       if (Buffer.compare(head, file.prefix) !== 0) throw new Error(`${file.path} changed while registering`);
+      if (opts.onPinned) started.push(opts.onPinned(pinned.length - 1, p));
     }
+    await Promise.all(started);
     return pinned;
   } catch (err) {
-    await unpinFiles(ctx, pinned); // unpinned, not pooled: a failure leaves nothing pinned
+    await Promise.allSettled(started); // nothing may still read the memory about to be released
+    // Unpinned, not pooled: a failure leaves nothing pinned.
+    await unpinFiles(ctx, pinned).catch((e) => opts.onReleaseFailure?.(e));
     throw err;
   }
 }
@@ -228,13 +243,18 @@ export async function hashTensors(
       ranges[k++] = BigInt(t.end - t.begin);
     }
   }
-  // Header bytes are not hashed; progress counts them as done so it ends at bytesTotal.
+  // Header bytes are not hashed; progress counts them as done so it ends at bytesTotal. Calls
+  // may run at once (a file each): each adds what it hashed since it last said.
   const headers =
     files.reduce((n, f) => n + f.pinned.size, 0) -
     files.reduce((n, f) => n + f.tensors.reduce((m, t) => m + t.end - t.begin, 0), 0);
-  const hashes = await ctx.hash64(ranges, opts.threads, (bytes) => {
-    opts.progress.bytesHashed = headers + bytes;
-  });
+  let said = 0;
+  const say = (done: number) => {
+    opts.progress.bytesHashed += done - said;
+    said = done;
+  };
+  const hashes = await ctx.hash64(ranges, opts.threads, (bytes) => say(headers + bytes));
+  say(headers + Number(ranges.reduce((n, x, k) => (k % 2 ? n + x : n), 0n)));
   const hex = [...hashes].map((h) => h.toString(16).padStart(16, "0"));
   let at = 0;
   return files.map((f) => {

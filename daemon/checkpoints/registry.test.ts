@@ -337,6 +337,40 @@ describe("registering", () => {
     expect((timings?.pinSeconds ?? 0) + (timings?.hashSeconds ?? 0)).toBeLessThanOrEqual(wall);
   });
 
+  it("hashes each file while the next one pins, and unpins only once no hash reads", async () => {
+    const { registry, ctx } = newRegistry();
+    const calls: string[] = [];
+    ctx.before.fileMap = async () => {
+      calls.push("map");
+      await sleep(60);
+    };
+    ctx.before.hash64 = async () => {
+      calls.push("hash");
+      await sleep(60);
+    };
+    await ready(registry, request("m", [model(), model("tmpfs", "2.")]));
+    expect(calls).toEqual(["map", "hash", "map", "hash"]); // the first hash before the second map
+    // A second file that fails to pin: the first one's hash ends before anything is unpinned.
+    let hashing = false;
+    ctx.before.hash64 = async () => {
+      hashing = true;
+      await sleep(100);
+      hashing = false;
+    };
+    let mapped = 0;
+    ctx.before.fileMap = () => {
+      if (++mapped === 2) throw new Error("no room");
+    };
+    let unmappedWhileHashing = false;
+    ctx.before.fileUnmap = () => {
+      unmappedWhileHashing ||= hashing;
+    };
+    const v = await settled(registry, request("n", [model(), model("tmpfs", "2.")]));
+    expect(v.error).toEqual({ code: "registration_failed", message: "no room" });
+    expect(unmappedWhileHashing).toBe(false);
+    expect([...ctx.live.values()].filter((x) => x.kind === "map")).toHaveLength(2); // m's two files only
+  });
+
   it("works without an onChange callback", async () => {
     const { registry } = newRegistry();
     const v = await registry.register(request("m", [model()]));

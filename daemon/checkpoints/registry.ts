@@ -496,6 +496,24 @@ export class Registry {
     try {
       const confine = this.confineOpened;
       const blocks = this.pool;
+      // Each file is hashed as soon as it is pinned, while the next ones pin.
+      const hashes: string[][] = [];
+      let pinnedAt = started;
+      const onPinned = async (i: number, pinned: PinnedFile) => {
+        if (i === inspected.length - 1) pinnedAt = performance.now();
+        const tensors = (inspected[i] as InspectedFile).header.tensors;
+        const [mine] = await hashTensors(ctx, [{ pinned, tensors }], {
+          threads,
+          signal,
+          progress: version.progress,
+        }).catch((err) => {
+          const fault = faultedFile(err, [pinned]);
+          throw fault
+            ? new Error(`${fault.file} was truncated while it was hashed (bus error at byte ${fault.offset})`)
+            : err;
+        });
+        hashes[i] = mine as string[];
+      };
       version.pinned = await pinFiles(ctx, inspected, {
         copy,
         blocks,
@@ -503,13 +521,9 @@ export class Registry {
         signal,
         progress: version.progress,
         confine,
+        onPinned,
+        onReleaseFailure: (err) => log.error({ err }, "unpinning a failed registration"),
       });
-      const pinnedAt = performance.now();
-      const hashes = await hashTensors(
-        ctx,
-        inspected.map((f, i) => ({ pinned: version.pinned[i] as PinnedFile, tensors: f.header.tensors })),
-        { threads, signal, progress: version.progress },
-      );
       version.tensors = inspected.flatMap((f, file) =>
         f.header.tensors.map((t, i) => ({
           name: t.name,
@@ -525,13 +539,10 @@ export class Registry {
       if (expected) checkHashes(version.tensors, expected);
       version.state = "ready";
       version.unwatch = watchFiles(version.files, () => this.recheck(version));
+      // hashSeconds: the hashing left once the last file was pinned (the rest overlapped pinning).
       version.timings = { pinSeconds: (pinnedAt - started) / 1000, hashSeconds: (performance.now() - pinnedAt) / 1000 };
       log.info({ checkpoint: version.id, bytes: version.bytes, ...version.timings }, "checkpoint registered");
-    } catch (caught) {
-      const fault = faultedFile(caught, version.pinned);
-      const err = fault
-        ? new Error(`${fault.file} was truncated while it was hashed (bus error at byte ${fault.offset})`)
-        : caught;
+    } catch (err) {
       await unpinFiles(ctx, version.pinned).catch((e) => log.error({ err: e }, "unpinning a failed registration"));
       version.pinned = [];
       version.state = "failed";
