@@ -79,21 +79,40 @@ describe.skipIf(!PYTHON && !REQUIRED)("pushes from device memory (host backend, 
   }, 60_000);
 });
 
+// Reads 1 MiB from stdin into a memfd sealed at its size, prints its /proc path, and waits.
+const HOLDER = `
+import fcntl, os, sys, time
+data = sys.stdin.buffer.read()
+fd = os.memfd_create("ckptd-test", os.MFD_ALLOW_SEALING)
+os.write(fd, data)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+print(f"/proc/{os.getpid()}/fd/{fd}", flush=True)
+time.sleep(600)
+`;
+
 describe("pushes from device memory (API)", () => {
-  /** A daemon, and a "device buffer" of `len` random bytes: a file, which the host backend maps as it would a memfd. */
+  /**
+   * A daemon, and a "device buffer" of 1 MiB of random bytes: a sealed memfd, as the host
+   * backend exports one, held by a python process (Node cannot make memfds) until the test ends.
+   */
   async function rig(extra = {}) {
     const d = await startInProcess(testConfig({ hostDevices: 1, bucketSlots: 2, ...extra }));
     cleanup.push(() => d.stop());
     const api = apiOf(d.port);
     const device = (await api("GET", "/v1/status")).body.gpus[0].uuid as string;
-    const path = join(tempDir("ckptd-test-", "/dev/shm"), "buffer");
     const bytes = randomFillSync(Buffer.alloc(1 << 20));
-    writeFileSync(path, bytes);
+    const holder = spawn("python3", ["-c", HOLDER], { stdio: ["pipe", "pipe", "inherit"] });
+    cleanup.push(async () => {
+      holder.kill();
+    });
+    holder.stdin.write(bytes);
+    holder.stdin.end();
+    const path = await new Promise<string>((resolve) => holder.stdout.once("data", (b) => resolve(String(b).trim())));
     const buffer = {
       kind: "host",
       device,
       len: bytes.byteLength,
-      pid: process.pid,
+      pid: holder.pid as number,
       handle: Buffer.from(`${path}\0`).toString("base64"),
     };
     return { d, api, bytes, buffer };
@@ -142,6 +161,15 @@ describe("pushes from device memory (API)", () => {
     expect(elsewhere.body.error.message).toMatch(
       /^buffer 0 is on device GPU-0+-0000-0000-0000-0+, which this daemon does not have/,
     );
+    const dir = tempDir("ckptd-test-", "/dev/shm");
+    writeFileSync(join(dir, "plain"), Buffer.alloc(1 << 20));
+    const file = await api("POST", "/v1/pushes", {
+      name: "m",
+      buffers: [{ ...buffer, handle: Buffer.from(`${join(dir, "plain")}\0`).toString("base64") }],
+      tensors: [tensor("a", 0, 1)],
+    });
+    expect(file.status).toBe(422);
+    expect(file.body.error.message).toMatch(/is not a memfd sealed against shrinking and growing/);
     const gone = await api("POST", "/v1/pushes", {
       name: "m",
       buffers: [{ ...buffer, handle: Buffer.from("/proc/1/fd/999999\0").toString("base64") }],
@@ -150,11 +178,11 @@ describe("pushes from device memory (API)", () => {
     expect(gone.status).toBe(422);
     expect(gone.body.error.code).toBe("push_failed");
     expect(gone.body.error.message).toMatch(
-      /^m@1: buffer 0 \(a host handle of process \d+ on HOST-.*\) cannot be opened: /,
+      /^m@2: buffer 0 \(a host handle of process \d+ on HOST-.*\) cannot be opened: /,
     );
     const list = (await api("GET", "/v1/checkpoints")).body;
     expect(list.pinnedBytes).toBe(0);
-    expect(list.checkpoints.map((c: { state: string }) => c.state)).toEqual(["failed"]);
+    expect(list.checkpoints.map((c: { state: string }) => c.state)).toEqual(["failed", "failed"]);
     expect((await api("GET", "/v1/status")).body.checkpoints.pool).toMatchObject({ bytes: 0 });
   });
 

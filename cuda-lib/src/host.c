@@ -276,6 +276,15 @@ CKPT_API int ckpt_buf_import(ckpt_ctx *ctx, const ckpt_ipc_handle *handle, ckpt_
     return FAIL(ctx, CKPT_ESYS, "open %s (exporter pid %d): %s", path, (int)handle->pid,
                 strerror(errno));
   int st = CKPT_OK;
+  /* Only a buffer as ckpt_buf_export makes it: a memfd sealed at its size. Not a file that
+   * someone can truncate under the mapping, nor one reached by a name (any path the caller
+   * names is opened by this process, which may be root). */
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW)) {
+    st = FAIL(ctx, CKPT_EHANDLE, "%s is not a memfd sealed against shrinking and growing (exporter pid %d)", path,
+              (int)handle->pid);
+    goto fail;
+  }
   struct stat sb;
   SYS_GOTO(ctx, fstat(fd, &sb) == 0, st, fail, "fstat of the imported buffer");
   if ((uint64_t)sb.st_size != handle->len) {

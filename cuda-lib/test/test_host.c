@@ -491,6 +491,22 @@ static int test_ipc(void) {
   bad = h;
   bad.size = 8;
   EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EABI);
+  /* A path to a file, or to a memfd that is not sealed at its size: refused, whoever asks. */
+  char file[] = "/dev/shm/ckpt-test-import-XXXXXX";
+  int ffd = mkstemp(file);
+  EXPECT(ffd >= 0 && ftruncate(ffd, (off_t)len) == 0);
+  bad = h;
+  snprintf((char *)bad.data, sizeof bad.data, "%s", file);
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
+  EXPECT_DETAIL(ctx, "not a memfd sealed");
+  unlink(file);
+  close(ffd);
+  int mfd = memfd_create("ckpt-test-unsealed", MFD_CLOEXEC);
+  EXPECT(mfd >= 0 && ftruncate(mfd, (off_t)len) == 0);
+  bad = h;
+  snprintf((char *)bad.data, sizeof bad.data, "/proc/%d/fd/%d", (int)getpid(), mfd);
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
+  close(mfd);
 
   free(got), free(want);
   EXPECT_OK(ctx, ckpt_buf_free(b));

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import fcntl
 import json
 import mmap
 import os
@@ -168,8 +169,10 @@ class HostDeviceMemory:
 
     def __init__(self, nbytes: int, device: str) -> None:
         self.device, self.nbytes = device, nbytes
-        self.fd = os.memfd_create("ckptd-push")
+        self.fd = os.memfd_create("ckptd-push", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, nbytes)
+        # The daemon takes only a memfd sealed at its size: none can shrink it under its copies.
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self._map = mmap.mmap(self.fd, nbytes)
         self._used = 0
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
