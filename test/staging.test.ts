@@ -7,7 +7,8 @@
  */
 import { spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { statSync, truncateSync } from "node:fs";
+import { readFileSync, statSync, truncateSync } from "node:fs";
+import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { ADMIN_TOKEN, ROOT } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
@@ -28,7 +29,13 @@ async function daemon(extra = {}) {
   const config = testConfig({ hostDevices: 1, bucketSlots: 2, maxVersions: 1, ...extra });
   const d = await startInProcess(config);
   cleanup.push(() => d.stop());
-  return { d, api: apiOf(d.port), url: `http://127.0.0.1:${d.port}`, uploadDir: config.uploadDir };
+  return {
+    d,
+    api: apiOf(d.port),
+    url: `http://127.0.0.1:${d.port}`,
+    uploadDir: config.uploadDir,
+    stateDir: config.stateDir,
+  };
 }
 
 // The trainer: a bf16 matrix and an f32 vector whose values are a function of the step.
@@ -126,7 +133,7 @@ describe("staging areas (API)", () => {
   });
 
   it("fails a commit of a file cut short naming it, keeps nothing pinned, and commits again once whole", async () => {
-    const { d, api } = await daemon();
+    const { d, api, stateDir } = await daemon();
     const made = await api("POST", "/v1/staging", { name: "m", tensors: [{ name: "a", dtype: "F32", shape: [4096] }] });
     expect(made.status).toBe(201);
     const { id, path, bytes } = made.body;
@@ -139,7 +146,10 @@ describe("staging areas (API)", () => {
     truncateSync(path, bytes);
     const ok = await api("POST", `/v1/staging/${id}/commit`);
     expect(ok.status, JSON.stringify(ok.body)).toBe(201);
-    expect(ok.body).toMatchObject({ id: "m@1", state: "ready", origin: "files" });
+    expect(ok.body).toMatchObject({ id: "m@1", state: "ready", origin: "staged" });
+    // In memory only: a copy of a file the area deletes is not saved to be restored.
+    const saved = JSON.parse(readFileSync(join(stateDir, "registry.json"), "utf8"));
+    expect(JSON.stringify(saved)).not.toContain(path);
     expect(d.registry.get("m").pinned[0]?.inPlace).toBe(false);
     expect((await api("DELETE", `/v1/staging/${id}`)).status).toBe(200);
     expect(() => statSync(path)).toThrow();

@@ -271,6 +271,11 @@ CKPT_API int ckpt_buf_import(ckpt_ctx *ctx, const ckpt_ipc_handle *handle, ckpt_
     return FAIL(ctx, CKPT_EHANDLE, "IPC handle length %llu", (unsigned long long)handle->len);
   CHECK(check_device(ctx, handle->device));
   const char *path = (const char *)handle->data;
+  /* Only the exporter's own descriptor, as ckpt_buf_export names it: no other path is opened. */
+  int pid = -1, n = -1, end = 0;
+  if (sscanf(path, "/proc/%d/fd/%d%n", &pid, &n, &end) != 2 || path[end] != '\0' || pid != handle->pid || n < 0)
+    return FAIL(ctx, CKPT_EHANDLE, "IPC handle path \"%.64s\" is not /proc/%d/fd/<n> of its exporter", path,
+                (int)handle->pid);
   int fd = open(path, O_RDWR | O_CLOEXEC);
   if (fd < 0)
     return FAIL(ctx, CKPT_ESYS, "open %s (exporter pid %d): %s", path, (int)handle->pid,
@@ -339,13 +344,14 @@ static void run_copy(stream_op *op) {
     copy_one x = c->to_host ? (copy_one){host, c->buf + r->offset, (size_t)r->len}
                             : (copy_one){c->buf + r->offset, host, (size_t)r->len};
     uintptr_t fault = 0;
-    if (ckpt__guarded(run_copy_one, &x, host, x.len, &fault) == CKPT_OK) continue;
+    /* The side read may be a mapped file (h2d) or another process's memfd (d2h). */
+    if (ckpt__guarded(run_copy_one, &x, x.src, x.len, &fault) == CKPT_OK) continue;
     char detail[320];
     snprintf(detail, sizeof detail,
              "copy of range %zu of %zu (src 0x%llx, %llu bytes): bus error at 0x%llx, offset %llu "
              "of the range: the file mapped there was truncated", i, c->n,
-             (unsigned long long)r->host, (unsigned long long)r->len, (unsigned long long)fault,
-             (unsigned long long)(fault - r->host));
+             (unsigned long long)(uintptr_t)x.src, (unsigned long long)r->len, (unsigned long long)fault,
+             (unsigned long long)(fault - (uintptr_t)x.src));
     stream_fail(op->stream, CKPT_EFAULT, detail);
     return;
   }

@@ -475,10 +475,18 @@ static int test_ipc(void) {
   EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
   EXPECT(self == NULL);
   bad = h;
-  snprintf((char *)bad.data, sizeof bad.data, "/nonexistent/ckpt-test/%d", (int)getpid());
+  snprintf((char *)bad.data, sizeof bad.data, "/proc/%d/fd/999999", (int)getpid());
   EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_ESYS);
-  EXPECT_DETAIL(ctx, "/nonexistent/ckpt-test/");
+  EXPECT_DETAIL(ctx, "/fd/999999");
   EXPECT_DETAIL(ctx, strerror(ENOENT));
+  /* Only the exporter's /proc/<pid>/fd/<n>: no other path is even opened. */
+  bad = h;
+  snprintf((char *)bad.data, sizeof bad.data, "/etc/passwd");
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
+  EXPECT_DETAIL(ctx, "is not /proc/");
+  bad = h;
+  bad.pid = h.pid + 1;
+  EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
   bad = h;
   bad.kind = CKPT_IPC_CUDA;
   EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
@@ -496,7 +504,7 @@ static int test_ipc(void) {
   int ffd = mkstemp(file);
   EXPECT(ffd >= 0 && ftruncate(ffd, (off_t)len) == 0);
   bad = h;
-  snprintf((char *)bad.data, sizeof bad.data, "%s", file);
+  snprintf((char *)bad.data, sizeof bad.data, "/proc/%d/fd/%d", (int)getpid(), ffd);
   EXPECT_ST(ctx, ckpt_buf_import(ctx, &bad, &self), CKPT_EHANDLE);
   EXPECT_DETAIL(ctx, "not a memfd sealed");
   unlink(file);

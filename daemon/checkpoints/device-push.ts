@@ -46,6 +46,11 @@ export function planPush(req: PushRequest, devices: { uuid: string }[]) {
   const declared = sized(req.tensors);
   const layout = layOut(declared, req.metadata, "the push");
   const deviceOf = req.buffers.map((b, i) => {
+    // A CUDA handle is 64 bytes; a host one a NUL-terminated path: either fits in 128.
+    const handleBytes = Buffer.from(b.handle, "base64").byteLength;
+    if (handleBytes > 128) {
+      throw new DaemonError("invalid_request", `buffer ${i}: a handle is at most 128 bytes, not ${handleBytes}`);
+    }
     const k = devices.findIndex((d) => normalUuid(d.uuid) === normalUuid(b.device));
     if (k < 0) {
       throw new DaemonError(
@@ -80,15 +85,16 @@ type Copy = ReturnType<typeof planPush>["copies"][number];
  */
 function batches(copies: Copy[]): Copy[][] {
   const out: Copy[][] = [];
-  const open = new Map<number, Copy[]>();
+  const open = new Map<number, { batch: Copy[]; bytes: number }>();
   for (const c of [...copies].sort((a, b) => b.tensor.bytes - a.tensor.bytes)) {
-    let batch = open.get(c.device);
-    if (!batch || batch.reduce((n, x) => n + x.tensor.bytes, 0) >= BATCH_BYTES) {
-      batch = [];
-      open.set(c.device, batch);
-      out.push(batch);
+    let current = open.get(c.device);
+    if (!current || current.bytes >= BATCH_BYTES) {
+      current = { batch: [], bytes: 0 };
+      open.set(c.device, current);
+      out.push(current.batch);
     }
-    batch.push(c);
+    current.batch.push(c);
+    current.bytes += c.tensor.bytes;
   }
   return out;
 }
@@ -200,7 +206,7 @@ async function fill(
 
 async function importBuffer(ctx: Context, b: PushBuffer, i: number, device: number): Promise<DeviceBuffer> {
   const data = new Uint8Array(128);
-  data.set(Buffer.from(b.handle, "base64").subarray(0, 127));
+  data.set(Buffer.from(b.handle, "base64")); // at most 128 bytes (planPush)
   const kind = b.kind === "cuda" ? CKPT_IPC_CUDA : CKPT_IPC_HOST;
   try {
     return await ctx.bufImport({ kind, len: b.len, device, pid: b.pid, data });

@@ -201,9 +201,13 @@ async function pinOpened(ctx: Context, file: InspectedFile, fdPath: string, opts
 export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOptions): Promise<PinnedFile[]> {
   const pinned: PinnedFile[] = [];
   const started: Promise<void>[] = [];
+  // The first failure of that work, caught as it happens (never an unhandled rejection),
+  // stops the pinning of the files after it.
+  let failed: { err: unknown } | undefined;
   try {
     for (const file of files) {
       checkAborted(opts.signal);
+      if (failed) throw failed.err;
       const p = await pinOne(ctx, file, opts);
       pinned.push(p);
       // The header was checked before pinning; the pinned bytes must still be that header.
@@ -212,9 +216,12 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
         throw new Error(`${file.path} was truncated while registering: ${err.message}`);
       });
       if (Buffer.compare(head, file.prefix) !== 0) throw new Error(`${file.path} changed while registering`);
-      if (opts.onPinned) started.push(opts.onPinned(pinned.length - 1, p));
+      if (opts.onPinned) {
+        started.push(opts.onPinned(pinned.length - 1, p).catch((err) => void (failed ??= { err })));
+      }
     }
     await Promise.all(started);
+    if (failed) throw failed.err;
     return pinned;
   } catch (err) {
     await Promise.allSettled(started); // nothing may still read the memory about to be released

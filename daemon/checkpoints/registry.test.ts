@@ -371,6 +371,21 @@ describe("registering", () => {
     expect([...ctx.live.values()].filter((x) => x.kind === "map")).toHaveLength(2); // m's two files only
   });
 
+  it("fails cleanly when a file's hash fails while the next one pins, and pins no more", async () => {
+    const { registry, ctx } = newRegistry();
+    let maps = 0;
+    ctx.before.fileMap = async () => {
+      if (++maps > 1) await sleep(100);
+    };
+    ctx.before.hash64 = () => {
+      throw new Error("hash broke");
+    };
+    const v = await settled(registry, request("m", [model(), model("tmpfs", "2."), model("tmpfs", "3.")]));
+    expect(v.error).toEqual({ code: "registration_failed", message: "hash broke" });
+    expect(maps).toBe(2);
+    expect(ctx.live.size).toBe(0);
+  });
+
   it("works without an onChange callback", async () => {
     const { registry } = newRegistry();
     const v = await registry.register(request("m", [model()]));

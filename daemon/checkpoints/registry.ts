@@ -55,6 +55,8 @@ export interface RegisterRequest {
   adopt: boolean;
   /** Restoring a saved version: its number, and the hashes its tensors must still have. */
   restore?: { version: number; createdAt: string; files: FileRecord[]; tensors: TensorRecord[] };
+  /** "staged": a staging area's commit, kept in memory only (default "files"). */
+  origin?: "files" | "staged";
 }
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
@@ -114,8 +116,11 @@ export class CheckpointVersion {
   timings?: { pinSeconds: number; hashSeconds: number };
   leases = 0;
   /** Where its bytes came from: files registered here, or a pull from peers (never saved: pulled again). */
-  /** files: registered from files (persisted); pull: from peers; push: from a trainer's GPUs. */
-  origin: "files" | "pull" | "push" = "files";
+  /**
+   * files: registered from files (persisted, restored at start); staged: a staging area's
+   * commit (a copy of a file the area deletes); pull: from peers; push: from a trainer's GPUs.
+   */
+  origin: "files" | "staged" | "pull" | "push" = "files";
   /**
    * While a pull fills it: resolves once every byte of these file spans is verified (rejects
    * if the pull fails), so that an update can send each bucket as soon as its bytes are good.
@@ -338,6 +343,7 @@ export class Registry {
     const number = req.restore?.version ?? this.next.get(req.name) ?? 1;
     this.next.set(req.name, Math.max(number + 1, this.next.get(req.name) ?? 1));
     const version = new CheckpointVersion(req.name, number, bytes, req.restore?.createdAt ?? new Date().toISOString());
+    version.origin = req.origin ?? "files";
     version.files = inspected.map((f) => ({
       path: f.path,
       size: f.size,
@@ -413,8 +419,8 @@ export class Registry {
       version.error =
         err instanceof DaemonError
           ? { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) }
-          : { code: "pull_failed", message: (err as Error).message };
-      log.warn({ checkpoint: version.id, error: version.error }, "pull failed");
+          : { code: `${version.origin as "pull" | "push"}_failed`, message: (err as Error).message };
+      log.warn({ checkpoint: version.id, error: version.error }, `${version.origin} failed`);
       return;
     }
     await this.evictOld(version.name).catch((err) => log.error({ err }, "dropping old versions"));
@@ -466,8 +472,15 @@ export class Registry {
   async stock(len: number, count: number): Promise<void> {
     const budget = this.opts.budgetBytes;
     const room = budget > 0 ? budget - this.pinnedBytes() - this.pool.bytes() : Number.POSITIVE_INFINITY;
+    const blocks = Math.min(count, Math.floor(Math.max(0, room) / len));
     this.largest = Math.max(this.largest, len);
-    await this.pool.stock(len, Math.min(count, Math.floor(Math.max(0, room) / len)));
+    // Reserved until pooled, so that requests arriving together do not count the same room.
+    this.reservedBytes += blocks * len;
+    try {
+      await this.pool.stock(len, blocks);
+    } finally {
+      this.reservedBytes -= blocks * len;
+    }
   }
 
   /** 507 when `bytes` more would exceed the pinned-memory budget; `what` names them in the message. */

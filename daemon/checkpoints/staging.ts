@@ -107,6 +107,7 @@ export class StagingAreas {
         source: resolveFiles([area.path]),
         copy: true,
         adopt: false,
+        origin: "staged",
       });
       await version.finished();
       area.commits++;

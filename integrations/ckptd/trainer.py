@@ -252,8 +252,8 @@ def push_cuda(url: str, name: str, tensors: Tensors, token: str | None = None,
                      "buffer": index[key], "offset": offset})
     if not buffers:
         raise ValueError("no tensor has any bytes: nothing to push")
-    if drv is not None:
-        torch.cuda.synchronize()  # what the trainer queued on its streams is in place
+    for dev in {t.device for t in tensors.values() if t.is_cuda}:
+        torch.cuda.synchronize(dev)  # what the trainer queued on its streams is in place, on every GPU
     body: dict[str, Any] = {"name": name, "buffers": buffers, "tensors": decl}
     if metadata:
         body["metadata"] = dict(metadata)
