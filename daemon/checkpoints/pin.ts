@@ -217,7 +217,11 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
       });
       if (Buffer.compare(head, file.prefix) !== 0) throw new Error(`${file.path} changed while registering`);
       if (opts.onPinned) {
-        started.push(opts.onPinned(pinned.length - 1, p).catch((err) => void (failed ??= { err })));
+        started.push(
+          opts.onPinned(pinned.length - 1, p).catch((err) => {
+            failed ??= { err };
+          }),
+        );
       }
     }
     await Promise.all(started);
