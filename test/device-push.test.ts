@@ -186,10 +186,88 @@ describe("pushes from device memory (API)", () => {
     expect((await api("GET", "/v1/status")).body.checkpoints.pool).toMatchObject({ bytes: 0 });
   });
 
+  it("fails every part of a sharded push when one never comes, registering nothing", async () => {
+    const { api, buffer } = await rig();
+    const part = (index: number, extra = {}) => ({
+      name: "m",
+      buffers: [buffer],
+      tensors: [tensor(`t${index}`, 0, 16)],
+      part: { id: "step-1", index, of: 3, waitMs: 300, ...extra },
+    });
+    const first = api("POST", "/v1/pushes", part(0));
+    await new Promise((r) => setTimeout(r, 50));
+    const again = await api("POST", "/v1/pushes", part(0));
+    expect(again.status).toBe(409);
+    expect(again.body.error.message).toBe('part 0 of push step-1 of "m" was given already');
+    const other = await api("POST", "/v1/pushes", part(1, { of: 2 }));
+    expect(other.body.error.message).toBe("push step-1 has 3 parts, not 2");
+    const past = await api("POST", "/v1/pushes", part(3));
+    expect(past.body.error.message).toBe("part 3 of 3: parts count from 0");
+    const second = api("POST", "/v1/pushes", part(2));
+    const [a, b] = await Promise.all([first, second]);
+    for (const res of [a, b]) {
+      expect(res.status).toBe(400);
+      expect(res.body.error.message).toBe(
+        'push step-1 of "m": part 1 of 3 did not come within 300 ms; nothing was registered',
+      );
+    }
+    expect((await api("GET", "/v1/checkpoints")).body.checkpoints).toEqual([]);
+  });
+
   it("refuses a push larger than the pinned-memory budget leaves", async () => {
     const { api, buffer } = await rig({ pinnedBudgetBytes: 4096 });
     const res = await api("POST", "/v1/pushes", { name: "m", buffers: [buffer], tensors: [tensor("a", 0, 8192)] });
     expect(res.status).toBe(507);
     expect(res.body.error.message).toMatch(/^pushing \d+ bytes would exceed the pinned-memory budget/);
   });
+});
+
+// One rank of a sharded trainer: its own tensors on its own stand-in device.
+const RANK = `
+import hashlib, json, sys
+import torch
+from integrations.ckptd.trainer import HostDeviceMemory, push_cuda
+
+url, token, device, rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+m = HostDeviceMemory(8 << 20, device)
+t = m.tensor(torch.bfloat16, [1024, 1024])
+t.copy_(torch.full((1024, 1024), float(rank + 1)))
+summary = push_cuda(url, "sharded", {f"layer.{rank}.weight": t}, token=token, memory=[m], part=(rank, 2, "step-7"))
+print(json.dumps({"summary": summary, "sha": hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()}))
+`;
+
+describe.skipIf(!PYTHON && !REQUIRED)("sharded pushes (host backend, real torch)", () => {
+  it("makes one version of two ranks' parts, each rank answered with it", async () => {
+    const d = await startInProcess(testConfig({ hostDevices: 2, bucketSlots: 4 }));
+    cleanup.push(() => d.stop());
+    const api = apiOf(d.port);
+    const gpus = (await api("GET", "/v1/status")).body.gpus.map((g: { uuid: string }) => g.uuid);
+    const rank = (r: number) =>
+      new Promise<{ code: unknown; out: string; err: string }>((resolve) => {
+        const proc = spawn(
+          PYTHON as string,
+          ["-c", RANK, `http://127.0.0.1:${d.port}`, ADMIN_TOKEN, gpus[r], String(r)],
+          {
+            cwd: ROOT,
+          },
+        );
+        let out = "";
+        let err = "";
+        proc.stdout.on("data", (b) => (out += b));
+        proc.stderr.on("data", (b) => (err += b));
+        proc.on("close", (code) => resolve({ code, out, err }));
+      });
+    const results = await Promise.all([rank(0), rank(1)]);
+    for (const r of results) expect(r.code, r.err).toBe(0);
+    const outs = results.map((r) => JSON.parse(r.out.trim().split("\n").at(-1) as string));
+    expect(outs.map((o) => o.summary.id)).toEqual(["sharded@1", "sharded@1"]);
+    const v = d.registry.get("sharded@1");
+    expect(v.files.map((f) => f.path)).toEqual(["push/0", "push/1"]);
+    for (const [r, name] of ["layer.0.weight", "layer.1.weight"].entries()) {
+      const t = v.tensors.find((x) => x.name === name);
+      const view = Buffer.from(v.pinned[t?.file ?? -1]?.mem.view() as Uint8Array);
+      const bytes = view.subarray(t?.offset, (t?.offset ?? 0) + (t?.bytes ?? 0));
+      expect(createHash("sha256").update(bytes).digest("hex"), name).toBe(outs[r].sha);
+    }
+  }, 60_000);
 });

@@ -106,30 +106,53 @@ export interface PushDeps {
   log: Logger;
 }
 
-/** Registers the pushed tensors as the next version of req.name, ready once copied and hashed. */
-export async function pushFromDevices(req: PushRequest, deps: PushDeps): Promise<CheckpointVersion> {
-  const plan = planPush(req, deps.ctx.devices());
-  const file = { path: "push/0", size: plan.layout.size, mtimeMs: 0, inPlace: false, adopted: false };
-  const version = await deps.registry.reserve(req.name, [file], (v) => fill(v, req, plan, deps), "push");
+/**
+ * Registers the pushed tensors as the next version of their checkpoint, ready once copied and
+ * hashed: one part (a push), or the parts of a sharded push, each a file of the version, all
+ * copied at once. A tensor name in two parts is a 400, as in two files.
+ */
+export async function pushFromDevices(parts: PushRequest[], deps: PushDeps): Promise<CheckpointVersion> {
+  const plans = parts.map((req) => planPush(req, deps.ctx.devices()));
+  sized(parts.flatMap((p) => p.tensors)); // names unique over every part
+  const files = plans.map((plan, i) => ({
+    path: `push/${i}`,
+    size: plan.layout.size,
+    mtimeMs: 0,
+    inPlace: false,
+    adopted: false,
+  }));
+  const name = (parts[0] as PushRequest).name;
+  const fill = async (v: CheckpointVersion) => {
+    // Every part's copies end before a failure is told: the registry then releases the blocks.
+    const done = await Promise.allSettled(parts.map((req, i) => fillPart(v, i, req, plans[i] as Plan, deps)));
+    const failed = done.find((d) => d.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+    v.tensors = done.flatMap((d) => (d as PromiseFulfilledResult<TensorRecord[]>).value);
+  };
+  const version = await deps.registry.reserve(name, files, fill, "push");
   await version.finished();
   return version;
 }
 
-async function fill(
+type Plan = ReturnType<typeof planPush>;
+
+/** Copies one part into its block (file `file` of the version) and hashes it; its tensor records. */
+async function fillPart(
   version: CheckpointVersion,
+  file: number,
   req: PushRequest,
-  plan: ReturnType<typeof planPush>,
+  plan: Plan,
   deps: PushDeps,
-): Promise<void> {
+): Promise<TensorRecord[]> {
   const { ctx, registry, threads } = deps;
   const started = performance.now();
   const size = plan.layout.size;
   const block = await registry.pool.take(size);
   const mem = new HostMemory(block.address, size);
-  version.pinned[0] = { path: "push/0", size, mtimeMs: 0, inPlace: false, mem, block };
+  version.pinned[file] = { path: `push/${file}`, size, mtimeMs: 0, inPlace: false, mem, block };
   mem.view(plan.layout.header.byteLength).set(plan.layout.header);
-  version.progress.bytesPinned = plan.layout.header.byteLength;
-  version.progress.bytesHashed = plan.layout.header.byteLength;
+  version.progress.bytesPinned += plan.layout.header.byteLength;
+  version.progress.bytesHashed += plan.layout.header.byteLength;
   const bufs: (DeviceBuffer | undefined)[] = [];
   const streams = new Map<number, Stream>();
   const events: Event[] = [];
@@ -180,19 +203,20 @@ async function fill(
     deps.log.debug(
       {
         checkpoint: version.id,
+        part: file,
         buffers: req.buffers.length,
         importSeconds: s(started, imported),
         copyAndHashSeconds: s(imported, performance.now()),
       },
       "push copied",
     );
-    version.tensors = plan.layout.tensors.map(
+    return plan.layout.tensors.map(
       (t): TensorRecord => ({
         name: t.name,
         dtype: t.dtype,
         shape: t.shape,
         bytes: t.bytes,
-        file: 0,
+        file,
         offset: t.offset,
         hash: hashes.get(t.name) as string,
       }),

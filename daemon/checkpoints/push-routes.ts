@@ -3,6 +3,7 @@ import * as v from "valibot";
 import { reply } from "../http/codec.ts";
 import { parseBody } from "../http/validate.ts";
 import { type PushDeps, pushFromDevices } from "./device-push.ts";
+import { PushParts } from "./push-parts.ts";
 import type { StagingAreas } from "./staging.ts";
 import { TensorDecl } from "./upload-routes.ts";
 
@@ -33,6 +34,15 @@ const PushBody = v.strictObject({
     v.array(v.strictObject({ ...TensorDecl.entries, buffer: count, offset: count })),
     v.minLength(1, "declare at least one tensor"),
   ),
+  /** One rank's part of a sharded push (push-parts.ts). */
+  part: v.optional(
+    v.strictObject({
+      id: v.pipe(v.string(), v.minLength(1), v.maxLength(128)),
+      index: count,
+      of: v.pipe(count, v.minValue(1), v.maxValue(1024)),
+      waitMs: v.optional(v.pipe(count, v.minValue(1), v.maxValue(600_000))),
+    }),
+  ),
 });
 
 /**
@@ -40,8 +50,10 @@ const PushBody = v.strictObject({
  * POST /v1/staging/{id}/commit, DELETE /v1/staging/{id}) and pushes from GPUs (POST /v1/pushes).
  */
 export function pushRoutes(app: Hono<{ Variables: { body: unknown } }>, areas: StagingAreas, deps: PushDeps) {
+  const parts = new PushParts(deps);
   app.post("/v1/pushes", async (c) => {
-    const version = await pushFromDevices(parseBody(PushBody, c.get("body")), deps);
+    const { part, ...req } = parseBody(PushBody, c.get("body"));
+    const version = part ? await parts.push(req, part) : await pushFromDevices([req], deps);
     c.header("location", `/v1/checkpoints/${version.id}`);
     return reply(c, version.summary(), 201);
   });
