@@ -5,18 +5,14 @@
  * batches land; a bad handle, a tensor past its buffer or a device the daemon lacks fail
  * naming it, leaving nothing registered or pinned. Real torch, as torch-receiver.test.ts.
  */
-import { spawn, spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { createHash, randomFillSync } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { ADMIN_TOKEN, ROOT, tempDir } from "./helpers.ts";
+import { ADMIN_TOKEN, ROOT, tempDir, torchPython } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 
-function torchPython(): string | undefined {
-  const candidates = process.env.TORCH_PYTHON ? [process.env.TORCH_PYTHON] : ["python3", "/usr/bin/python3"];
-  return candidates.find((py) => spawnSync(py, ["-c", "import torch"], { stdio: "ignore" }).status === 0);
-}
 const PYTHON = torchPython();
 const REQUIRED = process.env.REQUIRE_TORCH === "1";
 

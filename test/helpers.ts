@@ -1,5 +1,5 @@
 /** Starts real daemon processes for tests: under Node (tsx), Deno, or the built binary. */
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { type IncomingMessage, request, type ServerResponse } from "node:http";
 import { tmpdir } from "node:os";
@@ -47,6 +47,12 @@ export function removeTempDirs(): void {
 }
 
 /** The credentials of the test daemons: known tokens of both roles and one cluster secret. */
+/** The first python that imports torch ($TORCH_PYTHON, python3 or /usr/bin/python3), or undefined. */
+export function torchPython(): string | undefined {
+  const candidates = process.env.TORCH_PYTHON ? [process.env.TORCH_PYTHON] : ["python3", "/usr/bin/python3"];
+  return candidates.find((py) => spawnSync(py, ["-c", "import torch"], { stdio: "ignore" }).status === 0);
+}
+
 export const ADMIN_TOKEN = "test-admin-token-0123456789abcdef";
 export const READ_TOKEN = "test-read-token-0123456789abcdef";
 export const CLUSTER_SECRET = "test-cluster-secret-0123456789abcdef";

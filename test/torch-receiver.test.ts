@@ -4,21 +4,15 @@
  * Needs a python that imports torch ($TORCH_PYTHON, python3 or /usr/bin/python3); skipped
  * without one unless REQUIRE_TORCH=1, where that is a failure.
  */
-import { type ChildProcess, spawn, spawnSync } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import { writeSafetensors } from "./checkpoint-files.ts";
-import { AUTH, ROOT, tempDir, testCredentials } from "./helpers.ts";
+import { AUTH, ROOT, tempDir, testCredentials, torchPython } from "./helpers.ts";
 import { startInProcess } from "./in-process.ts";
-
-/** The first python that imports torch, or undefined. */
-function torchPython(): string | undefined {
-  const candidates = process.env.TORCH_PYTHON ? [process.env.TORCH_PYTHON] : ["python3", "/usr/bin/python3"];
-  return candidates.find((py) => spawnSync(py, ["-c", "import torch"], { stdio: "ignore" }).status === 0);
-}
 
 const PYTHON = torchPython();
 const REQUIRED = process.env.REQUIRE_TORCH === "1";
