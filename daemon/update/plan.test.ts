@@ -116,20 +116,58 @@ describe("planBuckets", () => {
     expect(view(tensors, bucketBytes, gpus)).toEqual(want);
   });
 
-  it("covers every byte of every tensor exactly once, within bucket bounds", () => {
-    const tensors = Array.from({ length: 50 }, (_, i) => t(`t${i}`, ((i * 7919) % 300) + 1, i % 3, i * 1000));
-    const buckets = planBuckets(tensors, { bucketBytes: 128, owners: [0, 1], slots: 4, align: 16 });
-    const covered = new Map<string, number>();
-    for (const b of buckets) {
-      expect(b.bytes).toBeLessThanOrEqual(128);
-      for (const p of b.pieces) {
-        expect(p.slotOffset % 16).toBe(0);
-        expect(p.slotOffset + p.range[1] - p.range[0]).toBeLessThanOrEqual(b.bytes);
-        expect(b.slot % 2).toBe(b.owner);
-        covered.set(p.name, (covered.get(p.name) ?? 0) + p.range[1] - p.range[0]);
+  it("covers every byte of every tensor exactly once, within bucket bounds, pieces apart", () => {
+    // Seeded cases: sizes from 0 to over two buckets, 1 to 4 owners, three alignments, both orders.
+    let seed = 12345;
+    const rand = (n: number) => {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return seed % n;
+    };
+    for (let c = 0; c < 200; c++) {
+      const align = [1, 16, 256][c % 3] as number;
+      const bucketBytes = align * (4 + rand(8));
+      const owners = Array.from({ length: 1 + (c % 4) }, (_, i) => i);
+      const files = 1 + rand(5);
+      const offsets = new Array<number>(files).fill(0);
+      const tensors = Array.from({ length: 1 + rand(40) }, (_, i) => {
+        const bytes = rand(5) === 0 ? 0 : 1 + rand(bucketBytes * 2 + 7);
+        const file = rand(files);
+        const x = t(`t${i}`, bytes, file, offsets[file] as number);
+        offsets[file] = (offsets[file] as number) + bytes;
+        return x;
+      });
+      const order = c % 2 === 0 ? "size" : "layers";
+      const buckets = planBuckets(tensors, { bucketBytes, owners, slots: owners.length * 2, align, order });
+      const ranges = new Map<string, [number, number][]>();
+      for (const b of buckets) {
+        expect(b.bytes).toBeLessThanOrEqual(bucketBytes);
+        const inSlot = b.pieces
+          .map((p) => [p.slotOffset, p.slotOffset + p.range[1] - p.range[0]])
+          .sort((x, y) => (x[0] as number) - (y[0] as number));
+        for (const [k, [at, end]] of inSlot.entries()) {
+          expect((at as number) % align).toBe(0);
+          expect(end as number).toBeLessThanOrEqual(b.bytes);
+          if (k > 0) expect(at as number).toBeGreaterThanOrEqual((inSlot[k - 1] as number[])[1] as number); // no overlap
+        }
+        expect(b.slot % owners.length).toBe(owners.indexOf(b.owner));
+        for (const p of b.pieces) ranges.set(p.name, [...(ranges.get(p.name) ?? []), p.range]);
+      }
+      for (const x of tensors) {
+        if (x.bytes === 0) continue; // nothing to move
+        const got = (ranges.get(x.name) ?? []).sort((a, b) => a[0] - b[0]);
+        let at = 0;
+        for (const [begin, end] of got) {
+          expect(begin).toBe(at); // contiguous: no gap, no overlap
+          at = end;
+        }
+        expect(at, `case ${c}, ${x.name}`).toBe(x.bytes);
       }
     }
-    for (const x of tensors) expect(covered.get(x.name)).toBe(x.bytes);
+  });
+
+  it("shares the bytes out evenly between owners, to within owners x align", () => {
+    const tensors = Array.from({ length: 50 }, (_, i) => t(`t${i}`, ((i * 7919) % 300) + 1, i % 3, i * 1000));
+    const buckets = planBuckets(tensors, { bucketBytes: 128, owners: [0, 1], slots: 4, align: 16 });
     const load = [0, 1].map((o) =>
       buckets
         .filter((b) => b.owner === o)
