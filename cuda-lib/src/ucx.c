@@ -28,6 +28,10 @@
 #define WIRE_MAGIC 0x636b7074u /* "ckpt" */
 #define WIRE_VERSION 1u
 #define MAX_CONNS 256
+/* Connections from one address that have not yet named a region with its key: a stranger who
+ * reconnects holds at most an eighth of the MAX_CONNS slots (a puller proves each of its lanes
+ * with its first request, within milliseconds; two pullers of 16 lanes on one host fit). */
+#define MAX_UNPROVEN_PER_HOST 32
 #define DEFAULT_INFLIGHT 64
 #define DEFAULT_IDLE_MS 60000
 #define DETAIL 256
@@ -60,6 +64,8 @@ typedef struct conn {
   int broken;       /* close now (an error, a flood): sends in flight are cut */
   int done;         /* close once its sends are out (it was refused, or stayed idle) */
   int64_t last_ms;  /* its last request that named a region and its key */
+  int proven;       /* it has named a region with its key */
+  struct sockaddr_storage from; /* the peer's address (port aside, what MAX_UNPROVEN_PER_HOST counts) */
   int64_t inflight;
   void *closing; /* the close request, once closed */
   struct conn *next;
@@ -425,6 +431,7 @@ static ux_status on_request(void *arg, const void *header, size_t header_len, vo
     c->done = 1;
   } else {
     c->last_ms = now_ms();
+    c->proven = 1;
     reply(u, c, h.op, CKPT_OK, r, (const void *)(r->base + h.offset), h.len);
   }
   return UX_OK;
@@ -436,13 +443,35 @@ static void on_conn_error(void *arg, ux_ep_h ep, ux_status status) {
   if (c) c->broken = 1;
 }
 
+/* Whether two socket addresses name the same host (the port aside). */
+static int same_host(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
+  if (a->ss_family != b->ss_family) return 0;
+  if (a->ss_family == AF_INET)
+    return ((const struct sockaddr_in *)a)->sin_addr.s_addr == ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+  if (a->ss_family == AF_INET6)
+    return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr, &((const struct sockaddr_in6 *)b)->sin6_addr,
+                  sizeof(struct in6_addr)) == 0;
+  return 0;
+}
+
+/* Connections from the host of `from` that are open and have not proven themselves yet. */
+static int unproven_from(struct ckpt_ucx *u, const struct sockaddr_storage *from) {
+  int n = 0;
+  for (conn *c = u->conns; c; c = c->next) n += !c->proven && !c->broken && c->closing == NULL && same_host(&c->from, from);
+  return n;
+}
+
 static void on_conn_request(ux_conn_request_h req, void *arg) {
   struct ckpt_ucx *u = (struct ckpt_ucx *)arg;
-  conn *c = u->nconns < MAX_CONNS ? (conn *)calloc(1, sizeof *c) : NULL;
+  ux_conn_request_attr attr = {.field_mask = UX_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR};
+  int known = u->api.conn_request_query(req, &attr) == UX_OK;
+  int crowded = known && unproven_from(u, &attr.client_address) >= MAX_UNPROVEN_PER_HOST;
+  conn *c = u->nconns < MAX_CONNS && !crowded ? (conn *)calloc(1, sizeof *c) : NULL;
   if (c == NULL) {
     u->api.listener_reject(u->listener, req);
     return;
   }
+  if (known) c->from = attr.client_address;
   ux_ep_params prm = {
       .field_mask = UX_EP_PARAM_FIELD_CONN_REQUEST | UX_EP_PARAM_FIELD_ERR_HANDLING_MODE | UX_EP_PARAM_FIELD_ERR_HANDLER,
       .err_mode = UX_ERR_HANDLING_MODE_PEER,

@@ -173,6 +173,29 @@ static int test_idle(void) {
   return rig_close(&r);
 }
 
+/* Connections from one host that name no region with its key are held to 32: one more is
+ * refused at once; one that proves itself (a keyed request) frees its place for another. */
+static int test_unproven_cap(void) {
+  rig r;
+  if (!rig_open(&r, 1 * MiB, 0)) return 0;
+  ckpt_ucx_peer *idle[32];
+  for (int i = 0; i < 32; i++) EXPECT_OK(r.ctx, ckpt_ucx_connect(r.client, r.address, &idle[i]));
+  struct timespec settle = {1, 0}; /* the source has taken the 32 */
+  nanosleep(&settle, NULL);
+  ckpt_ucx_peer *ninth, *tenth;
+  EXPECT(fetch_one(&r, r.region, r.key, 0, 100, &ninth) == CKPT_EUCX);
+  EXPECT_OK(r.ctx, ckpt_ucx_disconnect(ninth));
+  /* One of the 32 asks (and so proves itself); then a new connection is taken. */
+  uint64_t id;
+  int32_t st = 99;
+  EXPECT_OK(r.ctx, ckpt_ucx_fetch(idle[0], r.region, r.key, 0, 100, r.dst, &id));
+  EXPECT(wait_all(r.client, 1, &id, &st) && st == CKPT_OK);
+  EXPECT(fetch_one(&r, r.region, r.key, 0, 100, &tenth) == CKPT_OK);
+  EXPECT_OK(r.ctx, ckpt_ucx_disconnect(tenth));
+  for (int i = 0; i < 32; i++) EXPECT_OK(r.ctx, ckpt_ucx_disconnect(idle[i]));
+  return rig_close(&r);
+}
+
 /* Nobody listening: the fetches fail with CKPT_EUCX and the peer says why. */
 static int test_unreachable(void) {
   rig r;
@@ -339,7 +362,7 @@ static int test_missing_library(void) {
 static const harness_test tests[] = {
     TEST(test_missing_library), TEST(test_fetch),       TEST(test_refused),      TEST(test_unreachable),
     TEST(test_disconnect_in_flight), TEST(test_fault_corrupt), TEST(test_unexpose), TEST(test_unexpose_in_flight),
-    TEST(test_flood),          TEST(test_idle),           TEST(test_throughput),
+    TEST(test_flood),          TEST(test_idle),           TEST(test_unproven_cap),  TEST(test_throughput),
 };
 
 int main(void) {
