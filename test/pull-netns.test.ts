@@ -10,7 +10,7 @@
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
 import { daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
 import { apiAt } from "./in-process.ts";
@@ -60,6 +60,15 @@ describe.skipIf(!can)("pulls across network links (namespaces, veth, tc)", () =>
       await p.exited;
     }
   }
+
+  // A failed case says whether a daemon died, and what each one logged last.
+  afterEach((ctx) => {
+    if (ctx.task.result?.state !== "fail") return;
+    for (const p of running) {
+      const code = p.proc.exitCode ?? p.proc.signalCode ?? "running";
+      console.error(`daemon ${p.url} (${code}):\n${p.logs.slice(-15).join("\n")}`);
+    }
+  });
 
   afterAll(async () => {
     await stopAll();
