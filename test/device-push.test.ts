@@ -166,6 +166,13 @@ describe("pushes from device memory (API)", () => {
     });
     expect(file.status).toBe(422);
     expect(file.body.error.message).toMatch(/is not \/proc\/\d+\/fd\/<n> of its exporter/);
+    const long = await api("POST", "/v1/pushes", {
+      name: "m",
+      buffers: [{ ...buffer, handle: Buffer.alloc(129, 47).toString("base64") }],
+      tensors: [tensor("a", 0, 1)],
+    });
+    expect(long.status).toBe(400);
+    expect(long.body.error.message).toBe("buffer 0: a handle is at most 128 bytes, not 129");
     const gone = await api("POST", "/v1/pushes", {
       name: "m",
       buffers: [{ ...buffer, handle: Buffer.from("/proc/1/fd/999999\0").toString("base64") }],
