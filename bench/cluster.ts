@@ -10,11 +10,12 @@
  * single binary (dist/ckptd, `bash build.sh`) when there is one, else the sources under node.
  *   node --import tsx bench/cluster.ts [--daemons 32] [--heartbeat-ms 1000] [--peer-down-ms 5000] [--pull-mb 512] [--rate-mbit 800]
  */
-import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeModel } from "../test/checkpoint-files.ts";
 import { daemonCommand } from "../test/helpers.ts";
+import { ip, removeNetwork } from "../test/netns.ts";
 import { AUTH, arg, ROOT, Scratch, sleep, table } from "./lib/daemon.ts";
 
 const N = arg("daemons", 32);
@@ -28,7 +29,6 @@ const bridge = `ckbr${tag}`;
 const nsOf = (i: number) => `ckc${tag}-${i}`;
 const addrOf = (i: number) => `10.78.${Math.floor((i + 1) / 250)}.${((i + 1) % 250) + 1}`;
 const urlOf = (i: number) => `http://${addrOf(i)}:${PORT}`;
-const ip = (...args: string[]) => execFileSync("ip", args, { stdio: "pipe" });
 
 function network(): void {
   ip("link", "add", bridge, "type", "bridge");
@@ -46,14 +46,10 @@ function network(): void {
 }
 
 function teardown(): void {
-  for (let i = 0; i < N; i++) {
-    try {
-      ip("netns", "del", nsOf(i));
-    } catch {}
-  }
-  try {
-    ip("link", "del", bridge);
-  } catch {}
+  removeNetwork(
+    Array.from({ length: N }, (_, i) => nsOf(i)),
+    bridge,
+  );
 }
 
 function start(scratch: Scratch, i: number): ChildProcess {

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
 import { daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
 import { apiAt } from "./in-process.ts";
-import { ip, netnsUsable, runTag } from "./netns.ts";
+import { ip, netnsUsable, removeNetwork, runTag } from "./netns.ts";
 
 const can = netnsUsable();
 
@@ -93,15 +93,8 @@ describe.skipIf(!can)("discovery through a DNS name (namespaces, a DNS server of
       await p.exited;
     }
     server?.close();
-    for (let i = 0; i < 3; i++) {
-      rmSync(`/etc/netns/${nsOf(i)}`, { recursive: true, force: true });
-      try {
-        ip("netns", "del", nsOf(i));
-      } catch {}
-    }
-    try {
-      ip("link", "del", bridge);
-    } catch {}
+    for (let i = 0; i < 3; i++) rmSync(`/etc/netns/${nsOf(i)}`, { recursive: true, force: true });
+    removeNetwork([0, 1, 2].map(nsOf), bridge);
     if (!hadNetnsDir) rmSync("/etc/netns", { recursive: true, force: true });
   });
 

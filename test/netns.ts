@@ -29,3 +29,15 @@ export const ip = (...args: string[]) => execFileSync("ip", args, { stdio: "pipe
 
 /** A short tag of this test run, to name namespaces and links apart from a neighbour's. */
 export const runTag = (len: number) => `${process.env.TEST_RUN_TAG ?? "0"}`.slice(-len);
+
+/** Deletes the namespaces and the bridge a test made, whichever of them exist. */
+export function removeNetwork(namespaces: string[], bridge: string): void {
+  for (const ns of namespaces) {
+    try {
+      ip("netns", "del", ns);
+    } catch {}
+  }
+  try {
+    ip("link", "del", bridge);
+  } catch {}
+}

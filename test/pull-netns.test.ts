@@ -14,7 +14,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { writeModel } from "./checkpoint-files.ts";
 import { daemonCommand, type Running, startProcess, tempDir } from "./helpers.ts";
 import { apiAt } from "./in-process.ts";
-import { ip, netnsUsable, runTag } from "./netns.ts";
+import { ip, netnsUsable, removeNetwork, runTag } from "./netns.ts";
 
 const can = netnsUsable("tc");
 
@@ -72,14 +72,7 @@ describe.skipIf(!can)("pulls across network links (namespaces, veth, tc)", () =>
 
   afterAll(async () => {
     await stopAll();
-    for (let i = 0; i < 3; i++) {
-      try {
-        ip("netns", "del", nsOf(i));
-      } catch {}
-    }
-    try {
-      ip("link", "del", bridge);
-    } catch {}
+    removeNetwork([0, 1, 2].map(nsOf), bridge);
   });
 
   async function start(i: number, seeds: string[]): Promise<Running & { at: string }> {

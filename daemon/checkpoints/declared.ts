@@ -3,6 +3,7 @@
  * back to back in the order declared. Uploads and staging areas both place a trainer's
  * tensors this way before any byte arrives.
  */
+import { open, unlink } from "node:fs/promises";
 import { DaemonError } from "../errors.ts";
 import { DTYPE_BITS, encodeHeader } from "./safetensors.ts";
 
@@ -66,4 +67,18 @@ export function layOut(
     return p;
   });
   return { header, tensors: placed, size: safeBytes(total, what) };
+}
+
+/** Makes a new file at `path` (none may be there) holding a layout's header, at its full size. */
+export async function writeLayout(path: string, layout: Layout, mode: number): Promise<void> {
+  const file = await open(path, "wx", mode);
+  try {
+    await file.write(layout.header, 0, layout.header.byteLength, 0);
+    await file.truncate(layout.size);
+  } catch (err) {
+    await file.close();
+    await unlink(path).catch(() => undefined); // no one owns the file yet: nothing may stay behind
+    throw err;
+  }
+  await file.close();
 }

@@ -265,7 +265,7 @@ export async function hashTensors(
     said = done;
   };
   const hashes = await ctx.hash64(ranges, opts.threads, (bytes) => say(headers + bytes));
-  say(headers + Number(ranges.reduce((n, x, k) => (k % 2 ? n + x : n), 0n)));
+  say(headers + Number(ranges.reduce((n, x, k) => (k % 2 ? n + x : n), 0n))); // hash64 says nothing for a file without tensors
   const hex = [...hashes].map((h) => h.toString(16).padStart(16, "0"));
   let at = 0;
   return files.map((f) => {

@@ -11,10 +11,9 @@ import { chown, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { DaemonError } from "../errors.ts";
 import type { Group } from "./confine.ts";
-import { layOut, type Placed, sized, type TensorDeclaration } from "./declared.ts";
+import { layOut, type Placed, sized, type TensorDeclaration, writeLayout } from "./declared.ts";
 import { type CheckpointVersion, checkName, type Registry } from "./registry.ts";
 import { resolveFiles } from "./sources.ts";
-import { writeLayout } from "./uploads.ts";
 
 export interface StagingRequest {
   name: string;

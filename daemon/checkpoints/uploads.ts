@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import { type FileHandle, mkdir, open, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { DaemonError } from "../errors.ts";
-import { type Layout, layOut, sized, type TensorDeclaration } from "./declared.ts";
+import { layOut, sized, type TensorDeclaration, writeLayout } from "./declared.ts";
 import { type CheckpointVersion, checkName, type Registry } from "./registry.ts";
 import { resolveFiles } from "./sources.ts";
 
@@ -39,20 +39,6 @@ interface Upload {
 export type Body = ReadableStream<Uint8Array> | null;
 
 const FILE_NAME = /^[A-Za-z0-9._-]+\.safetensors$/;
-
-/** Makes a new file at `path` (none may be there) holding a layout's header, at its full size. */
-export async function writeLayout(path: string, layout: Layout, mode: number): Promise<void> {
-  const file = await open(path, "wx", mode);
-  try {
-    await file.write(layout.header, 0, layout.header.byteLength, 0);
-    await file.truncate(layout.size);
-  } catch (err) {
-    await file.close();
-    await unlink(path).catch(() => undefined); // no one owns the file yet: nothing may stay behind
-    throw err;
-  }
-  await file.close();
-}
 
 /** Streams a body into a file at `position`; returns the bytes written, or `limit + 1` if it held more. */
 async function streamTo(body: Body, file: FileHandle, position: number, limit: number): Promise<number> {

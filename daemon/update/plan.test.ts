@@ -220,8 +220,8 @@ describe("planBuckets", () => {
   });
 
   it("puts a tensor into the first bucket with room, however many are open", () => {
-    // 1000 buckets of 48 bytes (16 left each), then bucket 700 takes 8 more: a 16-byte tensor goes
-    // to bucket 0, a 12-byte one too (it has 16 left), and once 0 is full, the next to 1.
+    // 1000 buckets of 48 bytes (16 left each): the first 16-byte tensor fills bucket 0, the
+    // second goes to bucket 1, the first with room, though 998 more have some.
     const fill = Array.from({ length: 1000 }, (_, i) => t(`f${i}`, 48, 0, i * 48));
     const smalls = [t("s1", 16, 0, 48_000), t("s2", 16, 0, 48_016)];
     const buckets = planBuckets([...fill, ...smalls], { bucketBytes: 64, owners: [0], slots: 2, align: 16 });
