@@ -3,7 +3,7 @@
  * (default 4) in /dev/shm, registered in place by two source daemons; a third pulls it from
  * one source, then from both. iperf3 (Debian's package) measures loopback TCP in the same run:
  * the one-source pull is reported as a ratio to it (target 0.8), the two-source pull as a
- * ratio to one source. Every pull is checked whole (every piece's XXH64, and the fingerprint).
+ * ratio to one source. Every pull is checked whole (every piece's hash, and the fingerprint).
  *   node --import tsx bench/pull.ts [--gb 4] [--files 8] [--transports tcp] [--ucx-path libucp.so.0] [--lanes 4]
  */
 import { execFileSync, spawn } from "node:child_process";
@@ -140,7 +140,7 @@ async function main() {
     const split = two.v.progress.pull.sources.map(
       (s: Json) => `${s.nodeId.slice(0, 8)} ${(s.bytes / 1e9).toFixed(2)} GB`,
     );
-    console.log(`two sources took: ${split.join(", ")}; every piece verified (XXH64), fingerprint equal`);
+    console.log(`two sources took: ${split.join(", ")}; every piece verified (ckpt hash), fingerprint equal`);
   } catch (err) {
     // A daemon that died says why in its log (a crash, a backtrace): print what each kept.
     for (const d of daemons)

@@ -149,7 +149,7 @@ describe("ffi over the host backend", () => {
       expect(err).toBeInstanceOf(CkptError);
       expect(err.code).toBe(CKPT_EFAULT);
       expect(err.detail).toContain("offset 4096");
-      const hashed = (await ctx.hash64(new BigUint64Array([mem.address, 8192n]), 2).catch((e) => e)) as CkptError;
+      const hashed = (await ctx.hash(new BigUint64Array([mem.address, 8192n]), 2).catch((e) => e)) as CkptError;
       expect(hashed.status).toBe("CKPT_EFAULT");
       await expect(ctx.hostRead(mem, 1, mem.len)).rejects.toThrow(RangeError);
       await ctx.fileUnmap(mem);

@@ -295,6 +295,20 @@ export class Context {
     };
   }
 
+  /**
+   * The ckpt hash of each (buffer index, offset, len) triple in `ranges`, over buffers of one
+   * device, computed on that device (host backend: on up to `threads` threads).
+   */
+  async bufHash(bufs: DeviceBuffer[], ranges: BigUint64Array, threads: number): Promise<BigUint64Array> {
+    if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (buffer, offset, len) triples");
+    const hashes = new BigUint64Array(ranges.length / 3);
+    if (hashes.length === 0) return hashes;
+    const handles = new BigUint64Array(bufs.map((b) => b.handle));
+    const args = [handles, bufs.length, ranges, hashes.length, hashes, null, threads];
+    this.check("ckpt_buf_hash", await promisify<number>(this.lib.native.bufHash, args));
+    return hashes;
+  }
+
   async bufImport(handle: IpcHandleRecord): Promise<DeviceBuffer> {
     const h = { size: sizeOf(IpcHandle), ...handle };
     const out: Ptr[] = [0n];
@@ -445,10 +459,11 @@ export class Context {
   }
 
   /**
-   * XXH64 of each (address, len) pair in `ranges`, on up to `threads` threads.
-   * onProgress, if given, sees the bytes hashed so far every `everyMs` while it runs.
+   * The ckpt hash (ckpt.h: XXH64 of each MiB, then of those) of each (address, len) pair in
+   * `ranges`, on up to `threads` threads. onProgress, if given, sees the bytes hashed so far
+   * every `everyMs` while it runs.
    */
-  async hash64(
+  async hash(
     ranges: BigUint64Array,
     threads: number,
     onProgress?: (bytes: number) => void,
@@ -460,8 +475,8 @@ export class Context {
     const counter = new NativeCounter();
     const timer = onProgress ? setInterval(() => onProgress(counter.read()), everyMs) : undefined;
     try {
-      const args = [this.ptr, ranges, hashes.length, hashes, threads, counter.address];
-      this.check("ckpt_hash64", await promisify<number>(this.lib.native.hash64, args));
+      const args = [this.ptr, ranges, hashes.length, hashes, null, threads, counter.address];
+      this.check("ckpt_hash", await promisify<number>(this.lib.native.hash, args));
       onProgress?.(counter.read());
     } finally {
       clearInterval(timer);

@@ -2,7 +2,7 @@
 // Regenerate with `node --import tsx ffi/gen-constants.ts`; `npm run constants` checks it is fresh.
 
 // #define CKPT_<NAME> <integer>
-export const CKPT_ABI_VERSION = 4;
+export const CKPT_ABI_VERSION = 5;
 export const CKPT_ERROR_BYTES = 512;
 export const CKPT_UUID_BYTES = 48;
 export const CKPT_DEVICE_NAME_BYTES = 96;
@@ -10,6 +10,7 @@ export const CKPT_REGISTER_READONLY = 1;
 export const CKPT_IPC_DATA_BYTES = 128;
 export const CKPT_IPC_CUDA = 1;
 export const CKPT_IPC_HOST = 2;
+export const CKPT_HASH_CHUNK = 1048576;
 export const CKPT_COMM_ID_BYTES = 128;
 export const CKPT_UCX_KEY_BYTES = 16;
 export const CKPT_UCX_FAULT_CORRUPT = 1;

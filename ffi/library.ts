@@ -9,7 +9,7 @@ import { CKPT_DEVICE_NAME_BYTES, CKPT_IPC_DATA_BYTES, CKPT_UUID_BYTES } from "./
  * The ABI these declarations are written for, by hand: when ckpt.h's CKPT_ABI_VERSION moves,
  * a test fails until the declarations below are brought up to date and this is raised.
  */
-export const ABI_VERSION = 4;
+export const ABI_VERSION = 5;
 
 export const CtxOptions = koffi.struct("ckpt_ctx_options", {
   size: "uint32_t",
@@ -95,8 +95,9 @@ const SIGNATURES = {
   fileRead:
     "int ckpt_file_read(ckpt_ctx ctx, const char *path, uint64_t offset, uint64_t len, void *dst, int32_t threads)",
   hostRead: "int ckpt_host_read(ckpt_ctx ctx, void *src, void *dst, uint64_t len)",
-  hash64:
-    "int ckpt_hash64(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads, void *done_bytes)",
+  hash: "int ckpt_hash(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads, void *done_bytes)",
+  bufHash:
+    "int ckpt_buf_hash(const void *bufs, size_t nbufs, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads)",
   ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",
   ucxCreate: "int ckpt_ucx_create(ckpt_ctx ctx, const ckpt_ucx_options *opts, _Out_ ckpt_ucx *out)",
   ucxDestroy: "int ckpt_ucx_destroy(ckpt_ucx ucx)",

@@ -55,8 +55,16 @@ export function writeModel(dir: string, files = 2, layers = 3, hidden = 64): Wri
 
 let hasher: Awaited<ReturnType<typeof xxhash>> | undefined;
 
-/** XXH64 as 16 hex digits, from an implementation independent of libckpt. */
-export async function xxh64(bytes: Uint8Array): Promise<string> {
+/**
+ * The ckpt hash (cuda-lib/include/ckpt.h: XXH64 of each MiB, then XXH64 of those hashes as
+ * little-endian uint64s) as 16 hex digits, from an XXH64 independent of libckpt.
+ */
+export async function ckptHash(bytes: Uint8Array): Promise<string> {
   hasher ??= await xxhash();
-  return hasher.h64Raw(bytes).toString(16).padStart(16, "0");
+  const chunk = 1 << 20;
+  const chunks = new DataView(new ArrayBuffer(8 * Math.ceil(bytes.byteLength / chunk)));
+  for (let at = 0; at < bytes.byteLength; at += chunk) {
+    chunks.setBigUint64(at / 128 / 1024, hasher.h64Raw(bytes.subarray(at, at + chunk)), true);
+  }
+  return hasher.h64Raw(new Uint8Array(chunks.buffer)).toString(16).padStart(16, "0");
 }

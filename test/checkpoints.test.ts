@@ -7,7 +7,7 @@ import { DTYPE_BITS } from "../daemon/checkpoints/safetensors.ts";
 import { resolveDirectory } from "../daemon/checkpoints/sources.ts";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
 import { AUTH, early, removeTempDirs, tempDir, testCredentials, thrown } from "./helpers.ts";
 import { startInProcess } from "./in-process.ts";
 
@@ -63,7 +63,7 @@ async function expectManifestMatches(
   for (const t of tensors) {
     const entry = manifest.tensors.find((m) => m.name === t.name);
     expect(entry?.bytes).toBe(t.bytes.byteLength);
-    expect(entry?.hash).toBe(await xxh64(t.bytes));
+    expect(entry?.hash).toBe(await ckptHash(t.bytes));
   }
 }
 
@@ -274,7 +274,7 @@ describe("fuzzing registration", () => {
         // Accepted: the manifest must describe exactly the bytes in the file.
         const manifest = (await d.api("GET", `/v1/checkpoints/${res.body.id}`)).body;
         for (const t of manifest.tensors) {
-          expect(t.hash).toBe(await xxh64(bytes.subarray(t.offset, t.offset + t.bytes)));
+          expect(t.hash).toBe(await ckptHash(bytes.subarray(t.offset, t.offset + t.bytes)));
         }
         await d.api("DELETE", `/v1/checkpoints/${res.body.id}`);
       }
@@ -451,8 +451,8 @@ describe("trainer pushes", () => {
     expect(committed.status).toBe(201);
     expect(committed.body.id).toBe("pushed@1");
     const manifest = (await d.api("GET", "/v1/checkpoints/pushed@1")).body;
-    expect(manifest.tensors.find((t: { name: string }) => t.name === "a.weight").hash).toBe(await xxh64(a));
-    expect(manifest.tensors.find((t: { name: string }) => t.name === "b.bias").hash).toBe(await xxh64(b));
+    expect(manifest.tensors.find((t: { name: string }) => t.name === "a.weight").hash).toBe(await ckptHash(a));
+    expect(manifest.tensors.find((t: { name: string }) => t.name === "b.bias").hash).toBe(await ckptHash(b));
     expect(manifest.files[0]).toMatchObject({ inPlace: true, adopted: true });
     // Dropping the version deletes the daemon's file.
     await d.api("DELETE", "/v1/checkpoints/pushed@1");

@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type Running, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
 
@@ -45,7 +45,7 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
     };
     expect(manifest.files.every((f) => f.inPlace)).toBe(true);
     for (const t of tensors) {
-      expect(manifest.tensors.find((x) => x.name === t.name)?.hash).toBe(await xxh64(t.bytes));
+      expect(manifest.tensors.find((x) => x.name === t.name)?.hash).toBe(await ckptHash(t.bytes));
     }
     daemon.proc.kill("SIGTERM");
     expect(await daemon.exited).toBe(0);
@@ -91,7 +91,7 @@ describe.each(["node", "deno"] as RuntimeName[])("the daemon under %s", (runtime
       for (const [i, r] of receivers.entries()) {
         const got = r.hashes.get(i < 2 ? "u-1" : `u-1@${coordinator}`);
         expect(got?.size).toBe(tensors.length);
-        for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+        for (const t of tensors) expect(got?.get(t.name)).toBe(await ckptHash(t.bytes));
       }
     } finally {
       for (const r of receivers) await r.close();

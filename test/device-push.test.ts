@@ -1,8 +1,8 @@
 /**
  * Pushes from a trainer's device memory (POST /v1/pushes through ckptd.trainer.push_cuda) on
  * the host backend: the trainer's tensors live in shared-memory stand-ins for two GPUs, the
- * daemon opens their handles and copies device-to-host into pooled pinned memory, hashing as
- * batches land; a bad handle, a tensor past its buffer or a device the daemon lacks fail
+ * daemon opens their handles and copies device-to-host into pooled pinned memory, hashing the
+ * buffers where they are (on the device); a bad handle, a tensor past its buffer or a device the daemon lacks fail
  * naming it, leaving nothing registered or pinned. Real torch, as torch-receiver.test.ts.
  */
 import { spawn } from "node:child_process";
@@ -10,6 +10,7 @@ import { createHash, randomFillSync } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
+import { ckptHash } from "./checkpoint-files.ts";
 import { ADMIN_TOKEN, ROOT, tempDir, torchPython } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 
@@ -129,6 +130,7 @@ describe("pushes from device memory (API)", () => {
     const [a, b] = v.tensors;
     expect(Buffer.compare(view.subarray(a?.offset, (a?.offset ?? 0) + 5000), bytes.subarray(100, 5100))).toBe(0);
     expect(Buffer.compare(view.subarray(b?.offset, (b?.offset ?? 0) + 100), bytes.subarray(0, 100))).toBe(0);
+    expect(a?.hash).toBe(await ckptHash(bytes.subarray(100, 5100)));
     // The same bytes registered from a file hash the same: the version is as good as a registered one.
     const dir = tempDir("ckptd-test-", "/dev/shm");
     writeFileSync(join(dir, "m.safetensors"), view);

@@ -13,7 +13,7 @@ import { checkAnswer, signedHeaders } from "../daemon/auth/signature.ts";
 import type { Config } from "../daemon/config/index.ts";
 import { Gossip } from "../daemon/peers/gossip.ts";
 import { Members } from "../daemon/peers/members.ts";
-import { writeModel, xxh64 } from "./checkpoint-files.ts";
+import { writeModel, ckptHash } from "./checkpoint-files.ts";
 import { CLUSTER_SECRET, daemonCommand, type Running, startProcess, tempDir, within } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
@@ -145,7 +145,7 @@ describe("membership", () => {
     await until(a.api, (peers) => states(peers)["node-b"] === "up");
     const both = await a.api("POST", "/v1/updates", { checkpoint: "m" });
     expect(both.body.state).toBe("succeeded");
-    for (const t of tensors) expect(rb.hashes.get("u-1@node-a")?.get(t.name)).toBe(await xxh64(t.bytes));
+    for (const t of tensors) expect(rb.hashes.get("u-1@node-a")?.get(t.name)).toBe(await ckptHash(t.bytes));
     const alone = await a.api("POST", "/v1/updates", { checkpoint: "m", peers: [] });
     expect(alone.body.state).toBe("succeeded");
     expect(rb.hashes.has("u-2@node-a")).toBe(false);

@@ -5,7 +5,7 @@
  */
 import { createConnection, type Socket } from "node:net";
 import { type Context, type DeviceBuffer, Library, libraryPath } from "../ffi/index.ts";
-import { xxh64 } from "./checkpoint-files.ts";
+import { ckptHash } from "./checkpoint-files.ts";
 
 const LIB_DIR = new URL("../cuda-lib/build/", import.meta.url).pathname;
 
@@ -28,7 +28,7 @@ type Msg = { op: string; [k: string]: unknown };
 
 export class ReferenceReceiver {
   readonly seen: Msg[] = [];
-  /** Per finished update: tensor name -> XXH64 of the assembled bytes. */
+  /** Per finished update: tensor name -> ckpt hash of the assembled bytes. */
   readonly hashes = new Map<string, Map<string, string>>();
   private socket?: Socket;
   private ctx?: Context;
@@ -134,7 +134,7 @@ export class ReferenceReceiver {
       this.send({ op: "ack", update: m.update, bucket });
     } else if (m.op === "end" && !this.behaviour.neverDone) {
       const hashes = new Map<string, string>();
-      for (const [name, bytes] of this.tensors) hashes.set(name, await xxh64(bytes));
+      for (const [name, bytes] of this.tensors) hashes.set(name, await ckptHash(bytes));
       this.hashes.set(m.update as string, hashes);
       this.send({ op: "done", update: m.update });
     }

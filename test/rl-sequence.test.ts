@@ -8,7 +8,7 @@
 import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Config, EngineConfig } from "../daemon/config/index.ts";
-import { type WrittenTensor, writeModel, xxh64 } from "./checkpoint-files.ts";
+import { type WrittenTensor, writeModel, ckptHash } from "./checkpoint-files.ts";
 import { tempDir } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 import { StandInEngine } from "./stand-in-engine.ts";
@@ -51,7 +51,7 @@ async function expectDelivered(stand: StandInEngine, update: string, tensors: Wr
   for (const r of stand.receivers) {
     const got = r.hashes.get(update);
     expect(got?.size, r.name).toBe(tensors.length);
-    for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+    for (const t of tensors) expect(got?.get(t.name)).toBe(await ckptHash(t.bytes));
   }
 }
 

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type RuntimeName, startProcess, tempDir, testCredentials } from "./helpers.ts";
 import { apiOf, startInProcess } from "./in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
@@ -176,7 +176,7 @@ describe("registered files changing underneath", () => {
     const res = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(res.body.state).toBe("succeeded");
     const got = r0?.hashes.get(res.body.id);
-    for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+    for (const t of tensors) expect(got?.get(t.name)).toBe(await ckptHash(t.bytes));
   });
 
   it("fails an update whose file is rewritten with write(2) while it copies: the engines get abort, not end", async () => {

@@ -12,7 +12,7 @@ import type { Config } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { validityWarning } from "../daemon/http/tls.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
-import { writeModel, xxh64 } from "./checkpoint-files.ts";
+import { writeModel, ckptHash } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, startProcess, tempDir } from "./helpers.ts";
 import { LIB_DIR, testConfig } from "./in-process.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
@@ -120,7 +120,7 @@ describe("TLS", () => {
         expect(JSON.parse(res.body)).toMatchObject({ state: "succeeded" });
         for (const r of receivers) {
           const got = [...r.hashes.values()][0];
-          for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+          for (const t of tensors) expect(got?.get(t.name)).toBe(await ckptHash(t.bytes));
         }
       } finally {
         for (const r of receivers) await r.close();

@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { type WrittenTensor, writeModel, writeSafetensors, xxh64 } from "./checkpoint-files.ts";
+import { type WrittenTensor, writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
 import { endSigned, tempDir, testCredentials, within } from "./helpers.ts";
 import { apiOf, startInProcess } from "./in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
@@ -57,7 +57,7 @@ async function register(api: Awaited<ReturnType<typeof start>>["api"], name = "m
 async function expectDelivered(r: ReferenceReceiver, update: string, tensors: WrittenTensor[]) {
   const got = r.hashes.get(update);
   expect(got?.size).toBe(tensors.length);
-  for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+  for (const t of tensors) expect(got?.get(t.name)).toBe(await ckptHash(t.bytes));
 }
 
 describe("broadcast updates on the host backend", () => {

@@ -16,7 +16,7 @@
  *   returns; the bytes a range points at must stay valid until the copy's event completes.
  * - Signals: the first ckpt_ctx_create installs one process-wide SIGBUS handler (sigaction,
  *   SA_SIGINFO) and keeps the disposition it replaced. The library's CPU reads of host memory
- *   that may be a mapped file (ckpt_hash64, ckpt_host_read, the host backend's ckpt_h2d_async
+ *   that may be a mapped file (ckpt_hash, ckpt_host_read, the host backend's ckpt_h2d_async
  *   copies) run under a per-thread guard: a SIGBUS inside the range being read (its file was
  *   truncated under the mapping) fails that operation with CKPT_EFAULT, naming the range and
  *   the faulting address, instead of killing the process. Every other SIGBUS goes to the
@@ -37,7 +37,7 @@
 extern "C" {
 #endif
 
-#define CKPT_ABI_VERSION 4
+#define CKPT_ABI_VERSION 5
 
 /* X(name, value, message): the one table of errors; names and messages derive from it. */
 #define CKPT_STATUS_MAP(X)                                                        \
@@ -251,14 +251,31 @@ int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t le
  * (see Signals): CKPT_EFAULT naming the address instead of a crash when src's file was
  * truncated under its mapping. Blocking; for headers and checks, not the data path. */
 int ckpt_host_read(ckpt_ctx *ctx, const void *src, void *dst, uint64_t len);
-/* XXH64 (seed 0) of each of n host ranges; ranges holds n (address, len) pairs of uint64,
- * hashes receives n values. Ranges are spread over up to `threads` threads (largest first);
- * the memory need not be pinned. If done_bytes is not NULL, the length of each range is
- * added to it atomically as that range finishes, so another thread can read the progress
- * while the call runs. A range whose mapped file was truncated fails the call with CKPT_EFAULT
- * naming the range (guarded, see Signals); the other hashes are then undefined. Blocking. */
-int ckpt_hash64(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads,
-                uint64_t *done_bytes);
+/* The ckpt hash: XXH64 (seed 0) of each CKPT_HASH_CHUNK-byte chunk of a range (the last one
+ * may be shorter; an empty range has none), then XXH64 of those chunk hashes taken as
+ * little-endian uint64s. The chunks let many threads (or a GPU) hash one large tensor at once,
+ * and let a part of a tensor be checked alone. */
+#define CKPT_HASH_CHUNK 1048576u /* 1 MiB */
+
+/* The ckpt hash of each of n host ranges; ranges holds n (address, len) pairs of uint64,
+ * hashes receives n values. If chunk_hashes is not NULL it receives every range's chunk
+ * hashes, range after range (ceil(len / CKPT_HASH_CHUNK) each). Chunks are spread over up to
+ * `threads` threads; the memory need not be pinned. If done_bytes is not NULL, each chunk's
+ * length is added to it atomically as that chunk finishes, so another thread can read the
+ * progress while the call runs. A range whose mapped file was truncated fails the call with
+ * CKPT_EFAULT naming the range (guarded, see Signals); the hashes are then undefined. Blocking. */
+int ckpt_hash(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes, uint64_t *chunk_hashes,
+              int32_t threads, uint64_t *done_bytes);
+
+/* The ckpt hash of n ranges of device buffers, computed where the bytes are: one kernel over
+ * every chunk, on the buffers' device and a stream of its own (host backend: ckpt_hash with
+ * `threads` threads; CUDA ignores it). bufs holds nbufs buffers of one context and one device
+ * (CKPT_EINVAL otherwise); ranges holds n (buffer index, offset, len) triples of uint64, each
+ * inside its buffer (CKPT_ERANGE naming the first that is not); hashes and chunk_hashes as for
+ * ckpt_hash. The bytes are read as they are when the kernel runs: work that writes them must
+ * be complete first. Blocking. */
+int ckpt_buf_hash(ckpt_buf *const *bufs, size_t nbufs, const uint64_t *ranges, size_t n, uint64_t *hashes,
+                  uint64_t *chunk_hashes, int32_t threads);
 
 /* ---- collectives ----------------------------------------------------------------------- */
 

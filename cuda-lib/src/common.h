@@ -119,6 +119,18 @@ int ckpt__ranges_check(ckpt_ctx *ctx, const ckpt_range *r, size_t n, uint64_t ds
  * (q8b on an H200: 1.3 s, against 0.8 s of prefault and 0.9 s of register after it). */
 extern const int ckpt__map_populate;
 
+/* hash.c: how many CKPT_HASH_CHUNK chunks a range of len bytes has, and a range's hash from
+ * its chunk hashes (XXH64 of them as little-endian uint64s). */
+size_t ckpt__hash_chunks(uint64_t len);
+uint64_t ckpt__hash_combine(const uint64_t *chunks, size_t k);
+/* ckpt_buf_hash's (buffer index, offset, len) triples, checked against the buffers at base[k]
+ * of len[k] bytes (CKPT_ERANGE naming the range) and made (address, len) pairs in *out (malloc'd). */
+int ckpt__buf_ranges(ckpt_ctx *ctx, const uintptr_t *base, const size_t *len, size_t nbufs, const uint64_t *ranges,
+                     size_t n, uint64_t **out);
+/* Every chunk of n (address, len) ranges as (address, len) pairs in *table, and in *first
+ * (n + 1 values) the index of each range's first chunk (first[n]: all of them); malloc'd. */
+int ckpt__chunk_table(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t **table, size_t **first);
+
 #ifdef __cplusplus
 }
 #endif

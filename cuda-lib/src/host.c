@@ -239,6 +239,29 @@ CKPT_API int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t l
   return CKPT_OK;
 }
 
+CKPT_API int ckpt_buf_hash(ckpt_buf *const *bufs, size_t nbufs, const uint64_t *ranges, size_t n,
+                           uint64_t *hashes, uint64_t *chunk_hashes, int32_t threads) {
+  CHECK_ARG(NULL, bufs != NULL && nbufs > 0 && bufs[0] != NULL);
+  ckpt_ctx *ctx = bufs[0]->ctx;
+  if (n == 0) return CKPT_OK;
+  CHECK_ARG(ctx, hashes != NULL);
+  uintptr_t *base = malloc(nbufs * sizeof *base);
+  size_t *len = malloc(nbufs * sizeof *len);
+  uint64_t *abs = NULL;
+  int st = base && len ? CKPT_OK : FAIL(ctx, CKPT_ENOMEM, "ckpt_buf_hash: %zu buffers", nbufs);
+  for (size_t k = 0; k < nbufs && st == CKPT_OK; k++) {
+    if (bufs[k] == NULL || bufs[k]->ctx != ctx || bufs[k]->device != bufs[0]->device)
+      st = FAIL(ctx, CKPT_EINVAL, "ckpt_buf_hash: buffer %zu is %s", k,
+                bufs[k] == NULL ? "NULL" : "of another context or device than buffer 0");
+    else
+      base[k] = (uintptr_t)bufs[k]->address, len[k] = bufs[k]->len;
+  }
+  if (st == CKPT_OK) st = ckpt__buf_ranges(ctx, base, len, nbufs, ranges, n, &abs);
+  if (st == CKPT_OK) st = ckpt_hash(ctx, abs, n, hashes, chunk_hashes, threads, NULL);
+  free(abs), free(base), free(len);
+  return st;
+}
+
 /* ---- IPC ---------------------------------------------------------------------------- */
 CKPT_API int ckpt_buf_export(ckpt_buf *buf, ckpt_ipc_handle *out) {
   CHECK_ARG(NULL, buf != NULL);

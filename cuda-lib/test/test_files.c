@@ -45,9 +45,16 @@ static int write_temp_file(char path[64], const uint8_t *data, size_t len) {
   return done == len;
 }
 
+/* The ckpt hash of one range. */
 static uint64_t hash1(ckpt_ctx *ctx, const void *p, size_t len) {
   uint64_t r[2] = {(uint64_t)(uintptr_t)p, len}, h = 0;
-  return ckpt_hash64(ctx, r, 1, &h, 1, NULL) == CKPT_OK ? h : 0;
+  return ckpt_hash(ctx, r, 1, &h, NULL, 1, NULL) == CKPT_OK ? h : 0;
+}
+
+/* Plain XXH64 of at most one chunk: the range's only chunk hash. */
+static uint64_t xxh1(ckpt_ctx *ctx, const void *p, size_t len) {
+  uint64_t r[2] = {(uint64_t)(uintptr_t)p, len}, h = 0, chunk = 0;
+  return len > 0 && len <= CKPT_HASH_CHUNK && ckpt_hash(ctx, r, 1, &h, &chunk, 1, NULL) == CKPT_OK ? chunk : 0;
 }
 
 /* ---- tests -------------------------------------------------------------------------- */
@@ -195,8 +202,8 @@ static int test_hash_vectors(void) {
   ckpt_ctx *ctx = new_ctx(1);
   EXPECT(ctx != NULL);
   EXPECT(hash1(ctx, "", 0) == 0xEF46DB3751D8E999ull);
-  EXPECT(hash1(ctx, "a", 1) == 0xD24EC4F1A98C6E5Bull);
-  EXPECT(hash1(ctx, "abc", 3) == 0x44BC2CF5AD770999ull);
+  EXPECT(xxh1(ctx, "a", 1) == 0xD24EC4F1A98C6E5Bull);
+  EXPECT(xxh1(ctx, "abc", 3) == 0x44BC2CF5AD770999ull);
   /* Checked against xxhash-wasm (an independent XXH64) for every length 0..200 of this
    * pattern; these cover each tail path and the 32-byte stripe boundaries. */
   static const struct {
@@ -212,7 +219,7 @@ static int test_hash_vectors(void) {
   for (size_t off = 0; off < 8; off += 3) {  /* also at unaligned addresses */
     for (size_t i = 0; i < 256; i++) buf[off + i] = pattern(i);
     for (size_t k = 0; k < sizeof v / sizeof v[0]; k++) {
-      uint64_t h = hash1(ctx, buf + off, v[k].len);
+      uint64_t h = v[k].len ? xxh1(ctx, buf + off, v[k].len) : hash1(ctx, buf + off, 0);
       if (h != v[k].h) {
         snprintf(g_msg, sizeof g_msg, "%s:%d: XXH64 of %zu pattern bytes at offset %zu: %016llx, expected %016llx",
                  __FILE__, __LINE__, v[k].len, off, (unsigned long long)h,
@@ -223,7 +230,7 @@ static int test_hash_vectors(void) {
   }
   /* An empty range may sit at address 0. */
   uint64_t r[2] = {0, 0}, h = 0;
-  EXPECT_OK(ctx, ckpt_hash64(ctx, r, 1, &h, 4, NULL));
+  EXPECT_OK(ctx, ckpt_hash(ctx, r, 1, &h, NULL, 4, NULL));
   EXPECT(h == 0xEF46DB3751D8E999ull);
   EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
   return 1;
@@ -247,15 +254,15 @@ static int test_hash_many(void) {
   }
   uint64_t done = 0, total = 0;
   for (size_t i = 0; i < n; i++) total += r[2 * i + 1];
-  EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h1, 1, &done));
+  EXPECT_OK(ctx, ckpt_hash(ctx, r, n, h1, NULL, 1, &done));
   EXPECT(done == total); /* the progress counter ends at the sum of the lengths */
   done = 0;
-  EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h8, 8, &done));
+  EXPECT_OK(ctx, ckpt_hash(ctx, r, n, h8, NULL, 8, &done));
   EXPECT(done == total);
   const int32_t threads[] = {8, 0, -1, 2, 64, 1000};
   for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
     memset(h8, 0, n * sizeof *h8);
-    EXPECT_OK(ctx, ckpt_hash64(ctx, r, n, h8, threads[t], NULL));
+    EXPECT_OK(ctx, ckpt_hash(ctx, r, n, h8, NULL, threads[t], NULL));
     EXPECT(memcmp(h1, h8, n * sizeof *h1) == 0);
   }
   for (size_t i = 0; i < n; i += 97)
@@ -267,20 +274,54 @@ static int test_hash_many(void) {
   EXPECT(hash1(ctx, base + 1, 4096) != hash1(ctx, base + (1 << 20), 4096));
 
   /* n = 0 needs no arrays; n > 0 does. Bad ranges are refused before anything is hashed. */
-  EXPECT_OK(ctx, ckpt_hash64(ctx, NULL, 0, NULL, 8, NULL));
-  EXPECT_ST(ctx, ckpt_hash64(ctx, NULL, 1, h8, 1, NULL), CKPT_EINVAL);
-  EXPECT_ST(ctx, ckpt_hash64(ctx, r, 1, NULL, 1, NULL), CKPT_EINVAL);
-  EXPECT_ST(NULL, ckpt_hash64(NULL, r, 1, h8, 1, NULL), CKPT_EINVAL);
+  EXPECT_OK(ctx, ckpt_hash(ctx, NULL, 0, NULL, NULL, 8, NULL));
+  EXPECT_ST(ctx, ckpt_hash(ctx, NULL, 1, h8, NULL, 1, NULL), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_hash(ctx, r, 1, NULL, NULL, 1, NULL), CKPT_EINVAL);
+  EXPECT_ST(NULL, ckpt_hash(NULL, r, 1, h8, NULL, 1, NULL), CKPT_EINVAL);
   uint64_t bad[4] = {(uint64_t)(uintptr_t)base, 16, 0, 16};  /* range 1: NULL with a length */
-  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 1, NULL), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_hash(ctx, bad, 2, h8, NULL, 1, NULL), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "range 1");
   bad[2] = UINT64_MAX - 8;  /* wraps around the address space */
-  EXPECT_ST(ctx, ckpt_hash64(ctx, bad, 2, h8, 2, NULL), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_hash(ctx, bad, 2, h8, NULL, 2, NULL), CKPT_EINVAL);
   free(base), free(r), free(h1), free(h8);
   EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
   return 1;
 }
 
+/* A range's hash is XXH64 of its 1 MiB chunks' XXH64s, and the chunks come back in order. */
+static int test_hash_chunks(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  const size_t len = 3 * CKPT_HASH_CHUNK + 12345, k = 4;
+  uint8_t *base = malloc(len + 1);
+  uint64_t chunks[1 + 4 + 1], want[4], h[3] = {0};
+  EXPECT(base != NULL);
+  fill(base, len + 1, 11);
+  for (size_t c = 0; c < k; c++) {
+    size_t at = c * CKPT_HASH_CHUNK, n = len - at < CKPT_HASH_CHUNK ? len - at : CKPT_HASH_CHUNK;
+    want[c] = xxh1(ctx, base + 1 + at, n);
+  }
+  /* Three ranges: one chunk of 100 bytes, the big one (at an odd address), an empty one. */
+  uint64_t r[6] = {(uint64_t)(uintptr_t)base, 100, (uint64_t)(uintptr_t)(base + 1), len, 0, 0};
+  const int32_t threads[] = {1, 3, 16};
+  for (size_t t = 0; t < 3; t++) {
+    memset(chunks, 0, sizeof chunks);
+    EXPECT_OK(ctx, ckpt_hash(ctx, r, 3, h, chunks, threads[t], NULL));
+    EXPECT(chunks[0] == xxh1(ctx, base, 100));
+    EXPECT(memcmp(chunks + 1, want, sizeof want) == 0);
+    EXPECT(chunks[5] == 0); /* the empty range has no chunk: nothing written past the big one's */
+    EXPECT(h[0] == xxh1(ctx, chunks, 8));
+    EXPECT(h[1] == xxh1(ctx, want, sizeof want));
+    EXPECT(h[2] == 0xEF46DB3751D8E999ull); /* XXH64 of nothing */
+  }
+  /* A one-bit change in the last chunk changes that chunk's hash only. */
+  base[1 + len - 1] ^= 1;
+  EXPECT_OK(ctx, ckpt_hash(ctx, r + 2, 1, h, chunks, 4, NULL));
+  EXPECT(memcmp(chunks, want, 3 * 8) == 0 && chunks[3] != want[3]);
+  free(base);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
 
 /* ---- mapped files truncated under their mapping --------------------------------------- */
 
@@ -319,13 +360,13 @@ static int test_hash_truncated(void) {
   uint64_t h[3] = {0}, done = 0;
   const int32_t threads[] = {1, 3};
   for (size_t t = 0; t < 2; t++) {
-    EXPECT_ST(ctx, ckpt_hash64(ctx, r, 3, h, threads[t], &done), CKPT_EFAULT);
+    EXPECT_ST(ctx, ckpt_hash(ctx, r, 3, h, NULL, threads[t], &done), CKPT_EFAULT);
     EXPECT_DETAIL(ctx, "range 2");
     EXPECT_DETAIL(ctx, "bus error at 0x");
     EXPECT_DETAIL(ctx, "offset 0 of the range");
   }
   /* The process lives on, and so does the part of the mapping that is still the file's. */
-  EXPECT_OK(ctx, ckpt_hash64(ctx, r, 2, h, 2, NULL));
+  EXPECT_OK(ctx, ckpt_hash(ctx, r, 2, h, NULL, 2, NULL));
   EXPECT(h[0] == want);
   /* A guarded read: what is left reads, what is gone is an error naming its offset. */
   uint8_t got[8192];
@@ -421,7 +462,7 @@ static int chain_child(void) {
   unlink(path);
   if (!truncated) return 4;
   uint64_t r[2] = {(uint64_t)(uintptr_t)m + 8192, 4096}, h = 0;
-  if (ckpt_hash64(ctx, r, 1, &h, 1, NULL) != CKPT_EFAULT) return 5;
+  if (ckpt_hash(ctx, r, 1, &h, NULL, 1, NULL) != CKPT_EFAULT) return 5;
   volatile const uint8_t *p = m + 8192;
   return *p == 0 ? 6 : 7; /* unguarded: chain_handler exits 42 first */
 }
@@ -448,7 +489,7 @@ static int test_sigbus_chains(void) {
 
 static const harness_test tests[] = {
     TEST(test_file_map),     TEST(test_file_map_copy), TEST(test_file_read),
-    TEST(test_hash_vectors), TEST(test_hash_many),    TEST(test_hash_truncated),
+    TEST(test_hash_vectors), TEST(test_hash_many), TEST(test_hash_chunks), TEST(test_hash_truncated),
     TEST(test_copy_truncated), TEST(test_buffer_sealed), TEST(test_sigbus_chains),
 };
 

@@ -311,6 +311,42 @@ static int test_devices_mismatch(void) {
   return 1;
 }
 
+/* ckpt_buf_hash over several buffers of a device hashes what ckpt_hash does at their addresses,
+ * and refuses a buffer of another device, an index past the buffers and a range past its end. */
+static int test_buf_hash(void) {
+  ckpt_ctx *ctx = new_ctx(2);
+  EXPECT(ctx != NULL);
+  ckpt_buf *b[3];
+  const size_t len[3] = {3 * CKPT_HASH_CHUNK + 5, 4096, 4096};
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, len[0], &b[0]));
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 0, len[1], &b[1]));
+  EXPECT_OK(ctx, ckpt_buf_alloc(ctx, 1, len[2], &b[2]));
+  uint64_t at[3];
+  for (int k = 0; k < 3; k++) {
+    EXPECT_OK(ctx, ckpt_buf_info(b[k], &at[k], NULL, NULL));
+    for (size_t i = 0; i < len[k]; i++) ((uint8_t *)(uintptr_t)at[k])[i] = (uint8_t)(i * 7 + k);
+  }
+  /* (buffer, offset, len): across both buffers of device 0, one empty. */
+  uint64_t r[12] = {1, 10, 4000, 0, 1, len[0] - 1, 0, 7, 0, 1, 0, 4096};
+  uint64_t abs[8] = {at[1] + 10, 4000, at[0] + 1, len[0] - 1, at[0] + 7, 0, at[1], 4096};
+  uint64_t got[4], want[4], gc[6], wc[6]; /* chunks: 1 + 4 + 0 + 1 */
+  EXPECT_OK(ctx, ckpt_buf_hash(b, 2, r, 4, got, gc, 2));
+  EXPECT_OK(ctx, ckpt_hash(ctx, abs, 4, want, wc, 1, NULL));
+  EXPECT(memcmp(got, want, sizeof got) == 0 && memcmp(gc, wc, sizeof gc) == 0);
+  EXPECT_ST(ctx, ckpt_buf_hash(b, 3, r, 4, got, NULL, 2), CKPT_EINVAL); /* b[2] is on device 1 */
+  EXPECT_DETAIL(ctx, "buffer 2");
+  r[9] = 2;
+  EXPECT_ST(ctx, ckpt_buf_hash(b, 2, r, 4, got, NULL, 2), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "range 3 names buffer 2 of 2");
+  r[9] = 1, r[11] = 4097;
+  EXPECT_ST(ctx, ckpt_buf_hash(b, 2, r, 4, got, NULL, 2), CKPT_ERANGE);
+  EXPECT_DETAIL(ctx, "range 3");
+  EXPECT_OK(ctx, ckpt_buf_hash(b, 2, r, 0, NULL, NULL, 2));
+  for (int k = 0; k < 3; k++) EXPECT_OK(ctx, ckpt_buf_free(b[k]));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
 #define BIG (256u << 20)
 
 static int test_query_in_flight(void) {
@@ -1146,7 +1182,7 @@ static const harness_test tests[] = {
     TEST(test_errors),        TEST(test_ctx_create),       TEST(test_ctx_options_too_small),
     TEST(test_devices),       TEST(test_range_wraps),
     TEST(test_host_alloc),    TEST(test_register),         TEST(test_copies),
-    TEST(test_devices_mismatch), TEST(test_query_in_flight), TEST(test_wait_timeout),
+    TEST(test_devices_mismatch), TEST(test_buf_hash), TEST(test_query_in_flight), TEST(test_wait_timeout),
     TEST(test_ipc),           TEST(test_ipc_dead_exporter), TEST(test_busy_ctx),
     TEST(test_nccl),          TEST(test_sd_notify),            TEST(test_peer_cred),
     TEST(test_stream_wait_event),

@@ -2,7 +2,9 @@
  * Pushes straight from a trainer's GPUs: the trainer names its tensors by the IPC handles of
  * the device memory holding them (CUDA IPC; on the host backend, a shared-memory buffer), and
  * the daemon copies them device-to-host into a pooled pinned block laid out as safetensors,
- * with its own streams, hashing each batch as it lands while the next ones copy. No byte goes
+ * with its own streams, while a kernel on each device hashes the same bytes where they are
+ * (ckpt_buf_hash: every 1 MiB chunk on a thread of its own, a few ms for 16 GB, where the
+ * host's CPUs would take longer than the copy). No byte goes
  * through HTTP or through the trainer's host memory; the trainer may change its tensors once
  * the push has answered. The version lives in memory, as a pulled one does.
  */
@@ -34,7 +36,7 @@ export interface PushRequest {
   tensors: (TensorDeclaration & { buffer: number; offset: number })[];
 }
 
-/** Copies to queue between two events: each batch is hashed as soon as it has landed. */
+/** Copies to queue between two events (the progress moves, and the timeout counts, per batch). */
 const BATCH_BYTES = 256 << 20;
 /** The longest one batch may take to land before the push fails (a hung device). */
 const BATCH_TIMEOUT_MS = 60_000;
@@ -78,15 +80,11 @@ export function planPush(req: PushRequest, devices: { uuid: string }[]) {
 
 type Copy = ReturnType<typeof planPush>["copies"][number];
 
-/**
- * Copies of one device, about BATCH_BYTES a batch, largest tensor first: a tensor's hash runs
- * on one thread, so the largest ones (embeddings, 1 GB and more) must land first for their
- * hashes to finish while the rest still copies, rather than after the last batch.
- */
+/** Copies of one device, about BATCH_BYTES a batch, in layout order. */
 function batches(copies: Copy[]): Copy[][] {
   const out: Copy[][] = [];
   const open = new Map<number, { batch: Copy[]; bytes: number }>();
-  for (const c of [...copies].sort((a, b) => b.tensor.bytes - a.tensor.bytes)) {
+  for (const c of copies) {
     let current = open.get(c.device);
     if (!current || current.bytes >= BATCH_BYTES) {
       current = { batch: [], bytes: 0 };
@@ -156,10 +154,10 @@ async function fillPart(
   const bufs: (DeviceBuffer | undefined)[] = [];
   const streams = new Map<number, Stream>();
   const events: Event[] = [];
+  let hashing: Promise<Map<string, string>> | undefined;
   try {
     for (const [i, b] of req.buffers.entries()) bufs.push(await importBuffer(ctx, b, i, plan.deviceOf[i] as number));
     const imported = performance.now();
-    const hashes = new Map<string, string>();
     const landed: { batch: Copy[]; event: Event }[] = [];
     for (const batch of batches(plan.copies)) {
       const device = (batch[0] as Copy).device;
@@ -181,7 +179,10 @@ async function fillPart(
       ctx.eventRecord(event, stream);
       landed.push({ batch, event });
     }
-    await hashAsLanded(ctx, mem, landed, threads, hashes, version);
+    hashing = hashOnDevices(ctx, plan.copies, bufs as DeviceBuffer[], threads, version);
+    hashing.catch(() => undefined); // awaited below, after the copies
+    await awaitLanded(ctx, landed, version);
+    const hashes = await hashing;
     const s = (a: number, b: number) => Number(((b - a) / 1000).toFixed(4));
     deps.log.debug(
       {
@@ -205,59 +206,65 @@ async function fillPart(
       }),
     );
   } finally {
+    await hashing?.catch(() => undefined); // no kernel reads a buffer about to be freed
     for (const s of streams.values()) await ctx.streamDestroy(s).catch(() => undefined);
     for (const e of events) ctx.eventDestroy(e);
     for (const b of bufs) if (b) await ctx.bufFree(b).catch(() => undefined);
   }
 }
 
-/**
- * Hashes each batch as soon as it has landed, while the later ones copy, with as many calls at
- * once as there are hash threads (one left for the event waits): a tensor hashes on one thread,
- * so the largest ones, landing first, hash beside the rest rather than before it. (On an H200,
- * 16 GiB copied while 16 threads hash other pinned memory: both done in 0.37 s, against 0.31 s
- * of copy and 0.28 s of hash alone.) Returns, or throws the first failure, only once no hash
- * reads the block any longer.
- */
-async function hashAsLanded(
-  ctx: Context,
-  mem: HostMemory,
-  landed: { batch: Copy[]; event: Event }[],
-  threads: number,
-  hashes: Map<string, string>,
-  version: CheckpointVersion,
-): Promise<void> {
-  const budget = Math.max(1, threads - 1);
-  let busy = 0;
-  const running = new Set<Promise<void>>();
-  let failure: { err: unknown } | undefined;
-  try {
-    for (const { batch, event } of landed) {
-      if (!(await ctx.eventWait(event, BATCH_TIMEOUT_MS))) {
-        throw new DaemonError(
-          "push_failed",
-          `copying from device ${(batch[0] as Copy).device} took over ${BATCH_TIMEOUT_MS} ms`,
-        );
-      }
-      version.progress.bytesPinned += batch.reduce((n, c) => n + c.tensor.bytes, 0);
-      while (busy >= budget) await Promise.race(running);
-      if (failure) throw failure.err;
-      const use = Math.min(batch.length, budget - busy);
-      busy += use;
-      const hashing: Promise<void> = hashBatch(ctx, mem, batch, use, hashes, version)
-        .catch((err) => {
-          failure ??= { err };
-        })
-        .finally(() => {
-          busy -= use;
-          running.delete(hashing);
-        });
-      running.add(hashing);
+/** Waits for each batch to land, moving the progress; a batch over BATCH_TIMEOUT_MS is a hung device. */
+async function awaitLanded(ctx: Context, landed: { batch: Copy[]; event: Event }[], version: CheckpointVersion) {
+  for (const { batch, event } of landed) {
+    if (!(await ctx.eventWait(event, BATCH_TIMEOUT_MS))) {
+      throw new DaemonError(
+        "push_failed",
+        `copying from device ${(batch[0] as Copy).device} took over ${BATCH_TIMEOUT_MS} ms`,
+      );
     }
-  } finally {
-    await Promise.allSettled([...running]);
+    version.progress.bytesPinned += batch.reduce((n, c) => n + c.tensor.bytes, 0);
   }
-  if (failure) throw failure.err;
+}
+
+/**
+ * Every tensor's hash, computed on the device that holds it, a call per device at once (the
+ * host backend's share the threads); tensor name to 16 hex digits.
+ */
+async function hashOnDevices(
+  ctx: Context,
+  copies: Copy[],
+  bufs: DeviceBuffer[],
+  threads: number,
+  version: CheckpointVersion,
+): Promise<Map<string, string>> {
+  const byDevice = new Map<number, Copy[]>();
+  for (const c of copies) {
+    const mine = byDevice.get(c.device) ?? [];
+    mine.push(c);
+    byDevice.set(c.device, mine);
+  }
+  const share = Math.max(1, Math.floor(threads / byDevice.size));
+  const hashes = new Map<string, string>();
+  await Promise.all(
+    [...byDevice.values()].map(async (mine) => {
+      const used = [...new Set(mine.map((c) => c.buffer))];
+      const index = new Map(used.map((b, k) => [b, k]));
+      const ranges = new BigUint64Array(mine.length * 3);
+      mine.forEach((c, k) => {
+        ranges[3 * k] = BigInt(index.get(c.buffer) as number);
+        ranges[3 * k + 1] = BigInt(c.from);
+        ranges[3 * k + 2] = BigInt(c.tensor.bytes);
+      });
+      const out = await ctx.bufHash(
+        used.map((b) => bufs[b] as DeviceBuffer),
+        ranges,
+        share,
+      );
+      mine.forEach((c, k) => hashes.set(c.tensor.name, (out[k] as bigint).toString(16).padStart(16, "0")));
+      version.progress.bytesHashed += mine.reduce((n, c) => n + c.tensor.bytes, 0);
+    }),
+  );
+  return hashes;
 }
 
 async function importBuffer(ctx: Context, b: PushBuffer, i: number, device: number): Promise<DeviceBuffer> {
@@ -272,22 +279,4 @@ async function importBuffer(ctx: Context, b: PushBuffer, i: number, device: numb
       `buffer ${i} (a ${b.kind} handle of process ${b.pid} on ${b.device}) cannot be opened: ${(err as Error).message} (freed, or of another machine?)`,
     );
   }
-}
-
-async function hashBatch(
-  ctx: Context,
-  mem: HostMemory,
-  batch: Copy[],
-  threads: number,
-  hashes: Map<string, string>,
-  version: CheckpointVersion,
-): Promise<void> {
-  const ranges = new BigUint64Array(batch.length * 2);
-  batch.forEach((c, k) => {
-    ranges[2 * k] = mem.address + BigInt(c.tensor.offset);
-    ranges[2 * k + 1] = BigInt(c.tensor.bytes);
-  });
-  const out = await ctx.hash64(ranges, threads);
-  for (const [k, c] of batch.entries()) hashes.set(c.tensor.name, (out[k] as bigint).toString(16).padStart(16, "0"));
-  version.progress.bytesHashed += batch.reduce((n, c) => n + c.tensor.bytes, 0);
 }

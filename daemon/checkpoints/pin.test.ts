@@ -14,7 +14,7 @@ import {
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Context, type HostMemory, openBackend } from "../../ffi/index.ts";
-import { safetensorsBytes, writeSafetensors, xxh64 } from "../../test/checkpoint-files.ts";
+import { safetensorsBytes, writeSafetensors, ckptHash } from "../../test/checkpoint-files.ts";
 import { tempDir } from "../../test/helpers.ts";
 import { LIB_DIR } from "../../test/in-process.ts";
 import {
@@ -393,7 +393,7 @@ describe("hashTensors", () => {
       );
       const want = await Promise.all(
         files.map((f) =>
-          Promise.all(f.header.tensors.map((t) => xxh64(readFileSync(f.path).subarray(t.begin, t.end)))),
+          Promise.all(f.header.tensors.map((t) => ckptHash(readFileSync(f.path).subarray(t.begin, t.end)))),
         ),
       );
       expect(hashes).toEqual(want);

@@ -236,7 +236,7 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
 }
 
 /**
- * XXH64 of every tensor of every file in one call (the threads balance best over all
+ * The ckpt hash of every tensor of every file in one call (the threads balance best over all
  * tensors at once), with the bytes hashed so far in progress; as 16 hex digits, per file.
  */
 export async function hashTensors(
@@ -264,8 +264,8 @@ export async function hashTensors(
     opts.progress.bytesHashed += done - said;
     said = done;
   };
-  const hashes = await ctx.hash64(ranges, opts.threads, (bytes) => say(headers + bytes));
-  say(headers + Number(ranges.reduce((n, x, k) => (k % 2 ? n + x : n), 0n))); // hash64 says nothing for a file without tensors
+  const hashes = await ctx.hash(ranges, opts.threads, (bytes) => say(headers + bytes));
+  say(headers + Number(ranges.reduce((n, x, k) => (k % 2 ? n + x : n), 0n))); // hash says nothing for a file without tensors
   const hex = [...hashes].map((h) => h.toString(16).padStart(16, "0"));
   let at = 0;
   return files.map((f) => {

@@ -4,7 +4,7 @@ import { join } from "node:path";
 import pino from "pino";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { Context, type HostMemory, openBackend } from "../../ffi/index.ts";
-import { writeSafetensors, xxh64 } from "../../test/checkpoint-files.ts";
+import { writeSafetensors, ckptHash } from "../../test/checkpoint-files.ts";
 import { tempDir, thrown } from "../../test/helpers.ts";
 import { LIB_DIR } from "../../test/in-process.ts";
 import { DaemonError } from "../errors.ts";
@@ -78,14 +78,14 @@ class SpyContext extends Context {
     return super.fileRead(path, offset, len, dst, threads);
   }
 
-  override async hash64(
+  override async hash(
     ranges: BigUint64Array,
     threads: number,
     onProgress?: (bytes: number) => void,
     everyMs?: number,
   ): Promise<BigUint64Array> {
-    await this.hook("hash64", [ranges]);
-    return super.hash64(ranges, threads, onProgress, everyMs);
+    await this.hook("hash", [ranges]);
+    return super.hash(ranges, threads, onProgress, everyMs);
   }
 
   /** Releases what a test left (after an injected failure), without the hooks. */
@@ -307,8 +307,8 @@ describe("registering", () => {
       ["a", "F32", [32, 8], 1024, 0, header],
       ["b", "BF16", [100], 200, 0, header + 1024],
     ]);
-    expect(v.tensors[0]?.hash).toBe(await xxh64(bytes.subarray(header, header + 1024)));
-    expect(v.tensors[1]?.hash).toBe(await xxh64(bytes.subarray(header + 1024)));
+    expect(v.tensors[0]?.hash).toBe(await ckptHash(bytes.subarray(header, header + 1024)));
+    expect(v.tensors[1]?.hash).toBe(await ckptHash(bytes.subarray(header + 1024)));
     expect(v.summary()).toMatchObject({ state: "ready", tensorCount: 2, inUse: false, bytes: st.size });
     expect(v.summary()).not.toHaveProperty("error");
     expect(v.progress).toEqual({ bytesTotal: st.size, bytesPinned: st.size, bytesHashed: st.size });
@@ -327,7 +327,7 @@ describe("registering", () => {
   it("reports how long pinning and hashing took", async () => {
     const { registry, ctx } = newRegistry();
     ctx.before.fileMap = () => sleep(120);
-    ctx.before.hash64 = () => sleep(120);
+    ctx.before.hash = () => sleep(120);
     const t0 = performance.now();
     const v = await ready(registry, request("m", [model()]));
     const wall = (performance.now() - t0) / 1000;
@@ -344,7 +344,7 @@ describe("registering", () => {
       calls.push("map");
       await sleep(60);
     };
-    ctx.before.hash64 = async () => {
+    ctx.before.hash = async () => {
       calls.push("hash");
       await sleep(60);
     };
@@ -352,7 +352,7 @@ describe("registering", () => {
     expect(calls).toEqual(["map", "hash", "map", "hash"]); // the first hash before the second map
     // A second file that fails to pin: the first one's hash ends before anything is unpinned.
     let hashing = false;
-    ctx.before.hash64 = async () => {
+    ctx.before.hash = async () => {
       hashing = true;
       await sleep(100);
       hashing = false;
@@ -377,7 +377,7 @@ describe("registering", () => {
     ctx.before.fileMap = async () => {
       if (++maps > 1) await sleep(100);
     };
-    ctx.before.hash64 = () => {
+    ctx.before.hash = () => {
       throw new Error("hash broke");
     };
     const v = await settled(registry, request("m", [model(), model("tmpfs", "2."), model("tmpfs", "3.")]));
@@ -416,7 +416,7 @@ describe("registering", () => {
 
   it("records a failure with its code, releasing what it pinned", async () => {
     const { registry, ctx } = newRegistry();
-    ctx.before.hash64 = () => {
+    ctx.before.hash = () => {
       throw new Error("boom");
     };
     const v = await settled(registry, request("m", [model(), model("disk", "2.")]));
@@ -431,7 +431,7 @@ describe("registering", () => {
 
   it("logs a failure to release a failed registration's memory", async () => {
     const { registry, ctx, logs } = newRegistry();
-    ctx.before.hash64 = () => {
+    ctx.before.hash = () => {
       throw new Error("boom");
     };
     ctx.before.fileUnmap = () => {
@@ -490,13 +490,13 @@ describe("the pinned-memory budget", () => {
     const path = model();
     const size = statSync(path).size;
     const { registry, ctx } = newRegistry({ budgetBytes: size });
-    ctx.before.hash64 = () => {
+    ctx.before.hash = () => {
       throw new Error("boom");
     };
     const failed = await settled(registry, request("m", [path]));
     expect(failed.state).toBe("failed");
     expect(registry.pinnedBytes()).toBe(0);
-    ctx.before.hash64 = undefined;
+    ctx.before.hash = undefined;
     const g = gate();
     ctx.before.fileMap = holding(path, g);
     const pending = await registry.register(request("m", [path]));
@@ -527,11 +527,11 @@ describe("looking versions up", () => {
     const { registry, ctx } = newRegistry();
     const path = model();
     const first = await ready(registry, request("m", [path]));
-    ctx.before.hash64 = () => {
+    ctx.before.hash = () => {
       throw new Error("boom");
     };
     const failed = await settled(registry, request("m", [path]));
-    ctx.before.hash64 = undefined;
+    ctx.before.hash = undefined;
     expect(registry.get("m")).toBe(first);
     expect(registry.get("m@2")).toBe(failed);
     expect(registry.get("m", ["ready", "failed"])).toBe(failed);
@@ -785,7 +785,7 @@ describe("deleting", () => {
     const saves: string[][] = [];
     const { registry, ctx } = newRegistry({ onChange: async (r) => void saves.push(ids(r)) });
     let deleting: Promise<CheckpointVersion[]> | undefined;
-    ctx.before.hash64 = () => {
+    ctx.before.hash = () => {
       deleting = registry.delete("m@1");
     };
     const pending = await registry.register(request("m", [model()]));
@@ -893,7 +893,7 @@ describe("the pinned pool", () => {
 
   it("keeps nothing of a failed registration, not even in the pool", async () => {
     const { registry, ctx } = newRegistry();
-    ctx.before.hash64 = () => {
+    ctx.before.hash = () => {
       throw new Error("boom");
     };
     const v = await settled(registry, request("m", [model("disk")], { copy: true }));

@@ -36,7 +36,7 @@ export interface TensorRecord {
   file: number;
   /** Byte offset of the tensor in its file. */
   offset: number;
-  /** XXH64 of the tensor's bytes, 16 hex digits. */
+  /** The ckpt hash of the tensor's bytes (ckpt.h: XXH64 of each MiB, then of those), 16 hex digits. */
   hash: string;
 }
 
@@ -53,8 +53,8 @@ export interface RegisterRequest {
   source: ResolvedSource;
   copy: boolean;
   adopt: boolean;
-  /** Restoring a saved version: its number, and the hashes its tensors must still have. */
-  restore?: { version: number; createdAt: string; files: FileRecord[]; tensors: TensorRecord[] };
+  /** Restoring a saved version: its number, and the hashes its tensors must still have (if known). */
+  restore?: { version: number; createdAt: string; files: FileRecord[]; tensors?: TensorRecord[] };
   /** "staged": a staging area's commit, kept in memory only (default "files"). */
   origin?: "files" | "staged";
 }

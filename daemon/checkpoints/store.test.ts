@@ -78,7 +78,7 @@ describe("saveRegistry", () => {
     await saveRegistry(stateDir, registry);
     const saved = savedJson(stateDir);
     expect(saved).toEqual({
-      format: 1,
+      format: 2,
       next: { m: 8 },
       versions: [{ name: "m", version: 1, createdAt: v.createdAt, files: v.files, tensors: v.tensors }],
       registering: [],
@@ -187,7 +187,7 @@ describe("restoreRegistry", () => {
     const probe = newRegistry(tempDir());
     const v = await register(probe, "probe", path);
     const saved = {
-      format: 1,
+      format: 2,
       next: { m: 2 },
       versions: [
         {
@@ -206,6 +206,27 @@ describe("restoreRegistry", () => {
       restored: [],
       notRestored: [{ id: "m@1", reason: 'tensor "a" no longer has the hash it was registered with' }],
     });
+  });
+
+  it("restores a version saved with plain XXH64 hashes (format 1) when its files are unchanged, hashing anew", async () => {
+    const stateDir = tempDir();
+    const path = model();
+    const probe = newRegistry(tempDir());
+    const v = await register(probe, "probe", path);
+    const version = { name: "m", version: 1, createdAt: v.createdAt, files: v.files };
+    const oldHashes = v.tensors.map((t) => ({ ...t, hash: "0123456789abcdef" }));
+    const saved = { format: 1, next: { m: 3 }, versions: [{ ...version, tensors: oldHashes }] };
+    // m@2's file changed since: not restored, whatever the format.
+    const changed = model();
+    const w = await register(probe, "probe", changed);
+    utimesSync(changed, new Date(), new Date(Date.now() - 3_600_000));
+    saved.versions.push({ ...version, version: 2, files: w.files, tensors: oldHashes });
+    writeFileSync(registryFile(stateDir), JSON.stringify(saved));
+    const after = newRegistry(stateDir);
+    const report = await restoreRegistry(stateDir, after, silent);
+    expect(report.restored).toEqual(["m@1"]);
+    expect(report.notRestored).toEqual([{ id: "m@2", reason: expect.stringMatching(/changed since it was registered/) }]);
+    expect(after.get("m@1").tensors.map((t) => t.hash)).toEqual(v.tensors.map((t) => t.hash));
   });
 
   it("starts empty, reporting nothing, when there is no registry.json", async () => {

@@ -12,8 +12,15 @@ interface SavedVersion {
   tensors: TensorRecord[];
 }
 
+/**
+ * 2: tensor hashes are ckpt hashes (ckpt.h). 1: plain XXH64, which this daemon no longer
+ * computes: a format-1 version is restored when its files are unchanged (size, modification
+ * time) and its hashes are computed anew, not compared.
+ */
+const FORMAT = 2;
+
 interface Saved {
-  format: 1;
+  format: 1 | 2;
   next: Record<string, number>;
   versions: SavedVersion[];
   /** Versions still registering at the save: reported at the next start if never saved ready. */
@@ -40,7 +47,7 @@ export function saveRegistry(stateDir: string, registry: Registry): Promise<void
 
 async function writeRegistry(stateDir: string, registry: Registry): Promise<void> {
   const saved: Saved = {
-    format: 1,
+    format: FORMAT,
     next: registry.nextVersions(),
     versions: registry
       .list()
@@ -83,7 +90,7 @@ export async function restoreRegistry(stateDir: string, registry: Registry, log:
         // A copy was asked for when no file is in place (a file off tmpfs is copied anyway).
         copy: v.files.every((f) => !f.inPlace),
         adopt: v.files.some((f) => f.adopted),
-        restore: v,
+        restore: saved.format === FORMAT ? v : { ...v, tensors: undefined },
       });
       await version.done;
       if (version.state !== "ready") throw new Error(version.error?.message ?? version.state);

@@ -54,7 +54,7 @@ export const ManifestSchema = v.object({
     ),
     v.maxLength(10_000_000),
   ),
-  /** The bytes no tensor covers (headers, padding), with their XXH64. */
+  /** The bytes no tensor covers (headers, padding), with their ckpt hash. */
   gaps: v.array(v.object({ file: count, begin: count, end: count, hash: hex16 })),
 });
 

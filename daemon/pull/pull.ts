@@ -363,7 +363,7 @@ class PullRun {
     });
     this.hashing++;
     this.deps.ctx
-      .hash64(ranges, this.deps.threads)
+      .hash(ranges, this.deps.threads)
       .then((hashes) => {
         ready.forEach((i, k) => {
           const p = this.pieces[i] as Piece;

@@ -77,7 +77,7 @@ export class PullSource {
       ranges[2 * k] = (v.pinned[s.file]?.mem.address ?? 0n) + BigInt(s.begin);
       ranges[2 * k + 1] = BigInt(s.end - s.begin);
     });
-    const hashes = await this.deps.ctx.hash64(ranges, this.deps.threads);
+    const hashes = await this.deps.ctx.hash(ranges, this.deps.threads);
     const gaps = spans.map((s, k) => ({ ...s, hash: (hashes[k] as bigint).toString(16).padStart(16, "0") }));
     const regions: Exposed[][] = [];
     try {

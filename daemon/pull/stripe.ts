@@ -2,7 +2,7 @@
  * What a pull still has to fetch and verify, as a pure state machine. A version's files are
  * cut into ranges of `chunkBytes`, handed to sources one at a time as they ask (a fast source
  * asks more often, so it takes more); every byte belongs to exactly one piece (a tensor, or
- * the bytes between them: the header, padding), each with the source's XXH64. A piece is
+ * the bytes between them: the header, padding), each with the source's ckpt hash. A piece is
  * hashed once every range over it has landed. A mismatch sends its bytes back as new ranges,
  * all for one source (so that a second mismatch names the culprit): one that served none of
  * it if there is one. A source that alone served a piece that hashed wrong is guilty: it gets
@@ -16,7 +16,7 @@ export interface Piece {
   file: number;
   begin: number;
   end: number;
-  /** XXH64, 16 hex digits. */
+  /** The ckpt hash (ckpt.h), 16 hex digits. */
   hash: string;
 }
 

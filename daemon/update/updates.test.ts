@@ -8,7 +8,7 @@ import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { type WrittenTensor, writeSafetensors, xxh64 } from "../../test/checkpoint-files.ts";
+import { type WrittenTensor, writeSafetensors, ckptHash } from "../../test/checkpoint-files.ts";
 import { AUTH, CLUSTER_SECRET, endSigned, tempDir, testCredentials, within } from "../../test/helpers.ts";
 import { apiOf, LIB_DIR } from "../../test/in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "../../test/reference-receiver.ts";
@@ -91,7 +91,7 @@ async function register(api: Started["api"], name = "m", cols = 300): Promise<Wr
 async function expectDelivered(r: ReferenceReceiver, update: string, tensors: WrittenTensor[]) {
   const got = r.hashes.get(update);
   expect(got?.size).toBe(tensors.length);
-  for (const t of tensors) expect(got?.get(t.name)).toBe(await xxh64(t.bytes));
+  for (const t of tensors) expect(got?.get(t.name)).toBe(await ckptHash(t.bytes));
 }
 
 async function until<T>(get: () => Promise<T>, ok: (x: T) => boolean, ms = 5000): Promise<T> {
