@@ -91,10 +91,12 @@ export interface PinOptions {
   signal: AbortSignal;
   progress: RegistrationProgress;
   /**
-   * Work to start on each file once it is pinned and its header checked (hashing it while the
-   * next files pin); pinFiles returns, or unwinds, only once every such work has settled.
+   * Work on each file once its bytes are readable (hashing it). In place: before the file is
+   * pinned, while the previous one pins; reading it faults its pages in on many threads,
+   * which pinning would otherwise do on one. A copy: once read, while the next one reads.
+   * pinFiles returns, or unwinds, only once every such work has settled.
    */
-  onPinned?: (index: number, file: PinnedFile) => Promise<void>;
+  onReadable?: (index: number, file: PinnedFile) => Promise<void>;
   /** Told when releasing what a failed pinFiles pinned failed too (the first failure is what it throws). */
   onReleaseFailure?: (err: unknown) => void;
 }
@@ -154,29 +156,32 @@ export async function unpinFiles(ctx: Context, files: PinnedFile[], blocks = unp
   if (first) throw first;
 }
 
-async function pinOne(ctx: Context, file: InspectedFile, opts: PinOptions): Promise<PinnedFile> {
+/** Maps or reads one file (opened and checked again): readable, not pinned yet if in place. */
+async function readable(ctx: Context, file: InspectedFile, opts: PinOptions): Promise<PinnedFile> {
   return withOpened(file.path, opts.confine, async (handle, fdPath) => {
     const st = await handle.stat();
     if (st.ino !== file.ino || st.dev !== file.dev) throw new Error(`${file.path} was replaced while registering`);
-    return pinOpened(ctx, file, fdPath, opts);
+    return file.tmpfs && !opts.copy ? mapInPlace(ctx, file, fdPath) : readIntoBlock(ctx, file, fdPath, opts);
   });
 }
 
-/** Pins the file open at `fdPath` (its /proc/self/fd path): mapped in place, or read. */
-async function pinOpened(ctx: Context, file: InspectedFile, fdPath: string, opts: PinOptions): Promise<PinnedFile> {
-  const inPlace = file.tmpfs && !opts.copy;
-  if (inPlace) {
-    const mem = await ctx.fileMap(fdPath);
-    try {
-      if (mem.len !== file.size) throw new Error(`${file.path} changed size while registering`);
-      await ctx.hostRegister(mem.address, mem.len, true);
-    } catch (err) {
-      await ctx.fileUnmap(mem);
-      throw err;
-    }
-    opts.progress.bytesPinned += file.size;
-    return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem };
+/** Maps the file open at `fdPath` (its /proc/self/fd path) where it lies; pinned later (pinInPlace). */
+async function mapInPlace(ctx: Context, file: InspectedFile, fdPath: string): Promise<PinnedFile> {
+  const mem = await ctx.fileMap(fdPath);
+  if (mem.len !== file.size) {
+    await ctx.fileUnmap(mem);
+    throw new Error(`${file.path} changed size while registering`);
   }
+  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace: true, mem };
+}
+
+async function pinInPlace(ctx: Context, file: PinnedFile, progress: RegistrationProgress): Promise<void> {
+  await ctx.hostRegister(file.mem.address, file.mem.len, true);
+  progress.bytesPinned += file.size;
+}
+
+/** Reads the file open at `fdPath` into a pinned block. */
+async function readIntoBlock(ctx: Context, file: InspectedFile, fdPath: string, opts: PinOptions): Promise<PinnedFile> {
   const blocks = opts.blocks ?? unpooled(ctx);
   const block = await blocks.take(file.size);
   const mem = new HostMemory(block.address, file.size);
@@ -191,44 +196,53 @@ async function pinOpened(ctx: Context, file: InspectedFile, fdPath: string, opts
     await ctx.hostFree(block); // a failure leaves nothing pinned, not even in the pool
     throw err;
   }
-  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace, mem, block };
+  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace: false, mem, block };
 }
 
 /**
- * Pins every file, in order, starting opts.onPinned's work on each; on a failure or cancel of
- * either, waits for that work, releases what it pinned and rethrows.
+ * Pins every file, in order, running opts.onReadable's work on each (see there); on a failure
+ * or cancel of either, waits for that work and the pinning in flight, releases what it
+ * pinned and rethrows.
  */
 export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOptions): Promise<PinnedFile[]> {
   const pinned: PinnedFile[] = [];
   const started: Promise<void>[] = [];
-  // The first failure of that work, caught as it happens (never an unhandled rejection),
-  // stops the pinning of the files after it.
+  // The first failure of that work or of a pinning, caught as it happens (never an unhandled
+  // rejection), stops the files after it.
   let failed: { err: unknown } | undefined;
+  const caught = (work: Promise<void>) => work.catch((err) => void (failed ??= { err }));
+  const stopIfFailed = () => {
+    if (failed) throw failed.err;
+  };
+  let pinning: Promise<void> = Promise.resolve(); // the previous in-place file's
   try {
     for (const file of files) {
       checkAborted(opts.signal);
-      if (failed) throw failed.err;
-      const p = await pinOne(ctx, file, opts);
+      stopIfFailed();
+      const p = await readable(ctx, file, opts);
       pinned.push(p);
-      // The header was checked before pinning; the pinned bytes must still be that header.
+      // The header was checked before; the mapped or read bytes must still be that header.
       // Read through the library: a file truncated under its mapping by now would fault.
       const head = await ctx.hostRead(p.mem, file.prefix.byteLength).catch((err: Error) => {
         throw new Error(`${file.path} was truncated while registering: ${err.message}`);
       });
       if (Buffer.compare(head, file.prefix) !== 0) throw new Error(`${file.path} changed while registering`);
-      if (opts.onPinned) {
-        started.push(
-          opts.onPinned(pinned.length - 1, p).catch((err) => {
-            failed ??= { err };
-          }),
-        );
+      const work = opts.onReadable?.(pinned.length - 1, p) ?? Promise.resolve();
+      if (!p.inPlace) {
+        started.push(caught(work));
+        continue;
       }
+      await work; // its pages are mapped now: pinning them is the driver's work alone
+      await pinning;
+      stopIfFailed();
+      pinning = caught(pinInPlace(ctx, p, opts.progress));
     }
+    await pinning;
     await Promise.all(started);
-    if (failed) throw failed.err;
+    stopIfFailed();
     return pinned;
   } catch (err) {
-    await Promise.allSettled(started); // nothing may still read the memory about to be released
+    await Promise.allSettled([...started, pinning]); // nothing may still read the memory about to be released
     // Unpinned, not pooled: a failure leaves nothing pinned.
     await unpinFiles(ctx, pinned).catch((e) => opts.onReleaseFailure?.(e));
     throw err;

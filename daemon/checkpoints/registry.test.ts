@@ -63,6 +63,7 @@ class SpyContext extends Context {
   }
 
   override async hostRegister(address: bigint, len: number, readonly = false): Promise<HostMemory> {
+    await this.hook("hostRegister", [address, len]);
     const mem = await super.hostRegister(address, len, readonly);
     this.registered.add(address);
     return mem;
@@ -371,19 +372,39 @@ describe("registering", () => {
     expect([...ctx.live.values()].filter((x) => x.kind === "map")).toHaveLength(2); // m's two files only
   });
 
-  it("fails cleanly when a file's hash fails while the next one pins, and pins no more", async () => {
+  it("fails cleanly when a file's hash fails while the one before it pins, and maps no more", async () => {
     const { registry, ctx } = newRegistry();
     let maps = 0;
-    ctx.before.fileMap = async () => {
-      if (++maps > 1) await sleep(100);
+    let hashes = 0;
+    let pinning = false;
+    let failedWhilePinning = false;
+    ctx.before.fileMap = () => void maps++;
+    ctx.before.hostRegister = async () => {
+      pinning = true;
+      await sleep(100);
+      pinning = false;
     };
     ctx.before.hash = () => {
+      if (++hashes < 2) return;
+      failedWhilePinning = pinning;
       throw new Error("hash broke");
     };
     const v = await settled(registry, request("m", [model(), model("tmpfs", "2."), model("tmpfs", "3.")]));
     expect(v.error).toEqual({ code: "registration_failed", message: "hash broke" });
+    expect(failedWhilePinning).toBe(true);
     expect(maps).toBe(2);
-    expect(ctx.live.size).toBe(0);
+    expect(ctx.live.size).toBe(0); // the first file's pinning ended before it was released
+    expect(ctx.registered.size).toBe(0);
+  });
+
+  it("hashes a file in place before pinning it, so that pinning finds its pages mapped", async () => {
+    const { registry, ctx } = newRegistry();
+    const order: string[] = [];
+    ctx.before.hash = () => void order.push("hash");
+    ctx.before.hostRegister = () => void order.push("pin");
+    await settled(registry, request("m", [model(), model("tmpfs", "2.")]));
+    // File 2 hashes while file 1 pins: the calls start in this order.
+    expect(order).toEqual(["hash", "pin", "hash", "pin"]);
   });
 
   it("works without an onChange callback", async () => {

@@ -509,10 +509,10 @@ export class Registry {
     try {
       const confine = this.confineOpened;
       const blocks = this.pool;
-      // Each file is hashed as soon as it is pinned, while the next ones pin.
+      // Each file is hashed as soon as it is readable, while the others pin (pin.ts).
       const hashes: string[][] = [];
       let pinnedAt = started;
-      const onPinned = async (i: number, pinned: PinnedFile) => {
+      const onReadable = async (i: number, pinned: PinnedFile) => {
         if (i === inspected.length - 1) pinnedAt = performance.now();
         const tensors = (inspected[i] as InspectedFile).header.tensors;
         const [mine] = await hashTensors(ctx, [{ pinned, tensors }], {
@@ -534,7 +534,7 @@ export class Registry {
         signal,
         progress: version.progress,
         confine,
-        onPinned,
+        onReadable,
         onReleaseFailure: (err) => log.error({ err }, "unpinning a failed registration"),
       });
       version.tensors = inspected.flatMap((f, file) =>
