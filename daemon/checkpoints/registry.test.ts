@@ -389,9 +389,12 @@ describe("registering", () => {
       failedWhilePinning = pinning;
       throw new Error("hash broke");
     };
+    let unmappedWhilePinning = false;
+    ctx.before.fileUnmap = () => void (unmappedWhilePinning ||= pinning);
     const v = await settled(registry, request("m", [model(), model("tmpfs", "2."), model("tmpfs", "3.")]));
     expect(v.error).toEqual({ code: "registration_failed", message: "hash broke" });
     expect(failedWhilePinning).toBe(true);
+    expect(unmappedWhilePinning).toBe(false);
     expect(maps).toBe(2);
     expect(ctx.live.size).toBe(0); // the first file's pinning ended before it was released
     expect(ctx.registered.size).toBe(0);
