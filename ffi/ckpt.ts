@@ -444,6 +444,25 @@ export class Context {
   }
 
   /**
+   * fileRead that also returns the ckpt hash of each (file offset, len) pair in `ranges`,
+   * each chunk hashed as it lands (inside the read, not overlapping).
+   */
+  async fileReadHash(
+    path: string,
+    offset: number,
+    len: number,
+    dst: Ptr,
+    ranges: BigUint64Array,
+    threads: number,
+  ): Promise<BigUint64Array> {
+    if (ranges.length % 2 !== 0) throw new RangeError("ranges must hold (offset, len) pairs");
+    const hashes = new BigUint64Array(Math.max(1, ranges.length / 2));
+    const args = [this.ptr, path, offset, len, dst, ranges, ranges.length / 2, hashes, threads];
+    this.check("ckpt_file_read_hash", await promisify<number>(this.lib.native.fileReadHash, args));
+    return hashes.subarray(0, ranges.length / 2);
+  }
+
+  /**
    * Copies len bytes of host memory (a mapped file) out, on a worker thread; a read of pages
    * its file lost (truncated under the mapping) throws CKPT_EFAULT instead of killing the
    * process, as a view() of them would. For headers and checks, not the data path.

@@ -94,6 +94,8 @@ const SIGNATURES = {
   fileUnmap: "int ckpt_file_unmap(ckpt_ctx ctx, void *ptr, uint64_t len)",
   fileRead:
     "int ckpt_file_read(ckpt_ctx ctx, const char *path, uint64_t offset, uint64_t len, void *dst, int32_t threads)",
+  fileReadHash:
+    "int ckpt_file_read_hash(ckpt_ctx ctx, const char *path, uint64_t offset, uint64_t len, void *dst, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads)",
   hostRead: "int ckpt_host_read(ckpt_ctx ctx, void *src, void *dst, uint64_t len)",
   hash: "int ckpt_hash(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads, void *done_bytes)",
   bufHash:

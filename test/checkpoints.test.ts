@@ -7,7 +7,7 @@ import { DTYPE_BITS } from "../daemon/checkpoints/safetensors.ts";
 import { resolveDirectory } from "../daemon/checkpoints/sources.ts";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
+import { ckptHash, safetensorsBytes, type WrittenTensor, writeModel, writeSafetensors } from "./checkpoint-files.ts";
 import { AUTH, early, removeTempDirs, tempDir, testCredentials, thrown } from "./helpers.ts";
 import { startInProcess } from "./in-process.ts";
 

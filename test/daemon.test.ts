@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
+import { ckptHash, writeModel, writeSafetensors } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type Running, type RuntimeName, run, startProcess, tempDir } from "./helpers.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
 

@@ -13,7 +13,7 @@ import { checkAnswer, signedHeaders } from "../daemon/auth/signature.ts";
 import type { Config } from "../daemon/config/index.ts";
 import { Gossip } from "../daemon/peers/gossip.ts";
 import { Members } from "../daemon/peers/members.ts";
-import { writeModel, ckptHash } from "./checkpoint-files.ts";
+import { ckptHash, writeModel } from "./checkpoint-files.ts";
 import { CLUSTER_SECRET, daemonCommand, type Running, startProcess, tempDir, within } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";

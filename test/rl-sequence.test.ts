@@ -8,7 +8,7 @@
 import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Config, EngineConfig } from "../daemon/config/index.ts";
-import { type WrittenTensor, writeModel, ckptHash } from "./checkpoint-files.ts";
+import { ckptHash, type WrittenTensor, writeModel } from "./checkpoint-files.ts";
 import { tempDir } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 import { StandInEngine } from "./stand-in-engine.ts";

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
+import { ckptHash, writeModel, writeSafetensors } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, type RuntimeName, startProcess, tempDir, testCredentials } from "./helpers.ts";
 import { apiOf, startInProcess } from "./in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";

@@ -12,7 +12,7 @@ import type { Config } from "../daemon/config/index.ts";
 import { type Daemon, startDaemon } from "../daemon/daemon.ts";
 import { validityWarning } from "../daemon/http/tls.ts";
 import { nodeRuntime } from "../daemon/runtime/node.ts";
-import { writeModel, ckptHash } from "./checkpoint-files.ts";
+import { ckptHash, writeModel } from "./checkpoint-files.ts";
 import { AUTH, daemonCommand, startProcess, tempDir } from "./helpers.ts";
 import { LIB_DIR, testConfig } from "./in-process.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";

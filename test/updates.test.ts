@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { type WrittenTensor, writeModel, writeSafetensors, ckptHash } from "./checkpoint-files.ts";
+import { ckptHash, type WrittenTensor, writeModel, writeSafetensors } from "./checkpoint-files.ts";
 import { endSigned, tempDir, testCredentials, within } from "./helpers.ts";
 import { apiOf, startInProcess } from "./in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";

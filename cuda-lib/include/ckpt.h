@@ -247,6 +247,12 @@ int ckpt_file_unmap(ckpt_ctx *ctx, void *ptr, uint64_t len);
  * shorter than offset + len. Blocking. */
 int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t len, void *dst,
                    int32_t threads);
+/* ckpt_file_read that also hashes n ranges of what it reads (ckpt_hash's hashes), each chunk
+ * right after it lands, while it is still in the CPU's cache: about the time of the read
+ * alone. ranges holds (file offset, len) pairs inside [offset, offset + len) that do not
+ * overlap (CKPT_EINVAL naming the first that does). Blocking. */
+int ckpt_file_read_hash(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t len, void *dst,
+                        const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads);
 /* Copies len bytes of host memory at src (a mapped file, say) into dst, under the SIGBUS guard
  * (see Signals): CKPT_EFAULT naming the address instead of a crash when src's file was
  * truncated under its mapping. Blocking; for headers and checks, not the data path. */

@@ -122,6 +122,8 @@ extern const int ckpt__map_populate;
 /* hash.c: how many CKPT_HASH_CHUNK chunks a range of len bytes has, and a range's hash from
  * its chunk hashes (XXH64 of them as little-endian uint64s). */
 size_t ckpt__hash_chunks(uint64_t len);
+/* Plain XXH64 (seed 0) of len bytes: one chunk's hash. */
+uint64_t ckpt__xxh64(const void *p, size_t len);
 uint64_t ckpt__hash_combine(const uint64_t *chunks, size_t k);
 /* ckpt_buf_hash's (buffer index, offset, len) triples, checked against the buffers at base[k]
  * of len[k] bytes (CKPT_ERANGE naming the range) and made (address, len) pairs in *out (malloc'd). */

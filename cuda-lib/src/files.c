@@ -93,13 +93,22 @@ CKPT_API int ckpt_file_unmap(ckpt_ctx *ctx, void *ptr, uint64_t len) {
 
 /* ---- parallel read ------------------------------------------------------------------- */
 
+/* A piece of a read: `len` bytes at file offset `at`; if hash >= 0, hashed into chunk hash
+ * number `hash` right after it is read, while it is still in the CPU's cache. */
+typedef struct {
+  uint64_t at, len;
+  int64_t hash;
+} piece;
+
 typedef struct {
   int fd;
-  uint64_t offset, len; /* of the whole read, in the file */
+  uint64_t offset;      /* of the whole read, in the file: dst holds the bytes from there */
   uint8_t *dst;
-  size_t chunks;        /* the last one also takes the remainder */
+  const piece *pieces;
+  size_t n;
+  uint64_t *chunks;     /* chunk hashes, for pieces with hash >= 0 */
   atomic_size_t next;
-  atomic_int failed;    /* set by the first failing thread; the others stop taking chunks */
+  atomic_int failed;    /* set by the first failing thread; the others stop taking pieces */
   pthread_mutex_t mu;   /* guards the first failure's detail below */
   int err;              /* errno, or 0 for an unexpected end of file */
   uint64_t err_offset;  /* file offset of the failed pread */
@@ -119,20 +128,62 @@ static void *read_worker(void *arg) {
   read_job *job = arg;
   while (!atomic_load_explicit(&job->failed, memory_order_relaxed)) {
     size_t k = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
-    if (k >= job->chunks) break;
-    uint64_t begin = k * CHUNK, end = k + 1 == job->chunks ? job->len : begin + CHUNK;
-    while (begin < end) {
-      ssize_t got = pread(job->fd, job->dst + begin, (size_t)(end - begin),
-                          (off_t)(job->offset + begin));
+    if (k >= job->n) break;
+    const piece *p = &job->pieces[k];
+    uint8_t *dst = job->dst + (p->at - job->offset);
+    for (uint64_t done = 0; done < p->len;) {
+      ssize_t got = pread(job->fd, dst + done, (size_t)(p->len - done), (off_t)(p->at + done));
       if (got < 0 && errno == EINTR) continue;
       if (got <= 0) { /* 0: the file shrank under us */
-        read_failed(job, got < 0 ? errno : 0, job->offset + begin);
+        read_failed(job, got < 0 ? errno : 0, p->at + done);
         return NULL;
       }
-      begin += (uint64_t)got;
+      done += (uint64_t)got;
     }
+    if (p->hash >= 0) job->chunks[p->hash] = ckpt__xxh64(dst, (size_t)p->len);
   }
   return NULL;
+}
+
+/* Opens path and checks that it holds [offset, offset + len) (CKPT_ESYS naming it if not). */
+static int open_for_read(ckpt_ctx *ctx, const char *what, const char *path, uint64_t offset, uint64_t len, int *fd) {
+  uint64_t size;
+  CHECK(open_regular(ctx, what, path, fd, &size));
+  if (offset > size || len > size - offset) {
+    close(*fd);
+    return FAIL(ctx, CKPT_ESYS, "%s: %s holds %llu bytes, too few for %llu bytes at offset %llu", what, path,
+                (unsigned long long)size, (unsigned long long)len, (unsigned long long)offset);
+  }
+  return CKPT_OK;
+}
+
+/* Reads the job's pieces on up to `threads` threads (the calling one among them; a thread that
+ * cannot start leaves its share to the others through the counter), then closes the file. */
+static int read_run(ckpt_ctx *ctx, const char *what, const char *path, read_job *job, int32_t threads) {
+  atomic_init(&job->next, 0);
+  atomic_init(&job->failed, 0);
+  pthread_mutex_init(&job->mu, NULL);
+  size_t workers = threads <= 0 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads;
+  if (workers > job->n) workers = job->n > 0 ? job->n : 1;
+  pthread_t tid[MAX_THREADS];
+  size_t started = 0;
+  for (; started + 1 < workers; started++)
+    if (pthread_create(&tid[started], NULL, read_worker, job) != 0) break;
+  read_worker(job);
+  for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
+  close(job->fd);
+  pthread_mutex_destroy(&job->mu);
+  if (atomic_load(&job->failed))
+    return FAIL(ctx, CKPT_ESYS, "%s: pread of %s at offset %llu: %s", what, path,
+                (unsigned long long)job->err_offset,
+                job->err ? strerror(job->err) : "unexpected end of file (the file shrank)");
+  return CKPT_OK;
+}
+
+/* Appends the pieces of [at, end) that no range hashes, at most CHUNK bytes each. */
+static size_t gap_pieces(piece *out, size_t k, uint64_t at, uint64_t end) {
+  for (; at < end; at += CHUNK) out[k++] = (piece){at, end - at < CHUNK ? end - at : CHUNK, -1};
+  return k;
 }
 
 CKPT_API int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t len,
@@ -142,40 +193,88 @@ CKPT_API int ckpt_file_read(ckpt_ctx *ctx, const char *path, uint64_t offset, ui
   CHECK_ARG(ctx, dst != NULL || len == 0);
   CHECK_ARG(ctx, len <= SIZE_MAX);
   int fd;
-  uint64_t size;
-  CHECK(open_regular(ctx, "ckpt_file_read", path, &fd, &size));
-  if (offset > size || len > size - offset) {
+  CHECK(open_for_read(ctx, "ckpt_file_read", path, offset, len, &fd));
+  size_t n = (size_t)(len / CHUNK) + 1;
+  piece *pieces = malloc(n * sizeof *pieces);
+  if (pieces == NULL) {
     close(fd);
-    return FAIL(ctx, CKPT_ESYS,
-                "ckpt_file_read: %s holds %llu bytes, too few for %llu bytes at offset %llu", path,
-                (unsigned long long)size, (unsigned long long)len, (unsigned long long)offset);
+    return FAIL(ctx, CKPT_ENOMEM, "ckpt_file_read: %zu pieces", n);
   }
-  if (len == 0) {
-    close(fd);
-    return CKPT_OK;
+  read_job job = {.fd = fd, .offset = offset, .dst = dst, .pieces = pieces};
+  job.n = gap_pieces(pieces, 0, offset, offset + len);
+  int st = read_run(ctx, "ckpt_file_read", path, &job, threads);
+  free(pieces);
+  return st;
+}
+
+typedef struct {
+  uint64_t at, len;
+  size_t index;
+} by_offset;
+
+static int earlier(const void *x, const void *y) {
+  const by_offset *a = x, *b = y;
+  return (a->at > b->at) - (a->at < b->at);
+}
+
+CKPT_API int ckpt_file_read_hash(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t len, void *dst,
+                                 const uint64_t *ranges, size_t n, uint64_t *hashes, int32_t threads) {
+  CHECK_ARG(NULL, ctx != NULL);
+  CHECK_ARG(ctx, path != NULL);
+  CHECK_ARG(ctx, dst != NULL || len == 0);
+  CHECK_ARG(ctx, len <= SIZE_MAX);
+  CHECK_ARG(ctx, n == 0 || (ranges != NULL && hashes != NULL));
+  by_offset *order = malloc(n * sizeof *order + 1);
+  size_t *first = malloc((n + 1) * sizeof *first);
+  if (order == NULL || first == NULL) {
+    free(order), free(first);
+    return FAIL(ctx, CKPT_ENOMEM, "ckpt_file_read_hash: %zu ranges", n);
   }
-  read_job job = {.fd = fd, .offset = offset, .len = len, .dst = dst};
-  job.chunks = len / CHUNK > 0 ? (size_t)(len / CHUNK) : 1;
-  atomic_init(&job.next, 0);
-  atomic_init(&job.failed, 0);
-  pthread_mutex_init(&job.mu, NULL);
-  size_t workers = threads <= 0 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads;
-  if (workers > job.chunks) workers = job.chunks;
-  pthread_t tid[MAX_THREADS];
-  size_t started = 0;
-  /* The calling thread is one of the workers; a thread that cannot start leaves its share
-   * to the others through the counter. */
-  for (; started + 1 < workers; started++)
-    if (pthread_create(&tid[started], NULL, read_worker, &job) != 0) break;
-  read_worker(&job);
-  for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
-  close(fd);
-  pthread_mutex_destroy(&job.mu);
-  if (atomic_load(&job.failed))
-    return FAIL(ctx, CKPT_ESYS, "ckpt_file_read: pread of %s at offset %llu: %s", path,
-                (unsigned long long)job.err_offset,
-                job.err ? strerror(job.err) : "unexpected end of file (the file shrank)");
-  return CKPT_OK;
+  for (size_t i = 0; i < n; i++) order[i] = (by_offset){ranges[2 * i], ranges[2 * i + 1], i};
+  qsort(order, n, sizeof *order, earlier);
+  /* Inside the read and apart: each byte is read once. */
+  uint64_t end = offset;
+  int st = CKPT_OK;
+  for (size_t k = 0; k < n && st == CKPT_OK; k++) {
+    const by_offset *r = &order[k];
+    if (r->at < end || r->at > offset + len || r->len > offset + len - r->at)
+      st = FAIL(ctx, CKPT_EINVAL,
+                "ckpt_file_read_hash: range %zu (%llu bytes at %llu) is %s", r->index, (unsigned long long)r->len,
+                (unsigned long long)r->at, r->at < end && r->at >= offset ? "overlapping another" : "outside the read");
+    else
+      end = r->at + r->len;
+  }
+  first[0] = 0;
+  for (size_t i = 0; i < n; i++) first[i + 1] = first[i] + ckpt__hash_chunks(ranges[2 * i + 1]);
+  /* Every chunk, and the gaps between the ranges in CHUNK pieces. */
+  size_t cap = first[n] + 2 * n + (size_t)(len / CHUNK) + 2;
+  piece *pieces = st == CKPT_OK ? malloc(cap * sizeof *pieces) : NULL;
+  uint64_t *chunks = st == CKPT_OK ? malloc(first[n] * sizeof *chunks + 1) : NULL;
+  if (st == CKPT_OK && (pieces == NULL || chunks == NULL))
+    st = FAIL(ctx, CKPT_ENOMEM, "ckpt_file_read_hash: %zu chunks", first[n]);
+  int fd = -1;
+  if (st == CKPT_OK) st = open_for_read(ctx, "ckpt_file_read_hash", path, offset, len, &fd);
+  if (st == CKPT_OK) {
+    size_t m = 0;
+    uint64_t at = offset;
+    for (size_t k = 0; k < n; k++) {
+      const by_offset *r = &order[k];
+      m = gap_pieces(pieces, m, at, r->at);
+      for (size_t c = first[r->index]; c < first[r->index + 1]; c++) {
+        uint64_t from = r->at + (uint64_t)(c - first[r->index]) * CKPT_HASH_CHUNK;
+        uint64_t l = r->at + r->len - from;
+        pieces[m++] = (piece){from, l < CKPT_HASH_CHUNK ? l : CKPT_HASH_CHUNK, (int64_t)c};
+      }
+      at = r->at + r->len;
+    }
+    m = gap_pieces(pieces, m, at, offset + len);
+    read_job job = {.fd = fd, .offset = offset, .dst = dst, .pieces = pieces, .n = m, .chunks = chunks};
+    st = read_run(ctx, "ckpt_file_read_hash", path, &job, threads);
+  }
+  if (st == CKPT_OK)
+    for (size_t i = 0; i < n; i++) hashes[i] = ckpt__hash_combine(chunks + first[i], first[i + 1] - first[i]);
+  free(order), free(first), free(pieces), free(chunks);
+  return st;
 }
 
 /* ---- guarded read of host memory ------------------------------------------------------- */

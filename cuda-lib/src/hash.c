@@ -97,6 +97,8 @@ static uint64_t xxh64(const uint8_t *p, size_t len) {
   return h;
 }
 
+uint64_t ckpt__xxh64(const void *p, size_t len) { return xxh64(p, len); }
+
 uint64_t ckpt__hash_combine(const uint64_t *chunks, size_t k) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
   uint8_t *le = malloc(k * 8 + 1); /* the hashes as little-endian bytes */

@@ -195,6 +195,49 @@ static int test_file_read(void) {
   return 1;
 }
 
+/* ckpt_file_read_hash reads what ckpt_file_read does and hashes its ranges as ckpt_hash does. */
+static int test_file_read_hash(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t len = (70u << 20) + 77;
+  uint8_t *data = malloc(len), *got = malloc(len + 1);
+  EXPECT(data && got);
+  fill(data, len, 5);
+  char path[64];
+  EXPECT(write_temp_file(path, data, len));
+  /* Out of order, one empty, one ending at the end, gaps of every size between them. */
+  const uint64_t mib = CKPT_HASH_CHUNK;
+  uint64_t r[10] = {3 * mib + 200, 1000, 100, 3 * mib + 5, 4 * mib, 0, 4 * mib + 10, mib, 6 * mib, len - 6 * mib};
+  uint64_t h[5], want[5], abs[10];
+  for (int i = 0; i < 5; i++) abs[2 * i] = (uint64_t)(uintptr_t)data + r[2 * i], abs[2 * i + 1] = r[2 * i + 1];
+  EXPECT_OK(ctx, ckpt_hash(ctx, abs, 5, want, NULL, 2, NULL));
+  const int32_t threads[] = {1, 3, 16};
+  for (int t = 0; t < 3; t++) {
+    memset(got, 0, len + 1);
+    memset(h, 0, sizeof h);
+    EXPECT_OK(ctx, ckpt_file_read_hash(ctx, path, 0, len, got, r, 5, h, threads[t]));
+    EXPECT(memcmp(got, data, len) == 0 && got[len] == 0);
+    EXPECT(memcmp(h, want, sizeof h) == 0);
+  }
+  /* A window of the file: ranges are file offsets, dst holds the window. */
+  EXPECT_OK(ctx, ckpt_file_read_hash(ctx, path, 50, 4 * mib, got, r + 2, 1, h, 4));
+  EXPECT(memcmp(got, data + 50, 4 * mib) == 0 && h[0] == want[1]);
+  EXPECT_OK(ctx, ckpt_file_read_hash(ctx, path, 0, 10, got, NULL, 0, NULL, 4)); /* hashes nothing */
+  EXPECT(memcmp(got, data, 10) == 0);
+  /* Overlapping ranges, a range outside the window, a file too short: refused naming it. */
+  uint64_t bad[4] = {100, 3 * mib, 3 * mib + 99, 10};
+  EXPECT_ST(ctx, ckpt_file_read_hash(ctx, path, 0, len, got, bad, 2, h, 4), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "range 1 (10 bytes at 3145827) is overlapping another");
+  EXPECT_ST(ctx, ckpt_file_read_hash(ctx, path, 200, len - 200, got, bad, 1, h, 4), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "range 0 (3145728 bytes at 100) is outside the read");
+  EXPECT_ST(ctx, ckpt_file_read_hash(ctx, path, 0, len + 1, got, NULL, 0, NULL, 4), CKPT_ESYS);
+  EXPECT_DETAIL(ctx, "too few");
+  unlink(path);
+  free(data), free(got);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
 /* Byte i of the vector pattern. */
 static uint8_t pattern(size_t i) { return (uint8_t)(i * 131u + 7u); }
 
@@ -489,7 +532,7 @@ static int test_sigbus_chains(void) {
 
 static const harness_test tests[] = {
     TEST(test_file_map),     TEST(test_file_map_copy), TEST(test_file_read),
-    TEST(test_hash_vectors), TEST(test_hash_many), TEST(test_hash_chunks), TEST(test_hash_truncated),
+    TEST(test_hash_vectors), TEST(test_hash_many), TEST(test_hash_chunks), TEST(test_file_read_hash), TEST(test_hash_truncated),
     TEST(test_copy_truncated), TEST(test_buffer_sealed), TEST(test_sigbus_chains),
 };
 

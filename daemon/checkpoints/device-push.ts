@@ -260,7 +260,7 @@ async function hashOnDevices(
         ranges,
         share,
       );
-      mine.forEach((c, k) => hashes.set(c.tensor.name, (out[k] as bigint).toString(16).padStart(16, "0")));
+      for (const [k, c] of mine.entries()) hashes.set(c.tensor.name, (out[k] as bigint).toString(16).padStart(16, "0"));
       version.progress.bytesHashed += mine.reduce((n, c) => n + c.tensor.bytes, 0);
     }),
   );

@@ -14,7 +14,7 @@ import {
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Context, type HostMemory, openBackend } from "../../ffi/index.ts";
-import { safetensorsBytes, writeSafetensors, ckptHash } from "../../test/checkpoint-files.ts";
+import { ckptHash, safetensorsBytes, writeSafetensors } from "../../test/checkpoint-files.ts";
 import { tempDir } from "../../test/helpers.ts";
 import { LIB_DIR } from "../../test/in-process.ts";
 import {
@@ -24,6 +24,7 @@ import {
   type PinnedFile,
   type PinOptions,
   pinFiles,
+  readPieces,
   unpinFiles,
 } from "./pin.ts";
 
@@ -88,9 +89,16 @@ class SpyContext extends Context {
     this.registered.delete(mem.address);
   }
 
-  override async fileRead(path: string, offset: number, len: number, dst: bigint, threads: number): Promise<void> {
-    await this.hook("fileRead", [path, offset, len, dst, threads]);
-    return super.fileRead(path, offset, len, dst, threads);
+  override async fileReadHash(
+    path: string,
+    offset: number,
+    len: number,
+    dst: bigint,
+    ranges: BigUint64Array,
+    threads: number,
+  ): Promise<BigUint64Array> {
+    await this.hook("fileReadHash", [path, offset, len, dst, ranges, threads]);
+    return super.fileReadHash(path, offset, len, dst, ranges, threads);
   }
 
   override async hostRead(mem: HostMemory, len: number, offset = 0): Promise<Uint8Array> {
@@ -334,7 +342,7 @@ describe("pinFiles", () => {
     await withSpy(async (ctx) => {
       const file = await inspectFile(checkpoint("disk"));
       const failure = new Error("EIO");
-      ctx.before.fileRead = () => {
+      ctx.before.fileReadHash = () => {
         throw failure;
       };
       await expect(pinFiles(ctx, [file], options())).rejects.toBe(failure);
@@ -400,5 +408,46 @@ describe("hashTensors", () => {
       expect(progress.bytesHashed).toBe(total);
       await unpinFiles(ctx, pinned);
     });
+  });
+});
+
+describe("readPieces", () => {
+  const GiB = 2 ** 30;
+  it("cuts a copy between tensors into spans of a GiB or more that cover the file once", () => {
+    // Header 1000 bytes; tensors listed out of order; the last one leaves padding before the end.
+    const sizes = [0.4, 0.7, 0.2, 2.5, 0.1, 0.9].map((g) => Math.round(g * GiB));
+    const tensors: { begin: number; end: number }[] = [];
+    let at = 1000;
+    for (const n of sizes) {
+      tensors.push({ begin: at, end: at + n });
+      at += n;
+    }
+    const file = { size: at + 64, header: { tensors: [...tensors].reverse() } };
+    const pieces = readPieces(file);
+    expect(pieces.map((p) => p.tensors.map((i) => sizes.length - 1 - i))).toEqual([
+      [0, 1],
+      [2, 3],
+      [4, 5],
+    ]);
+    expect(pieces[0]?.begin).toBe(0);
+    for (const [k, p] of pieces.entries()) {
+      if (k > 0) expect(p.begin).toBe(pieces[k - 1]?.end);
+      if (k < pieces.length - 1) expect(p.end - p.begin).toBeGreaterThanOrEqual(GiB);
+    }
+    expect(pieces.at(-1)?.end).toBe(file.size);
+  });
+
+  it("reads a file of no tensors, or of small ones, in one piece", () => {
+    expect(readPieces({ size: 500, header: { tensors: [] } })).toEqual([{ begin: 0, end: 500, tensors: [] }]);
+    const small = {
+      size: 300,
+      header: {
+        tensors: [
+          { begin: 100, end: 200 },
+          { begin: 200, end: 290 },
+        ],
+      },
+    };
+    expect(readPieces(small)).toEqual([{ begin: 0, end: 300, tensors: [0, 1] }]);
   });
 });

@@ -36,6 +36,8 @@ export interface PinnedFile {
   mem: HostMemory;
   /** The pooled block holding them, when not in place: it goes back to the pool. */
   block?: HostMemory;
+  /** A copy's tensor hashes (header order), computed as it was read. */
+  hashes?: string[];
 }
 
 /** Where copies get pinned memory and give it back (checkpoints/pool.ts). */
@@ -180,23 +182,63 @@ async function pinInPlace(ctx: Context, file: PinnedFile, progress: Registration
   progress.bytesPinned += file.size;
 }
 
-/** Reads the file open at `fdPath` into a pinned block. */
+/**
+ * Reads the file open at `fdPath` into a pinned block, hashing its tensors as they land, in
+ * pieces of whole tensors of about READ_CHUNK bytes (the unit of progress and cancel).
+ */
 async function readIntoBlock(ctx: Context, file: InspectedFile, fdPath: string, opts: PinOptions): Promise<PinnedFile> {
   const blocks = opts.blocks ?? unpooled(ctx);
   const block = await blocks.take(file.size);
   const mem = new HostMemory(block.address, file.size);
+  const hashes: string[] = [];
   try {
-    for (let offset = 0; offset < file.size; offset += READ_CHUNK) {
+    for (const piece of readPieces(file)) {
       checkAborted(opts.signal);
-      const len = Math.min(READ_CHUNK, file.size - offset);
-      await ctx.fileRead(fdPath, offset, len, mem.address + BigInt(offset), opts.threads);
+      const ranges = new BigUint64Array(
+        piece.tensors.flatMap((i) => {
+          const t = file.header.tensors[i] as { begin: number; end: number };
+          return [BigInt(t.begin), BigInt(t.end - t.begin)];
+        }),
+      );
+      const len = piece.end - piece.begin;
+      const got = await ctx.fileReadHash(
+        fdPath,
+        piece.begin,
+        len,
+        mem.address + BigInt(piece.begin),
+        ranges,
+        opts.threads,
+      );
+      piece.tensors.forEach((i, k) => {
+        hashes[i] = (got[k] as bigint).toString(16).padStart(16, "0");
+      });
       opts.progress.bytesPinned += len;
+      opts.progress.bytesHashed += len;
     }
   } catch (err) {
     await ctx.hostFree(block); // a failure leaves nothing pinned, not even in the pool
     throw err;
   }
-  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace: false, mem, block };
+  return { path: file.path, size: file.size, mtimeMs: file.mtimeMs, inPlace: false, mem, block, hashes };
+}
+
+/** The file cut between tensors into pieces of READ_CHUNK bytes or more: each piece's span and tensors (header indices). */
+export function readPieces(file: { size: number; header: { tensors: { begin: number; end: number }[] } }) {
+  const order = file.header.tensors.map((t, i) => ({ ...t, i })).sort((a, b) => a.begin - b.begin);
+  const pieces: { begin: number; end: number; tensors: number[] }[] = [];
+  let current = { begin: 0, end: 0, tensors: [] as number[] };
+  for (const t of order) {
+    current.tensors.push(t.i);
+    current.end = t.end;
+    if (current.end - current.begin >= READ_CHUNK) {
+      pieces.push(current);
+      current = { begin: current.end, end: current.end, tensors: [] };
+    }
+  }
+  const last = pieces.at(-1);
+  if (last && current.tensors.length === 0) last.end = file.size; // only padding is left
+  else pieces.push({ ...current, end: file.size });
+  return pieces;
 }
 
 /**
@@ -210,7 +252,10 @@ export async function pinFiles(ctx: Context, files: InspectedFile[], opts: PinOp
   // The first failure of that work or of a pinning, caught as it happens (never an unhandled
   // rejection), stops the files after it.
   let failed: { err: unknown } | undefined;
-  const caught = (work: Promise<void>) => work.catch((err) => void (failed ??= { err }));
+  const caught = (work: Promise<void>) =>
+    work.catch((err) => {
+      failed ??= { err };
+    });
   const stopIfFailed = () => {
     if (failed) throw failed.err;
   };

@@ -4,7 +4,7 @@ import { join } from "node:path";
 import pino from "pino";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { Context, type HostMemory, openBackend } from "../../ffi/index.ts";
-import { writeSafetensors, ckptHash } from "../../test/checkpoint-files.ts";
+import { ckptHash, writeSafetensors } from "../../test/checkpoint-files.ts";
 import { tempDir, thrown } from "../../test/helpers.ts";
 import { LIB_DIR } from "../../test/in-process.ts";
 import { DaemonError } from "../errors.ts";
@@ -74,9 +74,16 @@ class SpyContext extends Context {
     this.registered.delete(mem.address);
   }
 
-  override async fileRead(path: string, offset: number, len: number, dst: bigint, threads: number): Promise<void> {
-    await this.hook("fileRead", [path, offset, len, dst, threads]);
-    return super.fileRead(path, offset, len, dst, threads);
+  override async fileReadHash(
+    path: string,
+    offset: number,
+    len: number,
+    dst: bigint,
+    ranges: BigUint64Array,
+    threads: number,
+  ): Promise<BigUint64Array> {
+    await this.hook("fileReadHash", [path, offset, len, dst, ranges, threads]);
+    return super.fileReadHash(path, offset, len, dst, ranges, threads);
   }
 
   override async hash(
@@ -390,7 +397,9 @@ describe("registering", () => {
       throw new Error("hash broke");
     };
     let unmappedWhilePinning = false;
-    ctx.before.fileUnmap = () => void (unmappedWhilePinning ||= pinning);
+    ctx.before.fileUnmap = () => {
+      unmappedWhilePinning ||= pinning;
+    };
     const v = await settled(registry, request("m", [model(), model("tmpfs", "2."), model("tmpfs", "3.")]));
     expect(v.error).toEqual({ code: "registration_failed", message: "hash broke" });
     expect(failedWhilePinning).toBe(true);
@@ -917,7 +926,7 @@ describe("the pinned pool", () => {
 
   it("keeps nothing of a failed registration, not even in the pool", async () => {
     const { registry, ctx } = newRegistry();
-    ctx.before.hash = () => {
+    ctx.before.fileReadHash = () => {
       throw new Error("boom");
     };
     const v = await settled(registry, request("m", [model("disk")], { copy: true }));

@@ -225,7 +225,9 @@ describe("restoreRegistry", () => {
     const after = newRegistry(stateDir);
     const report = await restoreRegistry(stateDir, after, silent);
     expect(report.restored).toEqual(["m@1"]);
-    expect(report.notRestored).toEqual([{ id: "m@2", reason: expect.stringMatching(/changed since it was registered/) }]);
+    expect(report.notRestored).toEqual([
+      { id: "m@2", reason: expect.stringMatching(/changed since it was registered/) },
+    ]);
     expect(after.get("m@1").tensors.map((t) => t.hash)).toEqual(v.tensors.map((t) => t.hash));
   });
 

@@ -8,7 +8,7 @@ import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { type WrittenTensor, writeSafetensors, ckptHash } from "../../test/checkpoint-files.ts";
+import { ckptHash, type WrittenTensor, writeSafetensors } from "../../test/checkpoint-files.ts";
 import { AUTH, CLUSTER_SECRET, endSigned, tempDir, testCredentials, within } from "../../test/helpers.ts";
 import { apiOf, LIB_DIR } from "../../test/in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "../../test/reference-receiver.ts";
