@@ -156,7 +156,13 @@ async function fillPart(
   const events: Event[] = [];
   let hashing: Promise<Map<string, string>> | undefined;
   try {
-    for (const [i, b] of req.buffers.entries()) bufs.push(await importBuffer(ctx, b, i, plan.deviceOf[i] as number));
+    // At once: each open waits on the driver, and a push names hundreds of allocations.
+    const opened = await Promise.allSettled(
+      req.buffers.map((b, i) => importBuffer(ctx, b, i, plan.deviceOf[i] as number)),
+    );
+    for (const o of opened) bufs.push(o.status === "fulfilled" ? o.value : undefined);
+    const refused = opened.find((o) => o.status === "rejected");
+    if (refused) throw (refused as PromiseRejectedResult).reason;
     const imported = performance.now();
     const landed: { batch: Copy[]; event: Event }[] = [];
     for (const batch of batches(plan.copies)) {
@@ -194,6 +200,9 @@ async function fillPart(
       },
       "push copied",
     );
+    // Every copy has landed and every hash is in: nothing reads the trainer's memory any
+    // longer, and closing its handles (a driver call each) need not delay the version.
+    void release().catch((err) => deps.log.warn({ err, checkpoint: version.id }, "closing a push's handles"));
     return plan.layout.tensors.map(
       (t): TensorRecord => ({
         name: t.name,
@@ -205,7 +214,12 @@ async function fillPart(
         hash: hashes.get(t.name) as string,
       }),
     );
-  } finally {
+  } catch (err) {
+    await release(); // copies in flight end before the registry gives the block back
+    throw err;
+  }
+
+  async function release(): Promise<void> {
     await hashing?.catch(() => undefined); // no kernel reads a buffer about to be freed
     for (const s of streams.values()) await ctx.streamDestroy(s).catch(() => undefined);
     for (const e of events) ctx.eventDestroy(e);
