@@ -20,7 +20,7 @@ export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 ./cuda-lib/build/ckpt-gpu-test --bandwidth 4 | tee "$out/floor.txt"
 st=$(mktemp -d)
 node --import tsx daemon/main.ts --backend cuda --port 8470 --state-dir "$st" --max-versions 1 \
-  --log-level info >"$out/daemon.log" 2>&1 &
+  --log-level "${LOG_LEVEL:-info}" >"$out/daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 300); do curl -sf localhost:8470/v1/healthz >/dev/null && break; sleep 0.1; done
 token=$(cut -d: -f2 "$st/tokens")

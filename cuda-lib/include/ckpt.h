@@ -353,8 +353,10 @@ typedef struct ckpt_ucx_options {
 } ckpt_ucx_options;
 
 /* Loads UCX (dlopen; CKPT_EUCX naming the library when it is absent), makes a worker and
- * its progress thread, and listens when opts->listen is set. UCX reads its UCX_* variables.
- * Every UCX call runs on the progress thread; the calls below queue work for it. */
+ * its progress thread, and listens when opts->listen is set. UCX reads its UCX_* variables;
+ * UCX_ERROR_SIGNALS, unless set, is set to "" first, so that UCX installs no signal handler
+ * over the SIGBUS guard (see Signals). Every UCX call runs on the progress thread; the calls
+ * below queue work for it. */
 int ckpt_ucx_create(ckpt_ctx *ctx, const ckpt_ucx_options *opts, ckpt_ucx **out);
 /* Drops every peer (their fetches fail with CKPT_ECANCELED), closes every connection and the
  * listener, and frees the worker. No other call on it or its peers may be running. */

@@ -158,6 +158,10 @@ struct ckpt_ucx {
 /* ---- loading UCX ------------------------------------------------------------------- */
 
 static int ucx_load(ckpt_ctx *ctx, const char *path, ux_api *api, void **lib_out) {
+  /* UCX installs handlers for SIGSEGV, SIGBUS and others as it loads, replacing the guard's
+   * (see Signals in ckpt.h): a read of a truncated mapped file would then kill the process.
+   * Unless the user chose otherwise, it installs none. */
+  setenv("UCX_ERROR_SIGNALS", "", 0);
   /* RTLD_NODELETE: UCX keeps threads and atexit handlers of its own. */
   void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (lib == NULL) {

@@ -2,8 +2,11 @@
  * in one process. Needs UCX's libucp.so.0 (Debian: libucx0); without it only the clear
  * failure to load is checked. */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "harness.h"
 
@@ -359,10 +362,43 @@ static int test_missing_library(void) {
   return 1;
 }
 
+/* Loading UCX (ckpt_ucx_create) leaves the library's SIGBUS guard on: UCX installs signal
+ * handlers of its own by default, which would kill the process on a read of a truncated file
+ * that the guard turns into CKPT_EFAULT. In a child, so that a crash fails the test only. */
+static int test_guard_survives_ucx(void) {
+  pid_t pid = fork();
+  EXPECT(pid >= 0);
+  if (pid == 0) {
+    ckpt_ctx *ctx = new_ctx(1);
+    ckpt_ucx *u = ctx ? new_ucx(ctx, "127.0.0.1:0", 0) : NULL;
+    char path[] = "/dev/shm/ckpt-test-ucx-guard-XXXXXX";
+    int fd = mkstemp(path);
+    if (u == NULL || fd < 0 || ftruncate(fd, 16384) != 0) _exit(3);
+    close(fd);
+    void *m = NULL;
+    uint64_t len = 0;
+    int mapped = ckpt_file_map(ctx, path, &m, &len) == CKPT_OK;
+    int cut = truncate(path, 4096) == 0;
+    unlink(path);
+    if (!mapped || !cut) _exit(4);
+    uint64_t r[2] = {(uint64_t)(uintptr_t)m + 8192, 4096}, h = 0;
+    _exit(ckpt_hash(ctx, r, 1, &h, NULL, 1, NULL) == CKPT_EFAULT ? 0 : 5);
+  }
+  int status = 0;
+  EXPECT(waitpid(pid, &status, 0) == pid);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    snprintf(g_msg, sizeof g_msg, "child %s %d", WIFEXITED(status) ? "exited" : "died of signal",
+             WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+    return 0;
+  }
+  return 1;
+}
+
 static const harness_test tests[] = {
     TEST(test_missing_library), TEST(test_fetch),       TEST(test_refused),      TEST(test_unreachable),
     TEST(test_disconnect_in_flight), TEST(test_fault_corrupt), TEST(test_unexpose), TEST(test_unexpose_in_flight),
     TEST(test_flood),          TEST(test_idle),           TEST(test_unproven_cap),  TEST(test_throughput),
+    TEST(test_guard_survives_ucx),
 };
 
 int main(void) {
