@@ -125,9 +125,11 @@ export class StagingAreas {
     return id;
   }
 
-  /** Deletes every area's file (shutdown: areas do not outlive the daemon). */
+  /** Deletes every area's file, committing or not (shutdown: areas do not outlive the daemon). */
   async close(): Promise<void> {
-    for (const id of [...this.areas.keys()]) await this.delete(id).catch(() => undefined);
+    const areas = [...this.areas.values()];
+    this.areas.clear();
+    for (const a of areas) await unlink(a.path).catch(() => undefined);
   }
 
   /** The area, if it exists and is not committing (404 / 409 otherwise). */
