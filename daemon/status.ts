@@ -48,6 +48,11 @@ export function statusOf(s: StatusSources) {
         .connected()
         .filter((r) => r.gpu === d.index)
         .map((r) => r.label),
+      /** What each receiver holds, as far as this daemon knows (null: nothing known). */
+      holdings: s.hub
+        .connected()
+        .filter((r) => r.gpu === d.index)
+        .map((r) => ({ receiver: r.label, holds: r.holds?.version ?? null, partial: r.partial })),
       index: d.index,
       uuid: d.uuid,
       name: d.name,

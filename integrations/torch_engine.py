@@ -103,7 +103,8 @@ def main() -> None:
         names.append(name)
         params[name] = torch.empty(shape, dtype=torch.bfloat16, device=device)
 
-    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout)
+    # Whole updates: each one is checked for every tensor (they are NaN until it lands).
+    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout, partial=False)
     failed = done = 0
     try:
         while args.updates == 0 or done < args.updates:

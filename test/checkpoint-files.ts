@@ -37,6 +37,13 @@ export function writeSafetensors(path: string, tensors: TensorSpec[]): WrittenTe
   return withBytes.map((t) => ({ ...t, file: path }));
 }
 
+/** A safetensors file of these tensors with these bytes (another version of a model, say). */
+export function writeTensors(path: string, tensors: (TensorSpec & { bytes: Uint8Array })[]): WrittenTensor[] {
+  const header = encodeHeader(tensors.map((t) => ({ ...t, bytes: t.bytes.byteLength })));
+  writeFileSync(path, Buffer.concat([header, ...tensors.map((t) => t.bytes)]));
+  return tensors.map((t) => ({ ...t, file: path }));
+}
+
 /** A small model-like checkpoint split over `files` files in `dir`. */
 export function writeModel(dir: string, files = 2, layers = 3, hidden = 64): WrittenTensor[] {
   const specs: TensorSpec[] = [{ name: "model.embed_tokens.weight", dtype: "BF16", shape: [100, hidden] }];

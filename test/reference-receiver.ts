@@ -22,6 +22,8 @@ export interface Behaviour {
   neverDone?: boolean;
   /** Called with each bucket's number once its bytes are read, before the ack. */
   beforeAck?: (bucket: number) => void;
+  /** Say `partial: false` in hello: every update sends every tensor (read at connect). */
+  whole?: boolean;
 }
 
 type Msg = { op: string; [k: string]: unknown };
@@ -30,6 +32,11 @@ export class ReferenceReceiver {
   readonly seen: Msg[] = [];
   /** Per finished update: tensor name -> ckpt hash of the assembled bytes. */
   readonly hashes = new Map<string, Map<string, string>>();
+  /**
+   * The engine's weights, written in place piece by piece as buckets come (as an engine
+   * copies into its parameters), so an update that fails part-way leaves some of it behind.
+   */
+  private readonly weights = new Map<string, Uint8Array>();
   private socket?: Socket;
   private ctx?: Context;
   private slots: DeviceBuffer[] = [];
@@ -59,7 +66,8 @@ export class ReferenceReceiver {
       this.buffered = lines.pop() ?? "";
       for (const line of lines) if (line) this.queue = this.queue.then(() => this.handle(JSON.parse(line)));
     });
-    this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name });
+    const partial = this.behaviour.whole ? { partial: false } : {};
+    this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name, ...partial });
     await this.next("buffers");
   }
 
@@ -129,6 +137,12 @@ export class ReferenceReceiver {
           this.tensors.set(t.name, whole);
         }
         await ctx.bufRead(slot, t.offset, whole.subarray(t.range[0], t.range[1]));
+        let weight = this.weights.get(t.name);
+        if (weight?.byteLength !== t.bytes) {
+          weight = new Uint8Array(t.bytes);
+          this.weights.set(t.name, weight);
+        }
+        weight.set(whole.subarray(t.range[0], t.range[1]), t.range[0]);
       }
       this.behaviour.beforeAck?.(bucket);
       this.send({ op: "ack", update: m.update, bucket });
@@ -139,6 +153,13 @@ export class ReferenceReceiver {
       this.send({ op: "done", update: m.update });
     }
     for (const w of [...this.waiters]) w(m);
+  }
+
+  /** The engine's weights now: name -> ckpt hash. */
+  async model(): Promise<Map<string, string>> {
+    const out = new Map<string, string>();
+    for (const [name, bytes] of this.weights) out.set(name, await ckptHash(bytes));
+    return out;
   }
 
   /** Disconnects and frees the mappings; safe to call twice. */

@@ -1,10 +1,11 @@
+import { randomBytes } from "node:crypto";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
-import { ckptHash, type WrittenTensor, writeModel, writeSafetensors } from "./checkpoint-files.ts";
+import { ckptHash, type WrittenTensor, writeModel, writeSafetensors, writeTensors } from "./checkpoint-files.ts";
 import { endSigned, tempDir, testCredentials, within } from "./helpers.ts";
 import { apiOf, startInProcess } from "./in-process.ts";
 import { type Behaviour, ReferenceReceiver } from "./reference-receiver.ts";
@@ -60,20 +61,127 @@ async function expectDelivered(r: ReferenceReceiver, update: string, tensors: Wr
   for (const t of tensors) expect(got?.get(t.name)).toBe(await ckptHash(t.bytes));
 }
 
+/** Registers these tensors (with their bytes) as the next version of `name`. */
+async function registerTensors(api: Awaited<ReturnType<typeof start>>["api"], name: string, tensors: WrittenTensor[]) {
+  const path = `${tempDir()}/model.safetensors`;
+  writeTensors(path, tensors);
+  const res = await api("POST", "/v1/checkpoints", { name, files: [path] });
+  expect(res.status, JSON.stringify(res.body)).toBe(201);
+  return res.body.id as string;
+}
+
+/** The receiver's weights are exactly these tensors' bytes. */
+async function expectModel(r: ReferenceReceiver, tensors: WrittenTensor[]) {
+  expect(Object.fromEntries(await r.model())).toEqual(
+    Object.fromEntries(await Promise.all(tensors.map(async (t) => [t.name, await ckptHash(t.bytes)]))),
+  );
+}
+
+describe("updates that move only what changed", () => {
+  // a spans two 1 MiB buckets; b and c are small.
+  const specs = [
+    { name: "a", dtype: "F32", shape: [600, 1024] },
+    { name: "b", dtype: "BF16", shape: [64, 64] },
+    { name: "c", dtype: "F32", shape: [1000] },
+  ];
+  const version = (bytes: (t: (typeof specs)[number], i: number) => Uint8Array): WrittenTensor[] =>
+    specs.map((t, i) => ({ ...t, bytes: bytes(t, i), file: "" }));
+  const fresh = (t: (typeof specs)[number]) =>
+    randomBytes(t.shape.reduce((x, y) => x * y, 1) * (t.dtype === "F32" ? 4 : 2));
+
+  it("sends a receiver only the tensors it lacks, says what it left out, and rolls back bit for bit", async () => {
+    const { api, receiver } = await start({ hostDevices: 1 });
+    const v1 = version(fresh);
+    expect(await registerTensors(api, "m", v1)).toBe("m@1");
+    const r = await receiver(0, "engine");
+    const first = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
+    expect(first.skipped).toEqual({ tensors: 0, bytes: 0 });
+    expect(first.receivers[0]).toMatchObject({ state: "applied", holds: "m@1" });
+    await expectModel(r, v1);
+
+    // m@2 changes b only: b moves, a and c stay where they are.
+    const v2 = version((t, i) => (i === 1 ? fresh(t) : (v1[i] as WrittenTensor).bytes));
+    expect(await registerTensors(api, "m", v2)).toBe("m@2");
+    const second = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
+    expect(second.state).toBe("succeeded");
+    expect(second.skipped).toEqual({ tensors: 2, bytes: 600 * 1024 * 4 + 1000 * 4 });
+    expect(second.progress.bytes).toBeLessThan(1 << 20);
+    expect(r.seen.find((m) => m.op === "begin" && m.update === "u-2")).toMatchObject({ tensors: 1, skipped: 2 });
+    expect([...(r.hashes.get("u-2")?.keys() ?? [])]).toEqual(["b"]);
+    await expectModel(r, v2);
+    const status = (await api("GET", "/v1/status")).body;
+    expect(status.gpus[0].holdings).toEqual([
+      { receiver: expect.stringMatching(/^engine /), holds: "m@2", partial: true },
+    ]);
+
+    // The same version again moves nothing; going back to m@1 moves b back.
+    const again = (await api("POST", "/v1/updates", { checkpoint: "m@2" })).body;
+    expect(again).toMatchObject({ state: "succeeded", progress: { buckets: 0, bytes: 0 }, skipped: { tensors: 3 } });
+    const back = (await api("POST", "/v1/updates", { checkpoint: "m@1" })).body;
+    expect(back).toMatchObject({ state: "succeeded", skipped: { tensors: 2 } });
+    await expectModel(r, v1);
+  });
+
+  it("sends everything when a receiver holds nothing known: one that just connected, or after a failed update", async () => {
+    const { api, receiver } = await start({ hostDevices: 2 });
+    const v1 = version(fresh);
+    await registerTensors(api, "m", v1);
+    const r0 = await receiver(0, "engine-0");
+    expect((await api("POST", "/v1/updates", { checkpoint: "m" })).body.state).toBe("succeeded");
+    // A second engine connects (on the other GPU): buckets reach every GPU, so it all moves.
+    const r1 = await receiver(1, "engine-1");
+    const both = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
+    expect(both).toMatchObject({ state: "succeeded", skipped: { tensors: 0 } });
+    await expectModel(r1, v1);
+    // An update that fails part-way leaves what they hold unknown: the next one moves it all.
+    const v2 = version((t, i) => (i === 0 ? fresh(t) : (v1[i] as WrittenTensor).bytes));
+    await registerTensors(api, "m", v2);
+    r1.behaviour = { failAt: 1 };
+    const failed = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
+    expect(failed.error.details.receivers.map((x: { holds: unknown }) => x.holds)).toEqual([null, null]);
+    r1.behaviour = {};
+    // Back to m@1, which they held before: engine-0 took part of m@2's a, so all of it moves.
+    const after = (await api("POST", "/v1/updates", { checkpoint: "m@1" })).body;
+    expect(after).toMatchObject({ state: "succeeded", skipped: { tensors: 0 } });
+    await expectModel(r0, v1);
+    await expectModel(r1, v1);
+    // A receiver that asks for whole updates gets everything every time.
+    const whole = await receiver(0, "whole", { whole: true });
+    const withWhole = (await api("POST", "/v1/updates", { checkpoint: "m@2" })).body;
+    expect(withWhole).toMatchObject({ state: "succeeded", skipped: { tensors: 0 } });
+    await expectModel(whole, v2);
+  });
+});
+
 describe("broadcast updates on the host backend", () => {
   it("delivers every byte of the checkpoint to an engine on each GPU, and again on the next update", async () => {
     const { api, receiver } = await start();
     const tensors = await register(api);
-    const r0 = await receiver(0, "engine-0");
-    const r1 = await receiver(1, "engine-1");
+    // Whole receivers: the second update of the same version sends every tensor again.
+    const r0 = await receiver(0, "engine-0", { whole: true });
+    const r1 = await receiver(1, "engine-1", { whole: true });
     const res = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(res.status).toBe(200);
     expect(res.body).toMatchObject({ id: "u-1", checkpoint: "m@1", state: "succeeded" });
     expect(res.body.progress.buckets).toBeGreaterThan(3);
     expect(res.body.progress.bucketsDone).toBe(res.body.progress.buckets);
     expect(res.body.receivers).toEqual([
-      { name: "engine-0", pid: process.pid, gpu: 0, bucketsAcked: res.body.progress.buckets, state: "applied" },
-      { name: "engine-1", pid: process.pid, gpu: 1, bucketsAcked: res.body.progress.buckets, state: "applied" },
+      {
+        name: "engine-0",
+        pid: process.pid,
+        gpu: 0,
+        bucketsAcked: res.body.progress.buckets,
+        state: "applied",
+        holds: "m@1",
+      },
+      {
+        name: "engine-1",
+        pid: process.pid,
+        gpu: 1,
+        bucketsAcked: res.body.progress.buckets,
+        state: "applied",
+        holds: "m@1",
+      },
     ]);
     await expectDelivered(r0, "u-1", tensors);
     await expectDelivered(r1, "u-1", tensors);
@@ -205,8 +313,8 @@ describe("what a failed update leaves, and how fast it fails", () => {
     const record = res.body.error.details;
     const total = record.progress.buckets;
     expect(record.receivers).toEqual([
-      { name: "good", pid: process.pid, gpu: 0, bucketsAcked: total, state: "applied" },
-      { name: "stuck", pid: process.pid, gpu: 1, bucketsAcked: total, state: "aborted" },
+      { name: "good", pid: process.pid, gpu: 0, bucketsAcked: total, state: "applied", holds: null },
+      { name: "stuck", pid: process.pid, gpu: 1, bucketsAcked: total, state: "aborted", holds: null },
     ]);
     expect(await stuck.saw((m) => m.op === "abort" && m.update === "u-1")).toBe(true);
     expect((await api("GET", "/v1/updates/u-1")).body.receivers).toEqual(record.receivers);
@@ -327,7 +435,14 @@ describe("engines listed in the configuration", () => {
     expect(record.state).toBe("failed");
     // The receiver acked every bucket: it holds the new version, whatever its engine said after.
     expect(record.receivers).toEqual([
-      { name: "vllm-worker-0", pid: process.pid, gpu: 0, bucketsAcked: record.progress.buckets, state: "applied" },
+      {
+        name: "vllm-worker-0",
+        pid: process.pid,
+        gpu: 0,
+        bucketsAcked: record.progress.buckets,
+        state: "applied",
+        holds: null,
+      },
     ]);
   });
 

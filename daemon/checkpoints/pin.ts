@@ -236,7 +236,8 @@ export function readPieces(file: { size: number; header: { tensors: { begin: num
     }
   }
   const last = pieces.at(-1);
-  if (last && current.tensors.length === 0) last.end = file.size; // only padding is left
+  if (last && current.tensors.length === 0)
+    last.end = file.size; // only padding is left
   else pieces.push({ ...current, end: file.size });
   return pieces;
 }

@@ -14,9 +14,10 @@ import { type PeerPlan, type PeerSigner, peerAbort, peerInfo, peerRun } from "./
 import type { Group } from "./pipeline.ts";
 import type { Bucket, PlanOptions } from "./plan.ts";
 import { type PeersPlan, planWithPeers } from "./plan-peers.ts";
-import { ReceiverError } from "./receivers.ts";
+import { type Receiver, ReceiverError } from "./receivers.ts";
 import type { UpdateRecord } from "./record.ts";
 import type { Flow } from "./run-update.ts";
+import { heldByAll } from "./skip.ts";
 
 export interface CoordinationDeps {
   ctx: Context;
@@ -27,12 +28,16 @@ export interface CoordinationDeps {
   receiverTimeoutMs: number;
   /** Signs each request to a peer. */
   sign: PeerSigner;
-  /** Plans the buckets (the same version over the same GPUs and slots is planned once). */
-  plan: (version: CheckpointVersion, opts: PlanOptions) => Bucket[];
+  /**
+   * Plans the buckets of the version's tensors but those in `skip` (the same plan is made
+   * once).
+   */
+  plan: (version: CheckpointVersion, opts: PlanOptions, skip?: Set<string>) => Bucket[];
 }
 
 export class Coordination implements Flow {
   private peersPlan?: PeersPlan;
+  private planOptions?: PlanOptions;
   private buckets: Bucket[] = [];
   private readonly ends: Promise<void>[] = [];
   private readonly failures: { url: string; message: string; code?: string }[] = [];
@@ -53,8 +58,22 @@ export class Coordination implements Flow {
     const shared = this.deps.path.sharedComm();
     const plan = planWithPeers({ gpus: buffers.gpus.length, slots, slotBytes, peers: asked, shared });
     this.peersPlan = plan;
-    this.buckets = this.deps.plan(this.version, { bucketBytes: slotBytes, owners: plan.owners, slots });
+    this.planOptions = { bucketBytes: slotBytes, owners: plan.owners, slots };
+    this.buckets = this.deps.plan(this.version, this.planOptions);
     return { version: this.version, buckets: this.buckets };
+  }
+
+  /**
+   * Leaves out what every receiver holds already, when this daemon's receivers are all there
+   * is: peers follow the plan they were sent, whole.
+   */
+  narrow(part: Part, receivers: Receiver[]): Part {
+    if ((this.peersPlan?.participants.length ?? 0) > 0) return part;
+    const skip = heldByAll(this.version.tensors, receivers);
+    if (skip.size === 0) return part;
+    const bytes = this.version.tensors.reduce((n, t) => n + (skip.has(t.name) ? t.bytes : 0), 0);
+    this.buckets = this.deps.plan(this.version, this.planOptions as PlanOptions, skip);
+    return { version: this.version, buckets: this.buckets, skipped: { tensors: skip.size, bytes } };
   }
 
   async join(buffers: Buffers): Promise<Group> {

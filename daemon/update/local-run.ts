@@ -30,12 +30,15 @@ export interface LocalDeps {
 export interface Part {
   version?: CheckpointVersion;
   buckets: Bucket[];
+  /** Tensors left out because every receiver holds them already (skip.ts). */
+  skipped?: { tensors: number; bytes: number };
 }
 
 export class LocalRun {
   private engines: EngineRun[] = [];
   private triggered: Triggered[] = [];
   private receivers: Receiver[] = [];
+  private moved?: Part;
   private readonly acked = new Map<Receiver, number>();
   /** Receivers that answered `done` to `end`, and those told to abort before that. */
   private readonly done = new Set<Receiver>();
@@ -69,13 +72,28 @@ export class LocalRun {
     for (const r of this.receivers) this.acked.set(r, 0);
   }
 
+  /** The receivers the update goes to, once engaged. */
+  get engaged(): Receiver[] {
+    return this.receivers;
+  }
+
   /** Tells the receivers, moves every bucket, ends the update with them. */
   async move(part: Part, group: Group, buffers: Buffers, signal: AbortSignal): Promise<void> {
     const { record, receivers } = this;
     const timeout = this.deps.receiverTimeoutMs;
     const tensors = new Set(part.buckets.flatMap((b) => b.pieces.map((p) => p.name))).size;
+    this.moved = part;
+    const skipped = part.skipped?.tensors ?? 0;
     for (const r of receivers) {
-      r.send({ op: "begin", update: record.id, checkpoint: record.checkpoint, tensors, buckets: part.buckets.length });
+      r.holds = undefined; // until it has applied all of this update
+      r.send({
+        op: "begin",
+        update: record.id,
+        checkpoint: record.checkpoint,
+        tensors,
+        buckets: part.buckets.length,
+        skipped,
+      });
     }
     await transmit({
       ctx: this.deps.ctx,
@@ -184,10 +202,13 @@ export class LocalRun {
     record.finishedAt = new Date().toISOString();
     if (record.error) record.state = "failed";
     const succeeded = record.state === "succeeded";
+    const version = succeeded ? this.moved?.version : undefined;
+    const holding = version && { version: version.id, hashes: new Map(version.tensors.map((t) => [t.name, t.hash])) };
     record.receivers = this.receivers.map((r) => {
       const n = this.acked.get(r) ?? 0;
       const state = receiverState({ done: this.done.has(r), acked: n, aborted: this.aborted.has(r) });
-      return { name: r.name, pid: r.pid, gpu: r.gpu, bucketsAcked: n, state };
+      if (holding && state === "applied") r.holds = holding;
+      return { name: r.name, pid: r.pid, gpu: r.gpu, bucketsAcked: n, state, holds: r.holds?.version ?? null };
     });
     if (record.error && this.engines.some((run) => run.driven)) record.error.message += `; ${this.holdings()}`;
     if (succeeded)

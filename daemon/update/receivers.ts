@@ -23,9 +23,25 @@ let connections = 0;
 
 export type Message = { op: string; [key: string]: unknown };
 
+/** What a receiver holds, as far as this daemon knows: a version's tensors by their hashes. */
+export interface Holding {
+  version: string;
+  hashes: ReadonlyMap<string, string>;
+}
+
 /** One connected engine process on one GPU. */
 export class Receiver {
   name = "unnamed";
+  /**
+   * Whether updates may leave out the tensors it holds already (hello's `partial`, default
+   * true); false: it gets every tensor of every update (an engine that reloads whole layers).
+   */
+  partial = true;
+  /**
+   * The version it holds: set when it applied a whole update (answered `done`), cleared when an
+   * update to it begins; a receiver that connects holds nothing known.
+   */
+  holds?: Holding;
   /** The connecting process, as the kernel saw it (SO_PEERCRED), not as it says in hello. */
   pid = 0;
   uid = 0;
@@ -341,6 +357,7 @@ export class ReceiverHub {
     for (const msg of r.feed(chunk)) {
       if (msg.op === "hello" && !r.ready) {
         r.name = typeof msg.name === "string" ? msg.name.slice(0, 100) : `pid-${r.pid}`;
+        r.partial = msg.partial !== false;
         if (msg.protocol !== PROTOCOL) {
           r.send({ op: "refused", reason: `protocol ${preview(msg.protocol)} is not ${PROTOCOL}` });
           r.close();

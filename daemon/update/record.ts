@@ -17,6 +17,8 @@ export interface ReceiverResult {
    * then went away before either.
    */
   state: "applied" | "aborted" | "partial" | "untouched";
+  /** The version it holds now, as far as this daemon knows (null: not known, e.g. after a failure). */
+  holds: string | null;
 }
 
 export class UpdateRecord {
@@ -34,6 +36,8 @@ export class UpdateRecord {
   engines: EngineResult[] = [];
   /** What the engines are told they hold once it succeeded. */
   weightVersion?: string;
+  /** Tensors left out because every receiver held them already. */
+  skipped = { tensors: 0, bytes: 0 };
   /** Peers left out because they were not up when it started. */
   leftOut: { nodeId: string; url: string; state: string }[] = [];
 
@@ -56,6 +60,7 @@ export class UpdateRecord {
       createdAt: this.createdAt,
       ...(this.finishedAt ? { finishedAt: this.finishedAt } : {}),
       progress: this.progress,
+      skipped: this.skipped,
       timings: this.timings,
       receivers: this.receivers,
       ...(this.engines.length > 0 ? { engines: this.engines } : {}),

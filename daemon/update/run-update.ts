@@ -8,11 +8,17 @@ import type { Buffers } from "./buffers.ts";
 import type { DataPath } from "./data-path.ts";
 import { type LocalDeps, LocalRun, type Part } from "./local-run.ts";
 import type { Group } from "./pipeline.ts";
+import type { Receiver } from "./receivers.ts";
 import type { UpdateRecord } from "./record.ts";
 
 export interface Flow {
   /** What moves; throws (before anyone joins a communicator) when it cannot. */
   plan(buffers: Buffers): Promise<Part>;
+  /**
+   * Once the receivers are known: what moves to them, leaving out what they all hold already
+   * (skip.ts). A flow whose plan other daemons follow keeps it whole.
+   */
+  narrow?(part: Part, receivers: Receiver[]): Part;
   /** The ranks it moves to: joins whatever communicator that takes. */
   join(buffers: Buffers): Promise<Group>;
   /** After this daemon's part: waits for the other participants' ends. */
@@ -34,12 +40,14 @@ export async function runUpdate(
   let buffers: Buffers | undefined;
   try {
     buffers = await deps.path.buffers();
-    const part = await flow.plan(buffers);
+    const planned = await flow.plan(buffers);
+    const group = await flow.join(buffers);
+    await run.engage(abort.signal);
+    const part = flow.narrow?.(planned, run.engaged) ?? planned;
     record.progress.buckets = part.buckets.length;
     record.progress.bytes = part.buckets.reduce((sum, b) => sum + b.bytes, 0);
-    const group = await flow.join(buffers);
+    if (part.skipped) record.skipped = part.skipped;
     record.timings.planSeconds = (performance.now() - record.t0) / 1000;
-    await run.engage(abort.signal);
     run.watchEngines(abort);
     await run.move(part, group, buffers, abort.signal);
     await flow.others();

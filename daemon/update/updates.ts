@@ -86,7 +86,11 @@ export class Updates {
     record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
     record.leftOut = span.leftOut;
     const fp = fingerprint(lease.version);
-    const deps = { ...o, peers: span.urls, plan: (v: CheckpointVersion, p: PlanOptions) => this.plan(v, p) };
+    const deps = {
+      ...o,
+      peers: span.urls,
+      plan: (v: CheckpointVersion, p: PlanOptions, skip?: Set<string>) => this.plan(v, p, skip),
+    };
     const done = this.launch(record, lease, (abort) => new Coordination(deps, record, lease.version, abort)).then(
       () => {
         if (record.state === "succeeded") this.lastDelivered = { fingerprint: fp, at: new Date().toISOString() };
@@ -184,10 +188,13 @@ export class Updates {
     return this.lastDelivered;
   }
 
-  private plan(version: CheckpointVersion, given: PlanOptions): Bucket[] {
+  private plan(version: CheckpointVersion, given: PlanOptions, skip = new Set<string>()): Bucket[] {
     const opts = { ...given, order: this.opts.bucketOrder ?? "size" };
-    const key = JSON.stringify([version.id, opts]);
-    if (this.lastPlan?.key !== key) this.lastPlan = { key, buckets: planBuckets(version.tensors, opts) };
+    const key = JSON.stringify([version.id, opts, [...skip].sort()]);
+    if (this.lastPlan?.key !== key) {
+      const tensors = skip.size > 0 ? version.tensors.filter((t) => !skip.has(t.name)) : version.tensors;
+      this.lastPlan = { key, buckets: planBuckets(tensors, opts) };
+    }
     return this.lastPlan.buckets;
   }
 }

@@ -37,7 +37,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from .. import ProtocolError, Receiver, Summary, gpu_socket_path
-from .load import RELOADS, WeightLoad
+from .load import RELOADS, WeightLoad, needs_layerwise
 
 log = logging.getLogger("ckptd.vllm")
 
@@ -81,7 +81,9 @@ class CkptdWeightTransferEngine(WeightTransferEngine[CkptdInitInfo, CkptdUpdateI
 
     def _connect(self, path: str, timeout_s: float) -> Receiver:
         """A receiver on `path` for this worker's device (a seam for tests)."""
-        return Receiver(path, device=self.device, name=f"vllm-{os.getpid()}-{self.device}", timeout=timeout_s)
+        # A model that reloads layer by layer (quantized, MLA) needs every tensor of each update.
+        return Receiver(path, device=self.device, name=f"vllm-{os.getpid()}-{self.device}", timeout=timeout_s,
+                        partial=not needs_layerwise(self.model_config))
 
     def _socket_path(self, socket_dir: str) -> str:
         index = getattr(self.device, "index", None)
