@@ -443,6 +443,14 @@ export class Context {
     this.check("ckpt_file_read", status);
   }
 
+  /** Copies each (dst, src, len) triple of host memory, on up to `threads` threads (sources guarded). */
+  async hostCopy(ranges: BigUint64Array, threads: number): Promise<void> {
+    if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (dst, src, len) triples");
+    if (ranges.length === 0) return;
+    const args = [this.ptr, ranges, ranges.length / 3, threads];
+    this.check("ckpt_host_copy", await promisify<number>(this.lib.native.hostCopy, args));
+  }
+
   /**
    * fileRead that also returns the ckpt hash of each (file offset, len) pair in `ranges`,
    * each chunk hashed as it lands (inside the read, not overlapping).

@@ -97,6 +97,7 @@ const SIGNATURES = {
   fileReadHash:
     "int ckpt_file_read_hash(ckpt_ctx ctx, const char *path, uint64_t offset, uint64_t len, void *dst, const void *ranges, size_t n, _Out_ uint64_t *hashes, int32_t threads)",
   hostRead: "int ckpt_host_read(ckpt_ctx ctx, void *src, void *dst, uint64_t len)",
+  hostCopy: "int ckpt_host_copy(ckpt_ctx ctx, const void *ranges, size_t n, int32_t threads)",
   hash: "int ckpt_hash(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads, void *done_bytes)",
   bufHash:
     "int ckpt_buf_hash(const void *bufs, size_t nbufs, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads)",

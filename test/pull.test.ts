@@ -4,11 +4,13 @@
  * checked; a source serving corrupted bytes, one that dies and one that was never there leave
  * the pull complete from the others, or failed naming what is missing, with nothing pinned.
  */
+
+import { randomBytes } from "node:crypto";
 import { readFileSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Config } from "../daemon/config/index.ts";
-import { writeModel } from "./checkpoint-files.ts";
+import { writeModel, writeTensors } from "./checkpoint-files.ts";
 import { AUTH, tempDir } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 import { ReferenceReceiver } from "./reference-receiver.ts";
@@ -47,6 +49,26 @@ async function seesUp(x: { api: ReturnType<typeof apiOf> }, ids: string[]): Prom
   }
 }
 
+/** Waits until `x` sees an up peer holding a version with this fingerprint. */
+async function seesVersion(x: { api: ReturnType<typeof apiOf> }, fingerprint: string): Promise<void> {
+  const end = Date.now() + 5000;
+  for (;;) {
+    const peers = (await x.api("GET", "/v1/peers")).body.peers as {
+      state: string;
+      versions: { fingerprint: string }[];
+    }[];
+    if (peers.some((p) => p.state === "up" && p.versions.some((v) => v.fingerprint === fingerprint))) return;
+    if (Date.now() > end) throw new Error(`never saw ${fingerprint}: ${JSON.stringify(peers)}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** The fingerprint of version n of the first checkpoint `x` holds. */
+async function fingerprintOf(x: { api: ReturnType<typeof apiOf> }, n: number): Promise<string> {
+  const versions = (await x.api("GET", "/v1/peers")).body.self.versions as { version: number; fingerprint: string }[];
+  return (versions.find((v) => v.version === n) as { fingerprint: string }).fingerprint;
+}
+
 /** The files of a model written under /dev/shm, and their bytes. */
 function model(files = 2, layers = 8, hidden = 256) {
   const dir = tempDir("ckptd-test-", "/dev/shm");
@@ -81,6 +103,56 @@ describe("pull over UCX", () => {
     const metrics = await (await fetch(`${c.url}/metrics`, { headers: AUTH })).text();
     expect(metrics).toMatch(/ckptd_pull_source_bytes\{checkpoint="m@1",source="node-a",state="done"\} [1-9]\d*/);
     expect(metrics).toContain(`ckptd_pull_verified_bytes{checkpoint="m@1",state="ready"} ${pulled.bytes}`);
+  });
+});
+
+describe("pulls of a version next to one held here", () => {
+  // Five tensors of 64 KiB; version 2 changes two of them.
+  const specs = ["a", "b", "c", "d", "e"].map((name) => ({ name, dtype: "F32", shape: [128, 128] }));
+  const write = (bytes: Buffer[]) => {
+    const path = join(tempDir("ckptd-test-", "/dev/shm"), "m.safetensors");
+    writeTensors(
+      path,
+      specs.map((t, i) => ({ ...t, bytes: bytes[i] as Buffer })),
+    );
+    return path;
+  };
+
+  it("copies the tensors it holds with the same hash and fetches only the others; a held copy that hashes wrong is fetched", async () => {
+    const v1 = specs.map(() => randomBytes(128 * 128 * 4));
+    const v2 = v1.map((b, i) => (i === 1 || i === 3 ? randomBytes(b.length) : b));
+    const a = await daemon("node-a");
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", files: [write(v1)] })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url] });
+    await seesUp(c, ["node-a"]);
+    const first = await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} });
+    expect(first.status).toBe(201);
+    const v2file = write(v2);
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", files: [v2file] })).status).toBe(201);
+    const fp2 = await fingerprintOf(a, 2);
+    await seesVersion(c, fp2);
+    const second = await c.api("POST", "/v1/checkpoints", { name: "m", pull: { fingerprint: fp2 } });
+    expect(second.status, JSON.stringify(second.body)).toBe(201);
+    const pulled = c.d.registry.get(second.body.id);
+    expect(Buffer.compare(Buffer.from(pulled.pinned[0]?.mem.view() as Uint8Array), readFileSync(v2file))).toBe(0);
+    const pull = (await c.api("GET", `/v1/checkpoints/${second.body.id}`)).body.progress.pull;
+    expect(pull.bytesLocal).toBe(3 * 128 * 128 * 4);
+    expect(pull.bytesFetched).toBe(pulled.bytes - pull.bytesLocal);
+    expect(pull.mismatches).toBe(0);
+
+    // The held version's memory is damaged: its tensors hash wrong here and come from the source.
+    const held = c.d.registry.get(second.body.id).pinned[0]?.mem.view() as Uint8Array;
+    held[held.length - 10] = (held[held.length - 10] as number) ^ 0xff; // inside e, which m@3 keeps
+    const v3file = write(v2.map((b, i) => (i === 0 ? randomBytes(b.length) : b)));
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", files: [v3file] })).status).toBe(201);
+    const fp3 = await fingerprintOf(a, 3);
+    await seesVersion(c, fp3);
+    const third = await c.api("POST", "/v1/checkpoints", { name: "m", pull: { fingerprint: fp3 } });
+    expect(third.status, JSON.stringify(third.body)).toBe(201);
+    const again = c.d.registry.get(third.body.id);
+    expect(Buffer.compare(Buffer.from(again.pinned[0]?.mem.view() as Uint8Array), readFileSync(v3file))).toBe(0);
+    const pull3 = (await c.api("GET", `/v1/checkpoints/${third.body.id}`)).body.progress.pull;
+    expect(pull3.mismatches).toBeGreaterThanOrEqual(1);
   });
 });
 

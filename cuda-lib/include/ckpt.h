@@ -16,8 +16,8 @@
  *   returns; the bytes a range points at must stay valid until the copy's event completes.
  * - Signals: the first ckpt_ctx_create installs one process-wide SIGBUS handler (sigaction,
  *   SA_SIGINFO) and keeps the disposition it replaced. The library's CPU reads of host memory
- *   that may be a mapped file (ckpt_hash, ckpt_host_read, the host backend's ckpt_h2d_async
- *   copies) run under a per-thread guard: a SIGBUS inside the range being read (its file was
+ *   that may be a mapped file (ckpt_hash, ckpt_host_read, ckpt_host_copy, the host backend's
+ *   ckpt_h2d_async copies) run under a per-thread guard: a SIGBUS inside the range being read (its file was
  *   truncated under the mapping) fails that operation with CKPT_EFAULT, naming the range and
  *   the faulting address, instead of killing the process. Every other SIGBUS goes to the
  *   replaced disposition (its handler is called; the default kills the process as before).
@@ -257,6 +257,11 @@ int ckpt_file_read_hash(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64
  * (see Signals): CKPT_EFAULT naming the address instead of a crash when src's file was
  * truncated under its mapping. Blocking; for headers and checks, not the data path. */
 int ckpt_host_read(ckpt_ctx *ctx, const void *src, void *dst, uint64_t len);
+/* Copies n ranges of host memory, ranges holding (dst, src, len) triples of uint64, on up to
+ * `threads` threads, each source read under the SIGBUS guard: CKPT_EFAULT naming the range
+ * when its mapped file was truncated (what was copied is then undefined). Ranges must not
+ * overlap one another's destinations. Blocking. */
+int ckpt_host_copy(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, int32_t threads);
 /* The ckpt hash: XXH64 (seed 0) of each CKPT_HASH_CHUNK-byte chunk of a range (the last one
  * may be shorter; an empty range has none), then XXH64 of those chunk hashes taken as
  * little-endian uint64s. The chunks let many threads (or a GPU) hash one large tensor at once,

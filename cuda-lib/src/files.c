@@ -302,3 +302,73 @@ CKPT_API int ckpt_host_read(ckpt_ctx *ctx, const void *src, void *dst, uint64_t 
               "was truncated", src, (unsigned long long)len, (unsigned long long)fault,
               (unsigned long long)(fault - (uintptr_t)src));
 }
+
+/* ---- parallel guarded copies of host memory --------------------------------------------- */
+
+typedef struct {
+  const uint64_t *ranges; /* (dst, src, len) */
+  const size_t *first;    /* first[i]: index of range i's first CHUNK piece; first[n]: all */
+  size_t n;
+  atomic_size_t next;
+  atomic_int failed;
+  size_t failed_range;
+  uintptr_t fault;
+} copy_job;
+
+static void *copy_worker(void *arg) {
+  copy_job *job = arg;
+  size_t total = job->first[job->n];
+  size_t i = 0; /* the range of the last piece: pieces are taken in ascending order */
+  while (!atomic_load_explicit(&job->failed, memory_order_relaxed)) {
+    size_t k = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+    if (k >= total) break;
+    while (job->first[i + 1] <= k) i++;
+    const uint64_t *r = &job->ranges[3 * i];
+    uint64_t at = (uint64_t)(k - job->first[i]) * CHUNK, len = r[2] - at < CHUNK ? r[2] - at : CHUNK;
+    host_read x = {(const void *)(uintptr_t)(r[1] + at), (void *)(uintptr_t)(r[0] + at), (size_t)len};
+    uintptr_t fault = 0;
+    if (ckpt__guarded(run_host_read, &x, x.src, x.len, &fault) != CKPT_OK) {
+      int no = 0;
+      if (atomic_compare_exchange_strong(&job->failed, &no, 1)) job->failed_range = i, job->fault = fault;
+      break;
+    }
+  }
+  return NULL;
+}
+
+CKPT_API int ckpt_host_copy(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, int32_t threads) {
+  CHECK_ARG(NULL, ctx != NULL);
+  if (n == 0) return CKPT_OK;
+  CHECK_ARG(ctx, ranges != NULL);
+  size_t *first = malloc((n + 1) * sizeof *first);
+  if (first == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_host_copy: %zu ranges", n);
+  first[0] = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint64_t dst = ranges[3 * i], src = ranges[3 * i + 1], len = ranges[3 * i + 2];
+    if (len > 0 && (dst == 0 || src == 0 || dst + len < dst || src + len < src || len > SIZE_MAX)) {
+      free(first);
+      return FAIL(ctx, CKPT_EINVAL, "ckpt_host_copy: range %zu (0x%llx <- 0x%llx, %llu bytes) is not valid memory", i,
+                  (unsigned long long)dst, (unsigned long long)src, (unsigned long long)len);
+    }
+    first[i + 1] = first[i] + (size_t)((len + CHUNK - 1) / CHUNK);
+  }
+  copy_job job = {.ranges = ranges, .first = first, .n = n};
+  atomic_init(&job.next, 0);
+  atomic_init(&job.failed, 0);
+  size_t workers = threads <= 0 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads;
+  if (workers > first[n]) workers = first[n] > 0 ? first[n] : 1;
+  pthread_t tid[MAX_THREADS];
+  size_t started = 0;
+  for (; started + 1 < workers; started++)
+    if (pthread_create(&tid[started], NULL, copy_worker, &job) != 0) break;
+  copy_worker(&job);
+  for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
+  free(first);
+  if (!atomic_load(&job.failed)) return CKPT_OK;
+  const uint64_t *r = &ranges[3 * job.failed_range];
+  return FAIL(ctx, CKPT_EFAULT,
+              "ckpt_host_copy: range %zu (%llu bytes from 0x%llx): bus error at 0x%llx, offset %llu: the file "
+              "mapped there was truncated",
+              job.failed_range, (unsigned long long)r[2], (unsigned long long)r[1], (unsigned long long)job.fault,
+              (unsigned long long)(job.fault - r[1]));
+}

@@ -386,6 +386,47 @@ static uint8_t *map_shm_file(ckpt_ctx *ctx, char path[64], size_t len) {
   return NULL;
 }
 
+/* ckpt_host_copy copies every range, large ones split over threads, and names a truncated source. */
+static int test_host_copy(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  size_t len = (140u << 20) + 13;
+  uint8_t *src = malloc(len), *dst = malloc(len + 64);
+  EXPECT(src && dst);
+  fill(src, len, 9);
+  const int32_t threads[] = {1, 4};
+  for (int t = 0; t < 2; t++) {
+    memset(dst, 0, len + 64);
+    /* Out of order, one empty, one of a single byte: dst gets src at the same offsets. */
+    uint64_t r[12] = {(uint64_t)(uintptr_t)(dst + 1000), (uint64_t)(uintptr_t)(src + 1000), len - 1000,
+                      (uint64_t)(uintptr_t)dst, (uint64_t)(uintptr_t)src, 999,
+                      (uint64_t)(uintptr_t)(dst + 999), (uint64_t)(uintptr_t)(src + 999), 1,
+                      0, 0, 0};
+    EXPECT_OK(ctx, ckpt_host_copy(ctx, r, 4, threads[t]));
+    EXPECT(memcmp(dst, src, len) == 0);
+    EXPECT(dst[len] == 0); /* nothing past the ranges */
+  }
+  uint64_t bad[3] = {(uint64_t)(uintptr_t)dst, 0, 10};
+  EXPECT_ST(ctx, ckpt_host_copy(ctx, bad, 1, 2), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "range 0");
+  EXPECT_OK(ctx, ckpt_host_copy(ctx, NULL, 0, 2));
+  /* A source whose file was truncated under its mapping. */
+  char path[64];
+  uint8_t *m = map_shm_file(ctx, path, 64 << 10);
+  EXPECT(m != NULL);
+  int cut = truncate(path, 4096) == 0;
+  unlink(path);
+  EXPECT(cut);
+  uint64_t r2[6] = {(uint64_t)(uintptr_t)dst, (uint64_t)(uintptr_t)m, 4096,
+                    (uint64_t)(uintptr_t)dst, (uint64_t)(uintptr_t)m + 8192, 4096};
+  EXPECT_ST(ctx, ckpt_host_copy(ctx, r2, 2, 2), CKPT_EFAULT);
+  EXPECT_DETAIL(ctx, "range 1");
+  EXPECT_OK(ctx, ckpt_file_unmap(ctx, m, 64 << 10));
+  free(src), free(dst);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
 static int test_hash_truncated(void) {
   ckpt_ctx *ctx = new_ctx(1);
   EXPECT(ctx != NULL);
@@ -532,7 +573,7 @@ static int test_sigbus_chains(void) {
 
 static const harness_test tests[] = {
     TEST(test_file_map),     TEST(test_file_map_copy), TEST(test_file_read),
-    TEST(test_hash_vectors), TEST(test_hash_many), TEST(test_hash_chunks), TEST(test_file_read_hash), TEST(test_hash_truncated),
+    TEST(test_hash_vectors), TEST(test_hash_many), TEST(test_hash_chunks), TEST(test_file_read_hash), TEST(test_host_copy), TEST(test_hash_truncated),
     TEST(test_copy_truncated), TEST(test_buffer_sealed), TEST(test_sigbus_chains),
 };
 

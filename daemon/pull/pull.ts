@@ -63,6 +63,8 @@ export interface PullProgress {
   /** Daemons asked that were not used, and why ("<url>: <reason>"). */
   leftOut: string[];
   bytesFetched: number;
+  /** Bytes of tensors this daemon held already (the same hash in a version of its own): copied here, not fetched. */
+  bytesLocal: number;
   bytesVerified: number;
   /** Pieces that hashed wrong and were fetched again. */
   mismatches: number;
@@ -131,8 +133,12 @@ class PullRun {
   private readonly sources: Source[];
   private readonly progress: PullProgress;
   private hashing = 0;
-  /** Files whose memory is still being pinned. */
+  /** Files whose memory is still being pinned, or filled from versions held here. */
   private allocating = 0;
+  /** Pieces held here: piece index -> where the same bytes lie in a version of this daemon's. */
+  private readonly here = new Map<number, bigint>();
+  /** Leases on the versions those bytes are copied from. */
+  private readonly leases: { release: () => void }[] = [];
   /** Updates waiting for spans of bytes to be verified (version.gate). */
   private waiters: { spans: readonly Span[]; resolve: () => void; reject: (err: Error) => void }[] = [];
   private error?: Error;
@@ -148,10 +154,12 @@ class PullRun {
   ) {
     const first = manifests[0] as Manifest;
     this.pieces = piecesOf(first);
+    this.findHere(first);
     this.stripe = new Stripe(
       first.files.map((f) => f.size),
       this.pieces,
       deps.chunkBytes,
+      new Set(this.here.keys()),
     );
     this.sources = manifests.map((m) => ({
       progress: { nodeId: m.nodeId, url: m.url, state: "pulling", bytes: 0 },
@@ -169,6 +177,7 @@ class PullRun {
       sources: this.sources.map((s) => s.progress),
       leftOut,
       bytesFetched: 0,
+      bytesLocal: 0,
       bytesVerified: 0,
       mismatches: 0,
       gbps: 0,
@@ -177,6 +186,52 @@ class PullRun {
     (version.progress as { pull?: PullProgress }).pull = this.progress;
     version.tensors = first.tensors as TensorRecord[];
     version.gate = (spans) => this.gate(spans);
+  }
+
+  /**
+   * The tensors this daemon holds already: a ready version of its own with a tensor of the same
+   * hash and size (the step before, a frozen part). Those are copied, not fetched, from a
+   * version leased until the pull ends.
+   */
+  private findHere(m: Manifest): void {
+    const names = new Set(m.tensors.map((t) => t.name));
+    const held = new Map<string, { version: CheckpointVersion; tensor: TensorRecord }>();
+    for (const version of this.deps.registry.list()) {
+      if (version.state !== "ready" || version === this.version) continue;
+      for (const tensor of version.tensors) if (tensor.bytes > 0) held.set(tensor.hash, { version, tensor });
+    }
+    const leased = new Set<CheckpointVersion>();
+    this.pieces.forEach((p, i) => {
+      const found = names.has(p.name) ? held.get(p.hash) : undefined;
+      if (!found || found.tensor.bytes !== p.end - p.begin) return;
+      if (!leased.has(found.version)) {
+        try {
+          this.leases.push(this.deps.registry.acquire(found.version.id));
+        } catch {
+          return; // stale or going: fetched instead
+        }
+        leased.add(found.version);
+      }
+      const mem = found.version.pinned[found.tensor.file]?.mem;
+      if (mem) this.here.set(i, mem.address + BigInt(found.tensor.offset));
+    });
+  }
+
+  /** Copies the pieces of file `file` that are here, then checks them as fetched ones (a mismatch fetches them). */
+  private async copyHere(file: number): Promise<void> {
+    const mine = [...this.here].filter(([i]) => (this.pieces[i] as Piece).file === file);
+    if (mine.length === 0) return;
+    const dst = this.version.pinned[file]?.mem.address as bigint;
+    const ranges = new BigUint64Array(mine.length * 3);
+    mine.forEach(([i, src], k) => {
+      const p = this.pieces[i] as Piece;
+      ranges.set([dst + BigInt(p.begin), src, BigInt(p.end - p.begin)], 3 * k);
+    });
+    await this.deps.ctx.hostCopy(ranges, this.deps.threads).catch((err: Error) => {
+      this.deps.log.warn({ checkpoint: this.version.id, err: err.message }, "copying held tensors failed: fetched instead");
+    });
+    this.progress.bytesLocal += mine.reduce((n, [i]) => n + (this.pieces[i] as Piece).end - (this.pieces[i] as Piece).begin, 0);
+    if (!this.error) this.verify(mine.map(([i]) => i));
   }
 
   /** Resolves once every byte of `spans` is verified; rejects if the pull fails first. */
@@ -229,6 +284,7 @@ class PullRun {
       clearInterval(stall);
       this.version.abort.signal.removeEventListener("abort", onAbort);
       for (const s of this.sources) this.disconnect(s);
+      for (const lease of this.leases.splice(0)) lease.release();
       this.version.gate = undefined;
     }
     await this.checkHeaders();
@@ -247,6 +303,7 @@ class PullRun {
       const mem = new HostMemory(block.address, size);
       this.version.pinned[i] = { path: `pull/${i}`, size, mtimeMs: 0, inPlace: false, mem, block };
       this.version.progress.bytesPinned += size;
+      await this.copyHere(i);
     } catch (err) {
       this.fail(
         err instanceof DaemonError

@@ -105,6 +105,31 @@ describe("Stripe", () => {
     expect(s.missing().map((p) => p.name)).toEqual(["a"]);
   });
 
+  it("cuts no range over the pieces that are here, and fetches one that hashed wrong from the sources", () => {
+    // a and c are here: what is fetched is h0, b, h1, in ranges that avoid a and c.
+    const s = new Stripe(sizes, pieces, 16, new Set([1, 4]));
+    const taken: [number, number, number][] = [];
+    for (let r = s.take("A"); r; r = s.take("A")) {
+      taken.push([r.file, r.offset, r.offset + r.len]);
+      s.landed(r, "A");
+    }
+    expect(taken).toEqual([
+      [0, 0, 8],
+      [0, 40, 56],
+      [0, 56, 72],
+      [0, 72, 88],
+      [0, 88, 100],
+      [1, 0, 10],
+    ]);
+    for (const i of [0, 2, 3]) s.verified(i);
+    expect(s.done()).toBe(false);
+    expect(s.verifiedSpan(0, 8, 40)).toBe(false);
+    s.verified(1);
+    s.mismatch(4, ["A"]); // the copy here did not hash right: c comes from a source
+    expect(s.take("A")).toMatchObject({ file: 1, offset: 10, len: 16 });
+    expect(s.missing().map((p) => p.name)).toEqual(["c"]);
+  });
+
   it("counts empty pieces as verified from the start", () => {
     const s = new Stripe([8], [piece("h", 0, 0, 8), piece("empty", 0, 8, 8)], 16);
     drain(s, "A");

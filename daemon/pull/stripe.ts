@@ -79,10 +79,16 @@ export class Stripe {
   private readonly byFile: number[][];
   verifiedBytes = 0;
 
+  /**
+   * `here`: pieces this daemon copies from a version of its own (a tensor it holds with the
+   * same hash): no range is cut over them; they count once `verified`, or go to the sources
+   * after a `mismatch`.
+   */
   constructor(
     sizes: readonly number[],
     readonly pieces: readonly Piece[],
     private readonly chunkBytes: number,
+    here: ReadonlySet<number> = new Set(),
   ) {
     this.outstanding = pieces.map(() => 0);
     this.servedBy = pieces.map(() => new Set());
@@ -96,7 +102,15 @@ export class Stripe {
         .map(({ i }) => i),
     );
     sizes.forEach((size, file) => {
-      this.queue(file, 0, size, new Set());
+      // The spans between the pieces that are here, each cut into ranges.
+      let at = 0;
+      for (const i of this.byFile[file] ?? []) {
+        if (!here.has(i)) continue;
+        const p = this.pieces[i] as Piece;
+        if (p.begin > at) this.queue(file, at, p.begin, new Set());
+        at = p.end;
+      }
+      if (size > at) this.queue(file, at, size, new Set());
     });
   }
 
