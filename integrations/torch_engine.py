@@ -103,8 +103,7 @@ def main() -> None:
         names.append(name)
         params[name] = torch.empty(shape, dtype=torch.bfloat16, device=device)
 
-    # Whole updates: each one is checked for every tensor (they are NaN until it lands).
-    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout, partial=False)
+    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout)
     failed = done = 0
     try:
         while args.updates == 0 or done < args.updates:

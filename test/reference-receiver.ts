@@ -22,8 +22,8 @@ export interface Behaviour {
   neverDone?: boolean;
   /** Called with each bucket's number once its bytes are read, before the ack. */
   beforeAck?: (bucket: number) => void;
-  /** Say `partial: false` in hello: every update sends every tensor (read at connect). */
-  whole?: boolean;
+  /** Say `partial: true` in hello: updates may leave out what it holds (read at connect). */
+  partial?: boolean;
 }
 
 type Msg = { op: string; [k: string]: unknown };
@@ -66,7 +66,7 @@ export class ReferenceReceiver {
       this.buffered = lines.pop() ?? "";
       for (const line of lines) if (line) this.queue = this.queue.then(() => this.handle(JSON.parse(line)));
     });
-    const partial = this.behaviour.whole ? { partial: false } : {};
+    const partial = this.behaviour.partial ? { partial: true } : {};
     this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name, ...partial });
     await this.next("buffers");
   }

@@ -93,7 +93,7 @@ describe("updates that move only what changed", () => {
     const { api, receiver } = await start({ hostDevices: 1 });
     const v1 = version(fresh);
     expect(await registerTensors(api, "m", v1)).toBe("m@1");
-    const r = await receiver(0, "engine");
+    const r = await receiver(0, "engine", { partial: true });
     const first = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
     expect(first.skipped).toEqual({ tensors: 0, bytes: 0 });
     expect(first.receivers[0]).toMatchObject({ state: "applied", holds: "m@1" });
@@ -126,10 +126,10 @@ describe("updates that move only what changed", () => {
     const { api, receiver } = await start({ hostDevices: 2 });
     const v1 = version(fresh);
     await registerTensors(api, "m", v1);
-    const r0 = await receiver(0, "engine-0");
+    const r0 = await receiver(0, "engine-0", { partial: true });
     expect((await api("POST", "/v1/updates", { checkpoint: "m" })).body.state).toBe("succeeded");
     // A second engine connects (on the other GPU): buckets reach every GPU, so it all moves.
-    const r1 = await receiver(1, "engine-1");
+    const r1 = await receiver(1, "engine-1", { partial: true });
     const both = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
     expect(both).toMatchObject({ state: "succeeded", skipped: { tensors: 0 } });
     await expectModel(r1, v1);
@@ -145,8 +145,8 @@ describe("updates that move only what changed", () => {
     expect(after).toMatchObject({ state: "succeeded", skipped: { tensors: 0 } });
     await expectModel(r0, v1);
     await expectModel(r1, v1);
-    // A receiver that asks for whole updates gets everything every time.
-    const whole = await receiver(0, "whole", { whole: true });
+    // A receiver that does not say partial (every receiver before it could) gets everything every time.
+    const whole = await receiver(0, "whole");
     const withWhole = (await api("POST", "/v1/updates", { checkpoint: "m@2" })).body;
     expect(withWhole).toMatchObject({ state: "succeeded", skipped: { tensors: 0 } });
     await expectModel(whole, v2);
@@ -157,9 +157,8 @@ describe("broadcast updates on the host backend", () => {
   it("delivers every byte of the checkpoint to an engine on each GPU, and again on the next update", async () => {
     const { api, receiver } = await start();
     const tensors = await register(api);
-    // Whole receivers: the second update of the same version sends every tensor again.
-    const r0 = await receiver(0, "engine-0", { whole: true });
-    const r1 = await receiver(1, "engine-1", { whole: true });
+    const r0 = await receiver(0, "engine-0");
+    const r1 = await receiver(1, "engine-1");
     const res = await api("POST", "/v1/updates", { checkpoint: "m" });
     expect(res.status).toBe(200);
     expect(res.body).toMatchObject({ id: "u-1", checkpoint: "m@1", state: "succeeded" });

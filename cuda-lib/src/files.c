@@ -214,7 +214,8 @@ typedef struct {
 
 static int earlier(const void *x, const void *y) {
   const by_offset *a = x, *b = y;
-  return (a->at > b->at) - (a->at < b->at);
+  if (a->at != b->at) return (a->at > b->at) - (a->at < b->at);
+  return (a->len > b->len) - (a->len < b->len); /* an empty range first: it overlaps nothing */
 }
 
 CKPT_API int ckpt_file_read_hash(ckpt_ctx *ctx, const char *path, uint64_t offset, uint64_t len, void *dst,
@@ -237,6 +238,7 @@ CKPT_API int ckpt_file_read_hash(ckpt_ctx *ctx, const char *path, uint64_t offse
   int st = CKPT_OK;
   for (size_t k = 0; k < n && st == CKPT_OK; k++) {
     const by_offset *r = &order[k];
+    if (r->len == 0 && r->at >= offset && r->at <= offset + len) continue; /* no bytes: inside another is fine */
     if (r->at < end || r->at > offset + len || r->len > offset + len - r->at)
       st = FAIL(ctx, CKPT_EINVAL,
                 "ckpt_file_read_hash: range %zu (%llu bytes at %llu) is %s", r->index, (unsigned long long)r->len,
@@ -259,6 +261,7 @@ CKPT_API int ckpt_file_read_hash(ckpt_ctx *ctx, const char *path, uint64_t offse
     uint64_t at = offset;
     for (size_t k = 0; k < n; k++) {
       const by_offset *r = &order[k];
+      if (r->len == 0) continue; /* no chunk, and it may lie inside another range */
       m = gap_pieces(pieces, m, at, r->at);
       for (size_t c = first[r->index]; c < first[r->index + 1]; c++) {
         uint64_t from = r->at + (uint64_t)(c - first[r->index]) * CKPT_HASH_CHUNK;

@@ -202,7 +202,7 @@ CKPT_API int ckpt_hash(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t
                 ranges == NULL ? "ranges" : "hashes", n);
   for (size_t i = 0; i < n; i++) {
     uint64_t addr = ranges[2 * i], len = ranges[2 * i + 1];
-    if (len > 0 && (addr == 0 || addr + len < addr || len > SIZE_MAX))
+    if (len > 0 && (addr == 0 || addr + len < addr || len > SIZE_MAX - CKPT_HASH_CHUNK))
       return FAIL(ctx, CKPT_EINVAL, "ckpt_hash: range %zu (address 0x%llx, len %llu) is not valid memory",
                   i, (unsigned long long)addr, (unsigned long long)len);
   }

@@ -224,6 +224,13 @@ static int test_file_read_hash(void) {
   EXPECT(memcmp(got, data + 50, 4 * mib) == 0 && h[0] == want[1]);
   EXPECT_OK(ctx, ckpt_file_read_hash(ctx, path, 0, 10, got, NULL, 0, NULL, 4)); /* hashes nothing */
   EXPECT(memcmp(got, data, 10) == 0);
+  /* Empty ranges anywhere inside the read, even inside another range: nothing to hash. */
+  uint64_t empties[8] = {200, 0, 100, 3 * mib + 5, 150, 0, 3 * mib + 105, 0};
+  uint64_t he[4];
+  memset(got, 0, len);
+  EXPECT_OK(ctx, ckpt_file_read_hash(ctx, path, 0, len, got, empties, 4, he, 2));
+  EXPECT(memcmp(got, data, len) == 0);
+  EXPECT(he[1] == want[1] && he[0] == 0xEF46DB3751D8E999ull && he[2] == he[0] && he[3] == he[0]);
   /* Overlapping ranges, a range outside the window, a file too short: refused naming it. */
   uint64_t bad[4] = {100, 3 * mib, 3 * mib + 99, 10};
   EXPECT_ST(ctx, ckpt_file_read_hash(ctx, path, 0, len, got, bad, 2, h, 4), CKPT_EINVAL);

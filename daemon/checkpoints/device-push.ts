@@ -200,9 +200,8 @@ async function fillPart(
       },
       "push copied",
     );
-    // Every copy has landed and every hash is in: nothing reads the trainer's memory any
-    // longer, and closing its handles (a driver call each) need not delay the version.
-    void release().catch((err) => deps.log.warn({ err, checkpoint: version.id }, "closing a push's handles"));
+    // Every handle is closed before the push answers: the trainer may free its memory then.
+    await release();
     return plan.layout.tensors.map(
       (t): TensorRecord => ({
         name: t.name,
@@ -223,7 +222,8 @@ async function fillPart(
     await hashing?.catch(() => undefined); // no kernel reads a buffer about to be freed
     for (const s of streams.values()) await ctx.streamDestroy(s).catch(() => undefined);
     for (const e of events) ctx.eventDestroy(e);
-    for (const b of bufs) if (b) await ctx.bufFree(b).catch(() => undefined);
+    // At once, as they were opened.
+    await Promise.all(bufs.map((b) => b && ctx.bufFree(b).catch(() => undefined)));
   }
 }
 

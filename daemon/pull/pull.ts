@@ -228,9 +228,15 @@ class PullRun {
       ranges.set([dst + BigInt(p.begin), src, BigInt(p.end - p.begin)], 3 * k);
     });
     await this.deps.ctx.hostCopy(ranges, this.deps.threads).catch((err: Error) => {
-      this.deps.log.warn({ checkpoint: this.version.id, err: err.message }, "copying held tensors failed: fetched instead");
+      this.deps.log.warn(
+        { checkpoint: this.version.id, err: err.message },
+        "copying held tensors failed: fetched instead",
+      );
     });
-    this.progress.bytesLocal += mine.reduce((n, [i]) => n + (this.pieces[i] as Piece).end - (this.pieces[i] as Piece).begin, 0);
+    this.progress.bytesLocal += mine.reduce(
+      (n, [i]) => n + (this.pieces[i] as Piece).end - (this.pieces[i] as Piece).begin,
+      0,
+    );
     if (!this.error) this.verify(mine.map(([i]) => i));
   }
 

@@ -15,6 +15,7 @@ import { type Group, transmit } from "./pipeline.ts";
 import type { Bucket } from "./plan.ts";
 import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
 import { receiverState, type UpdateRecord } from "./record.ts";
+import { heldAs } from "./skip.ts";
 
 export interface LocalDeps {
   ctx: Context;
@@ -203,7 +204,10 @@ export class LocalRun {
     if (record.error) record.state = "failed";
     const succeeded = record.state === "succeeded";
     const version = succeeded ? this.moved?.version : undefined;
-    const holding = version && { version: version.id, hashes: new Map(version.tensors.map((t) => [t.name, t.hash])) };
+    const holding = version && {
+      version: version.id,
+      hashes: new Map(version.tensors.map((t) => [t.name, heldAs(t)])),
+    };
     record.receivers = this.receivers.map((r) => {
       const n = this.acked.get(r) ?? 0;
       const state = receiverState({ done: this.done.has(r), acked: n, aborted: this.aborted.has(r) });

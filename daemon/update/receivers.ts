@@ -23,7 +23,7 @@ let connections = 0;
 
 export type Message = { op: string; [key: string]: unknown };
 
-/** What a receiver holds, as far as this daemon knows: a version's tensors by their hashes. */
+/** What a receiver holds, as far as this daemon knows: a version's tensors, name -> skip.ts heldAs. */
 export interface Holding {
   version: string;
   hashes: ReadonlyMap<string, string>;
@@ -33,10 +33,11 @@ export interface Holding {
 export class Receiver {
   name = "unnamed";
   /**
-   * Whether updates may leave out the tensors it holds already (hello's `partial`, default
-   * true); false: it gets every tensor of every update (an engine that reloads whole layers).
+   * Whether updates may leave out the tensors it holds already: only when its hello says
+   * `partial: true` (an engine that vouches its weights stay as it applied them); otherwise
+   * it gets every tensor of every update, as receivers of this protocol always did.
    */
-  partial = true;
+  partial = false;
   /**
    * The version it holds: set when it applied a whole update (answered `done`), cleared when an
    * update to it begins; a receiver that connects holds nothing known.
@@ -357,7 +358,7 @@ export class ReceiverHub {
     for (const msg of r.feed(chunk)) {
       if (msg.op === "hello" && !r.ready) {
         r.name = typeof msg.name === "string" ? msg.name.slice(0, 100) : `pid-${r.pid}`;
-        r.partial = msg.partial !== false;
+        r.partial = msg.partial === true;
         if (msg.protocol !== PROTOCOL) {
           r.send({ op: "refused", reason: `protocol ${preview(msg.protocol)} is not ${PROTOCOL}` });
           r.close();

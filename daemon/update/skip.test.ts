@@ -1,12 +1,13 @@
 import { describe, expect, it } from "vitest";
-import { heldByAll } from "./skip.ts";
+import { heldAs, heldByAll } from "./skip.ts";
 
-const tensors = [
-  { name: "a", hash: "1" },
-  { name: "b", hash: "2" },
-  { name: "c", hash: "3" },
-];
-const holding = (version: string, entries: [string, string][]) => ({ version, hashes: new Map(entries) });
+const t = (name: string, hash: string, dtype = "BF16", shape = [4, 4]) => ({ name, hash, dtype, shape });
+const tensors = [t("a", "1"), t("b", "2"), t("c", "3")];
+/** A receiver holding tensors named as given, with these hashes (BF16 [4, 4], unless given whole). */
+const holding = (version: string, entries: [string, string][]) => ({
+  version,
+  hashes: new Map(entries.map(([name, hash]) => [name, hash.includes(" ") ? hash : heldAs(t(name, hash))])),
+});
 
 describe("heldByAll", () => {
   it("leaves out what every receiver holds with the same hash, and nothing else", () => {
@@ -27,6 +28,18 @@ describe("heldByAll", () => {
     };
     expect([...heldByAll(tensors, [one])]).toEqual(["a", "c"]);
     expect([...heldByAll(tensors, [one, two])]).toEqual(["a"]);
+  });
+
+  it("leaves out a tensor of the same bytes only when its dtype and shape are the same too", () => {
+    const other = {
+      partial: true,
+      holds: holding("n@1", [
+        ["a", heldAs(t("a", "1", "F16"))],
+        ["b", heldAs(t("b", "2", "BF16", [16]))],
+        ["c", "3"],
+      ]),
+    };
+    expect([...heldByAll(tensors, [other])]).toEqual(["c"]);
   });
 
   it("leaves out nothing when a receiver holds nothing known, asks for whole updates, or none takes part", () => {

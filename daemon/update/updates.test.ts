@@ -306,7 +306,7 @@ describe("the peer API, driven as a coordinator drives it", () => {
     expect(info.body).toEqual({ nodeId: "t", gpus: 1, slots: 3, slotBytes: 1 << 20, holds: "m@1" });
     expect((await peer("GET", "/v1/peer/info?checkpoint=m&fingerprint=00")).body).not.toHaveProperty("holds");
 
-    const r = await receiver(0, "engine", { whole: true }); // its second update moves every bucket again
+    const r = await receiver(0, "engine");
     const p = plan(daemon, "u-5");
     const res = await peer("POST", "/v1/peer/updates", p);
     expect(res.status).toBe(200);
@@ -430,7 +430,7 @@ describe("updates across two daemons", () => {
       return join(...args);
     };
     const a = await coordinator.receiver(0, "engine-a");
-    const b = await peer.receiver(0, "engine-b", { whole: true }); // the peer's own update moves every bucket
+    const b = await peer.receiver(0, "engine-b");
     for (const id of ["u-1", "u-2"]) {
       expect((await coordinator.api("POST", "/v1/updates", { checkpoint: "m" })).body.state).toBe("succeeded");
       await expectDelivered(b, `${id}@t`, tensors);

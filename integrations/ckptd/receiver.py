@@ -60,7 +60,7 @@ class Receiver:
     """
 
     def __init__(self, socket_path: str, device: Any = None, name: str | None = None,
-                 timeout: float | None = None, mapper: SlotMapper | None = None, partial: bool = True) -> None:
+                 timeout: float | None = None, mapper: SlotMapper | None = None, partial: bool = False) -> None:
         self.socket_path = socket_path
         self.name = name or f"engine-{os.getpid()}"
         self._mapper: SlotMapper = mapper if mapper is not None else Mapper(device)
@@ -73,8 +73,10 @@ class Receiver:
         self.generation: int | None = None
         self._conn = Connection(socket_path, timeout)
         try:
-            # partial: updates may leave out the tensors this engine holds already (the daemon
-            # tracks what it applied); False: every update sends every tensor.
+            # partial=True: updates may leave out the tensors this engine holds already (the
+            # daemon tracks what it applied). Only for an engine whose weights nothing else
+            # changes between updates (no sleep that drops them, no other loader), and that
+            # takes any subset of its tensors (no fused pairs, no layer-by-layer reload).
             self._send(op="hello", protocol=PROTOCOL, pid=os.getpid(), name=self.name, partial=partial)
             self.welcome = self._conn.read()
             if self.welcome.get("op") == "refused":

@@ -71,7 +71,7 @@ class ReceiverTest(unittest.TestCase):
                                             for b in range(len(buckets))])
         self.assertEqual(out["acks"][-1], {"op": "done", "update": "u-1"})
         self.assertEqual(self.daemon.hello, {"op": "hello", "protocol": 1, "pid": os.getpid(),
-                                             "name": "engine-test", "partial": True})
+                                             "name": "engine-test", "partial": False})
         self.assertEqual(summary["update"], "u-1")
         self.assertEqual(summary["checkpoint"], "q@4")
         self.assertEqual(summary["buckets"], len(buckets))

@@ -29,7 +29,7 @@ import os
 from typing import Any
 
 from .. import ProtocolError, ReceiveError, Receiver, UpdateAborted, gpu_socket_path
-from .load import WeightLoad, needs_layerwise
+from .load import WeightLoad
 
 log = logging.getLogger("ckptd.vllm")
 
@@ -50,10 +50,8 @@ class CkptdWorkerExtension:
     def _ckptd_connect(self, socket_path: str, timeout_s: float) -> Receiver:
         """A Receiver for this worker's GPU; the GPU's identity is checked against the daemon's
         announced UUID when the buffers are mapped."""
-        # A model that reloads layer by layer (quantized, MLA) needs every tensor of each update.
         return Receiver(socket_path, device=f"cuda:{self._ckptd_local_device()}",
-                        name=f"vllm-{os.getpid()}-gpu{self._ckptd_local_device()}", timeout=timeout_s,
-                        partial=not needs_layerwise(self._ckptd_model_config()))
+                        name=f"vllm-{os.getpid()}-gpu{self._ckptd_local_device()}", timeout=timeout_s)
 
     # -- model access ------------------------------------------------------------------------
 

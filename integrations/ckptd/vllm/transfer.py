@@ -37,7 +37,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from .. import ProtocolError, Receiver, Summary, gpu_socket_path
-from .load import RELOADS, WeightLoad, needs_layerwise
+from .load import RELOADS, WeightLoad
 
 log = logging.getLogger("ckptd.vllm")
 
@@ -81,9 +81,7 @@ class CkptdWeightTransferEngine(WeightTransferEngine[CkptdInitInfo, CkptdUpdateI
 
     def _connect(self, path: str, timeout_s: float) -> Receiver:
         """A receiver on `path` for this worker's device (a seam for tests)."""
-        # A model that reloads layer by layer (quantized, MLA) needs every tensor of each update.
-        return Receiver(path, device=self.device, name=f"vllm-{os.getpid()}-{self.device}", timeout=timeout_s,
-                        partial=not needs_layerwise(self.model_config))
+        return Receiver(path, device=self.device, name=f"vllm-{os.getpid()}-{self.device}", timeout=timeout_s)
 
     def _socket_path(self, socket_dir: str) -> str:
         index = getattr(self.device, "index", None)
