@@ -139,6 +139,54 @@ describe("pushes from device memory (API)", () => {
     expect(d.registry.get("n").tensors.map((t) => t.hash)).toEqual(v.tensors.map((t) => t.hash));
   });
 
+  it("makes a version on a base from the tensors pushed and the base's others, and refuses a base that does not fit", async () => {
+    const { d, api, bytes, buffer } = await rig();
+    const full = await api("POST", "/v1/pushes", {
+      name: "m",
+      buffers: [buffer],
+      tensors: [tensor("a", 0, 4096), tensor("b", 4096, 8192), tensor("c", 12288, 100)],
+    });
+    expect(full.status, JSON.stringify(full.body)).toBe(201);
+    // m@2: b from another part of the buffer, a and c as in m@1.
+    const delta = await api("POST", "/v1/pushes", {
+      name: "m",
+      base: "m@1",
+      buffers: [buffer],
+      tensors: [tensor("b", 500_000, 8192)],
+    });
+    expect(delta.status, JSON.stringify(delta.body)).toBe(201);
+    const [v1, v2] = [d.registry.get("m@1"), d.registry.get("m@2")];
+    expect(v2.tensors.map((t) => t.name)).toEqual(["a", "b", "c"]);
+    const view = Buffer.from(v2.pinned[0]?.mem.view() as Uint8Array);
+    const at = (name: string) =>
+      v2.tensors.find((t) => t.name === name) as { offset: number; bytes: number; hash: string };
+    const content = (name: string) => view.subarray(at(name).offset, at(name).offset + at(name).bytes);
+    expect(Buffer.compare(content("a"), bytes.subarray(0, 4096))).toBe(0);
+    expect(Buffer.compare(content("b"), bytes.subarray(500_000, 508_192))).toBe(0);
+    expect(Buffer.compare(content("c"), bytes.subarray(12288, 12388))).toBe(0);
+    expect(at("a").hash).toBe(v1.tensors[0]?.hash);
+    expect(at("b").hash).toBe(await ckptHash(bytes.subarray(500_000, 508_192)));
+    expect(at("c").hash).toBe(await ckptHash(bytes.subarray(12288, 12388)));
+
+    const refused = async (body: object) =>
+      (await api("POST", "/v1/pushes", { name: "m", buffers: [buffer], ...body })).body.error;
+    expect(await refused({ base: "m@9", tensors: [tensor("b", 0, 8192)] })).toMatchObject({ code: "not_found" });
+    expect((await refused({ base: "m@1", tensors: [tensor("z", 0, 16)] })).message).toBe(
+      'tensor "z" is not in the base m@1',
+    );
+    expect((await refused({ base: "m@1", tensors: [tensor("b", 0, 16)] })).message).toMatch(
+      /^tensor "b" is U8 \[16\] where the base m@1 has U8 \[8192\]: push it whole, without a base$/,
+    );
+    expect(
+      (await refused({ base: "m@1", tensors: [tensor("b", 0, 8192)], part: { id: "s", index: 0, of: 2 } })).message,
+    ).toBe("a sharded push cannot name a base");
+    // Refused before anything was reserved: only the two versions are listed.
+    expect((await api("GET", "/v1/checkpoints")).body.checkpoints.map((c: { id: string }) => c.id)).toEqual([
+      "m@1",
+      "m@2",
+    ]);
+  });
+
   it("refuses a tensor past its buffer, a buffer of a device it lacks, or one it cannot open, keeping nothing", async () => {
     const { api, buffer } = await rig();
     const past = await api("POST", "/v1/pushes", {

@@ -34,6 +34,16 @@ export interface PushRequest {
   buffers: PushBuffer[];
   /** Each tensor: which buffer holds it, and where (bytes from the buffer's start). */
   tensors: (TensorDeclaration & { buffer: number; offset: number })[];
+  /** "name@N": the version is that one with the pushed tensors replaced (the others copied from it). */
+  base?: string;
+}
+
+/** A base version's tensor that a push copies rather than pushes: where it lands, where it is. */
+interface FromBase {
+  tensor: Placed;
+  /** Its bytes in the base's pinned memory. */
+  src: bigint;
+  hash: string;
 }
 
 /** Copies to queue between two events (the progress moves, and the timeout counts, per batch). */
@@ -43,10 +53,35 @@ const BATCH_TIMEOUT_MS = 60_000;
 
 const normalUuid = (uuid: string) => uuid.toLowerCase().replace(/^gpu-/, "");
 
+/**
+ * What a push on `base` makes: the base's tensors in its order, each pushed one in its place
+ * (same dtype and shape: a 400 naming it otherwise, or if the base has no such tensor).
+ */
+function onBase(req: PushRequest, base: CheckpointVersion): TensorDeclaration[] {
+  const pushed = new Map(req.tensors.map((t) => [t.name, t]));
+  const names = new Set(base.tensors.map((t) => t.name));
+  for (const t of req.tensors) {
+    if (!names.has(t.name))
+      throw new DaemonError("invalid_request", `tensor "${t.name}" is not in the base ${base.id}`);
+  }
+  return base.tensors.map((b) => {
+    const t = pushed.get(b.name);
+    if (t && (t.dtype !== b.dtype || t.shape.join(",") !== b.shape.join(","))) {
+      throw new DaemonError(
+        "invalid_request",
+        `tensor "${t.name}" is ${t.dtype} [${t.shape}] where the base ${base.id} has ${b.dtype} [${b.shape}]: push it whole, without a base`,
+      );
+    }
+    return { name: b.name, dtype: b.dtype, shape: b.shape };
+  });
+}
+
 /** Where each tensor lands in the version's block, checked against its buffer; a 400 names what is wrong. */
-export function planPush(req: PushRequest, devices: { uuid: string }[]) {
-  const declared = sized(req.tensors);
+export function planPush(req: PushRequest, devices: { uuid: string }[], base?: CheckpointVersion) {
+  sized(req.tensors); // each named once
+  const declared = sized(base ? onBase(req, base) : req.tensors);
   const layout = layOut(declared, req.metadata, "the push");
+  const placedAs = new Map(layout.tensors.map((t) => [t.name, t]));
   const deviceOf = req.buffers.map((b, i) => {
     // A CUDA handle is 64 bytes; a host one a NUL-terminated path: either fits in 128.
     const handleBytes = Buffer.from(b.handle, "base64").byteLength;
@@ -62,9 +97,9 @@ export function planPush(req: PushRequest, devices: { uuid: string }[]) {
     }
     return k;
   });
-  const copies = req.tensors.map((t, i) => {
+  const copies = req.tensors.map((t) => {
     const buf = req.buffers[t.buffer];
-    const placed = layout.tensors[i] as Placed;
+    const placed = placedAs.get(t.name) as Placed;
     if (!buf)
       throw new DaemonError("invalid_request", `tensor "${t.name}" names buffer ${t.buffer}, which is not given`);
     if (t.offset + placed.bytes > buf.len) {
@@ -75,7 +110,17 @@ export function planPush(req: PushRequest, devices: { uuid: string }[]) {
     }
     return { tensor: placed, buffer: t.buffer, device: deviceOf[t.buffer] as number, from: t.offset };
   });
-  return { layout, copies, deviceOf };
+  const pushed = new Set(req.tensors.map((t) => t.name));
+  const fromBase: FromBase[] = (base?.tensors ?? [])
+    .filter((b) => !pushed.has(b.name))
+    .map((b) => ({
+      tensor: placedAs.get(b.name) as Placed,
+      src: (base?.pinned[b.file]?.mem.address as bigint) + BigInt(b.offset),
+      hash: b.hash,
+    }));
+  // A base pinned where its files lie could have changed since it was hashed: its copies are hashed again.
+  const trusted = base?.files.every((f) => !f.inPlace) ?? true;
+  return { layout, copies, deviceOf, fromBase, trusted };
 }
 
 type Copy = ReturnType<typeof planPush>["copies"][number];
@@ -110,7 +155,29 @@ export interface PushDeps {
  * copied at once. A tensor name in two parts is a 400, as in two files.
  */
 export async function pushFromDevices(parts: PushRequest[], deps: PushDeps): Promise<CheckpointVersion> {
-  const plans = parts.map((req) => planPush(req, deps.ctx.devices()));
+  const base = leaseBase(parts, deps.registry);
+  try {
+    return await pushParts(parts, deps, base?.version);
+  } finally {
+    base?.release();
+  }
+}
+
+/** The base a push names, leased until the push ends (404, 409 or a stale version's error otherwise). */
+function leaseBase(parts: PushRequest[], registry: Registry) {
+  const ref = parts[0]?.base;
+  if (ref === undefined) return undefined;
+  if (parts.length > 1) throw new DaemonError("invalid_request", "a sharded push cannot name a base");
+  const lease = registry.acquire(ref);
+  if (lease.version.name !== parts[0]?.name) {
+    lease.release();
+    throw new DaemonError("invalid_request", `the base ${lease.version.id} is not a version of ${parts[0]?.name}`);
+  }
+  return lease;
+}
+
+async function pushParts(parts: PushRequest[], deps: PushDeps, base?: CheckpointVersion): Promise<CheckpointVersion> {
+  const plans = parts.map((req) => planPush(req, deps.ctx.devices(), base));
   sized(parts.flatMap((p) => p.tensors)); // names unique over every part
   const files = plans.map((plan, i) => ({
     path: `push/${i}`,
@@ -155,6 +222,7 @@ async function fillPart(
   const streams = new Map<number, Stream>();
   const events: Event[] = [];
   let hashing: Promise<Map<string, string>> | undefined;
+  let based: Promise<Map<string, string>> | undefined;
   try {
     // At once: each open waits on the driver, and a push names hundreds of allocations.
     const opened = await Promise.allSettled(
@@ -187,8 +255,10 @@ async function fillPart(
     }
     hashing = hashOnDevices(ctx, plan.copies, bufs as DeviceBuffer[], threads, version);
     hashing.catch(() => undefined); // awaited below, after the copies
+    based = copyFromBase(ctx, mem, plan, threads, version);
+    based.catch(() => undefined);
     await awaitLanded(ctx, landed, version);
-    const hashes = await hashing;
+    const hashes = new Map([...(await hashing), ...(await based)]);
     const s = (a: number, b: number) => Number(((b - a) / 1000).toFixed(4));
     deps.log.debug(
       {
@@ -220,11 +290,41 @@ async function fillPart(
 
   async function release(): Promise<void> {
     await hashing?.catch(() => undefined); // no kernel reads a buffer about to be freed
+    await based?.catch(() => undefined); // nor a copy writes the block
     for (const s of streams.values()) await ctx.streamDestroy(s).catch(() => undefined);
     for (const e of events) ctx.eventDestroy(e);
     // At once, as they were opened.
     await Promise.all(bufs.map((b) => b && ctx.bufFree(b).catch(() => undefined)));
   }
+}
+
+/** Copies a base's tensors that were not pushed into the block; their hashes, name to 16 hex digits. */
+async function copyFromBase(
+  ctx: Context,
+  mem: HostMemory,
+  plan: Plan,
+  threads: number,
+  version: CheckpointVersion,
+): Promise<Map<string, string>> {
+  const from = plan.fromBase;
+  if (from.length === 0) return new Map();
+  const ranges = new BigUint64Array(from.length * 3);
+  for (const [k, f] of from.entries()) {
+    ranges.set([mem.address + BigInt(f.tensor.offset), f.src, BigInt(f.tensor.bytes)], 3 * k);
+  }
+  await ctx.hostCopy(ranges, threads);
+  const bytes = from.reduce((n, f) => n + f.tensor.bytes, 0);
+  version.progress.bytesPinned += bytes;
+  const hashes = plan.trusted
+    ? from.map((f) => f.hash)
+    : [
+        ...(await ctx.hash(
+          new BigUint64Array(from.flatMap((f, k) => [ranges[3 * k] as bigint, BigInt(f.tensor.bytes)])),
+          threads,
+        )),
+      ].map((h) => h.toString(16).padStart(16, "0"));
+  version.progress.bytesHashed += bytes;
+  return new Map(from.map((f, k) => [f.tensor.name, hashes[k] as string]));
 }
 
 /** Waits for each batch to land, moving the progress; a batch over BATCH_TIMEOUT_MS is a hung device. */

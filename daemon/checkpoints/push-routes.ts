@@ -1,5 +1,6 @@
 import type { Hono } from "hono";
 import * as v from "valibot";
+import { DaemonError } from "../errors.ts";
 import { reply } from "../http/codec.ts";
 import { parseBody } from "../http/validate.ts";
 import { type PushDeps, pushFromDevices } from "./device-push.ts";
@@ -34,6 +35,8 @@ const PushBody = v.strictObject({
     v.array(v.strictObject({ ...TensorDecl.entries, buffer: count, offset: count })),
     v.minLength(1, "declare at least one tensor"),
   ),
+  /** "name@N": the version is that one with these tensors replaced (device-push.ts). */
+  base: v.optional(v.pipe(v.string(), v.minLength(1))),
   /** One rank's part of a sharded push (push-parts.ts). */
   part: v.optional(
     v.strictObject({
@@ -53,6 +56,7 @@ export function pushRoutes(app: Hono<{ Variables: { body: unknown } }>, areas: S
   const parts = new PushParts(deps);
   app.post("/v1/pushes", async (c) => {
     const { part, ...req } = parseBody(PushBody, c.get("body"));
+    if (part && req.base) throw new DaemonError("invalid_request", "a sharded push cannot name a base");
     const version = part ? await parts.push(req, part) : await pushFromDevices([req], deps);
     c.header("location", `/v1/checkpoints/${version.id}`);
     return reply(c, version.summary(), 201);

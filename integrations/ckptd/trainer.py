@@ -221,7 +221,8 @@ def _cuda_buffer(drv: ctypes.CDLL, t: torch.Tensor) -> tuple[dict[str, Any], int
 
 def push_cuda(url: str, name: str, tensors: Tensors, token: str | None = None,
               memory: Sequence[HostDeviceMemory] = (), metadata: Mapping[str, str] | None = None,
-              part: tuple[int, int, str] | None = None, wait_ms: int | None = None) -> Any:
+              part: tuple[int, int, str] | None = None, wait_ms: int | None = None,
+              base: str | None = None) -> Any:
     """Pushes GPU tensors (CUDA IPC: the daemon copies them device-to-host itself, into pooled
     pinned memory) as the next version; returns its summary. The tensors may change once this
     returns. Tensors in one of `memory` (HostDeviceMemory) go the same way to a host-backend
@@ -230,7 +231,10 @@ def push_cuda(url: str, name: str, tensors: Tensors, token: str | None = None,
     A sharded trainer (one process per GPU, each with part of the tensors) pushes one version
     together: each rank passes part=(its index, the number of ranks, an id the ranks share for
     this step, e.g. f"step-{step}"); every rank's call returns once the whole version is ready,
-    or raises when a part did not come within wait_ms (default 60 s) and nothing was registered."""
+    or raises when a part did not come within wait_ms (default 60 s) and nothing was registered.
+
+    base="name@N" pushes only what changed: the new version is that one with these tensors in
+    place of its own (same dtype and shape), the daemon copying the others from its memory."""
     buffers: list[dict[str, Any]] = []
     index: dict[tuple[str, str], int] = {}
     decl = []
@@ -263,6 +267,8 @@ def push_cuda(url: str, name: str, tensors: Tensors, token: str | None = None,
     body: dict[str, Any] = {"name": name, "buffers": buffers, "tensors": decl}
     if metadata:
         body["metadata"] = dict(metadata)
+    if base is not None:
+        body["base"] = base
     if part is not None:
         body["part"] = {"index": part[0], "of": part[1], "id": part[2]}
         if wait_ms is not None:
