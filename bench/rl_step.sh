@@ -9,6 +9,9 @@
 # (the trainer), staging-area commits, and per RL step the push (push_cuda), the update and the
 # total. Targets: push <= 1.2 x bytes / D2H GB/s; total <= 2.3 x bytes / H2D GB/s; commit of
 # a staged version <= 0.35 s.
+# CHANGING_EVERY=N: after step 0 only every N-th tensor changes, and the consumer says partial
+# (updates leave out what it holds); BASE=1: the trainer pushes only the changed tensors, on
+# the previous version; COMMITS=0 skips the staging commits.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -25,7 +28,8 @@ daemon=$!
 for _ in $(seq 300); do curl -sf localhost:8470/v1/healthz >/dev/null && break; sleep 0.1; done
 token=$(cut -d: -f2 "$st/tokens")
 PYTHONUNBUFFERED=1 python3 integrations/torch_engine.py --socket "$st/sockets/gpu-0.sock" --device cuda:0 \
-  --layers "$layers" --updates "$steps" --steps >"$out/engine.jsonl" 2>"$out/engine.err" &
+  --layers "$layers" --updates "$steps" --steps ${CHANGING_EVERY:+--partial --changing-every "$CHANGING_EVERY"} \
+  >"$out/engine.jsonl" 2>"$out/engine.err" &
 engine=$!
 for _ in $(seq 600); do
   c=$(curl -s -H "Authorization: Bearer $token" localhost:8470/v1/status | python3 -c 'import json,sys; print(sum(len(g["receivers"]) for g in json.load(sys.stdin)["gpus"]))')
@@ -33,7 +37,8 @@ for _ in $(seq 600); do
   sleep 0.2
 done
 PYTHONUNBUFFERED=1 python3 bench/rl_trainer.py --url http://127.0.0.1:8470 --token "$token" --layers "$layers" \
-  --steps "$steps" --warmup "$warmup" | tee "$out/trainer.jsonl"
+  --steps "$steps" --warmup "$warmup" ${CHANGING_EVERY:+--changing-every "$CHANGING_EVERY"} ${BASE:+--base} \
+  ${COMMITS:+--commits "$COMMITS"} | tee "$out/trainer.jsonl"
 wait "$engine"
 kill -TERM "$daemon"
 wait "$daemon"
@@ -65,6 +70,7 @@ if steps:
           f"(target 1.2); update {med['update']:.3f} s = {med['update'] / f_h2d:.2f} x H2D floor; total {med['total']:.3f} s = "
           f"{med['total'] / f_h2d:.2f} x H2D floor (target 2.3)")
     print("per step (push, update, total):", [(round(s["push"], 3), round(s["update"], 3), round(s["total"], 3)) for s in get("step")])
+    print("per step, bytes the update moved and tensors it left out:", [(s.get("updateBytes"), (s.get("skipped") or {}).get("tensors")) for s in get("step")])
 engine = [json.loads(l) for l in out.joinpath("engine.jsonl").read_text().splitlines() if l.startswith("{")]
 print(f"failed updates: {len(bad)}; consumer: {sum(e['ok'] for e in engine)}/{len(engine)} updates bit-exact")
 PY

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from integrations.ckptd.trainer import StagingArea, push_cuda  # noqa: E402
-from integrations.torch_engine import STEP_SEED, layout  # noqa: E402
+from integrations.torch_engine import STEP_SEED, layout, step_of  # noqa: E402
 
 
 def call(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -34,8 +34,10 @@ def call(url: str, token: str, method: str, path: str, body: dict | None = None)
         return json.load(res)
 
 
-def fill(tensors: dict[str, torch.Tensor], step: int) -> None:
+def fill(tensors: dict[str, torch.Tensor], step: int, changing_every: int = 1) -> None:
     for i, t in enumerate(tensors.values()):
+        if step > 0 and step_of(i, step, changing_every) == 0:
+            continue  # frozen since step 0
         g = torch.Generator(device=t.device).manual_seed(1000 + i + STEP_SEED * step)
         t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32))
     torch.cuda.synchronize()
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--commits", type=int, default=4)
+    ap.add_argument("--changing-every", type=int, default=1, help="after step 0 only every N-th tensor changes")
+    ap.add_argument("--base", action="store_true", help="push only the changed tensors, on the previous version")
     args = ap.parse_args()
     url, token = args.url, args.token
     torch.cuda.set_device(0)
@@ -84,17 +88,25 @@ def main() -> None:
         if v["name"] == "q8b-staged":
             call(url, token, "DELETE", f"/v1/checkpoints/{v['id']}")  # its block goes to the pool
 
+    every = args.changing_every
+    previous = None
     for step in range(args.steps):
-        fill(tensors, step)
+        fill(tensors, step, every)
         time.sleep(1)  # the consumer's check of the last update is done
         t0 = time.perf_counter()
-        pushed = push_cuda(url, "q8b", tensors, token=token)
+        if args.base and previous is not None:
+            changed = {k: t for i, (k, t) in enumerate(tensors.items()) if step_of(i, step, every) == step}
+            pushed = push_cuda(url, "q8b", changed, token=token, base=previous)
+        else:
+            pushed = push_cuda(url, "q8b", tensors, token=token)
+        previous = pushed["id"]
         t1 = time.perf_counter()
         upd = call(url, token, "POST", "/v1/updates", {"checkpoint": pushed["id"]})
         t2 = time.perf_counter()
         print(json.dumps({"what": "step", "step": step, "warmup": step < args.warmup, "push": t1 - t0,
                           "update": t2 - t1, "total": t2 - t0, "state": upd.get("state"),
-                          "version": pushed["id"], "pushTimings": pushed.get("timings")}), flush=True)
+                          "version": pushed["id"], "pushTimings": pushed.get("timings"),
+                          "updateBytes": upd.get("progress", {}).get("bytes"), "skipped": upd.get("skipped")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -59,18 +59,26 @@ def expected(i: int, shape: list[int], device: torch.device | str, step: int = 0
 STEP_SEED = 100_003
 
 
+def step_of(i: int, step: int, changing_every: int) -> int:
+    """The RL step whose contents tensor i holds at `step` when only every `changing_every`-th
+    tensor changes after step 0 (bench/rl_step.sh CHANGING_EVERY): the others keep step 0's."""
+    return step if i % changing_every == 0 else 0
+
+
 def check(params: dict[str, torch.Tensor], names: list[str], counts: collections.Counter[str],
           unknown: list[str], check_every: int, device: torch.device | str, step: int = 0,
+          changing_every: int = 1, partial: bool = False,
           ) -> tuple[bool, int, list[str], list[str], list[str]]:
-    """The SPEC's correctness rule for one update; returns the report's fields."""
-    missing = [n for n in names if counts[n] == 0]
+    """The SPEC's correctness rule for one update; returns the report's fields. Partial: the
+    update may leave out what did not change (the params keep it), so nothing is missing."""
+    missing = [] if partial else [n for n in names if counts[n] == 0]
     repeated = [n for n in names if counts[n] > 1]
     mismatched: list[str] = []
     checked = 0
     for i, name in enumerate(names):
         if i % check_every:
             continue
-        want = expected(i, list(params[name].shape), device, step)
+        want = expected(i, list(params[name].shape), device, step_of(i, step, changing_every))
         # Compare bits (int16 views): NaN != NaN, and -0.0 == 0.0, would fool torch.equal.
         if not torch.equal(params[name].view(torch.int16), want.view(torch.int16)):
             mismatched.append(name)
@@ -89,6 +97,10 @@ def main() -> None:
     ap.add_argument("--check-every", type=int, default=7)
     ap.add_argument("--steps", action="store_true",
                     help="update u carries RL step u's contents (bench/rl_step.sh), not the SPEC's")
+    ap.add_argument("--partial", action="store_true",
+                    help="say partial: updates may leave out what this engine holds (no NaN fill between them)")
+    ap.add_argument("--changing-every", type=int, default=1,
+                    help="with --steps: after step 0 only every N-th tensor changes (the trainer's rule)")
     ap.add_argument("--name", default=None, help="receiver name in the daemon's logs")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds to wait for each daemon message (default: forever)")
@@ -103,11 +115,11 @@ def main() -> None:
         names.append(name)
         params[name] = torch.empty(shape, dtype=torch.bfloat16, device=device)
 
-    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout)
+    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout, partial=args.partial)
     failed = done = 0
     try:
         while args.updates == 0 or done < args.updates:
-            for p in params.values():
+            for p in params.values() if not (args.partial and done > 0) else ():
                 p.fill_(float("nan"))
             torch.cuda.synchronize(device)  # the fill must not run inside the timed update
             torch.cuda.reset_peak_memory_stats(device)
@@ -121,7 +133,8 @@ def main() -> None:
                 # the daemon's buffers are its own; device-wide figures are the benchmark's.
                 peak = torch.cuda.max_memory_allocated(device) - base
                 ok, checked, mismatched, missing, repeated = check(
-                    params, names, counts, s["unknown"], args.check_every, device, done if args.steps else 0)
+                    params, names, counts, s["unknown"], args.check_every, device, done if args.steps else 0,
+                    args.changing_every, args.partial and done > 0)
                 line.update(update=s["update"], checkpoint=s["checkpoint"], ok=ok,
                             applied=sum(counts.values()), checked=checked, mismatched=mismatched,
                             seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"],
