@@ -11,7 +11,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { ckptHash } from "./checkpoint-files.ts";
-import { ADMIN_TOKEN, ROOT, tempDir, torchPython } from "./helpers.ts";
+import { ADMIN_TOKEN, ROOT, tempDir, torchPython, within } from "./helpers.ts";
 import { apiOf, startInProcess, testConfig } from "./in-process.ts";
 
 const PYTHON = torchPython();
@@ -185,6 +185,18 @@ describe("pushes from device memory (API)", () => {
       "m@1",
       "m@2",
     ]);
+  });
+
+  it("pushes on a base that maxVersions drops once the new version is ready", async () => {
+    const { d, api, buffer } = await rig({ maxVersions: 1 });
+    const t = [tensor("a", 0, 4096), tensor("b", 4096, 8192)];
+    expect((await api("POST", "/v1/pushes", { name: "m", buffers: [buffer], tensors: t })).status).toBe(201);
+    const delta = await within(
+      5000,
+      api("POST", "/v1/pushes", { name: "m", base: "m@1", buffers: [buffer], tensors: [t[1]] }),
+    );
+    expect(delta.status, JSON.stringify(delta.body)).toBe(201);
+    expect(d.registry.list().map((v) => v.id)).toEqual(["m@2"]);
   });
 
   it("refuses a tensor past its buffer, a buffer of a device it lacks, or one it cannot open, keeping nothing", async () => {

@@ -157,7 +157,7 @@ export interface PushDeps {
 export async function pushFromDevices(parts: PushRequest[], deps: PushDeps): Promise<CheckpointVersion> {
   const base = leaseBase(parts, deps.registry);
   try {
-    return await pushParts(parts, deps, base?.version);
+    return await pushParts(parts, deps, base);
   } finally {
     base?.release();
   }
@@ -176,8 +176,12 @@ function leaseBase(parts: PushRequest[], registry: Registry) {
   return lease;
 }
 
-async function pushParts(parts: PushRequest[], deps: PushDeps, base?: CheckpointVersion): Promise<CheckpointVersion> {
-  const plans = parts.map((req) => planPush(req, deps.ctx.devices(), base));
+async function pushParts(
+  parts: PushRequest[],
+  deps: PushDeps,
+  base?: { version: CheckpointVersion; release: () => void },
+): Promise<CheckpointVersion> {
+  const plans = parts.map((req) => planPush(req, deps.ctx.devices(), base?.version));
   sized(parts.flatMap((p) => p.tensors)); // names unique over every part
   const files = plans.map((plan, i) => ({
     path: `push/${i}`,
@@ -190,6 +194,8 @@ async function pushParts(parts: PushRequest[], deps: PushDeps, base?: Checkpoint
   const fill = async (v: CheckpointVersion) => {
     // Every part's copies end before a failure is told: the registry then releases the blocks.
     const done = await Promise.allSettled(parts.map((req, i) => fillPart(v, i, req, plans[i] as Plan, deps)));
+    // Copied from: once the version is ready, maxVersions may drop the base (which waits for its leases).
+    base?.release();
     const failed = done.find((d) => d.status === "rejected");
     if (failed) throw (failed as PromiseRejectedResult).reason;
     v.tensors = done.flatMap((d) => (d as PromiseFulfilledResult<TensorRecord[]>).value);
