@@ -7,7 +7,8 @@
  * nothing is registered.
  */
 import { DaemonError } from "../errors.ts";
-import { type PushDeps, type PushRequest, planPush, pushFromDevices } from "./device-push.ts";
+import { type PushDeps, pushFromDevices } from "./device-push.ts";
+import { type PushRequest, planPush } from "./push-plan.ts";
 import type { CheckpointVersion } from "./registry.ts";
 
 export interface PartOf {
