@@ -338,9 +338,8 @@ export async function startDaemon(opts: StartOptions): Promise<Daemon> {
     reload: () => keyring.reload(),
     stop() {
       stopping ??= (async () => {
-        // The update in flight is aborted first: its client waits on an open connection, which
-        // server.close() would wait for.
-        // The update in flight is aborted first, then the peers are told this daemon leaves.
+        // The update in flight is aborted first (its client waits on an open connection, which
+        // server.close() would wait for), then the peers are told this daemon leaves.
         gossip.stop();
         join?.stop();
         const closing = server.close();

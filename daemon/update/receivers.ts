@@ -21,6 +21,9 @@ export const MAX_INBOX = 1000;
 
 let connections = 0;
 
+/** How long a receiver has, at shutdown, to take the daemon's last messages and hang up. */
+const END_MS = 1000;
+
 export type Message = { op: string; [key: string]: unknown };
 
 /** What a receiver holds, as far as this daemon knows: a version's tensors, name -> skip.ts heldAs. */
@@ -142,6 +145,23 @@ export class Receiver {
     this.closed = true;
     this.socket.destroy();
     for (const w of [...this.waiters]) w(undefined);
+  }
+
+  /**
+   * Closes once what was sent has gone out (at shutdown, the last `abort` must reach it),
+   * within `ms`: a receiver that does not hang up in time is cut off.
+   */
+  async end(ms: number): Promise<void> {
+    if (this.closed) return;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.socket.once("close", () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      this.socket.end();
+    });
+    this.close();
   }
 
   /**
@@ -382,7 +402,7 @@ export class ReceiverHub {
   }
 
   async close(): Promise<void> {
-    for (const r of this.receivers) r.close();
+    await Promise.all([...this.receivers].map((r) => r.end(END_MS)));
     const listening = this.servers.splice(0);
     await Promise.all(listening.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve()))));
     for (const { path } of listening) rmSync(path, { force: true });
