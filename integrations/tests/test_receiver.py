@@ -58,6 +58,13 @@ class ReceiverTest(unittest.TestCase):
         self.receivers.append(r)
         return r
 
+    def test_hello_says_partial_only_when_asked(self):
+        self.daemon.start(lambda d: None)
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper(), name="p", partial=True)
+        self.receivers.append(r)
+        self.daemon.join()
+        self.assertIs(self.daemon.hello["partial"], True)
+
     def test_update_delivers_exact_bytes_and_acks_in_order(self):
         buckets = make_buckets(1)
         out = {}
