@@ -37,7 +37,7 @@ for _ in $(seq 600); do
   sleep 0.2
 done
 PYTHONUNBUFFERED=1 python3 bench/rl_trainer.py --url http://127.0.0.1:8470 --token "$token" --layers "$layers" \
-  --steps "$steps" --warmup "$warmup" ${CHANGING_EVERY:+--changing-every "$CHANGING_EVERY"} ${BASE:+--base} \
+  --steps "$steps" --warmup "$warmup" ${CHANGING_EVERY:+--changing-every "$CHANGING_EVERY"} $([ "${BASE:-0}" = 1 ] && echo --base) \
   ${COMMITS:+--commits "$COMMITS"} | tee "$out/trainer.jsonl"
 wait "$engine"
 kill -TERM "$daemon"

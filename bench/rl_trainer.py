@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from integrations.ckptd.trainer import StagingArea, push_cuda  # noqa: E402
-from integrations.torch_engine import STEP_SEED, layout, step_of  # noqa: E402
+from integrations.torch_engine import STEP_SEED, layout, positive, step_of  # noqa: E402
 
 
 def call(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--commits", type=int, default=4)
-    ap.add_argument("--changing-every", type=int, default=1, help="after step 0 only every N-th tensor changes")
+    ap.add_argument("--changing-every", type=positive, default=1, help="after step 0 only every N-th tensor changes")
     ap.add_argument("--base", action="store_true", help="push only the changed tensors, on the previous version")
     args = ap.parse_args()
     url, token = args.url, args.token

@@ -67,11 +67,13 @@ def step_of(i: int, step: int, changing_every: int) -> int:
 
 def check(params: dict[str, torch.Tensor], names: list[str], counts: collections.Counter[str],
           unknown: list[str], check_every: int, device: torch.device | str, step: int = 0,
-          changing_every: int = 1, partial: bool = False,
+          changing_every: int = 1, held: dict[str, int] | None = None,
           ) -> tuple[bool, int, list[str], list[str], list[str]]:
-    """The SPEC's correctness rule for one update; returns the report's fields. Partial: the
-    update may leave out what did not change (the params keep it), so nothing is missing."""
-    missing = [] if partial else [n for n in names if counts[n] == 0]
+    """The SPEC's correctness rule for one update; returns the report's fields. `held`: the step
+    whose contents each param held before it (a partial update); a tensor the update left out
+    is missing unless it held what this step wants already."""
+    missing = [n for i, n in enumerate(names)
+               if counts[n] == 0 and (held is None or held[n] != step_of(i, step, changing_every))]
     repeated = [n for n in names if counts[n] > 1]
     mismatched: list[str] = []
     checked = 0
@@ -88,6 +90,13 @@ def check(params: dict[str, torch.Tensor], names: list[str], counts: collections
     return ok, checked, mismatched, missing, repeated
 
 
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--socket", required=True, help="the daemon's gpu-<index>.sock")
@@ -99,7 +108,7 @@ def main() -> None:
                     help="update u carries RL step u's contents (bench/rl_step.sh), not the SPEC's")
     ap.add_argument("--partial", action="store_true",
                     help="say partial: updates may leave out what this engine holds (no NaN fill between them)")
-    ap.add_argument("--changing-every", type=int, default=1,
+    ap.add_argument("--changing-every", type=positive, default=1,
                     help="with --steps: after step 0 only every N-th tensor changes (the trainer's rule)")
     ap.add_argument("--name", default=None, help="receiver name in the daemon's logs")
     ap.add_argument("--timeout", type=float, default=None,
@@ -117,10 +126,12 @@ def main() -> None:
 
     receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout, partial=args.partial)
     failed = done = 0
+    held: dict[str, int] | None = None  # with --partial: the step each param holds, once known
     try:
         while args.updates == 0 or done < args.updates:
-            for p in params.values() if not (args.partial and done > 0) else ():
-                p.fill_(float("nan"))
+            if held is None:  # a whole update is wanted: every tensor must come
+                for p in params.values():
+                    p.fill_(float("nan"))
             torch.cuda.synchronize(device)  # the fill must not run inside the timed update
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -132,9 +143,11 @@ def main() -> None:
                 # This process's extra allocations while it applied (the torch allocator's peak):
                 # the daemon's buffers are its own; device-wide figures are the benchmark's.
                 peak = torch.cuda.max_memory_allocated(device) - base
+                step = done if args.steps else 0
                 ok, checked, mismatched, missing, repeated = check(
-                    params, names, counts, s["unknown"], args.check_every, device, done if args.steps else 0,
-                    args.changing_every, args.partial and done > 0)
+                    params, names, counts, s["unknown"], args.check_every, device, step, args.changing_every, held)
+                held = ({n: step_of(i, step, args.changing_every) for i, n in enumerate(names)}
+                        if ok and args.partial else None)
                 line.update(update=s["update"], checkpoint=s["checkpoint"], ok=ok,
                             applied=sum(counts.values()), checked=checked, mismatched=mismatched,
                             seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"],
@@ -144,8 +157,10 @@ def main() -> None:
                     if val:
                         line[key] = val[:20] + ([f"... {len(val) - 20} more"] if len(val) > 20 else [])
             except UpdateAborted as e:
+                held = None
                 line.update(update=e.update, applied=sum(counts.values()), aborted=e.reason)
             except ReceiveError as e:
+                held = None
                 line.update(update=e.update, applied=sum(counts.values()), error=str(e))
             done += 1
             failed += not line["ok"]

@@ -294,7 +294,7 @@ describe("deleting and limits", () => {
     const lease = d.registry.acquire("m@1");
     const busy = await d.api("DELETE", "/v1/checkpoints/m@1");
     expect(busy.status).toBe(409);
-    expect(busy.body.error.message).toBe("m@1 is in use by an update");
+    expect(busy.body.error.message).toBe("m@1 is in use (by an update, or a pull or push copying from it)");
     lease.release();
     expect((await d.api("DELETE", "/v1/checkpoints/m@1")).body).toEqual({ deleted: ["m@1"] });
     expect((await d.api("GET", "/v1/checkpoints/m@1")).status).toBe(404);

@@ -196,17 +196,26 @@ async function copyFromBase(
   for (const [k, f] of from.entries()) {
     ranges.set([mem.address + BigInt(f.tensor.offset), f.src, BigInt(f.tensor.bytes)], 3 * k);
   }
-  await ctx.hostCopy(ranges, threads);
+  await ctx.hostCopy(ranges, threads).catch((err: Error) => {
+    throw new DaemonError("push_failed", `copying the base's tensors: ${err.message}`);
+  });
   const bytes = from.reduce((n, f) => n + f.tensor.bytes, 0);
   version.progress.bytesPinned += bytes;
-  const hashes = plan.trusted
-    ? from.map((f) => f.hash)
-    : [
-        ...(await ctx.hash(
-          new BigUint64Array(from.flatMap((f, k) => [ranges[3 * k] as bigint, BigInt(f.tensor.bytes)])),
-          threads,
-        )),
-      ].map((h) => h.toString(16).padStart(16, "0"));
+  if (!plan.trusted) {
+    // Pinned where its files lie: what was copied must still be what the base was hashed as.
+    const again = await ctx.hash(
+      new BigUint64Array(from.flatMap((f, k) => [ranges[3 * k] as bigint, BigInt(f.tensor.bytes)])),
+      threads,
+    );
+    const changed = from.find((f, k) => (again[k] as bigint).toString(16).padStart(16, "0") !== f.hash);
+    if (changed) {
+      throw new DaemonError(
+        "push_failed",
+        `tensor "${changed.tensor.name}" of the base changed in its file while it was copied: register the base again`,
+      );
+    }
+  }
+  const hashes = from.map((f) => f.hash);
   version.progress.bytesHashed += bytes;
   return new Map(from.map((f, k) => [f.tensor.name, hashes[k] as string]));
 }

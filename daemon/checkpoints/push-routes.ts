@@ -36,7 +36,7 @@ const PushBody = v.strictObject({
     v.minLength(1, "declare at least one tensor"),
   ),
   /** "name@N": the version is that one with these tensors replaced (device-push.ts). */
-  base: v.optional(v.pipe(v.string(), v.minLength(1))),
+  base: v.optional(v.pipe(v.string(), v.minLength(1), v.maxLength(140))),
   /** One rank's part of a sharded push (push-parts.ts). */
   part: v.optional(
     v.strictObject({

@@ -597,7 +597,10 @@ describe("leases", () => {
     first.release();
     const second = registry.acquire("m@1");
     expect(registry.get("m").summary().inUse).toBe(true);
-    await expect(registry.delete("m")).rejects.toMatchObject({ code: "in_use", message: "m@1 is in use by an update" });
+    await expect(registry.delete("m")).rejects.toMatchObject({
+      code: "in_use",
+      message: "m@1 is in use (by an update, or a pull or push copying from it)",
+    });
     second.release();
     expect((await registry.delete("m")).map((v) => v.id)).toEqual(["m@1"]);
   });
@@ -617,7 +620,7 @@ describe("leases", () => {
     expect(thrown(() => registry.acquire("m@2"))).toMatchObject({ code: "not_ready", message: "m@2 is being deleted" });
     await expect(registry.delete("m@2")).rejects.toMatchObject({
       code: "in_use",
-      message: "m@2 is in use by an update",
+      message: "m@2 is in use (by an update, or a pull or push copying from it)",
     });
     g.open();
     expect((await deleting).map((v) => v.id)).toEqual(["m@1", "m@2"]);

@@ -623,7 +623,10 @@ export class Registry {
     if (targets.length === 0) throw new DaemonError("not_found", `no checkpoint "${name}"`);
     const busy = targets.filter((v) => v.leases > 0 || v.deleting);
     if (busy.length > 0) {
-      throw new DaemonError("in_use", `${busy.map((v) => v.id).join(", ")} is in use by an update`);
+      throw new DaemonError(
+        "in_use",
+        `${busy.map((v) => v.id).join(", ")} is in use (by an update, or a pull or push copying from it)`,
+      );
     }
     // Marked before the first await, so no update can lease what is about to be freed.
     for (const v of targets) v.deleting = true;
@@ -640,9 +643,11 @@ export class Registry {
 
   /** Drops everything (shutdown). */
   async close(): Promise<void> {
-    for (const v of this.list()) {
-      v.abort.abort();
-      await v.done;
+    // Every registration, pull and push ends first: a pull may be copying from another version.
+    const all = this.list();
+    for (const v of all) v.abort.abort();
+    await Promise.all(all.map((v) => v.done));
+    for (const v of all) {
       const list = this.versions.get(v.name) ?? [];
       this.versions.set(
         v.name,

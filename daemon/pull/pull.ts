@@ -227,16 +227,20 @@ class PullRun {
       const p = this.pieces[i] as Piece;
       ranges.set([dst + BigInt(p.begin), src, BigInt(p.end - p.begin)], 3 * k);
     });
-    await this.deps.ctx.hostCopy(ranges, this.deps.threads).catch((err: Error) => {
-      this.deps.log.warn(
-        { checkpoint: this.version.id, err: err.message },
-        "copying held tensors failed: fetched instead",
-      );
-    });
-    this.progress.bytesLocal += mine.reduce(
-      (n, [i]) => n + (this.pieces[i] as Piece).end - (this.pieces[i] as Piece).begin,
-      0,
+    const copied = await this.deps.ctx.hostCopy(ranges, this.deps.threads).then(
+      () => true,
+      (err: Error) => {
+        this.deps.log.warn(
+          { checkpoint: this.version.id, err: err.message },
+          "copying held tensors failed: fetched instead",
+        );
+        return false;
+      },
     );
+    if (copied) {
+      const p = (i: number) => this.pieces[i] as Piece;
+      this.progress.bytesLocal += mine.reduce((n, [i]) => n + p(i).end - p(i).begin, 0);
+    }
     if (!this.error) this.verify(mine.map(([i]) => i));
   }
 
@@ -268,6 +272,10 @@ class PullRun {
     // Every file's memory is pinned at once, in parallel, and fetching into a file starts as
     // soon as its memory is there: pinning fresh memory overlaps the transfer.
     const allocated = Promise.all(this.manifests[0]?.files.map((f, i) => this.allocate(i, f.size)) ?? []);
+    // Every file's held tensors are copied once its memory is there: their versions are free then.
+    void allocated.then(() => {
+      for (const lease of this.leases.splice(0)) lease.release();
+    });
     for (const s of this.sources) {
       try {
         const peers = await this.deps.transport.connect(s.lanes.map((l) => l.address));

@@ -402,9 +402,11 @@ export class ReceiverHub {
   }
 
   async close(): Promise<void> {
-    await Promise.all([...this.receivers].map((r) => r.end(END_MS)));
+    // No new receiver from here on; then each one takes what was sent to it and hangs up.
     const listening = this.servers.splice(0);
-    await Promise.all(listening.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    const closed = listening.map(({ server }) => new Promise<void>((resolve) => server.close(() => resolve())));
+    await Promise.all([...this.receivers].map((r) => r.end(END_MS)));
+    await Promise.all(closed);
     for (const { path } of listening) rmSync(path, { force: true });
     for (const alias of this.aliases.splice(0)) rmSync(alias, { force: true });
   }
