@@ -733,11 +733,22 @@ describe("keeping maxVersions", () => {
     const lease = registry.acquire("m@1");
     g.open();
     await pending.done;
-    // Now three are ready: the oldest unused one goes, the leased one stays.
-    expect(ids(registry)).toEqual(["m@1", "m@3"]);
+    // Now three are ready: the newest two stay, and so does the leased one older than them.
+    expect(ids(registry)).toEqual(["m@1", "m@2", "m@3"]);
     lease.release();
     await ready(registry, request("m", [model()]));
     expect(ids(registry)).toEqual(["m@3", "m@4"]);
+  });
+
+  it("never drops the version just made ready to keep a leased older one (maxVersions 1)", async () => {
+    const { registry } = newRegistry({ maxVersions: 1 });
+    await ready(registry, request("m", [model()]));
+    const lease = registry.acquire("m@1"); // an update (or a push on it as a base) uses m@1
+    await ready(registry, request("m", [model()]));
+    expect(ids(registry)).toEqual(["m@1", "m@2"]);
+    lease.release();
+    await ready(registry, request("m", [model()]));
+    expect(ids(registry)).toEqual(["m@3"]);
   });
 
   it("counts stale versions", async () => {

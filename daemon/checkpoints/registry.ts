@@ -575,15 +575,19 @@ export class Registry {
     await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
   }
 
+  /**
+   * Drops the versions of `name` older than its newest maxVersions, oldest first, but those in
+   * use (leased): they stay until a later version is ready. The newest are never dropped, so a
+   * leased old version cannot make room by taking the one just registered.
+   */
   private async evictOld(name: string): Promise<void> {
-    const ready = (this.versions.get(name) ?? []).filter((v) => v.state === "ready" || v.state === "stale");
-    let excess = ready.length - this.opts.maxVersions;
-    for (const v of ready) {
-      if (excess <= 0) break;
+    const ready = (this.versions.get(name) ?? [])
+      .filter((v) => v.state === "ready" || v.state === "stale")
+      .sort((a, b) => a.version - b.version);
+    for (const v of ready.slice(0, Math.max(0, ready.length - this.opts.maxVersions))) {
       if (v.leases > 0) continue;
       await this.drop(v);
       this.opts.log.info({ checkpoint: v.id, maxVersions: this.opts.maxVersions }, "dropped an old version");
-      excess--;
     }
   }
 
