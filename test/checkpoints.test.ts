@@ -342,7 +342,7 @@ describe("deleting and limits", () => {
     expect(all.map((r) => r.body.state)).toEqual(Array(8).fill("ready"));
   });
 
-  it("keeps maxVersions per name, dropping the oldest unused", async () => {
+  it("keeps the newest maxVersions per name, and an older one while it is in use", async () => {
     const d = await start({ maxVersions: 2 });
     const dir = scratch();
     writeModel(dir);
@@ -350,8 +350,8 @@ describe("deleting and limits", () => {
     const lease = d.registry.acquire("m@1");
     await d.api("POST", "/v1/checkpoints", { name: "m", dir });
     await d.api("POST", "/v1/checkpoints", { name: "m", dir });
-    // m@1 is in use, so m@2 went instead.
-    expect(d.registry.list().map((v) => v.id)).toEqual(["m@1", "m@3"]);
+    // m@1 is in use, so it stays beside the newest two.
+    expect(d.registry.list().map((v) => v.id)).toEqual(["m@1", "m@2", "m@3"]);
     lease.release();
     await d.api("POST", "/v1/checkpoints", { name: "m", dir });
     expect(d.registry.list().map((v) => v.id)).toEqual(["m@3", "m@4"]);
