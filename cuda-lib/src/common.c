@@ -287,3 +287,16 @@ CKPT_API int ckpt_peer_groups(int32_t fd, uint32_t *groups, int32_t *n) {
   *n = (int32_t)(len / sizeof(gid_t));
   return CKPT_OK;
 }
+
+#define MAX_WORKERS 64
+
+void ckpt__run_workers(void *(*worker)(void *), void *arg, int32_t threads, size_t items) {
+  size_t workers = threads <= 0 ? 1 : threads > MAX_WORKERS ? MAX_WORKERS : (size_t)threads;
+  if (workers > items) workers = items > 0 ? items : 1;
+  pthread_t tid[MAX_WORKERS];
+  size_t started = 0;
+  for (; started + 1 < workers; started++)
+    if (pthread_create(&tid[started], NULL, worker, arg) != 0) break;
+  worker(arg);
+  for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
+}

@@ -76,7 +76,8 @@ int ckpt__sys_fail(ckpt_ctx *ctx, const char *file, int line, const char *what);
 typedef struct ckpt__place {
   const ckpt_ctx *ctx;
   int32_t device;
-  uint64_t len; /* buffers only */
+  uint64_t len;   /* buffers only */
+  uintptr_t base; /* buffers only: the address of its first byte (device or host) */
 } ckpt__place;
 
 /* How the shared checks see a backend's buffers and streams (each backend has its own
@@ -125,9 +126,14 @@ size_t ckpt__hash_chunks(uint64_t len);
 /* Plain XXH64 (seed 0) of len bytes: one chunk's hash. */
 uint64_t ckpt__xxh64(const void *p, size_t len);
 uint64_t ckpt__hash_combine(const uint64_t *chunks, size_t k);
-/* ckpt_buf_hash's (buffer index, offset, len) triples, checked against the buffers at base[k]
- * of len[k] bytes (CKPT_ERANGE naming the range) and made (address, len) pairs in *out (malloc'd). */
-int ckpt__buf_ranges(ckpt_ctx *ctx, const uintptr_t *base, const size_t *len, size_t nbufs, const uint64_t *ranges,
+/* ckpt_buf_hash's arguments checked: nbufs buffers of one context and one device
+ * (CKPT_EINVAL), n (buffer index, offset, len) triples each inside its buffer (CKPT_ERANGE
+ * naming the range); the ranges made (address, len) pairs in *out (malloc'd). */
+/* Runs worker(arg) on up to `threads` threads (at most 64, at least 1, no more than `items`),
+ * the calling thread among them, and returns once all have; a worker takes items through a
+ * counter in arg, so a thread that cannot start leaves its share to the others. */
+void ckpt__run_workers(void *(*worker)(void *), void *arg, int32_t threads, size_t items);
+int ckpt__buf_ranges(const ckpt__places *places, ckpt_buf *const *bufs, size_t nbufs, const uint64_t *ranges,
                      size_t n, uint64_t **out);
 /* Every chunk of n (address, len) ranges as (address, len) pairs in *table, and in *first
  * (n + 1 values) the index of each range's first chunk (first[n]: all of them); malloc'd. */

@@ -1,6 +1,7 @@
 /* The CUDA backend of ckpt.h: pinned host memory, device buffers, IPC, streams, events, and
  * collectives through NCCL (loaded at run time). */
 #include "common.h"
+#include "xxh64.h"
 
 #include <cuda_runtime.h>
 #include <dlfcn.h>
@@ -37,8 +38,8 @@ struct ckpt_event {
   cudaEvent_t event;
 };
 
-static ckpt__place buf_place(const ckpt_buf *b) { return ckpt__place{b->ctx, b->device, b->len}; }
-static ckpt__place stream_place(const ckpt_stream *s) { return ckpt__place{s->ctx, s->device, 0}; }
+static ckpt__place buf_place(const ckpt_buf *b) { return ckpt__place{b->ctx, b->device, b->len, (uintptr_t)b->ptr}; }
+static ckpt__place stream_place(const ckpt_stream *s) { return ckpt__place{s->ctx, s->device, 0, 0}; }
 /* How ckpt__bcast_check sees this backend's handles. */
 static const ckpt__places cuda_places = {buf_place, stream_place};
 
@@ -308,99 +309,38 @@ CKPT_API int ckpt_buf_read(ckpt_buf *buf, uint64_t offset, void *dst, uint64_t l
 
 /* ---- hashing on the device ------------------------------------------------------------ */
 
-/* XXH64 on the device, one thread per chunk: the same steps as hash.c's (ckpt.h defines the
- * ckpt hash), with 128 bytes loaded at a time where the chunk is 16-byte aligned. */
-#define XP1 11400714785074694791ull
-#define XP2 14029467366897019727ull
-#define XP3 1609587929392839161ull
-#define XP4 9650029242287828579ull
-#define XP5 2870177450012600261ull
-
-__device__ __forceinline__ uint64_t d_rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-
-__device__ __forceinline__ uint64_t d_lane(uint64_t acc, uint64_t in) {
-  acc += in * XP2;
-  acc = d_rotl(acc, 31);
-  return acc * XP1;
-}
-
-__device__ __forceinline__ uint64_t d_merge(uint64_t h, uint64_t acc) {
-  h ^= d_lane(0, acc);
-  return h * XP1 + XP4;
-}
-
-/* Little-endian loads at any alignment (the device is little-endian). */
-__device__ __forceinline__ uint64_t d_load64(const uint8_t *p) {
-  if (((uintptr_t)p & 7) == 0) return *(const uint64_t *)p;
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-  return v;
-}
-
-__device__ __forceinline__ uint32_t d_load32(const uint8_t *p) {
-  if (((uintptr_t)p & 3) == 0) return *(const uint32_t *)p;
-  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
+/* XXH64 (xxh64.h) on the device, one thread per chunk, with 128 bytes loaded at a time where
+ * the chunk is 16-byte aligned. */
 __device__ uint64_t d_xxh64(const uint8_t *p, size_t len) {
-  const uint8_t *end = p + len;
-  uint64_t h;
-  if (len >= 32) {
-    uint64_t a = XP1 + XP2, b = XP2, c = 0, d = 0 - XP1;
-    size_t stripes = len / 32, s = 0;
+  size_t stripes = len / 32, s = 0;
+  uint64_t h = XXH_P5;
+  if (stripes > 0) {
+    uint64_t v[4] = XXH_LANES_INIT;
     if (((uintptr_t)p & 15) == 0) {
       const ulonglong2 *q = (const ulonglong2 *)p;
       for (; s + 4 <= stripes; s += 4) {
-        ulonglong2 v[8];
+        ulonglong2 x[8];
 #pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = q[2 * s + j];
+        for (int j = 0; j < 8; j++) x[j] = q[2 * s + j];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-          a = d_lane(a, v[2 * j].x);
-          b = d_lane(b, v[2 * j].y);
-          c = d_lane(c, v[2 * j + 1].x);
-          d = d_lane(d, v[2 * j + 1].y);
+          v[0] = xxh_lane(v[0], x[2 * j].x);
+          v[1] = xxh_lane(v[1], x[2 * j].y);
+          v[2] = xxh_lane(v[2], x[2 * j + 1].x);
+          v[3] = xxh_lane(v[3], x[2 * j + 1].y);
         }
       }
     }
     for (; s < stripes; s++) {
       const uint8_t *r = p + 32 * s;
-      a = d_lane(a, d_load64(r));
-      b = d_lane(b, d_load64(r + 8));
-      c = d_lane(c, d_load64(r + 16));
-      d = d_lane(d, d_load64(r + 24));
+      v[0] = xxh_lane(v[0], xxh_load64(r));
+      v[1] = xxh_lane(v[1], xxh_load64(r + 8));
+      v[2] = xxh_lane(v[2], xxh_load64(r + 16));
+      v[3] = xxh_lane(v[3], xxh_load64(r + 24));
     }
-    p += 32 * stripes;
-    h = d_rotl(a, 1) + d_rotl(b, 7) + d_rotl(c, 12) + d_rotl(d, 18);
-    h = d_merge(h, a);
-    h = d_merge(h, b);
-    h = d_merge(h, c);
-    h = d_merge(h, d);
-  } else {
-    h = XP5;
+    h = xxh_converge(v);
   }
-  h += (uint64_t)len;
-  size_t rest = (size_t)(end - p);
-  for (; rest >= 8; rest -= 8, p += 8) {
-    h ^= d_lane(0, d_load64(p));
-    h = d_rotl(h, 27) * XP1 + XP4;
-  }
-  if (rest >= 4) {
-    h ^= (uint64_t)d_load32(p) * XP1;
-    h = d_rotl(h, 23) * XP2 + XP3;
-    p += 4;
-    rest -= 4;
-  }
-  for (; rest > 0; rest--, p++) {
-    h ^= (uint64_t)*p * XP5;
-    h = d_rotl(h, 11) * XP1;
-  }
-  h ^= h >> 33;
-  h *= XP2;
-  h ^= h >> 29;
-  h *= XP3;
-  h ^= h >> 32;
-  return h;
+  return xxh_finish(h, len, p + 32 * stripes, len % 32);
 }
 
 /* table: k (device address, len) pairs; out[i] gets chunk i's XXH64. */
@@ -441,20 +381,10 @@ CKPT_API int ckpt_buf_hash(ckpt_buf *const *bufs, size_t nbufs, const uint64_t *
   ckpt_ctx *ctx = bufs[0]->ctx;
   if (n == 0) return CKPT_OK;
   CHECK_ARG(ctx, hashes != NULL);
-  uintptr_t *base = (uintptr_t *)malloc(nbufs * sizeof *base);
-  size_t *len = (size_t *)malloc(nbufs * sizeof *len);
   uint64_t *abs = NULL, *table = NULL, *chunks = NULL;
   size_t *first = NULL;
-  int st = base && len ? CKPT_OK : FAIL(ctx, CKPT_ENOMEM, "ckpt_buf_hash: %zu buffers", nbufs);
-  for (size_t k = 0; k < nbufs && st == CKPT_OK; k++) {
-    if (bufs[k] == NULL || bufs[k]->ctx != ctx || bufs[k]->device != bufs[0]->device)
-      st = FAIL(ctx, CKPT_EINVAL, "ckpt_buf_hash: buffer %zu is %s", k,
-                bufs[k] == NULL ? "NULL" : "of another context or device than buffer 0");
-    else
-      base[k] = (uintptr_t)bufs[k]->ptr, len[k] = bufs[k]->len;
-  }
-  if (st == CKPT_OK) st = ckpt__buf_ranges(ctx, base, len, nbufs, ranges, n, &abs);
-  if (st == CKPT_OK) st = ckpt__chunk_table(ctx, abs, n, &table, &first);
+  CHECK(ckpt__buf_ranges(&cuda_places, bufs, nbufs, ranges, n, &abs));
+  int st = ckpt__chunk_table(ctx, abs, n, &table, &first);
   if (st == CKPT_OK) {
     chunks = chunk_hashes ? chunk_hashes : (uint64_t *)malloc(first[n] * sizeof *chunks + 1);
     if (chunks == NULL) st = FAIL(ctx, CKPT_ENOMEM, "ckpt_buf_hash: %zu chunk hashes", first[n]);
@@ -464,7 +394,7 @@ CKPT_API int ckpt_buf_hash(ckpt_buf *const *bufs, size_t nbufs, const uint64_t *
   if (st == CKPT_OK)
     for (size_t i = 0; i < n; i++) hashes[i] = ckpt__hash_combine(chunks + first[i], first[i + 1] - first[i]);
   if (chunks != chunk_hashes) free(chunks);
-  free(abs), free(table), free(first), free(base), free(len);
+  free(abs), free(table), free(first);
   return st;
 }
 

@@ -13,7 +13,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define MAX_THREADS 64
 #define CHUNK (64ull << 20) /* the least a thread reads at a time */
 
 /* Opens path read-only and checks it is a non-empty regular file; its size goes to *size. */
@@ -157,20 +156,12 @@ static int open_for_read(ckpt_ctx *ctx, const char *what, const char *path, uint
   return CKPT_OK;
 }
 
-/* Reads the job's pieces on up to `threads` threads (the calling one among them; a thread that
- * cannot start leaves its share to the others through the counter), then closes the file. */
+/* Reads the job's pieces on up to `threads` threads, then closes the file. */
 static int read_run(ckpt_ctx *ctx, const char *what, const char *path, read_job *job, int32_t threads) {
   atomic_init(&job->next, 0);
   atomic_init(&job->failed, 0);
   pthread_mutex_init(&job->mu, NULL);
-  size_t workers = threads <= 0 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads;
-  if (workers > job->n) workers = job->n > 0 ? job->n : 1;
-  pthread_t tid[MAX_THREADS];
-  size_t started = 0;
-  for (; started + 1 < workers; started++)
-    if (pthread_create(&tid[started], NULL, read_worker, job) != 0) break;
-  read_worker(job);
-  for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
+  ckpt__run_workers(read_worker, job, threads, job->n);
   close(job->fd);
   pthread_mutex_destroy(&job->mu);
   if (atomic_load(&job->failed))
@@ -358,14 +349,7 @@ CKPT_API int ckpt_host_copy(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, int
   copy_job job = {.ranges = ranges, .first = first, .n = n};
   atomic_init(&job.next, 0);
   atomic_init(&job.failed, 0);
-  size_t workers = threads <= 0 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads;
-  if (workers > first[n]) workers = first[n] > 0 ? first[n] : 1;
-  pthread_t tid[MAX_THREADS];
-  size_t started = 0;
-  for (; started + 1 < workers; started++)
-    if (pthread_create(&tid[started], NULL, copy_worker, &job) != 0) break;
-  copy_worker(&job);
-  for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
+  ckpt__run_workers(copy_worker, &job, threads, first[n]);
   free(first);
   if (!atomic_load(&job.failed)) return CKPT_OK;
   const uint64_t *r = &ranges[3 * job.failed_range];

@@ -1,100 +1,29 @@
 /* The ckpt hash of host ranges (see ckpt_hash in ckpt.h): XXH64 (seed 0) of every 1 MiB chunk,
- * spread over threads chunk by chunk, then XXH64 of each range's chunk hashes. XXH64 is written
- * from the algorithm's published description: four lanes over 32-byte stripes, a merge of the
- * lanes, a tail in 8-, 4- and 1-byte steps, then an avalanche. CPU only; the same in both
- * backends. */
+ * spread over threads chunk by chunk, then XXH64 (xxh64.h) of each range's chunk hashes. CPU
+ * only; the same in both backends. */
 #include "common.h"
 #include "guard.h"
+#include "xxh64.h"
 
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define P1 11400714785074694791ull
-#define P2 14029467366897019727ull
-#define P3 1609587929392839161ull
-#define P4 9650029242287828579ull
-#define P5 2870177450012600261ull
-
-#define MAX_THREADS 64
-
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-
-static inline uint64_t load64(const uint8_t *p) {
-  uint64_t v;
-  memcpy(&v, p, 8);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  v = __builtin_bswap64(v);
-#endif
-  return v;
-}
-
-static inline uint32_t load32(const uint8_t *p) {
-  uint32_t v;
-  memcpy(&v, p, 4);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  v = __builtin_bswap32(v);
-#endif
-  return v;
-}
-
-/* One lane step: mixes 8 input bytes into an accumulator. */
-static inline uint64_t lane(uint64_t acc, uint64_t in) {
-  acc += in * P2;
-  acc = rotl64(acc, 31);
-  return acc * P1;
-}
-
-/* Folds a finished lane into the converged hash. */
-static inline uint64_t merge(uint64_t h, uint64_t acc) {
-  h ^= lane(0, acc);
-  return h * P1 + P4;
-}
-
 static uint64_t xxh64(const uint8_t *p, size_t len) {
-  const uint8_t *end = p + len;
-  uint64_t h;
-  if (len >= 32) {
-    uint64_t a = P1 + P2, b = P2, c = 0, d = 0 - P1;
-    const uint8_t *last = end - 32; /* the last stripe starts at or before this */
-    do {
-      a = lane(a, load64(p));
-      b = lane(b, load64(p + 8));
-      c = lane(c, load64(p + 16));
-      d = lane(d, load64(p + 24));
-      p += 32;
-    } while (p <= last);
-    h = rotl64(a, 1) + rotl64(b, 7) + rotl64(c, 12) + rotl64(d, 18);
-    h = merge(h, a);
-    h = merge(h, b);
-    h = merge(h, c);
-    h = merge(h, d);
-  } else {
-    h = P5;
+  size_t stripes = len / 32;
+  uint64_t h = XXH_P5;
+  if (stripes > 0) {
+    uint64_t v[4] = XXH_LANES_INIT;
+    for (size_t s = 0; s < stripes; s++, p += 32) {
+      v[0] = xxh_lane(v[0], xxh_load64(p));
+      v[1] = xxh_lane(v[1], xxh_load64(p + 8));
+      v[2] = xxh_lane(v[2], xxh_load64(p + 16));
+      v[3] = xxh_lane(v[3], xxh_load64(p + 24));
+    }
+    h = xxh_converge(v);
   }
-  h += (uint64_t)len;
-  size_t rest = (size_t)(end - p); /* < 32 */
-  for (; rest >= 8; rest -= 8, p += 8) {
-    h ^= lane(0, load64(p));
-    h = rotl64(h, 27) * P1 + P4;
-  }
-  if (rest >= 4) {
-    h ^= (uint64_t)load32(p) * P1;
-    h = rotl64(h, 23) * P2 + P3;
-    p += 4;
-    rest -= 4;
-  }
-  for (; rest > 0; rest--, p++) {
-    h ^= (uint64_t)*p * P5;
-    h = rotl64(h, 11) * P1;
-  }
-  h ^= h >> 33;
-  h *= P2;
-  h ^= h >> 29;
-  h *= P3;
-  h ^= h >> 32;
-  return h;
+  return xxh_finish(h, len, p, len % 32);
 }
 
 uint64_t ckpt__xxh64(const void *p, size_t len) { return xxh64(p, len); }
@@ -182,17 +111,6 @@ static int hash_fault(ckpt_ctx *ctx, const uint64_t *ranges, size_t i, uintptr_t
               (unsigned long long)fault - addr);
 }
 
-/* Runs the job on up to `workers` threads, the calling one among them; if a thread cannot
- * start, the others (at least this one) take its share through the counter. */
-static void hash_run(hash_job *job, size_t workers) {
-  pthread_t tid[MAX_THREADS];
-  size_t started = 0;
-  for (; started + 1 < workers; started++)
-    if (pthread_create(&tid[started], NULL, hash_worker, job) != 0) break;
-  hash_worker(job);
-  for (size_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
-}
-
 CKPT_API int ckpt_hash(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes,
                        uint64_t *chunk_hashes, int32_t threads, uint64_t *done_bytes) {
   CHECK_ARG(NULL, ctx != NULL);
@@ -215,13 +133,11 @@ CKPT_API int ckpt_hash(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t
     free(table), free(first);
     return FAIL(ctx, CKPT_ENOMEM, "ckpt_hash: %zu chunk hashes", total);
   }
-  size_t workers = threads <= 0 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads;
-  if (workers > total) workers = total > 0 ? total : 1;
   /* The counter is read by other threads while this runs, hence atomic (same layout). */
   hash_job job = {.table = table, .total = total, .chunks = chunks, .done_bytes = (_Atomic uint64_t *)done_bytes};
   atomic_init(&job.next, 0);
   atomic_init(&job.failed, 0);
-  hash_run(&job, workers);
+  ckpt__run_workers(hash_worker, &job, threads, total);
   int st = CKPT_OK;
   if (atomic_load(&job.failed)) st = hash_fault(ctx, ranges, range_of(first, n, job.failed_chunk), job.fault);
   else
@@ -231,9 +147,17 @@ CKPT_API int ckpt_hash(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t
   return st;
 }
 
-int ckpt__buf_ranges(ckpt_ctx *ctx, const uintptr_t *base, const size_t *len, size_t nbufs, const uint64_t *ranges,
+int ckpt__buf_ranges(const ckpt__places *places, ckpt_buf *const *bufs, size_t nbufs, const uint64_t *ranges,
                      size_t n, uint64_t **out) {
   *out = NULL;
+  const ckpt__place first = places->buf(bufs[0]);
+  ckpt_ctx *ctx = (ckpt_ctx *)first.ctx;
+  for (size_t k = 1; k < nbufs; k++) {
+    if (bufs[k] == NULL) return FAIL(ctx, CKPT_EINVAL, "ckpt_buf_hash: buffer %zu is NULL", k);
+    const ckpt__place b = places->buf(bufs[k]);
+    if (b.ctx != first.ctx || b.device != first.device)
+      return FAIL(ctx, CKPT_EINVAL, "ckpt_buf_hash: buffer %zu is of another context or device than buffer 0", k);
+  }
   if (ranges == NULL) return FAIL(ctx, CKPT_EINVAL, "ckpt_buf_hash: ranges is NULL with n=%zu", n);
   uint64_t *abs = malloc(2 * n * sizeof *abs);
   if (abs == NULL) return FAIL(ctx, CKPT_ENOMEM, "ckpt_buf_hash: %zu ranges", n);
@@ -243,13 +167,14 @@ int ckpt__buf_ranges(ckpt_ctx *ctx, const uintptr_t *base, const size_t *len, si
       free(abs);
       return FAIL(ctx, CKPT_EINVAL, "ckpt_buf_hash: range %zu names buffer %llu of %zu", i, (unsigned long long)k, nbufs);
     }
-    if (off > len[k] || l > len[k] - off) {
+    const ckpt__place b = places->buf(bufs[k]);
+    if (off > b.len || l > b.len - off) {
       free(abs);
       return FAIL(ctx, CKPT_ERANGE,
-                  "ckpt_buf_hash: range %zu (%llu bytes at offset %llu) is outside buffer %llu of %zu bytes", i,
-                  (unsigned long long)l, (unsigned long long)off, (unsigned long long)k, len[k]);
+                  "ckpt_buf_hash: range %zu (%llu bytes at offset %llu) is outside buffer %llu of %llu bytes", i,
+                  (unsigned long long)l, (unsigned long long)off, (unsigned long long)k, (unsigned long long)b.len);
     }
-    abs[2 * i] = l > 0 ? (uint64_t)base[k] + off : 0;
+    abs[2 * i] = l > 0 ? (uint64_t)b.base + off : 0;
     abs[2 * i + 1] = l;
   }
   *out = abs;

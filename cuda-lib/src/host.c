@@ -245,20 +245,10 @@ CKPT_API int ckpt_buf_hash(ckpt_buf *const *bufs, size_t nbufs, const uint64_t *
   ckpt_ctx *ctx = bufs[0]->ctx;
   if (n == 0) return CKPT_OK;
   CHECK_ARG(ctx, hashes != NULL);
-  uintptr_t *base = malloc(nbufs * sizeof *base);
-  size_t *len = malloc(nbufs * sizeof *len);
-  uint64_t *abs = NULL;
-  int st = base && len ? CKPT_OK : FAIL(ctx, CKPT_ENOMEM, "ckpt_buf_hash: %zu buffers", nbufs);
-  for (size_t k = 0; k < nbufs && st == CKPT_OK; k++) {
-    if (bufs[k] == NULL || bufs[k]->ctx != ctx || bufs[k]->device != bufs[0]->device)
-      st = FAIL(ctx, CKPT_EINVAL, "ckpt_buf_hash: buffer %zu is %s", k,
-                bufs[k] == NULL ? "NULL" : "of another context or device than buffer 0");
-    else
-      base[k] = (uintptr_t)bufs[k]->address, len[k] = bufs[k]->len;
-  }
-  if (st == CKPT_OK) st = ckpt__buf_ranges(ctx, base, len, nbufs, ranges, n, &abs);
-  if (st == CKPT_OK) st = ckpt_hash(ctx, abs, n, hashes, chunk_hashes, threads, NULL);
-  free(abs), free(base), free(len);
+  uint64_t *abs;
+  CHECK(ckpt__buf_ranges(&host_places, bufs, nbufs, ranges, n, &abs));
+  int st = ckpt_hash(ctx, abs, n, hashes, chunk_hashes, threads, NULL);
+  free(abs);
   return st;
 }
 
@@ -439,8 +429,10 @@ void stream_fail(ckpt_stream *s, int status, const char *detail) {
   snprintf(s->fail_detail, sizeof s->fail_detail, "%s", detail);
 }
 
-static ckpt__place buf_place(const ckpt_buf *b) { return (ckpt__place){b->ctx, b->device, b->len}; }
-static ckpt__place stream_place(const ckpt_stream *s) { return (ckpt__place){s->ctx, s->device, 0}; }
+static ckpt__place buf_place(const ckpt_buf *b) {
+  return (ckpt__place){b->ctx, b->device, b->len, (uintptr_t)b->address};
+}
+static ckpt__place stream_place(const ckpt_stream *s) { return (ckpt__place){s->ctx, s->device, 0, 0}; }
 const ckpt__places host_places = {buf_place, stream_place};
 
 CKPT_API int ckpt_stream_create(ckpt_ctx *ctx, int32_t device, ckpt_stream **out) {
