@@ -120,6 +120,11 @@ async function openParts(
       for (const f of greeted) f(r);
     };
     const hub = new ReceiverHub(socketDir, path.gpus, log, greet, { ...sockets.access, peerCred });
+    registry.holders = (id) =>
+      hub
+        .connected()
+        .filter((r) => r.holds?.version === id)
+        .map((r) => `receiver ${r.label}`);
     undo.unshift(() => hub.close());
     await hub.listen(context.devices().map((d) => d.uuid));
     const members = new Members(nodeId, config.peerDownMs);

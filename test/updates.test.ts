@@ -122,6 +122,24 @@ describe("updates that move only what changed", () => {
     await expectModel(r, v1);
   });
 
+  it("keeps a version an engine holds: a delete is refused naming the engine, maxVersions evicts around it", async () => {
+    const { api, receiver } = await start({ hostDevices: 1, maxVersions: 1 });
+    const v1 = version(fresh);
+    await registerTensors(api, "m", v1);
+    await receiver(0, "engine", { partial: true });
+    expect((await api("POST", "/v1/updates", { checkpoint: "m@1" })).body.state).toBe("succeeded");
+    const refused = await api("DELETE", "/v1/checkpoints/m@1");
+    expect(refused.status).toBe(409);
+    expect(refused.body.error.message).toMatch(/m@1 is held by receiver engine \(pid \d+, GPU 0\)/);
+    // m@2 is the one maxVersions keeps, but the engine holds m@1: it stays, and rollback to it works.
+    await registerTensors(api, "m", version(fresh));
+    const ids = async () => (await api("GET", "/v1/checkpoints")).body.checkpoints.map((c: { id: string }) => c.id);
+    expect(await ids()).toEqual(["m@1", "m@2"]);
+    // Once the engine holds m@2, m@1 goes.
+    expect((await api("POST", "/v1/updates", { checkpoint: "m@2" })).body.state).toBe("succeeded");
+    await expect.poll(ids, { timeout: 2000 }).toEqual(["m@2"]);
+  });
+
   it("sends everything when a receiver holds nothing known: one that just connected, or after a failed update", async () => {
     const { api, receiver } = await start({ hostDevices: 2 });
     const v1 = version(fresh);

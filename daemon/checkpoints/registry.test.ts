@@ -509,6 +509,13 @@ describe("the pinned-memory budget", () => {
     );
     expect(err.details).toEqual({ bytes: size, budgetBytes: size, usedBytes: size, overBytes: size });
     expect(ids(registry)).toEqual(["m@1"]);
+    // A version an engine holds is why there is no room: the refusal names the holder.
+    registry.holders = (id) => (id === "m@1" ? ["receiver engine-0 (pid 7, GPU 0)"] : []);
+    const held = await registry.register(request("n", [model()])).catch((e) => e);
+    expect(held.message).toMatch(
+      /\(\d+ in use; m@1 is held by receiver engine-0 \(pid 7, GPU 0\) and is kept while it is\)$/,
+    );
+    expect(held.details.held).toEqual([{ id: "m@1", by: ["receiver engine-0 (pid 7, GPU 0)"] }]);
   });
 
   it("has no limit when the budget is 0", async () => {

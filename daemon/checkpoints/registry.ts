@@ -200,6 +200,9 @@ export interface RegistryOptions {
   onChange?: (registry: Registry) => Promise<void>;
 }
 
+/** Who holds a version now (engines' receivers, by label); set once the receivers' hub exists. */
+export type Holders = (versionId: string) => string[];
+
 export class Registry {
   private readonly versions = new Map<string, CheckpointVersion[]>();
   private readonly next = new Map<string, number>();
@@ -212,6 +215,8 @@ export class Registry {
   private reservedBytes = 0;
   /** The largest version seen: without a budget, the pool keeps at most this much. */
   private largest = 0;
+  /** Who holds a version: such a version is not dropped (delete: 409; eviction: kept). */
+  holders: Holders = () => [];
 
   constructor(private readonly opts: RegistryOptions) {
     this.pool = new PinnedPool(opts.ctx);
@@ -488,10 +493,14 @@ export class Registry {
     const budget = this.opts.budgetBytes;
     const used = this.pinnedBytes();
     if (budget > 0 && used + bytes > budget) {
+      const held = this.list()
+        .map((v) => ({ id: v.id, by: this.holders(v.id) }))
+        .filter((h) => h.by.length > 0);
+      const holding = held.map((h) => `${h.id} is held by ${h.by.join(", ")}`).join("; ");
       throw new DaemonError(
         "over_budget",
-        `${what} ${bytes} bytes would exceed the pinned-memory budget of ${budget} bytes by ${used + bytes - budget} bytes (${used} in use)`,
-        { bytes, budgetBytes: budget, usedBytes: used, overBytes: used + bytes - budget },
+        `${what} ${bytes} bytes would exceed the pinned-memory budget of ${budget} bytes by ${used + bytes - budget} bytes (${used} in use${holding ? `; ${holding} and is kept while it is` : ""})`,
+        { bytes, budgetBytes: budget, usedBytes: used, overBytes: used + bytes - budget, ...(holding ? { held } : {}) },
       );
     }
   }
@@ -577,18 +586,29 @@ export class Registry {
 
   /**
    * Drops the versions of `name` older than its newest maxVersions, oldest first, but those in
-   * use (leased): they stay until a later version is ready. The newest are never dropped, so a
-   * leased old version cannot make room by taking the one just registered.
+   * use (leased) or held by an engine: they stay until a later version is ready and they are
+   * neither. The newest are never dropped, so a leased or held old version cannot make room by
+   * taking the one just registered.
    */
-  private async evictOld(name: string): Promise<void> {
+  private async evictOld(name: string): Promise<boolean> {
     const ready = (this.versions.get(name) ?? [])
       .filter((v) => v.state === "ready" || v.state === "stale")
       .sort((a, b) => a.version - b.version);
+    let dropped = false;
     for (const v of ready.slice(0, Math.max(0, ready.length - this.opts.maxVersions))) {
-      if (v.leases > 0) continue;
+      if (v.leases > 0 || this.holders(v.id).length > 0) continue;
       await this.drop(v);
+      dropped = true;
       this.opts.log.info({ checkpoint: v.id, maxVersions: this.opts.maxVersions }, "dropped an old version");
     }
+    return dropped;
+  }
+
+  /** After an update: drops what maxVersions kept of `name` only because it was used or held. */
+  async updated(name: string): Promise<void> {
+    const { log } = this.opts;
+    const dropped = await this.evictOld(name).catch((err) => log.error({ err }, "dropping old versions"));
+    if (dropped) await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
   }
 
   /** Releases a version's memory, deletes adopted files and forgets it. */
@@ -619,7 +639,8 @@ export class Registry {
 
   /**
    * Deletes "name@N" (cancelling it if still registering) or every version of "name".
-   * 409, and nothing deleted, while an update uses any of them.
+   * 409, and nothing deleted, while an update uses any of them or an engine holds one (the
+   * message names the holders).
    */
   async delete(ref: string): Promise<CheckpointVersion[]> {
     const { name, version } = parseRef(ref);
@@ -631,6 +652,11 @@ export class Registry {
         "in_use",
         `${busy.map((v) => v.id).join(", ")} is in use (by an update, or a pull or push copying from it)`,
       );
+    }
+    const held = targets.map((v) => ({ id: v.id, by: this.holders(v.id) })).filter((h) => h.by.length > 0);
+    if (held.length > 0) {
+      const who = held.map((h) => `${h.id} is held by ${h.by.join(", ")}`).join("; ");
+      throw new DaemonError("in_use", `${who}: update them to another version first`, { held });
     }
     // Marked before the first await, so no update can lease what is about to be freed.
     for (const v of targets) v.deleting = true;

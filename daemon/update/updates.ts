@@ -163,7 +163,7 @@ export class Updates {
   /** Records the update and runs it as the one in flight; resolves when it ended. */
   private launch(
     record: UpdateRecord,
-    lease: { release: () => void } | undefined,
+    lease: { version: CheckpointVersion; release: () => void } | undefined,
     flow: (abort: AbortController) => Flow,
     remote?: string,
   ): Promise<void> {
@@ -173,6 +173,8 @@ export class Updates {
     const done = runUpdate(this.opts, record, flow(abort), abort).finally(() => {
       lease?.release();
       if (this.inFlight?.record === record) this.inFlight = undefined;
+      // The engines may have left a version that maxVersions kept only because they held it.
+      if (lease) void this.opts.registry.updated(lease.version.name);
     });
     this.inFlight = { record, abort, done, remote };
     return done;
