@@ -11,7 +11,7 @@ NVCC=${NVCC:-nvcc}
 WARN=(-Wall -Wextra -Werror)
 CFLAGS=("${WARN[@]}" -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Iinclude -Isrc)
 # The host backend's sources: shared ones first, then host.c and the communicator layers on it.
-HOST_SRC=(src/common.c src/guard.c src/files.c src/hash.c src/host.c src/host_net.c src/host_boot.c src/host_comm.c src/ucx.c)
+HOST_SRC=(src/common.c src/guard.c src/files.c src/hash.c src/delta.c src/host.c src/host_net.c src/host_boot.c src/host_comm.c src/ucx.c)
 LINK=(-shared -Wl,--version-script=libckpt.map -Wl,--no-undefined)
 
 host() {
@@ -25,10 +25,11 @@ cuda() {
   "$CC" "${CFLAGS[@]}" -c src/guard.c -o build/guard.o
   "$CC" "${CFLAGS[@]}" -c src/files.c -o build/files.o
   "$CC" "${CFLAGS[@]}" -c src/hash.c -o build/hash.o
+  "$CC" "${CFLAGS[@]}" -c src/delta.c -o build/delta.o
   "$CC" "${CFLAGS[@]}" -c src/ucx.c -o build/ucx.o
   "$NVCC" "${arch[@]}" -O2 -std=c++17 -Xcompiler "-fPIC,-fvisibility=hidden,$(IFS=,; echo "${WARN[*]}")" \
     -Iinclude -Isrc -c src/cuda.cu -o build/cuda.o
-  "$NVCC" "${arch[@]}" -shared -cudart static build/common.o build/guard.o build/files.o build/hash.o build/ucx.o build/cuda.o \
+  "$NVCC" "${arch[@]}" -shared -cudart static build/common.o build/guard.o build/files.o build/hash.o build/delta.o build/ucx.o build/cuda.o \
     -Xlinker --version-script=libckpt.map -Xlinker --no-undefined -ldl -lpthread -o build/libckpt-cuda.so
   "$CC" "${WARN[@]}" -std=gnu11 -O2 -g -Iinclude test/gpu_test.c -Lbuild -lckpt-cuda \
     -Wl,-rpath,'$ORIGIN' -lpthread -o build/ckpt-gpu-test

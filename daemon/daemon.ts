@@ -9,6 +9,7 @@ import { type RestoreReport, restoreRegistry, saveRegistry } from "./checkpoints
 import { openUploadArea, removeOrphans, type UploadArea } from "./checkpoints/upload-dir.ts";
 import { uploadRoutes } from "./checkpoints/upload-routes.ts";
 import type { Config } from "./config/index.ts";
+import { Deltas } from "./deltas/derive.ts";
 import { bucketOrderFor } from "./engines/plan.ts";
 import { createApp } from "./http/app.ts";
 import { auth } from "./http/auth.ts";
@@ -101,6 +102,7 @@ async function openParts(
       onChange: (r) => saveRegistry(config.stateDir, r),
     });
     undo.unshift(() => registry.close());
+    new Deltas({ ctx: context, log, registry, threads: config.ioThreads });
     const staging = new StagingAreas(registry, uploads.dir, uploads.group);
     undo.unshift(() => staging.close());
     const restore = await restoreRegistry(config.stateDir, registry, log);

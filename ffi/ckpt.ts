@@ -512,6 +512,40 @@ export class Context {
     return hashes;
   }
 
+  /**
+   * How many elements of `elem` bytes differ between len bytes at `base` and at `next` (host
+   * addresses, read guarded), on up to `threads` threads; limit + 1 once more than `limit` do.
+   */
+  async deltaCount(base: bigint, next: bigint, len: number, elem: number, limit: number, threads: number) {
+    const count = [0];
+    const args = [this.ptr, base, next, len, elem, limit, threads, count];
+    this.check("ckpt_delta_count", await promisify<number>(this.lib.native.deltaCount, args));
+    return Number(count[0]);
+  }
+
+  /**
+   * Writes the `count` differences deltaCount found: uint32 positions, ascending, at
+   * `out.positions`, next's values at `out.newValues`, base's at `out.oldValues` (host addresses).
+   */
+  async deltaFill(
+    base: bigint,
+    next: bigint,
+    len: number,
+    elem: number,
+    count: number,
+    out: { positions: bigint; newValues: bigint; oldValues: bigint },
+    threads: number,
+  ): Promise<void> {
+    const args = [this.ptr, base, next, len, elem, count, out.positions, out.newValues, out.oldValues, threads];
+    this.check("ckpt_delta_fill", await promisify<number>(this.lib.native.deltaFill, args));
+  }
+
+  /** Element positions[i] of the len bytes at `dst` takes values[i], for each of `count` (host addresses). */
+  async deltaApply(dst: bigint, len: number, elem: number, positions: bigint, values: bigint, count: number) {
+    const args = [this.ptr, dst, len, elem, positions, values, count];
+    this.check("ckpt_delta_apply", await promisify<number>(this.lib.native.deltaApply, args));
+  }
+
   /** NCCL's version (2.28.3 = 22803); throws CkptError when NCCL is absent or unsupported. */
   ncclVersion(): number {
     const out = [0];

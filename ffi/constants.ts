@@ -2,7 +2,7 @@
 // Regenerate with `node --import tsx ffi/gen-constants.ts`; `npm run constants` checks it is fresh.
 
 // #define CKPT_<NAME> <integer>
-export const CKPT_ABI_VERSION = 5;
+export const CKPT_ABI_VERSION = 6;
 export const CKPT_ERROR_BYTES = 512;
 export const CKPT_UUID_BYTES = 48;
 export const CKPT_DEVICE_NAME_BYTES = 96;

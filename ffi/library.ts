@@ -9,7 +9,7 @@ import { CKPT_DEVICE_NAME_BYTES, CKPT_IPC_DATA_BYTES, CKPT_UUID_BYTES } from "./
  * The ABI these declarations are written for, by hand: when ckpt.h's CKPT_ABI_VERSION moves,
  * a test fails until the declarations below are brought up to date and this is raised.
  */
-export const ABI_VERSION = 5;
+export const ABI_VERSION = 6;
 
 export const CtxOptions = koffi.struct("ckpt_ctx_options", {
   size: "uint32_t",
@@ -99,6 +99,12 @@ const SIGNATURES = {
   hostRead: "int ckpt_host_read(ckpt_ctx ctx, void *src, void *dst, uint64_t len)",
   hostCopy: "int ckpt_host_copy(ckpt_ctx ctx, const void *ranges, size_t n, int32_t threads)",
   hash: "int ckpt_hash(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads, void *done_bytes)",
+  deltaCount:
+    "int ckpt_delta_count(ckpt_ctx ctx, void *base, void *next, uint64_t len, uint32_t elem, uint64_t limit, int32_t threads, _Out_ uint64_t *count)",
+  deltaFill:
+    "int ckpt_delta_fill(ckpt_ctx ctx, void *base, void *next, uint64_t len, uint32_t elem, uint64_t count, void *positions, void *new_values, void *old_values, int32_t threads)",
+  deltaApply:
+    "int ckpt_delta_apply(ckpt_ctx ctx, void *dst, uint64_t len, uint32_t elem, void *positions, void *values, uint64_t count)",
   bufHash:
     "int ckpt_buf_hash(const void *bufs, size_t nbufs, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads)",
   ncclVersion: "int ckpt_nccl_version(ckpt_ctx ctx, _Out_ int32_t *version)",

@@ -24,7 +24,22 @@ export interface Behaviour {
   beforeAck?: (bucket: number) => void;
   /** Say `partial: true` in hello: updates may leave out what it holds (read at connect). */
   partial?: boolean;
+  /** Say `deltas: true` as well: it applies deltas to the weights it holds. */
+  deltas?: boolean;
 }
+
+/** A bucket entry (PROTOCOL.md). */
+interface Entry {
+  name: string;
+  dtype: string;
+  shape: number[];
+  bytes: number;
+  offset: number;
+  range: [number, number];
+  delta?: { count: number; positions: number; values: number };
+}
+
+const ELEMENT_BYTES: Record<string, number> = { BF16: 2, F16: 2, F32: 4, F64: 8, I32: 4, I64: 8, U8: 1, I8: 1 };
 
 type Msg = { op: string; [k: string]: unknown };
 
@@ -41,6 +56,10 @@ export class ReferenceReceiver {
   private ctx?: Context;
   private slots: DeviceBuffer[] = [];
   private tensors = new Map<string, Uint8Array>();
+  /** The deltas of this update being assembled: name -> bytes, and how many are still to come. */
+  private deltaBytes = new Map<string, { bytes: Uint8Array; left: number }>();
+  /** Every delta applied: which tensor, how many elements. */
+  readonly deltasApplied: { name: string; count: number }[] = [];
   private buffered = "";
   private queue: Promise<void> = Promise.resolve();
   private readonly waiters: ((m: Msg) => void)[] = [];
@@ -67,7 +86,8 @@ export class ReferenceReceiver {
       for (const line of lines) if (line) this.queue = this.queue.then(() => this.handle(JSON.parse(line)));
     });
     const partial = this.behaviour.partial ? { partial: true } : {};
-    this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name, ...partial });
+    const deltas = this.behaviour.deltas ? { deltas: true } : {};
+    this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name, ...partial, ...deltas });
     await this.next("buffers");
   }
 
@@ -117,6 +137,7 @@ export class ReferenceReceiver {
       }
     } else if (m.op === "begin") {
       this.tensors = new Map();
+      this.deltaBytes = new Map();
     } else if (m.op === "bucket") {
       const bucket = m.bucket as number;
       if (this.behaviour.dieAt === bucket) {
@@ -130,7 +151,11 @@ export class ReferenceReceiver {
         return;
       }
       const slot = this.slots[m.slot as number] as DeviceBuffer;
-      for (const t of m.tensors as { name: string; bytes: number; offset: number; range: [number, number] }[]) {
+      for (const t of m.tensors as Entry[]) {
+        if (t.delta) {
+          await this.deltaPiece(slot, t);
+          continue;
+        }
         let whole = this.tensors.get(t.name);
         if (!whole) {
           whole = new Uint8Array(t.bytes);
@@ -153,6 +178,31 @@ export class ReferenceReceiver {
       this.send({ op: "done", update: m.update });
     }
     for (const w of [...this.waiters]) w(m);
+  }
+
+  /** A piece of a delta: once all its bytes came, applies it to the weight in place. */
+  private async deltaPiece(slot: DeviceBuffer, t: Entry): Promise<void> {
+    const ctx = this.ctx as Context;
+    let got = this.deltaBytes.get(t.name);
+    if (!got) {
+      got = { bytes: new Uint8Array(t.bytes), left: t.bytes };
+      this.deltaBytes.set(t.name, got);
+    }
+    await ctx.bufRead(slot, t.offset, got.bytes.subarray(t.range[0], t.range[1]));
+    got.left -= t.range[1] - t.range[0];
+    if (got.left > 0) return;
+    const { count, positions, values } = t.delta as NonNullable<Entry["delta"]>;
+    const elem = ELEMENT_BYTES[t.dtype] as number;
+    const weight = this.weights.get(t.name);
+    const size = t.shape.reduce((a, b) => a * b, 1) * elem;
+    if (weight?.byteLength !== size) throw new Error(`a delta of ${t.name}, which this receiver does not hold`);
+    const view = new DataView(got.bytes.buffer);
+    for (let i = 0; i < count; i++) {
+      const at = view.getUint32(positions + 4 * i, true) * elem;
+      weight.set(got.bytes.subarray(values + i * elem, values + (i + 1) * elem), at);
+    }
+    this.tensors.set(t.name, weight.slice());
+    this.deltasApplied.push({ name: t.name, count });
   }
 
   /** The engine's weights now: name -> ckpt hash. */

@@ -171,6 +171,103 @@ describe("updates that move only what changed", () => {
   });
 });
 
+describe("updates that send deltas", () => {
+  // big: 16 MiB, its 4% delta (1.3 MiB) spans two 1 MiB buckets; mid: 2.4 MB; small: below a delta's minimum.
+  const specs = [
+    { name: "big", dtype: "F32", shape: [4096, 1024] },
+    { name: "mid", dtype: "BF16", shape: [1200, 1024] },
+    { name: "small", dtype: "F32", shape: [1000] },
+  ];
+  const size = (t: (typeof specs)[number]) => t.shape.reduce((x, y) => x * y, 1) * (t.dtype === "F32" ? 4 : 2);
+  const first = (): WrittenTensor[] => specs.map((t) => ({ ...t, bytes: randomBytes(size(t)), file: "" }));
+  /** `from` with a `share` of each tensor's elements changed, at positions that depend on `seed`. */
+  const changed = (from: WrittenTensor[], share: number[], seed: number): WrittenTensor[] =>
+    from.map((t, i) => {
+      const bytes = Buffer.from(t.bytes);
+      const elem = t.dtype === "F32" ? 4 : 2;
+      const n = bytes.length / elem;
+      const k = Math.round(n * (share[i] as number));
+      for (let j = 0; j < k; j++) {
+        const at = ((j * 2654435761 + seed * 97) % n) * elem;
+        bytes[at] = (bytes[at] as number) ^ (1 + ((j + seed) % 255));
+      }
+      return { ...t, bytes };
+    });
+  const deltaOf = async (api: Awaited<ReturnType<typeof start>>["api"], id: string) => {
+    await expect
+      .poll(async () => (await api("GET", `/v1/checkpoints/${id}`)).body.delta, { timeout: 5000 })
+      .toBeDefined();
+    return (await api("GET", `/v1/checkpoints/${id}`)).body.delta;
+  };
+
+  it("moves the changed elements of a tensor, not the tensor, forward and back, bit for bit", async () => {
+    const { api, receiver } = await start({ hostDevices: 2 });
+    const v1 = first();
+    await registerTensors(api, "m", v1);
+    const r0 = await receiver(0, "engine-0", { partial: true, deltas: true });
+    const r1 = await receiver(1, "engine-1", { partial: true, deltas: true });
+    expect((await api("POST", "/v1/updates", { checkpoint: "m" })).body.deltas.tensors).toBe(0);
+
+    // big and mid change sparsely, small wholly (too small for a delta).
+    const v2 = changed(v1, [0.04, 0.01, 1], 1);
+    await registerTensors(api, "m", v2);
+    const made = await deltaOf(api, "m@2");
+    expect(made).toMatchObject({ base: "m@1", tensors: 2 });
+    expect(made.changes).toBe(Math.round(4096 * 1024 * 0.04) + Math.round(1200 * 1024 * 0.01));
+    const step = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
+    expect(step.state, JSON.stringify(step.error)).toBe("succeeded");
+    expect(step.deltas).toMatchObject({ tensors: 2, wholeBytes: 4096 * 1024 * 4 + 1200 * 1024 * 2 });
+    // 4% of big at 8 bytes a change, 1% of mid at 6, and small whole.
+    expect(step.progress.bytes).toBeLessThan(0.04 * 8 * 4096 * 1024 + 0.01 * 6 * 1200 * 1024 + 4096 + 4 * 4096);
+    expect(step.deltas.bytes).toBeLessThan(step.deltas.wholeBytes / 5);
+    for (const r of [r0, r1]) {
+      await expectModel(r, v2);
+      expect(r.deltasApplied.map((d) => d.name).sort()).toEqual(["big", "mid"]);
+    }
+
+    // Back to m@1: m@2's deltas carry the old values too.
+    const back = (await api("POST", "/v1/updates", { checkpoint: "m@1" })).body;
+    expect(back).toMatchObject({ state: "succeeded", deltas: { tensors: 2 } });
+    await expectModel(r0, v1);
+    await expectModel(r1, v1);
+    // And forward again, to the version they held a moment ago.
+    expect((await api("POST", "/v1/updates", { checkpoint: "m@2" })).body.deltas.tensors).toBe(2);
+    await expectModel(r1, v2);
+  });
+
+  it("sends whole tensors where a delta would not apply: a base nobody holds, a receiver without deltas, one that holds nothing", async () => {
+    const { api, receiver } = await start({ hostDevices: 1, maxVersions: 5 });
+    const v1 = first();
+    await registerTensors(api, "m", v1);
+    const r = await receiver(0, "engine", { partial: true, deltas: true });
+    await api("POST", "/v1/updates", { checkpoint: "m" });
+    // m@3's deltas are against m@2, which the engine never held: big and mid move whole.
+    const v2 = changed(v1, [0.01, 0.01, 0], 2);
+    const v3 = changed(v2, [0.01, 0.01, 0], 3);
+    await registerTensors(api, "m", v2);
+    await registerTensors(api, "m", v3);
+    expect((await deltaOf(api, "m@3")).base).toBe("m@2");
+    const skipBase = (await api("POST", "/v1/updates", { checkpoint: "m@3" })).body;
+    expect(skipBase).toMatchObject({ state: "succeeded", deltas: { tensors: 0 }, skipped: { tensors: 1 } });
+    await expectModel(r, v3);
+    expect(r.deltasApplied).toEqual([]);
+    // A receiver that does not apply deltas, beside one that does: whole tensors for both.
+    const plain = await receiver(0, "plain", { partial: true });
+    await api("POST", "/v1/updates", { checkpoint: "m@3" }); // plain now holds m@3 as well
+    const mixed = (await api("POST", "/v1/updates", { checkpoint: "m@2" })).body;
+    expect(mixed).toMatchObject({ state: "succeeded", deltas: { tensors: 0 }, skipped: { tensors: 1 } });
+    await expectModel(plain, v2);
+    await expectModel(r, v2);
+    // An engine restarted (connected anew) holds nothing known: everything, whole.
+    await plain.close();
+    const fresh = await receiver(0, "restarted", { partial: true, deltas: true });
+    const all = (await api("POST", "/v1/updates", { checkpoint: "m@3" })).body;
+    expect(all).toMatchObject({ state: "succeeded", deltas: { tensors: 0 }, skipped: { tensors: 0 } });
+    await expectModel(fresh, v3);
+    await expectModel(r, v3);
+  });
+});
+
 describe("broadcast updates on the host backend", () => {
   it("delivers every byte of the checkpoint to an engine on each GPU, and again on the next update", async () => {
     const { api, receiver } = await start();

@@ -37,7 +37,7 @@
 extern "C" {
 #endif
 
-#define CKPT_ABI_VERSION 5
+#define CKPT_ABI_VERSION 6
 
 /* X(name, value, message): the one table of errors; names and messages derive from it. */
 #define CKPT_STATUS_MAP(X)                                                        \
@@ -287,6 +287,28 @@ int ckpt_hash(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, uint64_t *hashes,
  * be complete first. Blocking. */
 int ckpt_buf_hash(ckpt_buf *const *bufs, size_t nbufs, const uint64_t *ranges, size_t n, uint64_t *hashes,
                   uint64_t *chunk_hashes, int32_t threads);
+
+/* ---- sparse deltas ------------------------------------------------------------------------ */
+
+/* Where two host ranges of len bytes (a tensor's base version and its next one) differ, element
+ * by element: elem is the element size (1, 2, 4 or 8 bytes; len a multiple of it), positions
+ * are uint32 element indices (CKPT_EINVAL beyond 2^32 elements). Both calls spread the range
+ * over up to `threads` threads and read it under the SIGBUS guard (CKPT_EFAULT naming the
+ * range and offset); the memory need not be pinned. Blocking.
+ * ckpt_delta_count: *count receives how many elements differ; counting stops early once more
+ * than `limit` do (then *count is limit + 1: too many for a delta to pay). */
+int ckpt_delta_count(ckpt_ctx *ctx, const void *base, const void *next, uint64_t len, uint32_t elem,
+                     uint64_t limit, int32_t threads, uint64_t *count);
+/* Writes the `count` differences that ckpt_delta_count found: their positions, ascending, their
+ * values in next (new_values) and, unless old_values is NULL, in base (the delta back). count
+ * must be what the ranges hold now (CKPT_EINVAL saying they changed otherwise). */
+int ckpt_delta_fill(ckpt_ctx *ctx, const void *base, const void *next, uint64_t len, uint32_t elem,
+                    uint64_t count, uint32_t *positions, void *new_values, void *old_values, int32_t threads);
+/* Writes a delta into a host range of len bytes: element positions[i] takes values[i] (elem
+ * bytes each), for i < count; CKPT_ERANGE naming the first position past the range, before
+ * anything is written. Under the SIGBUS guard. Blocking. */
+int ckpt_delta_apply(ckpt_ctx *ctx, void *dst, uint64_t len, uint32_t elem, const uint32_t *positions,
+                     const void *values, uint64_t count);
 
 /* ---- collectives ----------------------------------------------------------------------- */
 

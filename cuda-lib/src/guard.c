@@ -10,7 +10,8 @@
 
 typedef struct guard {
   sigjmp_buf jump;
-  uintptr_t lo, hi;          /* the guarded range [lo, hi) */
+  uintptr_t lo, hi;          /* the guarded ranges [lo, hi) and [lo2, hi2) */
+  uintptr_t lo2, hi2;
   volatile uintptr_t fault;  /* set by the handler before it jumps */
 } guard;
 
@@ -46,7 +47,8 @@ static void chain(int sig, siginfo_t *si, void *uc) {
 static void on_sigbus(int sig, siginfo_t *si, void *uc) {
   guard *g = current;
   uintptr_t addr = si != NULL ? (uintptr_t)si->si_addr : 0;
-  if (g != NULL && si != NULL && si->si_code > 0 && addr >= g->lo && addr < g->hi) {
+  int inside = g != NULL && ((addr >= g->lo && addr < g->hi) || (addr >= g->lo2 && addr < g->hi2));
+  if (inside && si != NULL && si->si_code > 0) {
     g->fault = addr;
     current = NULL;
     siglongjmp(g->jump, 1);  /* restores the mask saved by sigsetjmp: SIGBUS unblocked */
@@ -70,7 +72,12 @@ int ckpt__guard_install(ckpt_ctx *ctx) {
 }
 
 int ckpt__guarded(void (*fn)(void *), void *arg, const void *lo, size_t len, uintptr_t *fault) {
-  guard g = {.lo = (uintptr_t)lo, .hi = (uintptr_t)lo + len, .fault = 0};
+  return ckpt__guarded2(fn, arg, lo, len, NULL, 0, fault);
+}
+
+int ckpt__guarded2(void (*fn)(void *), void *arg, const void *lo, size_t len, const void *lo2, size_t len2,
+                   uintptr_t *fault) {
+  guard g = {.lo = (uintptr_t)lo, .hi = (uintptr_t)lo + len, .lo2 = (uintptr_t)lo2, .hi2 = (uintptr_t)lo2 + len2};
   guard *volatile outer = current; /* a guarded read inside another gives the outer one back */
   if (sigsetjmp(g.jump, 1) != 0) {
     current = outer;

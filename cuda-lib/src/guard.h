@@ -21,6 +21,9 @@ int ckpt__guard_install(ckpt_ctx *ctx);
  * must hold no lock and own no resource that the jump out of it would leak (plain reads and
  * copies only). Records nothing on a context: the caller names what it was reading. */
 int ckpt__guarded(void (*fn)(void *), void *arg, const void *lo, size_t len, uintptr_t *fault);
+/* ckpt__guarded over two ranges at once (a read of one and a compare with the other). */
+int ckpt__guarded2(void (*fn)(void *), void *arg, const void *lo, size_t len, const void *lo2, size_t len2,
+                   uintptr_t *fault);
 
 #ifdef __cplusplus
 }

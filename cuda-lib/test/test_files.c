@@ -576,12 +576,106 @@ static int test_sigbus_chains(void) {
   return 1;
 }
 
+/* ---- sparse deltas ------------------------------------------------------------------------ */
+
+/* Differences in every lane of a word, at part boundaries and in the tail are all found, in
+ * order, with both versions' values; applying the delta to the base gives next. */
+static int test_delta_roundtrip(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  const uint32_t sizes[] = {1, 2, 4, 8};
+  for (size_t s = 0; s < 4; s++) {
+    uint32_t es = sizes[s];
+    uint64_t elems = (1u << 19) + 3; /* two parts and a tail that is not a whole word */
+    uint64_t len = elems * es;
+    uint8_t *base = malloc(len), *next = malloc(len), *got = malloc(len);
+    EXPECT(base != NULL && next != NULL && got != NULL);
+    for (uint64_t i = 0; i < len; i++) base[i] = (uint8_t)(i * 31 + 7);
+    memcpy(next, base, len);
+    const uint64_t at[] = {0, 1, 2, 3, 4, (1u << 18) - 1, 1u << 18, 777777 % elems, elems - 2, elems - 1};
+    size_t k = sizeof at / sizeof at[0];
+    for (size_t i = 0; i < k; i++) next[at[i] * es + (i % es)] ^= 0x5a; /* one byte of the element */
+    uint64_t count = 0;
+    EXPECT_OK(ctx, ckpt_delta_count(ctx, base, next, len, es, elems, 3, &count));
+    EXPECT(count == k);
+    uint64_t limited = 0;
+    EXPECT_OK(ctx, ckpt_delta_count(ctx, base, next, len, es, 4, 3, &limited));
+    EXPECT(limited == 5); /* more than the limit: limit + 1 */
+    uint32_t pos[16];
+    uint8_t nv[16 * 8], ov[16 * 8];
+    EXPECT_OK(ctx, ckpt_delta_fill(ctx, base, next, len, es, count, pos, nv, ov, 3));
+    uint64_t sorted[16];
+    memcpy(sorted, at, sizeof at);
+    for (size_t i = 1; i < k; i++) /* at[] is ascending but for 777777 % elems */
+      for (size_t j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) {
+        uint64_t t = sorted[j];
+        sorted[j] = sorted[j - 1], sorted[j - 1] = t;
+      }
+    for (size_t i = 0; i < k; i++) {
+      EXPECT(pos[i] == sorted[i]);
+      EXPECT(memcmp(nv + i * es, next + pos[i] * es, es) == 0);
+      EXPECT(memcmp(ov + i * es, base + pos[i] * es, es) == 0);
+    }
+    memcpy(got, base, len);
+    EXPECT_OK(ctx, ckpt_delta_apply(ctx, got, len, es, pos, nv, count));
+    EXPECT(memcmp(got, next, len) == 0);
+    /* and back: the old values undo it */
+    EXPECT_OK(ctx, ckpt_delta_apply(ctx, got, len, es, pos, ov, count));
+    EXPECT(memcmp(got, base, len) == 0);
+    /* a count that is not what the ranges hold is refused, nothing written */
+    EXPECT_ST(ctx, ckpt_delta_fill(ctx, base, next, len, es, count - 1, pos, nv, ov, 2), CKPT_EINVAL);
+    EXPECT_DETAIL(ctx, "the ranges changed");
+    free(base), free(next), free(got);
+  }
+  uint8_t a[8] = {0}, b[8] = {0};
+  uint64_t n = 9;
+  EXPECT_OK(ctx, ckpt_delta_count(ctx, a, b, 8, 2, 0, 1, &n));
+  EXPECT(n == 0);
+  EXPECT_ST(ctx, ckpt_delta_count(ctx, a, b, 8, 3, 0, 1, &n), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "element size 3");
+  EXPECT_ST(ctx, ckpt_delta_count(ctx, a, b, 7, 2, 0, 1, &n), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "not whole 2-byte elements");
+  EXPECT_ST(ctx, ckpt_delta_count(ctx, a, b, (UINT32_MAX + 2ull) * 2, 2, 0, 1, &n), CKPT_EINVAL);
+  EXPECT_DETAIL(ctx, "do not fit 32-bit positions");
+  uint32_t past = 4;
+  uint16_t v = 1;
+  EXPECT_ST(ctx, ckpt_delta_apply(ctx, a, 8, 2, &past, &v, 1), CKPT_ERANGE);
+  EXPECT_DETAIL(ctx, "position 4 (change 0) is past the tensor's 4 elements");
+  EXPECT(memcmp(a, b, 8) == 0);
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
+/* A version whose file was truncated under its mapping fails the delta naming the range. */
+static int test_delta_truncated(void) {
+  ckpt_ctx *ctx = new_ctx(1);
+  EXPECT(ctx != NULL);
+  char path[64];
+  uint8_t *m = map_shm_file(ctx, path, 1 << 20);
+  EXPECT(m != NULL);
+  uint8_t *other = calloc(1, 1 << 20);
+  EXPECT(other != NULL);
+  int cut = truncate(path, 4096) == 0;
+  unlink(path);
+  EXPECT(cut);
+  uint64_t n = 0;
+  EXPECT_ST(ctx, ckpt_delta_count(ctx, other, m, 1 << 20, 2, 1 << 20, 2, &n), CKPT_EFAULT);
+  EXPECT_DETAIL(ctx, "of the next range: the file mapped there was truncated");
+  EXPECT_ST(ctx, ckpt_delta_count(ctx, m, other, 1 << 20, 2, 1 << 20, 2, &n), CKPT_EFAULT);
+  EXPECT_DETAIL(ctx, "of the base range");
+  free(other);
+  EXPECT_OK(ctx, ckpt_file_unmap(ctx, m, 1 << 20));
+  EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));
+  return 1;
+}
+
 /* ---- runner ------------------------------------------------------------------------- */
 
 static const harness_test tests[] = {
     TEST(test_file_map),     TEST(test_file_map_copy), TEST(test_file_read),
     TEST(test_hash_vectors), TEST(test_hash_many), TEST(test_hash_chunks), TEST(test_file_read_hash), TEST(test_host_copy), TEST(test_hash_truncated),
-    TEST(test_copy_truncated), TEST(test_buffer_sealed), TEST(test_sigbus_chains),
+    TEST(test_copy_truncated), TEST(test_buffer_sealed), TEST(test_sigbus_chains), TEST(test_delta_roundtrip),
+    TEST(test_delta_truncated),
 };
 
 int main(int argc, char **argv) {

@@ -6,6 +6,7 @@
 import { lstat, unlink } from "node:fs/promises";
 import type { Logger } from "pino";
 import type { Context } from "../../ffi/index.ts";
+import type { VersionDelta } from "../deltas/derive.ts";
 import { DaemonError, type ErrorCode } from "../errors.ts";
 import type { FilePolicy } from "./confine.ts";
 import {
@@ -107,6 +108,12 @@ function checkHashes(now: TensorRecord[], saved: TensorRecord[]): void {
   if (now.length !== saved.length) throw new Error("the set of tensors changed");
 }
 
+/** What GET /v1/checkpoints says of a version's deltas. */
+function deltaSummary(d: VersionDelta) {
+  const changes = [...d.tensors.values()].reduce((n, t) => n + t.count, 0);
+  return { base: d.base, tensors: d.tensors.size, changes, bytes: d.mem.len, seconds: d.seconds };
+}
+
 export class CheckpointVersion {
   state: VersionState = "registering";
   files: FileRecord[] = [];
@@ -129,6 +136,8 @@ export class CheckpointVersion {
   /** Set once a delete has begun: no new lease may be taken. */
   deleting = false;
   pinned: PinnedFile[] = [];
+  /** Its deltas against the version before it, once made (deltas/derive.ts). */
+  delta?: VersionDelta;
   /** Stops watching the in-place files (set once ready). */
   unwatch: () => void = () => undefined;
   readonly abort = new AbortController();
@@ -162,6 +171,7 @@ export class CheckpointVersion {
       origin: this.origin,
       progress: { ...this.progress },
       ...(this.timings ? { timings: this.timings } : {}),
+      ...(this.delta ? { delta: deltaSummary(this.delta) } : {}),
       ...(this.error ? { error: this.error } : {}),
     };
   }
@@ -208,6 +218,8 @@ export class Registry {
   private readonly next = new Map<string, number>();
   /** Called with each version about to be dropped, before its memory is released. */
   private readonly dropHooks: ((v: CheckpointVersion) => Promise<void>)[] = [];
+  /** Called with each version once it is ready (not awaited). */
+  private readonly readyHooks: ((v: CheckpointVersion) => void)[] = [];
 
   /** Pinned memory kept for reuse across versions: copies and pulls take from it. */
   readonly pool: PinnedPool;
@@ -227,6 +239,20 @@ export class Registry {
     this.dropHooks.push(hook);
   }
 
+  /** Runs `hook` once each version is ready and listed (after the eviction it caused). */
+  afterReady(hook: (v: CheckpointVersion) => void): void {
+    this.readyHooks.push(hook);
+  }
+
+  /** After a version turned ready: evicts around it, saves, and tells the hooks. */
+  private async readied(version: CheckpointVersion): Promise<void> {
+    const { log } = this.opts;
+    await this.evictOld(version.name).catch((err) => log.error({ err }, "dropping old versions"));
+    await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
+    if (version.state !== "ready") return;
+    for (const hook of this.readyHooks) hook(version);
+  }
+
   private async dropped(version: CheckpointVersion): Promise<void> {
     for (const hook of this.dropHooks)
       await hook(version).catch((err) => this.opts.log.error({ err }, "before a drop"));
@@ -239,7 +265,7 @@ export class Registry {
       for (const v of list) {
         // A pooled block may be larger than its file: what is pinned is the block.
         const blocks = v.pinned.reduce((n, p) => n + (p?.block?.len ?? p?.size ?? 0), 0);
-        if (v.state !== "failed") sum += Math.max(v.bytes, blocks);
+        if (v.state !== "failed") sum += Math.max(v.bytes, blocks) + (v.delta?.mem.len ?? 0);
       }
     }
     return sum;
@@ -428,8 +454,7 @@ export class Registry {
       log.warn({ checkpoint: version.id, error: version.error }, `${version.origin} failed`);
       return;
     }
-    await this.evictOld(version.name).catch((err) => log.error({ err }, "dropping old versions"));
-    await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
+    await this.readied(version);
   }
 
   /** Bytes the pinned-memory budget leaves (Infinity without a budget). */
@@ -580,8 +605,7 @@ export class Registry {
       return;
     }
     // The version is ready (and may already be leased): housekeeping failures are only logged.
-    await this.evictOld(version.name).catch((err) => log.error({ err }, "dropping old versions"));
-    await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
+    await this.readied(version);
   }
 
   /**

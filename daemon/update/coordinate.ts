@@ -6,6 +6,8 @@
  */
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
+import { chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
+import type { VersionDelta } from "../deltas/derive.ts";
 import type { Buffers } from "./buffers.ts";
 import type { DataPath } from "./data-path.ts";
 import { fingerprint } from "./fingerprint.ts";
@@ -29,10 +31,12 @@ export interface CoordinationDeps {
   /** Signs each request to a peer. */
   sign: PeerSigner;
   /**
-   * Plans the buckets of the version's tensors but those in `skip` (the same plan is made
-   * once).
+   * Plans the buckets of the version's tensors but those in `skip`, with `deltas` in place of
+   * the tensors they stand for (the same plan is made once).
    */
-  plan: (version: CheckpointVersion, opts: PlanOptions, skip?: Set<string>) => Bucket[];
+  plan: (version: CheckpointVersion, opts: PlanOptions, skip?: Set<string>, deltas?: DeltaItems) => Bucket[];
+  /** The deltas of versions whose base is the one updated to (they take engines back to it). */
+  later: VersionDelta[];
 }
 
 export class Coordination implements Flow {
@@ -64,16 +68,26 @@ export class Coordination implements Flow {
   }
 
   /**
-   * Leaves out what every receiver holds already, when this daemon's receivers are all there
-   * is: peers follow the plan they were sent, whole.
+   * Leaves out what every receiver holds already, and sends deltas of what they can patch,
+   * when this daemon's receivers are all there is: peers follow the plan they were sent, whole.
    */
   narrow(part: Part, receivers: Receiver[]): Part {
     if ((this.peersPlan?.participants.length ?? 0) > 0) return part;
-    const skip = heldByAll(this.version.tensors, receivers);
-    if (skip.size === 0) return part;
-    const bytes = this.version.tensors.reduce((n, t) => n + (skip.has(t.name) ? t.bytes : 0), 0);
-    this.buckets = this.deps.plan(this.version, this.planOptions as PlanOptions, skip);
-    return { version: this.version, buckets: this.buckets, skipped: { tensors: skip.size, bytes } };
+    const { version } = this;
+    const skip = heldByAll(version.tensors, receivers);
+    const chosen = chooseDeltas(version.tensors, receivers, version.delta, this.deps.later, skip);
+    if (skip.size === 0 && chosen.size === 0) return part;
+    const bytes = version.tensors.reduce((n, t) => n + (skip.has(t.name) ? t.bytes : 0), 0);
+    const items = deltaItems(version, chosen);
+    this.buckets = this.deps.plan(version, this.planOptions as PlanOptions, skip, items);
+    const deltaBytes = items.items.reduce((n, t) => n + t.bytes, 0);
+    return {
+      version,
+      buckets: this.buckets,
+      skipped: { tensors: skip.size, bytes },
+      deltas: { tensors: chosen.size, bytes: deltaBytes, wholeBytes: items.wholeBytes },
+      sources: items.sources,
+    };
   }
 
   async join(buffers: Buffers): Promise<Group> {

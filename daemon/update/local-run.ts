@@ -4,7 +4,7 @@
  * its GPUs to their receivers, ending the update with them, and recording who holds what.
  */
 import type { Logger } from "pino";
-import type { Context } from "../../ffi/index.ts";
+import type { Context, HostMemory } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
 import { planEngine } from "../engines/plan.ts";
@@ -33,6 +33,10 @@ export interface Part {
   buckets: Bucket[];
   /** Tensors left out because every receiver holds them already (skip.ts). */
   skipped?: { tensors: number; bytes: number };
+  /** Tensors sent as deltas (deltas/choose.ts): how many, their bytes, the bytes they replace. */
+  deltas?: { tensors: number; bytes: number; wholeBytes: number };
+  /** What the buckets' pieces copy from, when deltas lie past the version's files. */
+  sources?: readonly HostMemory[];
 }
 
 export class LocalRun {
@@ -102,6 +106,7 @@ export class LocalRun {
       group,
       buckets: part.buckets,
       version: part.version,
+      sources: part.sources,
       update: record.id,
       receivers,
       acked: this.acked,

@@ -4,7 +4,7 @@
  * the engines on each local GPU, overlapped across slots and ordered by events on streams.
  * A slot is reused only after every engine on every local GPU acked the bucket it held.
  */
-import type { Comm, Context } from "../../ffi/index.ts";
+import type { Comm, Context, HostMemory } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import { assertUnchanged, changedUnderneath } from "../checkpoints/watch.ts";
 import { at, type Buffers } from "./buffers.ts";
@@ -48,6 +48,8 @@ export interface TransmitOptions {
   buckets: Bucket[];
   /** The registered version, on daemons whose host holds it (it copies its owned buckets). */
   version?: CheckpointVersion;
+  /** The memory a piece's `file` indexes, when deltas lie past the version's files (deltas/choose.ts). */
+  sources?: readonly HostMemory[];
   update: string;
   receivers: Receiver[];
   acked: Map<Receiver, number>;
@@ -124,8 +126,8 @@ async function issue(o: TransmitOptions, b: Bucket): Promise<void> {
     if (!version) throw new Error(`bucket ${b.index} is owned here, but this host does not hold the checkpoint`);
     const ranges = new BigUint64Array(b.pieces.length * 3);
     b.pieces.forEach((p, i) => {
-      const file = at(version.pinned, p.file);
-      ranges[3 * i] = file.mem.address + BigInt(p.fileOffset);
+      const mem = o.sources ? at(o.sources, p.file) : at(version.pinned, p.file).mem;
+      ranges[3 * i] = mem.address + BigInt(p.fileOffset);
       ranges[3 * i + 1] = BigInt(p.slotOffset);
       ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);
     });
@@ -169,6 +171,7 @@ async function deliver(o: TransmitOptions, b: Bucket, timing: BucketTiming): Pro
       bytes: p.bytes,
       offset: p.slotOffset,
       range: p.range,
+      ...(p.delta ? { delta: p.delta } : {}),
     })),
   };
   await Promise.all(

@@ -10,7 +10,18 @@ import type { TensorRecord } from "../checkpoints/registry.ts";
 import { FirstFit } from "./first-fit.ts";
 
 /** What planning needs of a registered tensor: its size, its file and its offset there. */
-export type PlanTensor = Pick<TensorRecord, "name" | "dtype" | "shape" | "bytes" | "file" | "offset">;
+export type PlanTensor = Pick<TensorRecord, "name" | "dtype" | "shape" | "bytes" | "file" | "offset"> & {
+  /** Set when the bytes are a delta of the tensor (dtype and shape are the tensor's). */
+  delta?: DeltaLayout;
+};
+
+/** A delta's bytes as the receiver reads them (PROTOCOL.md): `count` changes, where its parts lie. */
+export interface DeltaLayout {
+  count: number;
+  /** Byte offsets, inside the delta's bytes, of the uint32 positions and of the values. */
+  positions: number;
+  values: number;
+}
 
 /** A piece of a tensor in a bucket. */
 export interface BucketPiece {
@@ -26,6 +37,8 @@ export interface BucketPiece {
   file: number;
   /** Byte offset in the file of the piece's first byte. */
   fileOffset: number;
+  /** The piece is of a delta's bytes (`bytes` and `range` count those). */
+  delta?: DeltaLayout;
 }
 
 export interface Bucket {
@@ -258,5 +271,6 @@ function piece({ t }: Segment, begin: number, end: number, slotOffset: number): 
     range: [begin, end],
     file: t.file,
     fileOffset: t.offset + begin,
+    ...(t.delta ? { delta: t.delta } : {}),
   };
 }

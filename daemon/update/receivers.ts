@@ -42,6 +42,11 @@ export class Receiver {
    */
   partial = false;
   /**
+   * Whether updates may send it deltas of the tensors it holds (hello `deltas: true`, with
+   * `partial`): it applies a delta's new values at their positions, in place.
+   */
+  deltas = false;
+  /**
    * The version it holds: set when it applied a whole update (answered `done`), cleared when an
    * update to it begins; a receiver that connects holds nothing known.
    */
@@ -379,6 +384,7 @@ export class ReceiverHub {
       if (msg.op === "hello" && !r.ready) {
         r.name = typeof msg.name === "string" ? msg.name.slice(0, 100) : `pid-${r.pid}`;
         r.partial = msg.partial === true;
+        r.deltas = r.partial && msg.deltas === true;
         if (msg.protocol !== PROTOCOL) {
           r.send({ op: "refused", reason: `protocol ${preview(msg.protocol)} is not ${PROTOCOL}` });
           r.close();

@@ -27,6 +27,7 @@ describe("an update's record as the API shows it", () => {
       createdAt: r.createdAt,
       progress: { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 },
       skipped: { tensors: 0, bytes: 0 },
+      deltas: { tensors: 0, bytes: 0, wholeBytes: 0 },
       timings: { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 },
       receivers: [],
     });

@@ -38,6 +38,8 @@ export class UpdateRecord {
   weightVersion?: string;
   /** Tensors left out because every receiver held them already. */
   skipped = { tensors: 0, bytes: 0 };
+  /** Tensors sent as deltas: how many, the deltas' bytes and the whole tensors' bytes they replaced. */
+  deltas = { tensors: 0, bytes: 0, wholeBytes: 0 };
   /** Peers left out because they were not up when it started. */
   leftOut: { nodeId: string; url: string; state: string }[] = [];
 
@@ -61,6 +63,7 @@ export class UpdateRecord {
       ...(this.finishedAt ? { finishedAt: this.finishedAt } : {}),
       progress: this.progress,
       skipped: this.skipped,
+      deltas: this.deltas,
       timings: this.timings,
       receivers: this.receivers,
       ...(this.engines.length > 0 ? { engines: this.engines } : {}),

@@ -47,6 +47,7 @@ export async function runUpdate(
     record.progress.buckets = part.buckets.length;
     record.progress.bytes = part.buckets.reduce((sum, b) => sum + b.bytes, 0);
     if (part.skipped) record.skipped = part.skipped;
+    if (part.deltas) record.deltas = part.deltas;
     record.timings.planSeconds = (performance.now() - record.t0) / 1000;
     run.watchEngines(abort);
     await run.move(part, group, buffers, abort.signal);

@@ -7,6 +7,8 @@ import type { Logger } from "pino";
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
+import type { DeltaItems } from "../deltas/choose.ts";
+import type { VersionDelta } from "../deltas/derive.ts";
 import { DaemonError } from "../errors.ts";
 import type { Span } from "../peers/select.ts";
 import { Coordination } from "./coordinate.ts";
@@ -14,7 +16,7 @@ import type { DataPath } from "./data-path.ts";
 import { fingerprint, weightVersion, withFingerprint } from "./fingerprint.ts";
 import { Participation } from "./participate.ts";
 import type { PeerPlan, PeerSigner } from "./peers.ts";
-import { type Bucket, type BucketOrder, type PlanOptions, planBuckets } from "./plan.ts";
+import { type Bucket, type BucketOrder, type PlanOptions, type PlanTensor, planBuckets } from "./plan.ts";
 import type { ReceiverHub } from "./receivers.ts";
 import { UpdateRecord } from "./record.ts";
 import { type Flow, runUpdate } from "./run-update.ts";
@@ -82,6 +84,7 @@ export class Updates {
       lease.release();
       throw new DaemonError("no_receivers", "no engine receiver is connected to this daemon");
     }
+    const later = this.laterDeltas(lease.version);
     const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
     record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
     record.leftOut = span.leftOut;
@@ -89,9 +92,15 @@ export class Updates {
     const deps = {
       ...o,
       peers: span.urls,
-      plan: (v: CheckpointVersion, p: PlanOptions, skip?: Set<string>) => this.plan(v, p, skip),
+      plan: (v: CheckpointVersion, p: PlanOptions, skip?: Set<string>, deltas?: DeltaItems) =>
+        this.plan(v, p, skip, deltas),
+      later: later.map((l) => l.version.delta as VersionDelta),
     };
-    const done = this.launch(record, lease, (abort) => new Coordination(deps, record, lease.version, abort)).then(
+    const release = () => {
+      for (const l of [lease, ...later]) l.release();
+    };
+    const leases = { version: lease.version, release };
+    const done = this.launch(record, leases, (abort) => new Coordination(deps, record, lease.version, abort)).then(
       () => {
         if (record.state === "succeeded") this.lastDelivered = { fingerprint: fp, at: new Date().toISOString() };
       },
@@ -190,12 +199,34 @@ export class Updates {
     return this.lastDelivered;
   }
 
-  private plan(version: CheckpointVersion, given: PlanOptions, skip = new Set<string>()): Bucket[] {
+  /**
+   * Leases of the versions whose deltas take engines back to `version` (their base), so that
+   * their memory stays while an update reads it; those that cannot be leased now are left out.
+   */
+  private laterDeltas(version: CheckpointVersion): { version: CheckpointVersion; release: () => void }[] {
+    const later = this.opts.registry.list().filter((v) => v.name === version.name && v.delta?.base === version.id);
+    return later.flatMap((v) => {
+      try {
+        return [this.opts.registry.acquire(v.id)];
+      } catch {
+        return [];
+      }
+    });
+  }
+
+  private plan(
+    version: CheckpointVersion,
+    given: PlanOptions,
+    skip = new Set<string>(),
+    deltas?: DeltaItems,
+  ): Bucket[] {
     const opts = { ...given, order: this.opts.bucketOrder ?? "size" };
-    const key = JSON.stringify([version.id, opts, [...skip].sort()]);
+    const sent = deltas?.items ?? [];
+    const key = JSON.stringify([version.id, opts, [...skip].sort(), sent.map((t) => [t.name, t.file, t.offset])]);
     if (this.lastPlan?.key !== key) {
-      const tensors = skip.size > 0 ? version.tensors.filter((t) => !skip.has(t.name)) : version.tensors;
-      this.lastPlan = { key, buckets: planBuckets(tensors, opts) };
+      const whole = new Set([...skip, ...sent.map((t) => t.name)]);
+      const tensors = whole.size > 0 ? version.tensors.filter((t) => !whole.has(t.name)) : version.tensors;
+      this.lastPlan = { key, buckets: planBuckets((tensors as PlanTensor[]).concat(sent), opts) };
     }
     return this.lastPlan.buckets;
   }

@@ -1,0 +1,202 @@
+/**
+ * Deltas between versions: once a version is ready, the elements of each changed tensor that
+ * differ from the previous ready version of its name, found in C on several threads
+ * (ckpt_delta_count, ckpt_delta_fill) and kept in pinned memory beside the version. Updates
+ * then move those instead of whole tensors (choose.ts). A delta is only how bytes travel:
+ * every version stays whole, and dropping either version drops the delta.
+ */
+import type { Logger } from "pino";
+import type { Context, HostMemory } from "../../ffi/index.ts";
+import type { CheckpointVersion, Registry, TensorRecord } from "../checkpoints/registry.ts";
+import { DTYPE_BITS } from "../checkpoints/safetensors.ts";
+import { assertUnchanged } from "../checkpoints/watch.ts";
+import { at } from "../update/buffers.ts";
+import { heldAs } from "../update/skip.ts";
+
+/**
+ * One tensor's delta in its version's delta memory: at `offset`, the new values, then the
+ * positions (uint32 element indices, ascending), then the old values, each padded to 8 bytes.
+ * Forward (base to this version) the receiver gets [values, positions]; back, [positions, old
+ * values]: each a contiguous span (spans below).
+ */
+export interface TensorDelta {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** What a receiver holds of the tensor in the base version, and in this one (skip.ts heldAs). */
+  from: string;
+  to: string;
+  count: number;
+  offset: number;
+  valuesBytes: number;
+  positionsBytes: number;
+}
+
+/** A version's deltas against its base. */
+export interface VersionDelta {
+  /** The base version's id. */
+  base: string;
+  mem: HostMemory;
+  tensors: Map<string, TensorDelta>;
+  /** Seconds it took, after the version was ready. */
+  seconds: number;
+}
+
+/** Where, in the version's delta memory, a receiver finds what it applies. */
+export interface DeltaSpan {
+  offset: number;
+  bytes: number;
+  /** Offsets of the positions and of the values inside the span. */
+  positions: number;
+  values: number;
+}
+
+/** The span that takes the base's tensor to this version's (forward) or back. */
+export function span(d: TensorDelta, back: boolean): DeltaSpan {
+  const { offset, valuesBytes: v, positionsBytes: p } = d;
+  return back
+    ? { offset: offset + v, bytes: p + v, positions: 0, values: p }
+    : { offset, bytes: v + p, positions: v, values: 0 };
+}
+
+const pad8 = (n: number) => Math.ceil(n / 8) * 8;
+
+/**
+ * A delta pays only where it moves much less than the tensor: at most a quarter of its bytes
+ * one way (k x (4 + element size)). Smaller tensors than this go whole: a scatter on the
+ * receiver costs more than their copy.
+ */
+export const DELTA_MIN_BYTES = 64 << 10;
+const MAX_ELEMENTS = 2 ** 32;
+
+/** The element size a delta of this tensor would use, or 0 when it cannot have one. Pure. */
+export function deltaElem(t: TensorRecord, base: TensorRecord | undefined, minBytes = DELTA_MIN_BYTES): number {
+  if (!base || base.hash === t.hash || base.dtype !== t.dtype || base.bytes !== t.bytes) return 0;
+  if (base.shape.join("x") !== t.shape.join("x") || t.bytes < minBytes) return 0;
+  const bits = DTYPE_BITS[t.dtype] ?? 0;
+  if (![8, 16, 32, 64].includes(bits)) return 0;
+  const elem = bits / 8;
+  return t.bytes / elem <= MAX_ELEMENTS ? elem : 0;
+}
+
+/** Most changes a delta of this tensor may have. */
+export const deltaLimit = (bytes: number, elem: number) => Math.floor(bytes / 4 / (4 + elem));
+
+export interface DeltasOptions {
+  ctx: Context;
+  log: Logger;
+  registry: Registry;
+  threads: number;
+  minBytes?: number;
+}
+
+/** One delta being made: both versions' memory stays until it settles. */
+interface Job {
+  base: CheckpointVersion;
+  next: CheckpointVersion;
+  abort: AbortController;
+  done: Promise<void>;
+}
+
+/** Makes each ready version's deltas against the one before it, and frees them with either. */
+export class Deltas {
+  private readonly jobs = new Set<Job>();
+
+  constructor(private readonly o: DeltasOptions) {
+    o.registry.afterReady((v) => this.derive(v));
+    o.registry.beforeDrop((v) => this.forget(v));
+  }
+
+  /** Starts the deltas of `next` against the newest older ready version of its name, if any. */
+  derive(next: CheckpointVersion): void {
+    const base = this.o.registry
+      .list()
+      .filter((v) => v.name === next.name && v.version < next.version && v.state === "ready")
+      .at(-1);
+    if (!base || next.delta) return;
+    const job: Job = { base, next, abort: new AbortController(), done: Promise.resolve() };
+    job.done = this.run(job)
+      .catch((err) => this.o.log.warn({ checkpoint: next.id, base: base.id, err }, "no deltas: making them failed"))
+      .finally(() => this.jobs.delete(job));
+    this.jobs.add(job);
+  }
+
+  /** Before a version's memory goes: stops the deltas made from or into it, frees its own. */
+  async forget(v: CheckpointVersion): Promise<void> {
+    const mine = [...this.jobs].filter((j) => j.base === v || j.next === v);
+    for (const j of mine) j.abort.abort();
+    await Promise.all(mine.map((j) => j.done));
+    const delta = v.delta;
+    v.delta = undefined;
+    if (delta) await this.o.ctx.hostFree(delta.mem);
+  }
+
+  /** Waits for every delta being made (tests, and shutdown through forget). */
+  async settled(): Promise<void> {
+    await Promise.all([...this.jobs].map((j) => j.done));
+  }
+
+  private async run({ base, next, abort }: Job): Promise<void> {
+    const { ctx, log, registry, threads } = this.o;
+    const started = performance.now();
+    const before = new Map(base.tensors.map((t) => [t.name, t]));
+    const address = (v: CheckpointVersion, t: TensorRecord) => at(v.pinned, t.file).mem.address + BigInt(t.offset);
+    const found: { t: TensorRecord; b: TensorRecord; elem: number; count: number }[] = [];
+    for (const t of next.tensors) {
+      const b = before.get(t.name);
+      const elem = b ? deltaElem(t, b, this.o.minBytes) : 0;
+      if (!b || elem === 0) continue;
+      if (abort.signal.aborted) return;
+      const limit = deltaLimit(t.bytes, elem);
+      const count = await ctx.deltaCount(address(base, b), address(next, t), t.bytes, elem, limit, threads);
+      if (count > 0 && count <= limit) found.push({ t, b, elem, count });
+    }
+    if (found.length === 0 || abort.signal.aborted) return;
+    let bytes = 0;
+    const tensors = new Map<string, TensorDelta>();
+    for (const { t, b, elem, count } of found) {
+      const valuesBytes = pad8(count * elem);
+      const positionsBytes = pad8(count * 4);
+      tensors.set(t.name, {
+        name: t.name,
+        dtype: t.dtype,
+        shape: t.shape,
+        from: heldAs(b),
+        to: heldAs(t),
+        count,
+        offset: bytes,
+        valuesBytes,
+        positionsBytes,
+      });
+      bytes += 2 * valuesBytes + positionsBytes;
+    }
+    if (bytes > registry.budgetLeft()) {
+      log.warn({ checkpoint: next.id, bytes }, "no deltas: the pinned-memory budget has no room for them");
+      return;
+    }
+    const mem = await ctx.hostAlloc(bytes);
+    try {
+      for (const { t, b, elem, count } of found) {
+        if (abort.signal.aborted) throw new Error("cancelled");
+        const d = tensors.get(t.name) as TensorDelta;
+        const where = mem.address + BigInt(d.offset);
+        const out = {
+          newValues: where,
+          positions: where + BigInt(d.valuesBytes),
+          oldValues: where + BigInt(d.valuesBytes + d.positionsBytes),
+        };
+        await ctx.deltaFill(address(base, b), address(next, t), t.bytes, elem, count, out, threads);
+      }
+      // An in-place file that changed while it was read would make a delta of other bytes.
+      assertUnchanged(base);
+      assertUnchanged(next);
+    } catch (err) {
+      await ctx.hostFree(mem);
+      if (abort.signal.aborted) return;
+      throw err;
+    }
+    const seconds = (performance.now() - started) / 1000;
+    next.delta = { base: base.id, mem, tensors, seconds };
+    log.info({ checkpoint: next.id, base: base.id, tensors: tensors.size, bytes, seconds }, "deltas made");
+  }
+}
