@@ -153,6 +153,13 @@ export interface PeerCred {
   groups: number[];
 }
 
+/** A delta ckpt_delta_find found: written out (and freed) by take, or freed. */
+export interface FoundDelta {
+  /** Writes the positions, the new values and the old values to these host addresses (on a worker thread). */
+  take(positions: bigint, newValues: bigint, oldValues: bigint): Promise<void>;
+  free(): void;
+}
+
 export class HostMemory {
   constructor(
     readonly address: Ptr,
@@ -513,31 +520,39 @@ export class Context {
   }
 
   /**
-   * How many elements of `elem` bytes differ between len bytes at `base` and at `next` (host
-   * addresses, read guarded), on up to `threads` threads; limit + 1 once more than `limit` do.
+   * The elements of `elem` bytes that differ between len bytes at `base` and at `next` (host
+   * addresses, read guarded), found in one pass on up to `threads` threads: their count, and
+   * the delta to take (none when nothing differs, or when more than `limit` do: count is then
+   * limit + 1). A delta holds memory until taken or freed.
    */
-  async deltaCount(base: bigint, next: bigint, len: number, elem: number, limit: number, threads: number) {
-    const count = [0];
-    const args = [this.ptr, base, next, len, elem, limit, threads, count];
-    this.check("ckpt_delta_count", await promisify<number>(this.lib.native.deltaCount, args));
-    return Number(count[0]);
-  }
-
-  /**
-   * Writes the `count` differences deltaCount found: uint32 positions, ascending, at
-   * `out.positions`, next's values at `out.newValues`, base's at `out.oldValues` (host addresses).
-   */
-  async deltaFill(
+  async deltaFind(
     base: bigint,
     next: bigint,
     len: number,
     elem: number,
-    count: number,
-    out: { positions: bigint; newValues: bigint; oldValues: bigint },
+    limit: number,
     threads: number,
-  ): Promise<void> {
-    const args = [this.ptr, base, next, len, elem, count, out.positions, out.newValues, out.oldValues, threads];
-    this.check("ckpt_delta_fill", await promisify<number>(this.lib.native.deltaFill, args));
+  ): Promise<{ count: number; delta?: FoundDelta }> {
+    const out: unknown[] = [null];
+    const count = [0];
+    const args = [this.ptr, base, next, len, elem, limit, threads, out, count];
+    this.check("ckpt_delta_find", await promisify<number>(this.lib.native.deltaFind, args));
+    const n = Number(count[0]);
+    if (!out[0]) return { count: n };
+    const native = this.lib.native;
+    let handle: unknown = out[0];
+    const take = async (positions: bigint, newValues: bigint, oldValues: bigint) => {
+      if (!handle) throw new Error("a delta is taken once");
+      const h = handle;
+      handle = undefined;
+      const status = await promisify<number>(native.deltaTake, [h, positions, newValues, oldValues]);
+      this.check("ckpt_delta_take", status);
+    };
+    const free = () => {
+      if (handle) native.deltaFree(handle);
+      handle = undefined;
+    };
+    return { count: n, delta: { take, free } };
   }
 
   /** Element positions[i] of the len bytes at `dst` takes values[i], for each of `count` (host addresses). */

@@ -6,6 +6,7 @@ export {
   DeviceBuffer,
   type DeviceInfoRecord,
   Event,
+  type FoundDelta,
   HostMemory,
   type IpcHandleRecord,
   Library,

@@ -49,7 +49,16 @@ export const UcxOptions = koffi.struct("ckpt_ucx_options", {
   idle_ms: "uint32_t",
 });
 
-for (const name of ["ckpt_ctx", "ckpt_buf", "ckpt_stream", "ckpt_event", "ckpt_comm", "ckpt_ucx", "ckpt_ucx_peer"]) {
+for (const name of [
+  "ckpt_ctx",
+  "ckpt_buf",
+  "ckpt_stream",
+  "ckpt_event",
+  "ckpt_comm",
+  "ckpt_ucx",
+  "ckpt_ucx_peer",
+  "ckpt_delta",
+]) {
   koffi.pointer(name, koffi.opaque());
 }
 
@@ -99,10 +108,10 @@ const SIGNATURES = {
   hostRead: "int ckpt_host_read(ckpt_ctx ctx, void *src, void *dst, uint64_t len)",
   hostCopy: "int ckpt_host_copy(ckpt_ctx ctx, const void *ranges, size_t n, int32_t threads)",
   hash: "int ckpt_hash(ckpt_ctx ctx, const void *ranges, size_t n, _Out_ uint64_t *hashes, void *chunk_hashes, int32_t threads, void *done_bytes)",
-  deltaCount:
-    "int ckpt_delta_count(ckpt_ctx ctx, void *base, void *next, uint64_t len, uint32_t elem, uint64_t limit, int32_t threads, _Out_ uint64_t *count)",
-  deltaFill:
-    "int ckpt_delta_fill(ckpt_ctx ctx, void *base, void *next, uint64_t len, uint32_t elem, uint64_t count, void *positions, void *new_values, void *old_values, int32_t threads)",
+  deltaFind:
+    "int ckpt_delta_find(ckpt_ctx ctx, void *base, void *next, uint64_t len, uint32_t elem, uint64_t limit, int32_t threads, _Out_ ckpt_delta *out, _Out_ uint64_t *count)",
+  deltaTake: "int ckpt_delta_take(ckpt_delta delta, void *positions, void *new_values, void *old_values)",
+  deltaFree: "void ckpt_delta_free(ckpt_delta delta)",
   deltaApply:
     "int ckpt_delta_apply(ckpt_ctx ctx, void *dst, uint64_t len, uint32_t elem, void *positions, void *values, uint64_t count)",
   bufHash:

@@ -14,6 +14,7 @@ from integrations.ckptd import (  # noqa: E402
     DTYPES,
     PROTOCOL,
     CudaSlot,
+    Delta,
     HostSlot,
     Mapper,
     ProtocolError,
@@ -29,7 +30,7 @@ from integrations.ckptd import (  # noqa: E402
 )
 
 __all__ = [
-    "DTYPES", "PROTOCOL", "CudaSlot", "HostSlot", "Mapper", "ProtocolError", "ReceiveError",
+    "DTYPES", "PROTOCOL", "CudaSlot", "Delta", "HostSlot", "Mapper", "ProtocolError", "ReceiveError",
     "Receiver", "Summary", "UpdateAborted", "apply_to_params", "dtype_size", "gpu_socket_path",
     "physical_gpu_index", "torch_dtype",
 ]

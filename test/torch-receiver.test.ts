@@ -10,7 +10,7 @@ import { rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
-import { writeSafetensors } from "./checkpoint-files.ts";
+import { writeSafetensors, writeTensors } from "./checkpoint-files.ts";
 import { AUTH, ROOT, tempDir, testCredentials, torchPython } from "./helpers.ts";
 import { startInProcess } from "./in-process.ts";
 
@@ -26,17 +26,19 @@ from integrations.ckptd_receiver import Receiver, apply_to_params
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.ReLU(), torch.nn.Linear(512, 8))
-r = Receiver(sys.argv[1], name="torch-engine", timeout=30)
+updates, deltas = int(sys.argv[2]), sys.argv[3] == "deltas"
+r = Receiver(sys.argv[1], name="torch-engine", timeout=30, partial=deltas, deltas=deltas)
 print(json.dumps({"connected": True}), flush=True)
 try:
-    summary = r.receive(apply_to_params(dict(model.named_parameters())))
+    for _ in range(updates):
+        summary = r.receive(apply_to_params(dict(model.named_parameters())))
+        params = {n: {"sha256": hashlib.sha256(ctypes.string_at(p.data_ptr(), p.numel() * p.element_size())).hexdigest(),
+                      "requiresGrad": p.requires_grad, "isLeaf": p.is_leaf} for n, p in model.named_parameters()}
+        print(json.dumps({"summary": summary, "params": params}), flush=True)
 finally:
     r.close()
-params = {n: {"sha256": hashlib.sha256(ctypes.string_at(p.data_ptr(), p.numel() * p.element_size())).hexdigest(),
-              "requiresGrad": p.requires_grad, "isLeaf": p.is_leaf} for n, p in model.named_parameters()}
 model(torch.ones(2, 1024)).sum().backward()
-print(json.dumps({"summary": summary, "params": params,
-                  "trainable": all(p.grad is not None for p in model.parameters())}), flush=True)
+print(json.dumps({"trainable": all(p.grad is not None for p in model.parameters())}), flush=True)
 `;
 
 const cleanup: (() => Promise<void> | void)[] = [];
@@ -45,8 +47,9 @@ afterEach(async () => {
 });
 
 /** Runs the engine; resolves `connected` once its receiver holds the daemon's buffers. */
-function startEngine(python: string, socket: string) {
-  const proc: ChildProcess = spawn(python, ["-c", ENGINE, socket], { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"] });
+function startEngine(python: string, socket: string, updates = 1, deltas = false) {
+  const args = ["-c", ENGINE, socket, String(updates), deltas ? "deltas" : "whole"];
+  const proc: ChildProcess = spawn(python, args, { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"] });
   cleanup.push(() => {
     proc.kill();
   });
@@ -78,33 +81,39 @@ function startEngine(python: string, socket: string) {
   return { connected: Promise.race([connected, failed]), exited, lines, stderr: () => stderr };
 }
 
+/** A daemon on the host backend (one GPU, 1 MiB buckets), and a POST to it. */
+async function start() {
+  const stateDir = tempDir();
+  const config: Config = {
+    ...defaults({}),
+    port: 0,
+    backend: "host",
+    hostDevices: 1,
+    stateDir,
+    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
+    registerRoots: ["/dev/shm", tmpdir()],
+    bucketBytes: 1 << 20,
+    bucketSlots: 3,
+    receiverTimeoutMs: 10_000,
+    ...testCredentials(),
+  };
+  const daemon = await startInProcess(config);
+  cleanup.push(() => daemon.stop());
+  const api = async (path: string, body: unknown) => {
+    const res = await fetch(`http://127.0.0.1:${daemon.port}${path}`, {
+      method: "POST",
+      headers: { ...AUTH, "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+  };
+  return { daemon, api, stateDir };
+}
+
 describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a torch engine", () => {
   it("loads an update into an nn.Module whose parameters require grad, byte for byte", async () => {
     if (PYTHON === undefined) throw new Error("REQUIRE_TORCH=1, but no python here imports torch");
-    const stateDir = tempDir();
-    const config: Config = {
-      ...defaults({}),
-      port: 0,
-      backend: "host",
-      hostDevices: 1,
-      stateDir,
-      uploadDir: tempDir("ckptd-test-", "/dev/shm"),
-      registerRoots: ["/dev/shm", tmpdir()],
-      bucketBytes: 1 << 20,
-      bucketSlots: 3,
-      receiverTimeoutMs: 10_000,
-      ...testCredentials(),
-    };
-    const daemon = await startInProcess(config);
-    cleanup.push(() => daemon.stop());
-    const api = async (path: string, body: unknown) => {
-      const res = await fetch(`http://127.0.0.1:${daemon.port}${path}`, {
-        method: "POST",
-        headers: { ...AUTH, "content-type": "application/json" },
-        body: JSON.stringify(body),
-      });
-      return { status: res.status, body: (await res.json()) as Record<string, unknown> };
-    };
+    const { api, stateDir } = await start();
 
     const dir = tempDir();
     cleanup.push(() => rmSync(dir, { recursive: true }));
@@ -126,7 +135,6 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
     const result = engine.lines.find((l) => "summary" in l) as {
       summary: { update: string; buckets: number; tensors: number; bytes: number; unknown: string[] };
       params: Record<string, { sha256: string; requiresGrad: boolean; isLeaf: boolean }>;
-      trainable: boolean;
     };
     expect(result.summary).toMatchObject({ update: "u-1", tensors: 4, unknown: [] });
     expect(result.summary.buckets).toBeGreaterThan(2); // 0.weight came in pieces
@@ -139,6 +147,45 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
         ]),
       ),
     );
-    expect(result.trainable).toBe(true);
+    expect(engine.lines.at(-1)).toEqual({ trainable: true });
+  });
+
+  it("patches a parameter with a delta, forward and back, byte for byte", async () => {
+    if (PYTHON === undefined) throw new Error("REQUIRE_TORCH=1, but no python here imports torch");
+    const { daemon, api, stateDir } = await start();
+    const dir = tempDir();
+    cleanup.push(() => rmSync(dir, { recursive: true }));
+    const specs = [
+      { name: "0.weight", dtype: "F32", shape: [512, 1024] },
+      { name: "0.bias", dtype: "F32", shape: [512] },
+      { name: "2.weight", dtype: "F32", shape: [8, 512] },
+      { name: "2.bias", dtype: "F32", shape: [8] },
+    ];
+    const v1 = writeSafetensors(`${dir}/m1.safetensors`, specs);
+    // m@2: 1% of 0.weight's elements change (a delta), 2.weight all of it (too small for one).
+    const v2 = v1.map((t) => ({ ...t, bytes: Buffer.from(t.bytes) }));
+    const w = v2[0]?.bytes as Buffer;
+    for (let i = 0; i < w.length / 4; i += 100) w.writeFloatLE(i * 0.5, i * 4);
+    (v2[2]?.bytes as Buffer).fill(7);
+    writeTensors(`${dir}/m2.safetensors`, v2);
+    expect((await api("/v1/checkpoints", { name: "m", files: [`${dir}/m1.safetensors`] })).status).toBe(201);
+    expect((await api("/v1/checkpoints", { name: "m", files: [`${dir}/m2.safetensors`] })).status).toBe(201);
+    await expect.poll(() => daemon.registry.get("m@2").delta?.tensors.size, { timeout: 5000 }).toBe(1);
+
+    const engine = startEngine(PYTHON, `${stateDir}/sockets/gpu-0.sock`, 3, true);
+    await engine.connected;
+    const steps = [];
+    for (const checkpoint of ["m@1", "m@2", "m@1"]) {
+      const res = await api("/v1/updates", { checkpoint });
+      expect(res.body.state, JSON.stringify(res.body.error)).toBe("succeeded");
+      steps.push(res.body);
+    }
+    expect(await engine.exited, engine.stderr()).toBe(0);
+    expect(steps.map((s) => (s.deltas as { tensors: number }).tensors)).toEqual([0, 1, 1]);
+    const sha = (ts: { bytes: Uint8Array }[]) => ts.map((t) => createHash("sha256").update(t.bytes).digest("hex"));
+    const got = engine.lines
+      .filter((l) => "params" in l)
+      .map((l) => Object.values(l.params as Record<string, { sha256: string }>).map((p) => p.sha256));
+    expect(got).toEqual([sha(v1), sha(v2), sha(v1)]);
   });
 });

@@ -290,20 +290,24 @@ int ckpt_buf_hash(ckpt_buf *const *bufs, size_t nbufs, const uint64_t *ranges, s
 
 /* ---- sparse deltas ------------------------------------------------------------------------ */
 
+typedef struct ckpt_delta ckpt_delta; /* the differences found between two ranges */
+
 /* Where two host ranges of len bytes (a tensor's base version and its next one) differ, element
- * by element: elem is the element size (1, 2, 4 or 8 bytes; len a multiple of it), positions
- * are uint32 element indices (CKPT_EINVAL beyond 2^32 elements). Both calls spread the range
- * over up to `threads` threads and read it under the SIGBUS guard (CKPT_EFAULT naming the
- * range and offset); the memory need not be pinned. Blocking.
- * ckpt_delta_count: *count receives how many elements differ; counting stops early once more
- * than `limit` do (then *count is limit + 1: too many for a delta to pay). */
-int ckpt_delta_count(ckpt_ctx *ctx, const void *base, const void *next, uint64_t len, uint32_t elem,
-                     uint64_t limit, int32_t threads, uint64_t *count);
-/* Writes the `count` differences that ckpt_delta_count found: their positions, ascending, their
- * values in next (new_values) and, unless old_values is NULL, in base (the delta back). count
- * must be what the ranges hold now (CKPT_EINVAL saying they changed otherwise). */
-int ckpt_delta_fill(ckpt_ctx *ctx, const void *base, const void *next, uint64_t len, uint32_t elem,
-                    uint64_t count, uint32_t *positions, void *new_values, void *old_values, int32_t threads);
+ * by element, in one pass over both, spread over up to `threads` threads and read under the
+ * SIGBUS guard (CKPT_EFAULT naming the range and offset); the memory need not be pinned. elem
+ * is the element size (1, 2, 4 or 8 bytes; len a multiple of it); positions are uint32 element
+ * indices (CKPT_EINVAL beyond 2^32 elements). *count receives how many elements differ, and
+ * *out the delta to take, unless none do (*out NULL) or more than `limit` do: then the search
+ * stops early, *count is limit + 1 and *out NULL (too many for a delta to pay). A delta is a
+ * live handle of ctx until ckpt_delta_take or ckpt_delta_free. Blocking. */
+int ckpt_delta_find(ckpt_ctx *ctx, const void *base, const void *next, uint64_t len, uint32_t elem,
+                    uint64_t limit, int32_t threads, ckpt_delta **out, uint64_t *count);
+/* Writes a delta's *count differences, their positions ascending: the positions, their values
+ * in next (new_values, count x elem bytes) and, unless old_values is NULL, in base (the delta
+ * back); then frees it. */
+int ckpt_delta_take(ckpt_delta *delta, uint32_t *positions, void *new_values, void *old_values);
+/* Frees a delta not taken. NULL is ignored. */
+void ckpt_delta_free(ckpt_delta *delta);
 /* Writes a delta into a host range of len bytes: element positions[i] takes values[i] (elem
  * bytes each), for i < count; CKPT_ERANGE naming the first position past the range, before
  * anything is written. Under the SIGBUS guard. Blocking. */

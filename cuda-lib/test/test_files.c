@@ -595,15 +595,16 @@ static int test_delta_roundtrip(void) {
     const uint64_t at[] = {0, 1, 2, 3, 4, (1u << 18) - 1, 1u << 18, 777777 % elems, elems - 2, elems - 1};
     size_t k = sizeof at / sizeof at[0];
     for (size_t i = 0; i < k; i++) next[at[i] * es + (i % es)] ^= 0x5a; /* one byte of the element */
-    uint64_t count = 0;
-    EXPECT_OK(ctx, ckpt_delta_count(ctx, base, next, len, es, elems, 3, &count));
-    EXPECT(count == k);
-    uint64_t limited = 0;
-    EXPECT_OK(ctx, ckpt_delta_count(ctx, base, next, len, es, 4, 3, &limited));
-    EXPECT(limited == 5); /* more than the limit: limit + 1 */
+    uint64_t count = 0, limited = 0;
+    ckpt_delta *d = NULL, *none = NULL;
+    EXPECT_OK(ctx, ckpt_delta_find(ctx, base, next, len, es, 4, 3, &none, &limited));
+    EXPECT(limited == 5 && none == NULL); /* more than the limit: limit + 1, no delta */
+    EXPECT_OK(ctx, ckpt_delta_find(ctx, base, next, len, es, elems, 3, &d, &count));
+    EXPECT(count == k && d != NULL);
+    EXPECT_ST(ctx, ckpt_ctx_destroy(ctx), CKPT_EBUSY); /* a live handle until taken */
     uint32_t pos[16];
     uint8_t nv[16 * 8], ov[16 * 8];
-    EXPECT_OK(ctx, ckpt_delta_fill(ctx, base, next, len, es, count, pos, nv, ov, 3));
+    EXPECT_OK(ctx, ckpt_delta_take(d, pos, nv, ov));
     uint64_t sorted[16];
     memcpy(sorted, at, sizeof at);
     for (size_t i = 1; i < k; i++) /* at[] is ascending but for 777777 % elems */
@@ -622,20 +623,21 @@ static int test_delta_roundtrip(void) {
     /* and back: the old values undo it */
     EXPECT_OK(ctx, ckpt_delta_apply(ctx, got, len, es, pos, ov, count));
     EXPECT(memcmp(got, base, len) == 0);
-    /* a count that is not what the ranges hold is refused, nothing written */
-    EXPECT_ST(ctx, ckpt_delta_fill(ctx, base, next, len, es, count - 1, pos, nv, ov, 2), CKPT_EINVAL);
-    EXPECT_DETAIL(ctx, "the ranges changed");
+    /* a delta not taken is freed */
+    EXPECT_OK(ctx, ckpt_delta_find(ctx, base, next, len, es, elems, 1, &d, &count));
+    ckpt_delta_free(d);
     free(base), free(next), free(got);
   }
   uint8_t a[8] = {0}, b[8] = {0};
   uint64_t n = 9;
-  EXPECT_OK(ctx, ckpt_delta_count(ctx, a, b, 8, 2, 0, 1, &n));
-  EXPECT(n == 0);
-  EXPECT_ST(ctx, ckpt_delta_count(ctx, a, b, 8, 3, 0, 1, &n), CKPT_EINVAL);
+  ckpt_delta *d = (ckpt_delta *)1;
+  EXPECT_OK(ctx, ckpt_delta_find(ctx, a, b, 8, 2, 8, 1, &d, &n));
+  EXPECT(n == 0 && d == NULL); /* nothing differs: no delta */
+  EXPECT_ST(ctx, ckpt_delta_find(ctx, a, b, 8, 3, 0, 1, &d, &n), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "element size 3");
-  EXPECT_ST(ctx, ckpt_delta_count(ctx, a, b, 7, 2, 0, 1, &n), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_delta_find(ctx, a, b, 7, 2, 0, 1, &d, &n), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "not whole 2-byte elements");
-  EXPECT_ST(ctx, ckpt_delta_count(ctx, a, b, (UINT32_MAX + 2ull) * 2, 2, 0, 1, &n), CKPT_EINVAL);
+  EXPECT_ST(ctx, ckpt_delta_find(ctx, a, b, (UINT32_MAX + 2ull) * 2, 2, 0, 1, &d, &n), CKPT_EINVAL);
   EXPECT_DETAIL(ctx, "do not fit 32-bit positions");
   uint32_t past = 4;
   uint16_t v = 1;
@@ -659,10 +661,12 @@ static int test_delta_truncated(void) {
   unlink(path);
   EXPECT(cut);
   uint64_t n = 0;
-  EXPECT_ST(ctx, ckpt_delta_count(ctx, other, m, 1 << 20, 2, 1 << 20, 2, &n), CKPT_EFAULT);
+  ckpt_delta *d = NULL;
+  EXPECT_ST(ctx, ckpt_delta_find(ctx, other, m, 1 << 20, 2, 1 << 20, 2, &d, &n), CKPT_EFAULT);
   EXPECT_DETAIL(ctx, "of the next range: the file mapped there was truncated");
-  EXPECT_ST(ctx, ckpt_delta_count(ctx, m, other, 1 << 20, 2, 1 << 20, 2, &n), CKPT_EFAULT);
+  EXPECT_ST(ctx, ckpt_delta_find(ctx, m, other, 1 << 20, 2, 1 << 20, 2, &d, &n), CKPT_EFAULT);
   EXPECT_DETAIL(ctx, "of the base range");
+  EXPECT(d == NULL);
   free(other);
   EXPECT_OK(ctx, ckpt_file_unmap(ctx, m, 1 << 20));
   EXPECT_OK(ctx, ckpt_ctx_destroy(ctx));

@@ -1,12 +1,12 @@
 /**
  * Deltas between versions: once a version is ready, the elements of each changed tensor that
- * differ from the previous ready version of its name, found in C on several threads
- * (ckpt_delta_count, ckpt_delta_fill) and kept in pinned memory beside the version. Updates
+ * differ from the previous ready version of its name, found in C in one pass on several
+ * threads (ckpt_delta_find) and kept in pinned memory beside the version. Updates
  * then move those instead of whole tensors (choose.ts). A delta is only how bytes travel:
  * every version stays whole, and dropping either version drops the delta.
  */
 import type { Logger } from "pino";
-import type { Context, HostMemory } from "../../ffi/index.ts";
+import type { Context, FoundDelta, HostMemory } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry, TensorRecord } from "../checkpoints/registry.ts";
 import { DTYPE_BITS } from "../checkpoints/safetensors.ts";
 import { assertUnchanged } from "../checkpoints/watch.ts";
@@ -131,30 +131,37 @@ export class Deltas {
     if (delta) await this.o.ctx.hostFree(delta.mem);
   }
 
-  /** Waits for every delta being made (tests, and shutdown through forget). */
-  async settled(): Promise<void> {
-    await Promise.all([...this.jobs].map((j) => j.done));
-  }
-
   private async run({ base, next, abort }: Job): Promise<void> {
     const { ctx, log, registry, threads } = this.o;
     const started = performance.now();
     const before = new Map(base.tensors.map((t) => [t.name, t]));
     const address = (v: CheckpointVersion, t: TensorRecord) => at(v.pinned, t.file).mem.address + BigInt(t.offset);
-    const found: { t: TensorRecord; b: TensorRecord; elem: number; count: number }[] = [];
-    for (const t of next.tensors) {
-      const b = before.get(t.name);
-      const elem = b ? deltaElem(t, b, this.o.minBytes) : 0;
-      if (!b || elem === 0) continue;
-      if (abort.signal.aborted) return;
-      const limit = deltaLimit(t.bytes, elem);
-      const count = await ctx.deltaCount(address(base, b), address(next, t), t.bytes, elem, limit, threads);
-      if (count > 0 && count <= limit) found.push({ t, b, elem, count });
+    const found: { t: TensorRecord; b: TensorRecord; count: number; delta: FoundDelta }[] = [];
+    const freeAll = () => {
+      for (const f of found) f.delta.free();
+    };
+    try {
+      for (const t of next.tensors) {
+        const b = before.get(t.name);
+        const elem = b ? deltaElem(t, b, this.o.minBytes) : 0;
+        if (!b || elem === 0) continue;
+        if (abort.signal.aborted) return freeAll();
+        const limit = deltaLimit(t.bytes, elem);
+        const { count, delta } = await ctx.deltaFind(address(base, b), address(next, t), t.bytes, elem, limit, threads);
+        if (delta) found.push({ t, b, count, delta });
+      }
+      // An in-place file that changed while it was read would make a delta of other bytes.
+      assertUnchanged(base);
+      assertUnchanged(next);
+    } catch (err) {
+      freeAll();
+      throw err;
     }
-    if (found.length === 0 || abort.signal.aborted) return;
+    if (found.length === 0 || abort.signal.aborted) return freeAll();
     let bytes = 0;
     const tensors = new Map<string, TensorDelta>();
-    for (const { t, b, elem, count } of found) {
+    for (const { t, b, count } of found) {
+      const elem = deltaElem(t, b, 0);
       const valuesBytes = pad8(count * elem);
       const positionsBytes = pad8(count * 4);
       tensors.set(t.name, {
@@ -171,26 +178,24 @@ export class Deltas {
       bytes += 2 * valuesBytes + positionsBytes;
     }
     if (bytes > registry.budgetLeft()) {
+      freeAll();
       log.warn({ checkpoint: next.id, bytes }, "no deltas: the pinned-memory budget has no room for them");
       return;
     }
-    const mem = await ctx.hostAlloc(bytes);
+    const mem = await ctx.hostAlloc(bytes).catch((err) => {
+      freeAll();
+      throw err;
+    });
     try {
-      for (const { t, b, elem, count } of found) {
-        if (abort.signal.aborted) throw new Error("cancelled");
+      for (const { t, delta } of found) {
         const d = tensors.get(t.name) as TensorDelta;
         const where = mem.address + BigInt(d.offset);
-        const out = {
-          newValues: where,
-          positions: where + BigInt(d.valuesBytes),
-          oldValues: where + BigInt(d.valuesBytes + d.positionsBytes),
-        };
-        await ctx.deltaFill(address(base, b), address(next, t), t.bytes, elem, count, out, threads);
+        const positions = where + BigInt(d.valuesBytes);
+        await delta.take(positions, where, positions + BigInt(d.positionsBytes));
       }
-      // An in-place file that changed while it was read would make a delta of other bytes.
-      assertUnchanged(base);
-      assertUnchanged(next);
+      if (abort.signal.aborted) throw new Error("cancelled");
     } catch (err) {
+      freeAll();
       await ctx.hostFree(mem);
       if (abort.signal.aborted) return;
       throw err;

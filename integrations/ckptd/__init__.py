@@ -26,11 +26,11 @@ from .dtypes import DTYPES, dtype_size, torch_dtype
 from .engine import apply_to_params, gpu_socket_path, physical_gpu_index
 from .errors import ProtocolError, ReceiveError, UpdateAborted
 from .protocol import PROTOCOL
-from .receiver import Receiver, Summary
+from .receiver import Delta, Receiver, Summary
 from .slots import CudaSlot, HostSlot, Mapper
 
 __all__ = [
-    "DTYPES", "PROTOCOL", "CudaSlot", "HostSlot", "Mapper", "ProtocolError", "ReceiveError",
+    "DTYPES", "PROTOCOL", "CudaSlot", "Delta", "HostSlot", "Mapper", "ProtocolError", "ReceiveError",
     "Receiver", "Summary", "UpdateAborted", "apply_to_params", "dtype_size", "gpu_socket_path",
     "physical_gpu_index", "torch_dtype",
 ]

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .receiver import Apply, Batch
+from .receiver import Apply, Batch, Delta
 from .slots import View, import_torch
 
 
@@ -28,7 +28,11 @@ def apply_to_params(params: Mapping[str, Any], counts: collections.Counter[str] 
     def apply(batch: Batch) -> list[str]:
         unknown = []
         with no_grad():
+            patches = [(name, d) for name, d in batch if isinstance(d, Delta)]
+            unknown += apply_deltas(params, patches, counts)
             for name, view in batch:
+                if isinstance(view, Delta):
+                    continue
                 p = params.get(name)
                 if p is None:
                     unknown.append(name)
@@ -60,6 +64,43 @@ def apply_to_params(params: Mapping[str, Any], counts: collections.Counter[str] 
 
     apply.piece = piece  # type: ignore[attr-defined]
     return apply
+
+
+def apply_deltas(params: Mapping[str, Any], patches: list[tuple[str, Delta]],
+                 counts: collections.Counter[str] | None = None) -> list[str]:
+    """Patches each parameter in place with its Delta (a scatter on the current stream), after
+    checking every patch of the batch first: its parameter is contiguous, of the delta's dtype
+    and size, and no position is past its end (one sync for all of them: an index out of range
+    on a CUDA device would end the process's CUDA context, not raise). Returns the names not in
+    params."""
+    torch = import_torch()
+    unknown, todo = [], []
+    for name, d in patches:
+        p = params.get(name)
+        if p is None:
+            unknown.append(name)
+            continue
+        if not p.is_contiguous() or p.numel() != d.numel:
+            raise ValueError(f"{name}: a delta of a {d.numel}-element tensor cannot patch this "
+                             f"{'non-contiguous ' if not p.is_contiguous() else ''}{p.numel()}-element parameter")
+        if isinstance(d.values, memoryview) or torch is None:
+            raise TypeError(f"{name}: deltas need torch views")
+        if d.values.dtype != p.dtype:
+            raise ValueError(f"{name}: a delta of {d.values.dtype} cannot patch a {p.dtype} parameter")
+        if d.positions.numel() > 0:
+            todo.append((name, p, d))
+    if todo:
+        # A bucket's deltas are all in its slot, on one device: one copy of their maxima.
+        last = torch.stack([d.positions.max() for _, _, d in todo]).cpu()
+        for (name, _, d), m in zip(todo, last.tolist()):
+            if m >= d.numel:
+                raise ValueError(f"{name}: the delta's position {m} is past the tensor's {d.numel} elements")
+    for name, p, d in todo:
+        index = d.positions.to(device=p.device, dtype=torch.int64, non_blocking=True)
+        p.view(-1).index_copy_(0, index, d.values.to(p.device, non_blocking=True))
+        if counts is not None:
+            counts[name] += 1
+    return unknown
 
 
 def visible_entry(local_index: int, visible: str | None = None) -> str:

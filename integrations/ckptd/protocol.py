@@ -84,6 +84,21 @@ def is_whole(t: TensorEntry) -> bool:
     return end - begin == t["bytes"]
 
 
+def check_delta(t: TensorEntry) -> None:
+    """A delta entry's layout: `count` uint32 positions and `count` values, inside its bytes."""
+    d, name, nbytes = t.get("delta"), t["name"], t["bytes"]
+    if not isinstance(d, dict) or not all(_is_int(d.get(k)) and d[k] >= 0 for k in ("count", "positions", "values")):
+        raise ProtocolError(f"tensor {name}: malformed delta {d}")
+    size = dtype_size(t.get("dtype"))
+    count = d["count"]
+    for part, start, width in (("positions", d["positions"], 4), ("values", d["values"], size)):
+        if start + count * width > nbytes:
+            raise ProtocolError(f"tensor {name}: the delta's {count} {part} at byte {start} do not fit "
+                                f"its {nbytes} bytes")
+        if start % width:
+            raise ProtocolError(f"tensor {name}: the delta's {part} at byte {start} are not aligned")
+
+
 def check_tensor(t: TensorEntry, slot_bytes: int) -> int:
     """Validates one tensor entry of a bucket against its slot; returns the bytes it holds."""
     name, shape, offset, nbytes = t.get("name"), t.get("shape"), t.get("offset"), t.get("bytes")
@@ -91,7 +106,9 @@ def check_tensor(t: TensorEntry, slot_bytes: int) -> int:
             not _is_int(nbytes) or not all(_is_int(d) and d >= 0 for d in shape):
         raise ProtocolError(f"malformed tensor entry: {t}")
     size = dtype_size(t.get("dtype"))
-    if nbytes != math.prod(shape) * size:
+    if "delta" in t:
+        check_delta(t)  # its bytes are the delta's, not the tensor's
+    elif nbytes != math.prod(shape) * size:
         raise ProtocolError(f"tensor {name}: {nbytes} bytes, but shape {shape} of "
                             f"{t['dtype']} takes {math.prod(shape) * size}")
     if offset < 0:

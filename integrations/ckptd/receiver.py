@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypedDict
+from typing import Any, NamedTuple, Protocol, TypedDict
 
-from .dtypes import torch_dtype
+from .dtypes import dtype_size, torch_dtype
 from .errors import ProtocolError, ReceiveError, UpdateAborted
 from .protocol import PROTOCOL, Connection, Message, TensorEntry, check_tensor, is_whole, piece
 from .slots import Mapper, Slot, View
 
 log = logging.getLogger("ckptd.receiver")
 
-Batch = list[tuple[str, View]]
-"""One bucket's (name, view) pairs, as `apply` gets them."""
+class Delta(NamedTuple):
+    """What `apply` gets instead of a view for a tensor sent as a delta (receivers that said
+    `deltas=True`): element positions[i] of the tensor (flat, in checkpoint layout) takes
+    values[i]. positions: int32 (torch) or a memoryview of uint32, ascending; values: the
+    tensor's dtype. `numel`: the tensor's elements (every position is below it)."""
+
+    positions: Any
+    values: Any
+    numel: int
+
+
+Batch = list[tuple[str, "View | Delta"]]
+"""One bucket's (name, view) pairs, as `apply` gets them; a Delta where the update sends one."""
 Apply = Callable[[Batch], Iterable[str] | None]
 """Copies what it needs out of a batch; may return the names it did not use."""
 Finish = Callable[[], object]
@@ -46,6 +58,19 @@ class SlotMapper(Protocol):
     def sync(self) -> None: ...
 
 
+def _delta(raw: Any, t: TensorEntry) -> Delta:
+    """The Delta in a delta entry's bytes (a uint8 tensor or a memoryview; protocol.check_delta
+    checked the layout)."""
+    d, size = t["delta"], dtype_size(t["dtype"])
+    count, numel = d["count"], math.prod(t["shape"])
+    positions = raw[d["positions"]:d["positions"] + 4 * count]
+    values = raw[d["values"]:d["values"] + size * count]
+    if isinstance(raw, memoryview):
+        return Delta(positions.cast("I"), values, numel)
+    import torch
+    return Delta(positions.view(torch.int32), values.view(torch_dtype(t["dtype"])), numel)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:4000]
 
@@ -60,7 +85,10 @@ class Receiver:
     """
 
     def __init__(self, socket_path: str, device: Any = None, name: str | None = None,
-                 timeout: float | None = None, mapper: SlotMapper | None = None, partial: bool = False) -> None:
+                 timeout: float | None = None, mapper: SlotMapper | None = None, partial: bool = False,
+                 deltas: bool = False) -> None:
+        if deltas and not partial:
+            raise ValueError("deltas=True needs partial=True: a delta patches what the engine holds")
         self.socket_path = socket_path
         self.name = name or f"engine-{os.getpid()}"
         self._mapper: SlotMapper = mapper if mapper is not None else Mapper(device)
@@ -77,7 +105,10 @@ class Receiver:
             # daemon tracks what it applied). Only for an engine whose weights nothing else
             # changes between updates (no sleep that drops them, no other loader), and that
             # takes any subset of its tensors (no fused pairs, no layer-by-layer reload).
-            self._send(op="hello", protocol=PROTOCOL, pid=os.getpid(), name=self.name, partial=partial)
+            # deltas=True: a changed tensor may come as a Delta for apply to patch in place (the
+            # engine holds it in checkpoint layout, as the update left it).
+            self._send(op="hello", protocol=PROTOCOL, pid=os.getpid(), name=self.name, partial=partial,
+                       deltas=deltas)
             self.welcome = self._conn.read()
             if self.welcome.get("op") == "refused":
                 raise ProtocolError(f"the daemon refused this receiver: {self.welcome.get('reason')}")
@@ -233,7 +264,11 @@ class Receiver:
             batch = []
             for t in tensors:
                 view = slot.view(t)
-                if is_whole(t):
+                if "delta" in t:
+                    raw = view if is_whole(t) else self._gather(t, view)
+                    if raw is not None:
+                        batch.append((t["name"], _delta(raw, t)))
+                elif is_whole(t):
                     batch.append((t["name"], view))
                 else:
                     whole = self._assemble(t, view, apply)
@@ -264,11 +299,19 @@ class Receiver:
         begin, total)` method, the piece goes straight to it (no extra memory); otherwise the
         pieces are gathered into a staging tensor, handed to apply whole once all its bytes
         arrived. Returns that whole tensor, or None."""
-        name, (begin, end) = t["name"], piece(t)
         to_place = getattr(apply, "piece", None)
         if to_place is not None:
-            to_place(name, view, begin, t["bytes"])
+            to_place(t["name"], view, piece(t)[0], t["bytes"])
             return None
+        staged = self._gather(t, view)
+        if staged is None or isinstance(staged, (bytearray, memoryview)):
+            return staged
+        return staged.view(torch_dtype(t["dtype"])).view(tuple(t["shape"]))
+
+    def _gather(self, t: TensorEntry, view: View) -> Any:
+        """One piece of an entry's bytes into its staging memory; the whole bytes (a uint8
+        tensor, or a memoryview) once every piece came, else None."""
+        name, (begin, end) = t["name"], piece(t)
         entry = self._assembled.get(name)
         if entry is None:
             staging = getattr(self._mapper, "staging", None)
@@ -280,9 +323,7 @@ class Receiver:
         if entry[1] < t["bytes"]:
             return None
         staged = entry[0]
-        if isinstance(staged, (bytearray, memoryview)):
-            return memoryview(staged)
-        return staged.view(torch_dtype(t["dtype"])).view(tuple(t["shape"]))
+        return memoryview(staged) if isinstance(staged, bytearray) else staged
 
     def _fail(self, update: str | None, bucket: int | None, exc: BaseException,
               drain: bool = True) -> ReceiveError:

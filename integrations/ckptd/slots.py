@@ -36,7 +36,7 @@ def typed_view(base: Any, t: TensorEntry) -> View:
     A piece of a split tensor is always raw bytes (it has no shape of its own)."""
     begin, end = piece(t)
     raw = base[t["offset"]:t["offset"] + end - begin]
-    if end - begin != t["bytes"]:
+    if end - begin != t["bytes"] or "delta" in t:  # a piece, or a delta's bytes (receiver.Delta)
         return raw
     if isinstance(raw, memoryview):  # no torch: the engine gets the bytes (dtype/shape are its)
         return raw

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -78,7 +79,7 @@ class ReceiverTest(unittest.TestCase):
                                             for b in range(len(buckets))])
         self.assertEqual(out["acks"][-1], {"op": "done", "update": "u-1"})
         self.assertEqual(self.daemon.hello, {"op": "hello", "protocol": 1, "pid": os.getpid(),
-                                             "name": "engine-test", "partial": False})
+                                             "name": "engine-test", "partial": False, "deltas": False})
         self.assertEqual(summary["update"], "u-1")
         self.assertEqual(summary["checkpoint"], "q@4")
         self.assertEqual(summary["buckets"], len(buckets))
@@ -120,6 +121,60 @@ class ReceiverTest(unittest.TestCase):
         self.assertEqual(rec.got, {"big": big, "small": small})
         self.assertEqual(summary["tensors"], 2)
         self.assertEqual(summary["bytes"], 308)
+
+    def test_a_delta_comes_as_positions_and_values_even_in_pieces(self):
+        # PROTOCOL.md "delta": the entry's bytes hold `count` uint32 positions and `count` values
+        # at the offsets it names; split over buckets like any entry, handed to apply whole.
+        positions = struct.pack("<3I", 1, 5, 99)
+        values = struct.pack("<3f", 1.5, -2.0, 7.25)
+        delta = positions + values  # positions at 0, values at 12
+        layout = {"count": 3, "positions": 0, "values": 12}
+        got = []
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "s@2", "tensors": 1, "buckets": 2})
+            for b, (lo, hi) in enumerate([(0, 16), (16, 24)]):
+                with open(d.slot_files[b], "r+b") as f:
+                    f.write(delta[lo:hi])
+                d.send({"op": "bucket", "update": "u-1", "bucket": b, "slot": b, "tensors": [
+                    {"name": "w", "dtype": "F32", "shape": [10, 10], "bytes": 24, "offset": 0,
+                     "range": [lo, hi], "delta": layout}]})
+                assert d.recv_for("u-1") == {"op": "ack", "update": "u-1", "bucket": b}
+            d.send({"op": "end", "update": "u-1"})
+            assert d.recv_for("u-1") == {"op": "done", "update": "u-1"}
+
+        self.daemon.start(script)
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper(), partial=True, deltas=True)
+        self.receivers.append(r)
+
+        def apply(batch):
+            for name, d in batch:
+                got.append((name, list(d.positions), bytes(d.values), d.numel))
+
+        summary = r.receive(apply)
+        self.daemon.join()
+        self.assertIs(self.daemon.hello["deltas"], True)
+        self.assertEqual(got, [("w", [1, 5, 99], values, 100)])
+        self.assertEqual(summary["tensors"], 1)
+
+    def test_a_malformed_delta_is_refused_naming_it(self):
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "s@2", "tensors": 1, "buckets": 1})
+            d.send({"op": "bucket", "update": "u-1", "bucket": 0, "slot": 0, "tensors": [
+                {"name": "w", "dtype": "F32", "shape": [10], "bytes": 16, "offset": 0,
+                 "delta": {"count": 3, "positions": 0, "values": 8}}]})
+            err = d.recv_for("u-1")
+            assert err["op"] == "error" and "the delta's 3 values at byte 8 do not fit its 16 bytes" in err["message"], err
+            d.send({"op": "abort", "update": "u-1", "reason": "receiver failed"})
+
+        self.daemon.start(script)
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper(), partial=True, deltas=True)
+        self.receivers.append(r)
+        with self.assertRaises(cr.ReceiveError):
+            r.receive(lambda batch: None)
+        self.daemon.join()
+        with self.assertRaisesRegex(ValueError, "deltas=True needs partial=True"):
+            cr.Receiver(self.daemon.path, deltas=True)
 
     def test_views_are_the_slot_files_bytes(self):
         # The receiver maps the slot: what apply sees is the file's content at the offsets.
