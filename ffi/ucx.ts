@@ -50,6 +50,10 @@ export class Ucx {
 
   static async create(ctx: Context, config: UcxConfig = {}): Promise<Ucx> {
     const native = ctx.lib.native;
+    // ckpt_ucx_create sets these defaults itself (ucx.c says why), but on the worker thread that
+    // runs it: set here, on the thread that reads the environment, they need no setenv there.
+    process.env.UCX_ERROR_SIGNALS ??= "";
+    process.env.UCX_MEM_EVENTS ??= "no";
     const opts = {
       size: sizeOf(UcxOptions),
       flags: config.corrupt ? CKPT_UCX_FAULT_CORRUPT : 0,

@@ -162,6 +162,15 @@ static int ucx_load(ckpt_ctx *ctx, const char *path, ux_api *api, void **lib_out
    * (see Signals in ckpt.h): a read of a truncated mapped file would then kill the process.
    * Unless the user chose otherwise, it installs none. */
   setenv("UCX_ERROR_SIGNALS", "", 0);
+  /* UCX's memory hooks (UCM) test themselves when first installed, during the first ucp_init:
+   * that test moves the program break up a page and back to the value it read before, while
+   * this process's other threads may be growing the malloc heap with brk at the same time (in
+   * Node ckpt_ucx_create runs on a worker thread). The restore then cuts off heap memory malloc
+   * has just handed out, and a later touch of it kills the process (SIGSEGV in a source daemon
+   * of the P2P tests, about one CI run in four). The hooks also patch libc's mmap, munmap, brk
+   * and madvise in place while other threads run them. Unless the user chose otherwise, none
+   * are installed: UCX then registers memory per transfer instead of caching registrations. */
+  setenv("UCX_MEM_EVENTS", "no", 0);
   /* RTLD_NODELETE: UCX keeps threads and atexit handlers of its own. */
   void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (lib == NULL) {
