@@ -11,7 +11,10 @@
 # a staged version <= 0.35 s.
 # CHANGING_EVERY=N: after step 0 only every N-th tensor changes, and the consumer says partial
 # (updates leave out what it holds); BASE=1: the trainer pushes only the changed tensors, on
-# the previous version; COMMITS=0 skips the staging commits.
+# the previous version; COMMITS=0 skips the staging commits. SPARSE=1 (issue 14): each step
+# changes 1% of the elements of 90% of the tensors, the consumer takes deltas, every update
+# waits for its version's deltas, and a last update changes one element. Targets: an update
+# moves <= 5% of the bytes in <= 0.1 x the full update's H2D floor; one element < 5 ms.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -28,7 +31,8 @@ daemon=$!
 for _ in $(seq 300); do curl -sf localhost:8470/v1/healthz >/dev/null && break; sleep 0.1; done
 token=$(cut -d: -f2 "$st/tokens")
 PYTHONUNBUFFERED=1 python3 integrations/torch_engine.py --socket "$st/sockets/gpu-0.sock" --device cuda:0 \
-  --layers "$layers" --updates "$steps" --steps ${CHANGING_EVERY:+--partial --changing-every "$CHANGING_EVERY"} \
+  --layers "$layers" --steps ${CHANGING_EVERY:+--partial --changing-every "$CHANGING_EVERY"} \
+  $([ "${SPARSE:-0}" = 1 ] && echo --sparse --hold-after "$steps" --updates $((steps + 1)) || echo --updates "$steps") \
   >"$out/engine.jsonl" 2>"$out/engine.err" &
 engine=$!
 for _ in $(seq 600); do
@@ -38,6 +42,7 @@ for _ in $(seq 600); do
 done
 PYTHONUNBUFFERED=1 python3 bench/rl_trainer.py --url http://127.0.0.1:8470 --token "$token" --layers "$layers" \
   --steps "$steps" --warmup "$warmup" ${CHANGING_EVERY:+--changing-every "$CHANGING_EVERY"} $([ "${BASE:-0}" = 1 ] && echo --base) \
+  $([ "${SPARSE:-0}" = 1 ] && echo --sparse) \
   ${COMMITS:+--commits "$COMMITS"} | tee "$out/trainer.jsonl"
 wait "$engine"
 kill -TERM "$daemon"
@@ -71,6 +76,18 @@ if steps:
           f"{med['total'] / f_h2d:.2f} x H2D floor (target 2.3)")
     print("per step (push, update, total):", [(round(s["push"], 3), round(s["update"], 3), round(s["total"], 3)) for s in get("step")])
     print("per step, bytes the update moved and tensors it left out:", [(s.get("updateBytes"), (s.get("skipped") or {}).get("tensors")) for s in get("step")])
+    sparse = [s for s in steps if s.get("delta")]
+    if sparse:
+        upd = st.median(s["update"] for s in sparse)
+        moved = st.median(s["updateBytes"] / nbytes for s in sparse)
+        print(f"sparse steps ({len(sparse)}): update {upd * 1000:.1f} ms = {upd / f_h2d:.3f} x the full update's H2D floor "
+              f"(target 0.1); moved {moved * 100:.2f}% of the bytes (target 5%); deltas made in "
+              f"{st.median(s['delta']['seconds'] for s in sparse):.3f} s after ready "
+              f"({st.median(s['delta']['bytes'] for s in sparse) / 1e9:.2f} GB for "
+              f"{st.median(s['delta']['tensors'] for s in sparse)} tensors; waited {st.median(s['deltaWait'] for s in sparse):.3f} s)")
+        print("per sparse step (update ms, deltas {tensors, bytes, wholeBytes}):", [(round(s["update"] * 1000, 1), s["deltas"]) for s in sparse])
+for one in get("one_element"):
+    print(f"one element changed: update {one['update'] * 1000:.2f} ms (target 5), {one['updateBytes']} bytes, state {one['state']}, deltas {one['deltas']}")
 engine = [json.loads(l) for l in out.joinpath("engine.jsonl").read_text().splitlines() if l.startswith("{")]
 print(f"failed updates: {len(bad)}; consumer: {sum(e['ok'] for e in engine)}/{len(engine)} updates bit-exact")
 PY

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from integrations.ckptd.trainer import StagingArea, push_cuda  # noqa: E402
-from integrations.torch_engine import STEP_SEED, layout, positive, step_of  # noqa: E402
+from integrations.torch_engine import STEP_SEED, layout, positive, sparse_step, step_of  # noqa: E402
 
 
 def call(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -35,9 +35,13 @@ def call(url: str, token: str, method: str, path: str, body: dict | None = None)
 
 
 def fill(tensors: dict[str, torch.Tensor], step: int, changing_every: int = 1) -> None:
+    """The tensors of `step` (from those of the step before it, under the sparse rule: 0)."""
     for i, t in enumerate(tensors.values()):
         if step > 0 and step_of(i, step, changing_every) == 0:
             continue  # frozen since step 0
+        if step > 0 and changing_every == 0:
+            sparse_step(t, i, step)
+            continue
         g = torch.Generator(device=t.device).manual_seed(1000 + i + STEP_SEED * step)
         t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32))
     torch.cuda.synchronize()
@@ -67,6 +71,9 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=4)
     ap.add_argument("--changing-every", type=positive, default=1, help="after step 0 only every N-th tensor changes")
     ap.add_argument("--base", action="store_true", help="push only the changed tensors, on the previous version")
+    ap.add_argument("--sparse", action="store_true",
+                    help="1%% of the elements of 90%% of the tensors change per step; each update waits for its "
+                         "version's deltas (reporting how long they took), and a last step changes one element")
     args = ap.parse_args()
     url, token = args.url, args.token
     torch.cuda.set_device(0)
@@ -88,7 +95,7 @@ def main() -> None:
         if v["name"] == "q8b-staged":
             call(url, token, "DELETE", f"/v1/checkpoints/{v['id']}")  # its block goes to the pool
 
-    every = args.changing_every
+    every = 0 if args.sparse else args.changing_every
     previous = None
     for step in range(args.steps):
         fill(tensors, step, every)
@@ -99,14 +106,41 @@ def main() -> None:
             pushed = push_cuda(url, "q8b", changed, token=token, base=previous)
         else:
             pushed = push_cuda(url, "q8b", tensors, token=token)
-        previous = pushed["id"]
         t1 = time.perf_counter()
-        upd = call(url, token, "POST", "/v1/updates", {"checkpoint": pushed["id"]})
+        delta = wait_delta(url, token, pushed["id"]) if args.sparse and previous is not None else None
+        previous = pushed["id"]
         t2 = time.perf_counter()
+        upd = call(url, token, "POST", "/v1/updates", {"checkpoint": pushed["id"]})
+        t3 = time.perf_counter()
         print(json.dumps({"what": "step", "step": step, "warmup": step < args.warmup, "push": t1 - t0,
-                          "update": t2 - t1, "total": t2 - t0, "state": upd.get("state"),
-                          "version": pushed["id"], "pushTimings": pushed.get("timings"),
-                          "updateBytes": upd.get("progress", {}).get("bytes"), "skipped": upd.get("skipped")}), flush=True)
+                          "update": t3 - t2, "total": t3 - t2 + t1 - t0, "state": upd.get("state"),
+                          "version": pushed["id"], "pushTimings": pushed.get("timings"), "delta": delta,
+                          "deltaWait": t2 - t1 if delta else None, "updateBytes": upd.get("progress", {}).get("bytes"),
+                          "skipped": upd.get("skipped"), "deltas": upd.get("deltas"), "timings": upd.get("timings")}),
+              flush=True)
+    if args.sparse and previous is not None:
+        # One element of one tensor changes: the smallest update there is.
+        name, t = next((k, t) for i, (k, t) in enumerate(tensors.items()) if i % 10 == 1)
+        t.view(-1)[12345] += 1
+        torch.cuda.synchronize()
+        pushed = push_cuda(url, "q8b", {name: t}, token=token, base=previous)
+        delta = wait_delta(url, token, pushed["id"])
+        t0 = time.perf_counter()
+        upd = call(url, token, "POST", "/v1/updates", {"checkpoint": pushed["id"]})
+        print(json.dumps({"what": "one_element", "update": time.perf_counter() - t0, "state": upd.get("state"),
+                          "delta": delta, "updateBytes": upd.get("progress", {}).get("bytes"),
+                          "deltas": upd.get("deltas"), "timings": upd.get("timings")}), flush=True)
+
+
+def wait_delta(url: str, token: str, version: str, limit: float = 60) -> dict | None:
+    """The version's deltas once the daemon made them (GET /v1/checkpoints/{id}: delta), or None."""
+    until = time.perf_counter() + limit
+    while time.perf_counter() < until:
+        got = call(url, token, "GET", f"/v1/checkpoints/{version}").get("delta")
+        if got:
+            return got
+        time.sleep(0.01)
+    return None
 
 
 if __name__ == "__main__":

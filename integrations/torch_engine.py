@@ -58,11 +58,41 @@ def expected(i: int, shape: list[int], device: torch.device | str, step: int = 0
 
 STEP_SEED = 100_003
 
+SPARSE_STRIDE = 100
+"""Sparse steps (bench/rl_step.sh SPARSE=1): a step changes every 100th element (1%)..."""
+SPARSE_FROZEN = 10
+"""...of every tensor but every 10th one (90% of them), which keeps step 0's contents."""
+
 
 def step_of(i: int, step: int, changing_every: int) -> int:
     """The RL step whose contents tensor i holds at `step` when only every `changing_every`-th
-    tensor changes after step 0 (bench/rl_step.sh CHANGING_EVERY): the others keep step 0's."""
+    tensor changes after step 0 (bench/rl_step.sh CHANGING_EVERY): the others keep step 0's.
+    changing_every 0: the sparse rule, where all but every SPARSE_FROZEN-th tensor change."""
+    if changing_every == 0:
+        return 0 if i % SPARSE_FROZEN == 0 else step
     return step if i % changing_every == 0 else 0
+
+
+def sparse_step(t: torch.Tensor, i: int, step: int) -> None:
+    """Sparse step `step` (>= 1) on tensor i, in place: every SPARSE_STRIDE-th element from an
+    offset that moves with the step takes a new value (a CUDA generator seeded 1000 + i +
+    STEP_SEED * step), so positions and values are pure functions of (i, step)."""
+    flat = t.view(-1)
+    off = (7 * step + i) % SPARSE_STRIDE
+    n = flat[off::SPARSE_STRIDE].numel()
+    g = torch.Generator(device=t.device).manual_seed(1000 + i + STEP_SEED * step)
+    flat[off::SPARSE_STRIDE] = torch.randn(n, generator=g, device=t.device, dtype=torch.float32).to(t.dtype)
+
+
+def contents(i: int, shape: list[int], device: torch.device | str, step: int, changing_every: int) -> torch.Tensor:
+    """Tensor i at `step`: step_of's step of `expected`, or under the sparse rule (changing_every
+    0) step 0's tensor with every sparse step up to `step` applied."""
+    if changing_every != 0:
+        return expected(i, shape, device, step_of(i, step, changing_every))
+    t = expected(i, shape, device, 0)
+    for s in range(1, step_of(i, step, 0) + 1):
+        sparse_step(t, i, s)
+    return t
 
 
 def check(params: dict[str, torch.Tensor], names: list[str], counts: collections.Counter[str],
@@ -80,7 +110,7 @@ def check(params: dict[str, torch.Tensor], names: list[str], counts: collections
     for i, name in enumerate(names):
         if i % check_every:
             continue
-        want = expected(i, list(params[name].shape), device, step_of(i, step, changing_every))
+        want = contents(i, list(params[name].shape), device, step, changing_every)
         # Compare bits (int16 views): NaN != NaN, and -0.0 == 0.0, would fool torch.equal.
         if not torch.equal(params[name].view(torch.int16), want.view(torch.int16)):
             mismatched.append(name)
@@ -110,6 +140,11 @@ def main() -> None:
                     help="say partial: updates may leave out what this engine holds (no NaN fill between them)")
     ap.add_argument("--changing-every", type=positive, default=1,
                     help="with --steps: after step 0 only every N-th tensor changes (the trainer's rule)")
+    ap.add_argument("--sparse", action="store_true",
+                    help="with --steps: the sparse rule (1%% of the elements of 90%% of the tensors change per "
+                         "step); implies --partial, and takes deltas")
+    ap.add_argument("--hold-after", type=positive, default=None,
+                    help="with --steps: updates after the N-th carry step N-1's contents again (checked ones)")
     ap.add_argument("--name", default=None, help="receiver name in the daemon's logs")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds to wait for each daemon message (default: forever)")
@@ -124,7 +159,10 @@ def main() -> None:
         names.append(name)
         params[name] = torch.empty(shape, dtype=torch.bfloat16, device=device)
 
-    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout, partial=args.partial)
+    every = 0 if args.sparse else args.changing_every
+    partial = args.partial or args.sparse
+    receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout, partial=partial,
+                        deltas=args.sparse)
     failed = done = 0
     held: dict[str, int] | None = None  # with --partial: the step each param holds, once known
     try:
@@ -144,10 +182,12 @@ def main() -> None:
                 # the daemon's buffers are its own; device-wide figures are the benchmark's.
                 peak = torch.cuda.max_memory_allocated(device) - base
                 step = done if args.steps else 0
+                if args.hold_after is not None:
+                    step = min(step, args.hold_after - 1)
                 ok, checked, mismatched, missing, repeated = check(
-                    params, names, counts, s["unknown"], args.check_every, device, step, args.changing_every, held)
-                held = ({n: step_of(i, step, args.changing_every) for i, n in enumerate(names)}
-                        if ok and args.partial else None)
+                    params, names, counts, s["unknown"], args.check_every, device, step, every, held)
+                held = ({n: step_of(i, step, every) for i, n in enumerate(names)}
+                        if ok and partial else None)
                 line.update(update=s["update"], checkpoint=s["checkpoint"], ok=ok,
                             applied=sum(counts.values()), checked=checked, mismatched=mismatched,
                             seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"],

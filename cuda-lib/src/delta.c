@@ -48,32 +48,51 @@ typedef struct {
   uint64_t n;
 } part_scan;
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#error "delta.c finds an element in a word by its low bits first: little-endian only"
+#endif
+
+/* The differences of elements [lo, hi) of `es` bytes (a constant where inlined), 8 bytes at a
+ * time: the XOR of a word that differs names its differing elements by their set bits (low
+ * bits first: the elements in ascending order, on little-endian machines). */
+static inline uint64_t scan_es(const uint8_t *base, const uint8_t *next, uint64_t lo, uint64_t hi, uint32_t es,
+                               uint32_t *pos, uint8_t *nv, uint8_t *ov) {
+  uint64_t n = 0, e = lo, per_word = 8 / es;
+  uint64_t lane = es == 8 ? ~0ull : (1ull << (8 * es)) - 1;
+  for (; e + per_word <= hi; e += per_word) {
+    const uint8_t *a = base + e * es, *b = next + e * es;
+    uint64_t x, y;
+    memcpy(&x, a, 8);
+    memcpy(&y, b, 8);
+    for (uint64_t d = x ^ y; d != 0;) {
+      uint32_t k = (uint32_t)__builtin_ctzll(d) / (8 * es);
+      pos[n] = (uint32_t)(e + k);
+      memcpy(nv + n * es, b + k * es, es);
+      memcpy(ov + n * es, a + k * es, es);
+      n++;
+      d &= ~(lane << (8 * es * k));
+    }
+  }
+  for (; e < hi; e++) {
+    if (memcmp(base + e * es, next + e * es, es) == 0) continue;
+    pos[n] = (uint32_t)e;
+    memcpy(nv + n * es, next + e * es, es);
+    memcpy(ov + n * es, base + e * es, es);
+    n++;
+  }
+  return n;
+}
+
 static void scan(void *arg) {
   part_scan *x = arg;
   const delta_job *j = x->job;
   uint64_t lo = (uint64_t)x->part * PART_ELEMS, hi = lo + PART_ELEMS < j->elems ? lo + PART_ELEMS : j->elems;
-  uint32_t es = j->elem;
-  uint64_t n = 0, e = lo, per_word = 8 / es;
-#define DIFF(at)                                                     \
-  do {                                                               \
-    if (memcmp(j->base + (at) * es, j->next + (at) * es, es) != 0) {  \
-      x->pos[n] = (uint32_t)(at);                                    \
-      memcpy(x->nv + n * es, j->next + (at) * es, es);               \
-      memcpy(x->ov + n * es, j->base + (at) * es, es);               \
-      n++;                                                           \
-    }                                                                \
-  } while (0)
-  /* Whole 8-byte words compared at once (most are equal), then their elements one by one. */
-  for (; e + per_word <= hi; e += per_word) {
-    uint64_t a, b;
-    memcpy(&a, j->base + e * es, 8);
-    memcpy(&b, j->next + e * es, 8);
-    if (a == b) continue;
-    for (uint64_t k = e; k < e + per_word; k++) DIFF(k);
+  switch (j->elem) { /* each size its own loop, its copies of constant size */
+    case 1: x->n = scan_es(j->base, j->next, lo, hi, 1, x->pos, x->nv, x->ov); break;
+    case 2: x->n = scan_es(j->base, j->next, lo, hi, 2, x->pos, x->nv, x->ov); break;
+    case 4: x->n = scan_es(j->base, j->next, lo, hi, 4, x->pos, x->nv, x->ov); break;
+    default: x->n = scan_es(j->base, j->next, lo, hi, 8, x->pos, x->nv, x->ov); break;
   }
-  for (; e < hi; e++) DIFF(e);
-#undef DIFF
-  x->n = n;
 }
 
 static void *find_worker(void *arg) {

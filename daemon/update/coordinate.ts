@@ -63,7 +63,8 @@ export class Coordination implements Flow {
     const plan = planWithPeers({ gpus: buffers.gpus.length, slots, slotBytes, peers: asked, shared });
     this.peersPlan = plan;
     this.planOptions = { bucketBytes: slotBytes, owners: plan.owners, slots };
-    this.buckets = this.deps.plan(this.version, this.planOptions);
+    // Alone, the buckets are planned once the receivers are known (narrow), not twice.
+    this.buckets = plan.participants.length > 0 ? this.deps.plan(this.version, this.planOptions) : [];
     return { version: this.version, buckets: this.buckets };
   }
 
@@ -76,7 +77,6 @@ export class Coordination implements Flow {
     const { version } = this;
     const skip = heldByAll(version.tensors, receivers);
     const chosen = chooseDeltas(version.tensors, receivers, version.delta, this.deps.later, skip);
-    if (skip.size === 0 && chosen.size === 0) return part;
     const bytes = version.tensors.reduce((n, t) => n + (skip.has(t.name) ? t.bytes : 0), 0);
     const items = deltaItems(version, chosen);
     this.buckets = this.deps.plan(version, this.planOptions as PlanOptions, skip, items);

@@ -90,17 +90,34 @@ def apply_deltas(params: Mapping[str, Any], patches: list[tuple[str, Delta]],
         if d.positions.numel() > 0:
             todo.append((name, p, d))
     if todo:
-        # A bucket's deltas are all in its slot, on one device: one copy of their maxima.
-        last = torch.stack([d.positions.max() for _, _, d in todo]).cpu()
+        # A bucket's deltas are all in its slot, on one device, positions ascending: one copy of
+        # their last positions checks them all.
+        last = torch.stack([d.positions[-1] for _, _, d in todo]).cpu()
         for (name, _, d), m in zip(todo, last.tolist()):
-            if m >= d.numel:
+            if m >= d.numel or m < 0:
                 raise ValueError(f"{name}: the delta's position {m} is past the tensor's {d.numel} elements")
     for name, p, d in todo:
-        index = d.positions.to(device=p.device, dtype=torch.int64, non_blocking=True)
-        p.view(-1).index_copy_(0, index, d.values.to(p.device, non_blocking=True))
+        index, values = d.positions, d.values
+        if index.device != p.device:
+            index, values = index.to(p.device, non_blocking=True), values.to(p.device, non_blocking=True)
+        p.view(-1)[index if _int32_indexes(torch) else index.long()] = values
         if counts is not None:
             counts[name] += 1
     return unknown
+
+
+_INT32_INDEXES: list[bool] = []
+
+
+def _int32_indexes(torch: Any) -> bool:
+    """Whether this torch indexes with int32 tensors (2.x does; 1.x wants int64 copies)."""
+    if not _INT32_INDEXES:
+        try:
+            torch.zeros(1)[torch.zeros(1, dtype=torch.int32)] = 1
+            _INT32_INDEXES.append(True)
+        except (IndexError, RuntimeError):
+            _INT32_INDEXES.append(False)
+    return _INT32_INDEXES[0]
 
 
 def visible_entry(local_index: int, visible: str | None = None) -> str:

@@ -9,7 +9,7 @@ except ImportError:  # run-tests.sh requires torch in CI
     torch = None
 
 if torch is not None:
-    from integrations.torch_engine import check, expected, step_of
+    from integrations.torch_engine import check, contents, expected, sparse_step, step_of
 
 
 @unittest.skipIf(torch is None, "needs torch")
@@ -42,6 +42,26 @@ class CheckTest(unittest.TestCase):
         ok, _, mismatched, missing, _ = self.run_check(params, ["t0"], 2, every, held)
         self.assertFalse(ok)
         self.assertEqual((missing, mismatched), (["t3"], ["t3"]))
+
+
+@unittest.skipIf(torch is None, "needs torch")
+class SparseRuleTest(unittest.TestCase):
+    def test_a_sparse_step_changes_one_element_in_a_hundred_of_nine_tensors_in_ten(self):
+        shape = [50, 40]
+        for i in (0, 3, 10, 11):
+            before, after = contents(i, shape, "cpu", 1, 0), contents(i, shape, "cpu", 2, 0)
+            changed = (before.view(torch.int16) != after.view(torch.int16)).sum().item()
+            if i % 10 == 0:
+                self.assertEqual(changed, 0)  # frozen since step 0
+                self.assertTrue(torch.equal(after, expected(i, shape, "cpu", 0)))
+            else:
+                self.assertGreater(changed, 15)  # 20 positions; a new value may equal the old
+                self.assertLessEqual(changed, 20)
+            # A trainer applying step 2 to what it held at step 1 gets what the consumer wants.
+            held = before.clone()
+            if i % 10:
+                sparse_step(held, i, 2)
+            self.assertTrue(torch.equal(held.view(torch.int16), after.view(torch.int16)))
 
 
 if __name__ == "__main__":
