@@ -493,7 +493,7 @@ export class Context {
   }
 
   /**
-   * The ckpt hash (ckpt.h: XXH64 of each MiB, then of those) of each (address, len) pair in
+   * The ckpt hash (ckpt.h: XXH64 of each 64 KiB, then of those) of each (address, len) pair in
    * `ranges`, on up to `threads` threads. onProgress, if given, sees the bytes hashed so far
    * every `everyMs` while it runs.
    */

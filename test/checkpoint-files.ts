@@ -63,12 +63,12 @@ export function writeModel(dir: string, files = 2, layers = 3, hidden = 64): Wri
 let hasher: Awaited<ReturnType<typeof xxhash>> | undefined;
 
 /**
- * The ckpt hash (cuda-lib/include/ckpt.h: XXH64 of each MiB, then XXH64 of those hashes as
+ * The ckpt hash (cuda-lib/include/ckpt.h: XXH64 of each 64 KiB, then XXH64 of those hashes as
  * little-endian uint64s) as 16 hex digits, from an XXH64 independent of libckpt.
  */
 export async function ckptHash(bytes: Uint8Array): Promise<string> {
   hasher ??= await xxhash();
-  const chunk = 1 << 20;
+  const chunk = 1 << 16;
   const chunks = new DataView(new ArrayBuffer(8 * Math.ceil(bytes.byteLength / chunk)));
   for (let at = 0; at < bytes.byteLength; at += chunk) {
     chunks.setBigUint64(at / 128 / 1024, hasher.h64Raw(bytes.subarray(at, at + chunk)), true);

@@ -266,7 +266,7 @@ int ckpt_host_copy(ckpt_ctx *ctx, const uint64_t *ranges, size_t n, int32_t thre
  * may be shorter; an empty range has none), then XXH64 of those chunk hashes taken as
  * little-endian uint64s. The chunks let many threads (or a GPU) hash one large tensor at once,
  * and let a part of a tensor be checked alone. */
-#define CKPT_HASH_CHUNK 1048576u /* 1 MiB */
+#define CKPT_HASH_CHUNK 65536u /* 64 KiB: a 256 MiB bucket is 4096 chunks, hashed by as many GPU threads */
 
 /* The ckpt hash of each of n host ranges; ranges holds n (address, len) pairs of uint64,
  * hashes receives n values. If chunk_hashes is not NULL it receives every range's chunk

@@ -14,6 +14,8 @@
 #include <unistd.h>
 
 #define CHUNK (64ull << 20) /* the least a thread reads at a time */
+/* What a thread reads at a time where it hashes what it reads: a few chunks, still in cache. */
+#define HASHED_PIECE (16ull * CKPT_HASH_CHUNK)
 
 /* Opens path read-only and checks it is a non-empty regular file; its size goes to *size. */
 static int open_regular(ckpt_ctx *ctx, const char *what, const char *path, int *fd_out,
@@ -139,7 +141,11 @@ static void *read_worker(void *arg) {
       }
       done += (uint64_t)got;
     }
-    if (p->hash >= 0) job->chunks[p->hash] = ckpt__xxh64(dst, (size_t)p->len);
+    /* A hashed piece holds up to HASHED_PIECE / CKPT_HASH_CHUNK chunks, numbered from p->hash. */
+    for (uint64_t at = 0; p->hash >= 0 && at < p->len; at += CKPT_HASH_CHUNK) {
+      size_t n = (size_t)(p->len - at < CKPT_HASH_CHUNK ? p->len - at : CKPT_HASH_CHUNK);
+      job->chunks[p->hash + (int64_t)(at / CKPT_HASH_CHUNK)] = ckpt__xxh64(dst + at, n);
+    }
   }
   return NULL;
 }
@@ -254,10 +260,10 @@ CKPT_API int ckpt_file_read_hash(ckpt_ctx *ctx, const char *path, uint64_t offse
       const by_offset *r = &order[k];
       if (r->len == 0) continue; /* no chunk, and it may lie inside another range */
       m = gap_pieces(pieces, m, at, r->at);
-      for (size_t c = first[r->index]; c < first[r->index + 1]; c++) {
-        uint64_t from = r->at + (uint64_t)(c - first[r->index]) * CKPT_HASH_CHUNK;
+      for (uint64_t from = r->at; from < r->at + r->len; from += HASHED_PIECE) {
         uint64_t l = r->at + r->len - from;
-        pieces[m++] = (piece){from, l < CKPT_HASH_CHUNK ? l : CKPT_HASH_CHUNK, (int64_t)c};
+        int64_t c = (int64_t)(first[r->index] + (from - r->at) / CKPT_HASH_CHUNK);
+        pieces[m++] = (piece){from, l < HASHED_PIECE ? l : HASHED_PIECE, c};
       }
       at = r->at + r->len;
     }

@@ -1,4 +1,4 @@
-/* The ckpt hash of host ranges (see ckpt_hash in ckpt.h): XXH64 (seed 0) of every 1 MiB chunk,
+/* The ckpt hash of host ranges (see ckpt_hash in ckpt.h): XXH64 (seed 0) of every 64 KiB chunk,
  * spread over threads chunk by chunk, then XXH64 (xxh64.h) of each range's chunk hashes. CPU
  * only; the same in both backends. */
 #include "common.h"

@@ -3,7 +3,7 @@
  * the device memory holding them (CUDA IPC; on the host backend, a shared-memory buffer), and
  * the daemon copies them device-to-host into a pooled pinned block laid out as safetensors,
  * with its own streams, while a kernel on each device hashes the same bytes where they are
- * (ckpt_buf_hash: every 1 MiB chunk on a thread of its own, a few ms for 16 GB, where the
+ * (ckpt_buf_hash: every 64 KiB chunk on a thread of its own, a few ms for 16 GB, where the
  * host's CPUs would take longer than the copy). No byte goes
  * through HTTP or through the trainer's host memory; the trainer may change its tensors once
  * the push has answered. The version lives in memory, as a pulled one does.

@@ -37,7 +37,7 @@ export interface TensorRecord {
   file: number;
   /** Byte offset of the tensor in its file. */
   offset: number;
-  /** The ckpt hash of the tensor's bytes (ckpt.h: XXH64 of each MiB, then of those), 16 hex digits. */
+  /** The ckpt hash of the tensor's bytes (ckpt.h: XXH64 of each 64 KiB, then of those), 16 hex digits. */
   hash: string;
 }
 

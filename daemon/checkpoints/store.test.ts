@@ -78,7 +78,7 @@ describe("saveRegistry", () => {
     await saveRegistry(stateDir, registry);
     const saved = savedJson(stateDir);
     expect(saved).toEqual({
-      format: 2,
+      format: 3,
       next: { m: 8 },
       versions: [{ name: "m", version: 1, createdAt: v.createdAt, files: v.files, tensors: v.tensors }],
       registering: [],
@@ -187,7 +187,7 @@ describe("restoreRegistry", () => {
     const probe = newRegistry(tempDir());
     const v = await register(probe, "probe", path);
     const saved = {
-      format: 2,
+      format: 3,
       next: { m: 2 },
       versions: [
         {

@@ -13,14 +13,14 @@ interface SavedVersion {
 }
 
 /**
- * 2: tensor hashes are ckpt hashes (ckpt.h). 1: plain XXH64, which this daemon no longer
- * computes: a format-1 version is restored when its files are unchanged (size, modification
- * time) and its hashes are computed anew, not compared.
+ * 3: tensor hashes are ckpt hashes (ckpt.h) of 64 KiB chunks. 2 (chunks of 1 MiB) and 1 (plain
+ * XXH64) are hashes this daemon no longer computes: such a version is restored when its files
+ * are unchanged (size, modification time) and its hashes are computed anew, not compared.
  */
-const FORMAT = 2;
+const FORMAT = 3;
 
 interface Saved {
-  format: 1 | 2;
+  format: 1 | 2 | 3;
   next: Record<string, number>;
   versions: SavedVersion[];
   /** Versions still registering at the save: reported at the next start if never saved ready. */
