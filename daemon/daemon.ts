@@ -145,6 +145,8 @@ async function openParts(
       receiverTimeoutMs,
       engines,
       bucketOrder: bucketOrderFor(config.bucketOrder, engines),
+      verifyUpdates: config.verifyUpdates,
+      threads: config.ioThreads,
     });
     log.info({ gpus: path.gpus, ...path.geometry, sockets: hub.socketDir }, "update path ready");
     const transport = new PullTransport({

@@ -11,6 +11,7 @@ import {
   CKPT_EINVAL,
   CKPT_ERROR_BYTES,
   CKPT_ETIMEDOUT,
+  CKPT_HASH_CHUNK,
   CKPT_REGISTER_READONLY,
 } from "./constants.ts";
 import { CkptError } from "./errors.ts";
@@ -306,6 +307,44 @@ export class Context {
    * The ckpt hash of each (buffer index, offset, len) triple in `ranges`, over buffers of one
    * device, computed on that device (host backend: on up to `threads` threads).
    */
+  /**
+   * The chunk hashes (ckpt.h: CKPT_HASH_CHUNK bytes each) of each (buffer index, offset, len)
+   * triple of `ranges` over `bufs`, hashed where the bytes are (a kernel on their GPU), range
+   * after range: ceil(len / CKPT_HASH_CHUNK) per range.
+   */
+  async bufChunkHashes(bufs: DeviceBuffer[], ranges: BigUint64Array, threads: number): Promise<BigUint64Array> {
+    if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (buffer, offset, len) triples");
+    const n = ranges.length / 3;
+    let total = 0;
+    for (let i = 0; i < n; i++) total += Math.ceil(Number(ranges[3 * i + 2]) / CKPT_HASH_CHUNK);
+    const chunks = new BigUint64Array(Math.max(1, total));
+    if (n === 0) return chunks.subarray(0, 0);
+    const handles = new BigUint64Array(bufs.map((b) => b.handle));
+    const args = [handles, bufs.length, ranges, n, new BigUint64Array(n), chunks, threads];
+    this.check("ckpt_buf_hash", await promisify<number>(this.lib.native.bufHash, args));
+    return chunks.subarray(0, total);
+  }
+
+  /**
+   * The ckpt hash of each (address, len) pair of host memory, and its chunk hashes (range after
+   * range), on up to `threads` threads.
+   */
+  async chunkHashes(
+    ranges: BigUint64Array,
+    threads: number,
+  ): Promise<{ hashes: BigUint64Array; chunks: BigUint64Array }> {
+    if (ranges.length % 2 !== 0) throw new RangeError("ranges must hold (address, len) pairs");
+    const n = ranges.length / 2;
+    let total = 0;
+    for (let i = 0; i < n; i++) total += Math.ceil(Number(ranges[2 * i + 1]) / CKPT_HASH_CHUNK);
+    const chunks = new BigUint64Array(Math.max(1, total));
+    const hashes = new BigUint64Array(n);
+    if (n === 0) return { hashes, chunks: chunks.subarray(0, 0) };
+    const args = [this.ptr, ranges, n, hashes, chunks, threads, null];
+    this.check("ckpt_hash", await promisify<number>(this.lib.native.hash, args));
+    return { hashes, chunks: chunks.subarray(0, total) };
+  }
+
   async bufHash(bufs: DeviceBuffer[], ranges: BigUint64Array, threads: number): Promise<BigUint64Array> {
     if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (buffer, offset, len) triples");
     const hashes = new BigUint64Array(ranges.length / 3);

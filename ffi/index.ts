@@ -20,6 +20,7 @@ export {
   CKPT_EHANDLE,
   CKPT_ERANGE,
   CKPT_EUCX,
+  CKPT_HASH_CHUNK,
   CKPT_IPC_CUDA,
   CKPT_IPC_HOST,
 } from "./constants.ts";

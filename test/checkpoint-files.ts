@@ -71,7 +71,7 @@ export async function ckptHash(bytes: Uint8Array): Promise<string> {
   const chunk = 1 << 16;
   const chunks = new DataView(new ArrayBuffer(8 * Math.ceil(bytes.byteLength / chunk)));
   for (let at = 0; at < bytes.byteLength; at += chunk) {
-    chunks.setBigUint64(at / 128 / 1024, hasher.h64Raw(bytes.subarray(at, at + chunk)), true);
+    chunks.setBigUint64((at / chunk) * 8, hasher.h64Raw(bytes.subarray(at, at + chunk)), true);
   }
   return hasher.h64Raw(new Uint8Array(chunks.buffer)).toString(16).padStart(16, "0");
 }

@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import { type Config, defaults } from "../daemon/config/index.ts";
 import type { Daemon } from "../daemon/daemon.ts";
+import { viewMemory } from "../ffi/index.ts";
 import { ckptHash, type WrittenTensor, writeModel, writeSafetensors, writeTensors } from "./checkpoint-files.ts";
 import { endSigned, tempDir, testCredentials, within } from "./helpers.ts";
 import { apiOf, startInProcess } from "./in-process.ts";
@@ -117,7 +118,7 @@ describe("updates that move only what changed", () => {
     // The same version again moves nothing; going back to m@1 moves b back.
     const again = (await api("POST", "/v1/updates", { checkpoint: "m@2" })).body;
     expect(again).toMatchObject({ state: "succeeded", progress: { buckets: 0, bytes: 0 }, skipped: { tensors: 3 } });
-    const back = (await api("POST", "/v1/updates", { checkpoint: "m@1" })).body;
+    const back = (await api("POST", "/v1/updates", { checkpoint: "m@1", verify: true })).body;
     expect(back).toMatchObject({ state: "succeeded", skipped: { tensors: 2 } });
     await expectModel(r, v1);
   });
@@ -214,8 +215,9 @@ describe("updates that send deltas", () => {
     const made = await deltaOf(api, "m@2");
     expect(made).toMatchObject({ base: "m@1", tensors: 2 });
     expect(made.changes).toBe(Math.round(4096 * 1024 * 0.04) + Math.round(1200 * 1024 * 0.01));
-    const step = (await api("POST", "/v1/updates", { checkpoint: "m" })).body;
+    const step = (await api("POST", "/v1/updates", { checkpoint: "m", verify: true })).body;
     expect(step.state, JSON.stringify(step.error)).toBe("succeeded");
+    expect(step.verify).toBe(true); // the deltas' bytes too, against their own chunk hashes
     expect(step.deltas).toMatchObject({ tensors: 2, wholeBytes: 4096 * 1024 * 4 + 1200 * 1024 * 2 });
     // 4% of big at 8 bytes a change, 1% of mid at 6, and small whole.
     expect(step.progress.bytes).toBeLessThan(0.04 * 8 * 4096 * 1024 + 0.01 * 6 * 1200 * 1024 + 4096 + 4 * 4096);
@@ -226,7 +228,7 @@ describe("updates that send deltas", () => {
     }
 
     // Back to m@1: m@2's deltas carry the old values too.
-    const back = (await api("POST", "/v1/updates", { checkpoint: "m@1" })).body;
+    const back = (await api("POST", "/v1/updates", { checkpoint: "m@1", verify: true })).body;
     expect(back).toMatchObject({ state: "succeeded", deltas: { tensors: 2 } });
     await expectModel(r0, v1);
     await expectModel(r1, v1);
@@ -265,6 +267,65 @@ describe("updates that send deltas", () => {
     expect(all).toMatchObject({ state: "succeeded", deltas: { tensors: 0 }, skipped: { tensors: 0 } });
     await expectModel(fresh, v3);
     await expectModel(r, v3);
+  });
+});
+
+describe("verified updates", () => {
+  it("hashes every bucket where it landed, and refuses a corrupted one before any engine sees it, naming it", async () => {
+    const { api, receiver, daemon } = await start({ hostDevices: 2 });
+    const tensors = await register(api); // copied into pinned memory: only the daemon writes it
+    const r0 = await receiver(0, "engine-0");
+    const r1 = await receiver(1, "engine-1");
+    const ok = (await api("POST", "/v1/updates", { checkpoint: "m", verify: true })).body;
+    expect(ok).toMatchObject({ state: "succeeded", verify: true });
+    expect(ok.timings.verifySeconds).toBeGreaterThan(0);
+    await expectDelivered(r0, "u-1", tensors);
+    await expectDelivered(r1, "u-1", tensors);
+
+    // A byte of "big" changes in the daemon's pinned memory, under the version.
+    const version = daemon.registry.get("m@1");
+    const big = version.tensors.find((t) => t.name === "big");
+    if (!big) throw new Error("no big");
+    const mem = version.pinned[big.file]?.mem;
+    if (!mem) throw new Error("no memory");
+    const at = big.offset + 5 * 65536 + 17;
+    const byte = viewMemory(mem.address + BigInt(at), 1);
+    byte[0] = (byte[0] as number) ^ 0xff;
+    const caught = await api("POST", "/v1/updates", { checkpoint: "m", verify: true });
+    expect(caught.status).toBe(502);
+    expect(caught.body.error.message).toMatch(
+      /^verification failed on GPU [01]: bucket \d+, tensor big, bytes \[327680, 393216\) hash [0-9a-f]{16} there, not [0-9a-f]{16}/,
+    );
+    // The bucket that held it reached no receiver.
+    const bucket = Number(/bucket (\d+)/.exec(caught.body.error.message)?.[1]);
+    for (const r of [r0, r1])
+      expect(r.seen.some((m) => m.update === "u-2" && m.op === "bucket" && m.bucket === bucket)).toBe(false);
+    // Without verification the same bytes go through: the check is what caught them.
+    const unchecked = (await api("POST", "/v1/updates", { checkpoint: "m", verify: false })).body;
+    expect(unchecked).toMatchObject({ state: "succeeded", verify: false });
+    expect(r0.hashes.get("u-3")?.get("big")).not.toBe(
+      await ckptHash(tensors.find((t) => t.name === "big")?.bytes as Uint8Array),
+    );
+  });
+
+  it("checks a version's pinned memory against its registered hashes before its first verified update", async () => {
+    const { api, receiver, daemon } = await start({ hostDevices: 1 });
+    await register(api);
+    await receiver(0, "engine");
+    const version = daemon.registry.get("m@1");
+    const t = version.tensors[0];
+    const mem = t && version.pinned[t.file]?.mem;
+    if (!t || !mem) throw new Error("no tensor");
+    const byte = viewMemory(mem.address + BigInt(t.offset), 1);
+    byte[0] = (byte[0] as number) ^ 1;
+    const refused = await api("POST", "/v1/updates", { checkpoint: "m", verify: true });
+    expect(refused.status).toBe(502);
+    expect(refused.body.error.message).toMatch(
+      new RegExp(
+        `^verification: tensor ${t.name} of m@1 hashes [0-9a-f]{16} in pinned memory, not ${t.hash} as registered: its memory changed since`,
+      ),
+    );
+    expect(refused.body.error.message).not.toContain(`hashes ${t.hash}`);
   });
 });
 

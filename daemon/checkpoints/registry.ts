@@ -138,6 +138,8 @@ export class CheckpointVersion {
   pinned: PinnedFile[] = [];
   /** Its deltas against the version before it, once made (deltas/derive.ts). */
   delta?: VersionDelta;
+  /** Its tensors' chunk hashes, once a verified update needed them (update/verify.ts). */
+  chunks?: Map<string, BigUint64Array>;
   /** Stops watching the in-place files (set once ready). */
   unwatch: () => void = () => undefined;
   readonly abort = new AbortController();

@@ -100,6 +100,7 @@ export const ConfigSchema = v.strictObject({
   bucketBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 20)),
   bucketSlots: v.pipe(v.number(), v.integer(), v.minValue(2), v.maxValue(64)),
   bucketOrder: v.picklist(["auto", "size", "layers"]),
+  verifyUpdates: v.boolean(),
   bucketMemoryBytes: v.pipe(v.number(), v.integer(), v.minValue(1 << 21)),
   receiverTimeoutMs: v.pipe(v.number(), v.integer(), v.minValue(1)),
   maxBodyBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
@@ -228,6 +229,12 @@ export const KEYS: Record<ConfigKey, KeyDoc> = {
     env: "CKPTD_BUCKET_ORDER",
     kind: "string",
     help: "size: largest tensors first; layers: in layer order, for engines that reload layer by layer (vLLM: quantized and MLA models); auto: layers when a vllm engine may reload so",
+  },
+  verifyUpdates: {
+    flag: "--verify-updates",
+    env: "CKPTD_VERIFY_UPDATES",
+    kind: "json",
+    help: "true: updates hash each bucket on its GPU against the manifest before engines apply it, unless they say verify: false",
   },
   bucketMemoryBytes: {
     flag: "--bucket-memory-bytes",
@@ -392,6 +399,7 @@ export function defaults(env: Record<string, string | undefined>): Config {
     bucketBytes: 256 << 20,
     bucketSlots: 4,
     bucketOrder: "auto",
+    verifyUpdates: false,
     bucketMemoryBytes: 1 << 30,
     receiverTimeoutMs: 30000,
     maxBodyBytes: 16 << 20,

@@ -19,6 +19,7 @@ const delta = (name: string, from: string, to: string, offset = 0): TensorDelta 
   offset,
   valuesBytes: 8,
   positionsBytes: 16,
+  hashes: { forward: new BigUint64Array(1), back: new BigUint64Array(1) },
 });
 const version = (base: string, ...ds: TensorDelta[]): VersionDelta => ({
   base,

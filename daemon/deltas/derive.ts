@@ -6,7 +6,7 @@
  * every version stays whole, and dropping either version drops the delta.
  */
 import type { Logger } from "pino";
-import type { Context, FoundDelta, HostMemory } from "../../ffi/index.ts";
+import { CKPT_HASH_CHUNK, type Context, type FoundDelta, type HostMemory } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry, TensorRecord } from "../checkpoints/registry.ts";
 import { DTYPE_BITS } from "../checkpoints/safetensors.ts";
 import { assertUnchanged } from "../checkpoints/watch.ts";
@@ -30,6 +30,8 @@ export interface TensorDelta {
   offset: number;
   valuesBytes: number;
   positionsBytes: number;
+  /** The chunk hashes of the span each way (verified updates check the buckets against them). */
+  hashes: { forward: BigUint64Array; back: BigUint64Array };
 }
 
 /** A version's deltas against its base. */
@@ -81,6 +83,27 @@ export function deltaElem(t: TensorRecord, base: TensorRecord | undefined, minBy
 
 /** Most changes a delta of this tensor may have. */
 export const deltaLimit = (bytes: number, elem: number) => Math.floor(bytes / 4 / (4 + elem));
+
+/** Sets each delta's chunk hashes, of its span forward and back, from the delta memory. */
+async function hashSpans(ctx: Context, mem: HostMemory, deltas: TensorDelta[], threads: number): Promise<void> {
+  const spans = deltas.flatMap((d) => [span(d, false), span(d, true)]);
+  const ranges = new BigUint64Array(spans.length * 2);
+  spans.forEach((s, i) => {
+    ranges[2 * i] = mem.address + BigInt(s.offset);
+    ranges[2 * i + 1] = BigInt(s.bytes);
+  });
+  const { chunks } = await ctx.chunkHashes(ranges, threads);
+  let k = 0;
+  const next = (bytes: number) => {
+    const n = Math.ceil(bytes / CKPT_HASH_CHUNK);
+    k += n;
+    return chunks.subarray(k - n, k);
+  };
+  for (const d of deltas) {
+    const forward = next(span(d, false).bytes);
+    d.hashes = { forward, back: next(span(d, true).bytes) };
+  }
+}
 
 export interface DeltasOptions {
   ctx: Context;
@@ -174,6 +197,7 @@ export class Deltas {
         offset: bytes,
         valuesBytes,
         positionsBytes,
+        hashes: { forward: new BigUint64Array(0), back: new BigUint64Array(0) },
       });
       bytes += 2 * valuesBytes + positionsBytes;
     }
@@ -196,6 +220,7 @@ export class Deltas {
         const positions = where + BigInt(d.valuesBytes);
         await delta.take(positions, where, positions + BigInt(d.positionsBytes));
       }
+      await hashSpans(ctx, mem, [...tensors.values()], threads);
       if (abort.signal.aborted) throw new Error("cancelled");
     } catch (err) {
       freeAll();

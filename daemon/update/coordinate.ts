@@ -6,7 +6,7 @@
  */
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
-import { chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
+import { type Chosen, chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
 import type { VersionDelta } from "../deltas/derive.ts";
 import type { Buffers } from "./buffers.ts";
 import type { DataPath } from "./data-path.ts";
@@ -20,6 +20,16 @@ import { type Receiver, ReceiverError } from "./receivers.ts";
 import type { UpdateRecord } from "./record.ts";
 import type { Flow } from "./run-update.ts";
 import { heldByAll } from "./skip.ts";
+import { type Expected, versionChunks } from "./verify.ts";
+
+/** What each piece should hash to: its tensor's chunks, or its delta's (forward or back). */
+function expectedOf(chunks: Map<string, BigUint64Array>, deltas: Map<string, Chosen>): Expected {
+  return (p) => {
+    if (!p.delta) return chunks.get(p.name);
+    const c = deltas.get(p.name);
+    return c && (c.back ? c.delta.hashes.back : c.delta.hashes.forward);
+  };
+}
 
 export interface CoordinationDeps {
   ctx: Context;
@@ -37,10 +47,14 @@ export interface CoordinationDeps {
   plan: (version: CheckpointVersion, opts: PlanOptions, skip?: Set<string>, deltas?: DeltaItems) => Bucket[];
   /** The deltas of versions whose base is the one updated to (they take engines back to it). */
   later: VersionDelta[];
+  /** Threads for hashing on the host. */
+  threads: number;
 }
 
 export class Coordination implements Flow {
   private peersPlan?: PeersPlan;
+  /** The version's chunk hashes, when the update verifies. */
+  private chunks?: Map<string, BigUint64Array>;
   private planOptions?: PlanOptions;
   private buckets: Bucket[] = [];
   private readonly ends: Promise<void>[] = [];
@@ -55,6 +69,9 @@ export class Coordination implements Flow {
 
   async plan(buffers: Buffers): Promise<Part> {
     const { peers, receiverTimeoutMs: timeout } = this.deps;
+    // What verification compares with, before anyone is asked to take part (the first time, its
+    // chunk hashes are computed from pinned memory: about a second for 16 GB on 16 threads).
+    if (this.record.verify) this.chunks = await versionChunks(this.deps.ctx, this.version, this.deps.threads);
     const { slots, slotBytes } = buffers;
     const fp = fingerprint(this.version);
     const infos = await Promise.all(peers.map((url) => peerInfo(this.deps.sign, url, this.version.name, fp, timeout)));
@@ -65,7 +82,8 @@ export class Coordination implements Flow {
     this.planOptions = { bucketBytes: slotBytes, owners: plan.owners, slots };
     // Alone, the buckets are planned once the receivers are known (narrow), not twice.
     this.buckets = plan.participants.length > 0 ? this.deps.plan(this.version, this.planOptions) : [];
-    return { version: this.version, buckets: this.buckets };
+    const expected = this.chunks && expectedOf(this.chunks, new Map());
+    return { version: this.version, buckets: this.buckets, ...(expected ? { expected } : {}) };
   }
 
   /**
@@ -87,6 +105,7 @@ export class Coordination implements Flow {
       skipped: { tensors: skip.size, bytes },
       deltas: { tensors: chosen.size, bytes: deltaBytes, wholeBytes: items.wholeBytes },
       sources: items.sources,
+      ...(this.chunks ? { expected: expectedOf(this.chunks, chosen) } : {}),
     };
   }
 

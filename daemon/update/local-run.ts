@@ -16,6 +16,7 @@ import type { Bucket } from "./plan.ts";
 import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
 import { receiverState, type UpdateRecord } from "./record.ts";
 import { heldAs } from "./skip.ts";
+import type { Expected } from "./verify.ts";
 
 export interface LocalDeps {
   ctx: Context;
@@ -25,6 +26,8 @@ export interface LocalDeps {
   engines: EngineConfig[];
   socketDir: string;
   receiverTimeoutMs: number;
+  /** Threads for hashing on the host backend (verification). */
+  threads?: number;
 }
 
 /** What moves: the buckets, and the registered version on daemons whose host holds it. */
@@ -37,6 +40,8 @@ export interface Part {
   deltas?: { tensors: number; bytes: number; wholeBytes: number };
   /** What the buckets' pieces copy from, when deltas lie past the version's files. */
   sources?: readonly HostMemory[];
+  /** What each piece should hash to on the GPUs, when the update verifies (verify.ts). */
+  expected?: Expected;
 }
 
 export class LocalRun {
@@ -107,6 +112,7 @@ export class LocalRun {
       buckets: part.buckets,
       version: part.version,
       sources: part.sources,
+      ...(part.expected ? { verify: { expected: part.expected, threads: this.deps.threads ?? 1 } } : {}),
       update: record.id,
       receivers,
       acked: this.acked,

@@ -123,7 +123,7 @@ function progress(): UpdateProgress {
   return {
     t0: performance.now(),
     progress: { bucketsDone: 0, bytesDone: 0 },
-    timings: { stallSeconds: 0 },
+    timings: { stallSeconds: 0, verifySeconds: 0 },
     buckets: [],
   };
 }

@@ -10,6 +10,7 @@ import { assertUnchanged, changedUnderneath } from "../checkpoints/watch.ts";
 import { at, type Buffers } from "./buffers.ts";
 import type { Bucket } from "./plan.ts";
 import type { Receiver } from "./receivers.ts";
+import { type Expected, verifyBucket } from "./verify.ts";
 
 /** The ranks a bucket is broadcast to: this daemon's GPUs are ranks firstRank.. of comm. */
 export interface Group {
@@ -37,7 +38,7 @@ export interface BucketTiming {
 export interface UpdateProgress {
   readonly t0: number;
   progress: { bucketsDone: number; bytesDone: number };
-  timings: { stallSeconds: number };
+  timings: { stallSeconds: number; verifySeconds: number };
   buckets: BucketTiming[];
 }
 
@@ -50,6 +51,8 @@ export interface TransmitOptions {
   version?: CheckpointVersion;
   /** The memory a piece's `file` indexes, when deltas lie past the version's files (deltas/choose.ts). */
   sources?: readonly HostMemory[];
+  /** Hash each bucket on each GPU it lands on and compare it with `expected` before the engines see it. */
+  verify?: { expected: Expected; threads: number };
   update: string;
   receivers: Receiver[];
   acked: Map<Receiver, number>;
@@ -180,6 +183,11 @@ async function deliver(o: TransmitOptions, b: Bucket, timing: BucketTiming): Pro
         throw new Error(`bucket ${b.index} did not reach GPU ${gpu} within ${timeout} ms`);
       }
       timing.landed = Math.max(timing.landed ?? 0, since(o.record.t0));
+      if (o.verify) {
+        const started = performance.now();
+        await verifyBucket(ctx, at(g.slots, b.slot), gpu, b, o.verify.expected, o.verify.threads);
+        o.record.timings.verifySeconds += (performance.now() - started) / 1000;
+      }
       const mine = o.receivers.filter((r) => r.gpu === gpu);
       for (const r of mine) r.send(msg);
       await Promise.all(

@@ -6,6 +6,7 @@
  * tensor is cut only when it is larger than a bucket or straddles two GPUs' shares.
  */
 
+import { CKPT_HASH_CHUNK } from "../../ffi/constants.ts";
 import type { TensorRecord } from "../checkpoints/registry.ts";
 import { FirstFit } from "./first-fit.ts";
 
@@ -83,7 +84,10 @@ export function planBuckets(tensors: PlanTensor[], opts: PlanOptions): Bucket[] 
   if (!(opts.bucketBytes >= align) || opts.bucketBytes % align !== 0) {
     throw new RangeError(`bucketBytes ${opts.bucketBytes} must be a positive multiple of ${align}`);
   }
-  const perOwner = shares(tensors, n, align).map((segments, j) => {
+  // Shares are cut at whole hash chunks of a tensor, so that every piece can be verified on its
+  // GPU (verify.ts); buckets are whole chunks (geometry.ts), so their cuts are too.
+  const cut = opts.bucketBytes % CKPT_HASH_CHUNK === 0 ? CKPT_HASH_CHUNK : align;
+  const perOwner = shares(tensors, n, align, cut).map((segments, j) => {
     const mine = Array.from({ length: opts.slots }, (_, s) => s).filter((s) => s % n === j);
     const pack = opts.order === "layers" ? packInLayerOrder : packBuckets;
     const owner = opts.owners[j] as number;
@@ -119,9 +123,9 @@ const size = (list: Segment[]) => list.reduce((sum, s) => sum + len(s), 0);
  * What each of n owners copies: file f belongs to owner f mod n, in file order; an owner
  * holding more than an equal share keeps its first `quota` bytes and the rest goes, in
  * order, to the owners under their share (a tensor may be cut there, at a multiple of
- * `align` from its start).
+ * `cut` from its start).
  */
-function shares(tensors: PlanTensor[], n: number, align: number): Segment[][] {
+function shares(tensors: PlanTensor[], n: number, align: number, cut: number): Segment[][] {
   const byPlace = (a: PlanTensor, b: PlanTensor) => a.file - b.file || a.offset - b.offset;
   // A registered version lists its tensors in that order already: then no sort is needed.
   const sorted = tensors.every((t, i) => i === 0 || byPlace(tensors[i - 1] as PlanTensor, t) <= 0);
@@ -133,12 +137,12 @@ function shares(tensors: PlanTensor[], n: number, align: number): Segment[][] {
   // (concat, not push(...x): a spread of 100k+ segments overflows the stack)
   let excess: Segment[] = [];
   for (const [j, list] of lists.entries()) {
-    const { head, rest } = take(list, quota, align);
+    const { head, rest } = take(list, quota, cut);
     lists[j] = head;
     excess = excess.concat(rest);
   }
   for (const [j, list] of lists.entries()) {
-    const got = take(excess, quota - size(list), align);
+    const got = take(excess, quota - size(list), cut);
     lists[j] = list.concat(got.head);
     excess = got.rest;
   }

@@ -26,9 +26,10 @@ describe("an update's record as the API shows it", () => {
       state: "running",
       createdAt: r.createdAt,
       progress: { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 },
+      verify: false,
       skipped: { tensors: 0, bytes: 0 },
       deltas: { tensors: 0, bytes: 0, wholeBytes: 0 },
-      timings: { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 },
+      timings: { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0, verifySeconds: 0 },
       receivers: [],
     });
     expect(new Date(r.createdAt).toISOString()).toBe(r.createdAt);

@@ -27,7 +27,9 @@ export class UpdateRecord {
   finishedAt?: string;
   error?: { code: ErrorCode; message: string; receiver?: string };
   progress = { buckets: 0, bucketsDone: 0, bytes: 0, bytesDone: 0 };
-  timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0 };
+  timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0, verifySeconds: 0 };
+  /** Every bucket is hashed on each GPU it reached and compared with the manifest (verify.ts). */
+  verify = false;
   /** Per bucket, in milliseconds from the update's start (GET /v1/updates/{id}?buckets=true). */
   buckets: BucketTiming[] = [];
   readonly t0 = performance.now();
@@ -62,6 +64,7 @@ export class UpdateRecord {
       createdAt: this.createdAt,
       ...(this.finishedAt ? { finishedAt: this.finishedAt } : {}),
       progress: this.progress,
+      verify: this.verify,
       skipped: this.skipped,
       deltas: this.deltas,
       timings: this.timings,

@@ -19,6 +19,8 @@ const UpdateBody = v.strictObject({
   pull: v.optional(v.boolean(), false),
   /** With pull: the version to pull (default: the one the peers' engines got last, else the newest). */
   fingerprint: v.optional(v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/, "must be 64 hex digits"))),
+  /** Hash every bucket on its GPU and compare it with the manifest before engines apply it (default: verifyUpdates). */
+  verify: v.optional(v.boolean()),
 });
 
 /** Starts a pull of `name` (optionally of fingerprint `fp`), resolving once it is under way. */
@@ -81,7 +83,7 @@ export function updateRoutes(
     if (!body.pull && body.fingerprint)
       throw new DaemonError("invalid_request", "fingerprint is for updates with pull");
     const ref = body.pull ? await pulled(body.checkpoint, body.fingerprint) : body.checkpoint;
-    const { record, done } = updates.start(ref, body.pull ? [] : body.peers, body.pull);
+    const { record, done } = updates.start(ref, body.pull ? [] : body.peers, body.pull, body.verify);
     c.header("location", `/v1/updates/${record.id}`);
     if (!body.wait) return reply(c, record.toJSON(), 202);
     await done;

@@ -43,6 +43,10 @@ export interface UpdateOptions {
   history?: number;
   /** How buckets are packed (plan.ts). */
   bucketOrder?: BucketOrder;
+  /** Whether updates verify their buckets on the GPUs unless they say otherwise (verify.ts). */
+  verifyUpdates?: boolean;
+  /** Threads for hashing on the host (a version's chunk hashes, the host backend's buckets). */
+  threads?: number;
 }
 
 /** The update running now: its record, how to stop it, and its end. */
@@ -75,7 +79,12 @@ export class Updates {
   }
 
   /** Checks and starts an update this daemon coordinates; returns its record and a promise of its end. */
-  start(ref: string, asked?: string[], filling = false): { record: UpdateRecord; done: Promise<void> } {
+  start(
+    ref: string,
+    asked?: string[],
+    filling = false,
+    verify?: boolean,
+  ): { record: UpdateRecord; done: Promise<void> } {
     this.assertIdle();
     const o = this.opts;
     const span = o.peers(asked);
@@ -86,6 +95,7 @@ export class Updates {
     }
     const later = this.laterDeltas(lease.version);
     const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
+    record.verify = verify ?? o.verifyUpdates ?? false;
     record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
     record.leftOut = span.leftOut;
     const fp = fingerprint(lease.version);
@@ -95,6 +105,7 @@ export class Updates {
       plan: (v: CheckpointVersion, p: PlanOptions, skip?: Set<string>, deltas?: DeltaItems) =>
         this.plan(v, p, skip, deltas),
       later: later.map((l) => l.version.delta as VersionDelta),
+      threads: o.threads ?? 1,
     };
     const release = () => {
       for (const l of [lease, ...later]) l.release();
