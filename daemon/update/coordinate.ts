@@ -4,6 +4,7 @@
  * communicator id, and collects their ends. Every participant moves the same buckets in the
  * same order; one that fails makes every other one abort its communicator.
  */
+import { CKPT_HASH_CHUNK } from "../../ffi/constants.ts";
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import { type Chosen, chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
@@ -21,6 +22,20 @@ import type { UpdateRecord } from "./record.ts";
 import type { Flow } from "./run-update.ts";
 import { heldByAll } from "./skip.ts";
 import { type Expected, versionChunks } from "./verify.ts";
+
+/** The least bucket of an update that smallerBuckets shrinks. */
+const MIN_BUCKET = 16 << 20;
+
+/**
+ * An update of few bytes (deltas, a few changed tensors) in buckets small enough that each
+ * slot is used about twice: the copy of the next bucket then overlaps the engines' work on
+ * the last one, where a single full bucket would make them wait for all of it. Whole updates
+ * keep the slots' size.
+ */
+function smallerBuckets(opts: PlanOptions, bytes: number): PlanOptions {
+  const share = Math.floor(bytes / (2 * opts.slots) / CKPT_HASH_CHUNK) * CKPT_HASH_CHUNK;
+  return { ...opts, bucketBytes: Math.min(opts.bucketBytes, Math.max(MIN_BUCKET, share)) };
+}
 
 /** What each piece should hash to: its tensor's chunks, or its delta's (forward or back). */
 function expectedOf(chunks: Map<string, BigUint64Array>, deltas: Map<string, Chosen>): Expected {
@@ -97,7 +112,9 @@ export class Coordination implements Flow {
     const chosen = chooseDeltas(version.tensors, receivers, version.delta, this.deps.later, skip);
     const bytes = version.tensors.reduce((n, t) => n + (skip.has(t.name) ? t.bytes : 0), 0);
     const items = deltaItems(version, chosen);
-    this.buckets = this.deps.plan(version, this.planOptions as PlanOptions, skip, items);
+    const moved = version.tensors.reduce((n, t) => n + (skip.has(t.name) || chosen.has(t.name) ? 0 : t.bytes), 0);
+    const opts = smallerBuckets(this.planOptions as PlanOptions, moved + items.items.reduce((n, t) => n + t.bytes, 0));
+    this.buckets = this.deps.plan(version, opts, skip, items);
     const deltaBytes = items.items.reduce((n, t) => n + t.bytes, 0);
     return {
       version,
