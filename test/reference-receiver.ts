@@ -26,6 +26,10 @@ export interface Behaviour {
   partial?: boolean;
   /** Say `deltas: true` as well: it applies deltas to the weights it holds. */
   deltas?: boolean;
+  /** Say `stageBytes`: it can stage an atomic update of that many bytes. */
+  stageBytes?: number;
+  /** Answer `error` to `commit`. */
+  failCommit?: boolean;
 }
 
 /** A bucket entry (PROTOCOL.md). */
@@ -60,6 +64,9 @@ export class ReferenceReceiver {
   private deltaBytes = new Map<string, { bytes: Uint8Array; left: number }>();
   /** Every delta applied: which tensor, how many elements. */
   readonly deltasApplied: { name: string; count: number }[] = [];
+  /** During an atomic update: the names that came as deltas (applied at commit by stagedDeltas). */
+  private staging?: string[];
+  private stagedDeltas: (() => void)[] = [];
   private buffered = "";
   private queue: Promise<void> = Promise.resolve();
   private readonly waiters: ((m: Msg) => void)[] = [];
@@ -87,7 +94,8 @@ export class ReferenceReceiver {
     });
     const partial = this.behaviour.partial ? { partial: true } : {};
     const deltas = this.behaviour.deltas ? { deltas: true } : {};
-    this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name, ...partial, ...deltas });
+    const stage = this.behaviour.stageBytes ? { stageBytes: this.behaviour.stageBytes } : {};
+    this.send({ op: "hello", protocol: 1, pid: process.pid, name: this.name, ...partial, ...deltas, ...stage });
     await this.next("buffers");
   }
 
@@ -138,6 +146,7 @@ export class ReferenceReceiver {
     } else if (m.op === "begin") {
       this.tensors = new Map();
       this.deltaBytes = new Map();
+      this.staging = m.stage === true ? [] : undefined;
     } else if (m.op === "bucket") {
       const bucket = m.bucket as number;
       if (this.behaviour.dieAt === bucket) {
@@ -162,6 +171,7 @@ export class ReferenceReceiver {
           this.tensors.set(t.name, whole);
         }
         await ctx.bufRead(slot, t.offset, whole.subarray(t.range[0], t.range[1]));
+        if (this.staging) continue; // applied at commit, from this.tensors
         let weight = this.weights.get(t.name);
         if (weight?.byteLength !== t.bytes) {
           weight = new Uint8Array(t.bytes);
@@ -171,16 +181,38 @@ export class ReferenceReceiver {
       }
       this.behaviour.beforeAck?.(bucket);
       this.send({ op: "ack", update: m.update, bucket });
+    } else if (m.op === "end" && this.staging) {
+      this.send({ op: "staged", update: m.update });
     } else if (m.op === "end" && !this.behaviour.neverDone) {
-      const hashes = new Map<string, string>();
-      for (const [name, bytes] of this.tensors) hashes.set(name, await ckptHash(bytes));
-      this.hashes.set(m.update as string, hashes);
+      await this.finished(m.update as string);
       this.send({ op: "done", update: m.update });
+    } else if (m.op === "commit" && this.staging) {
+      if (this.behaviour.failCommit) {
+        this.send({ op: "error", update: m.update, message: "injected failure at commit" });
+      } else {
+        const started = performance.now();
+        for (const [name, bytes] of this.tensors)
+          if (!this.staging.includes(name)) this.weights.set(name, bytes.slice());
+        for (const d of this.stagedDeltas.splice(0)) d();
+        this.staging = undefined;
+        await this.finished(m.update as string);
+        this.send({ op: "committed", update: m.update, windowMs: performance.now() - started });
+      }
+    } else if (m.op === "abort") {
+      this.staging = undefined;
+      this.stagedDeltas = [];
     }
     for (const w of [...this.waiters]) w(m);
   }
 
-  /** A piece of a delta: once all its bytes came, applies it to the weight in place. */
+  /** The hashes of what an update delivered (the tensors it sent, whole), under its id. */
+  private async finished(update: string): Promise<void> {
+    const hashes = new Map<string, string>();
+    for (const [name, bytes] of this.tensors) hashes.set(name, await ckptHash(bytes));
+    this.hashes.set(update, hashes);
+  }
+
+  /** A piece of a delta: once all its bytes came, applies it to the weight in place (atomic: at commit). */
   private async deltaPiece(slot: DeviceBuffer, t: Entry): Promise<void> {
     const ctx = this.ctx as Context;
     let got = this.deltaBytes.get(t.name);
@@ -191,15 +223,26 @@ export class ReferenceReceiver {
     await ctx.bufRead(slot, t.offset, got.bytes.subarray(t.range[0], t.range[1]));
     got.left -= t.range[1] - t.range[0];
     if (got.left > 0) return;
+    if (this.staging) {
+      this.staging.push(t.name); // a delta: its tensor is made at commit
+      const bytes = got.bytes;
+      this.stagedDeltas.push(() => this.patch(t, bytes));
+      return;
+    }
+    this.patch(t, got.bytes);
+  }
+
+  /** Applies a whole delta's bytes to the weight it patches. */
+  private patch(t: Entry, bytes: Uint8Array): void {
     const { count, positions, values } = t.delta as NonNullable<Entry["delta"]>;
     const elem = ELEMENT_BYTES[t.dtype] as number;
     const weight = this.weights.get(t.name);
     const size = t.shape.reduce((a, b) => a * b, 1) * elem;
     if (weight?.byteLength !== size) throw new Error(`a delta of ${t.name}, which this receiver does not hold`);
-    const view = new DataView(got.bytes.buffer);
+    const view = new DataView(bytes.buffer);
     for (let i = 0; i < count; i++) {
       const at = view.getUint32(positions + 4 * i, true) * elem;
-      weight.set(got.bytes.subarray(values + i * elem, values + (i + 1) * elem), at);
+      weight.set(bytes.subarray(values + i * elem, values + (i + 1) * elem), at);
     }
     this.tensors.set(t.name, weight.slice());
     this.deltasApplied.push({ name: t.name, count });

@@ -27,7 +27,7 @@ from integrations.ckptd_receiver import Receiver, apply_to_params
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.ReLU(), torch.nn.Linear(512, 8))
 updates, deltas = int(sys.argv[2]), sys.argv[3] == "deltas"
-r = Receiver(sys.argv[1], name="torch-engine", timeout=30, partial=deltas, deltas=deltas)
+r = Receiver(sys.argv[1], name="torch-engine", timeout=30, partial=deltas, deltas=deltas, stage_bytes=64 << 20)
 print(json.dumps({"connected": True}), flush=True)
 try:
     for _ in range(updates):
@@ -150,7 +150,7 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
     expect(engine.lines.at(-1)).toEqual({ trainable: true });
   });
 
-  it("patches a parameter with a delta, forward and back, byte for byte", async () => {
+  it("patches a parameter with a delta, forward and back (atomically), byte for byte", async () => {
     if (PYTHON === undefined) throw new Error("REQUIRE_TORCH=1, but no python here imports torch");
     const { daemon, api, stateDir } = await start();
     const dir = tempDir();
@@ -175,13 +175,23 @@ describe.skipIf(PYTHON === undefined && !REQUIRED)("the Python receiver in a tor
     const engine = startEngine(PYTHON, `${stateDir}/sockets/gpu-0.sock`, 3, true);
     await engine.connected;
     const steps = [];
-    for (const checkpoint of ["m@1", "m@2", "m@1"]) {
-      const res = await api("/v1/updates", { checkpoint });
+    // The last one atomic: staged (the delta too), then committed in one batch.
+    for (const [checkpoint, cutover] of [
+      ["m@1", "direct"],
+      ["m@2", "direct"],
+      ["m@1", "atomic"],
+    ]) {
+      const res = await api("/v1/updates", { checkpoint, cutover });
       expect(res.body.state, JSON.stringify(res.body.error)).toBe("succeeded");
       steps.push(res.body);
     }
     expect(await engine.exited, engine.stderr()).toBe(0);
     expect(steps.map((s) => (s.deltas as { tensors: number }).tensors)).toEqual([0, 1, 1]);
+    expect(steps[2]).toMatchObject({ cutover: "atomic", atomic: { committed: 1 } });
+    const summaries = engine.lines
+      .filter((l) => "summary" in l)
+      .map((l) => l.summary as { window_seconds: number | null });
+    expect(summaries.map((s) => s.window_seconds === null)).toEqual([true, true, false]);
     const sha = (ts: { bytes: Uint8Array }[]) => ts.map((t) => createHash("sha256").update(t.bytes).digest("hex"));
     const got = engine.lines
       .filter((l) => "params" in l)

@@ -270,6 +270,104 @@ describe("updates that send deltas", () => {
   });
 });
 
+describe("atomic cutover", () => {
+  const room = 64 << 20;
+  async function twoVersions(api: Awaited<ReturnType<typeof start>>["api"]) {
+    const dir = tempDir();
+    const v1 = writeModel(dir, 2, 3, 512);
+    expect((await api("POST", "/v1/checkpoints", { name: "m", dir })).status).toBe(201);
+    const v2 = v1.map((t) => ({ ...t, bytes: randomBytes(t.bytes.byteLength) }));
+    await registerTensors(api, "m", v2);
+    return { v1, v2 };
+  }
+
+  it("stages on every GPU while the engines keep their weights, then switches them all", async () => {
+    const { api, receiver } = await start({ hostDevices: 2 });
+    const { v1, v2 } = await twoVersions(api);
+    const r0 = await receiver(0, "engine-0", { stageBytes: room });
+    const r1 = await receiver(1, "engine-1", { stageBytes: room });
+    expect((await api("POST", "/v1/updates", { checkpoint: "m@1" })).body.state).toBe("succeeded");
+    // What the engine holds as each bucket is acked: still m@1, until the commit.
+    const during: Promise<Map<string, string>>[] = [];
+    r0.behaviour.beforeAck = () => during.push(r0.model());
+    const res = (await api("POST", "/v1/updates", { checkpoint: "m@2", cutover: "atomic" })).body;
+    expect(res).toMatchObject({ state: "succeeded", cutover: "atomic", atomic: { committed: 2 } });
+    expect(during.length).toBeGreaterThan(1);
+    const before = Object.fromEntries(await Promise.all(v1.map(async (t) => [t.name, await ckptHash(t.bytes)])));
+    for (const m of await Promise.all(during)) expect(Object.fromEntries(m)).toEqual(before);
+    expect(res.atomic.stageSeconds).toBeGreaterThan(0);
+    for (const r of res.receivers)
+      expect(r).toMatchObject({ state: "applied", holds: "m@2", windowMs: expect.any(Number) });
+    await expectModel(r0, v2);
+    await expectModel(r1, v2);
+    // The engines' weights did not move before the commit: every `commit` came after every ack.
+    for (const r of [r0, r1]) {
+      const seen = r.seen.filter((m) => m.update === "u-2").map((m) => m.op);
+      expect(seen.indexOf("commit")).toBeGreaterThan(seen.lastIndexOf("bucket"));
+    }
+  });
+
+  it("leaves every engine on the old version when one fails to stage, or lacks room", async () => {
+    const { api, receiver } = await start({ hostDevices: 2 });
+    const { v1 } = await twoVersions(api);
+    const r0 = await receiver(0, "engine-0", { stageBytes: room });
+    const r1 = await receiver(1, "engine-1", { stageBytes: room });
+    await api("POST", "/v1/updates", { checkpoint: "m@1" });
+    r1.behaviour.failAt = 1;
+    const failed = await api("POST", "/v1/updates", { checkpoint: "m@2", cutover: "atomic" });
+    expect(failed.status).toBe(502);
+    expect(
+      failed.body.error.details.receivers.map((x: { state: string; holds: string }) => [x.state, x.holds]),
+    ).toEqual([
+      ["untouched", "m@1"],
+      ["untouched", "m@1"],
+    ]);
+    await expectModel(r0, v1);
+    await expectModel(r1, v1);
+    const status = (await api("GET", "/v1/status")).body;
+    expect(status.gpus.map((g: { holdings: { holds: string }[] }) => g.holdings[0]?.holds)).toEqual(["m@1", "m@1"]);
+    // A receiver that declared too little room: refused before any bucket moves.
+    r1.behaviour = { stageBytes: 0 };
+    const small = await receiver(1, "small", { stageBytes: 1000 });
+    const refused = await api("POST", "/v1/updates", { checkpoint: "m@2", cutover: "atomic" });
+    expect(refused.status).toBe(400);
+    expect(refused.body.error.message).toMatch(
+      /^atomic cutover stages this update's \d+ bytes on every GPU before any engine switches, but small \(pid \d+, GPU 1\) declared 1000 bytes/,
+    );
+    expect(small.seen.some((m) => m.op === "bucket")).toBe(false);
+    await expectModel(r0, v1);
+  });
+
+  it("says who holds what when a commit fails after others committed", async () => {
+    const { api, receiver } = await start({ hostDevices: 2 });
+    const { v1, v2 } = await twoVersions(api);
+    const r0 = await receiver(0, "engine-0", { stageBytes: room });
+    const r1 = await receiver(1, "engine-1", { stageBytes: room, failCommit: true });
+    const res = await api("POST", "/v1/updates", { checkpoint: "m@2", cutover: "atomic" });
+    expect(res.status).toBe(502);
+    expect(res.body.error.message).toMatch(
+      /^the commit failed after 1 of 2 receivers committed \(engine-0 \(pid \d+, GPU 0\) committed, engine-1 \(pid \d+, GPU 1\) did not\)/,
+    );
+    expect(
+      res.body.error.details.receivers.map((x: { state: string; holds: string | null }) => [x.state, x.holds]),
+    ).toEqual([
+      ["applied", "m@2"],
+      ["partial", null],
+    ]);
+    await expectModel(r0, v2);
+    void v1;
+    void r1;
+  });
+
+  it("is refused where it cannot be atomic: across peers, or with engines updated through their own calls", async () => {
+    const { api } = await start({ hostDevices: 1, peers: ["http://127.0.0.1:9"] });
+    await register(api);
+    const res = await api("POST", "/v1/updates", { checkpoint: "m", cutover: "atomic" });
+    expect(res.status).toBe(400);
+    expect(res.body.error.message).toMatch(/atomic cutover spans this daemon's engines only for now/);
+  });
+});
+
 describe("verified updates", () => {
   it("hashes every bucket where it landed, and refuses a corrupted one before any engine sees it, naming it", async () => {
     const { api, receiver, daemon } = await start({ hostDevices: 2 });

@@ -124,7 +124,7 @@ export class Join {
         const v = this.target();
         if (this.stopped || !v || receivers() === 0 || v.state === "failed") return;
         try {
-          const { record, done } = updates.start(v.id, [], v.state === "registering");
+          const { record, done } = updates.start(v.id, { peers: [], filling: v.state === "registering" });
           await done;
           log.info({ update: record.id, checkpoint: v.id, state: record.state }, "joining: engines given the version");
           return;

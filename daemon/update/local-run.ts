@@ -9,6 +9,7 @@ import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import type { EngineConfig } from "../config/index.ts";
 import { planEngine } from "../engines/plan.ts";
 import { EngineRun } from "../engines/run.ts";
+import { DaemonError } from "../errors.ts";
 import type { Buffers } from "./buffers.ts";
 import { awaitReceivers, type Triggered } from "./engines.ts";
 import { type Group, transmit } from "./pipeline.ts";
@@ -50,9 +51,12 @@ export class LocalRun {
   private receivers: Receiver[] = [];
   private moved?: Part;
   private readonly acked = new Map<Receiver, number>();
-  /** Receivers that answered `done` to `end`, and those told to abort before that. */
+  /** Receivers that answered `done` to `end` (atomic: `committed` to `commit`), and those told to abort before that. */
   private readonly done = new Set<Receiver>();
   private readonly aborted = new Set<Receiver>();
+  /** Atomic cutover: receivers told to commit, and how long each served neither version. */
+  private readonly told = new Set<Receiver>();
+  private readonly windows = new Map<Receiver, number>();
 
   constructor(
     private readonly deps: LocalDeps,
@@ -87,15 +91,20 @@ export class LocalRun {
     return this.receivers;
   }
 
-  /** Tells the receivers, moves every bucket, ends the update with them. */
+  /**
+   * Tells the receivers, moves every bucket, ends the update with them. Atomic cutover: they
+   * stage it (and keep what they hold) and answer `staged`; commit() switches them.
+   */
   async move(part: Part, group: Group, buffers: Buffers, signal: AbortSignal): Promise<void> {
     const { record, receivers } = this;
     const timeout = this.deps.receiverTimeoutMs;
     const tensors = new Set(part.buckets.flatMap((b) => b.pieces.map((p) => p.name))).size;
     this.moved = part;
     const skipped = part.skipped?.tensors ?? 0;
+    const atomic = record.cutover === "atomic";
+    if (atomic) checkStaging(receivers, part);
     for (const r of receivers) {
-      r.holds = undefined; // until it has applied all of this update
+      if (!atomic) r.holds = undefined; // until it has applied all of this update
       r.send({
         op: "begin",
         update: record.id,
@@ -103,6 +112,7 @@ export class LocalRun {
         tensors,
         buckets: part.buckets.length,
         skipped,
+        ...(atomic ? { stage: true } : {}),
       });
     }
     await transmit({
@@ -122,13 +132,51 @@ export class LocalRun {
     });
     const finishing = performance.now();
     for (const r of receivers) r.send({ op: "end", update: record.id });
+    const answer = atomic ? "staged" : "done";
     await Promise.all(
       receivers.map(async (r) => {
-        await r.expect((m) => m.op === "done" && m.update === record.id, record.id, timeout, "done", signal);
-        this.done.add(r);
+        await r.expect((m) => m.op === answer && m.update === record.id, record.id, timeout, answer, signal);
+        if (!atomic) this.done.add(r);
       }),
     );
     record.timings.finishSeconds = (performance.now() - finishing) / 1000;
+    if (atomic)
+      record.atomic = { stageSeconds: (performance.now() - record.t0) / 1000, commitSeconds: 0, committed: 0 };
+  }
+
+  /**
+   * Atomic cutover, once every receiver staged: tells them all to commit and waits for each to
+   * answer `committed` with its window. Throws, once every answer is in, naming the receivers
+   * that failed and what each receiver holds then.
+   */
+  async commit(): Promise<void> {
+    const { record, receivers } = this;
+    const started = performance.now();
+    for (const r of receivers) {
+      r.send({ op: "commit", update: record.id });
+      this.told.add(r);
+    }
+    const ends = await Promise.allSettled(
+      receivers.map(async (r) => {
+        const m = await r.expect(
+          (x) => x.op === "committed" && x.update === record.id,
+          record.id,
+          this.deps.receiverTimeoutMs,
+          "committed",
+        );
+        this.done.add(r);
+        this.windows.set(r, typeof m.windowMs === "number" ? m.windowMs : Number.NaN);
+      }),
+    );
+    const atomic = record.atomic as NonNullable<UpdateRecord["atomic"]>;
+    atomic.commitSeconds = (performance.now() - started) / 1000;
+    atomic.committed = this.done.size;
+    const failed = ends.flatMap((e) => (e.status === "rejected" ? [(e.reason as Error).message] : []));
+    if (failed.length === 0) return;
+    const who = receivers.map((r) => `${r.label} ${this.done.has(r) ? "committed" : "did not"}`).join(", ");
+    throw new Error(
+      `the commit failed after ${this.done.size} of ${receivers.length} receivers committed (${who}): ${failed.join("; ")}`,
+    );
   }
 
   /** Throws naming the first engine whose update call answered with a failure. */
@@ -180,14 +228,16 @@ export class LocalRun {
     // The state turns "failed" in finish(), once the daemon is idle again: a client that sees
     // it may start the next update at once.
     record.error = {
-      code: err instanceof ReceiverError ? "receiver_failed" : "update_failed",
+      // A request that turned out not to be possible once the receivers were known (atomic
+      // cutover without room to stage) is the caller's error; everything else is the update's.
+      code: err instanceof ReceiverError ? "receiver_failed" : refused(err) ? "invalid_request" : "update_failed",
       message: reason,
       ...(err instanceof ReceiverError ? { receiver: err.receiver.label } : {}),
     };
     for (const r of this.receivers) {
-      if (r.closed) continue;
+      if (r.closed || this.done.has(r)) continue;
       r.send({ op: "abort", update: record.id, reason });
-      if (!this.done.has(r)) this.aborted.add(r);
+      this.aborted.add(r);
     }
     // Engines asked to receive whose receivers the update had not taken in yet (it failed
     // before they all connected) wait for it: the abort ends their wait.
@@ -219,11 +269,31 @@ export class LocalRun {
       version: version.id,
       hashes: new Map(version.tensors.map((t) => [t.name, heldAs(t)])),
     };
+    const atomic = record.cutover === "atomic";
+    const full = this.moved?.version;
+    const committed = full && {
+      version: full.id,
+      hashes: new Map(full.tensors.map((t) => [t.name, heldAs(t)])),
+    };
     record.receivers = this.receivers.map((r) => {
       const n = this.acked.get(r) ?? 0;
-      const state = receiverState({ done: this.done.has(r), acked: n, aborted: this.aborted.has(r) });
-      if (holding && state === "applied") r.holds = holding;
-      return { name: r.name, pid: r.pid, gpu: r.gpu, bucketsAcked: n, state, holds: r.holds?.version ?? null };
+      let state = receiverState({ done: this.done.has(r), acked: n, aborted: this.aborted.has(r) });
+      if (atomic) {
+        // Staged, never applied: it serves what it held. Told to commit but not done: unknown.
+        state = this.done.has(r) ? "applied" : this.told.has(r) ? "partial" : "untouched";
+        if (state === "applied") r.holds = committed;
+        if (state === "partial") r.holds = undefined;
+      } else if (holding && state === "applied") r.holds = holding;
+      const window = this.windows.get(r);
+      return {
+        name: r.name,
+        pid: r.pid,
+        gpu: r.gpu,
+        bucketsAcked: n,
+        state,
+        holds: r.holds?.version ?? null,
+        ...(window !== undefined ? { windowMs: window } : {}),
+      };
     });
     if (record.error && this.engines.some((run) => run.driven)) record.error.message += `; ${this.holdings()}`;
     if (succeeded)
@@ -250,6 +320,23 @@ export class LocalRun {
       })
       .join("; ");
   }
+}
+
+const refused = (err: unknown) => err instanceof DaemonError && err.code === "invalid_request";
+
+/**
+ * Atomic cutover stages what each receiver takes in its GPU's memory: refused (before anything
+ * moves) where a receiver declared less room than the update's bytes.
+ */
+function checkStaging(receivers: Receiver[], part: Part): void {
+  const need = part.buckets.reduce((n, b) => n + b.pieces.reduce((m, p) => m + p.range[1] - p.range[0], 0), 0);
+  const short = receivers.filter((r) => r.stageBytes < need);
+  if (short.length === 0) return;
+  const who = short.map((r) => `${r.label} declared ${r.stageBytes}`).join(", ");
+  throw new DaemonError(
+    "invalid_request",
+    `atomic cutover stages this update's ${need} bytes on every GPU before any engine switches, but ${who} bytes of staging memory (hello stageBytes): update with deltas, or give it room`,
+  );
 }
 
 /** "3", or "2 to 5": the least and most of some counts. */

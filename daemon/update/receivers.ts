@@ -46,6 +46,8 @@ export class Receiver {
    * `partial`): it applies a delta's new values at their positions, in place.
    */
   deltas = false;
+  /** GPU memory it can spend staging an atomic update (hello `stageBytes`; 0: it cannot stage). */
+  stageBytes = 0;
   /**
    * The version it holds: set when it applied a whole update (answered `done`), cleared when an
    * update to it begins; a receiver that connects holds nothing known.
@@ -384,6 +386,8 @@ export class ReceiverHub {
       if (msg.op === "hello" && !r.ready) {
         r.name = typeof msg.name === "string" ? msg.name.slice(0, 100) : `pid-${r.pid}`;
         r.partial = msg.partial === true;
+        r.stageBytes =
+          Number.isSafeInteger(msg.stageBytes) && (msg.stageBytes as number) > 0 ? (msg.stageBytes as number) : 0;
         r.deltas = r.partial && msg.deltas === true;
         if (msg.protocol !== PROTOCOL) {
           r.send({ op: "refused", reason: `protocol ${preview(msg.protocol)} is not ${PROTOCOL}` });

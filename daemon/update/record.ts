@@ -19,7 +19,12 @@ export interface ReceiverResult {
   state: "applied" | "aborted" | "partial" | "untouched";
   /** The version it holds now, as far as this daemon knows (null: not known, e.g. after a failure). */
   holds: string | null;
+  /** Atomic cutover: the milliseconds in which it served neither version (applying what it staged). */
+  windowMs?: number;
 }
+
+/** How the engines switch: each as its buckets come (direct), or all at once after staging (atomic). */
+export type Cutover = "direct" | "atomic";
 
 export class UpdateRecord {
   state: UpdateState = "running";
@@ -30,6 +35,9 @@ export class UpdateRecord {
   timings = { seconds: 0, gbps: 0, planSeconds: 0, stallSeconds: 0, finishSeconds: 0, verifySeconds: 0 };
   /** Every bucket is hashed on each GPU it reached and compared with the manifest (verify.ts). */
   verify = false;
+  cutover: Cutover = "direct";
+  /** Atomic cutover: seconds until every receiver had staged, and of the commit after that. */
+  atomic?: { stageSeconds: number; commitSeconds: number; committed: number };
   /** Per bucket, in milliseconds from the update's start (GET /v1/updates/{id}?buckets=true). */
   buckets: BucketTiming[] = [];
   readonly t0 = performance.now();
@@ -65,6 +73,7 @@ export class UpdateRecord {
       ...(this.finishedAt ? { finishedAt: this.finishedAt } : {}),
       progress: this.progress,
       verify: this.verify,
+      ...(this.cutover === "atomic" ? { cutover: this.cutover, atomic: this.atomic } : {}),
       skipped: this.skipped,
       deltas: this.deltas,
       timings: this.timings,

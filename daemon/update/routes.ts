@@ -21,6 +21,8 @@ const UpdateBody = v.strictObject({
   fingerprint: v.optional(v.pipe(v.string(), v.regex(/^[0-9a-f]{64}$/, "must be 64 hex digits"))),
   /** Hash every bucket on its GPU and compare it with the manifest before engines apply it (default: verifyUpdates). */
   verify: v.optional(v.boolean()),
+  /** atomic: every engine stages the update and all switch together, or none does (default direct). */
+  cutover: v.optional(v.picklist(["direct", "atomic"])),
 });
 
 /** Starts a pull of `name` (optionally of fingerprint `fp`), resolving once it is under way. */
@@ -83,7 +85,13 @@ export function updateRoutes(
     if (!body.pull && body.fingerprint)
       throw new DaemonError("invalid_request", "fingerprint is for updates with pull");
     const ref = body.pull ? await pulled(body.checkpoint, body.fingerprint) : body.checkpoint;
-    const { record, done } = updates.start(ref, body.pull ? [] : body.peers, body.pull, body.verify);
+    const peers = body.pull ? [] : body.peers;
+    const { record, done } = updates.start(ref, {
+      peers,
+      filling: body.pull,
+      verify: body.verify,
+      cutover: body.cutover,
+    });
     c.header("location", `/v1/updates/${record.id}`);
     if (!body.wait) return reply(c, record.toJSON(), 202);
     await done;

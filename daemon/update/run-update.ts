@@ -53,6 +53,8 @@ export async function runUpdate(
     await run.move(part, group, buffers, abort.signal);
     await flow.others();
     if (abort.signal.aborted) throw new Error(String(abort.signal.reason));
+    // Atomic cutover: every receiver staged, and nothing failed: now all of them switch.
+    if (record.cutover === "atomic") await run.commit();
     await run.checkEngines();
     await run.completeEngines();
     record.state = "succeeded";

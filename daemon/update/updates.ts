@@ -18,7 +18,7 @@ import { Participation } from "./participate.ts";
 import type { PeerPlan, PeerSigner } from "./peers.ts";
 import { type Bucket, type BucketOrder, type PlanOptions, type PlanTensor, planBuckets } from "./plan.ts";
 import type { ReceiverHub } from "./receivers.ts";
-import { UpdateRecord } from "./record.ts";
+import { type Cutover, UpdateRecord } from "./record.ts";
 import { type Flow, runUpdate } from "./run-update.ts";
 
 export type { ReceiverResult, UpdateState } from "./record.ts";
@@ -47,6 +47,34 @@ export interface UpdateOptions {
   verifyUpdates?: boolean;
   /** Threads for hashing on the host (a version's chunk hashes, the host backend's buckets). */
   threads?: number;
+}
+
+/** How an update this daemon coordinates goes (POST /v1/updates). */
+export interface StartOptions {
+  /** Node ids or URLs of the peers to span (default: every peer that is up, and the seeds). */
+  peers?: string[];
+  /** The version may still be filling (a pull): buckets wait for their bytes. */
+  filling?: boolean;
+  /** Verify every bucket on its GPUs (default: the daemon's verifyUpdates). */
+  verify?: boolean;
+  cutover?: Cutover;
+}
+
+/** Atomic cutover drives receivers through staging and commit: one daemon's, without engines it calls. */
+function checkAtomic(peers: string[], engines: EngineConfig[]): void {
+  if (peers.length > 0) {
+    throw new DaemonError(
+      "invalid_request",
+      `atomic cutover spans this daemon's engines only for now, and this update would span ${peers.length} peer(s): give "peers": []`,
+    );
+  }
+  const called = engines.filter((e) => e.kind !== "receiver");
+  if (called.length > 0) {
+    throw new DaemonError(
+      "invalid_request",
+      `atomic cutover stages through receivers that commit between forward passes; engine ${called[0]?.name} (${called[0]?.kind}) is updated through its own pause and reload calls, which do not stage yet`,
+    );
+  }
 }
 
 /** The update running now: its record, how to stop it, and its end. */
@@ -79,15 +107,12 @@ export class Updates {
   }
 
   /** Checks and starts an update this daemon coordinates; returns its record and a promise of its end. */
-  start(
-    ref: string,
-    asked?: string[],
-    filling = false,
-    verify?: boolean,
-  ): { record: UpdateRecord; done: Promise<void> } {
+  start(ref: string, how: StartOptions = {}): { record: UpdateRecord; done: Promise<void> } {
     this.assertIdle();
     const o = this.opts;
-    const span = o.peers(asked);
+    const { filling = false, verify, cutover = "direct" } = how;
+    const span = o.peers(how.peers);
+    if (cutover === "atomic") checkAtomic(span.urls, o.engines);
     const lease = o.registry.acquire(ref, filling);
     if (o.engines.length === 0 && span.urls.length === 0 && o.hub.connected().length === 0) {
       lease.release();
@@ -96,6 +121,7 @@ export class Updates {
     const later = this.laterDeltas(lease.version);
     const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
     record.verify = verify ?? o.verifyUpdates ?? false;
+    record.cutover = cutover;
     record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
     record.leftOut = span.leftOut;
     const fp = fingerprint(lease.version);

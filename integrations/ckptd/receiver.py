@@ -47,6 +47,7 @@ class Summary(TypedDict):
     seconds: float
     apply_seconds: float
     unknown: list[str]
+    window_seconds: float | None
 
 
 class SlotMapper(Protocol):
@@ -71,6 +72,15 @@ def _delta(raw: Any, t: TensorEntry) -> Delta:
     return Delta(positions.view(torch.int32), values.view(torch_dtype(t["dtype"])), numel)
 
 
+def _copy(v: Any) -> Any:
+    """A copy of a view that outlives its slot: a torch clone, or bytes."""
+    return bytes(v) if isinstance(v, memoryview) else v.clone()
+
+
+def _nbytes(v: Any) -> int:
+    return v.nbytes if isinstance(v, memoryview) else v.numel() * v.element_size()
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:4000]
 
@@ -86,11 +96,14 @@ class Receiver:
 
     def __init__(self, socket_path: str, device: Any = None, name: str | None = None,
                  timeout: float | None = None, mapper: SlotMapper | None = None, partial: bool = False,
-                 deltas: bool = False) -> None:
+                 deltas: bool = False, stage_bytes: int = 0) -> None:
         if deltas and not partial:
             raise ValueError("deltas=True needs partial=True: a delta patches what the engine holds")
         self.socket_path = socket_path
         self.name = name or f"engine-{os.getpid()}"
+        # stage_bytes: the memory this engine can spend holding an atomic update until its
+        # commit (PROTOCOL.md "stage"); 0: atomic updates are refused for it by the daemon.
+        self.stage_bytes = stage_bytes
         self._mapper: SlotMapper = mapper if mapper is not None else Mapper(device)
         self._pending: collections.deque[Message] = collections.deque()  # read ahead while draining
         # name -> [staging, bytes received, total] of the split tensors being assembled
@@ -108,7 +121,7 @@ class Receiver:
             # deltas=True: a changed tensor may come as a Delta for apply to patch in place (the
             # engine holds it in checkpoint layout, as the update left it).
             self._send(op="hello", protocol=PROTOCOL, pid=os.getpid(), name=self.name, partial=partial,
-                       deltas=deltas)
+                       deltas=deltas, stageBytes=stage_bytes)
             self.welcome = self._conn.read()
             if self.welcome.get("op") == "refused":
                 raise ProtocolError(f"the daemon refused this receiver: {self.welcome.get('reason')}")
@@ -160,7 +173,7 @@ class Receiver:
     # -- updates ----------------------------------------------------------------------------
 
     def receive(self, apply: Apply, finish: Finish | None = None, update: str | None = None,
-                driven: bool = False) -> Summary:
+                driven: bool = False, safe_point: Callable[[Callable[[], None]], None] | None = None) -> Summary:
         """Processes exactly one update and returns its summary.
 
         update: the daemon's id of the update this call is for (the engine was asked to take
@@ -173,6 +186,11 @@ class Receiver:
         during the call, copies into the engine must be queued on the current CUDA stream (or
         be complete) when it returns. It may return the names it did not use (reported as
         "unknown"). finish(): runs after the last bucket, before `done`.
+        An atomic update (its `begin` says `stage`) is staged instead: copies of what it sends
+        are kept (at most `stage_bytes`) while the engine serves what it holds; at the daemon's
+        `commit`, `safe_point(fn)` runs fn between the engine's forward passes (default: at
+        once), and fn applies everything staged in one batch, then finish. The summary's
+        `window_seconds` is how long that took (the engine served neither version).
         Raises UpdateAborted (daemon abort), ReceiveError (apply/finish failed here; the
         daemon was told), ProtocolError, ConnectionError, TimeoutError.
         """
@@ -186,7 +204,12 @@ class Receiver:
         self._assembled = {}
         summary: Summary = {"update": update, "checkpoint": msg.get("checkpoint"), "buckets": 0,
                             "tensors": 0, "bytes": 0, "seconds": 0.0, "apply_seconds": 0.0,
-                            "unknown": []}
+                            "unknown": [], "window_seconds": None}
+        staged: Batch | None = [] if msg.get("stage") is True else None
+        if staged is not None and self.stage_bytes <= 0:
+            raise self._fail(update, None, ProtocolError(
+                "the daemon asked this receiver to stage an atomic update, but it declared no stage_bytes"))
+        take: Apply = apply if staged is None else self._stager(staged)
         expected = (msg.get("buckets"), msg.get("tensors"))
         while True:
             try:
@@ -205,7 +228,7 @@ class Receiver:
                     continue
                 raise self._fail(update, None, ProtocolError(f"unexpected during update {update}: {msg}"))
             if op == "bucket":
-                self._bucket(msg, apply, summary)
+                self._bucket(msg, take, summary)
             elif op == "abort":
                 self._closed.append(update)
                 raise UpdateAborted(update, msg.get("reason", ""))
@@ -215,16 +238,72 @@ class Receiver:
                     if None not in expected and got != expected:
                         raise ProtocolError(f"begin announced {expected[0]} buckets and "
                                             f"{expected[1]} tensors, got {got[0]} and {got[1]}")
-                    if finish is not None:
+                    if finish is not None and staged is None:
                         finish()
                 except Exception as e:  # noqa: BLE001 - reported to the daemon, then raised
                     raise self._fail(update, None, e, drain=False)  # `end` was the last message
+                if staged is not None:
+                    summary["window_seconds"] = self._commit(update, staged, apply, finish, safe_point)
+                    summary["seconds"] = time.perf_counter() - t0
+                    return summary
                 self._send(op="done", update=update)
                 self._closed.append(update)
                 summary["seconds"] = time.perf_counter() - t0
                 return summary
             else:
                 raise self._fail(update, None, ProtocolError(f"unexpected during update {update}: {msg}"))
+
+    def _stager(self, staged: Batch) -> Apply:
+        """An apply that keeps copies of what it gets (the views die at the ack), within
+        stage_bytes."""
+        held = [0]
+
+        def stage(batch: Batch) -> None:
+            for name, v in batch:
+                if isinstance(v, Delta):
+                    copy: Any = Delta(_copy(v.positions), _copy(v.values), v.numel)
+                    n = _nbytes(v.positions) + _nbytes(v.values)
+                else:
+                    copy, n = _copy(v), _nbytes(v)
+                held[0] += n
+                if held[0] > self.stage_bytes:
+                    raise MemoryError(f"staging needs more than the {self.stage_bytes} bytes this receiver declared")
+                staged.append((name, copy))
+
+        stage.piece = None  # type: ignore[attr-defined] - tensors in pieces are staged whole
+        return stage
+
+    def _commit(self, update: str, staged: Batch, apply: Apply, finish: Finish | None,
+                safe_point: Callable[[Callable[[], None]], None] | None) -> float:
+        """Answers `staged`, waits for the daemon's commit (or abort), applies what was staged
+        at the engine's safe point; returns the seconds it took."""
+        self._send(op="staged", update=update)
+        msg = self._next()
+        if msg.get("op") == "abort" and msg.get("update") == update:
+            self._closed.append(update)
+            staged.clear()
+            raise UpdateAborted(update, msg.get("reason", ""))
+        if msg.get("op") != "commit" or msg.get("update") != update:
+            raise self._fail(update, None, ProtocolError(f"expected commit of update {update}, got {msg}"), drain=False)
+        window = [0.0]
+
+        def run() -> None:
+            started = time.perf_counter()
+            apply(list(staged))
+            if finish is not None:
+                finish()
+            self._mapper.sync()
+            window[0] = time.perf_counter() - started
+
+        try:
+            (safe_point or (lambda fn: fn()))(run)
+        except Exception as e:  # noqa: BLE001 - reported to the daemon, then raised
+            raise self._fail(update, None, e, drain=False) from e
+        finally:
+            staged.clear()
+        self._send(op="committed", update=update, windowMs=round(window[0] * 1000, 3))
+        self._closed.append(update)
+        return window[0]
 
     def _wait_begin(self, driven: bool = False) -> Message:
         while True:

@@ -79,7 +79,8 @@ class ReceiverTest(unittest.TestCase):
                                             for b in range(len(buckets))])
         self.assertEqual(out["acks"][-1], {"op": "done", "update": "u-1"})
         self.assertEqual(self.daemon.hello, {"op": "hello", "protocol": 1, "pid": os.getpid(),
-                                             "name": "engine-test", "partial": False, "deltas": False})
+                                             "name": "engine-test", "partial": False, "deltas": False,
+                                             "stageBytes": 0})
         self.assertEqual(summary["update"], "u-1")
         self.assertEqual(summary["checkpoint"], "q@4")
         self.assertEqual(summary["buckets"], len(buckets))
@@ -175,6 +176,65 @@ class ReceiverTest(unittest.TestCase):
         self.daemon.join()
         with self.assertRaisesRegex(ValueError, "deltas=True needs partial=True"):
             cr.Receiver(self.daemon.path, deltas=True)
+
+    def stage_script(self, ending, tensors=2):
+        """An atomic update of `tensors` 8-byte tensors in one bucket; `ending(d)` after `staged`."""
+        data = [bytes([i]) * 8 for i in range(tensors)]
+
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "s@2", "tensors": tensors, "buckets": 1,
+                    "stage": True})
+            d.send(d.write_bucket("u-1", 0, 0, [(f"t{i}", "U8", [8], x) for i, x in enumerate(data)]))
+            assert d.recv_for("u-1") == {"op": "ack", "update": "u-1", "bucket": 0}
+            d.send({"op": "end", "update": "u-1"})
+            assert d.recv_for("u-1") == {"op": "staged", "update": "u-1"}
+            ending(d)
+        return script, data
+
+    def test_an_atomic_update_is_staged_then_applied_in_one_batch_at_its_commit(self):
+        def ending(d):
+            d.send({"op": "commit", "update": "u-1"})
+            m = d.recv_for("u-1")
+            assert m["op"] == "committed" and m["windowMs"] >= 0, m
+
+        script, data = self.stage_script(ending)
+        self.daemon.start(script)
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper(), stage_bytes=1000)
+        self.receivers.append(r)
+        batches, at_safe_point = [], []
+        summary = r.receive(lambda b: batches.append([(n, bytes(v)) for n, v in b]),
+                            safe_point=lambda fn: (at_safe_point.append(True), fn()))
+        self.daemon.join()
+        self.assertEqual(self.daemon.hello["stageBytes"], 1000)
+        self.assertEqual(batches, [[("t0", data[0]), ("t1", data[1])]])  # once, at the commit
+        self.assertEqual(at_safe_point, [True])
+        self.assertIsNotNone(summary["window_seconds"])
+
+    def test_an_atomic_update_aborted_after_staging_applies_nothing(self):
+        script, _ = self.stage_script(lambda d: d.send({"op": "abort", "update": "u-1", "reason": "another engine failed"}))
+        self.daemon.start(script)
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper(), stage_bytes=1000)
+        self.receivers.append(r)
+        applied = []
+        with self.assertRaises(cr.UpdateAborted):
+            r.receive(applied.append)
+        self.daemon.join()
+        self.assertEqual(applied, [])
+
+    def test_staging_past_the_declared_room_fails_the_update(self):
+        def script(d):
+            d.send({"op": "begin", "update": "u-1", "checkpoint": "s@2", "tensors": 2, "buckets": 1, "stage": True})
+            d.send(d.write_bucket("u-1", 0, 0, [("a", "U8", [8], b"x" * 8), ("b", "U8", [8], b"y" * 8)]))
+            err = d.recv_for("u-1")
+            assert err["op"] == "error" and "more than the 10 bytes this receiver declared" in err["message"], err
+            d.send({"op": "abort", "update": "u-1", "reason": "receiver failed"})
+
+        self.daemon.start(script)
+        r = cr.Receiver(self.daemon.path, timeout=TIMEOUT, mapper=host_mapper(), stage_bytes=10)
+        self.receivers.append(r)
+        with self.assertRaises(cr.ReceiveError):
+            r.receive(lambda b: None)
+        self.daemon.join()
 
     def test_views_are_the_slot_files_bytes(self):
         # The receiver maps the slot: what apply sees is the file's content at the offsets.
