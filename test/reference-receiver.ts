@@ -30,6 +30,8 @@ export interface Behaviour {
   stageBytes?: number;
   /** Answer `error` to `commit`. */
   failCommit?: boolean;
+  /** Ack every bucket of an atomic update, then answer `error` to its `end` instead of `staged`. */
+  failStage?: boolean;
 }
 
 /** A bucket entry (PROTOCOL.md). */
@@ -182,7 +184,8 @@ export class ReferenceReceiver {
       this.behaviour.beforeAck?.(bucket);
       this.send({ op: "ack", update: m.update, bucket });
     } else if (m.op === "end" && this.staging) {
-      this.send({ op: "staged", update: m.update });
+      if (this.behaviour.failStage) this.send({ op: "error", update: m.update, message: "injected failure to stage" });
+      else this.send({ op: "staged", update: m.update });
     } else if (m.op === "end" && !this.behaviour.neverDone) {
       await this.finished(m.update as string);
       this.send({ op: "done", update: m.update });

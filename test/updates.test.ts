@@ -359,12 +359,20 @@ describe("atomic cutover", () => {
     void r1;
   });
 
-  it("is refused where it cannot be atomic: across peers, or with engines updated through their own calls", async () => {
-    const { api } = await start({ hostDevices: 1, peers: ["http://127.0.0.1:9"] });
+  it("is refused with engines updated through their own calls, which do not stage", async () => {
+    const { api } = await start({
+      hostDevices: 1,
+      engines: [
+        { name: "vllm-0", kind: "vllm", api: "worker-extension", pause: "none", url: "http://127.0.0.1:9", gpus: [0] },
+      ],
+    });
     await register(api);
     const res = await api("POST", "/v1/updates", { checkpoint: "m", cutover: "atomic" });
     expect(res.status).toBe(400);
-    expect(res.body.error.message).toMatch(/atomic cutover spans this daemon's engines only for now/);
+    expect(res.body.error.message).toBe(
+      "atomic cutover stages through receivers that commit between forward passes; engine vllm-0 (vllm) is updated through its own pause and reload calls, which do not stage yet",
+    );
+    expect((await api("GET", "/v1/updates")).body.updates).toEqual([]);
   });
 });
 
@@ -811,6 +819,32 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     );
     if (peerHolds) expect(Math.abs(owned[0] - owned[1]) / (owned[0] + owned[1])).toBeLessThan(0.05);
     else expect(owned[1]).toBe(0);
+  });
+
+  it("switches the engines of both daemons at once in an atomic update, or none of them", async () => {
+    const { peer, coordinator, tensors } = await pair({ peerHolds: true });
+    const room = { stageBytes: 64 << 20 };
+    const a = await coordinator.receiver(0, "engine-a", room);
+    const b = await peer.receiver(0, "engine-b", room);
+    const ok = (await coordinator.api("POST", "/v1/updates", { checkpoint: "m", cutover: "atomic" })).body;
+    expect(ok).toMatchObject({ state: "succeeded", cutover: "atomic" });
+    expect((await peer.api("GET", "/v1/updates/u-1@t")).body).toMatchObject({ state: "succeeded", cutover: "atomic" });
+    await expectDelivered(a, "u-1", tensors);
+    await expectDelivered(b, "u-1@t", tensors);
+    // Neither engine switched before both had staged: each got commit after every bucket of both.
+    for (const r of [a, b]) expect(r.seen.filter((m) => m.op === "commit").length).toBe(1);
+    // The peer's engine fails to stage the next ones, at a bucket or once every bucket came:
+    // no engine commits, both keep what they hold.
+    const held = [await a.model(), await b.model()];
+    for (const [k, fault] of [{ failAt: 1 }, { failStage: true }].entries()) {
+      b.behaviour = { ...room, ...fault };
+      const failed = await coordinator.api("POST", "/v1/updates", { checkpoint: "m", cutover: "atomic" });
+      expect(failed.status).toBe(502);
+      expect(failed.body.error.message).toMatch(/engine-b .*injected failure (at bucket 1|to stage)/);
+      expect(a.seen.some((m) => m.op === "commit" && m.update === `u-${k + 2}`)).toBe(false);
+      expect([await a.model(), await b.model()]).toEqual(held);
+      expect((await coordinator.api("GET", "/v1/status")).body.gpus[0].holdings[0].holds).toBe("m@1");
+    }
   });
 
   it("aborts everywhere when an engine on the peer fails, naming it, and the next update works", async () => {

@@ -13,7 +13,7 @@ import type { Buffers } from "./buffers.ts";
 import type { DataPath } from "./data-path.ts";
 import { fingerprint } from "./fingerprint.ts";
 import type { Part } from "./local-run.ts";
-import { type PeerPlan, type PeerSigner, peerAbort, peerInfo, peerRun } from "./peers.ts";
+import { type PeerPlan, type PeerSigner, peerAbort, peerCommit, peerInfo, peerRun, peerStaged } from "./peers.ts";
 import type { Group } from "./pipeline.ts";
 import type { Bucket, PlanOptions } from "./plan.ts";
 import { type PeersPlan, planWithPeers } from "./plan-peers.ts";
@@ -150,6 +150,7 @@ export class Coordination implements Flow {
       slots: buffers.slots,
       slotBytes: buffers.slotBytes,
       buckets: this.buckets,
+      ...(this.record.cutover === "atomic" ? { cutover: "atomic" as const } : {}),
     };
   }
 
@@ -165,6 +166,20 @@ export class Coordination implements Flow {
 
   async others(): Promise<void> {
     await Promise.all(this.ends);
+  }
+
+  /** Atomic cutover: waits until every participant's engines staged (bounded). */
+  async staged(): Promise<void> {
+    const { sign, receiverTimeoutMs: timeout } = this.deps;
+    const participants = this.peersPlan?.participants ?? [];
+    await Promise.all(participants.map((p) => peerStaged(sign, p.url, p.info.nodeId, this.record.id, 4 * timeout)));
+  }
+
+  /** Atomic cutover: tells every participant to commit; one that cannot be told drops its staging. */
+  async commit(): Promise<void> {
+    const { sign, receiverTimeoutMs: timeout } = this.deps;
+    const participants = this.peersPlan?.participants ?? [];
+    await Promise.all(participants.map((p) => peerCommit(sign, p.url, p.info.nodeId, this.record.id, timeout)));
   }
 
   /**

@@ -8,12 +8,25 @@ import type { Group } from "./pipeline.ts";
 import type { Flow } from "./run-update.ts";
 
 export class Participation implements Flow {
+  /** Atomic cutover: settles once this daemon's engines staged (or the update failed first). */
+  readonly stagedHere: Promise<void>;
+  private markStaged: (failure?: Error) => void = () => undefined;
+  /** Atomic cutover: the coordinator's word to commit. */
+  private ordered = false;
+  private onOrder: () => void = () => undefined;
+
   constructor(
     private readonly path: DataPath,
     private readonly assigned: PeerPlan,
     private readonly version: CheckpointVersion | undefined,
     private readonly timeoutMs: number,
-  ) {}
+    private readonly signal?: AbortSignal,
+  ) {
+    this.stagedHere = new Promise<void>((resolve, reject) => {
+      this.markStaged = (failure) => (failure ? reject(failure) : resolve());
+    });
+    this.stagedHere.catch(() => undefined);
+  }
 
   async plan(buffers: Buffers): Promise<Part> {
     const p = this.assigned;
@@ -32,12 +45,53 @@ export class Participation implements Flow {
 
   async others(): Promise<void> {}
 
+  /**
+   * Tells the coordinator (waiting on /staged) that this daemon's engines staged, then waits
+   * for its /commit: within twice the receiver timeout, else the staged update is dropped
+   * here (a coordinator lost between stage and commit leaves every engine it did not tell on
+   * what it held).
+   */
+  async staged(): Promise<void> {
+    this.markStaged();
+    const bound = 2 * this.timeoutMs;
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        reject(
+          new Error(
+            `the coordinator did not say commit within ${bound} ms of every engine here staging: the staged update is dropped`,
+          ),
+        );
+      }, bound);
+      const done = () => {
+        clearTimeout(timer);
+        this.signal?.removeEventListener("abort", aborted);
+        resolve();
+      };
+      const aborted = () => {
+        clearTimeout(timer);
+        reject(new Error(String(this.signal?.reason ?? "aborted")));
+      };
+      this.signal?.addEventListener("abort", aborted);
+      if (this.ordered) done();
+      else this.onOrder = done;
+    });
+  }
+
+  /** The coordinator's word to commit (POST /v1/peer/updates/{id}/commit): whether it was waited for. */
+  order(): boolean {
+    if (this.ordered) return true;
+    this.ordered = true;
+    this.onOrder();
+    return true;
+  }
+
   async cause(): Promise<undefined> {
     return undefined;
   }
 
   /** The coordinator aborts too; a broadcast may be waiting for the failed rank. */
   async release(): Promise<void> {
+    this.markStaged(new Error("the update failed here before its engines staged it"));
     await this.path.dropShared(true);
   }
 }

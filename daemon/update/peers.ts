@@ -34,6 +34,8 @@ export interface PeerPlan {
   slots: number;
   slotBytes: number;
   buckets: Bucket[];
+  /** atomic: stage, answer /staged, and switch only at the coordinator's /commit (default direct). */
+  cutover?: "direct" | "atomic";
 }
 
 /**
@@ -125,6 +127,31 @@ function reasonOf(err: unknown): string {
   const e = err as Error & { cause?: { message?: string; code?: string } };
   const cause = e?.cause?.message ?? e?.cause?.code;
   return cause ? `${e.message}: ${cause}` : String(e?.message ?? err);
+}
+
+/**
+ * Atomic cutover: resolves once the peer's engines have staged the update (its answer to
+ * /staged comes then); throws naming the peer when it failed to, or did not within timeoutMs.
+ */
+export async function peerStaged(sign: PeerSigner, url: string, to: string, update: string, timeoutMs: number) {
+  const path = `${url}/v1/peer/updates/${encodeURIComponent(update)}/staged`;
+  type Answer = { staged?: boolean; error?: { message: string } };
+  const res = await peerCall<Answer>(sign, path, { method: "POST", json: {}, to }, timeoutMs).catch((err: unknown) => ({
+    status: 0,
+    body: { error: { message: reasonOf(err) } } as Answer,
+  }));
+  if (res.status !== 200 || res.body.staged !== true) {
+    throw new Error(`peer ${url} did not stage the update: ${res.body.error?.message ?? `status ${res.status}`}`);
+  }
+}
+
+/** Atomic cutover: tells a peer to commit what its engines staged; whether it was told. */
+export async function peerCommit(sign: PeerSigner, url: string, to: string, update: string, timeoutMs: number) {
+  const path = `${url}/v1/peer/updates/${encodeURIComponent(update)}/commit`;
+  const res = await peerCall<{ committing?: boolean }>(sign, path, { method: "POST", json: {}, to }, timeoutMs).catch(
+    () => undefined,
+  );
+  return res?.status === 200 && res.body.committing === true;
 }
 
 /** Tells a peer to abort an update (best effort). */

@@ -50,6 +50,7 @@ const PlanBody = v.object({
   buckets: v.array(
     v.object({ index: v.number(), owner: v.number(), slot: v.number(), bytes: v.number(), pieces: v.array(Piece) }),
   ),
+  cutover: v.optional(v.picklist(["direct", "atomic"])),
 });
 
 /** POST /v1/updates, GET /v1/updates, GET /v1/updates/{id}, and the peer API (/v1/peer/...). */
@@ -127,6 +128,11 @@ export function updateRoutes(
     }
     return reply(c, record.toJSON());
   });
+  app.post("/v1/peer/updates/:id/staged", async (c) => {
+    await updates.staged(c.req.param("id"));
+    return reply(c, { staged: true });
+  });
+  app.post("/v1/peer/updates/:id/commit", (c) => reply(c, { committing: updates.commitOrder(c.req.param("id")) }));
   app.post("/v1/peer/updates/:id/abort", (c) => {
     const reason = (c.get("body") as { reason?: string } | undefined)?.reason ?? "aborted by the coordinator";
     return reply(c, { aborted: updates.abort(c.req.param("id"), reason) });

@@ -23,6 +23,14 @@ export interface Flow {
   join(buffers: Buffers): Promise<Group>;
   /** After this daemon's part: waits for the other participants' ends. */
   others(): Promise<void>;
+  /**
+   * Atomic cutover, once this daemon's receivers staged: resolves when the update may commit
+   * (a coordinator: every participant staged; a participant: the coordinator said so, within
+   * its bound); throws otherwise.
+   */
+  staged?(): Promise<void>;
+  /** Atomic cutover: tells the participants to commit (a coordinator), as this daemon commits. */
+  commit?(): Promise<void>;
   /** After a failure, before the engines are told: may name a better cause than `err`. */
   cause(err: unknown): Promise<string | undefined>;
   /** After the engines were told of a failure: releases what join made. */
@@ -51,10 +59,14 @@ export async function runUpdate(
     record.timings.planSeconds = (performance.now() - record.t0) / 1000;
     run.watchEngines(abort);
     await run.move(part, group, buffers, abort.signal);
+    if (record.cutover === "atomic") {
+      // Every receiver of every daemon staged, and nothing failed: now all of them switch.
+      await flow.staged?.();
+      if (abort.signal.aborted) throw new Error(String(abort.signal.reason));
+      await Promise.all([flow.commit?.(), run.commit()]);
+    }
     await flow.others();
     if (abort.signal.aborted) throw new Error(String(abort.signal.reason));
-    // Atomic cutover: every receiver staged, and nothing failed: now all of them switch.
-    if (record.cutover === "atomic") await run.commit();
     await run.checkEngines();
     await run.completeEngines();
     record.state = "succeeded";

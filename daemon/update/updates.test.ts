@@ -320,6 +320,36 @@ describe("the peer API, driven as a coordinator drives it", () => {
     expect((await peer("GET", "/v1/peer/info")).body.comm).toBe(`${p.comm.key} ${p.comm.id}`);
   });
 
+  it("stages an atomic part, commits at the coordinator's word, and drops it when no word comes", async () => {
+    const { api, daemon, receiver, peer } = await start({ hostDevices: 1, receiverTimeoutMs: 300 });
+    const tensors = await register(api);
+    const r = await receiver(0, "engine", { stageBytes: 64 << 20 });
+    const part = peer("POST", "/v1/peer/updates", { ...plan(daemon, "u-7"), cutover: "atomic" });
+    expect(await peer("POST", "/v1/peer/updates/u-7/staged", {})).toMatchObject({
+      status: 200,
+      body: { staged: true },
+    });
+    expect(r.seen.some((m) => m.op === "commit")).toBe(false);
+    expect(await peer("POST", "/v1/peer/updates/u-7/commit", {})).toMatchObject({
+      status: 200,
+      body: { committing: true },
+    });
+    expect((await part).body).toMatchObject({ id: "u-7@c", state: "succeeded", cutover: "atomic" });
+    await expectDelivered(r, "u-7@c", tensors);
+    // The coordinator is gone after the stage (no commit comes): within the bound, the engine
+    // drops what it staged and keeps what it held, and the daemon says so.
+    const held = await r.model();
+    const lost = await peer("POST", "/v1/peer/updates", { ...plan(daemon, "u-8"), cutover: "atomic" });
+    expect(lost.status).toBe(502);
+    expect(lost.body.error.message).toMatch(
+      /^the coordinator did not say commit within 600 ms of every engine here staging/,
+    );
+    expect(lost.body.error.details.receivers).toMatchObject([{ state: "untouched", holds: "m@1" }]);
+    expect(await r.model()).toEqual(held);
+    expect(await r.saw((m) => m.op === "abort" && m.update === "u-8@c")).toBe(true);
+    expect((await peer("POST", "/v1/peer/updates/u-9/staged", {})).status).toBe(404);
+  });
+
   it("answers a failed part with its record's error code", async () => {
     const { api, daemon, receiver, peer } = await start({ hostDevices: 1 });
     await register(api);

@@ -60,14 +60,8 @@ export interface StartOptions {
   cutover?: Cutover;
 }
 
-/** Atomic cutover drives receivers through staging and commit: one daemon's, without engines it calls. */
-function checkAtomic(peers: string[], engines: EngineConfig[]): void {
-  if (peers.length > 0) {
-    throw new DaemonError(
-      "invalid_request",
-      `atomic cutover spans this daemon's engines only for now, and this update would span ${peers.length} peer(s): give "peers": []`,
-    );
-  }
+/** Atomic cutover drives receivers through staging and commit, not engines it calls. */
+function checkAtomic(engines: EngineConfig[]): void {
   const called = engines.filter((e) => e.kind !== "receiver");
   if (called.length > 0) {
     throw new DaemonError(
@@ -84,6 +78,8 @@ interface InFlight {
   done: Promise<void>;
   /** When taking part in another daemon's update: that update's id there (its abort names it). */
   remote?: string;
+  /** Its flow, when taking part (atomic cutover's /staged and /commit reach it). */
+  participation?: Participation;
 }
 
 export class Updates {
@@ -112,7 +108,7 @@ export class Updates {
     const o = this.opts;
     const { filling = false, verify, cutover = "direct" } = how;
     const span = o.peers(how.peers);
-    if (cutover === "atomic") checkAtomic(span.urls, o.engines);
+    if (cutover === "atomic") checkAtomic(o.engines);
     const lease = o.registry.acquire(ref, filling);
     if (o.engines.length === 0 && span.urls.length === 0 && o.hub.connected().length === 0) {
       lease.release();
@@ -157,13 +153,41 @@ export class Updates {
     const lease = version ? registry.acquire(version.id) : undefined;
     // "u-N@coordinator": this daemon's own updates are numbered u-1, u-2, ... as well.
     const what = version?.id ?? `${plan.checkpoint.name} (from ${plan.coordinator})`;
+    if (plan.cutover === "atomic") checkAtomic(this.opts.engines);
     const record = new UpdateRecord(`${plan.update}@${plan.coordinator}`, what);
+    record.cutover = plan.cutover ?? "direct";
     record.weightVersion = plan.weightVersion ?? weightVersion(plan.checkpoint.name, plan.checkpoint.fingerprint);
     const timeout = this.opts.receiverTimeoutMs;
-    await this.launch(record, lease, () => new Participation(path, plan, version, timeout), plan.update);
+    let participation: Participation | undefined;
+    const flow = (abort: AbortController) => {
+      participation = new Participation(path, plan, version, timeout, abort.signal);
+      return participation;
+    };
+    const ended = this.launch(record, lease, flow, plan.update);
+    if (this.inFlight?.record === record) this.inFlight.participation = participation;
+    await ended;
     if (record.state === "succeeded")
       this.lastDelivered = { fingerprint: plan.checkpoint.fingerprint, at: new Date().toISOString() };
     return record;
+  }
+
+  /** Atomic cutover: resolves once this daemon's engines staged the coordinator's `update`. */
+  async staged(update: string): Promise<void> {
+    await this.taking(update).stagedHere;
+  }
+
+  /** Atomic cutover: the coordinator's word to commit `update`. */
+  commitOrder(update: string): boolean {
+    return this.taking(update).order();
+  }
+
+  /** The flow of the coordinator's `update` this daemon takes part in now; 404 if none. */
+  private taking(update: string): Participation {
+    const running = this.inFlight;
+    if (!running?.participation || running.remote !== update) {
+      throw new DaemonError("not_found", `this daemon takes part in no update ${update} now`);
+    }
+    return running.participation;
   }
 
   /** Aborts this daemon's part of a coordinator's update (it saw a failure elsewhere). */
