@@ -15,6 +15,8 @@
 # changes 1% of the elements of 90% of the tensors, the consumer takes deltas, every update
 # waits for its version's deltas, and a last update changes one element. Targets: an update
 # moves <= 5% of the bytes in <= 0.1 x the full update's H2D floor; one element < 5 ms.
+# ATOMIC=1: every update is an atomic cutover (the consumer stages up to 24 GB, then commits);
+# reports the stage and commit times and each commit's window (target: window <= 5 ms).
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -33,6 +35,7 @@ token=$(cut -d: -f2 "$st/tokens")
 PYTHONUNBUFFERED=1 python3 integrations/torch_engine.py --socket "$st/sockets/gpu-0.sock" --device cuda:0 \
   --layers "$layers" --steps ${CHANGING_EVERY:+--partial --changing-every "$CHANGING_EVERY"} \
   $([ "${SPARSE:-0}" = 1 ] && echo --sparse --hold-after "$steps" --updates $((steps + 1)) || echo --updates "$steps") \
+  $([ "${ATOMIC:-0}" = 1 ] && echo --stage-bytes $((24 << 30))) \
   >"$out/engine.jsonl" 2>"$out/engine.err" &
 engine=$!
 for _ in $(seq 600); do
@@ -42,7 +45,7 @@ for _ in $(seq 600); do
 done
 PYTHONUNBUFFERED=1 python3 bench/rl_trainer.py --url http://127.0.0.1:8470 --token "$token" --layers "$layers" \
   --steps "$steps" --warmup "$warmup" ${CHANGING_EVERY:+--changing-every "$CHANGING_EVERY"} $([ "${BASE:-0}" = 1 ] && echo --base) \
-  $([ "${SPARSE:-0}" = 1 ] && echo --sparse) \
+  $([ "${SPARSE:-0}" = 1 ] && echo --sparse) $([ "${ATOMIC:-0}" = 1 ] && echo --atomic) \
   ${COMMITS:+--commits "$COMMITS"} | tee "$out/trainer.jsonl"
 wait "$engine"
 kill -TERM "$daemon"
@@ -86,6 +89,11 @@ if steps:
               f"({st.median(s['delta']['bytes'] for s in sparse) / 1e9:.2f} GB for "
               f"{st.median(s['delta']['tensors'] for s in sparse)} tensors; waited {st.median(s['deltaWait'] for s in sparse):.3f} s)")
         print("per sparse step (update ms, deltas {tensors, bytes, wholeBytes}):", [(round(s["update"] * 1000, 1), s["deltas"]) for s in sparse])
+atomic = [s for s in steps if s.get("atomic")]
+if atomic:
+    print(f"atomic cutover ({len(atomic)} steps): stage {st.median(s['atomic']['stageSeconds'] for s in atomic) * 1000:.1f} ms, "
+          f"commit {st.median(s['atomic']['commitSeconds'] for s in atomic) * 1000:.1f} ms, window per engine "
+          f"{st.median(max(s['windowMs']) for s in atomic):.2f} ms (target 5), max {max(max(s['windowMs']) for s in atomic):.2f}")
 for one in get("one_element"):
     print(f"one element changed: update {one['update'] * 1000:.2f} ms (target 5), {one['updateBytes']} bytes, state {one['state']}, deltas {one['deltas']}")
 engine = [json.loads(l) for l in out.joinpath("engine.jsonl").read_text().splitlines() if l.startswith("{")]

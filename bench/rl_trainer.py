@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=4)
     ap.add_argument("--changing-every", type=positive, default=1, help="after step 0 only every N-th tensor changes")
     ap.add_argument("--base", action="store_true", help="push only the changed tensors, on the previous version")
+    ap.add_argument("--atomic", action="store_true", help="updates with cutover atomic (the engine stages, then commits)")
     ap.add_argument("--sparse", action="store_true",
                     help="1%% of the elements of 90%% of the tensors change per step; each update waits for its "
                          "version's deltas (reporting how long they took), and a last step changes one element")
@@ -110,13 +111,15 @@ def main() -> None:
         delta = wait_delta(url, token, pushed["id"]) if args.sparse and previous is not None else None
         previous = pushed["id"]
         t2 = time.perf_counter()
-        upd = call(url, token, "POST", "/v1/updates", {"checkpoint": pushed["id"]})
+        cutover = "atomic" if args.atomic else "direct"
+        upd = call(url, token, "POST", "/v1/updates", {"checkpoint": pushed["id"], "cutover": cutover})
         t3 = time.perf_counter()
         print(json.dumps({"what": "step", "step": step, "warmup": step < args.warmup, "push": t1 - t0,
                           "update": t3 - t2, "total": t3 - t2 + t1 - t0, "state": upd.get("state"),
                           "version": pushed["id"], "pushTimings": pushed.get("timings"), "delta": delta,
                           "deltaWait": t2 - t1 if delta else None, "updateBytes": upd.get("progress", {}).get("bytes"),
-                          "skipped": upd.get("skipped"), "deltas": upd.get("deltas"), "timings": upd.get("timings")}),
+                          "skipped": upd.get("skipped"), "deltas": upd.get("deltas"), "timings": upd.get("timings"),
+                          "atomic": upd.get("atomic"), "windowMs": [r.get("windowMs") for r in upd.get("receivers", [])]}),
               flush=True)
     if args.sparse and previous is not None:
         # One element of one tensor changes: the smallest update there is.

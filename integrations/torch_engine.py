@@ -145,6 +145,8 @@ def main() -> None:
                          "step); implies --partial, and takes deltas")
     ap.add_argument("--hold-after", type=positive, default=None,
                     help="with --steps: updates after the N-th carry step N-1's contents again (checked ones)")
+    ap.add_argument("--stage-bytes", type=int, default=0,
+                    help="memory this engine may spend staging an atomic update (0: none)")
     ap.add_argument("--name", default=None, help="receiver name in the daemon's logs")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds to wait for each daemon message (default: forever)")
@@ -162,7 +164,7 @@ def main() -> None:
     every = 0 if args.sparse else args.changing_every
     partial = args.partial or args.sparse
     receiver = Receiver(args.socket, device=device, name=args.name, timeout=args.timeout, partial=partial,
-                        deltas=args.sparse)
+                        deltas=args.sparse, stage_bytes=args.stage_bytes)
     failed = done = 0
     held: dict[str, int] | None = None  # with --partial: the step each param holds, once known
     try:
@@ -191,7 +193,8 @@ def main() -> None:
                 line.update(update=s["update"], checkpoint=s["checkpoint"], ok=ok,
                             applied=sum(counts.values()), checked=checked, mismatched=mismatched,
                             seconds=round(s["seconds"], 6), peak_extra_bytes=peak, bytes=s["bytes"],
-                            buckets=s["buckets"], apply_seconds=round(s["apply_seconds"], 6))
+                            buckets=s["buckets"], apply_seconds=round(s["apply_seconds"], 6),
+                            window_seconds=s["window_seconds"])
                 for key, val in (("missing", missing), ("repeated", repeated),
                                  ("unknown", s["unknown"])):
                     if val:
