@@ -304,10 +304,6 @@ export class Context {
   }
 
   /**
-   * The ckpt hash of each (buffer index, offset, len) triple in `ranges`, over buffers of one
-   * device, computed on that device (host backend: on up to `threads` threads).
-   */
-  /**
    * The chunk hashes (ckpt.h: CKPT_HASH_CHUNK bytes each) of each (buffer index, offset, len)
    * triple of `ranges` over `bufs`, hashed where the bytes are (a kernel on their GPU), range
    * after range: ceil(len / CKPT_HASH_CHUNK) per range.
@@ -345,6 +341,10 @@ export class Context {
     return { hashes, chunks: chunks.subarray(0, total) };
   }
 
+  /**
+   * The ckpt hash of each (buffer index, offset, len) triple in `ranges`, over buffers of one
+   * device, computed on that device (host backend: on up to `threads` threads).
+   */
   async bufHash(bufs: DeviceBuffer[], ranges: BigUint64Array, threads: number): Promise<BigUint64Array> {
     if (ranges.length % 3 !== 0) throw new RangeError("ranges must hold (buffer, offset, len) triples");
     const hashes = new BigUint64Array(ranges.length / 3);

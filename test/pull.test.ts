@@ -299,7 +299,8 @@ describe("updates with pull", () => {
     const c = await daemon("node-c", { peers: [a.url], bucketBytes: 1 << 20 });
     await seesUp(c, ["node-a"]);
     const r = await receiverOn(c.stateDir, "engine-c");
-    const res = await c.api("POST", "/v1/updates", { checkpoint: "m", pull: true });
+    // verify: a version still being pulled is checked piece by piece as it lands, not on the GPU.
+    const res = await c.api("POST", "/v1/updates", { checkpoint: "m", pull: true, verify: true });
     expect(res.status, JSON.stringify(res.body)).toBe(200);
     expect(res.body).toMatchObject({ state: "succeeded", checkpoint: "m@1" });
     const source = (await a.api("GET", "/v1/checkpoints/m")).body.tensors as { name: string; hash: string }[];

@@ -826,9 +826,13 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     const room = { stageBytes: 64 << 20 };
     const a = await coordinator.receiver(0, "engine-a", room);
     const b = await peer.receiver(0, "engine-b", room);
-    const ok = (await coordinator.api("POST", "/v1/updates", { checkpoint: "m", cutover: "atomic" })).body;
-    expect(ok).toMatchObject({ state: "succeeded", cutover: "atomic" });
-    expect((await peer.api("GET", "/v1/updates/u-1@t")).body).toMatchObject({ state: "succeeded", cutover: "atomic" });
+    const ok = (await coordinator.api("POST", "/v1/updates", { checkpoint: "m", cutover: "atomic", verify: true }))
+      .body;
+    expect(ok).toMatchObject({ state: "succeeded", cutover: "atomic", verify: true });
+    // The peer holds the version: it verified the buckets on its own GPU.
+    const part = (await peer.api("GET", "/v1/updates/u-1@t")).body;
+    expect(part).toMatchObject({ state: "succeeded", cutover: "atomic", verify: true });
+    expect(part.timings.verifySeconds).toBeGreaterThan(0);
     await expectDelivered(a, "u-1", tensors);
     await expectDelivered(b, "u-1@t", tensors);
     // Neither engine switched before both had staged: each got commit after every bucket of both.

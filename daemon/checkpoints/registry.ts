@@ -251,8 +251,14 @@ export class Registry {
     const { log } = this.opts;
     await this.evictOld(version.name).catch((err) => log.error({ err }, "dropping old versions"));
     await this.opts.onChange?.(this).catch((err) => log.error({ err }, "saving the registry"));
-    if (version.state !== "ready") return;
+    // Dropped meanwhile (a delete, the next version's eviction): nothing to tell.
+    if (version.state !== "ready" || !this.listed(version)) return;
     for (const hook of this.readyHooks) hook(version);
+  }
+
+  /** Whether the version is still in the registry, not being deleted. */
+  listed(version: CheckpointVersion): boolean {
+    return !version.deleting && (this.versions.get(version.name) ?? []).includes(version);
   }
 
   private async dropped(version: CheckpointVersion): Promise<void> {

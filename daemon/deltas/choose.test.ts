@@ -56,16 +56,15 @@ describe("choosing deltas", () => {
     expect(chooseDeltas(target, [], own, []).size).toBe(0);
   });
 
-  it("plans each delta's span from its source's memory, past the version's files", () => {
+  it("plans each delta's span from its source's memory, numbered past the version's files", () => {
     const later = version("m@2", delta("a", "a2", "a3", 64));
     const chosen = new Map([
       ["a", { source: later, delta: later.tensors.get("a") as TensorDelta, back: true }],
       ["b", { source: own, delta: own.tensors.get("b") as TensorDelta, back: false }],
     ]);
-    const pinned = [{ mem: { address: 0x10n, len: 100 } as HostMemory }];
-    const v = { pinned, tensors: target.map((x, i) => ({ ...x, bytes: 32, file: 0, offset: 32 * i })) };
+    const v = { files: [{}], tensors: target.map((x, i) => ({ ...x, bytes: 32, file: 0, offset: 32 * i })) };
     const { items, sources, wholeBytes } = deltaItems(v, chosen);
-    expect(sources).toEqual([pinned[0]?.mem, later.mem, own.mem]);
+    expect(sources).toEqual([later.mem, own.mem]); // files 1 and 2: past the version's one file
     expect(wholeBytes).toBe(64);
     // back: [positions, old values] from offset + values; forward: [values, positions].
     expect(items).toEqual([

@@ -68,7 +68,7 @@ export function chooseDeltas(
 export interface DeltaItems {
   /** One per tensor sent as a delta: its span's bytes, in the source file past the version's files. */
   items: PlanTensor[];
-  /** The version's files' memory, then each delta source's (the items' `file` indexes these). */
+  /** Each delta source's memory: an item's `file` minus the version's file count indexes it. */
   sources: HostMemory[];
   /** The tensors' whole size, which their deltas replace. */
   wholeBytes: number;
@@ -76,10 +76,10 @@ export interface DeltaItems {
 
 /** Plan items for the chosen deltas of `version`'s tensors. Pure. */
 export function deltaItems(
-  version: { pinned: readonly { mem: HostMemory }[]; tensors: TensorRecord[] },
+  version: { files: readonly unknown[]; tensors: TensorRecord[] },
   chosen: Map<string, Chosen>,
 ): DeltaItems {
-  const sources = version.pinned.map((p) => p.mem);
+  const sources: HostMemory[] = [];
   const index = new Map<VersionDelta, number>();
   const items: PlanTensor[] = [];
   let wholeBytes = 0;
@@ -88,7 +88,7 @@ export function deltaItems(
     if (!c) continue;
     let file = index.get(c.source);
     if (file === undefined) {
-      file = sources.length;
+      file = version.files.length + sources.length;
       sources.push(c.source.mem);
       index.set(c.source, file);
     }

@@ -69,7 +69,8 @@ const pad8 = (n: number) => Math.ceil(n / 8) * 8;
  * receiver costs more than their copy.
  */
 export const DELTA_MIN_BYTES = 64 << 10;
-const MAX_ELEMENTS = 2 ** 32;
+/** Receivers read positions as int32 (torch has no uint32 index): a delta's tensor has at most 2^31 elements. */
+const MAX_ELEMENTS = 2 ** 31;
 
 /** The element size a delta of this tensor would use, or 0 when it cannot have one. Pure. */
 export function deltaElem(t: TensorRecord, base: TensorRecord | undefined, minBytes = DELTA_MIN_BYTES): number {
@@ -136,7 +137,7 @@ export class Deltas {
       .list()
       .filter((v) => v.name === next.name && v.version < next.version && v.state === "ready")
       .at(-1);
-    if (!base || next.delta) return;
+    if (!base || next.delta || !this.o.registry.listed(next)) return;
     const job: Job = { base, next, abort: new AbortController(), done: Promise.resolve() };
     job.done = this.run(job)
       .catch((err) => this.o.log.warn({ checkpoint: next.id, base: base.id, err }, "no deltas: making them failed"))
@@ -201,15 +202,17 @@ export class Deltas {
       });
       bytes += 2 * valuesBytes + positionsBytes;
     }
-    if (bytes > registry.budgetLeft()) {
-      freeAll();
-      log.warn({ checkpoint: next.id, bytes }, "no deltas: the pinned-memory budget has no room for them");
-      return;
-    }
     const foundAt = performance.now();
+    // Reserved against the budget until the delta is set on the version (which counts it then).
+    const reserved = await registry.makeRoom([bytes], bytes, "deltas of").catch((err: Error) => {
+      freeAll();
+      log.warn({ checkpoint: next.id, bytes, reason: err.message }, "no deltas: no room for them");
+    });
+    if (!reserved) return;
     // Pooled: each step's deltas are about the size of the last one's, whose block comes back.
     const mem = await registry.pool.take(bytes).catch((err) => {
       freeAll();
+      reserved();
       throw err;
     });
     const pinned = performance.now();
@@ -221,15 +224,18 @@ export class Deltas {
         await delta.take(positions, where, positions + BigInt(d.positionsBytes));
       }
       await hashSpans(ctx, mem, [...tensors.values()], threads);
-      if (abort.signal.aborted) throw new Error("cancelled");
+      // Either version dropped meanwhile (its forget ran before this job began): no delta.
+      if (abort.signal.aborted || !registry.listed(next) || !registry.listed(base)) throw new Error("cancelled");
     } catch (err) {
       freeAll();
+      reserved();
       registry.pool.give(mem);
-      if (abort.signal.aborted) return;
+      if (abort.signal.aborted || !registry.listed(next)) return;
       throw err;
     }
     const seconds = (performance.now() - started) / 1000;
     next.delta = { base: base.id, mem, tensors, seconds };
+    reserved();
     const phases = { findSeconds: (foundAt - started) / 1000, pinSeconds: (pinned - foundAt) / 1000 };
     log.info({ checkpoint: next.id, base: base.id, tensors: tensors.size, bytes, seconds, ...phases }, "deltas made");
   }

@@ -7,7 +7,7 @@
 import { CKPT_HASH_CHUNK } from "../../ffi/constants.ts";
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
-import { type Chosen, chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
+import { chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
 import type { VersionDelta } from "../deltas/derive.ts";
 import type { Buffers } from "./buffers.ts";
 import type { DataPath } from "./data-path.ts";
@@ -21,7 +21,7 @@ import { type Receiver, ReceiverError } from "./receivers.ts";
 import type { UpdateRecord } from "./record.ts";
 import type { Flow } from "./run-update.ts";
 import { heldByAll } from "./skip.ts";
-import { type Expected, versionChunks } from "./verify.ts";
+import { expectedOf, versionChunks } from "./verify.ts";
 
 /** The least bucket of an update that smallerBuckets shrinks. */
 const MIN_BUCKET = 16 << 20;
@@ -35,15 +35,6 @@ const MIN_BUCKET = 16 << 20;
 function smallerBuckets(opts: PlanOptions, bytes: number): PlanOptions {
   const share = Math.floor(bytes / (2 * opts.slots) / CKPT_HASH_CHUNK) * CKPT_HASH_CHUNK;
   return { ...opts, bucketBytes: Math.min(opts.bucketBytes, Math.max(MIN_BUCKET, share)) };
-}
-
-/** What each piece should hash to: its tensor's chunks, or its delta's (forward or back). */
-function expectedOf(chunks: Map<string, BigUint64Array>, deltas: Map<string, Chosen>): Expected {
-  return (p) => {
-    if (!p.delta) return chunks.get(p.name);
-    const c = deltas.get(p.name);
-    return c && (c.back ? c.delta.hashes.back : c.delta.hashes.forward);
-  };
 }
 
 export interface CoordinationDeps {
@@ -151,6 +142,7 @@ export class Coordination implements Flow {
       slotBytes: buffers.slotBytes,
       buckets: this.buckets,
       ...(this.record.cutover === "atomic" ? { cutover: "atomic" as const } : {}),
+      ...(this.record.verify ? { verify: true } : {}),
     };
   }
 

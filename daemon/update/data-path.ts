@@ -37,6 +37,10 @@ export class DataPath {
     readonly geometry: Geometry,
   ) {}
 
+  get ctx(): Context {
+    return this.o.ctx;
+  }
+
   /** Sizes the buckets for the GPUs as they are now and makes the buffers. */
   static async open(o: DataPathOptions): Promise<DataPath> {
     const devices = o.ctx.devices();

@@ -39,7 +39,7 @@ export interface Part {
   skipped?: { tensors: number; bytes: number };
   /** Tensors sent as deltas (deltas/choose.ts): how many, their bytes, the bytes they replace. */
   deltas?: { tensors: number; bytes: number; wholeBytes: number };
-  /** What the buckets' pieces copy from, when deltas lie past the version's files. */
+  /** The deltas' memory, which pieces past the version's files copy from. */
   sources?: readonly HostMemory[];
   /** What each piece should hash to on the GPUs, when the update verifies (verify.ts). */
   expected?: Expected;
@@ -165,7 +165,7 @@ export class LocalRun {
           "committed",
         );
         this.done.add(r);
-        this.windows.set(r, typeof m.windowMs === "number" ? m.windowMs : Number.NaN);
+        if (typeof m.windowMs === "number" && Number.isFinite(m.windowMs)) this.windows.set(r, m.windowMs);
       }),
     );
     const atomic = record.atomic as NonNullable<UpdateRecord["atomic"]>;

@@ -6,6 +6,7 @@ import type { Part } from "./local-run.ts";
 import type { PeerPlan } from "./peers.ts";
 import type { Group } from "./pipeline.ts";
 import type { Flow } from "./run-update.ts";
+import { expectedOf, versionChunks } from "./verify.ts";
 
 export class Participation implements Flow {
   /** Atomic cutover: settles once this daemon's engines staged (or the update failed first). */
@@ -20,6 +21,7 @@ export class Participation implements Flow {
     private readonly assigned: PeerPlan,
     private readonly version: CheckpointVersion | undefined,
     private readonly timeoutMs: number,
+    private readonly threads = 1,
     private readonly signal?: AbortSignal,
   ) {
     this.stagedHere = new Promise<void>((resolve, reject) => {
@@ -35,7 +37,9 @@ export class Participation implements Flow {
         `this daemon has ${buffers.slots} slots of ${buffers.slotBytes} bytes, the coordinator ${p.slots} of ${p.slotBytes}: configure bucketSlots and bucketBytes alike`,
       );
     }
-    return { version: this.version, buckets: p.buckets };
+    if (!p.verify || !this.version) return { version: this.version, buckets: p.buckets };
+    const chunks = await versionChunks(this.path.ctx, this.version, this.threads);
+    return { version: this.version, buckets: p.buckets, expected: expectedOf(chunks, new Map()) };
   }
 
   async join(): Promise<Group> {
@@ -47,13 +51,13 @@ export class Participation implements Flow {
 
   /**
    * Tells the coordinator (waiting on /staged) that this daemon's engines staged, then waits
-   * for its /commit: within twice the receiver timeout, else the staged update is dropped
-   * here (a coordinator lost between stage and commit leaves every engine it did not tell on
+   * for its /commit: within six receiver timeouts (the coordinator waits up to four for the
+   * others to stage), else the staged update is dropped here (a coordinator lost between stage and commit leaves every engine it did not tell on
    * what it held).
    */
   async staged(): Promise<void> {
     this.markStaged();
-    const bound = 2 * this.timeoutMs;
+    const bound = 6 * this.timeoutMs;
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         reject(

@@ -36,6 +36,8 @@ export interface PeerPlan {
   buckets: Bucket[];
   /** atomic: stage, answer /staged, and switch only at the coordinator's /commit (default direct). */
   cutover?: "direct" | "atomic";
+  /** Verify the buckets on this participant's GPUs too (where it holds the version). */
+  verify?: boolean;
 }
 
 /**

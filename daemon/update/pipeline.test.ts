@@ -34,7 +34,7 @@ async function setup(gpus: number, slots: number, slotBytes: number, sourceBytes
   });
   const version = {
     state: "ready",
-    files: [],
+    files: [{ path: "/model.safetensors", size: sourceBytes, mtimeMs: 0, inPlace: false }],
     pinned: [{ path: "/model.safetensors", size: sourceBytes, mtimeMs: 0, inPlace: false, mem: source }],
     markStale: () => undefined,
   } as unknown as CheckpointVersion;

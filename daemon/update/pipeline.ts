@@ -49,7 +49,7 @@ export interface TransmitOptions {
   buckets: Bucket[];
   /** The registered version, on daemons whose host holds it (it copies its owned buckets). */
   version?: CheckpointVersion;
-  /** The memory a piece's `file` indexes, when deltas lie past the version's files (deltas/choose.ts). */
+  /** The deltas' memory: a piece whose `file` is past the version's files is in sources[file - files]. */
   sources?: readonly HostMemory[];
   /** Hash each bucket on each GPU it lands on and compare it with `expected` before the engines see it. */
   verify?: { expected: Expected; threads: number };
@@ -129,7 +129,9 @@ async function issue(o: TransmitOptions, b: Bucket): Promise<void> {
     if (!version) throw new Error(`bucket ${b.index} is owned here, but this host does not hold the checkpoint`);
     const ranges = new BigUint64Array(b.pieces.length * 3);
     b.pieces.forEach((p, i) => {
-      const mem = o.sources ? at(o.sources, p.file) : at(version.pinned, p.file).mem;
+      // A version's own memory is looked up now: a version still being pulled pins it as it goes.
+      const files = version.files.length;
+      const mem = p.file < files ? at(version.pinned, p.file).mem : at(o.sources ?? [], p.file - files);
       ranges[3 * i] = mem.address + BigInt(p.fileOffset);
       ranges[3 * i + 1] = BigInt(p.slotOffset);
       ranges[3 * i + 2] = BigInt(p.range[1] - p.range[0]);

@@ -51,6 +51,7 @@ const PlanBody = v.object({
     v.object({ index: v.number(), owner: v.number(), slot: v.number(), bytes: v.number(), pieces: v.array(Piece) }),
   ),
   cutover: v.optional(v.picklist(["direct", "atomic"])),
+  verify: v.optional(v.boolean()),
 });
 
 /** POST /v1/updates, GET /v1/updates, GET /v1/updates/{id}, and the peer API (/v1/peer/...). */

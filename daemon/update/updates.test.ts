@@ -342,7 +342,7 @@ describe("the peer API, driven as a coordinator drives it", () => {
     const lost = await peer("POST", "/v1/peer/updates", { ...plan(daemon, "u-8"), cutover: "atomic" });
     expect(lost.status).toBe(502);
     expect(lost.body.error.message).toMatch(
-      /^the coordinator did not say commit within 600 ms of every engine here staging/,
+      /^the coordinator did not say commit within 1800 ms of every engine here staging/,
     );
     expect(lost.body.error.details.receivers).toMatchObject([{ state: "untouched", holds: "m@1" }]);
     expect(await r.model()).toEqual(held);

@@ -116,7 +116,9 @@ export class Updates {
     }
     const later = this.laterDeltas(lease.version);
     const record = new UpdateRecord(`u-${++this.seq}`, lease.version.id);
-    record.verify = verify ?? o.verifyUpdates ?? false;
+    // A version still being pulled is verified piece by piece as it lands (pull.ts), not here:
+    // its chunk hashes cannot be taken from memory not yet filled.
+    record.verify = (verify ?? o.verifyUpdates ?? false) && lease.version.state === "ready";
     record.cutover = cutover;
     record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
     record.leftOut = span.leftOut;
@@ -156,11 +158,12 @@ export class Updates {
     if (plan.cutover === "atomic") checkAtomic(this.opts.engines);
     const record = new UpdateRecord(`${plan.update}@${plan.coordinator}`, what);
     record.cutover = plan.cutover ?? "direct";
+    record.verify = plan.verify === true && version !== undefined;
     record.weightVersion = plan.weightVersion ?? weightVersion(plan.checkpoint.name, plan.checkpoint.fingerprint);
     const timeout = this.opts.receiverTimeoutMs;
     let participation: Participation | undefined;
     const flow = (abort: AbortController) => {
-      participation = new Participation(path, plan, version, timeout, abort.signal);
+      participation = new Participation(path, plan, version, timeout, this.opts.threads ?? 1, abort.signal);
       return participation;
     };
     const ended = this.launch(record, lease, flow, plan.update);
@@ -283,7 +286,14 @@ export class Updates {
   ): Bucket[] {
     const opts = { ...given, order: this.opts.bucketOrder ?? "size" };
     const sent = deltas?.items ?? [];
-    const key = JSON.stringify([version.id, opts, [...skip].sort(), sent.map((t) => [t.name, t.file, t.offset])]);
+    const from = deltas?.sources.map((m) => String(m.address)) ?? [];
+    const key = JSON.stringify([
+      version.id,
+      opts,
+      [...skip].sort(),
+      from,
+      sent.map((t) => [t.name, t.file, t.offset, t.bytes, t.delta]),
+    ]);
     if (this.lastPlan?.key !== key) {
       const whole = new Set([...skip, ...sent.map((t) => t.name)]);
       const tensors = whole.size > 0 ? version.tensors.filter((t) => !whole.has(t.name)) : version.tensors;

@@ -8,6 +8,7 @@
  */
 import { CKPT_HASH_CHUNK, type Context, type DeviceBuffer } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
+import type { Chosen } from "../deltas/choose.ts";
 import { DaemonError } from "../errors.ts";
 import { at } from "./buffers.ts";
 import type { Bucket, BucketPiece } from "./plan.ts";
@@ -16,6 +17,15 @@ import type { Bucket, BucketPiece } from "./plan.ts";
 export type Expected = (p: BucketPiece) => BigUint64Array | undefined;
 
 const hex = (h: bigint) => h.toString(16).padStart(16, "0");
+
+/** What each piece should hash to: its tensor's chunks, or its delta's (forward or back). */
+export function expectedOf(chunks: Map<string, BigUint64Array>, deltas: Map<string, Chosen>): Expected {
+  return (p) => {
+    if (!p.delta) return chunks.get(p.name);
+    const c = deltas.get(p.name);
+    return c && (c.back ? c.delta.hashes.back : c.delta.hashes.forward);
+  };
+}
 
 /**
  * The version's chunk hashes per tensor, computed from its pinned memory on `threads` threads

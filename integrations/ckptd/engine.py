@@ -70,9 +70,9 @@ def apply_deltas(params: Mapping[str, Any], patches: list[tuple[str, Delta]],
                  counts: collections.Counter[str] | None = None) -> list[str]:
     """Patches each parameter in place with its Delta (a scatter on the current stream), after
     checking every patch of the batch first: its parameter is contiguous, of the delta's dtype
-    and size, and no position is past its end (one sync for all of them: an index out of range
-    on a CUDA device would end the process's CUDA context, not raise). Returns the names not in
-    params."""
+    and size, and its last position (positions ascend, PROTOCOL.md) is inside it (one sync for
+    all of them: an index out of range on a CUDA device would end the process's CUDA context,
+    not raise). Returns the names not in params."""
     torch = import_torch()
     unknown, todo = [], []
     for name, d in patches:
