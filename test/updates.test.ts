@@ -359,6 +359,21 @@ describe("atomic cutover", () => {
     void r1;
   });
 
+  it("paces its staging when asked, so that engines serving meanwhile keep their pace", async () => {
+    const { api, receiver } = await start({ hostDevices: 1 });
+    await twoVersions(api);
+    await receiver(0, "engine", { stageBytes: room });
+    const res = (await api("POST", "/v1/updates", { checkpoint: "m@2", cutover: "atomic", paceGBps: 0.02 })).body;
+    expect(res).toMatchObject({ state: "succeeded", paceGBps: 0.02 });
+    // Every bucket but the last waited for its share of 20 MB/s.
+    const buckets: { bytes: number }[] = (await api("GET", `/v1/updates/${res.id}?buckets=1`)).body.buckets;
+    const paced = buckets.slice(0, -1).reduce((n, b) => n + b.bytes, 0) / 0.02e9;
+    expect(res.atomic.stageSeconds).toBeGreaterThanOrEqual(paced * 0.95);
+    const direct = await api("POST", "/v1/updates", { checkpoint: "m@1", paceGBps: 1 });
+    expect(direct.status).toBe(400);
+    expect(direct.body.error.message).toBe("paceGBps paces the staging of atomic updates: give cutover: atomic");
+  });
+
   it("is refused with engines updated through their own calls, which do not stage", async () => {
     const { api } = await start({
       hostDevices: 1,

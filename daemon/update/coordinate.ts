@@ -32,8 +32,11 @@ const MIN_BUCKET = 16 << 20;
  * the last one, where a single full bucket would make them wait for all of it. Whole updates
  * keep the slots' size.
  */
-function smallerBuckets(opts: PlanOptions, bytes: number): PlanOptions {
-  const share = Math.floor(bytes / (2 * opts.slots) / CKPT_HASH_CHUNK) * CKPT_HASH_CHUNK;
+function smallerBuckets(opts: PlanOptions, bytes: number, paceGBps?: number): PlanOptions {
+  // Paced staging beside serving engines: a bucket of about 4 ms of the pace, so that what an
+  // engine copies out at once is a small burst between its forward passes.
+  const cap = paceGBps ? Math.max(MIN_BUCKET, paceGBps * 1e9 * 0.004) : bytes / (2 * opts.slots);
+  const share = Math.floor(cap / CKPT_HASH_CHUNK) * CKPT_HASH_CHUNK;
   return { ...opts, bucketBytes: Math.min(opts.bucketBytes, Math.max(MIN_BUCKET, share)) };
 }
 
@@ -104,7 +107,8 @@ export class Coordination implements Flow {
     const bytes = version.tensors.reduce((n, t) => n + (skip.has(t.name) ? t.bytes : 0), 0);
     const items = deltaItems(version, chosen);
     const moved = version.tensors.reduce((n, t) => n + (skip.has(t.name) || chosen.has(t.name) ? 0 : t.bytes), 0);
-    const opts = smallerBuckets(this.planOptions as PlanOptions, moved + items.items.reduce((n, t) => n + t.bytes, 0));
+    const sent = moved + items.items.reduce((n, t) => n + t.bytes, 0);
+    const opts = smallerBuckets(this.planOptions as PlanOptions, sent, this.record.paceGBps);
     this.buckets = this.deps.plan(version, opts, skip, items);
     const deltaBytes = items.items.reduce((n, t) => n + t.bytes, 0);
     return {

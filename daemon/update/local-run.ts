@@ -123,6 +123,7 @@ export class LocalRun {
       version: part.version,
       sources: part.sources,
       ...(part.expected ? { verify: { expected: part.expected, threads: this.deps.threads ?? 1 } } : {}),
+      paceBytesPerSecond: atomic ? (record.paceGBps ?? 0) * 1e9 : 0,
       update: record.id,
       receivers,
       acked: this.acked,

@@ -53,6 +53,8 @@ export interface TransmitOptions {
   sources?: readonly HostMemory[];
   /** Hash each bucket on each GPU it lands on and compare it with `expected` before the engines see it. */
   verify?: { expected: Expected; threads: number };
+  /** Issue at most this many bytes per second (atomic staging beside serving engines); 0: as fast as it goes. */
+  paceBytesPerSecond?: number;
   update: string;
   receivers: Receiver[];
   acked: Map<Receiver, number>;
@@ -67,7 +69,9 @@ export async function transmit(o: TransmitOptions): Promise<void> {
   const { buffers: t, group } = o;
   let failure: Error | undefined;
   const slots: Promise<void>[] = Array.from({ length: t.slots }, () => Promise.resolve());
+  const pace = paced(o.paceBytesPerSecond ?? 0);
   const step = async (b: Bucket) => {
+    await pace(b.bytes);
     const waited = performance.now();
     await slots[b.slot];
     o.record.timings.stallSeconds += (performance.now() - waited) / 1000;
@@ -105,6 +109,23 @@ export async function transmit(o: TransmitOptions): Promise<void> {
   await Promise.all(slots);
   if (failure) throw o.version ? changedUnderneath(o.version, failure) : failure;
   if (o.version) assertUnchanged(o.version);
+}
+
+/**
+ * Waits, before each bucket, until the bytes issued so far fit `rate` bytes per second since
+ * the first (a copy's bus and an engine's copy-out take time from what else runs on the GPU).
+ */
+function paced(rate: number): (bytes: number) => Promise<void> {
+  if (!(rate > 0)) return async () => undefined;
+  let issued = 0;
+  let start: number | undefined;
+  return async (bytes) => {
+    start ??= performance.now();
+    const due = start + (issued / rate) * 1000;
+    issued += bytes;
+    const wait = due - performance.now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+  };
 }
 
 /** A version still being pulled: waits until the bytes of the bucket's pieces owned here are verified. */

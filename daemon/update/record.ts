@@ -36,6 +36,8 @@ export class UpdateRecord {
   /** Every bucket is hashed on each GPU it reached and compared with the manifest (verify.ts). */
   verify = false;
   cutover: Cutover = "direct";
+  /** Atomic cutover: the pace of the staging copies, GB/s (unset: as fast as they go). */
+  paceGBps?: number;
   /** Atomic cutover: seconds until every receiver had staged, and of the commit after that. */
   atomic?: { stageSeconds: number; commitSeconds: number; committed: number };
   /** Per bucket, in milliseconds from the update's start (GET /v1/updates/{id}?buckets=true). */
@@ -74,6 +76,7 @@ export class UpdateRecord {
       progress: this.progress,
       verify: this.verify,
       ...(this.cutover === "atomic" ? { cutover: this.cutover, atomic: this.atomic } : {}),
+      ...(this.paceGBps ? { paceGBps: this.paceGBps } : {}),
       skipped: this.skipped,
       deltas: this.deltas,
       timings: this.timings,

@@ -23,6 +23,8 @@ const UpdateBody = v.strictObject({
   verify: v.optional(v.boolean()),
   /** atomic: every engine stages the update and all switch together, or none does (default direct). */
   cutover: v.optional(v.picklist(["direct", "atomic"])),
+  /** With cutover atomic: stage at most this many GB/s (engines serve meanwhile). */
+  paceGBps: v.optional(v.pipe(v.number(), v.minValue(0.01), v.maxValue(10_000))),
 });
 
 /** Starts a pull of `name` (optionally of fingerprint `fp`), resolving once it is under way. */
@@ -92,6 +94,7 @@ export function updateRoutes(
       peers,
       filling: body.pull,
       verify: body.verify,
+      paceGBps: body.paceGBps,
       cutover: body.cutover,
     });
     c.header("location", `/v1/updates/${record.id}`);

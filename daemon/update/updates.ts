@@ -58,6 +58,8 @@ export interface StartOptions {
   /** Verify every bucket on its GPUs (default: the daemon's verifyUpdates). */
   verify?: boolean;
   cutover?: Cutover;
+  /** Atomic cutover: stage at most this many GB/s, so that engines serving meanwhile keep their pace. */
+  paceGBps?: number;
 }
 
 /** Atomic cutover drives receivers through staging and commit, not engines it calls. */
@@ -109,6 +111,9 @@ export class Updates {
     const { filling = false, verify, cutover = "direct" } = how;
     const span = o.peers(how.peers);
     if (cutover === "atomic") checkAtomic(o.engines);
+    if (how.paceGBps !== undefined && cutover !== "atomic") {
+      throw new DaemonError("invalid_request", "paceGBps paces the staging of atomic updates: give cutover: atomic");
+    }
     const lease = o.registry.acquire(ref, filling);
     if (o.engines.length === 0 && span.urls.length === 0 && o.hub.connected().length === 0) {
       lease.release();
@@ -120,6 +125,7 @@ export class Updates {
     // its chunk hashes cannot be taken from memory not yet filled.
     record.verify = (verify ?? o.verifyUpdates ?? false) && lease.version.state === "ready";
     record.cutover = cutover;
+    record.paceGBps = how.paceGBps;
     record.weightVersion = weightVersion(lease.version.id, fingerprint(lease.version));
     record.leftOut = span.leftOut;
     const fp = fingerprint(lease.version);
