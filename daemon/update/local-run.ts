@@ -14,8 +14,8 @@ import type { Buffers } from "./buffers.ts";
 import { awaitReceivers, type Triggered } from "./engines.ts";
 import { type Group, transmit } from "./pipeline.ts";
 import type { Bucket } from "./plan.ts";
-import { type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
-import { receiverState, type UpdateRecord } from "./record.ts";
+import { type Holding, type Receiver, ReceiverError, type ReceiverHub } from "./receivers.ts";
+import { type ReceiverResult, receiverState, type UpdateRecord } from "./record.ts";
 import { heldAs } from "./skip.ts";
 import type { Expected } from "./verify.ts";
 
@@ -265,40 +265,39 @@ export class LocalRun {
     record.finishedAt = new Date().toISOString();
     if (record.error) record.state = "failed";
     const succeeded = record.state === "succeeded";
-    const version = succeeded ? this.moved?.version : undefined;
-    const holding = version && {
-      version: version.id,
-      hashes: new Map(version.tensors.map((t) => [t.name, heldAs(t)])),
-    };
-    const atomic = record.cutover === "atomic";
-    const full = this.moved?.version;
-    const committed = full && {
-      version: full.id,
-      hashes: new Map(full.tensors.map((t) => [t.name, heldAs(t)])),
-    };
-    record.receivers = this.receivers.map((r) => {
-      const n = this.acked.get(r) ?? 0;
-      let state = receiverState({ done: this.done.has(r), acked: n, aborted: this.aborted.has(r) });
-      if (atomic) {
-        // Staged, never applied: it serves what it held. Told to commit but not done: unknown.
-        state = this.done.has(r) ? "applied" : this.told.has(r) ? "partial" : "untouched";
-        if (state === "applied") r.holds = committed;
-        if (state === "partial") r.holds = undefined;
-      } else if (holding && state === "applied") r.holds = holding;
-      const window = this.windows.get(r);
-      return {
-        name: r.name,
-        pid: r.pid,
-        gpu: r.gpu,
-        bucketsAcked: n,
-        state,
-        holds: r.holds?.version ?? null,
-        ...(window !== undefined ? { windowMs: window } : {}),
-      };
-    });
+    const version = this.moved?.version;
+    const moved = version && { version: version.id, hashes: new Map(version.tensors.map((t) => [t.name, heldAs(t)])) };
+    record.receivers = this.receivers.map((r) => this.result(r, moved, succeeded));
     if (record.error && this.engines.some((run) => run.driven)) record.error.message += `; ${this.holdings()}`;
     if (succeeded)
       this.deps.log.info({ update: record.id, checkpoint: record.checkpoint, ...record.timings }, "update succeeded");
+  }
+
+  /** What a receiver took of the update, as the record says it; sets what it holds now. */
+  private result(r: Receiver, moved: Holding | undefined, succeeded: boolean): ReceiverResult {
+    const acked = this.acked.get(r) ?? 0;
+    const done = this.done.has(r);
+    let state: ReceiverResult["state"];
+    if (this.record.cutover === "atomic") {
+      // Staged, never applied: it serves what it held. Told to commit but not done: unknown.
+      state = done ? "applied" : this.told.has(r) ? "partial" : "untouched";
+      if (state === "applied") r.holds = moved;
+      if (state === "partial") r.holds = undefined;
+    } else {
+      state = receiverState({ done, acked, aborted: this.aborted.has(r) });
+      if (succeeded && state === "applied") r.holds = moved;
+    }
+    const window = this.windows.get(r);
+    const { name, pid, gpu } = r;
+    return {
+      name,
+      pid,
+      gpu,
+      bucketsAcked: acked,
+      state,
+      holds: r.holds?.version ?? null,
+      ...(window !== undefined ? { windowMs: window } : {}),
+    };
   }
 
   /**
