@@ -156,6 +156,49 @@ describe("pulls of a version next to one held here", () => {
   });
 });
 
+describe("pulls of the version after one held here, with deltas", () => {
+  const specs = ["a", "b", "c", "d", "e"].map((name) => ({ name, dtype: "F32", shape: [256, 256] }));
+  const write = (bytes: Buffer[]) => {
+    const path = join(tempDir("ckptd-test-", "/dev/shm"), "m.safetensors");
+    writeTensors(
+      path,
+      specs.map((t, i) => ({ ...t, bytes: bytes[i] as Buffer })),
+    );
+    return path;
+  };
+
+  it("fetches the deltas of the changed tensors instead of the tensors: a few % of the bytes on the wire", async () => {
+    const v1 = specs.map(() => randomBytes(256 * 256 * 4));
+    // 1% of the elements of b and d change; the rest stays.
+    const v2 = v1.map((b, i) => {
+      const out = Buffer.from(b);
+      if (i === 1 || i === 3) for (let e = 0; e < out.length / 4; e += 100) out.writeFloatLE(e, e * 4);
+      return out;
+    });
+    const a = await daemon("node-a");
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", files: [write(v1)] })).status).toBe(201);
+    const c = await daemon("node-c", { peers: [a.url] });
+    await seesUp(c, ["node-a"]);
+    expect((await c.api("POST", "/v1/checkpoints", { name: "m", pull: {} })).status).toBe(201);
+    const v2file = write(v2);
+    expect((await a.api("POST", "/v1/checkpoints", { name: "m", files: [v2file] })).status).toBe(201);
+    await expect
+      .poll(async () => (await a.api("GET", "/v1/checkpoints/m@2")).body.delta?.tensors, { timeout: 5000 })
+      .toBe(2);
+    const fp2 = await fingerprintOf(a, 2);
+    await seesVersion(c, fp2);
+    const second = await c.api("POST", "/v1/checkpoints", { name: "m", pull: { fingerprint: fp2 } });
+    expect(second.status, JSON.stringify(second.body)).toBe(201);
+    const pulled = c.d.registry.get(second.body.id);
+    expect(Buffer.compare(Buffer.from(pulled.pinned[0]?.mem.view() as Uint8Array), readFileSync(v2file))).toBe(0);
+    const pull = (await c.api("GET", `/v1/checkpoints/${second.body.id}`)).body.progress.pull;
+    expect(pull.mismatches).toBe(0);
+    expect(pull.bytesLocal).toBe(5 * 256 * 256 * 4); // every tensor: three held, two patched
+    expect(pull.bytesFetched).toBeLessThan(0.05 * pulled.bytes);
+    expect(pull.bytesFetched).toBeGreaterThan(2 * 656 * 8); // the deltas did come over the wire
+  });
+});
+
 describe("pulls into pooled memory", () => {
   it("pins nothing new for a pull after a version of the same layout was dropped", async () => {
     const m = model();

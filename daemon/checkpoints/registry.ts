@@ -220,6 +220,7 @@ export class Registry {
   private readonly next = new Map<string, number>();
   /** Called with each version about to be dropped, before its memory is released. */
   private readonly dropHooks: ((v: CheckpointVersion) => Promise<void>)[] = [];
+  private readonly lastDropHooks: ((v: CheckpointVersion) => Promise<void>)[] = [];
   /** Called with each version once it is ready (not awaited). */
   private readonly readyHooks: ((v: CheckpointVersion) => void)[] = [];
 
@@ -236,9 +237,13 @@ export class Registry {
     this.pool = new PinnedPool(opts.ctx);
   }
 
-  /** Runs `hook` before any version's memory is released (one that serves it stops first). */
-  beforeDrop(hook: (v: CheckpointVersion) => Promise<void>): void {
-    this.dropHooks.push(hook);
+  /**
+   * Runs `hook` before any version's memory is released (one that serves it stops first);
+   * `last`: after every other hook (what releases memory that others may still serve).
+   */
+  beforeDrop(hook: (v: CheckpointVersion) => Promise<void>, last = false): void {
+    if (last) this.lastDropHooks.push(hook);
+    else this.dropHooks.push(hook);
   }
 
   /** Runs `hook` once each version is ready and listed (after the eviction it caused). */
@@ -262,7 +267,7 @@ export class Registry {
   }
 
   private async dropped(version: CheckpointVersion): Promise<void> {
-    for (const hook of this.dropHooks)
+    for (const hook of [...this.dropHooks, ...this.lastDropHooks])
       await hook(version).catch((err) => this.opts.log.error({ err }, "before a drop"));
   }
 

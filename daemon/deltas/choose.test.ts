@@ -15,6 +15,7 @@ const delta = (name: string, from: string, to: string, offset = 0): TensorDelta 
   shape: [4, 4],
   from: heldAs(t(name, from)),
   to: heldAs(t(name, to)),
+  baseHash: from,
   count: 3,
   offset,
   valuesBytes: 8,

@@ -26,6 +26,8 @@ export interface TensorDelta {
   /** What a receiver holds of the tensor in the base version, and in this one (skip.ts heldAs). */
   from: string;
   to: string;
+  /** The base version's tensor hash (a puller holding it fetches the delta: pull/pull.ts). */
+  baseHash: string;
   count: number;
   offset: number;
   valuesBytes: number;
@@ -128,7 +130,8 @@ export class Deltas {
 
   constructor(private readonly o: DeltasOptions) {
     o.registry.afterReady((v) => this.derive(v));
-    o.registry.beforeDrop((v) => this.forget(v));
+    // Last: a pull source stops serving the delta memory before it goes back to the pool.
+    o.registry.beforeDrop((v) => this.forget(v), true);
   }
 
   /** Starts the deltas of `next` against the newest older ready version of its name, if any. */
@@ -194,6 +197,7 @@ export class Deltas {
         shape: t.shape,
         from: heldAs(b),
         to: heldAs(t),
+        baseHash: b.hash,
         count,
         offset: bytes,
         valuesBytes,

@@ -56,6 +56,39 @@ export const ManifestSchema = v.object({
   ),
   /** The bytes no tensor covers (headers, padding), with their ckpt hash. */
   gaps: v.array(v.object({ file: count, begin: count, end: count, hash: hex16 })),
+  /**
+   * The version's deltas against the one before it, where the source made them: a puller that
+   * holds a tensor of hash `from` fetches `bytes` at `offset` of the deltas' region (its new
+   * values at `values`, uint32 positions at `positions`, `count` of each) instead of the tensor.
+   */
+  deltas: v.optional(
+    v.object({
+      regions: v.pipe(
+        v.array(
+          v.object({
+            id: v.pipe(v.string(), v.regex(/^\d{1,20}$/)),
+            key: v.pipe(v.string(), v.regex(/^[0-9a-f]{32}$/)),
+          }),
+        ),
+        v.minLength(1),
+        v.maxLength(16),
+      ),
+      tensors: v.pipe(
+        v.array(
+          v.object({
+            name: v.pipe(v.string(), v.maxLength(1000)),
+            from: hex16,
+            count: v.pipe(count, v.minValue(1)),
+            offset: count,
+            bytes: count,
+            positions: count,
+            values: count,
+          }),
+        ),
+        v.maxLength(10_000_000),
+      ),
+    }),
+  ),
 });
 
 export type Manifest = v.InferOutput<typeof ManifestSchema>;
@@ -78,6 +111,12 @@ export function checkManifest(body: unknown, fingerprint: string): Manifest {
     throw new DaemonError(
       "bad_answer",
       `the manifest of ${m.name}@${m.version} gives a region per lane for some files only`,
+    );
+  }
+  if (m.deltas && m.deltas.regions.length !== m.addresses.length) {
+    throw new DaemonError(
+      "bad_answer",
+      `the manifest of ${m.name}@${m.version} gives its deltas a region on some lanes only`,
     );
   }
   const sizes = m.files.map((f) => f.size);

@@ -17,7 +17,7 @@ import {
   type UcxPeer,
 } from "../../ffi/index.ts";
 import type { CheckpointVersion, FileRecord, Registry, TensorRecord } from "../checkpoints/registry.ts";
-import { parseHeader } from "../checkpoints/safetensors.ts";
+import { DTYPE_BITS, parseHeader } from "../checkpoints/safetensors.ts";
 import { DaemonError } from "../errors.ts";
 import type { PeerSigner } from "../update/peers.ts";
 import type { Holder } from "./choose.ts";
@@ -139,6 +139,14 @@ class PullRun {
   private readonly here = new Map<number, bigint>();
   /** Leases on the versions those bytes are copied from. */
   private readonly leases: { release: () => void }[] = [];
+  /**
+   * Pieces of which this daemon holds the base of the first source's delta: the base is copied
+   * here (in `here`), then patched with the delta fetched from that source.
+   */
+  private readonly patches = new Map<number, NonNullable<Manifest["deltas"]>["tensors"][number]>();
+  /** The first source's first lane, once connected (undefined: it could not be). */
+  private readonly firstLane: Promise<Lane | undefined>;
+  private laneReady: (lane: Lane | undefined) => void = () => undefined;
   /** Updates waiting for spans of bytes to be verified (version.gate). */
   private waiters: { spans: readonly Span[]; resolve: () => void; reject: (err: Error) => void }[] = [];
   private error?: Error;
@@ -153,6 +161,9 @@ class PullRun {
     private readonly deps: PullDeps,
   ) {
     const first = manifests[0] as Manifest;
+    this.firstLane = new Promise((resolve) => {
+      this.laneReady = resolve;
+    });
     this.pieces = piecesOf(first);
     this.findHere(first);
     this.stripe = new Stripe(
@@ -201,8 +212,11 @@ class PullRun {
       for (const tensor of version.tensors) if (tensor.bytes > 0) held.set(tensor.hash, { version, tensor });
     }
     const leased = new Set<CheckpointVersion>();
+    const deltas = new Map((m.deltas?.tensors ?? []).map((d) => [d.name, d]));
     this.pieces.forEach((p, i) => {
-      const found = names.has(p.name) ? held.get(p.hash) : undefined;
+      let found = names.has(p.name) ? held.get(p.hash) : undefined;
+      const delta = found ? undefined : deltas.get(p.name);
+      if (delta) found = held.get(delta.from);
       if (!found || found.tensor.bytes !== p.end - p.begin) return;
       if (!leased.has(found.version)) {
         try {
@@ -213,8 +227,54 @@ class PullRun {
         leased.add(found.version);
       }
       const mem = found.version.pinned[found.tensor.file]?.mem;
-      if (mem) this.here.set(i, mem.address + BigInt(found.tensor.offset));
+      if (!mem) return;
+      this.here.set(i, mem.address + BigInt(found.tensor.offset));
+      if (delta) this.patches.set(i, delta);
     });
+  }
+
+  /**
+   * Patches the pieces of `mine` copied from a delta's base: fetches each delta from the first
+   * source (once connected) and writes its new values in place. A delta that cannot be fetched
+   * or applied leaves the base's bytes, which then hash wrong and are fetched whole.
+   */
+  private async patch(mine: number[]): Promise<void> {
+    const todo = mine.flatMap((i) => {
+      const d = this.patches.get(i);
+      const p = this.pieces[i] as Piece;
+      const t = (this.manifests[0] as Manifest).tensors.find((x) => x.name === p.name);
+      const elem = t ? (DTYPE_BITS[t.dtype] ?? 0) / 8 : 0;
+      const fits =
+        d &&
+        [1, 2, 4, 8].includes(elem) &&
+        d.positions + 4 * d.count <= d.bytes &&
+        d.values + elem * d.count <= d.bytes;
+      return fits ? [{ p, d, elem }] : [];
+    });
+    const lane = todo.length > 0 ? await this.firstLane : undefined;
+    const region = (this.manifests[0] as Manifest).deltas?.regions[0];
+    if (!lane?.peer || !region || todo.length === 0) return;
+    const total = todo.reduce((n, x) => n + x.d.bytes, 0);
+    const scratch = await this.deps.ctx.hostAlloc(total);
+    try {
+      let at = 0n;
+      await Promise.all(
+        todo.map(async ({ p, d, elem }) => {
+          const where = scratch.address + at;
+          at += BigInt(d.bytes);
+          const status = await this.deps.transport.fetch(lane.peer as UcxPeer, keyOf(region), d.offset, d.bytes, where);
+          if (status !== 0) return;
+          this.progress.bytesFetched += d.bytes;
+          const dst = (this.version.pinned[p.file]?.mem.address as bigint) + BigInt(p.begin);
+          const positions = where + BigInt(d.positions);
+          await this.deps.ctx
+            .deltaApply(dst, p.end - p.begin, elem, positions, where + BigInt(d.values), d.count)
+            .catch(() => undefined); // left as the base: it hashes wrong, and is fetched whole
+        }),
+      );
+    } finally {
+      await this.deps.ctx.hostFree(scratch);
+    }
   }
 
   /** Copies the pieces of file `file` that are here, then checks them as fetched ones (a mismatch fetches them). */
@@ -240,6 +300,7 @@ class PullRun {
     if (copied) {
       const p = (i: number) => this.pieces[i] as Piece;
       this.progress.bytesLocal += mine.reduce((n, [i]) => n + p(i).end - p(i).begin, 0);
+      await this.patch(mine.map(([i]) => i));
     }
     if (!this.error) this.verify(mine.map(([i]) => i));
   }
@@ -285,6 +346,8 @@ class PullRun {
         this.drop(s, `cannot connect: ${(err as Error).message}`);
       }
     }
+    const first = this.sources[0];
+    this.laneReady(first?.connected ? first.lanes[0] : undefined);
     this.started = performance.now();
     const stall = setInterval(() => this.checkStalls(), Math.max(5, Math.floor(this.deps.stallMs / 4)));
     if (this.version.abort.signal.aborted) onAbort();
@@ -294,6 +357,7 @@ class PullRun {
         this.pump();
       });
     } finally {
+      this.laneReady(undefined); // a patch still waiting for a connection gives up
       await allocated; // nothing is pinned after the run has ended
       clearInterval(stall);
       this.version.abort.signal.removeEventListener("abort", onAbort);

@@ -7,6 +7,7 @@
 
 import type { Context, Exposed } from "../../ffi/index.ts";
 import type { CheckpointVersion, Registry } from "../checkpoints/registry.ts";
+import { span, type VersionDelta } from "../deltas/derive.ts";
 import { DaemonError } from "../errors.ts";
 import { fingerprint, withFingerprint } from "../update/fingerprint.ts";
 import type { Manifest } from "./manifest.ts";
@@ -17,6 +18,8 @@ interface Served {
   /** Per file, its region on each lane. */
   regions: Exposed[][];
   gaps: Manifest["gaps"];
+  /** Its deltas' memory on each lane, once they exist and a manifest was asked for after. */
+  deltas?: Promise<Exposed[]>;
 }
 
 export interface SourceDeps {
@@ -48,7 +51,16 @@ export class PullSource {
       this.served.set(v, served);
       served.catch(() => this.served.delete(v));
     }
-    const { regions, gaps } = await served;
+    const s = await served;
+    const { regions, gaps } = s;
+    const delta = v.delta;
+    if (delta && !s.deltas) {
+      s.deltas = this.deps.transport.expose(delta.mem);
+      s.deltas.catch(() => {
+        s.deltas = undefined;
+      });
+    }
+    const deltaRegions = delta && (await s.deltas?.catch(() => undefined));
     return {
       nodeId: this.deps.nodeId,
       name: v.name,
@@ -61,6 +73,7 @@ export class PullSource {
       })),
       tensors: v.tensors,
       gaps,
+      ...(delta && deltaRegions ? { deltas: deltasOf(delta, deltaRegions) } : {}),
     };
   }
 
@@ -96,5 +109,26 @@ export class PullSource {
     this.served.delete(v);
     const s = await served.catch(() => undefined);
     for (const r of s?.regions ?? []) await this.deps.transport.unexpose(r);
+    const deltas = await s?.deltas?.catch(() => undefined);
+    if (deltas) await this.deps.transport.unexpose(deltas);
   }
+}
+
+/** The manifest's part of a version's deltas: each forward span, where the puller finds it. */
+function deltasOf(delta: VersionDelta, regions: Exposed[]): NonNullable<Manifest["deltas"]> {
+  return {
+    regions: regions.map((r) => ({ id: r.id.toString(), key: hex(r.key) })),
+    tensors: [...delta.tensors.values()].map((d) => {
+      const s = span(d, false);
+      return {
+        name: d.name,
+        from: d.baseHash,
+        count: d.count,
+        offset: s.offset,
+        bytes: s.bytes,
+        positions: s.positions,
+        values: s.values,
+      };
+    }),
+  };
 }
