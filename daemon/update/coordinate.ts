@@ -4,7 +4,6 @@
  * communicator id, and collects their ends. Every participant moves the same buckets in the
  * same order; one that fails makes every other one abort its communicator.
  */
-import { CKPT_HASH_CHUNK } from "../../ffi/constants.ts";
 import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import { chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
@@ -15,30 +14,13 @@ import { fingerprint } from "./fingerprint.ts";
 import type { Part } from "./local-run.ts";
 import { type PeerPlan, type PeerSigner, peerAbort, peerCommit, peerInfo, peerRun, peerStaged } from "./peers.ts";
 import type { Group } from "./pipeline.ts";
-import type { Bucket, PlanOptions } from "./plan.ts";
+import { type Bucket, type PlanOptions, smallerBuckets } from "./plan.ts";
 import { type PeersPlan, planWithPeers } from "./plan-peers.ts";
 import { type Receiver, ReceiverError } from "./receivers.ts";
 import type { UpdateRecord } from "./record.ts";
 import type { Flow } from "./run-update.ts";
 import { heldByAll } from "./skip.ts";
 import { expectedOf, versionChunks } from "./verify.ts";
-
-/** The least bucket of an update that smallerBuckets shrinks. */
-const MIN_BUCKET = 16 << 20;
-
-/**
- * An update of few bytes (deltas, a few changed tensors) in buckets small enough that each
- * slot is used about twice: the copy of the next bucket then overlaps the engines' work on
- * the last one, where a single full bucket would make them wait for all of it. Whole updates
- * keep the slots' size.
- */
-function smallerBuckets(opts: PlanOptions, bytes: number, paceGBps?: number): PlanOptions {
-  // Paced staging beside serving engines: a bucket of about 4 ms of the pace, so that what an
-  // engine copies out at once is a small burst between its forward passes.
-  const cap = paceGBps ? Math.max(MIN_BUCKET, paceGBps * 1e9 * 0.004) : bytes / (2 * opts.slots);
-  const share = Math.floor(cap / CKPT_HASH_CHUNK) * CKPT_HASH_CHUNK;
-  return { ...opts, bucketBytes: Math.min(opts.bucketBytes, Math.max(MIN_BUCKET, share)) };
-}
 
 export interface CoordinationDeps {
   ctx: Context;

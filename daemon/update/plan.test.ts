@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { layerOf, type PlanTensor, planBuckets } from "./plan.ts";
+import { layerOf, type PlanTensor, planBuckets, smallerBuckets } from "./plan.ts";
 
 const t = (name: string, bytes: number, file = 0, offset = 0): PlanTensor => ({
   name,
@@ -317,5 +317,19 @@ describe("planBuckets in layer order", () => {
         "layers.x.w",
       ].map(layerOf),
     ).toEqual([12, 3, 0, -1, -1]);
+  });
+});
+
+describe("the bucket size of a small update", () => {
+  const opts = { bucketBytes: 256 << 20, owners: [0], slots: 4 };
+  it("keeps the slots' size for a whole update, and shrinks for a small one, to whole chunks, 16 MiB at least", () => {
+    expect(smallerBuckets(opts, 16e9).bucketBytes).toBe(256 << 20);
+    expect(smallerBuckets(opts, 414e6).bucketBytes).toBe(Math.floor(414e6 / 8 / 65536) * 65536);
+    expect(smallerBuckets(opts, 1e6).bucketBytes).toBe(16 << 20);
+    expect(smallerBuckets({ ...opts, bucketBytes: 1 << 20 }, 1e6).bucketBytes).toBe(1 << 20);
+  });
+  it("paced: about 4 ms of the pace, whatever the update's size", () => {
+    expect(smallerBuckets(opts, 16e9, 8).bucketBytes).toBe(Math.floor(32e6 / 65536) * 65536);
+    expect(smallerBuckets(opts, 16e9, 1).bucketBytes).toBe(16 << 20);
   });
 });

@@ -71,6 +71,23 @@ export interface PlanOptions {
 
 export type BucketOrder = "size" | "layers";
 
+/** The least bucket of an update that smallerBuckets shrinks. */
+const MIN_BUCKET = 16 << 20;
+
+/**
+ * An update of few bytes (deltas, a few changed tensors) in buckets small enough that each
+ * slot is used about twice: the copy of the next bucket then overlaps the engines' work on
+ * the last one, where a single full bucket would make them wait for all of it. Whole updates
+ * keep the slots' size.
+ */
+export function smallerBuckets(opts: PlanOptions, bytes: number, paceGBps?: number): PlanOptions {
+  // Paced staging beside serving engines: a bucket of about 4 ms of the pace, so that what an
+  // engine copies out at once is a small burst between its forward passes.
+  const cap = paceGBps ? Math.max(MIN_BUCKET, paceGBps * 1e9 * 0.004) : bytes / (2 * opts.slots);
+  const share = Math.floor(cap / CKPT_HASH_CHUNK) * CKPT_HASH_CHUNK;
+  return { ...opts, bucketBytes: Math.min(opts.bucketBytes, Math.max(MIN_BUCKET, share)) };
+}
+
 /**
  * Splits the tensors into buckets, never mixing owners within a bucket, then interleaves the
  * owners' buckets (GPU 0, GPU 1, ..., GPU 0, ...) so that every GPU's host-to-device engine
