@@ -239,37 +239,62 @@ class PullRun {
    * or applied leaves the base's bytes, which then hash wrong and are fetched whole.
    */
   private async patch(mine: number[]): Promise<void> {
+    const m = this.manifests[0] as Manifest;
+    const dtypes = new Map(m.tensors.map((t) => [t.name, t.dtype]));
     const todo = mine.flatMap((i) => {
       const d = this.patches.get(i);
       const p = this.pieces[i] as Piece;
-      const t = (this.manifests[0] as Manifest).tensors.find((x) => x.name === p.name);
-      const elem = t ? (DTYPE_BITS[t.dtype] ?? 0) / 8 : 0;
+      const elem = (DTYPE_BITS[dtypes.get(p.name) ?? ""] ?? 0) / 8;
+      // What a source says of a delta is checked as far as it can be: its parts inside its
+      // bytes, and no more bytes than a delta may take (a quarter of the tensor's, padded).
       const fits =
         d &&
         [1, 2, 4, 8].includes(elem) &&
+        d.bytes <= (p.end - p.begin) / 4 + 16 &&
         d.positions + 4 * d.count <= d.bytes &&
         d.values + elem * d.count <= d.bytes;
       return fits ? [{ p, d, elem }] : [];
     });
-    const lane = todo.length > 0 ? await this.firstLane : undefined;
-    const region = (this.manifests[0] as Manifest).deltas?.regions[0];
-    if (!lane?.peer || !region || todo.length === 0) return;
+    const region = m.deltas?.regions[0];
+    const lane = todo.length > 0 && region ? await this.firstLane : undefined;
+    const source = this.sources[0];
+    if (!lane || !region || !source) return;
     const total = todo.reduce((n, x) => n + x.d.bytes, 0);
-    const scratch = await this.deps.ctx.hostAlloc(total);
+    // Any failure here leaves the bases, which hash wrong and are fetched whole.
+    const scratch = await this.deps.ctx.hostAlloc(total).catch(() => undefined);
+    if (!scratch) return;
     try {
       let at = 0n;
-      await Promise.all(
+      // Settled, every one, before the scratch goes: a fetch may still be writing into it.
+      await Promise.allSettled(
         todo.map(async ({ p, d, elem }) => {
           const where = scratch.address + at;
           at += BigInt(d.bytes);
-          const status = await this.deps.transport.fetch(lane.peer as UcxPeer, keyOf(region), d.offset, d.bytes, where);
+          const peer = lane.peer; // the source may have been dropped meanwhile
+          if (!peer) return;
+          // Counted in flight like ranges: a source that stops answering is dropped for it.
+          source.inflight++;
+          lane.inflight++;
+          const status = await this.deps.transport
+            .fetch(peer, keyOf(region), d.offset, d.bytes, where)
+            .catch(() => -1)
+            .finally(() => {
+              source.inflight--;
+              lane.inflight--;
+              source.lastLanded = performance.now();
+            });
           if (status !== 0) return;
           this.progress.bytesFetched += d.bytes;
+          source.progress.bytes += d.bytes;
           const dst = (this.version.pinned[p.file]?.mem.address as bigint) + BigInt(p.begin);
-          const positions = where + BigInt(d.positions);
-          await this.deps.ctx
-            .deltaApply(dst, p.end - p.begin, elem, positions, where + BigInt(d.values), d.count)
-            .catch(() => undefined); // left as the base: it hashes wrong, and is fetched whole
+          await this.deps.ctx.deltaApply(
+            dst,
+            p.end - p.begin,
+            elem,
+            where + BigInt(d.positions),
+            where + BigInt(d.values),
+            d.count,
+          );
         }),
       );
     } finally {

@@ -63,7 +63,8 @@ describe("a participant's part of a coordinator's update", () => {
     const { path, calls } = fakePath();
     const p = new Participation(path, assigned, version, 500);
     await p.others();
-    expect(await p.cause()).toBeUndefined();
+    expect(await p.cause(new Error("a rank failed"))).toBeUndefined();
+    await expect(p.stagedHere).rejects.toThrow("a rank failed"); // what a coordinator on /staged hears
     await p.release();
     expect(calls).toEqual([["drop", true]]);
   });

@@ -14,6 +14,8 @@ export class Participation implements Flow {
   private markStaged: (failure?: Error) => void = () => undefined;
   /** Atomic cutover: the coordinator's word to commit. */
   private ordered = false;
+  /** The wait for the commit ended without it: the staged update is dropped. */
+  private late = false;
   private onOrder: () => void = () => undefined;
 
   constructor(
@@ -56,10 +58,13 @@ export class Participation implements Flow {
    * what it held).
    */
   async staged(): Promise<void> {
+    if (this.signal?.aborted) throw new Error(String(this.signal.reason ?? "aborted"));
     this.markStaged();
     const bound = 6 * this.timeoutMs;
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
+        this.late = true; // a commit that comes now finds the staging dropped
+        this.signal?.removeEventListener("abort", aborted);
         reject(
           new Error(
             `the coordinator did not say commit within ${bound} ms of every engine here staging: the staged update is dropped`,
@@ -81,16 +86,24 @@ export class Participation implements Flow {
     });
   }
 
-  /** The coordinator's word to commit (POST /v1/peer/updates/{id}/commit): whether it was waited for. */
+  /** The coordinator's word to commit (POST /v1/peer/updates/{id}/commit): false once it is too late. */
   order(): boolean {
-    if (this.ordered) return true;
-    this.ordered = true;
-    this.onOrder();
+    if (this.late) return false;
+    if (!this.ordered) {
+      this.ordered = true;
+      this.onOrder();
+    }
     return true;
   }
 
-  async cause(): Promise<undefined> {
+  /** The coordinator waiting on /staged hears the real cause. */
+  async cause(err: unknown): Promise<undefined> {
+    this.markStaged(err instanceof Error ? err : new Error(String(err)));
     return undefined;
+  }
+
+  get atomic(): boolean {
+    return this.assigned.cutover === "atomic";
   }
 
   /** The coordinator aborts too; a broadcast may be waiting for the failed rank. */

@@ -112,19 +112,18 @@ export async function transmit(o: TransmitOptions): Promise<void> {
 }
 
 /**
- * Waits, before each bucket, until the bytes issued so far fit `rate` bytes per second since
- * the first (a copy's bus and an engine's copy-out take time from what else runs on the GPU).
+ * Waits, before each bucket, until the one before it had its share of `rate` bytes per second
+ * (a copy's bus and an engine's copy-out take time from what else runs on the GPU).
  */
 function paced(rate: number): (bytes: number) => Promise<void> {
   if (!(rate > 0)) return async () => undefined;
-  let issued = 0;
-  let start: number | undefined;
+  // When the next bucket may go: time spent waiting for engines earns no credit to burst with.
+  let next = 0;
   return async (bytes) => {
-    start ??= performance.now();
-    const due = start + (issued / rate) * 1000;
-    issued += bytes;
-    const wait = due - performance.now();
-    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    const now = performance.now();
+    const due = Math.max(next, now);
+    next = due + (bytes / rate) * 1000;
+    if (due > now) await new Promise((r) => setTimeout(r, due - now));
   };
 }
 

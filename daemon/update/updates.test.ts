@@ -350,6 +350,25 @@ describe("the peer API, driven as a coordinator drives it", () => {
     expect((await peer("POST", "/v1/peer/updates/u-9/staged", {})).status).toBe(404);
   });
 
+  it("refuses an atomic part where an engine cannot stage, leasing nothing", async () => {
+    const engines = [
+      {
+        name: "v",
+        kind: "vllm" as const,
+        api: "worker-extension" as const,
+        pause: "none" as const,
+        url: "http://127.0.0.1:9",
+        gpus: [0],
+      },
+    ];
+    const { api, daemon, peer } = await start({ hostDevices: 1, engines });
+    await register(api);
+    const res = await peer("POST", "/v1/peer/updates", { ...plan(daemon, "u-3"), cutover: "atomic" });
+    expect(res.status).toBe(400);
+    expect(res.body.error.message).toMatch(/^atomic cutover stages through receivers/);
+    expect((await api("DELETE", "/v1/checkpoints/m@1")).status).toBe(200); // not leased
+  });
+
   it("answers a failed part with its record's error code", async () => {
     const { api, daemon, receiver, peer } = await start({ hostDevices: 1 });
     await register(api);

@@ -158,10 +158,10 @@ export class Updates {
     if (owned && !version) {
       throw new DaemonError("not_held", `no ready version of ${plan.checkpoint.name} with that content`);
     }
+    if (plan.cutover === "atomic") checkAtomic(this.opts.engines); // before anything is leased
     const lease = version ? registry.acquire(version.id) : undefined;
     // "u-N@coordinator": this daemon's own updates are numbered u-1, u-2, ... as well.
     const what = version?.id ?? `${plan.checkpoint.name} (from ${plan.coordinator})`;
-    if (plan.cutover === "atomic") checkAtomic(this.opts.engines);
     const record = new UpdateRecord(`${plan.update}@${plan.coordinator}`, what);
     record.cutover = plan.cutover ?? "direct";
     record.verify = plan.verify === true && version !== undefined;
@@ -180,9 +180,17 @@ export class Updates {
     return record;
   }
 
-  /** Atomic cutover: resolves once this daemon's engines staged the coordinator's `update`. */
+  /**
+   * Atomic cutover: resolves once this daemon's engines staged the coordinator's `update`. The
+   * coordinator may ask before this daemon has read its plan: it is waited for, within the
+   * receiver timeout.
+   */
   async staged(update: string): Promise<void> {
-    await this.taking(update).stagedHere;
+    const until = performance.now() + this.opts.receiverTimeoutMs;
+    while (this.inFlight?.remote !== update && performance.now() < until) await new Promise((r) => setTimeout(r, 5));
+    const taking = this.taking(update);
+    if (!taking.atomic) throw new DaemonError("invalid_request", `update ${update} is not an atomic cutover here`);
+    await taking.stagedHere;
   }
 
   /** Atomic cutover: the coordinator's word to commit `update`. */
