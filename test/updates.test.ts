@@ -866,6 +866,22 @@ describe("updates across daemons (host backend, TCP collectives)", () => {
     }
   });
 
+  it("refuses an atomic update spanning a peer that cannot stage, before anything moves", async () => {
+    const peer = await start({
+      hostDevices: 1,
+      engines: [
+        { name: "v", kind: "vllm", api: "worker-extension", pause: "none", url: "http://127.0.0.1:9", gpus: [0] },
+      ],
+    });
+    const coordinator = await start({ hostDevices: 1, peers: [`http://127.0.0.1:${peer.daemon.port}`] });
+    await register(coordinator.api);
+    const a = await coordinator.receiver(0, "engine-a", { stageBytes: 64 << 20 });
+    const res = await coordinator.api("POST", "/v1/updates", { checkpoint: "m", cutover: "atomic" });
+    expect(res.status).toBe(400);
+    expect(res.body.error.message).toMatch(/^peer http:\/\/127.0.0.1:\d+ cannot take part in an atomic cutover/);
+    expect(a.seen.some((m) => m.op === "begin")).toBe(false);
+  });
+
   it("aborts everywhere when an engine on the peer fails, naming it, and the next update works", async () => {
     const { peer, coordinator, tensors } = await pair({ peerHolds: true });
     const a = await coordinator.receiver(0, "engine-a");

@@ -8,6 +8,7 @@ import type { Context } from "../../ffi/index.ts";
 import type { CheckpointVersion } from "../checkpoints/registry.ts";
 import { chooseDeltas, type DeltaItems, deltaItems } from "../deltas/choose.ts";
 import type { VersionDelta } from "../deltas/derive.ts";
+import { DaemonError } from "../errors.ts";
 import type { Buffers } from "./buffers.ts";
 import type { DataPath } from "./data-path.ts";
 import { fingerprint } from "./fingerprint.ts";
@@ -50,6 +51,8 @@ export class Coordination implements Flow {
   private buckets: Bucket[] = [];
   private readonly ends: Promise<void>[] = [];
   private readonly failures: { url: string; message: string; code?: string }[] = [];
+  /** Atomic cutover: when this daemon's engines had staged. */
+  private stagedAt = 0;
 
   constructor(
     private readonly deps: CoordinationDeps,
@@ -67,6 +70,13 @@ export class Coordination implements Flow {
     const fp = fingerprint(this.version);
     const infos = await Promise.all(peers.map((url) => peerInfo(this.deps.sign, url, this.version.name, fp, timeout)));
     const asked = peers.map((url, i) => ({ url, info: infos[i] as (typeof infos)[number] }));
+    const unable = this.record.cutover === "atomic" ? asked.find((p) => p.info.atomic !== true) : undefined;
+    if (unable) {
+      throw new DaemonError(
+        "invalid_request",
+        `peer ${unable.url} cannot take part in an atomic cutover (an older daemon, or engines that do not stage): update without it, or directly`,
+      );
+    }
     const shared = this.deps.path.sharedComm();
     const plan = planWithPeers({ gpus: buffers.gpus.length, slots, slotBytes, peers: asked, shared });
     this.peersPlan = plan;
@@ -127,7 +137,7 @@ export class Coordination implements Flow {
       slots: buffers.slots,
       slotBytes: buffers.slotBytes,
       buckets: this.buckets,
-      ...(this.record.cutover === "atomic" ? { cutover: "atomic" as const } : {}),
+      ...(this.record.cutover === "atomic" ? { cutover: "atomic" as const, commitWithinMs: this.commitWithinMs } : {}),
       ...(this.record.verify ? { verify: true } : {}),
     };
   }
@@ -146,18 +156,39 @@ export class Coordination implements Flow {
     await Promise.all(this.ends);
   }
 
+  /** The participants' name for this update: its id and this daemon's node id (no other coordinator's). */
+  private get remoteId(): string {
+    return `${this.record.id}@${this.deps.nodeId}`;
+  }
+
   /** Atomic cutover: waits until every participant's engines staged (bounded). */
   async staged(): Promise<void> {
     const { sign, receiverTimeoutMs: timeout } = this.deps;
     const participants = this.peersPlan?.participants ?? [];
-    await Promise.all(participants.map((p) => peerStaged(sign, p.url, p.info.nodeId, this.record.id, 4 * timeout)));
+    this.stagedAt = performance.now();
+    await Promise.all(participants.map((p) => peerStaged(sign, p.url, p.info.nodeId, this.remoteId, 4 * timeout)));
   }
 
-  /** Atomic cutover: tells every participant to commit; one that cannot be told drops its staging. */
+  /**
+   * Atomic cutover: tells every participant to commit, again and again while one is not
+   * reached, until the time it waits for the word (commitWithinMs) is over. One that is never
+   * reached drops its staging: its own record (this update's end) says so.
+   */
   async commit(): Promise<void> {
     const { sign, receiverTimeoutMs: timeout } = this.deps;
-    const participants = this.peersPlan?.participants ?? [];
-    await Promise.all(participants.map((p) => peerCommit(sign, p.url, p.info.nodeId, this.record.id, timeout)));
+    const until = this.stagedAt + this.commitWithinMs;
+    const tell = async (p: { url: string; info: { nodeId: string } }) => {
+      while ((await peerCommit(sign, p.url, p.info.nodeId, this.remoteId, timeout)) === "unreached") {
+        if (performance.now() > until) return;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    await Promise.all((this.peersPlan?.participants ?? []).map(tell));
+  }
+
+  /** How long a participant waits for the commit after staging (it is told so in the plan). */
+  private get commitWithinMs(): number {
+    return 6 * this.deps.receiverTimeoutMs;
   }
 
   /**

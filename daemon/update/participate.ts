@@ -60,7 +60,7 @@ export class Participation implements Flow {
   async staged(): Promise<void> {
     if (this.signal?.aborted) throw new Error(String(this.signal.reason ?? "aborted"));
     this.markStaged();
-    const bound = 6 * this.timeoutMs;
+    const bound = this.assigned.commitWithinMs ?? 6 * this.timeoutMs;
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.late = true; // a commit that comes now finds the staging dropped

@@ -19,6 +19,8 @@ export interface PeerInfo {
   holds?: string;
   /** The update it is busy with, if any. */
   running?: string;
+  /** It takes part in atomic cutovers (/staged, /commit); absent on older daemons. */
+  atomic?: boolean;
 }
 
 /** POST /v1/peer/updates body: everything a participant needs to take part. */
@@ -36,6 +38,8 @@ export interface PeerPlan {
   buckets: Bucket[];
   /** atomic: stage, answer /staged, and switch only at the coordinator's /commit (default direct). */
   cutover?: "direct" | "atomic";
+  /** Atomic: how long after staging the participant waits for /commit (the coordinator retries until then). */
+  commitWithinMs?: number;
   /** Verify the buckets on this participant's GPUs too (where it holds the version). */
   verify?: boolean;
 }
@@ -147,13 +151,23 @@ export async function peerStaged(sign: PeerSigner, url: string, to: string, upda
   }
 }
 
-/** Atomic cutover: tells a peer to commit what its engines staged; whether it was told. */
-export async function peerCommit(sign: PeerSigner, url: string, to: string, update: string, timeoutMs: number) {
+/**
+ * Atomic cutover: tells a peer to commit what its engines staged. committing: it does; late:
+ * it gave up waiting and dropped its staging; unreached: no answer (try again).
+ */
+export async function peerCommit(
+  sign: PeerSigner,
+  url: string,
+  to: string,
+  update: string,
+  timeoutMs: number,
+): Promise<"committing" | "late" | "unreached"> {
   const path = `${url}/v1/peer/updates/${encodeURIComponent(update)}/commit`;
   const res = await peerCall<{ committing?: boolean }>(sign, path, { method: "POST", json: {}, to }, timeoutMs).catch(
     () => undefined,
   );
-  return res?.status === 200 && res.body.committing === true;
+  if (res?.status !== 200) return "unreached";
+  return res.body.committing === true ? "committing" : "late";
 }
 
 /** Tells a peer to abort an update (best effort). */

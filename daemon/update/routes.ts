@@ -53,6 +53,7 @@ const PlanBody = v.object({
     v.object({ index: v.number(), owner: v.number(), slot: v.number(), bytes: v.number(), pieces: v.array(Piece) }),
   ),
   cutover: v.optional(v.picklist(["direct", "atomic"])),
+  commitWithinMs: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1))),
   verify: v.optional(v.boolean()),
 });
 

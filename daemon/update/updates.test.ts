@@ -303,7 +303,7 @@ describe("the peer API, driven as a coordinator drives it", () => {
     const tensors = await register(api);
     const fp = fingerprint(daemon.registry.list()[0] as never);
     const info = await peer("GET", `/v1/peer/info?checkpoint=m&fingerprint=${fp}`);
-    expect(info.body).toEqual({ nodeId: "t", gpus: 1, slots: 3, slotBytes: 1 << 20, holds: "m@1" });
+    expect(info.body).toEqual({ nodeId: "t", gpus: 1, slots: 3, slotBytes: 1 << 20, holds: "m@1", atomic: true });
     expect((await peer("GET", "/v1/peer/info?checkpoint=m&fingerprint=00")).body).not.toHaveProperty("holds");
 
     const r = await receiver(0, "engine");
@@ -325,12 +325,12 @@ describe("the peer API, driven as a coordinator drives it", () => {
     const tensors = await register(api);
     const r = await receiver(0, "engine", { stageBytes: 64 << 20 });
     const part = peer("POST", "/v1/peer/updates", { ...plan(daemon, "u-7"), cutover: "atomic" });
-    expect(await peer("POST", "/v1/peer/updates/u-7/staged", {})).toMatchObject({
+    expect(await peer("POST", "/v1/peer/updates/u-7@c/staged", {})).toMatchObject({
       status: 200,
       body: { staged: true },
     });
     expect(r.seen.some((m) => m.op === "commit")).toBe(false);
-    expect(await peer("POST", "/v1/peer/updates/u-7/commit", {})).toMatchObject({
+    expect(await peer("POST", "/v1/peer/updates/u-7@c/commit", {})).toMatchObject({
       status: 200,
       body: { committing: true },
     });
@@ -347,7 +347,7 @@ describe("the peer API, driven as a coordinator drives it", () => {
     expect(lost.body.error.details.receivers).toMatchObject([{ state: "untouched", holds: "m@1" }]);
     expect(await r.model()).toEqual(held);
     expect(await r.saw((m) => m.op === "abort" && m.update === "u-8@c")).toBe(true);
-    expect((await peer("POST", "/v1/peer/updates/u-9/staged", {})).status).toBe(404);
+    expect((await peer("POST", "/v1/peer/updates/u-9@c/staged", {})).status).toBe(404);
   });
 
   it("refuses an atomic part where an engine cannot stage, leasing nothing", async () => {

@@ -187,7 +187,7 @@ export class Updates {
    */
   async staged(update: string): Promise<void> {
     const until = performance.now() + this.opts.receiverTimeoutMs;
-    while (this.inFlight?.remote !== update && performance.now() < until) await new Promise((r) => setTimeout(r, 5));
+    while (this.inFlight?.record.id !== update && performance.now() < until) await new Promise((r) => setTimeout(r, 5));
     const taking = this.taking(update);
     if (!taking.atomic) throw new DaemonError("invalid_request", `update ${update} is not an atomic cutover here`);
     await taking.stagedHere;
@@ -198,10 +198,10 @@ export class Updates {
     return this.taking(update).order();
   }
 
-  /** The flow of the coordinator's `update` this daemon takes part in now; 404 if none. */
+  /** The flow of the coordinator's update `update` ("u-N@<its node id>") this daemon takes part in now; 404 if none. */
   private taking(update: string): Participation {
     const running = this.inFlight;
-    if (!running?.participation || running.remote !== update) {
+    if (!running?.participation || running.record.id !== update) {
       throw new DaemonError("not_found", `this daemon takes part in no update ${update} now`);
     }
     return running.participation;
@@ -222,11 +222,13 @@ export class Updates {
    * discarded are made again first: a peer that cannot make them fails here, before anyone
    * joins a communicator.
    */
-  async describe(): Promise<{ slots: number; slotBytes: number; comm?: string; running?: string }> {
+  async describe(): Promise<{ slots: number; slotBytes: number; comm?: string; running?: string; atomic: boolean }> {
     await this.opts.path.buffers();
     const shared = this.opts.path.sharedComm();
     return {
       ...this.opts.path.geometry,
+      // Whether it can stage here: only receivers, no engines updated through their own calls.
+      atomic: this.opts.engines.every((e) => e.kind === "receiver"),
       ...(shared ? { comm: `${shared.key} ${shared.id}` } : {}),
       ...(this.inFlight ? { running: this.inFlight.record.id } : {}),
     };
