@@ -106,9 +106,9 @@ describe("pull over UCX", () => {
   });
 });
 
-describe("pulls of a version next to one held here", () => {
-  // Five tensors of 64 KiB; version 2 changes two of them.
-  const specs = ["a", "b", "c", "d", "e"].map((name) => ({ name, dtype: "F32", shape: [128, 128] }));
+/** Five F32 tensors of side x side, and the writing of their bytes to a new file in /dev/shm. */
+function fiveTensors(side: number) {
+  const specs = ["a", "b", "c", "d", "e"].map((name) => ({ name, dtype: "F32", shape: [side, side] }));
   const write = (bytes: Buffer[]) => {
     const path = join(tempDir("ckptd-test-", "/dev/shm"), "m.safetensors");
     writeTensors(
@@ -117,6 +117,12 @@ describe("pulls of a version next to one held here", () => {
     );
     return path;
   };
+  return { specs, write };
+}
+
+describe("pulls of a version next to one held here", () => {
+  // Five tensors of 64 KiB; version 2 changes two of them.
+  const { specs, write } = fiveTensors(128);
 
   it("copies the tensors it holds with the same hash and fetches only the others; a held copy that hashes wrong is fetched", async () => {
     const v1 = specs.map(() => randomBytes(128 * 128 * 4));
@@ -157,15 +163,7 @@ describe("pulls of a version next to one held here", () => {
 });
 
 describe("pulls of the version after one held here, with deltas", () => {
-  const specs = ["a", "b", "c", "d", "e"].map((name) => ({ name, dtype: "F32", shape: [256, 256] }));
-  const write = (bytes: Buffer[]) => {
-    const path = join(tempDir("ckptd-test-", "/dev/shm"), "m.safetensors");
-    writeTensors(
-      path,
-      specs.map((t, i) => ({ ...t, bytes: bytes[i] as Buffer })),
-    );
-    return path;
-  };
+  const { specs, write } = fiveTensors(256);
 
   it("fetches the deltas of the changed tensors instead of the tensors: a few % of the bytes on the wire", async () => {
     const v1 = specs.map(() => randomBytes(256 * 256 * 4));

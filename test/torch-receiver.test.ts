@@ -9,10 +9,9 @@ import { createHash } from "node:crypto";
 import { rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
-import { type Config, defaults } from "../daemon/config/index.ts";
 import { writeSafetensors, writeTensors } from "./checkpoint-files.ts";
-import { AUTH, ROOT, tempDir, testCredentials, torchPython } from "./helpers.ts";
-import { startInProcess } from "./in-process.ts";
+import { AUTH, ROOT, tempDir, torchPython } from "./helpers.ts";
+import { startInProcess, testConfig } from "./in-process.ts";
 
 const PYTHON = torchPython();
 const REQUIRED = process.env.REQUIRE_TORCH === "1";
@@ -83,20 +82,14 @@ function startEngine(python: string, socket: string, updates = 1, deltas = false
 
 /** A daemon on the host backend (one GPU, 1 MiB buckets), and a POST to it. */
 async function start() {
-  const stateDir = tempDir();
-  const config: Config = {
-    ...defaults({}),
-    port: 0,
-    backend: "host",
+  const config = testConfig({
     hostDevices: 1,
-    stateDir,
-    uploadDir: tempDir("ckptd-test-", "/dev/shm"),
     registerRoots: ["/dev/shm", tmpdir()],
     bucketBytes: 1 << 20,
     bucketSlots: 3,
     receiverTimeoutMs: 10_000,
-    ...testCredentials(),
-  };
+  });
+  const { stateDir } = config;
   const daemon = await startInProcess(config);
   cleanup.push(() => daemon.stop());
   const api = async (path: string, body: unknown) => {

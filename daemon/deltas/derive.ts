@@ -163,7 +163,7 @@ export class Deltas {
     const started = performance.now();
     const before = new Map(base.tensors.map((t) => [t.name, t]));
     const address = (v: CheckpointVersion, t: TensorRecord) => at(v.pinned, t.file).mem.address + BigInt(t.offset);
-    const found: { t: TensorRecord; b: TensorRecord; count: number; delta: FoundDelta }[] = [];
+    const found: { t: TensorRecord; b: TensorRecord; elem: number; count: number; delta: FoundDelta }[] = [];
     const freeAll = () => {
       for (const f of found) f.delta.free();
     };
@@ -175,7 +175,7 @@ export class Deltas {
         if (abort.signal.aborted) return freeAll();
         const limit = deltaLimit(t.bytes, elem);
         const { count, delta } = await ctx.deltaFind(address(base, b), address(next, t), t.bytes, elem, limit, threads);
-        if (delta) found.push({ t, b, count, delta });
+        if (delta) found.push({ t, b, elem, count, delta });
       }
       // An in-place file that changed while it was read would make a delta of other bytes.
       assertUnchanged(base);
@@ -187,8 +187,7 @@ export class Deltas {
     if (found.length === 0 || abort.signal.aborted) return freeAll();
     let bytes = 0;
     const tensors = new Map<string, TensorDelta>();
-    for (const { t, b, count } of found) {
-      const elem = deltaElem(t, b, 0);
+    for (const { t, b, elem, count } of found) {
       const valuesBytes = pad8(count * elem);
       const positionsBytes = pad8(count * 4);
       tensors.set(t.name, {

@@ -12,6 +12,14 @@ import { type Piece, tilingError } from "./stripe.ts";
 
 const count = v.pipe(v.number(), v.integer(), v.minValue(0));
 const hex16 = v.pipe(v.string(), v.regex(/^[0-9a-f]{16}$/));
+/** A piece of memory's UCX region on each lane: its id (decimal) and key (32 hex digits). */
+const laneRegions = v.pipe(
+  v.array(
+    v.object({ id: v.pipe(v.string(), v.regex(/^\d{1,20}$/)), key: v.pipe(v.string(), v.regex(/^[0-9a-f]{32}$/)) }),
+  ),
+  v.minLength(1),
+  v.maxLength(16),
+);
 
 export const ManifestSchema = v.object({
   nodeId: v.pipe(v.string(), v.maxLength(200)),
@@ -24,17 +32,7 @@ export const ManifestSchema = v.object({
     v.array(
       v.object({
         size: count,
-        /** The file's UCX region on each lane: its id (decimal) and key (32 hex digits). */
-        regions: v.pipe(
-          v.array(
-            v.object({
-              id: v.pipe(v.string(), v.regex(/^\d{1,20}$/)),
-              key: v.pipe(v.string(), v.regex(/^[0-9a-f]{32}$/)),
-            }),
-          ),
-          v.minLength(1),
-          v.maxLength(16),
-        ),
+        regions: laneRegions,
       }),
     ),
     v.minLength(1),
@@ -63,16 +61,7 @@ export const ManifestSchema = v.object({
    */
   deltas: v.optional(
     v.object({
-      regions: v.pipe(
-        v.array(
-          v.object({
-            id: v.pipe(v.string(), v.regex(/^\d{1,20}$/)),
-            key: v.pipe(v.string(), v.regex(/^[0-9a-f]{32}$/)),
-          }),
-        ),
-        v.minLength(1),
-        v.maxLength(16),
-      ),
+      regions: laneRegions,
       tensors: v.pipe(
         v.array(
           v.object({

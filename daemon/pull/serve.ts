@@ -32,6 +32,9 @@ export interface SourceDeps {
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
 
+/** An exposed region as a manifest names it. */
+const regionOf = (r: Exposed) => ({ id: r.id.toString(), key: hex(r.key) });
+
 export class PullSource {
   private readonly served = new Map<CheckpointVersion, Promise<Served>>();
 
@@ -69,7 +72,7 @@ export class PullSource {
       addresses: await this.deps.transport.addresses(),
       files: v.files.map((f, i) => ({
         size: f.size,
-        regions: (regions[i] ?? []).map((r) => ({ id: r.id.toString(), key: hex(r.key) })),
+        regions: (regions[i] ?? []).map(regionOf),
       })),
       tensors: v.tensors,
       gaps,
@@ -117,7 +120,7 @@ export class PullSource {
 /** The manifest's part of a version's deltas: each forward span, where the puller finds it. */
 function deltasOf(delta: VersionDelta, regions: Exposed[]): NonNullable<Manifest["deltas"]> {
   return {
-    regions: regions.map((r) => ({ id: r.id.toString(), key: hex(r.key) })),
+    regions: regions.map(regionOf),
     tensors: [...delta.tensors.values()].map((d) => {
       const s = span(d, false);
       return {
